@@ -1,0 +1,39 @@
+# tq — the two set-up commands of README.md live here.
+#   make run   create .venv, install tq, start a broker with a local worker (tq up)
+#   make test  create .venv, install tq with its test tools, run lint, types and the suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test venv lint typecheck pytest quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/tq up
+
+lint: venv
+	$(BIN)/ruff check tq tests benchmarks
+	$(BIN)/ruff format --check tq tests benchmarks
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+quick: venv
+	$(BIN)/python -m pytest -q -m 'not slow' -x
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

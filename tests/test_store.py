@@ -1,0 +1,860 @@
+"""The Store conformance suite, run against every backend (SQLite now).
+
+To add a backend: add its name to BACKENDS and a branch to ``open_backend``.
+Every test above the "SQLite only" line must pass unchanged against it.
+All times are explicit (``NOW`` and offsets), as the Store takes ``now``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tq.core.errors import (
+    ConfigError,
+    InvalidRequest,
+    InvalidTransition,
+    NotFound,
+    PayloadTooLarge,
+    StoreError,
+    Unavailable,
+)
+from tq.core.retry import RetryPolicy
+from tq.core.states import State
+from tq.core.task import MAX_PAYLOAD_BYTES, Lease, ListFilter, Outcome, TaskError, TaskSpec
+from tq.store import schema, sqlite
+from tq.store.sqlite import SQLiteStore, open_sqlite_store
+
+pytestmark = pytest.mark.trio
+
+BACKENDS = ["sqlite"]
+NOW = 1_800_000_000.0
+TTL = 30.0
+TOO_BIG = b"x" * (MAX_PAYLOAD_BYTES + 1)
+
+
+@asynccontextmanager
+async def open_backend(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
+    if backend == "sqlite":
+        async with open_sqlite_store(tmp_path / "tq.db") as store:
+            yield store
+    else:  # pragma: no cover
+        raise AssertionError(f"unknown backend {backend}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def store(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
+    async with open_backend(backend, tmp_path) as opened:
+        yield opened
+
+
+async def submit(store: Any, now: float = NOW, **fields: Any) -> str:
+    fields.setdefault("type", "t")
+    [result] = await store.submit([TaskSpec(**fields)], now)
+    return str(result.id)
+
+
+async def claim(
+    store: Any,
+    queues: tuple[str, ...] = ("default",),
+    n: int = 100,
+    now: float = NOW,
+    worker: str = "w1",
+    types: list[str] | None = None,
+) -> list[Lease]:
+    leases: list[Lease] = await store.claim(worker, queues, types, n, now, TTL)
+    return leases
+
+
+async def claim_one(store: Any, **kwargs: Any) -> Lease:
+    [lease] = await claim(store, n=1, **kwargs)
+    return lease
+
+
+def report(lease: Lease, status: str = "ok", **fields: Any) -> Outcome:
+    return Outcome(lease.id, lease.token, status, **fields)
+
+
+# -- submit and get --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"to": "a@example.com", "n": 3, "tags": ["x", "y"], "nested": {"ok": True}},
+        [1, "two", None, 4.5],
+        b"\x00\xff binary",
+        None,
+        {1: "int keys survive", "b": b"bytes inside"},
+    ],
+)
+async def test_submit_get_round_trip(store: Any, payload: Any) -> None:
+    spec = TaskSpec(type="email", queue="mail", payload=payload, priority=7, max_retries=5)
+    [result] = await store.submit([spec], NOW)
+    assert result.created
+    task = await store.get(result.id)
+    assert task.payload == payload
+    assert (task.id, task.type, task.queue, task.priority) == (result.id, "email", "mail", 7)
+    assert (task.state, task.attempts, task.max_retries) == (State.PENDING, 0, 5)
+    assert (task.created_at, task.started_at, task.finished_at, task.worker) == (
+        NOW,
+        None,
+        None,
+        None,
+    )
+    assert (task.timeout, task.retry_base, task.retry_cap) == (
+        spec.timeout,
+        spec.retry_base,
+        spec.retry_cap,
+    )
+
+
+async def test_submit_returns_results_in_order(store: Any) -> None:
+    specs = [TaskSpec(type="t", payload=i) for i in range(50)]
+    results = await store.submit(specs, NOW)
+    assert [(await store.get(r.id)).payload for r in results] == list(range(50))
+    assert len({r.id for r in results}) == 50
+
+
+async def test_get_unknown_is_not_found(store: Any) -> None:
+    with pytest.raises(NotFound, match="no task with id nope"):
+        await store.get("nope")
+
+
+async def test_idempotency_key_dedupes(store: Any) -> None:
+    first = await store.submit([TaskSpec(type="t", idempotency_key="k1", payload=1)], NOW)
+    again = await store.submit(
+        [
+            TaskSpec(type="t", idempotency_key="k1", payload=2),
+            TaskSpec(type="t", idempotency_key="k2"),
+            TaskSpec(type="t", idempotency_key="k2"),
+        ],
+        NOW,
+    )
+    assert first[0].created
+    assert again[0].id == first[0].id and not again[0].created
+    assert again[1].created and (again[2].id, again[2].created) == (again[1].id, False)
+    assert (await store.get(first[0].id)).payload == 1
+    assert len(await store.list(ListFilter())) == 2
+
+
+async def test_payload_too_large_inserts_nothing(store: Any) -> None:
+    with pytest.raises(PayloadTooLarge, match="limit"):
+        await store.submit([TaskSpec(type="t"), TaskSpec(type="t", payload=TOO_BIG)], NOW)
+    assert await store.list(ListFilter()) == []
+
+
+# -- claim -----------------------------------------------------------------------------
+
+
+async def test_claim_order_is_priority_then_age_across_queues(store: Any) -> None:
+    plan = [("a", 100), ("b", 200), ("a", 200), ("b", 50), ("a", 100), ("c", 255), ("b", 100)]
+    ids = [await submit(store, queue=q, priority=p) for q, p in plan]
+    leases = await claim(store, queues=("a", "b"), n=4)
+    # b200, a200 (older first), then a100 (older), a100 ... across both queues
+    assert [lease.id for lease in leases] == [ids[1], ids[2], ids[0], ids[4]]
+    rest = await claim(store, queues=("a", "b"))
+    assert [lease.id for lease in rest] == [ids[6], ids[3]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tasks=st.lists(st.tuples(st.sampled_from("xyz"), st.integers(0, 255)), max_size=30),
+    wanted=st.sets(st.sampled_from("xyz"), min_size=1),
+    n=st.integers(1, 40),
+)
+async def test_claim_order_property(tasks: list[tuple[str, int]], wanted: set[str], n: int) -> None:
+    for backend in BACKENDS:  # a fresh store per example (fixtures outlive examples)
+        with tempfile.TemporaryDirectory() as tmp:
+            async with open_backend(backend, Path(tmp)) as store:
+                specs = [TaskSpec(type="t", queue=q, priority=p) for q, p in tasks]
+                results = await store.submit(specs, NOW)
+                leases = await claim(store, queues=tuple(sorted(wanted)), n=n)
+        eligible = sorted((-p, i) for i, (q, p) in enumerate(tasks) if q in wanted)
+        assert [lease.id for lease in leases] == [results[i].id for _, i in eligible[:n]]
+
+
+async def test_claim_filters_types(store: Any) -> None:
+    a = await submit(store, type="a")
+    await submit(store, type="b")
+    c = await submit(store, type="c", priority=200)
+    leases = await claim(store, types=["a", "c", "a"])
+    assert [lease.id for lease in leases] == [c, a]
+    assert await claim(store, types=[]) == []
+    assert [lease.type for lease in await claim(store)] == ["b"]
+
+
+async def test_claim_sets_a_lease(store: Any) -> None:
+    task_id = await submit(store, type="job", payload={"k": "v"}, priority=9, timeout=12.5)
+    lease = await claim_one(store, worker="w7")
+    assert (lease.id, lease.type, lease.queue, lease.payload) == (
+        task_id,
+        "job",
+        "default",
+        {"k": "v"},
+    )
+    assert (lease.priority, lease.attempt, lease.timeout) == (9, 1, 12.5)
+    assert 0 < lease.token < 2**62
+    assert lease.expires_at == NOW + TTL
+    task = await store.get(task_id)
+    assert (task.state, task.attempts, task.worker, task.started_at) == (
+        State.RUNNING,
+        1,
+        "w7",
+        NOW,
+    )
+    assert await claim(store) == []
+
+
+async def test_claim_tokens_differ(store: Any) -> None:
+    await store.submit([TaskSpec(type="t") for _ in range(50)], NOW)
+    leases = await claim(store)
+    assert len({lease.token for lease in leases}) == 50
+
+
+# -- complete and fencing -------------------------------------------------------------
+
+
+async def test_complete_ok(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    [result] = await store.complete([report(lease, result={"sum": 3})], NOW + 1)
+    assert (result.id, result.accepted, result.state) == (lease.id, True, "succeeded")
+    task = await store.get(lease.id)
+    assert (task.state, task.result, task.finished_at) == (State.SUCCEEDED, {"sum": 3}, NOW + 1)
+    [again] = await store.complete([report(lease)], NOW + 2)
+    assert (again.accepted, again.state) == (False, "succeeded")
+
+
+async def test_fencing_wrong_token_is_refused(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    before = await store.get(lease.id)
+    [result] = await store.complete([Outcome(lease.id, lease.token ^ 1, "ok")], NOW + 1)
+    assert (result.accepted, result.state) == (False, "running")
+    assert result.reason
+    assert await store.get(lease.id) == before
+
+
+async def test_fencing_expired_lease_is_refused(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    before = await store.get(lease.id)
+    [result] = await store.complete([report(lease)], lease.expires_at + 0.001)
+    assert (result.accepted, result.state) == (False, "running")
+    assert "expired" in result.reason
+    assert await store.get(lease.id) == before
+    [ok] = await store.complete([report(lease)], lease.expires_at)  # the last valid instant
+    assert ok.accepted
+
+
+async def test_fencing_regranted_lease_refuses_the_old_token(store: Any) -> None:
+    await submit(store)
+    old = await claim_one(store, worker="w1")
+    assert await store.release_expired(old.expires_at + 1) == [old.id]
+    new = await claim_one(store, worker="w2", now=old.expires_at + 2)
+    assert new.attempt == 2 and new.token != old.token
+    before = await store.get(old.id)
+    [refused] = await store.complete([report(old)], old.expires_at + 3)
+    assert (refused.accepted, refused.state) == (False, "running")
+    assert await store.get(old.id) == before
+    [accepted] = await store.complete([report(new)], old.expires_at + 3)
+    assert accepted.accepted
+
+
+async def test_complete_unknown_and_duplicate_reports(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    results = await store.complete([report(lease), report(lease), Outcome("x", 1, "ok")], NOW)
+    assert [(r.accepted, r.state) for r in results] == [
+        (True, "succeeded"),
+        (False, "succeeded"),
+        (False, None),
+    ]
+
+
+async def test_complete_rejects_unknown_status(store: Any) -> None:
+    with pytest.raises(InvalidRequest, match="status"):
+        await store.complete([Outcome("x", 1, "maybe")], NOW)
+
+
+async def test_retry_backs_off_then_promotes_then_goes_dead(store: Any) -> None:
+    base, cap = 2.0, 5.0
+    task_id = await submit(store, max_retries=2, retry_base=base, retry_cap=cap)
+    now = NOW
+    for attempt in (1, 2):
+        lease = await claim_one(store, now=now)
+        assert lease.attempt == attempt
+        error = TaskError("Boom", f"failure {attempt}", "tb")
+        [result] = await store.complete([report(lease, "retry", error=error)], now)
+        assert (result.accepted, result.state) == (True, "failed")
+        task = await store.get(task_id)
+        ceiling = RetryPolicy(base, cap).ceiling(attempt)
+        assert task.run_at is not None
+        assert now + ceiling / 2 <= task.run_at <= now + ceiling
+        assert (task.state, task.error) == (State.FAILED, error)
+        assert await store.next_due() == task.run_at
+        assert await store.promote_due(task.run_at - 0.001) == 0
+        assert await claim(store, now=task.run_at) == []
+        assert await store.promote_due(task.run_at) == 1
+        assert (await store.get(task_id)).state == State.PENDING
+        now = task.run_at
+    lease = await claim_one(store, now=now)
+    [result] = await store.complete([report(lease, "retry", error=TaskError("Boom", "3"))], now)
+    assert (result.accepted, result.state) == (True, "dead")
+    task = await store.get(task_id)
+    assert (task.state, task.attempts, task.finished_at) == (State.DEAD, 3, now)
+    assert task.error == TaskError("Boom", "3")
+    assert await store.next_due() is None
+
+
+async def test_retry_honours_the_requested_delay(store: Any) -> None:
+    task_id = await submit(store, retry_base=1.0, retry_cap=1.0)
+    lease = await claim_one(store)
+    await store.complete([report(lease, "retry", delay=60.0)], NOW)
+    assert (await store.get(task_id)).run_at == NOW + 60.0
+
+
+async def test_reject_goes_dead_with_retries_left(store: Any) -> None:
+    task_id = await submit(store, max_retries=5)
+    lease = await claim_one(store)
+    error = TaskError("BadInput", "no")
+    [result] = await store.complete([report(lease, "reject", error=error)], NOW + 1)
+    assert (result.accepted, result.state) == (True, "dead")
+    task = await store.get(task_id)
+    assert (task.state, task.error, task.finished_at) == (State.DEAD, error, NOW + 1)
+
+
+async def test_a_result_too_large_to_keep_makes_the_task_dead(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    [result] = await store.complete([report(lease, result=TOO_BIG)], NOW)
+    assert (result.accepted, result.state) == (True, "dead")
+    task = await store.get(lease.id)
+    assert task.error is not None and task.error.type == "ResultRejected"
+
+
+# -- leases ----------------------------------------------------------------------------
+
+
+async def test_extend_leases(store: Any) -> None:
+    await store.submit([TaskSpec(type="t") for _ in range(3)], NOW)
+    a, b, c = await claim(store, worker="w1")
+    later = NOW + TTL - 1
+    lost = await store.extend_leases(
+        "w1", [(a.id, a.token), (b.id, b.token ^ 1), (c.id, c.token)], later, TTL
+    )
+    assert lost == [b.id]
+    assert await store.extend_leases("w2", [(a.id, a.token)], later, TTL) == [a.id]
+    [ok, expired] = await store.complete([report(a), report(b)], NOW + TTL + 1)
+    assert ok.accepted and not expired.accepted
+    assert await store.extend_leases("w1", [(b.id, b.token)], NOW + TTL + 1, TTL) == [b.id]
+    assert await store.extend_leases("w1", [("unknown", 1)], NOW, TTL) == ["unknown"]
+
+
+async def test_release_expired(store: Any) -> None:
+    keep = await submit(store, max_retries=1)
+    last = await submit(store, max_retries=0)
+    await claim(store, now=NOW)
+    other = await submit(store)
+    [late] = await claim(store, now=NOW + 10)
+    assert late.id == other
+    released = await store.release_expired(NOW + TTL + 1)
+    assert sorted(released) == sorted([keep, last])
+    kept = await store.get(keep)
+    assert (kept.state, kept.attempts) == (State.PENDING, 1)
+    dead = await store.get(last)
+    assert dead.state == State.DEAD and dead.error is not None
+    assert dead.error.type == "LeaseExpired"
+    assert (await store.get(other)).state == State.RUNNING
+    assert await store.release_expired(NOW + TTL + 1) == []
+    again = await claim_one(store, now=NOW + TTL + 2)
+    assert (again.id, again.attempt) == (keep, 2)
+
+
+async def test_release_worker(store: Any) -> None:
+    await store.submit([TaskSpec(type="t") for _ in range(4)], NOW)
+    mine = await claim(store, n=2, worker="gone")
+    theirs = await claim(store, n=2, worker="alive")
+    released = await store.release_worker("gone", NOW + 1)
+    assert sorted(released) == sorted(lease.id for lease in mine)
+    for lease in mine:
+        assert (await store.get(lease.id)).state == State.PENDING
+    for lease in theirs:
+        assert (await store.get(lease.id)).state == State.RUNNING
+    [refused] = await store.complete([report(mine[0])], NOW + 2)
+    assert not refused.accepted
+
+
+# -- cancel and retry ------------------------------------------------------------------
+
+
+async def test_cancel_pending(store: Any) -> None:
+    task_id = await submit(store)
+    task = await store.cancel(task_id, NOW + 1)
+    assert (task.state, task.finished_at) == (State.CANCELLED, NOW + 1)
+    assert await claim(store) == []
+
+
+async def test_cancel_running_refuses_the_late_result(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    task = await store.cancel(lease.id, NOW + 1)
+    assert task.state == State.CANCELLED
+    [late] = await store.complete([report(lease)], NOW + 2)
+    assert (late.accepted, late.state) == (False, "cancelled")
+    assert (await store.get(lease.id)).state == State.CANCELLED
+
+
+async def test_cancel_terminal_or_unknown(store: Any) -> None:
+    await submit(store)
+    lease = await claim_one(store)
+    await store.complete([report(lease)], NOW)
+    with pytest.raises(InvalidTransition, match=lease.id):
+        await store.cancel(lease.id, NOW)
+    with pytest.raises(NotFound):
+        await store.cancel("missing", NOW)
+
+
+async def test_retry_dead_back_to_pending(store: Any) -> None:
+    task_id = await submit(store, max_retries=0)
+    lease = await claim_one(store)
+    await store.complete([report(lease, "retry", error=TaskError("E", "m"))], NOW)
+    task = await store.retry(task_id, NOW + 5)
+    assert (task.state, task.attempts, task.run_at, task.finished_at) == (
+        State.PENDING,
+        0,
+        None,
+        None,
+    )
+    assert task.error == TaskError("E", "m")
+    assert (await claim_one(store)).attempt == 1
+    with pytest.raises(InvalidTransition):
+        await store.retry(task_id, NOW)  # running
+    with pytest.raises(NotFound):
+        await store.retry("missing", NOW)
+
+
+async def test_retry_cancelled(store: Any) -> None:
+    task_id = await submit(store)
+    await store.cancel(task_id, NOW)
+    assert (await store.retry(task_id, NOW)).state == State.PENDING
+
+
+# -- list and stats --------------------------------------------------------------------
+
+
+async def test_list_filters_and_cursor(store: Any) -> None:
+    specs = [TaskSpec(type="ab"[i % 2], queue=["q1", "q2", "q3"][i % 3]) for i in range(25)]
+    ids = [r.id for r in await store.submit(specs, NOW)]
+    running = {lease.id for lease in await claim(store, queues=("q1",), n=3)}
+    pages: list[str] = []
+    cursor = None
+    while page := await store.list(ListFilter(limit=10, after=cursor)):
+        pages += [task.id for task in page]
+        cursor = page[-1].id
+    assert pages == ids
+    by_type = await store.list(ListFilter(type="a"))
+    assert [t.id for t in by_type] == ids[::2]
+    q2b = await store.list(ListFilter(type="b", queue="q2"))
+    assert [t.id for t in q2b] == [i for n, i in enumerate(ids) if n % 2 == 1 and n % 3 == 1]
+    assert {t.id for t in await store.list(ListFilter(state="running"))} == running
+    after = await store.list(ListFilter(state="pending", queue="q1", after=ids[9], limit=2))
+    assert [t.id for t in after] == [ids[12], ids[15]]
+
+
+@pytest.mark.parametrize(
+    ("flt", "match"),
+    [
+        (ListFilter(limit=0), "limit"),
+        (ListFilter(limit=10_001), "limit"),
+        (ListFilter(state="sleeping"), "state"),
+        (ListFilter(after="not-a-task"), "cursor"),
+    ],
+)
+async def test_list_rejects_bad_filters(store: Any, flt: ListFilter, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        await store.list(flt)
+
+
+async def test_stats_counts(store: Any) -> None:
+    await store.submit([TaskSpec(type="t", queue="q1") for _ in range(3)], NOW)
+    await store.submit([TaskSpec(type="t", queue="q2") for _ in range(2)], NOW)
+    lease = await claim_one(store, queues=("q1",))
+    await store.complete([report(lease)], NOW)
+    await claim_one(store, queues=("q2",))
+    stats = await store.stats()
+    assert stats.counts == {
+        "q1": {"pending": 2, "succeeded": 1},
+        "q2": {"pending": 1, "running": 1},
+    }
+    assert stats.size_bytes > 0
+
+
+# -- group commit ----------------------------------------------------------------------
+
+
+async def test_group_commit_groups_concurrent_writes(store: Any) -> None:
+    results: list[str] = []
+
+    async def one(i: int) -> None:
+        results.append(await submit(store, payload=i))
+
+    before = store.commits
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(one, i)
+    assert len(set(results)) == 200
+    assert store.commits - before < 40
+    assert len(await store.list(ListFilter(limit=1000))) == 200
+
+
+async def test_a_failing_operation_does_not_sink_its_batch(store: Any) -> None:
+    good: list[str] = []
+    errors: list[BaseException] = []
+
+    async def ok(i: int) -> None:
+        good.append(await submit(store, payload=i))
+
+    async def failing(call: Any) -> None:
+        try:
+            await call
+        except (PayloadTooLarge, NotFound, InvalidTransition) as exc:
+            errors.append(exc)
+
+    before = store.commits
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(ok, i)
+        bad = [TaskSpec(type="t", payload="first"), TaskSpec(type="t", payload=TOO_BIG)]
+        nursery.start_soon(failing, store.submit(bad, NOW))
+        nursery.start_soon(failing, store.cancel("missing", NOW))
+        for i in range(30, 60):
+            nursery.start_soon(ok, i)
+    assert sorted(type(e).__name__ for e in errors) == ["NotFound", "PayloadTooLarge"]
+    # all 62 calls are queued before the writer next runs: they share one batch
+    assert store.commits - before <= 2
+    tasks = await store.list(ListFilter(limit=1000))
+    assert sorted(t.id for t in tasks) == sorted(good)
+    assert len(good) == 60
+
+
+async def test_closed_store_refuses_calls(backend: str, tmp_path: Path) -> None:
+    async with open_backend(backend, tmp_path) as store:
+        await submit(store)
+        await store.aclose()
+        with pytest.raises(Unavailable):
+            await submit(store)
+        with pytest.raises(Unavailable):
+            await store.list(ListFilter())
+
+
+async def test_data_survives_close_and_reopen(backend: str, tmp_path: Path) -> None:
+    async with open_backend(backend, tmp_path) as store:
+        first = await submit(store, payload={"keep": b"me"})
+        await submit(store)
+        lease = await claim_one(store)
+        await store.complete([report(lease, result=[1, 2])], NOW)
+        expected = await store.list(ListFilter())
+    async with open_backend(backend, tmp_path) as store:
+        assert await store.list(ListFilter()) == expected
+        assert (await store.get(first)).payload == {"keep": b"me"}
+
+
+# -- SQLite only -----------------------------------------------------------------------
+
+
+def sqlite_files(path: Path) -> list[Path]:
+    return [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+
+
+async def test_sqlite_close_checkpoints_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "tq.db"
+    async with open_sqlite_store(path) as store:
+        await store.submit([TaskSpec(type="t") for _ in range(100)], NOW)
+        stats = await store.stats()
+        assert stats.path == str(path) and stats.wal_bytes > 0
+    assert sqlite_files(path) == [path]  # the WAL was checkpointed and removed
+    conn = apsw.Connection(str(path))
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
+        assert conn.execute("SELECT count(*) FROM tasks").fetchall() == [(100,)]
+    finally:
+        conn.close()
+
+
+async def test_sqlite_synchronous_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="synchronous"):
+        async with open_sqlite_store(tmp_path / "a.db", synchronous="off"):
+            pass
+    async with open_sqlite_store(tmp_path / "b.db", synchronous="normal") as store:
+        assert (await store.stats()).extra["synchronous"] == "normal"
+
+
+@pytest.mark.parametrize("where", ["missing/dir/tq.db", "a-file/tq.db"])
+async def test_sqlite_unusable_directory_is_a_store_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    path = tmp_path / where
+    with pytest.raises(StoreError, match=str(path.parent)):
+        async with open_sqlite_store(path):
+            pass
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to any directory")
+async def test_sqlite_unwritable_directory_is_a_store_error(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="not writable"):
+            async with open_sqlite_store(locked / "tq.db"):
+                pass
+    finally:
+        locked.chmod(0o755)
+
+
+async def test_sqlite_unwritable_directory_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check as above, where root (who may write anywhere) runs the suite."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path: Any, mode: int) -> bool:
+        return False if Path(path) == locked else real_access(path, mode)
+
+    monkeypatch.setattr(sqlite.os, "access", access)
+    with pytest.raises(StoreError, match=f"directory {locked} is not writable"):
+        async with open_sqlite_store(locked / "tq.db"):
+            pass
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    conn = apsw.Connection(str(path))
+    conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="Upgrade tq"):
+        async with open_sqlite_store(path):
+            pass
+
+
+async def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = apsw.Connection(str(path))
+    conn.execute("CREATE TABLE accounts (id INTEGER)")
+    conn.close()
+    with pytest.raises(StoreError, match="did not create"):
+        async with open_sqlite_store(path):
+            pass
+
+
+async def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=str(path)):
+        async with open_sqlite_store(path):
+            pass
+
+
+def query_plan(conn: apsw.Connection, statement: str, params: tuple[Any, ...]) -> list[str]:
+    rows = conn.execute(f"EXPLAIN QUERY PLAN {statement}", params).fetchall()
+    return [str(row[3]) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("statement", "params", "index"),
+    [
+        (schema.CLAIM_PICK, ("default", 10), "COVERING INDEX tasks_claim (queue=?)"),
+        (schema.CLAIM_PICK_TYPE, ("q", "t", 10), "COVERING INDEX tasks_claim_type (queue=? AND"),
+        (schema.CLAIM_TAKE, ("running", 0, "w", 1, "[[1, 2]]"), "PRIMARY KEY (rowid=?)"),
+        (schema.EXPIRED_LEASES, (NOW,), "INDEX tasks_lease (lease_expires_at<?)"),
+        # a worker's leases: a walk over the running tasks only (the partial index)
+        (schema.WORKER_LEASES, ("w",), "SCAN tasks USING INDEX tasks_lease"),
+        (schema.PROMOTE_DUE, ("pending", NOW), "INDEX tasks_due (run_at<?)"),
+        (schema.NEXT_DUE, (), "INDEX tasks_due (run_at>?)"),
+        (schema.list_query(True, False, True, True), ("p", "q", 1, 10), "tasks_state (state=?"),
+    ],
+)
+async def test_sqlite_hot_queries_use_their_indexes(
+    tmp_path: Path, statement: str, params: tuple[Any, ...], index: str
+) -> None:
+    path = tmp_path / "tq.db"
+    async with open_sqlite_store(path) as store:
+        await store.submit([TaskSpec(type="t", queue=f"q{i % 7}") for i in range(500)], NOW)
+    conn = apsw.Connection(str(path))
+    try:
+        plan = query_plan(conn, statement, params)
+    finally:
+        conn.close()
+    assert any(index in step for step in plan), plan
+    assert "SCAN tasks" not in plan, plan  # a full table scan
+    assert not any("TEMP B-TREE" in step for step in plan), plan  # a sort
+
+
+async def test_sqlite_store_exposes_its_commit_counter(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        assert isinstance(store, SQLiteStore)
+        before = store.commits
+        await submit(store)
+        assert store.commits == before + 1
+
+
+async def test_sqlite_an_exception_in_the_body_closes_the_store_and_propagates(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tq.db"
+    with pytest.raises(ZeroDivisionError):  # not wrapped in an ExceptionGroup
+        async with open_sqlite_store(path) as store:
+            await submit(store)
+            1 / 0  # noqa: B018
+    assert sqlite_files(path) == [path]
+    with pytest.raises(Unavailable):
+        await submit(store)
+
+
+async def wait_for(condition: Any, seconds: float = 5.0) -> None:
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_sqlite_checkpointer_empties_the_wal_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "CHECKPOINT_INTERVAL", 0.02)
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        await store.submit([TaskSpec(type="t") for _ in range(100)], NOW)
+        await wait_for(lambda: store.checkpoints["TRUNCATE"] >= 1)
+        assert store.checkpoints["PASSIVE"] >= 1
+        stats = await store.stats()
+        assert stats.wal_bytes == 0
+        assert stats.extra["checkpoints"]["TRUNCATE"] >= 1
+
+
+async def test_sqlite_checkpointer_restarts_a_long_wal_under_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "CHECKPOINT_INTERVAL", 60.0)  # only "many commits" triggers
+    monkeypatch.setattr(sqlite, "CHECKPOINT_AFTER_COMMITS", 2)
+    monkeypatch.setattr(sqlite, "WAL_RESTART_FRAMES", 1)
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        with trio.fail_after(5):
+            while store.checkpoints["RESTART"] == 0:
+                await submit(store)
+        assert store.checkpoints["PASSIVE"] >= 1
+        assert len(await store.list(ListFilter(limit=10_000))) == store.commits
+
+
+async def test_sqlite_a_write_cancelled_before_it_runs_is_dropped(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        doomed = trio.CancelScope()
+
+        async def submit_doomed() -> None:
+            with doomed:
+                await submit(store, payload="doomed")
+
+        await store._write_limiter.acquire()  # the writer cannot run a batch meanwhile
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(submit, store, payload="kept"))
+            await trio.testing.wait_all_tasks_blocked()  # "kept" is taken, its batch waits
+            nursery.start_soon(submit_doomed)
+            await trio.testing.wait_all_tasks_blocked()  # "doomed" is queued
+            doomed.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            store._write_limiter.release()
+        assert doomed.cancelled_caught
+        await submit(store, payload="after")  # writes run in order: the queue is drained
+        assert [t.payload for t in await store.list(ListFilter())] == ["kept", "after"]
+
+
+async def test_sqlite_an_operation_failing_after_writing_rolls_back_only_itself(
+    tmp_path: Path,
+) -> None:
+    def insert_then_fail(conn: apsw.Connection) -> None:
+        schema.submit(conn, [TaskSpec(type="t", payload="partial")], NOW)
+        raise RuntimeError("boom")
+
+    async def failing() -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await store._write(insert_then_fail)
+
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        before = store.commits
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(partial(submit, store, payload=i))
+            nursery.start_soon(failing)
+            for i in range(10, 20):
+                nursery.start_soon(partial(submit, store, payload=i))
+        assert store.commits - before <= 2  # one batch (two if the writer was busy)
+        payloads = sorted(t.payload for t in await store.list(ListFilter()))
+        assert payloads == list(range(20))
+
+
+async def test_sqlite_disk_full_is_a_store_error_and_the_store_recovers(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        await submit(store)
+
+        def max_pages(pages: int | None) -> None:
+            conn = store._writer
+            if pages is None:
+                pages = conn.execute("PRAGMA page_count").fetchall()[0][0]
+            conn.execute(f"PRAGMA max_page_count = {pages}").fetchall()
+
+        await trio.to_thread.run_sync(max_pages, None, limiter=store._write_limiter)
+        big = [TaskSpec(type="t", payload="x" * 5000) for _ in range(100)]
+        with pytest.raises(StoreError, match="disk is full"):
+            await store.submit(big, NOW)
+        await trio.to_thread.run_sync(max_pages, 2**30, limiter=store._write_limiter)
+        await store.submit(big, NOW)
+        assert len(await store.list(ListFilter(limit=1000))) == 101
+
+
+async def test_sqlite_batches_that_change_nothing_do_not_wake_the_checkpointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "CHECKPOINT_INTERVAL", 0.01)
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        for _ in range(5):  # what a broker's timers do all day long
+            assert await store.release_expired(NOW) == []
+            assert await store.promote_due(NOW) == 0
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert sum(store.checkpoints.values()) == 0
+
+
+async def test_release_outcome_gives_the_lease_back_uncounted(store: Any) -> None:
+    task_id = await submit(store, max_retries=0)
+    lease = await claim_one(store, now=NOW)
+    [result] = await store.complete([Outcome(lease.id, lease.token, "release")], NOW + 1)
+    assert result.accepted and result.state == "pending"
+    task = await store.get(task_id)
+    assert (task.state, task.attempts, task.started_at, task.error) == (
+        State.PENDING,
+        0,
+        None,
+        None,
+    )
+    [stale] = await store.complete([Outcome(lease.id, lease.token, "ok")], NOW + 2)
+    assert not stale.accepted
+    again = await claim_one(store, now=NOW + 3)
+    assert (again.id, again.attempt) == (task_id, 1)

@@ -1,0 +1,44 @@
+"""The broker's timers: lease reaper and retry promoter.
+
+Each is a plain loop run in the broker's nursery; a store error is logged
+and the loop carries on at its next tick (the store may recover, e.g. once
+disk space is freed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from tq.broker.service import BrokerService
+from tq.core.errors import TQError
+
+log = logging.getLogger("tq.broker")
+
+
+async def reaper_loop(service: BrokerService, interval: float, worker_timeout: float) -> None:
+    """Return expired leases and silent workers' tasks to pending."""
+    while True:
+        try:
+            released = await service.reap(worker_timeout)
+        except TQError as exc:
+            log.error("lease reaper: %s", exc)
+        else:
+            if released:
+                log.info("released %d task(s) whose lease expired", len(released))
+        await trio.sleep(interval)
+
+
+async def promoter_loop(service: BrokerService, max_sleep: float = 1.0) -> None:
+    """Move failed (retry due) and scheduled tasks to pending when their time comes."""
+    while True:
+        try:
+            await service.promote()
+            due = await service.store.next_due()
+        except TQError as exc:
+            log.error("retry promoter: %s", exc)
+            due = None
+        delay = max_sleep if due is None else min(max_sleep, max(0.0, due - service.clock()))
+        with trio.move_on_after(delay):
+            await service.wait_due_changed()

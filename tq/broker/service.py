@@ -1,0 +1,325 @@
+"""The broker's service layer: every operation once, whatever the edge.
+
+Wire handlers (server.py) and, later, REST routes decode a request, call one
+method here and encode the answer. Methods raise TQError subclasses; the
+edges turn them into NACKs or problem documents.
+
+Notifications are trio Events replaced on every fire ("generation events"):
+``_work`` wakes long-polling claims when tasks become pending; per-task
+waiters wake ``wait`` calls when a task changes state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from tq import PROTOCOL_VERSION, __version__
+from tq.broker.registry import WorkerInfo, WorkerRegistry
+from tq.core.errors import InvalidRequest, TQError, Unavailable
+from tq.core.states import is_terminal
+from tq.core.task import ListFilter, Outcome, Task, TaskError, TaskSpec
+from tq.store.base import Store
+
+MAX_CLAIM = 1000
+MAX_WAIT = 60.0
+MAX_LIST = 10000
+
+
+@dataclass
+class _Waiter:
+    event: trio.Event = field(default_factory=trio.Event)
+    count: int = 0
+
+
+def _strings(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidRequest(f"{what} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _number(value: object, what: str, default: float, hi: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidRequest(f"{what} must be a number >= 0")
+    return min(float(value), hi)
+
+
+def _count(value: object, what: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"hello {what} must be a whole number >= 0")
+    return value
+
+
+def worker_info(worker_id: str, msg: dict[str, Any]) -> WorkerInfo:
+    """The registry entry a worker's hello describes."""
+    types = msg.get("types")
+    return WorkerInfo(
+        id=worker_id,
+        name=str(msg.get("name") or worker_id),
+        host=str(msg.get("host") or ""),
+        pid=_count(msg.get("pid"), "pid"),
+        queues=_strings(msg.get("queues") or ["default"], "queues"),
+        types=None if types is None else _strings(types, "types"),
+        concurrency=_count(msg.get("concurrency"), "concurrency"),
+    )
+
+
+def parse_outcome(item: object) -> Outcome:
+    if not isinstance(item, dict):
+        raise InvalidRequest("each result must be a map")
+    task_id, token, status = item.get("id"), item.get("token"), item.get("status")
+    if not isinstance(task_id, str) or not isinstance(token, int) or isinstance(token, bool):
+        raise InvalidRequest("each result needs 'id' (string) and 'token' (integer)")
+    if status not in Outcome.STATUSES:
+        raise InvalidRequest(f"result status must be one of {', '.join(Outcome.STATUSES)}")
+    error = item.get("error")
+    delay = item.get("delay")
+    return Outcome(
+        id=task_id,
+        token=token,
+        status=status,
+        result=item.get("result"),
+        error=TaskError.from_mapping(error) if error is not None else None,
+        delay=float(delay) if isinstance(delay, int | float) and delay >= 0 else None,
+    )
+
+
+class BrokerService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_ttl: float,
+        name: str = "tq",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.lease_ttl = lease_ttl
+        self.name = name
+        self.clock = clock
+        self.workers = WorkerRegistry()
+        self.started_at = clock()
+        self.closing = False
+        self.in_flight = 0  # requests being handled, for a graceful drain
+        self._work = trio.Event()
+        self._due_changed = trio.Event()
+        self._waiters: dict[str, _Waiter] = {}
+        self.counters: dict[str, int] = {
+            "submitted": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "dead": 0,
+            "lease_expired": 0,
+            "refused_results": 0,
+        }
+
+    # -- notifications -------------------------------------------------
+    def notify_work(self) -> None:
+        self._work.set()
+        self._work = trio.Event()
+
+    def notify_due(self) -> None:
+        self._due_changed.set()
+        self._due_changed = trio.Event()
+
+    async def wait_due_changed(self) -> None:
+        await self._due_changed.wait()
+
+    def fire(self, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            waiter = self._waiters.get(task_id)
+            if waiter is not None:
+                waiter.event.set()
+                waiter.event = trio.Event()
+
+    def _check_open(self) -> None:
+        if self.closing:
+            raise Unavailable("the broker is shutting down; retry against it once it is back")
+
+    # -- operations ----------------------------------------------------
+    def hello(self, msg: dict[str, Any], worker_id: str | None) -> dict[str, Any]:
+        version = msg.get("v")
+        if version != PROTOCOL_VERSION:
+            raise InvalidRequest(
+                f"protocol version {version} is not supported; this broker speaks "
+                f"version {PROTOCOL_VERSION}: upgrade tq on the older side"
+            )
+        if worker_id is not None:
+            self.workers.connect(worker_info(worker_id, msg), self.clock())
+        return {
+            "v": PROTOCOL_VERSION,
+            "server": f"tq/{__version__}",
+            "broker": self.name,
+            "lease_ttl": self.lease_ttl,
+        }
+
+    async def submit(self, raw_tasks: list[Any]) -> list[dict[str, Any]]:
+        self._check_open()
+        if not raw_tasks:
+            raise InvalidRequest("submit needs at least one task")
+        specs = []
+        for index, raw in enumerate(raw_tasks):
+            try:
+                specs.append(TaskSpec.from_mapping(raw))
+            except TQError as exc:
+                prefix = f"task {index}: " if len(raw_tasks) > 1 else ""
+                raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
+        results = await self.store.submit(specs, self.clock())
+        self.counters["submitted"] += sum(r.created for r in results)
+        self.notify_work()
+        return [{"id": r.id, "created": r.created} for r in results]
+
+    async def claim(self, worker_id: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check_open()
+        n = msg["n"]
+        if not 1 <= n <= MAX_CLAIM:
+            raise InvalidRequest(f"claim n must be 1..{MAX_CLAIM}")
+        queues = _strings(msg["queues"], "claim queues")
+        types = msg.get("types")
+        type_list = None if types is None else _strings(types, "claim types")
+        wait = _number(msg.get("wait"), "claim wait", 0.0, MAX_WAIT)
+        deadline = trio.current_time() + wait
+        while not self.closing:
+            work = self._work  # taken before the query: no lost wake-up
+            # never cancelled mid-write: a claim that committed must reach the worker
+            leases = await self.store.claim(
+                worker_id, queues, type_list, n, self.clock(), self.lease_ttl
+            )
+            if leases:
+                self.workers.seen(worker_id, self.clock())
+                return [lease.to_dict() for lease in leases]
+            if trio.current_time() >= deadline:
+                break
+            with trio.move_on_at(deadline):
+                await work.wait()
+        return []
+
+    async def report(self, worker_id: str | None, items: list[Any]) -> list[dict[str, Any]]:
+        outcomes = [parse_outcome(item) for item in items]
+        results = await self.store.complete(outcomes, self.clock())
+        if worker_id is not None:
+            self.workers.seen(worker_id, self.clock())
+        retried = False
+        for r in results:
+            if not r.accepted:
+                self.counters["refused_results"] += 1
+            elif r.state in ("succeeded", "failed", "dead"):
+                self.counters[r.state] += 1
+                retried |= r.state == "failed"
+        if retried:
+            self.notify_due()
+        self.fire([r.id for r in results if r.accepted])
+        return [
+            {"id": r.id, "accepted": r.accepted, "state": r.state, "reason": r.reason}
+            for r in results
+        ]
+
+    async def heartbeat(self, worker: WorkerInfo, msg: dict[str, Any]) -> list[str]:
+        worker_id = worker.id
+        if worker_id not in self.workers:  # forgotten while silent: it is back
+            self.workers.connect(worker, self.clock())
+        leases = []
+        for item in msg["leases"]:
+            if (
+                not isinstance(item, list | tuple)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], int)
+                or isinstance(item[1], bool)
+            ):
+                raise InvalidRequest("heartbeat leases must be [task id, token] pairs")
+            leases.append((item[0], item[1]))
+        stats = msg.get("stats")
+        self.workers.seen(worker_id, self.clock(), stats if isinstance(stats, dict) else None)
+        if not leases:
+            return []
+        return await self.store.extend_leases(worker_id, leases, self.clock(), self.lease_ttl)
+
+    async def get(self, task_id: str) -> Task:
+        return await self.store.get(task_id)
+
+    async def list_tasks(self, msg: dict[str, Any]) -> tuple[list[Task], str | None]:
+        limit = msg.get("limit", 100)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise InvalidRequest(f"list limit must be 1..{MAX_LIST}")
+        fields = {}
+        for key in ("state", "type", "queue", "after"):
+            value = msg.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"list filter {key!r} must be a string")
+            fields[key] = value
+        tasks = await self.store.list(ListFilter(limit=limit, **fields))
+        cursor = tasks[-1].id if len(tasks) == limit else None
+        return tasks, cursor
+
+    async def cancel(self, task_id: str) -> Task:
+        task = await self.store.cancel(task_id, self.clock())
+        self.fire([task_id])
+        return task
+
+    async def retry(self, task_id: str) -> Task:
+        task = await self.store.retry(task_id, self.clock())
+        self.notify_work()
+        self.fire([task_id])
+        return task
+
+    async def wait(self, task_id: str, timeout: float) -> tuple[Task, bool]:
+        """Wait until the task is terminal or ``timeout`` passes; (task, timed_out)."""
+        waiter = self._waiters.setdefault(task_id, _Waiter())
+        waiter.count += 1
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    event = waiter.event
+                    task = await self.store.get(task_id)
+                    if is_terminal(task.state):
+                        return task, False
+                    await event.wait()
+            return await self.store.get(task_id), True
+        finally:
+            waiter.count -= 1
+            if waiter.count == 0:
+                del self._waiters[task_id]
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self.store.stats()
+        now = self.clock()
+        return {
+            "broker": self.name,
+            "version": __version__,
+            "uptime": now - self.started_at,
+            "queues": stats.counts,
+            "store": {"path": stats.path, "size": stats.size_bytes, "wal": stats.wal_bytes},
+            "workers": len(self.workers),
+            "counters": dict(self.counters),
+        }
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [w.to_dict(now) for w in self.workers.all()]
+
+    # -- timers (called by loops.py) -----------------------------------
+    async def reap(self, worker_timeout: float) -> list[str]:
+        now = self.clock()
+        released = list(await self.store.release_expired(now))
+        for worker_id in self.workers.expire(now, worker_timeout):
+            released += await self.store.release_worker(worker_id, now)
+        if released:
+            self.counters["lease_expired"] += len(released)
+            self.notify_work()
+            self.fire(released)
+        return released
+
+    async def promote(self) -> int:
+        count = await self.store.promote_due(self.clock())
+        if count:
+            self.notify_work()
+        return count

@@ -1,0 +1,192 @@
+"""Shared CLI plumbing: connection options, settings, output, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from tq.cli import exits
+from tq.config import Settings, load_settings
+from tq.core.errors import TQError
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--broker", "-b", help="Broker address HOST:PORT [env TQ_BROKER].", show_default=False
+    ),
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        help="CA certificate that signed the broker's certificate "
+        "[env TQ_CA; default: the local broker's <data>/tls/ca.pem].",
+        show_default=False,
+    ),
+]
+InsecureOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--insecure",
+        help="Plaintext, no TLS (only for a broker started with --insecure) [env TQ_INSECURE].",
+        show_default=False,
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Data directory: store and TLS files [env TQ_DATA; default: the platform data dir].",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Shorthand for --output json.")]
+OutputOpt = Annotated[
+    Output | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (default on a terminal), json, or jsonl (default in a pipe).",
+        show_default=False,
+    ),
+]
+
+
+def settings(**flags: Any) -> Settings:
+    return load_settings(flags)
+
+
+def output_mode(output: Output | None, as_json: bool) -> Output:
+    if as_json:
+        return Output.json
+    if output is not None:
+        return output
+    return Output.table if sys.stdout.isatty() else Output.jsonl
+
+
+def fail(message: str, status: int = exits.ERROR) -> NoReturn:
+    typer.echo(f"tq: error: {message}", err=True)
+    raise typer.Exit(status)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body; turn TQErrors into one stderr line and an exit status."""
+    try:
+        return fn()
+    except TQError as exc:
+        fail(exc.message or str(exc), exits.for_code(exc.code))
+    except BaseExceptionGroup as group:  # from a trio nursery
+        leaves = _leaves(group)
+        if not all(isinstance(e, TQError) for e in leaves):
+            raise
+        first = leaves[0]
+        assert isinstance(first, TQError)
+        fail(first.message or str(first), exits.for_code(first.code))
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        import base64
+
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def emit(data: Any, mode: Output, table: Callable[[Any], Any] | None = None) -> None:
+    """Print ``data`` in ``mode``: a rich renderable for tables, JSON otherwise."""
+    if mode is Output.json:
+        typer.echo(json.dumps(json.loads(dumps(data)), indent=2, ensure_ascii=False))
+    elif mode is Output.jsonl:
+        rows = data if isinstance(data, list) else [data]
+        for row in rows:
+            typer.echo(dumps(row))
+    else:
+        from rich.console import Console
+
+        Console().print(table(data) if table else data)
+
+
+def kv_table(rows: Iterable[tuple[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold cyan")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, "" if value is None else str(value))
+    return table
+
+
+def fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+def compact(value: Any, width: int = 60) -> str:
+    text = dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(
+            f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            "quote it for the shell, e.g. --payload '{\"x\": 1}'",
+            exits.USAGE,
+        )
+
+
+def task_rows(task: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    error = task.get("error")
+    rows = [
+        ("id", task["id"]),
+        ("type", task["type"]),
+        ("queue", task["queue"]),
+        ("state", task["state"]),
+        ("priority", task["priority"]),
+        ("attempts", f"{task['attempts']} (max retries {task['max_retries']})"),
+        ("created", fmt_time(task["created_at"])),
+        ("started", fmt_time(task["started_at"])),
+        ("finished", fmt_time(task["finished_at"])),
+        ("worker", task["worker"]),
+        ("payload", compact(task["payload"], 200)),
+        ("result", compact(task["result"], 200) if task["state"] == "succeeded" else None),
+    ]
+    if task.get("run_at") and task["state"] in ("failed", "scheduled"):
+        rows.append(("next run", fmt_time(task["run_at"])))
+    if error:
+        rows.append(("error", f"{error['type']}: {error['message']}"))
+        if error.get("traceback"):
+            rows.append(("traceback", error["traceback"].rstrip()))
+    return rows

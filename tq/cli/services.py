@@ -1,0 +1,354 @@
+"""`tq broker`, `tq worker`, `tq up`: long-running services until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tq.cli.common import BrokerOpt, CaOpt, DataOpt, InsecureOpt, run_guarded, settings
+
+if TYPE_CHECKING:
+    import trio
+
+    from tq.broker.server import BrokerInfo
+    from tq.config import Settings
+    from tq.worker.executable import ExecHandler
+    from tq.worker.handlers import HandlerRegistry
+
+ListenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--listen",
+        "-l",
+        help="Address to listen on, HOST:PORT (port 0 picks a free "
+        "one) [env TQ_LISTEN; default 127.0.0.1:7470].",
+        show_default=False,
+    ),
+]
+SyncOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--synchronous",
+        help="SQLite durability: 'full' (default) survives power "
+        "loss; 'normal' survives a crashed process but may lose the last commits on "
+        "power loss.",
+        show_default=False,
+    ),
+]
+LeaseOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lease-ttl",
+        help="Seconds a claimed task stays leased without a heartbeat [default 30].",
+        show_default=False,
+    ),
+]
+SanOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tls-san",
+        help="Extra host name or IP for the broker certificate "
+        "(repeatable), so workers on other hosts can verify it.",
+        show_default=False,
+    ),
+]
+ConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option("--concurrency", "-c", help="Tasks run at once [default 8].", show_default=False),
+]
+QueuesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--queues",
+        "-q",
+        help="Comma-separated queues to take tasks from [default: default].",
+        show_default=False,
+    ),
+]
+ImportOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--import",
+        "-i",
+        help="Python module whose @handler functions to load "
+        "(repeatable; needs tq installed in that Python).",
+        show_default=False,
+    ),
+]
+ExecOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exec",
+        "-e",
+        help="TYPE=PROGRAM [ARGS]: run PROGRAM for tasks of TYPE: "
+        "payload JSON on stdin, result JSON on stdout, exit 0 success, 75 retry "
+        "later, other failure (repeatable).",
+        show_default=False,
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="Worker name shown to operators [default HOST-PID-RANDOM].",
+        show_default=False,
+    ),
+]
+GraceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--grace",
+        help="Seconds running tasks get to finish on SIGTERM before they "
+        "are released back to the queue [default 30].",
+        show_default=False,
+    ),
+]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
+    """Run ``main(shutdown)`` under trio; SIGINT/SIGTERM set ``shutdown``."""
+    import trio
+
+    async def runner() -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        if shutdown.is_set():
+                            logging.getLogger("tq").warning("second signal: stopping now")
+                            nursery.cancel_scope.cancel()
+                        logging.getLogger("tq").info(
+                            "%s received: shutting down", signal.Signals(signum).name
+                        )
+                        shutdown.set()
+
+            nursery.start_soon(watch)
+            await main(shutdown)
+            nursery.cancel_scope.cancel()
+
+    trio.run(runner)
+
+
+def _announce(info: BrokerInfo, insecure: bool) -> None:
+    err = sys.stderr
+    print(f"tq broker listening on {info.address}", file=err)
+    if info.ca_file is not None:
+        made = "created" if info.tls_created else "using"
+        print(f"  TLS: {made} CA certificate {info.ca_file}", file=err)
+        print(f"  CA fingerprint (SHA-256): {info.ca_fingerprint}", file=err)
+        print("  remote workers and clients need that file: --ca FILE", file=err)
+    elif insecure:
+        print(
+            "  WARNING: plaintext (--insecure): anyone on the network can read and submit tasks",
+            file=err,
+        )
+
+
+def _registry(imports: list[str] | None) -> HandlerRegistry:
+    from tq.worker.handlers import builtin_registry, default_registry, import_handlers
+
+    for module in imports or []:
+        import_handlers(module)
+    registry = builtin_registry()
+    registry.update(default_registry)
+    return registry
+
+
+def _exec_handlers(specs: list[str] | None) -> dict[str, ExecHandler]:
+    from tq.worker.executable import parse_exec_spec
+
+    handlers = [parse_exec_spec(spec) for spec in specs or []]
+    return {h.type: h for h in handlers}
+
+
+def _broker_flags(
+    data: Path | None,
+    listen: str | None,
+    insecure: bool | None,
+    synchronous: str | None,
+    lease_ttl: float | None,
+    tls_san: list[str] | None,
+) -> dict[str, Any]:
+    return {
+        "data": data,
+        "listen": listen,
+        "insecure": insecure,
+        "synchronous": synchronous,
+        "lease_ttl": lease_ttl,
+        "tls_san": tls_san or None,
+    }
+
+
+def broker(
+    listen: ListenOpt = None,
+    data: DataOpt = None,
+    insecure: InsecureOpt = None,
+    synchronous: SyncOpt = None,
+    lease_ttl: LeaseOpt = None,
+    tls_san: SanOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run a broker: store tasks durably and lease them to workers.
+
+    TLS is on by default: the first start creates a CA and a server
+    certificate under DATA/tls and prints the CA's path and fingerprint.
+    Stops cleanly on SIGINT/SIGTERM.
+    """
+    setup_logging(log_level)
+
+    def body() -> None:
+        from tq.broker.server import serve_broker
+
+        conf = settings(**_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san))
+
+        async def main(shutdown: trio.Event) -> None:
+            import trio
+
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(
+                    lambda task_status: serve_broker(
+                        conf, shutdown=shutdown, task_status=task_status
+                    )
+                )
+                _announce(info, conf.insecure)
+
+        run_service(main)
+
+    run_guarded(body)
+
+
+def _worker_flags(
+    broker: str | None,
+    ca: Path | None,
+    insecure: bool | None,
+    concurrency: int | None,
+    queues: str | None,
+    name: str | None,
+    grace: float | None,
+) -> dict[str, Any]:
+    return {
+        "broker": broker,
+        "ca": ca,
+        "insecure": insecure,
+        "concurrency": concurrency,
+        "queues": queues,
+        "name": name,
+        "shutdown_grace": grace,
+    }
+
+
+def worker(
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    queues: QueuesOpt = None,
+    imports: ImportOpt = None,
+    execs: ExecOpt = None,
+    name: NameOpt = None,
+    grace: GraceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run a worker: claim tasks from the broker and run their handlers.
+
+    Built-in handlers: echo, sleep, fail. Add Python handlers with
+    --import MODULE and programs with --exec TYPE=PROGRAM. On SIGTERM it
+    stops claiming, lets running tasks finish within --grace seconds and
+    releases the rest back to the queue.
+    """
+    setup_logging(log_level)
+
+    def body() -> None:
+        from tq.worker.runner import serve_worker
+
+        conf = settings(**_worker_flags(broker, ca, insecure, concurrency, queues, name, grace))
+        registry, execs_ = _registry(imports), _exec_handlers(execs)
+
+        async def main(shutdown: trio.Event) -> None:
+            await serve_worker(conf, registry, execs_, shutdown=shutdown)
+
+        run_service(main)
+
+    run_guarded(body)
+
+
+def up(
+    listen: ListenOpt = None,
+    data: DataOpt = None,
+    insecure: InsecureOpt = None,
+    synchronous: SyncOpt = None,
+    lease_ttl: LeaseOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    queues: QueuesOpt = None,
+    imports: ImportOpt = None,
+    execs: ExecOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run a broker and a local worker in one process: the quickest start.
+
+    Then, in another shell: tq submit echo --payload '{"x": 1}'
+    """
+    setup_logging(log_level)
+
+    def body() -> None:
+        import trio
+
+        from tq.broker.server import serve_broker
+        from tq.worker.runner import serve_worker
+
+        conf = settings(
+            **_broker_flags(data, listen, insecure, synchronous, lease_ttl, None),
+            concurrency=concurrency,
+            queues=queues,
+        )
+        registry, execs_ = _registry(imports), _exec_handlers(execs)
+
+        async def main(shutdown: trio.Event) -> None:
+            worker_stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(
+                    lambda task_status: serve_broker(
+                        conf, shutdown=shutdown, task_status=task_status
+                    )
+                )
+                _announce(info, conf.insecure)
+                local = _local_settings(conf, info)
+                worker_id = await nursery.start(
+                    lambda task_status: serve_worker(
+                        local, registry, execs_, shutdown=worker_stop, task_status=task_status
+                    )
+                )
+                print(
+                    f"  local worker {worker_id} runs: {', '.join(registry.names())}",
+                    file=sys.stderr,
+                )
+                print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
+                await shutdown.wait()
+                worker_stop.set()
+
+        run_service(main)
+
+    run_guarded(body)
+
+
+def _local_settings(conf: Settings, info: BrokerInfo) -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(conf, broker=info.address, ca=info.ca_file)

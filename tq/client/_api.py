@@ -1,0 +1,164 @@
+"""Requests and answers shared by both clients: build a message, parse an ACK.
+
+Each client method is ``call = api.x(...)``, then ``call.parse(await
+send(call.message))``. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from tq import PROTOCOL_VERSION, __version__
+from tq.core.errors import ConnectionFailed, InvalidRequest, Timeout, error_from_code
+from tq.core.task import Task
+
+T = TypeVar("T")
+MAX_SERVER_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    message: dict[str, Any]
+    parse: Callable[[dict[str, Any]], T]
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    tasks: list[Task]
+    next: str | None  # cursor for the following page, None at the end
+
+
+def raise_for_nack(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("t") == "nack":
+        retry_after = reply.get("retry_after")
+        raise error_from_code(
+            str(reply.get("code", "error")),
+            str(reply.get("message", "the broker refused the request")),
+            retry_after if isinstance(retry_after, int | float) else None,
+        )
+    return reply
+
+
+def hello(kind: str, name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "t": "hello",
+        "v": PROTOCOL_VERSION,
+        "kind": kind,
+        "name": name or f"{socket.gethostname()}",
+        "client": f"tq/{__version__}",
+        **(extra or {}),
+    }
+
+
+def task_spec(
+    type: str,
+    payload: Any = None,
+    *,
+    queue: str | None = None,
+    priority: int | str | None = None,
+    max_retries: int | None = None,
+    timeout: float | None = None,
+    idempotency_key: str | None = None,
+    retry_base: float | None = None,
+    retry_cap: float | None = None,
+) -> dict[str, Any]:
+    """A submission map with only the fields given (the broker fills defaults)."""
+    spec: dict[str, Any] = {"type": type, "payload": payload}
+    optional = {
+        "queue": queue,
+        "priority": priority,
+        "max_retries": max_retries,
+        "timeout": timeout,
+        "idempotency_key": idempotency_key,
+        "retry_base": retry_base,
+        "retry_cap": retry_cap,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    return spec
+
+
+def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
+    if not specs:
+        raise InvalidRequest("submit_many needs at least one task")
+    return Call(
+        {"t": "submit", "tasks": [dict(s) for s in specs]},
+        lambda r: [item["id"] for item in r["tasks"]],
+    )
+
+
+def _task(reply: dict[str, Any]) -> Task:
+    return Task.from_dict(reply["task"])
+
+
+def get(task_id: str) -> Call[Task]:
+    return Call({"t": "query", "q": "get", "task": task_id}, _task)
+
+
+def cancel(task_id: str) -> Call[Task]:
+    return Call({"t": "cancel", "task": task_id}, _task)
+
+
+def retry(task_id: str) -> Call[Task]:
+    return Call({"t": "retry", "task": task_id}, _task)
+
+
+def list_tasks(
+    *,
+    state: str | None = None,
+    type: str | None = None,
+    queue: str | None = None,
+    limit: int = 100,
+    after: str | None = None,
+) -> Call[TaskPage]:
+    msg: dict[str, Any] = {"t": "query", "q": "list", "limit": limit}
+    for key, value in (("state", state), ("type", type), ("queue", queue), ("after", after)):
+        if value is not None:
+            msg[key] = value
+    return Call(msg, lambda r: TaskPage([Task.from_dict(t) for t in r["tasks"]], r.get("next")))
+
+
+def stats() -> Call[dict[str, Any]]:
+    return Call({"t": "query", "q": "stats"}, lambda r: dict(r["stats"]))
+
+
+def workers() -> Call[list[dict[str, Any]]]:
+    return Call({"t": "query", "q": "workers"}, lambda r: list(r["workers"]))
+
+
+def wait_step(task_id: str, remaining: float | None) -> Call[tuple[Task, bool]]:
+    """One server-side wait of at most MAX_SERVER_WAIT; (task, timed_out)."""
+    step = MAX_SERVER_WAIT if remaining is None else max(0.0, min(remaining, MAX_SERVER_WAIT))
+    return Call(
+        {"t": "wait", "task": task_id, "timeout": step},
+        lambda r: (Task.from_dict(r["task"]), bool(r.get("timed_out"))),
+    )
+
+
+def wait_timed_out(task: Task, timeout: float | None) -> Timeout:
+    return Timeout(
+        f"task {task.id} is still {task.state.value} after {timeout:g}s; "
+        "wait longer with --timeout or check it with `tq status`"
+    )
+
+
+def connection_lost(address: str) -> ConnectionFailed:
+    return ConnectionFailed(f"connection to the broker at {address} was lost; is it still running?")
+
+
+def connect_failed(address: str, exc: OSError) -> ConnectionFailed:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return ConnectionFailed(
+        f"cannot connect to the broker at {address}: {reason}; "
+        "is `tq broker` (or `tq up`) running there? set --broker HOST:PORT or TQ_BROKER"
+    )
+
+
+def missing_ca(address: str) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"no CA certificate to verify the broker at {address}: pass --ca with the "
+        "broker's ca.pem (the broker prints its path at start), or --insecure if the "
+        "broker runs with --insecure"
+    )

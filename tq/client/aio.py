@@ -1,0 +1,248 @@
+"""The trio client: one connection, many requests in flight.
+
+    async with Client.connect("127.0.0.1:7470", ca=path) as client:
+        task_id = await client.submit("echo", {"x": 1})
+        task = await client.wait(task_id, timeout=30)
+
+Requests get increasing ids; a reader task matches answers to waiting
+callers by id, so any number of coroutines may share one client. A writer
+task coalesces queued frames into one ``send_all``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from tq.client import _api as api
+from tq.config import Settings, parse_address
+from tq.core.errors import ConnectionFailed, TLSFailure, TQError
+from tq.core.task import Task
+from tq.protocol import Connection
+from tq.protocol.connection import MessageError
+from tq.security.tls import client_ssl_context, describe_tls_error
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 10.0
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream, address: str, max_frame: int) -> None:
+        self.address = address
+        self.server: dict[str, Any] = {}
+        self._stream = stream
+        self._conn = Connection(max_frame)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
+        self._error: TQError | None = None
+
+    # -- connection ----------------------------------------------------
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        address: str,
+        *,
+        ca: Path | None = None,
+        insecure: bool = False,
+        kind: str = "client",
+        name: str = "",
+        hello: Mapping[str, Any] | None = None,
+        max_frame: int = 16 * 1024 * 1024,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> AsyncIterator[Client]:
+        stream = await open_stream(address, ca=ca, insecure=insecure, timeout=timeout)
+        client = cls(stream, address, max_frame)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                nursery.start_soon(client._writer)
+                try:
+                    with trio.fail_after(timeout):
+                        client.server = await client.request(api.hello(kind, name, hello))
+                except trio.TooSlowError:
+                    raise ConnectionFailed(
+                        f"the broker at {address} did not answer hello within {timeout:g}s"
+                    ) from None
+                yield client
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise single_exception(group) from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Any:
+        return cls.connect(
+            settings.broker,
+            ca=settings.ca_file(),
+            insecure=settings.insecure,
+            max_frame=settings.max_frame,
+            **kwargs,
+        )
+
+    async def _writer(self) -> None:
+        try:
+            async for first in self._out_recv:
+                chunks = [first]
+                while True:
+                    try:
+                        chunks.append(self._out_recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._stream.send_all(b"".join(chunks))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            self._fail(api.connection_lost(self.address))
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = bytes(await self._stream.receive_some(256 * 1024))
+                if not data:
+                    break
+                self._conn.receive_data(data)
+                while (msg := self._conn.next_message()) is not None:
+                    self._deliver(msg)
+        except MessageError as exc:
+            self._fail(exc.cause)
+            return
+        except TQError as exc:
+            self._fail(exc)
+            return
+        except ssl.SSLError as exc:
+            self._fail(TLSFailure(describe_tls_error(exc, self.address, None)))
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        self._fail(api.connection_lost(self.address))
+
+    def _deliver(self, msg: dict[str, Any]) -> None:
+        rid = msg["id"]
+        if rid == 0 and msg["t"] == "nack":
+            try:
+                api.raise_for_nack(msg)
+            except TQError as exc:
+                self._fail(exc)
+            return
+        channel = self._pending.pop(rid, None)
+        if channel is not None:
+            channel.send_nowait(msg)
+
+    def _fail(self, exc: TQError) -> None:
+        """The connection is unusable: fail every waiting request with ``exc``."""
+        if self._error is None:
+            self._error = exc
+        for channel in self._pending.values():
+            channel.close()
+        self._pending.clear()
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its answer (NACKs raise)."""
+        if self._error is not None:
+            raise self._error
+        rid = next(self._ids)
+        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+        self._pending[rid] = send
+        try:
+            await self._out_send.send(self._conn.send({**message, "id": rid}))
+            try:
+                reply = await recv.receive()
+            except trio.EndOfChannel:
+                raise self._error or api.connection_lost(self.address) from None
+        finally:
+            self._pending.pop(rid, None)
+        return api.raise_for_nack(reply)
+
+    async def _call(self, call: api.Call[T]) -> T:
+        return call.parse(await self.request(call.message))
+
+    # -- the client API (same names and arguments as BlockingClient) -----
+    async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
+        ids = await self.submit_many([api.task_spec(type, payload, **options)])
+        return ids[0]
+
+    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
+        return await self._call(api.submit_many(specs))
+
+    async def get(self, task_id: str) -> Task:
+        return await self._call(api.get(task_id))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        deadline = None if timeout is None else trio.current_time() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - trio.current_time()
+            task, timed_out = await self._call(api.wait_step(task_id, remaining))
+            if not timed_out:
+                return task
+            if deadline is not None and trio.current_time() >= deadline:
+                raise api.wait_timed_out(task, timeout)
+
+    async def list(self, **filters: Any) -> api.TaskPage:
+        return await self._call(api.list_tasks(**filters))
+
+    async def cancel(self, task_id: str) -> Task:
+        return await self._call(api.cancel(task_id))
+
+    async def retry(self, task_id: str) -> Task:
+        return await self._call(api.retry(task_id))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(api.stats())
+
+    async def workers(self) -> builtins.list[dict[str, Any]]:
+        return await self._call(api.workers())
+
+
+def single_exception(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested single-member groups, else the group itself.
+
+    The client's nursery only wraps; callers should see the TQError (or their
+    own exception from inside ``async with``), not an ExceptionGroup.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def open_stream(
+    address: str, *, ca: Path | None, insecure: bool, timeout: float = CONNECT_TIMEOUT
+) -> trio.abc.Stream:
+    """TCP (+TLS unless insecure) to ``address``, with errors an operator can act on."""
+    host, port = parse_address(address)
+    context = None
+    if not insecure:
+        if ca is None:
+            raise api.missing_ca(address)
+        context = client_ssl_context(ca)
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectionFailed(f"connecting to the broker at {address} timed out") from None
+    except OSError as exc:
+        raise api.connect_failed(address, exc) from None
+    if context is None:
+        return tcp
+    tls = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tcp)
+        raise TLSFailure(f"TLS handshake with {address} timed out") from None
+    except (ssl.SSLError, trio.BrokenResourceError) as exc:
+        await trio.aclose_forcefully(tcp)
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        if isinstance(cause, ssl.SSLError | OSError):
+            raise TLSFailure(describe_tls_error(cause, address, ca)) from None
+        raise api.connection_lost(address) from None
+    return tls

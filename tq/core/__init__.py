@@ -1,0 +1,5 @@
+"""The task model: states, priorities, retry policy, ids and errors.
+
+Contract: pure code. Imports nothing beyond the standard library; takes time
+as an argument (``now``); no I/O. Every other package may import it.
+"""

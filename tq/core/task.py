@@ -1,0 +1,227 @@
+"""The task record, a validated submission, and the named priorities.
+
+A submission arrives as a plain mapping (from the wire, the CLI or a file);
+``TaskSpec.from_mapping`` checks every field and names the one that is wrong.
+A ``Task`` is what the store returns: the submission plus its lifecycle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tq.core.errors import InvalidRequest
+from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
+from tq.core.states import State
+
+PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
+DEFAULT_PRIORITY = PRIORITY_NAMES["normal"]
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_TIMEOUT = 300.0
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+MAX_NAME_LENGTH = 200
+
+_SPEC_FIELDS = {
+    "type",
+    "queue",
+    "payload",
+    "priority",
+    "max_retries",
+    "timeout",
+    "retry_base",
+    "retry_cap",
+    "idempotency_key",
+}
+
+
+def parse_priority(value: object) -> int:
+    """0..255 or one of high/normal/low; InvalidRequest otherwise."""
+    if isinstance(value, str):
+        named = PRIORITY_NAMES.get(value.strip().lower())
+        if named is not None:
+            return named
+        try:
+            value = int(value)
+        except ValueError:
+            raise InvalidRequest(
+                f"priority {value!r} is not a number 0..255 or one of high, normal, low"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise InvalidRequest(f"priority {value!r} must be 0..255 (255 highest) or high/normal/low")
+    return value
+
+
+def _name(spec: Mapping[str, Any], key: str, default: str | None) -> str:
+    value = spec.get(key)
+    value = default if value is None else value
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"task {key} must be a non-empty string of at most 200 characters")
+    if any(c.isspace() or c == "," for c in value):
+        raise InvalidRequest(f"task {key} {value!r} must not contain spaces or commas")
+    return value
+
+
+def _number(spec: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
+    value = spec.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < lo
+    ):
+        raise InvalidRequest(f"task {key} must be a finite number >= {lo:g}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A validated submission: everything a producer chooses about a task."""
+
+    type: str
+    queue: str = DEFAULT_QUEUE
+    payload: Any = None
+    priority: int = DEFAULT_PRIORITY
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout: float = DEFAULT_TIMEOUT
+    retry_base: float = DEFAULT_BASE
+    retry_cap: float = DEFAULT_CAP
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_mapping(cls, spec: object) -> TaskSpec:
+        if not isinstance(spec, Mapping):
+            raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
+        unknown = set(spec) - _SPEC_FIELDS
+        if unknown:
+            raise InvalidRequest(
+                f"unknown task field(s) {sorted(map(str, unknown))}; known: {sorted(_SPEC_FIELDS)}"
+            )
+        max_retries = spec.get("max_retries")
+        max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidRequest(f"task max_retries must be an integer >= 0, got {max_retries!r}")
+        key = spec.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
+            raise InvalidRequest("task idempotency_key must be a non-empty string (<= 200 chars)")
+        return cls(
+            type=_name(spec, "type", None),
+            queue=_name(spec, "queue", DEFAULT_QUEUE),
+            payload=spec.get("payload"),
+            priority=parse_priority(
+                DEFAULT_PRIORITY if spec.get("priority") is None else spec["priority"]
+            ),
+            max_retries=max_retries,
+            timeout=_number(spec, "timeout", DEFAULT_TIMEOUT, lo=0.001),
+            retry_base=_number(spec, "retry_base", DEFAULT_BASE, lo=0.0),
+            retry_cap=_number(spec, "retry_cap", DEFAULT_CAP, lo=0.0),
+            idempotency_key=key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_mapping(cls, data: object) -> TaskError:
+        if not isinstance(data, Mapping):
+            return cls("Error", str(data))
+        return cls(
+            type=str(data.get("type") or "Error"),
+            message=str(data.get("message") or ""),
+            traceback=str(data.get("traceback") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as stored: its spec plus its lifecycle."""
+
+    id: str
+    type: str
+    queue: str
+    payload: Any
+    priority: int
+    state: State
+    attempts: int
+    max_retries: int
+    timeout: float
+    retry_base: float
+    retry_cap: float
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    run_at: float | None = None
+    worker: str | None = None
+    result: Any = None
+    error: TaskError | None = None
+    idempotency_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the wire, JSON and YAML (state as its string)."""
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Task:
+        """The inverse of ``to_dict`` (unknown keys from newer brokers are ignored)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["state"] = State(known["state"])
+        error = known.get("error")
+        known["error"] = TaskError.from_mapping(error) if error is not None else None
+        return cls(**known)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed task handed to a worker: run it, then report with ``token``."""
+
+    id: str
+    type: str
+    queue: str
+    payload: Any
+    priority: int
+    attempt: int
+    max_retries: int
+    timeout: float
+    token: int
+    expires_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One worker report for one lease.
+
+    ``status`` is "ok" (result is the value), "retry" (failed, retry with
+    backoff while attempts remain), "reject" (failed, do not retry) or
+    "release" (not run: give the lease back, the attempt does not count).
+    """
+
+    id: str
+    token: int
+    status: str
+    result: Any = None
+    error: TaskError | None = None
+    delay: float | None = None  # "retry": at least this long before the next attempt
+
+    STATUSES = ("ok", "retry", "reject", "release")
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    state: str | None = None
+    type: str | None = None
+    queue: str | None = None
+    limit: int = 100
+    after: str | None = None  # cursor: list ids strictly after this one

@@ -1,0 +1,79 @@
+"""A sans-IO protocol connection: feed bytes, take messages, encode messages.
+
+    conn = Connection()
+    conn.receive_data(chunk)          # may raise FrameTooLarge / ProtocolError
+    while (msg := conn.next_message()) is not None: ...
+    wire_bytes = conn.send({"t": "ack", "id": 7})
+
+Errors are of two kinds. Stream errors (oversize or malformed length, bytes
+that are not msgpack, a map with no valid id) leave the stream unusable:
+``next_message`` raises ProtocolError and the peer should NACK with id 0 and
+close. Message errors (unknown ``t``, missing field) raise with ``.request_id``
+set: answer with a NACK carrying that id and keep the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tq.core.errors import ProtocolError, TQError
+from tq.protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame, unpack
+from tq.protocol.messages import Message, request_id, validate
+
+
+class MessageError(ProtocolError):
+    """A well-framed message that cannot be processed; answerable by id."""
+
+    def __init__(self, cause: TQError, rid: int) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+        self.code = cause.code
+        self.request_id = rid
+
+
+class Connection:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self.broken = False
+
+    def receive_data(self, data: bytes) -> None:
+        try:
+            self._decoder.receive_data(data)
+        except ProtocolError:
+            self.broken = True
+            raise
+
+    def next_message(self) -> Message | None:
+        if self.broken:
+            raise ProtocolError("connection is broken by an earlier protocol error")
+        try:
+            body = self._decoder.next_frame()
+        except ProtocolError:
+            self.broken = True
+            raise
+        if body is None:
+            return None
+        try:
+            obj = unpack(body)
+        except ProtocolError:
+            self.broken = True
+            raise
+        rid = request_id(obj)
+        if rid is None:
+            self.broken = True
+            return validate(obj)  # raises the stream-level ProtocolError
+        try:
+            return validate(obj)
+        except TQError as exc:
+            raise MessageError(exc, rid) from None
+
+    def send(self, message: dict[str, Any]) -> bytes:
+        return encode_frame(message, self.max_frame)
+
+    @staticmethod
+    def nack(rid: int, exc: TQError) -> dict[str, Any]:
+        msg: dict[str, Any] = {"t": "nack", "id": rid, "code": exc.code, "message": exc.message}
+        if exc.retry_after is not None:
+            msg["retry_after"] = exc.retry_after
+        return msg

@@ -1,0 +1,87 @@
+"""Length-prefixed msgpack frames.
+
+    frame = length:uint32 big-endian || body:msgpack map (length bytes)
+
+``FrameDecoder`` checks the announced length against ``max_frame`` as soon
+as the 4 header bytes are in, before buffering the body, so an oversize
+frame costs nothing but its header. A zero length is malformed.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from tq.core.errors import FrameTooLarge, ProtocolError
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # 10 MiB payload + room for the envelope
+
+_packer_opts = {"use_bin_type": True, "datetime": False}
+
+
+def pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, **_packer_opts)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"message cannot be encoded as msgpack: {exc}") from None
+
+
+def encode_frame(obj: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    body = pack(obj)
+    if len(body) > max_frame:
+        raise FrameTooLarge(
+            f"frame of {len(body)} bytes exceeds the limit of {max_frame} bytes; "
+            "send fewer or smaller tasks per request"
+        )
+    return HEADER.pack(len(body)) + body
+
+
+def unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise ProtocolError("malformed frame: trailing bytes after the msgpack map") from None
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"malformed frame: not valid msgpack ({exc})") from None
+
+
+class FrameDecoder:
+    """Accumulates bytes; yields complete frame bodies."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None  # body length once the header is read
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if self._need is None and len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf)
+            if length == 0:
+                raise ProtocolError("malformed frame: zero length")
+            if length > self.max_frame:
+                raise FrameTooLarge(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
+                )
+            self._need = length
+
+    def next_frame(self) -> bytes | None:
+        """The next complete body, or None until more data arrives."""
+        if self._need is None or len(self._buf) < HEADER.size + self._need:
+            return None
+        end = HEADER.size + self._need
+        body = bytes(self._buf[HEADER.size : end])
+        del self._buf[:end]
+        self._need = None
+        self._check_header()
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

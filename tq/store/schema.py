@@ -1,0 +1,583 @@
+"""The SQLite schema, its migrations, its SQL, and the operations built on them.
+
+Contract: the SQL layer of the SQLite backend; sqlite.py is its concurrency
+layer (connections, threads, group commit) and holds no SQL. Every
+statement is a constant here (APSW caches prepared statements by their
+text, so texts never vary per call). The operations at the bottom are plain
+synchronous functions of one APSW connection: write operations run inside
+the writer's transaction, read operations on the reader. Rows map to
+tq.core objects through ``row_to_task``; payloads, results and errors are
+stored as msgpack. Imports tq.core, tq.store.base, apsw and msgpack only.
+
+Migrations: ``MIGRATIONS[i]`` turns schema version ``i`` into ``i + 1``;
+``PRAGMA user_version`` records the version. A migration's text is frozen
+once released: change the schema by appending a migration, never by editing
+one. ``migrate`` refuses a database newer than this code.
+
+State literals: the WHERE clauses of the queries are computed from
+``tq.core.states.sources`` so the states table decides which rows a verb
+may touch. The partial indexes, however, are frozen in a migration, and
+SQLite only uses a partial index when the query's WHERE term matches the
+index's literally (``state = 'pending'``, or the same IN list in the same
+order). The hot queries therefore name their index with ``INDEXED BY``: if
+the states table ever changes so that a query no longer matches its index,
+preparing the query fails loudly ("no query solution") instead of silently
+scanning the table, and a new migration must rebuild the index.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import apsw
+import msgpack
+
+from tq.core.errors import InvalidRequest, InvalidTransition, NotFound, PayloadTooLarge, StoreError
+from tq.core.ids import uuid7
+from tq.core.retry import RetryPolicy
+from tq.core.states import Event, State, next_state, sources
+from tq.core.task import (
+    MAX_PAYLOAD_BYTES,
+    Lease,
+    ListFilter,
+    Outcome,
+    Task,
+    TaskError,
+    TaskSpec,
+)
+from tq.store.base import OutcomeResult, SubmitResult
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the tasks table and the indexes that keep every hot query O(log n).
+    """
+    CREATE TABLE tasks (
+        seq              INTEGER PRIMARY KEY,
+        id               TEXT NOT NULL UNIQUE,
+        type             TEXT NOT NULL,
+        queue            TEXT NOT NULL,
+        payload          BLOB,
+        priority         INTEGER NOT NULL,
+        state            TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        max_retries      INTEGER NOT NULL,
+        timeout          REAL NOT NULL,
+        retry_base       REAL NOT NULL,
+        retry_cap        REAL NOT NULL,
+        created_at       REAL NOT NULL,
+        started_at       REAL,
+        finished_at      REAL,
+        run_at           REAL,
+        worker           TEXT,
+        lease_token      INTEGER,
+        lease_expires_at REAL,
+        result           BLOB,
+        error            BLOB,
+        idempotency_key  TEXT
+    ) STRICT;
+    CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX tasks_claim ON tasks (queue, priority DESC, seq) WHERE state = 'pending';
+    CREATE INDEX tasks_claim_type ON tasks (queue, type, priority DESC, seq)
+        WHERE state = 'pending';
+    CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE state = 'running';
+    CREATE INDEX tasks_due ON tasks (run_at) WHERE state IN ('failed', 'scheduled');
+    CREATE INDEX tasks_state ON tasks (state, seq);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: apsw.Connection, path: str) -> int:
+    """Bring the database to SCHEMA_VERSION; return the version it had before.
+
+    Each migration runs in its own IMMEDIATE transaction and re-reads the
+    version inside it, so two processes opening a new file do not both migrate.
+    """
+    start = version = _user_version(conn, path)
+    if start == 0:
+        _refuse_foreign(conn, path)
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _user_version(conn, path)
+            if version < SCHEMA_VERSION:
+                conn.execute(MIGRATIONS[version]).fetchall()  # multi-statement: exhaust it
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return start
+
+
+def _refuse_foreign(conn: apsw.Connection, path: str) -> None:
+    """A version-0 file must be empty: never add our tables to another program's database."""
+    tables = _rows(conn, "SELECT count(*) FROM sqlite_schema")[0][0]
+    if tables:
+        raise StoreError(
+            f"{path} is an SQLite database that tq did not create (it has tables but no tq "
+            "schema version); choose another database path."
+        )
+
+
+def _user_version(conn: apsw.Connection, path: str) -> int:
+    version: int = _rows(conn, "PRAGMA user_version")[0][0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the task database {path} has schema version {version}, but this tq only "
+            f"knows versions up to {SCHEMA_VERSION}: it was written by a newer tq. "
+            "Upgrade tq (or point it at another database)."
+        )
+    return version
+
+
+# -- WHERE terms computed from the states table ---------------------------------------
+
+
+def state_is(states: Iterable[State]) -> str:
+    """``state = 'x'`` for one state, else ``state IN ('a', 'b')`` in sorted order."""
+    names = sorted(s.value for s in states)
+    if len(names) == 1:
+        return f"state = '{names[0]}'"
+    return "state IN (" + ", ".join(f"'{n}'" for n in names) + ")"
+
+
+CLAIMABLE = state_is(sources(Event.CLAIM))
+LEASED = state_is(sources(Event.LEASE_EXPIRED_RETRY))  # the states that hold a lease
+DUE = state_is(sources(Event.DUE))
+
+# -- statements -------------------------------------------------------------------------
+
+TASK_COLUMNS = (
+    "id, type, queue, payload, priority, state, attempts, max_retries, timeout, retry_base, "
+    "retry_cap, created_at, started_at, finished_at, run_at, worker, result, error, "
+    "idempotency_key"
+)
+INSERT_TASK = (
+    "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
+    "timeout, retry_base, retry_cap, created_at, idempotency_key) "
+    "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
+)
+FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = ?"
+CLAIM_PICK = (
+    f"SELECT priority, seq FROM tasks INDEXED BY tasks_claim WHERE {CLAIMABLE} AND queue = ? "
+    "ORDER BY priority DESC, seq LIMIT ?"
+)
+CLAIM_PICK_TYPE = (
+    f"SELECT priority, seq FROM tasks INDEXED BY tasks_claim_type WHERE {CLAIMABLE} "
+    "AND queue = ? AND type = ? ORDER BY priority DESC, seq LIMIT ?"
+)
+# One statement leases every picked row: the picks arrive as a JSON array of
+# [seq, lease_token] pairs. NOT INDEXED keeps the planner on rowid lookups
+# (it would otherwise walk tasks_state); RETURNING cannot name ``pick``, so
+# the caller restores the pick order from ``seq``.
+CLAIM_TAKE = (
+    "UPDATE tasks NOT INDEXED SET state = ?, attempts = attempts + 1, started_at = ?, "
+    "worker = ?, lease_token = pick.value ->> 1, lease_expires_at = ? "
+    f"FROM json_each(?) AS pick WHERE tasks.seq = pick.value ->> 0 AND {CLAIMABLE} "
+    "RETURNING seq, id, type, queue, payload, priority, attempts, max_retries, timeout, "
+    "lease_token"
+)
+REPORT_LOOKUP = (
+    "SELECT seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
+    "retry_cap FROM tasks WHERE id = ?"
+)
+FINISH_OK = (
+    "UPDATE tasks SET state = ?, result = ?, error = NULL, finished_at = ?, lease_token = NULL, "
+    "lease_expires_at = NULL WHERE seq = ?"
+)
+GIVE_BACK = (
+    "UPDATE tasks SET state = ?, attempts = attempts - 1, started_at = NULL, "
+    "lease_token = NULL, lease_expires_at = NULL WHERE seq = ?"
+)
+FINISH_FAILED = (
+    "UPDATE tasks SET state = ?, error = ?, run_at = ?, lease_token = NULL, "
+    "lease_expires_at = NULL WHERE seq = ?"
+)
+FINISH_DEAD = (
+    "UPDATE tasks SET state = ?, error = ?, finished_at = ?, lease_token = NULL, "
+    "lease_expires_at = NULL WHERE seq = ?"
+)
+RELEASE_RETRY = (
+    "UPDATE tasks SET state = ?, error = ?, lease_token = NULL, lease_expires_at = NULL "
+    "WHERE seq = ?"
+)
+EXTEND_LEASE = (
+    f"UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND {LEASED} AND lease_token = ? "
+    "AND lease_expires_at >= ? AND worker = ? RETURNING id"
+)
+EXPIRED_LEASES = (
+    "SELECT seq, id, attempts <= max_retries FROM tasks INDEXED BY tasks_lease "
+    f"WHERE {LEASED} AND lease_expires_at < ?"
+)
+WORKER_LEASES = (
+    "SELECT seq, id, attempts <= max_retries FROM tasks INDEXED BY tasks_lease "
+    f"WHERE {LEASED} AND worker = ?"
+)
+PROMOTE_DUE = f"UPDATE tasks INDEXED BY tasks_due SET state = ? WHERE {DUE} AND run_at <= ?"
+NEXT_DUE = (
+    f"SELECT run_at FROM tasks INDEXED BY tasks_due WHERE {DUE} AND run_at IS NOT NULL "
+    "ORDER BY run_at LIMIT 1"
+)
+LOOKUP_STATE = "SELECT seq, state FROM tasks WHERE id = ?"
+CANCEL_TASK = (
+    "UPDATE tasks SET state = ?, finished_at = ?, lease_token = NULL, lease_expires_at = NULL "
+    "WHERE seq = ?"
+)
+RETRY_TASK = (
+    "UPDATE tasks SET state = ?, attempts = 0, run_at = NULL, finished_at = NULL, "
+    "lease_token = NULL, lease_expires_at = NULL WHERE seq = ?"
+)
+GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
+CURSOR_SEQ = "SELECT seq FROM tasks WHERE id = ?"
+COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
+
+
+@lru_cache(maxsize=32)
+def list_query(state: bool, type_: bool, queue: bool, after: bool) -> str:
+    """The listing statement for the filters present (one constant text per combination).
+
+    Parameters bind in this order: state, type, queue, after-seq, limit.
+    """
+    terms = [
+        term
+        for term, present in (
+            ("state = ?", state),
+            ("type = ?", type_),
+            ("queue = ?", queue),
+            ("seq > ?", after),
+        )
+        if present
+    ]
+    where = f" WHERE {' AND '.join(terms)}" if terms else ""
+    return f"SELECT {TASK_COLUMNS} FROM tasks{where} ORDER BY seq LIMIT ?"
+
+
+# -- values <-> columns ---------------------------------------------------------------
+
+
+def pack(value: Any, what: str = "payload") -> bytes:
+    """msgpack ``value``; InvalidRequest if it cannot be, PayloadTooLarge if too big."""
+    try:
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"task {what} cannot be encoded as msgpack: {exc}") from None
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"task {what} is {len(data)} bytes once encoded; the limit is {MAX_PAYLOAD_BYTES} "
+            "bytes (store large data elsewhere and pass a reference)"
+        )
+    return data
+
+
+def unpack(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def pack_error(error: TaskError | None) -> bytes | None:
+    if error is None:
+        return None
+    packed: bytes = msgpack.packb(
+        {"type": error.type, "message": error.message, "traceback": error.traceback},
+        use_bin_type=True,
+    )
+    return packed
+
+
+def unpack_error(data: bytes | None) -> TaskError | None:
+    return None if data is None else TaskError.from_mapping(unpack(data))
+
+
+def row_to_task(row: tuple[Any, ...]) -> Task:
+    """A row of TASK_COLUMNS as a Task."""
+    return Task(
+        id=row[0],
+        type=row[1],
+        queue=row[2],
+        payload=unpack(row[3]),
+        priority=row[4],
+        state=State(row[5]),
+        attempts=row[6],
+        max_retries=row[7],
+        timeout=row[8],
+        retry_base=row[9],
+        retry_cap=row[10],
+        created_at=row[11],
+        started_at=row[12],
+        finished_at=row[13],
+        run_at=row[14],
+        worker=row[15],
+        result=unpack(row[16]),
+        error=unpack_error(row[17]),
+        idempotency_key=row[18],
+    )
+
+
+# -- operations: sync functions of one connection ---------------------------------------
+#
+# Write operations run on the writer connection inside the writer's transaction (and
+# their own savepoint); read operations run on the reader connection. Cursors are
+# always exhausted so that no statement keeps a read transaction open.
+
+_PENDING = State.PENDING  # the state of a new task (submission is not a transition)
+
+
+def _rows(conn: apsw.Connection, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+    """Every row of one statement (exhausted, so it holds no read transaction open)."""
+    return conn.execute(statement, params).fetchall()
+
+
+def _rows_many(conn: apsw.Connection, statement: str, params: Sequence[Sequence[Any]]) -> list[Any]:
+    """executemany, exhausted; the rows of its RETURNING clause, if any."""
+    return conn.executemany(statement, params).fetchall() if params else []
+
+
+def _target(event: Event) -> State:
+    """The one state that ``event`` leads to from every state it is legal in."""
+    targets = {next_state(state, event) for state in sources(event)}
+    if len(targets) != 1:
+        raise AssertionError(f"{event} leads to several states {targets}: split the statement")
+    return targets.pop()
+
+
+_CLAIMED = _target(Event.CLAIM)
+_DUE_TARGET = _target(Event.DUE)
+_LEASED_STATES = sources(Event.LEASE_EXPIRED_RETRY)
+_EXPIRED_RETRY = _target(Event.LEASE_EXPIRED_RETRY)
+_EXPIRED_FINAL = _target(Event.LEASE_EXPIRED_FINAL)
+
+
+def submit(conn: apsw.Connection, specs: list[TaskSpec], now: float) -> list[SubmitResult]:
+    payloads = [pack(spec.payload) for spec in specs]  # every limit checked before any write
+    results: list[SubmitResult] = []
+    rows: list[tuple[Any, ...]] = []
+    new_keys: dict[str, str] = {}
+    for spec, payload in zip(specs, payloads, strict=True):
+        key = spec.idempotency_key
+        if key is not None:
+            existing = new_keys.get(key) or _id_for_key(conn, key)
+            if existing is not None:
+                results.append(SubmitResult(existing, created=False))
+                continue
+        task_id = uuid7(now)
+        if key is not None:
+            new_keys[key] = task_id
+        row = (task_id, spec.type, spec.queue, payload, spec.priority, _PENDING.value)
+        rows.append(
+            (*row, spec.max_retries, spec.timeout, spec.retry_base, spec.retry_cap, now, key)
+        )
+        results.append(SubmitResult(task_id, created=True))
+    _rows_many(conn, INSERT_TASK, rows)
+    return results
+
+
+def _id_for_key(conn: apsw.Connection, key: str) -> str | None:
+    rows = _rows(conn, FIND_BY_KEY, (key,))
+    return rows[0][0] if rows else None
+
+
+def claim(
+    conn: apsw.Connection,
+    worker: str,
+    queues: list[str],
+    types: list[str] | None,
+    n: int,
+    now: float,
+    lease_ttl: float,
+) -> list[Lease]:
+    """Best n of the per-(queue[, type]) index heads, each read with LIMIT n: O(q log N)."""
+    picks: list[tuple[int, int]] = []
+    for queue in queues:
+        if types is None:
+            picks += _rows(conn, CLAIM_PICK, (queue, n))
+        else:
+            for task_type in types:
+                picks += _rows(conn, CLAIM_PICK_TYPE, (queue, task_type, n))
+    picks.sort(key=lambda pick: (-pick[0], pick[1]))  # merge the heads: priority, then age
+    chosen = [[seq, _lease_token()] for _, seq in picks[:n]]
+    if not chosen:
+        return []
+    expires = now + lease_ttl
+    params = (_CLAIMED.value, now, worker, expires, json.dumps(chosen))
+    order = {seq: position for position, (seq, _) in enumerate(chosen)}
+    rows = sorted(_rows(conn, CLAIM_TAKE, params), key=lambda row: order[row[0]])
+    return [
+        Lease(
+            id=row[1],
+            type=row[2],
+            queue=row[3],
+            payload=unpack(row[4]),
+            priority=row[5],
+            attempt=row[6],
+            max_retries=row[7],
+            timeout=row[8],
+            token=row[9],
+            expires_at=expires,
+        )
+        for row in rows
+    ]
+
+
+def _lease_token() -> int:
+    """A fresh random positive 62-bit fencing token."""
+    return secrets.randbits(62) or 1
+
+
+def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
+    results: list[OutcomeResult] = []
+    settled: dict[str, str] = {}  # a second report for the same task in one call is stale
+    for outcome in outcomes:
+        if outcome.id in settled:
+            state = settled[outcome.id]
+            results.append(OutcomeResult(outcome.id, False, state, "already reported"))
+            continue
+        result = _apply_outcome(conn, outcome, now)
+        if result.accepted and result.state is not None:
+            settled[outcome.id] = result.state
+        results.append(result)
+    return results
+
+
+def _apply_outcome(conn: apsw.Connection, outcome: Outcome, now: float) -> OutcomeResult:
+    rows = _rows(conn, REPORT_LOOKUP, (outcome.id,))
+    if not rows:
+        return OutcomeResult(outcome.id, False, None, f"no task with id {outcome.id}")
+    seq, state, token, expires_at, attempts, max_retries, base, cap = rows[0]
+    refusal = _fence(state, token, expires_at, outcome.token, now)
+    if refusal:
+        return OutcomeResult(outcome.id, False, state, refusal)
+    event, error, result = _judge(outcome, attempts, max_retries)
+    target = next_state(state, event)
+    if event is Event.SUCCEED:
+        conn.execute(FINISH_OK, (target.value, result, now, seq))
+    elif event is Event.RELEASE:  # handed back unrun: the attempt does not count
+        conn.execute(GIVE_BACK, (target.value, seq))
+    elif event is Event.FAIL_RETRY:
+        wait = max(outcome.delay or 0.0, RetryPolicy(base, cap).delay(attempts))
+        conn.execute(FINISH_FAILED, (target.value, pack_error(error), now + wait, seq))
+    else:
+        conn.execute(FINISH_DEAD, (target.value, pack_error(error), now, seq))
+    return OutcomeResult(outcome.id, True, target.value)
+
+
+def _fence(state: str, token: int | None, expires_at: float | None, given: int, now: float) -> str:
+    """Why a report with token ``given`` is refused, or "" if it holds the live lease."""
+    if state not in _LEASED_STATES:
+        return f"the task is {state}: it holds no lease"
+    if token != given:
+        return "the lease token is stale: the task was released or leased again"
+    if expires_at is None or expires_at < now:
+        return f"the lease expired at {expires_at}"
+    return ""
+
+
+def _judge(
+    outcome: Outcome, attempts: int, max_retries: int
+) -> tuple[Event, TaskError | None, bytes | None]:
+    """The event an outcome means, with the error and packed result to store."""
+    if outcome.status == "ok":
+        try:
+            return Event.SUCCEED, None, pack(outcome.result, "result")
+        except InvalidRequest as exc:  # a result we cannot keep: the task cannot succeed
+            return Event.FAIL_FINAL, TaskError("ResultRejected", exc.message), None
+    if outcome.status == "release":
+        return Event.RELEASE, None, None
+    if outcome.status == "retry" and attempts <= max_retries:
+        return Event.FAIL_RETRY, outcome.error, None
+    return Event.FAIL_FINAL, outcome.error, None
+
+
+def extend_leases(
+    conn: apsw.Connection, worker: str, leases: list[tuple[str, int]], now: float, ttl: float
+) -> list[str]:
+    params = [(now + ttl, task_id, token, now, worker) for task_id, token in leases]
+    kept = {row[0] for row in _rows_many(conn, EXTEND_LEASE, params)}
+    return [task_id for task_id, _ in leases if task_id not in kept]
+
+
+def release_expired(conn: apsw.Connection, now: float) -> list[str]:
+    rows = _rows(conn, EXPIRED_LEASES, (now,))
+    error = TaskError("LeaseExpired", "the lease expired before the worker reported")
+    return _release(conn, rows, error, now)
+
+
+def release_worker(conn: apsw.Connection, worker: str, now: float) -> list[str]:
+    rows = _rows(conn, WORKER_LEASES, (worker,))
+    error = TaskError("WorkerLost", f"worker {worker} went away while running the task")
+    return _release(conn, rows, error, now)
+
+
+def _release(
+    conn: apsw.Connection, rows: list[tuple[int, str, int]], error: TaskError, now: float
+) -> list[str]:
+    """Leased rows (seq, id, attempts_left) back to pending, or dead when none are left."""
+    packed = pack_error(error)
+    again = [(_EXPIRED_RETRY.value, packed, seq) for seq, _, left in rows if left]
+    final = [(_EXPIRED_FINAL.value, packed, now, seq) for seq, _, left in rows if not left]
+    _rows_many(conn, RELEASE_RETRY, again)
+    _rows_many(conn, FINISH_DEAD, final)
+    return [task_id for _, task_id, _ in rows]
+
+
+def promote_due(conn: apsw.Connection, now: float) -> int:
+    _rows(conn, PROMOTE_DUE, (_DUE_TARGET.value, now))
+    return int(conn.changes())
+
+
+def change_one(conn: apsw.Connection, task_id: str, event: Event, now: float) -> Task:
+    """Cancel or retry one task; NotFound, or InvalidTransition naming the task."""
+    rows = _rows(conn, LOOKUP_STATE, (task_id,))
+    if not rows:
+        raise NotFound(f"no task with id {task_id}")
+    seq, state = rows[0]
+    try:
+        target = next_state(state, event)
+    except InvalidTransition as exc:
+        raise InvalidTransition(f"task {task_id}: {exc}") from None
+    if event is Event.CANCEL:
+        conn.execute(CANCEL_TASK, (target.value, now, seq))
+    elif event is Event.RETRY:
+        conn.execute(RETRY_TASK, (target.value, seq))
+    else:
+        raise AssertionError(f"change_one does not handle {event}")
+    return get(conn, task_id)
+
+
+def get(conn: apsw.Connection, task_id: str) -> Task:
+    rows = _rows(conn, GET_TASK, (task_id,))
+    if not rows:
+        raise NotFound(f"no task with id {task_id}")
+    return row_to_task(rows[0])
+
+
+def list_tasks(conn: apsw.Connection, flt: ListFilter) -> list[Task]:
+    params: list[Any] = [value for value in (flt.state, flt.type, flt.queue) if value is not None]
+    if flt.after is not None:
+        rows = _rows(conn, CURSOR_SEQ, (flt.after,))
+        if not rows:
+            raise InvalidRequest(f"cursor {flt.after!r} is not the id of a task")
+        params.append(rows[0][0])
+    query = list_query(
+        flt.state is not None, flt.type is not None, flt.queue is not None, flt.after is not None
+    )
+    return [row_to_task(row) for row in _rows(conn, query, (*params, flt.limit))]
+
+
+def next_due(conn: apsw.Connection) -> float | None:
+    rows = _rows(conn, NEXT_DUE)
+    return float(rows[0][0]) if rows else None
+
+
+def counts(conn: apsw.Connection) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for queue, state, n in _rows(conn, COUNTS):
+        out.setdefault(queue, {})[state] = n
+    return out

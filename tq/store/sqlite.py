@@ -1,0 +1,585 @@
+"""The SQLite task store: APSW, WAL mode, one writer with group commit.
+
+    async with open_sqlite_store("tq.db") as store:
+        [res] = await store.submit([TaskSpec(type="email")], now=time.time())
+
+Contract: implements ``tq.store.base.Store``. When a write method returns,
+its transaction is committed. Every state change is asked of
+``tq.core.states`` (``sources`` gives the WHERE clauses of bulk updates,
+``next_state`` the target of each single-task change). All SQL text lives
+in ``tq.store.schema``.
+
+Durability (``synchronous``; the journal is always WAL):
+    "full"    (default) a committed transaction survives a crash of the process
+              AND a power loss or OS crash: the WAL is fsynced at every commit.
+    "normal"  a committed transaction survives a crash of the process (kill -9),
+              but the last transactions before a power loss or OS crash may
+              roll back (the WAL is fsynced only at checkpoints). The database
+              is never corrupted either way.
+
+Connections and threads: APSW connections raise rather than wait when used
+from two threads at once, so each connection has one owner, serialised by
+its own ``trio.CapacityLimiter(1)``:
+    writer        every write, in batches (below); wal_autocheckpoint=0
+    reader        get / list / stats / next_due, one short statement each
+    checkpointer  ``PRAGMA wal_checkpoint(PASSIVE)`` at most ~1 s after a commit
+                  (sooner after many commits), so no commit pays for a
+                  checkpoint; when the WAL has grown long under steady writes,
+                  a RESTART in the writer's turn (it holds the writer's
+                  limiter for that moment); TRUNCATE once writes go idle.
+
+Group commit: a write call enqueues an operation (a sync function of the
+writer connection and its arguments) and waits. The writer task takes every
+queued operation (at most MAX_BATCH) and makes one thread hop for the
+batch: ``BEGIN IMMEDIATE``, each operation inside its own SAVEPOINT (an
+operation that raises rolls back only itself and its exception goes to its
+caller only; a batch of one needs no savepoint), ``COMMIT``; then, and only
+then, it wakes the callers.
+Operations that arrive while a batch runs form the next batch, so under load
+one fsync is shared by many calls. If BEGIN or COMMIT fails (disk full, I/O
+error, database locked by another process) every caller of the batch gets a
+StoreError. A caller cancelled before its operation was taken is dropped
+from the queue; once taken, the operation runs and commits regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import apsw
+import trio
+
+from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
+from tq.core.states import Event, State
+from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
+from tq.store import schema
+from tq.store.base import OutcomeResult, Store, StoreStats, SubmitResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+MAX_BATCH = 2000  # operations per transaction: bounds the latency of one batch
+BUSY_TIMEOUT_MS = 5000
+CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+CACHE_SIZE_KIB = 64 * 1024
+CHECKPOINT_INTERVAL = 1.0  # seconds from a commit to the next PASSIVE checkpoint
+CHECKPOINT_AFTER_COMMITS = 500  # ... or sooner, after this many commits
+WAL_RESTART_FRAMES = 8192  # ~32 MiB of 4 KiB pages: start the WAL over (see _checkpoint)
+_CHECKPOINTS = {
+    mode: f"PRAGMA wal_checkpoint({mode})" for mode in ("PASSIVE", "RESTART", "TRUNCATE")
+}
+MAX_LIST_LIMIT = 10_000
+
+
+@asynccontextmanager
+async def open_sqlite_store(
+    path: str | os.PathLike[str], *, synchronous: str = "full"
+) -> AsyncIterator[SQLiteStore]:
+    """Open (creating and migrating if needed) the store at ``path``; close it on exit."""
+    mode = SYNCHRONOUS.get(str(synchronous).lower())
+    if mode is None:
+        raise ConfigError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+    path = os.fspath(path)
+    with trio.CancelScope(shield=True):  # a cancelled open must not leak connections
+        conns = await trio.to_thread.run_sync(_connect, path, mode)
+    store = SQLiteStore(path, mode.lower(), *conns)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._writer_loop)
+            nursery.start_soon(store._checkpoint_loop)
+            try:
+                yield store
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                await store.aclose()
+    except BaseExceptionGroup as group:
+        # The body ran inside our nursery, which wrapped its exception: unwrap it, so
+        # callers see their own exception rather than a group.
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from None
+        raise
+    finally:
+        await store.aclose()
+
+
+class _Op:
+    """One queued write: ``fn(writer_connection, *args)``, run inside a batch."""
+
+    __slots__ = ("abandoned", "args", "done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.result: Any = None
+        self.error: BaseException | None = Unavailable("the store closed before this write ran")
+        self.done = trio.Event()
+        self.abandoned = False
+
+
+_Batch = list[_Op]
+
+
+class SQLiteStore:
+    """The Store over one SQLite file. Create it with ``open_sqlite_store``."""
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: str,
+        writer: apsw.Connection,
+        reader: apsw.Connection,
+        checkpointer: apsw.Connection,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.commits = 0  # transactions committed by the writer (one per batch)
+        self.committed_ops = 0  # operations in those transactions
+        self.checkpoints = dict.fromkeys(_CHECKPOINTS, 0)  # completed, by mode
+        self._writer = writer
+        self._reader = reader
+        self._checkpointer = checkpointer
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._checkpoint_limiter = trio.CapacityLimiter(1)
+        self._queue: deque[_Op] = deque()
+        self._wake = trio.Event()
+        self._dirty = trio.Event()  # a commit since the last checkpoint
+        self._urgent = trio.Event()  # many commits since the last checkpoint
+        self._checkpointed_at = 0  # self.commits at the last checkpoint
+        self._checkpoint_scope = trio.CancelScope()
+        self._closing = False
+        self._close_started = False
+        self._writer_done = trio.Event()
+        self._checkpointer_done = trio.Event()
+        self._closed = trio.Event()
+        self._reader_open = True
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+        if not specs:
+            return []
+        return await self._write(schema.submit, list(specs), now)
+
+    async def claim(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        types: Sequence[str] | None,
+        n: int,
+        now: float,
+        lease_ttl: float,
+    ) -> list[Lease]:
+        if lease_ttl <= 0:
+            raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
+        if n <= 0 or not queues or (types is not None and not types):
+            return []
+        queues = list(dict.fromkeys(queues))
+        types = None if types is None else list(dict.fromkeys(types))
+        return await self._write(schema.claim, worker, queues, types, n, now, lease_ttl)
+
+    async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
+        for outcome in outcomes:
+            if outcome.status not in Outcome.STATUSES:
+                raise InvalidRequest(
+                    f"outcome status {outcome.status!r} for task {outcome.id} is not one of "
+                    f"{', '.join(Outcome.STATUSES)}"
+                )
+        if not outcomes:
+            return []
+        return await self._write(schema.complete, list(outcomes), now)
+
+    async def extend_leases(
+        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+    ) -> list[str]:
+        """Extend leases ``worker`` holds; a lease held by another worker counts as lost."""
+        if not leases:
+            return []
+        return await self._write(schema.extend_leases, worker, list(leases), now, lease_ttl)
+
+    async def release_expired(self, now: float) -> list[str]:
+        return await self._write(schema.release_expired, now)
+
+    async def release_worker(self, worker: str, now: float) -> list[str]:
+        return await self._write(schema.release_worker, worker, now)
+
+    async def promote_due(self, now: float) -> int:
+        return await self._write(schema.promote_due, now)
+
+    async def cancel(self, task_id: str, now: float) -> Task:
+        return await self._write(schema.change_one, task_id, Event.CANCEL, now)
+
+    async def retry(self, task_id: str, now: float) -> Task:
+        return await self._write(schema.change_one, task_id, Event.RETRY, now)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        return await self._read(schema.get, task_id)
+
+    async def list(self, flt: ListFilter) -> list[Task]:
+        """Tasks in insertion (seq) order, after the cursor task ``flt.after``."""
+        limit = flt.limit
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise InvalidRequest(f"limit must be an integer 1..{MAX_LIST_LIMIT}")
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be 1..{MAX_LIST_LIMIT}, not {limit}")
+        if flt.state is not None and flt.state not in set(State):
+            known = ", ".join(s.value for s in State)
+            raise InvalidRequest(f"unknown state {flt.state!r}; known states: {known}")
+        return await self._read(schema.list_tasks, flt)
+
+    async def next_due(self) -> float | None:
+        return await self._read(schema.next_due)
+
+    async def stats(self) -> StoreStats:
+        counts = await self._read(schema.counts)
+        return StoreStats(
+            counts=counts,
+            path=self.path,
+            size_bytes=_file_size(self.path),
+            wal_bytes=_file_size(self.path + "-wal"),
+            extra={
+                "synchronous": self.synchronous,
+                "schema_version": schema.SCHEMA_VERSION,
+                "commits": self.commits,
+                "committed_ops": self.committed_ops,
+                "checkpoints": dict(self.checkpoints),
+            },
+        )
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the loops, checkpoint, close the connections."""
+        if self._close_started:
+            with trio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
+        self._close_started = self._closing = True
+        self._wake.set()
+        with trio.CancelScope(shield=True):
+            await self._writer_done.wait()
+            self._checkpoint_scope.cancel()
+            await self._checkpointer_done.wait()
+            await trio.to_thread.run_sync(self._close_reader, limiter=self._read_limiter)
+            await trio.to_thread.run_sync(
+                self._close_checkpointer, limiter=self._checkpoint_limiter
+            )
+            await trio.to_thread.run_sync(self._close_writer, limiter=self._write_limiter)
+        self._closed.set()
+
+    def _close_reader(self) -> None:
+        self._reader_open = False
+        _close(self._reader, self.path)
+
+    def _close_checkpointer(self) -> None:
+        self._run_checkpoint("TRUNCATE")
+        _close(self._checkpointer, self.path)
+
+    def _close_writer(self) -> None:
+        _close(self._writer, self.path)
+
+    # -- the writer: group commit -----------------------------------------------------
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        op = _Op(fn, args)
+        self._queue.append(op)
+        self._wake.set()
+        try:
+            await op.done.wait()
+        except BaseException:
+            op.abandoned = True  # not run if the writer has not taken it yet
+            raise
+        if op.error is not None:
+            raise op.error
+        result: T = op.result
+        return result
+
+    async def _writer_loop(self) -> None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    if self._closing:
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                try:
+                    wrote = await trio.to_thread.run_sync(
+                        self._run_batch, batch, limiter=self._write_limiter
+                    )
+                finally:
+                    for op in batch:
+                        op.done.set()
+                if wrote:  # a batch that changed nothing leaves nothing to checkpoint
+                    self._dirty.set()
+                    if self.commits - self._checkpointed_at >= CHECKPOINT_AFTER_COMMITS:
+                        self._urgent.set()
+        finally:
+            self._closing = True
+            while self._queue:
+                self._queue.popleft().done.set()  # their error says the store closed
+            self._writer_done.set()
+
+    def _take_batch(self) -> _Batch:
+        batch: _Batch = []
+        while self._queue and len(batch) < MAX_BATCH:
+            op = self._queue.popleft()
+            if not op.abandoned:
+                batch.append(op)
+        return batch
+
+    def _run_batch(self, batch: _Batch) -> bool:
+        """In the writer thread: one transaction, one savepoint per operation.
+
+        Returns whether the committed transaction changed any row.
+        """
+        conn = self._writer
+        changes = conn.total_changes()
+        doing = "start a write transaction on"
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            doing = "write to"
+            if len(batch) == 1:  # the transaction is the operation's own: no savepoint
+                _run_op(conn, batch[0], "ROLLBACK", self.path)
+                if not conn.in_transaction:
+                    return False
+            else:
+                for op in batch:
+                    conn.execute("SAVEPOINT op")
+                    _run_op(conn, op, "ROLLBACK TO op", self.path)
+                    conn.execute("RELEASE op")
+            doing = "commit to"
+            conn.execute("COMMIT")
+        except apsw.Error as exc:
+            _rollback(conn)
+            for op in batch:
+                op.result = None
+                op.error = _store_error(exc, doing, self.path)
+            return False
+        self.commits += 1
+        self.committed_ops += len(batch)
+        return bool(conn.total_changes() != changes)
+
+    # -- the checkpointer -------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        try:
+            with self._checkpoint_scope:
+                while True:
+                    await self._dirty.wait()
+                    with trio.move_on_after(CHECKPOINT_INTERVAL):
+                        await self._urgent.wait()
+                    await self._checkpoint()
+                    with trio.move_on_after(CHECKPOINT_INTERVAL):
+                        await self._dirty.wait()
+                    if not self._dirty.is_set():  # idle for a whole interval: empty the WAL
+                        await self._checkpoint_in_writers_turn("TRUNCATE")
+        finally:
+            self._checkpointer_done.set()
+
+    async def _checkpoint(self) -> None:
+        """PASSIVE, concurrent with the writer; then restart the WAL if it has grown long.
+
+        Under a steady stream of commits a PASSIVE checkpoint never catches up
+        with the end of the WAL, so SQLite never starts the WAL over and the
+        file grows. When it is long, the checkpointer takes the writer's turn
+        (its limiter) for a RESTART, which has little left to copy.
+        """
+        self._dirty = trio.Event()
+        self._urgent = trio.Event()
+        self._checkpointed_at = self.commits
+        frames = await trio.to_thread.run_sync(
+            self._run_checkpoint, "PASSIVE", limiter=self._checkpoint_limiter
+        )
+        if frames >= WAL_RESTART_FRAMES:
+            await self._checkpoint_in_writers_turn("RESTART")
+
+    async def _checkpoint_in_writers_turn(self, mode: str) -> None:
+        async with self._write_limiter:  # no write transaction starts meanwhile
+            await trio.to_thread.run_sync(
+                self._run_checkpoint, mode, limiter=self._checkpoint_limiter
+            )
+
+    def _run_checkpoint(self, mode: str) -> int:
+        """Checkpoint in ``mode``; the number of frames the WAL held (0 after a failure)."""
+        try:
+            rows: list[Any] = self._checkpointer.execute(_CHECKPOINTS[mode]).fetchall()
+        except apsw.Error as exc:
+            log.warning("checkpoint (%s) of %s failed: %s", mode, self.path, exc)
+            return 0
+        busy, frames, _ = rows[0]
+        if not busy:
+            self.checkpoints[mode] += 1
+        return int(frames)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        return await trio.to_thread.run_sync(self._run_read, fn, args, limiter=self._read_limiter)
+
+    def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if not self._reader_open:
+            raise Unavailable("the task store is closed")
+        try:
+            return fn(self._reader, *args)
+        except apsw.Error as exc:
+            raise _store_error(exc, "read from", self.path) from exc
+
+
+def _run_op(conn: apsw.Connection, op: _Op, undo: str, path: str) -> None:
+    """Run one operation; if it raises, ``undo`` its changes and keep its exception.
+
+    An apsw.Error after which SQLite rolled back the whole transaction (disk
+    full, I/O error) is re-raised instead: the batch as a whole has failed.
+    """
+    try:
+        op.result = op.fn(conn, *op.args)
+        op.error = None
+    except Exception as exc:
+        if isinstance(exc, apsw.Error) and not conn.in_transaction:
+            raise
+        op.result = None
+        op.error = _store_error(exc, "write to", path) if isinstance(exc, apsw.Error) else exc
+        conn.execute(undo)
+
+
+def _rollback(conn: apsw.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except apsw.Error as exc:  # the connection is in trouble; the next BEGIN will say so
+        log.error("rollback failed: %s", exc)
+
+
+# -- opening and closing --------------------------------------------------------------
+
+
+def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
+    """Open writer, reader and checkpointer connections; create or migrate the schema."""
+    _check_location(path)
+    opened: list[apsw.Connection] = []
+    try:
+        writer = _open(path, opened, BUSY_TIMEOUT_MS)
+        schema.migrate(writer, path)
+        mode = writer.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"cannot use WAL mode for {path} (SQLite answered {mode!r}); put the database "
+                "on a local file system"
+            )
+        for pragma in (
+            f"PRAGMA synchronous = {synchronous}",
+            "PRAGMA wal_autocheckpoint = 0",
+            f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}",
+            f"PRAGMA cache_size = -{CACHE_SIZE_KIB}",
+            "PRAGMA temp_store = MEMORY",  # savepoint journals: a temp file halves throughput
+        ):
+            writer.execute(pragma).fetchall()
+        reader = _open(path, opened, BUSY_TIMEOUT_MS)
+        reader.execute("PRAGMA query_only = 1").fetchall()
+        checkpointer = _open(path, opened, CHECKPOINT_BUSY_TIMEOUT_MS)
+        checkpointer.execute(f"PRAGMA synchronous = {synchronous}").fetchall()
+        checkpointer.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}").fetchall()
+    except BaseException as exc:
+        for conn in reversed(opened):
+            _close(conn, path)
+        if isinstance(exc, apsw.Error):
+            raise _store_error(exc, "open", path) from exc
+        raise
+    return writer, reader, checkpointer
+
+
+def _open(path: str, opened: list[apsw.Connection], busy_ms: int) -> apsw.Connection:
+    conn = apsw.Connection(path, statementcachesize=256)
+    opened.append(conn)
+    conn.set_busy_timeout(busy_ms)
+    return conn
+
+
+def _check_location(path: str) -> None:
+    """Fail early, naming the path and the remedy, where SQLite would fail obscurely."""
+    if path in ("", ":memory:"):
+        raise ConfigError(f"the task store needs a file path, not {path!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(
+            f"cannot open the task database {path}: {directory} is not a directory. "
+            "Create the directory or choose another database path."
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"cannot open the task database {path}: the directory {directory} is not writable "
+            "by this user, and SQLite must create its -wal and -shm files there. Make the "
+            "directory writable or choose another database path."
+        )
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(
+            f"cannot open the task database {path}: the file is not readable and writable by "
+            "this user. Fix its permissions or choose another database path."
+        )
+
+
+def _close(conn: apsw.Connection, path: str) -> None:
+    try:
+        conn.close()
+    except apsw.Error as exc:
+        log.warning("closing a connection to %s failed: %s", path, exc)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+_HINTS: tuple[tuple[type[apsw.Error], str], ...] = (
+    (apsw.FullError, "the disk is full; free some space"),
+    (
+        apsw.ReadOnlyError,
+        "the database is read-only; check the permissions of the file and its directory",
+    ),
+    (apsw.CorruptError, "the database file is corrupt; restore it from a backup"),
+    (apsw.NotADBError, "the file is not an SQLite database (or is corrupt); choose another path"),
+    (apsw.BusyError, "the database is locked by another process (is another broker using it?)"),
+    (
+        apsw.CantOpenError,
+        "SQLite cannot open the file; check that its directory exists and is writable",
+    ),
+    (apsw.IOError, "an I/O error occurred; check the disk and the file system"),
+    (apsw.PermissionsError, "permission denied; check the permissions of the file"),
+)
+
+
+def _store_error(exc: apsw.Error, doing: str, path: str) -> TQError:
+    """A StoreError saying what failed, where, and what to do about it."""
+    hint = next((text for cls, text in _HINTS if isinstance(exc, cls)), "")
+    where = f" {path}" if path else " the task database"
+    detail = f"{type(exc).__name__}: {exc}"
+    message = (
+        f"cannot {doing}{where}: {hint} ({detail})" if hint else f"cannot {doing}{where}: {detail}"
+    )
+    return StoreError(message)
+
+
+if TYPE_CHECKING:  # mypy proves here that SQLiteStore implements the Store protocol
+
+    def _implements_store(store: SQLiteStore) -> Store:
+        return store
