@@ -147,8 +147,12 @@ class BrokerProcess:
     def client_args(self) -> list[str]:
         return ["--broker", self.address, "--ca", str(self.ca)]
 
+    def client_kwargs(self) -> dict[str, Any]:
+        """Credentials for ``Client.connect``/``BlockingClient`` besides address and CA."""
+        return {}
+
     def client(self) -> BlockingClient:
-        return BlockingClient(self.address, ca=self.ca)
+        return BlockingClient(self.address, ca=self.ca, **self.client_kwargs())
 
     def start_worker(self, *args: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
         log_path = self.data / (log_name or f"worker{len(self.workers)}.log")

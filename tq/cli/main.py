@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import services, tasks
+from tq.cli import bench, services, tasks
 
 app = typer.Typer(
     name="tq",
@@ -31,6 +31,7 @@ app.command(rich_help_panel="Tasks")(tasks.cancel)
 app.command(rich_help_panel="Tasks")(tasks.retry)
 app.command(rich_help_panel="Operations")(tasks.stats)
 app.command(rich_help_panel="Operations")(tasks.workers)
+app.command(rich_help_panel="Operations")(bench.bench)
 
 
 @app.command(rich_help_panel="Operations")

@@ -196,7 +196,19 @@ class Lease:
     expires_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand: asdict() deep-copies the payload, and this is on the claim hot path
+        return {
+            "id": self.id,
+            "type": self.type,
+            "queue": self.queue,
+            "payload": self.payload,
+            "priority": self.priority,
+            "attempt": self.attempt,
+            "max_retries": self.max_retries,
+            "timeout": self.timeout,
+            "token": self.token,
+            "expires_at": self.expires_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)

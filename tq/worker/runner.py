@@ -163,6 +163,8 @@ class Worker:
             if free <= 0:
                 await self._changed.wait()
                 continue
+            await _settle()  # tasks finishing in this same moment free their slots too
+            free = self.concurrency - len(self.running)
             reply = await client.request(
                 {
                     "t": "claim",
@@ -186,6 +188,7 @@ class Worker:
             if not self.outbox:
                 await self._changed.wait()
                 continue
+            await _settle()  # gather the outcomes of tasks finishing together
             batch = self.outbox[:REPORT_BATCH]
             reply = await client.request({"t": "result", "results": batch})
             del self.outbox[: len(batch)]
@@ -299,6 +302,12 @@ class Worker:
             while self.running or self.outbox:
                 await self._changed.wait()
         tasks.cancel_scope.cancel()
+
+
+async def _settle(rounds: int = 3) -> None:
+    """Let every task that is ready run a few scheduler rounds (batches fill up)."""
+    for _ in range(rounds):
+        await trio.sleep(0)
 
 
 def _retriable(error: TQError) -> bool:

@@ -1,0 +1,344 @@
+"""The benchmark scenarios. Each returns a dict of figures; see ``run_bench``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from tq import __version__
+from tq.client import Client
+from tq.testing import BrokerProcess, tq_command
+
+SCENARIOS = ("submit", "e2e", "latency", "backlog")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    tasks: int = 100_000  # end-to-end and batched-submit task count
+    single: int = 5_000  # tasks submitted one request at a time
+    workers: int = 2  # worker processes for end-to-end
+    concurrency: int = 64  # per worker
+    payload_bytes: int = 16
+    batch: int = 1000  # tasks per submit_many
+    in_flight: int = 4  # submit_many requests in flight at once
+    latency_samples: int = 2000
+    backlogs: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    claim_batch: int = 100
+    claims: int = 20_000  # tasks claimed per backlog level
+    synchronous: str = "full"
+    scenarios: tuple[str, ...] = SCENARIOS
+    keep: bool = False  # keep the temporary data directories
+
+
+@dataclass
+class Report:
+    setup: dict[str, Any]
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def _payload(cfg: BenchConfig, n: int) -> dict[str, Any]:
+    return {"n": n, "pad": "x" * max(0, cfg.payload_bytes - 16)}
+
+
+def _specs(cfg: BenchConfig, start: int, count: int) -> list[dict[str, Any]]:
+    return [{"type": "echo", "payload": _payload(cfg, n)} for n in range(start, start + count)]
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {
+        "samples": len(ordered),
+        "p50_ms": round(pick(0.50), 3),
+        "p99_ms": round(pick(0.99), 3),
+        "p999_ms": round(pick(0.999), 3),
+        "max_ms": round(ordered[-1] * 1000, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
+    }
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, log: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.root = Path(tempfile.mkdtemp(prefix="tq-bench-"))
+        self._count = 0
+
+    def broker(self) -> BrokerProcess:
+        self._count += 1
+        data = self.root / f"broker{self._count}"
+        return BrokerProcess(data, "--synchronous", self.cfg.synchronous).start()
+
+    # -- helpers -----------------------------------------------------------
+    async def submit_batched(self, client: Client, total: int, start: int = 0) -> str:
+        """Submit ``total`` tasks, ``in_flight`` batches at a time; the last task's id."""
+        cfg = self.cfg
+        limit = trio.Semaphore(cfg.in_flight)
+        last = ""
+
+        async def one(first: int, count: int) -> None:
+            nonlocal last
+            try:
+                ids = await client.submit_many(_specs(cfg, first, count))
+                if first + count == start + total:
+                    last = ids[-1]
+            finally:
+                limit.release()
+
+        async with trio.open_nursery() as nursery:
+            for first in range(start, start + total, cfg.batch):
+                await limit.acquire()
+                nursery.start_soon(one, first, min(cfg.batch, start + total - first))
+        return last
+
+    # -- scenarios -----------------------------------------------------------
+    async def submit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        broker = self.broker()
+        try:
+            async with _client(broker) as client:
+                started = time.perf_counter()
+                for n in range(cfg.single):
+                    await client.submit("echo", _payload(cfg, n))
+                elapsed = time.perf_counter() - started
+                out["single"] = {"tasks": cfg.single, "tasks_per_s": round(cfg.single / elapsed)}
+                self.log(f"submit, one at a time: {cfg.single / elapsed:,.0f} tasks/s")
+                started = time.perf_counter()
+                await self.submit_batched(client, cfg.tasks)
+                elapsed = time.perf_counter() - started
+                out["batched"] = {
+                    "tasks": cfg.tasks,
+                    "batch": cfg.batch,
+                    "in_flight": cfg.in_flight,
+                    "tasks_per_s": round(cfg.tasks / elapsed),
+                }
+                self.log(f"submit_many, batches of {cfg.batch}: {cfg.tasks / elapsed:,.0f} tasks/s")
+            out["stdin"] = self._submit_stdin(broker)
+        finally:
+            broker.close()
+        return out
+
+    def _submit_stdin(self, broker: BrokerProcess) -> dict[str, Any]:
+        cfg = self.cfg
+        path = self.root / "tasks.jsonl"
+        with open(path, "w") as f:
+            for spec in _specs(cfg, 0, cfg.tasks):
+                f.write(json.dumps(spec) + "\n")
+        started = time.perf_counter()
+        with open(path, "rb") as stdin:
+            proc = subprocess.run(
+                tq_command("submit", "-", *broker.client_args()),
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=broker.env,
+                check=False,
+            )
+        elapsed = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"tq submit - failed: {proc.stderr.decode()[-2000:]}")
+        self.log(
+            f"tq submit - of {cfg.tasks:,} JSON lines: {cfg.tasks / elapsed:,.0f} tasks/s "
+            "(process start included)"
+        )
+        return {"tasks": cfg.tasks, "tasks_per_s": round(cfg.tasks / elapsed)}
+
+    async def e2e(self, measure_latency: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        broker = self.broker()
+        try:
+            for _ in range(cfg.workers):
+                broker.start_worker("--concurrency", str(cfg.concurrency))
+            async with _client(broker) as client:
+                with trio.fail_after(60):
+                    while len(await client.workers()) < cfg.workers:
+                        await trio.sleep(0.05)
+                broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+                broker_proc.cpu_percent(None)
+                samples: list[float] = []
+                done = trio.Event()
+                started = time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    if measure_latency:
+                        nursery.start_soon(self._latency_loop, broker, samples, done)
+                    last = await self.submit_batched(client, cfg.tasks)
+                    submitted = time.perf_counter() - started
+                    # tasks finish roughly in submission order: wait for the last one
+                    # server-side, then confirm with (table-scanning) stats, sparingly
+                    await client.wait(last)
+                    while True:
+                        counts = (await client.stats())["queues"].get("default", {})
+                        if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
+                            break
+                        await trio.sleep(0.1)
+                    done.set()
+                elapsed = time.perf_counter() - started
+                cpu = broker_proc.cpu_percent(None)
+        finally:
+            broker.close()
+        rate = cfg.tasks / elapsed
+        self.log(
+            f"end to end, {cfg.tasks:,} no-op tasks, {cfg.workers} worker(s) x "
+            f"{cfg.concurrency}: {rate:,.0f} tasks/s (all submitted after {submitted:.2f}s; "
+            f"broker CPU {cpu:.0f}%)"
+        )
+        out: dict[str, Any] = {
+            "tasks": cfg.tasks,
+            "workers": cfg.workers,
+            "concurrency": cfg.concurrency,
+            "seconds": round(elapsed, 3),
+            "tasks_per_s": round(rate),
+            "broker_cpu_percent": round(cpu),
+        }
+        if measure_latency:
+            out["submit_latency_under_load"] = _percentiles(samples)
+            self.log(f"submit latency under load: {_fmt_latency(out['submit_latency_under_load'])}")
+        return out
+
+    async def _latency_loop(
+        self, broker: BrokerProcess, samples: list[float], done: trio.Event
+    ) -> None:
+        async with _client(broker) as client:
+            while not done.is_set() and len(samples) < self.cfg.tasks:
+                started = time.perf_counter()
+                await client.submit("echo", _payload(self.cfg, -1))
+                samples.append(time.perf_counter() - started)
+                await trio.sleep(0.001)
+
+    async def latency(self) -> dict[str, Any]:
+        broker = self.broker()
+        try:
+            async with _client(broker) as client:
+                samples = []
+                for _ in range(self.cfg.latency_samples):
+                    started = time.perf_counter()
+                    await client.submit("echo", _payload(self.cfg, 0))
+                    samples.append(time.perf_counter() - started)
+        finally:
+            broker.close()
+        idle = _percentiles(samples)
+        self.log(f"submit latency at an idle broker: {_fmt_latency(idle)}")
+        loaded = await self.e2e(measure_latency=True)
+        return {
+            "idle": idle,
+            "under_load": loaded["submit_latency_under_load"],
+            "load": {k: v for k, v in loaded.items() if k != "submit_latency_under_load"},
+        }
+
+    async def backlog(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        broker = self.broker()
+        try:
+            proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+            async with (
+                _client(broker) as client,
+                _client(
+                    broker, kind="worker", hello={"worker_id": "bench", "queues": ["default"]}
+                ) as worker,
+            ):
+                pending = 0
+                for level in sorted(cfg.backlogs):
+                    await self.submit_batched(client, level - pending, start=pending)
+                    pending = level
+                    rate = await self._claim_rate(worker)
+                    rss = proc.memory_info().rss
+                    out[str(level)] = {
+                        "claim_per_s": round(rate),
+                        "broker_rss_mb": round(rss / 1e6, 1),
+                    }
+                    self.log(
+                        f"backlog {level:>9,} pending: claim {rate:,.0f} tasks/s "
+                        f"(batches of {cfg.claim_batch}), broker RSS {rss / 1e6:,.1f} MB"
+                    )
+        finally:
+            broker.close()
+        return out
+
+    async def _claim_rate(self, worker: Client) -> float:
+        """Claim cfg.claims tasks in batches, then give them all back (release)."""
+        cfg = self.cfg
+        leases: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        while len(leases) < cfg.claims:
+            reply = await worker.request(
+                {"t": "claim", "n": cfg.claim_batch, "queues": ["default"], "wait": 0}
+            )
+            if not reply["tasks"]:
+                break
+            leases += reply["tasks"]
+        elapsed = time.perf_counter() - started
+        for first in range(0, len(leases), 1000):
+            batch = [
+                {"id": lease["id"], "token": lease["token"], "status": "release"}
+                for lease in leases[first : first + 1000]
+            ]
+            await worker.request({"t": "result", "results": batch})
+        return len(leases) / elapsed
+
+
+def _fmt_latency(p: dict[str, float]) -> str:
+    return (
+        f"p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms, p99.9 {p['p999_ms']:.2f} ms "
+        f"(max {p['max_ms']:.1f} ms, {p['samples']} samples)"
+    )
+
+
+def _client(broker: BrokerProcess, **kwargs: Any) -> Any:
+    return Client.connect(broker.address, ca=broker.ca, **{**broker.client_kwargs(), **kwargs})
+
+
+def setup(cfg: BenchConfig) -> dict[str, Any]:
+    import apsw
+
+    return {
+        "tq": __version__,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "sqlite": apsw.sqlite_lib_version(),
+        "tls": True,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Report:
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    report = Report(setup(cfg))
+    bench = Bench(cfg, say)
+    say(
+        f"tq bench: {report.setup['cores']} cores, synchronous={cfg.synchronous}, "
+        f"payload {cfg.payload_bytes} B, TLS on; data under {bench.root}"
+    )
+
+    async def main() -> None:
+        for name in cfg.scenarios:
+            report.results[name] = await getattr(bench, name)()
+
+    try:
+        trio.run(main)
+    finally:
+        if not cfg.keep:
+            import shutil
+
+            shutil.rmtree(bench.root, ignore_errors=True)
+    return report

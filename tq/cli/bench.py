@@ -1,0 +1,81 @@
+"""`tq bench`: measure a real broker on this machine (see docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tq.cli import exits
+from tq.cli.common import dumps, fail
+
+
+def bench(
+    tasks: Annotated[
+        int,
+        typer.Option("--tasks", "-n", min=1, help="Tasks for batched submit and end-to-end runs."),
+    ] = 100_000,
+    single: Annotated[
+        int, typer.Option("--single", min=1, help="Tasks submitted one request at a time.")
+    ] = 5_000,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Tasks each worker runs at once.")
+    ] = 64,
+    payload_bytes: Annotated[int, typer.Option("--payload-bytes", min=0)] = 16,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, max=10_000, help="Tasks per submit_many request.")
+    ] = 1000,
+    backlogs: Annotated[
+        str,
+        typer.Option(
+            "--backlogs",
+            help="Comma-separated pending-task levels for the claim-scaling and memory runs.",
+        ),
+    ] = "10000,100000,1000000",
+    samples: Annotated[int, typer.Option("--latency-samples", min=10)] = 2000,
+    synchronous: Annotated[str, typer.Option("--synchronous", help="full or normal.")] = "full",
+    scenarios: Annotated[
+        str,
+        typer.Option("--scenarios", "-s", help="Comma-separated: submit, e2e, latency, backlog."),
+    ] = "submit,e2e,latency,backlog",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary data dirs.")] = False,
+) -> None:
+    """Benchmark a broker on loopback: submit rate, end-to-end rate, latency, backlog.
+
+    Starts fresh brokers and worker processes with TLS and durability as
+    shipped; progress goes to stderr, the figures to stdout.
+    """
+    from tq.bench import BenchConfig, run_bench
+    from tq.bench.runner import SCENARIOS
+
+    chosen = tuple(s.strip() for s in scenarios.split(",") if s.strip())
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        fail(
+            f"unknown scenario(s) {sorted(unknown)}; choose from {', '.join(SCENARIOS)}",
+            exits.USAGE,
+        )
+    try:
+        levels = tuple(int(x) for x in backlogs.split(",") if x.strip())
+    except ValueError:
+        fail(f"--backlogs {backlogs!r} must be comma-separated whole numbers", exits.USAGE)
+    if synchronous not in ("full", "normal"):
+        fail("--synchronous must be full or normal", exits.USAGE)
+    cfg = BenchConfig(
+        tasks=tasks,
+        single=single,
+        workers=workers,
+        concurrency=concurrency,
+        payload_bytes=payload_bytes,
+        batch=batch,
+        backlogs=levels,
+        latency_samples=samples,
+        synchronous=synchronous,
+        scenarios=chosen,
+        keep=keep,
+    )
+    report = run_bench(cfg)
+    if as_json:
+        typer.echo(dumps({"setup": report.setup, "results": report.results}))
