@@ -133,6 +133,7 @@ def test_task_round_trips_through_plain_data() -> None:
 
 def test_error_codes_map_back_to_classes() -> None:
     assert isinstance(error_from_code("not_found", "x"), NotFound)
-    err = error_from_code("rate_limited", "slow down", 1.5)
-    assert isinstance(err, RemoteError) and err.code == "rate_limited" and err.retry_after == 1.5
+    err = error_from_code("from_a_newer_broker", "slow down", 1.5)
+    assert isinstance(err, RemoteError) and err.code == "from_a_newer_broker"
+    assert err.retry_after == 1.5
     assert isinstance(err, TQError)
