@@ -1,11 +1,14 @@
 # tq — the two set-up commands of README.md live here.
 #   make run   create .venv, install tq, start a broker with a local worker (tq up)
 #   make test  create .venv, install tq with its test tools, run lint, types and the suite
+#   make build the one-file executable dist/tq (PyInstaller, pyinstaller.spec)
+#   make quick the suite without slow tests and without building the executable
+#   make completions  regenerate shell-completions/ from the CLI (a test checks they are current)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test venv lint typecheck pytest quick clean
+.PHONY: run test venv lint typecheck pytest quick build completions clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,13 @@ pytest: venv
 test: lint typecheck pytest
 
 quick: venv
-	$(BIN)/python -m pytest -q -m 'not slow' -x
+	$(BIN)/python -m pytest -q -m 'not slow and not executable' -x
+
+build: venv
+	PYTHON=$(BIN)/python scripts/build-executable
+
+completions: venv
+	$(BIN)/python scripts/gen-completions
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

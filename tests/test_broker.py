@@ -155,7 +155,8 @@ async def test_heartbeats_keep_a_long_task_leased(tmp_path: Path) -> None:
 async def _raw(broker: RunningBroker) -> tuple[trio.abc.Stream, Connection]:
     stream = await open_stream(broker.info.address, ca=broker.info.ca_file, insecure=False)
     conn = Connection()
-    await stream.send_all(conn.send({"t": "hello", "id": 1, "v": 1, "kind": "client"}))
+    hello = {"t": "hello", "id": 1, "v": 1, "kind": "client", "key": broker.key}
+    await stream.send_all(conn.send(hello))
     await _read(stream, conn)
     return stream, conn
 

@@ -145,6 +145,7 @@ def test_readme_first_command_as_a_new_user(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     with tq_env(tmp_path / "home") as env:
         env["TQ_LISTEN"] = env["TQ_BROKER"] = f"127.0.0.1:{port}"
+        env["TQ_HTTP"] = "127.0.0.1:0"  # not the default 7471: another broker may hold it
         log = tmp_path / "up.log"
         with open(log, "wb") as out:
             up = subprocess.Popen(tq_command("up"), stdout=out, stderr=subprocess.STDOUT, env=env)

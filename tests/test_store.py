@@ -22,6 +22,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import (
     ConfigError,
     InvalidRequest,
@@ -458,6 +459,33 @@ async def test_retry_cancelled(store: Any) -> None:
     assert (await store.retry(task_id, NOW)).state == State.PENDING
 
 
+async def test_set_priority_reorders_waiting_tasks(store: Any) -> None:
+    first = await submit(store, priority=100)
+    second = await submit(store, NOW + 1, priority=100)
+    task = await store.set_priority(second, 250)
+    assert (task.id, task.priority, task.state) == (second, 250, State.PENDING)
+    assert [lease.id for lease in await claim(store, n=2)] == [second, first]
+    with pytest.raises(InvalidTransition, match="running"):
+        await store.set_priority(first, 10)  # running: too late to matter
+    with pytest.raises(NotFound):
+        await store.set_priority("missing", 10)
+    with pytest.raises(InvalidRequest):
+        await store.set_priority(second, 256)
+    # a failed task waiting for its retry may still be bumped
+    third = await submit(store, NOW + 2)
+    lease = await claim_one(store)
+    assert lease.id == third
+    await store.complete([report(lease, "retry", error=TaskError("E", "m"))], NOW + 3)
+    assert (await store.set_priority(third, 0)).priority == 0
+
+
+async def test_complete_reports_queue_and_type(store: Any) -> None:
+    await submit(store, type="email", queue="mail")
+    lease = await claim_one(store, queues=("mail",))
+    [result] = await store.complete([report(lease)], NOW)
+    assert (result.accepted, result.queue, result.type) == (True, "mail", "email")
+
+
 # -- list and stats --------------------------------------------------------------------
 
 
@@ -576,6 +604,150 @@ async def test_data_survives_close_and_reopen(backend: str, tmp_path: Path) -> N
     async with open_backend(backend, tmp_path) as store:
         assert await store.list(ListFilter()) == expected
         assert (await store.get(first)).payload == {"keep": b"me"}
+
+
+# -- API keys and audit (migration 2) --------------------------------------------------
+
+
+def api_key(key_id: str = "0123456789ab", **fields: Any) -> ApiKey:
+    base: dict[str, Any] = {
+        "id": key_id,
+        "name": "ci",
+        "role": "producer",
+        "queues": ("a", "b"),
+        "created_at": NOW,
+        "expires_at": NOW + 3600,
+        "revoked_at": None,
+        "kdf": "scrypt:n=16384,r=8,p=1",
+        "salt": b"s" * 16,
+        "hash": b"h" * 32,
+    }
+    return ApiKey(**{**base, **fields})
+
+
+async def test_keys_round_trip_and_revoke(store: Any) -> None:
+    first, second = api_key(), api_key("ba9876543210", queues=None, role="admin", expires_at=None)
+    await store.create_key(first)
+    await store.create_key(second)
+    assert await store.get_key(first.id) == first
+    assert await store.list_keys() == [first, second]
+    revoked = await store.revoke_key(first.id, NOW + 10)
+    assert revoked.revoked_at == NOW + 10 and revoked.state(NOW + 10) == "revoked"
+    again = await store.revoke_key(first.id, NOW + 20)  # the first revocation time stays
+    assert again.revoked_at == NOW + 10
+    assert (await store.get_key(first.id)).revoked_at == NOW + 10
+    with pytest.raises(NotFound):
+        await store.get_key("ffffffffffff")
+    with pytest.raises(NotFound):
+        await store.revoke_key("ffffffffffff", NOW)
+
+
+async def test_audit_is_newest_first_with_a_cursor(store: Any) -> None:
+    seqs = [
+        await store.record_audit(AuditEntry(NOW + i, "k1", "task.cancel", f"t{i}", {"n": i}))
+        for i in range(5)
+    ]
+    assert seqs == sorted(seqs)
+    page = await store.list_audit(limit=2)
+    assert [e.target for e in page] == ["t4", "t3"] and page[0].detail == {"n": 4}
+    rest = await store.list_audit(limit=10, before=page[-1].seq)
+    assert [e.target for e in rest] == ["t2", "t1", "t0"]
+    assert rest[0].actor == "k1" and rest[0].action == "task.cancel" and rest[0].at == NOW + 2
+    with pytest.raises(InvalidRequest):
+        await store.list_audit(limit=0)
+
+
+# -- operator surface (issue 5): queue depth, purge, bulk retry, probe ----------------
+
+
+async def finish(store: Any, status: str = "ok", now: float = NOW, **fields: Any) -> str:
+    """Submit one task and take it to the end ``status`` leads to; its id."""
+    task_id = await submit(store, now, **fields)
+    lease = await claim_one(store, queues=(fields.get("queue", "default"),), now=now)
+    assert lease.id == task_id
+    await store.complete([report(lease, status, error=TaskError("E", "m"))], now)
+    return task_id
+
+
+async def test_queue_depth_counts_unfinished_tasks_by_queue_priority_and_state(
+    store: Any,
+) -> None:
+    await store.submit([TaskSpec(type="t", priority=p) for p in (200, 200, 100, 50)], NOW)
+    await store.submit([TaskSpec(type="t", queue="mail")], NOW)
+    await claim_one(store)  # the first priority-200 task runs
+    await finish(store, "ok", queue="q2")  # finished: not in the depth
+    await finish(store, "retry", queue="q3", max_retries=1)  # failed, retry due
+    rows = [(d.queue, d.priority, d.state, d.count) for d in await store.queue_depth()]
+    assert rows == [
+        ("default", 50, "pending", 1),
+        ("default", 100, "pending", 1),
+        ("default", 200, "pending", 1),
+        ("default", 200, "running", 1),
+        ("mail", 100, "pending", 1),
+        ("q3", 100, "failed", 1),
+    ]
+
+
+async def test_purge_deletes_old_finished_tasks_in_chunks(store: Any) -> None:
+    old = [await finish(store, "ok", NOW + i) for i in range(5)]
+    dead = await finish(store, "reject", NOW + 5)
+    recent = await finish(store, "ok", NOW + 100)
+    waiting = await submit(store, NOW + 101)  # pending: never purged
+    day = 86_400.0
+    now = NOW + day + 50  # old ones finished more than a day before; recent did not
+    assert await store.count_purgeable(["succeeded"], day, now) == 5
+    assert await store.purge(["succeeded"], day, now, 3) == 3
+    assert await store.purge(["succeeded"], day, now, 3) == 2
+    assert await store.purge(["succeeded"], day, now, 3) == 0
+    for task_id in old:
+        with pytest.raises(NotFound):
+            await store.get(task_id)
+    assert (await store.get(dead)).state == State.DEAD
+    assert (await store.get(recent)).state == State.SUCCEEDED
+    assert await store.purge(["dead", "succeeded"], 0, now, 100) == 2
+    assert [t.id for t in await store.list(ListFilter())] == [waiting]
+
+
+async def test_purge_keeps_the_newest_task_so_seq_is_never_reused(store: Any) -> None:
+    first = await finish(store, "ok")
+    newest = await finish(store, "ok", NOW + 1)
+    assert await store.purge(["succeeded"], 0, NOW + 10, 100) == 1
+    assert (await store.get(newest)).state == State.SUCCEEDED
+    with pytest.raises(NotFound):
+        await store.get(first)
+    later = await submit(store, NOW + 11)
+    page = await store.list(ListFilter(after=newest))
+    assert [t.id for t in page] == [later]  # listed after the kept newest row
+
+
+@pytest.mark.parametrize(
+    ("states", "match"),
+    [([], "at least one"), (["pending"], "only finished"), (["zombie"], "only finished")],
+)
+async def test_purge_refuses_unfinished_states(store: Any, states: list[str], match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        await store.purge(states, 0, NOW, 10)
+
+
+async def test_retry_many_sends_a_state_back_to_pending(store: Any) -> None:
+    dead = [await finish(store, "reject", NOW + i) for i in range(3)]
+    failed = await finish(store, "retry", NOW + 3)
+    assert set(await store.retry_many("dead", NOW + 5, 2)) == set(dead[:2])  # oldest first
+    assert await store.retry_many("dead", NOW + 5, 2) == dead[2:]
+    assert await store.retry_many("dead", NOW + 5, 2) == []
+    for task_id in dead:
+        task = await store.get(task_id)
+        assert (task.state, task.attempts, task.finished_at) == (State.PENDING, 0, None)
+    assert (await store.get(failed)).state == State.FAILED
+    with pytest.raises(InvalidRequest, match="retry takes"):
+        await store.retry_many("pending", NOW, 10)
+    with pytest.raises(InvalidRequest, match="limit"):
+        await store.retry_many("dead", NOW, 0)
+
+
+async def test_probe_reads_and_reports_the_files(store: Any) -> None:
+    probe = await store.probe()
+    assert probe.counts == {} and probe.size_bytes > 0
 
 
 # -- SQLite only -----------------------------------------------------------------------

@@ -32,6 +32,16 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNCHRONOUS = "full"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
+DEFAULT_HTTP = "127.0.0.1:7471"  # broker: REST API, /metrics, /health (issue 5); "off" disables
+# security limits (issue 4; docs/SECURITY.md)
+DEFAULT_MAX_CONNECTIONS = 1024  # per broker; more are refused at once
+DEFAULT_MAX_IN_FLIGHT = 1024  # unanswered requests per connection, then back-pressure
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # TCP accept -> TLS handshake done
+DEFAULT_HELLO_TIMEOUT = 10.0  # TLS done -> hello accepted
+DEFAULT_IDLE_TIMEOUT = 300.0  # no request for this long (and none in flight): closed
+DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no limit
+DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
+DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
 
 
 def default_data_dir() -> Path:
@@ -49,6 +59,7 @@ def default_config_file(env: Mapping[str, str] | None = None) -> Path:
 class Settings:
     data: Path = field(default_factory=default_data_dir)
     listen: str = DEFAULT_LISTEN  # broker: where to accept connections
+    http: str = DEFAULT_HTTP  # broker: where to serve HTTP (REST, metrics), or "off"
     broker: str = DEFAULT_LISTEN  # clients and workers: where the broker is
     ca: Path | None = None  # None: <data>/tls/ca.pem if it exists
     insecure: bool = False
@@ -61,6 +72,25 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     name: str = ""  # worker name; empty: host-pid
     log_level: str = "info"
+    # -- security (issue 4) --
+    key: str | None = None  # API key; None: <data>/admin.key (the local broker's) if readable
+    join: str | None = None  # join token: broker addresses, CA and key in one string
+    client_cert: Path | None = None  # mutual TLS: this client's certificate ...
+    client_key: Path | None = None  # ... and its private key (`tq ca issue NAME`)
+    auth: bool = True  # broker: require API keys (--no-auth turns this off)
+    require_client_cert: bool = False  # broker: mutual TLS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    submit_rate: float = DEFAULT_SUBMIT_RATE
+    submit_burst: float = DEFAULT_SUBMIT_BURST
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.http.strip().lower() not in ("off", "no", "false", "none", "")
 
     @property
     def tls_dir(self) -> Path:
@@ -77,8 +107,33 @@ class Settings:
         local = self.tls_dir / "ca.pem"
         return local if local.exists() else None
 
+    @property
+    def admin_key_file(self) -> Path:
+        """Where a broker writes the admin key it creates on first start (0600)."""
+        return self.data / "admin.key"
+
+    @property
+    def join_key_file(self) -> Path:
+        """Where a broker keeps the worker key its printed join token carries (0600)."""
+        return self.data / "join.key"
+
+    def api_key(self) -> str | None:
+        """The key to present: --key / TQ_KEY / config, else the local broker's admin key."""
+        if self.key:
+            return self.key
+        try:
+            return self.admin_key_file.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the admin key {self.admin_key_file} ({exc.strerror}); "
+                "pass --key (or set TQ_KEY) with a key an admin gave you"
+            ) from None
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+ZERO_DISABLES = frozenset({"submit_rate"})  # settings where 0 means "no limit"
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -98,7 +153,7 @@ def _coerce(key: str, value: Any) -> Any:
             raise ValueError("expected true or false")
         if kind == "float":
             number = float(value)
-            if number <= 0:
+            if number < 0 or (number == 0 and key not in ZERO_DISABLES):
                 raise ValueError("must be > 0")
             return number
         if kind == "int":

@@ -41,18 +41,29 @@ from tq.worker.runner import serve_worker
 @dataclass
 class RunningBroker:
     info: BrokerInfo
-    settings: Settings  # client-side settings: broker address and CA filled in
+    settings: Settings  # client-side settings: broker address, CA and admin key filled in
     shutdown: trio.Event
+
+    @property
+    def key(self) -> str | None:
+        """The admin key the broker created on first start (None with ``auth=False``)."""
+        return self.settings.key
 
     def client(self, **kwargs: Any) -> Any:
         return Client.from_settings(self.settings, **kwargs)
+
+    def http_client(self, **kwargs: Any) -> Any:
+        """An ``httpx.AsyncClient`` for the broker's REST API (CA and admin key set)."""
+        return _http_client(self.info.http, self.info.ca_file, self.key, True, **kwargs)
 
     def blocking_client(self, **kwargs: Any) -> BlockingClient:
         return BlockingClient.from_settings(self.settings, **kwargs)
 
 
 def test_settings(data: Path, **overrides: Any) -> Settings:
-    base = Settings(data=data, listen="127.0.0.1:0", lease_ttl=5.0, shutdown_grace=5.0)
+    base = Settings(
+        data=data, listen="127.0.0.1:0", http="127.0.0.1:0", lease_ttl=5.0, shutdown_grace=5.0
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -68,7 +79,9 @@ async def running_broker(data: Path, **overrides: Any) -> AsyncIterator[RunningB
         info: BrokerInfo = await nursery.start(
             lambda task_status: serve_broker(settings, shutdown=shutdown, task_status=task_status)
         )
-        client_settings = dataclasses.replace(settings, broker=info.address, ca=info.ca_file)
+        client_settings = dataclasses.replace(
+            settings, broker=info.address, ca=info.ca_file, key=_admin_key(info.admin_key_file)
+        )
         yield RunningBroker(info, client_settings, shutdown)
         shutdown.set()
 
@@ -97,9 +110,31 @@ async def running_worker(
         stop.set()
 
 
+def _admin_key(path: Path | None) -> str | None:
+    if path is None or not path.exists():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
 # -- separate processes ----------------------------------------------------
 
 _LISTENING = re.compile(r"tq broker listening on (\S+)")
+_HTTP = re.compile(r"  HTTP API: (\S+)")
+
+
+def _http_client(
+    url: str | None, ca: Path | None, key: str | None, asynchronous: bool, **kwargs: Any
+) -> Any:
+    import ssl
+
+    import httpx  # a test dependency (the dev extra), not a runtime one
+
+    if url is None:
+        raise RuntimeError("this broker serves no HTTP (--http off)")
+    verify = ssl.create_default_context(cafile=str(ca)) if ca is not None else False
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **kwargs.pop("headers", {})}
+    cls = httpx.AsyncClient if asynchronous else httpx.Client
+    return cls(base_url=url, verify=verify, headers=headers, timeout=30.0, **kwargs)
 
 
 def tq_command(*args: str) -> list[str]:
@@ -107,15 +142,27 @@ def tq_command(*args: str) -> list[str]:
 
 
 class BrokerProcess:
-    """``python -m tq broker`` in its own process, logging to a file."""
+    """``python -m tq broker`` in its own process, logging to a file.
 
-    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    ``executable`` runs another tq instead (e.g. the PyInstaller build dist/tq),
+    for the broker and the workers it starts.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        executable: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.data = data
         self.args = args
+        self.command = [os.fspath(executable)] if executable else tq_command()
         self.env = {**os.environ, **(env or {})}
         self.log = data / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.http = ""  # the REST API's URL once started ("" with --http off)
         self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -125,9 +172,11 @@ class BrokerProcess:
     def start(self, listen: str = "127.0.0.1:0", timeout: float = 20.0) -> BrokerProcess:
         self.data.mkdir(parents=True, exist_ok=True)
         offset = self.log.stat().st_size if self.log.exists() else 0
+        http = [] if "--http" in self.args else ["--http", "127.0.0.1:0"]  # never a fixed port
+        args = ["--data", str(self.data), "--listen", listen, *http, *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                tq_command("broker", "--data", str(self.data), "--listen", listen, *self.args),
+                [*self.command, "broker", *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -136,29 +185,43 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
             match = _LISTENING.search(text)
-            if match:
+            web = _HTTP.search(text)
+            if match and (web or "--http" in self.args):
                 self.address = match.group(1)
+                self.http = web.group(1) if web else ""
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{text}")
             time.sleep(0.05)
         raise RuntimeError(f"broker did not start within {timeout}s:\n{self.log.read_text()}")
 
+    @property
+    def key(self) -> str | None:
+        """The admin key the broker wrote on first start (None if it runs --no-auth)."""
+        return _admin_key(self.data / "admin.key")
+
     def client_args(self) -> list[str]:
-        return ["--broker", self.address, "--ca", str(self.ca)]
+        key = self.key
+        return ["--broker", self.address, "--ca", str(self.ca), *(["--key", key] if key else [])]
 
     def client_kwargs(self) -> dict[str, Any]:
         """Credentials for ``Client.connect``/``BlockingClient`` besides address and CA."""
-        return {}
+        key = self.key
+        return {"key": key} if key else {}
 
     def client(self) -> BlockingClient:
         return BlockingClient(self.address, ca=self.ca, **self.client_kwargs())
+
+    def http_client(self, **kwargs: Any) -> Any:
+        """An ``httpx.Client`` for the broker's REST API (CA and admin key set)."""
+        ca = None if "--insecure" in self.args else self.ca
+        return _http_client(self.http or None, ca, self.key, False, **kwargs)
 
     def start_worker(self, *args: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
         log_path = self.data / (log_name or f"worker{len(self.workers)}.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                tq_command("worker", *self.client_args(), *args),
+                [*self.command, "worker", *self.client_args(), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,

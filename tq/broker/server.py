@@ -29,21 +29,33 @@ from typing import Any
 
 import trio
 
+from tq.broker.auth import broker_join_token, open_auth
+from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
+from tq.broker.gate import ConnectionGate, handshake, refuse_over_limit
 from tq.broker.loops import promoter_loop, reaper_loop
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.config import Settings, parse_address
-from tq.core.errors import ConfigError, InvalidRequest, ProtocolError, TQError
-from tq.protocol import Connection
+from tq.core.errors import (
+    ConfigError,
+    Forbidden,
+    InvalidRequest,
+    ProtocolError,
+    Timeout,
+    TQError,
+    Unauthorized,
+)
+from tq.core.task import MAX_PAYLOAD_BYTES
+from tq.protocol import REQUEST_TYPES, Connection
 from tq.protocol.connection import MessageError
+from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
 from tq.store.sqlite import open_sqlite_store
 
 log = logging.getLogger("tq.broker")
 
-HANDSHAKE_TIMEOUT = 10.0
-MAX_IN_FLIGHT = 1024
 RECEIVE_SIZE = 256 * 1024
+HELLO_MAX_FRAME = 64 * 1024  # frames before an accepted hello: unauthenticated memory stays small
 DRAIN_SECONDS = 5.0
 
 
@@ -56,6 +68,12 @@ class BrokerInfo:
     ca_file: Path | None
     ca_fingerprint: str | None
     tls_created: bool
+    auth: bool = False  # API keys required (False: --no-auth)
+    admin_key_file: Path | None = None  # the admin key of the local CLI (created on first start)
+    admin_key_created: bool = False
+    join_token: str | None = None  # for `tq worker --join` (a worker key; keep it secret)
+    client_cert_required: bool = False
+    http: str | None = None  # the REST API's URL (https://host:port); None with --http off
 
     @property
     def address(self) -> str:
@@ -75,6 +93,16 @@ def _prepare_data_dir(path: Path) -> None:
         ) from None
 
 
+def _check_limits(settings: Settings) -> None:
+    if settings.max_payload > MAX_PAYLOAD_BYTES:
+        raise ConfigError(
+            f"max_payload {settings.max_payload} is above the store's limit of "
+            f"{MAX_PAYLOAD_BYTES} bytes; choose a smaller value"
+        )
+    if settings.require_client_cert and settings.insecure:
+        raise ConfigError("--require-client-cert needs TLS: drop --insecure")
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     """True when every leaf of ``exc`` is an ordinary peer disconnect."""
     if isinstance(exc, BaseExceptionGroup):
@@ -85,15 +113,25 @@ def _is_disconnect(exc: BaseException) -> bool:
 
 
 class Session:
-    def __init__(self, service: BrokerService, stream: trio.abc.Stream, max_frame: int) -> None:
+    def __init__(
+        self, service: BrokerService, stream: trio.abc.Stream, settings: Settings, peer: str = "?"
+    ) -> None:
         self.service = service
         self.stream = stream
-        self.conn = Connection(max_frame)
+        self.settings = settings
+        self.peer = peer
+        self.conn = Connection(min(HELLO_MAX_FRAME, settings.max_frame))
         self.worker_id: str | None = None
         self.worker: WorkerInfo | None = None
+        self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
         self.hello_done = False
-        self._send, self._outbox = trio.open_memory_channel[bytes](MAX_IN_FLIGHT * 2)
-        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
+        self._slots = trio.Semaphore(settings.max_in_flight)
+        self._busy = 0  # requests being handled
+        now = trio.current_time()
+        self._hello_by = now + settings.hello_timeout  # see _deadline
+        self._active_at = now  # when the last request arrived or finished
+        self._refused: TQError | None = None  # the key went bad: NACK, then close
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "submit": self._submit,
             "claim": self._claim,
@@ -103,7 +141,14 @@ class Session:
             "cancel": self._cancel,
             "retry": self._retry,
             "wait": self._wait,
+            "set_priority": self._set_priority,
+            "keys": self._keys,
+            "audit": self._audit,
+            "purge": self._purge,
+            "retry_many": self._retry_many,
         }
+        # subscribe/unsubscribe: handled in reading order, like hello (tq/broker/events.py)
+        self.events = SessionEvents(service.events, self._reply, Connection.nack)
 
     async def run(self) -> None:
         try:
@@ -118,7 +163,8 @@ class Session:
                 outer.cancel_scope.deadline = trio.current_time() + 1.0
         finally:
             if self.worker_id is not None:
-                self.service.workers.disconnect(self.worker_id)
+                self.service.worker_disconnected(self.worker_id)
+            self.events.close()
 
     async def _writer(self) -> None:
         async for first in self._outbox:
@@ -137,10 +183,44 @@ class Session:
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
         await self._send.send(frame)
 
+    def _deadline(self) -> float:
+        """When a quiet connection is dropped: no hello yet, or idle (nothing in flight)."""
+        if not self.hello_done:
+            return self._hello_by
+        idle = self.settings.idle_timeout
+        if self.worker is not None:  # heartbeats every lease_ttl / 3 keep workers active
+            idle = max(idle, 2 * self.service.lease_ttl)
+        return self._active_at + idle
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes (b"" at EOF), or None once the hello or idle deadline passed.
+
+        Only complete requests count as activity, so a peer trickling a frame
+        byte by byte (slow loris) is dropped as well.
+        """
+        while True:
+            with trio.move_on_at(self._deadline()):
+                return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            if self.hello_done and (self._busy or self.events.subscriber is not None):
+                self._active_at = trio.current_time()  # a long wait or a subscription: not idle
+                continue
+            return None
+
+    def _timed_out(self) -> bytes:
+        if self.hello_done:
+            why = f"no request for {self.settings.idle_timeout:g}s: closing this idle connection"
+            log.info("%s: %s", self.peer, why)
+        else:
+            why = f"no accepted hello within {self.settings.hello_timeout:g}s: closing"
+            log.warning("%s: %s", self.peer, why)
+        return self.conn.send(Connection.nack(0, Timeout(why)))
+
     async def _reader(self, nursery: trio.Nursery) -> bytes | None:
         """Read and dispatch until EOF; a final NACK frame if the stream broke."""
         while True:
-            data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            data = await self._receive()
+            if data is None:
+                return self._timed_out()
             if not data:
                 return None
             try:
@@ -154,32 +234,68 @@ class Session:
                     if msg is None:
                         break
                     if not self.hello_done:
-                        await self._hello(msg)
+                        if not await self._hello(msg):
+                            return None  # refused credentials: the NACK says why; close
+                        continue
+                    self._active_at = trio.current_time()
+                    if not await self._admit(msg):
+                        if self._refused is not None:  # a dead key: say so once more, close
+                            return self.conn.send(Connection.nack(0, self._refused))
+                        continue
+                    if msg["t"] in SUBSCRIPTION_REQUESTS:
+                        await self.events.handle(msg, nursery, self.service.closing)
                         continue
                     await self._slots.acquire()
                     nursery.start_soon(self._request, msg)
             except ProtocolError as exc:
-                log.warning("closing connection: %s", exc)
+                log.warning("%s: closing connection: %s", self.peer, exc)
                 return self.conn.send(Connection.nack(0, exc))
 
-    async def _hello(self, msg: dict[str, Any]) -> None:
+    async def _hello(self, msg: dict[str, Any]) -> bool:
+        """Answer the first message; False if its credentials were refused (then close)."""
         rid = msg["id"]
         try:
             if msg["t"] != "hello":
                 raise InvalidRequest(f"the first message must be hello, not {msg['t']}")
+            principal = await self.service.login(msg)
             worker_id = None
             if msg.get("kind") == "worker":
                 wid = msg.get("worker_id")
                 worker_id = wid if isinstance(wid, str) and wid else secrets.token_hex(8)
             body = self.service.hello(msg, worker_id)
+        except (Unauthorized, Forbidden) as exc:
+            log.warning("%s: hello refused (%s): %s", self.peer, exc.code, exc)
+            await self._reply(Connection.nack(rid, exc))
+            return False
         except TQError as exc:
             await self._reply(Connection.nack(rid, exc))
-            return
+            return True
+        self.principal = principal
         self.worker_id = worker_id
         if worker_id is not None:
             self.worker = worker_info(worker_id, msg)
         self.hello_done = True
-        await self._reply({"t": "ack", "id": rid, **body, "worker_id": worker_id})
+        self.conn.set_max_frame(self.settings.max_frame)
+        who: dict[str, str | None] = {"key_id": None, "role": None}
+        if principal is not None:
+            who = {"key_id": principal.key_id, "role": principal.role}
+        await self._reply({"t": "ack", "id": rid, **body, "worker_id": worker_id, **who})
+        return True
+
+    async def _admit(self, msg: dict[str, Any]) -> bool:
+        """Is the session's key still good, and may its role make this request? Else NACK."""
+        if self.principal is None or msg["t"] not in REQUEST_TYPES:
+            return True  # no auth; or not a request at all, which _request refuses as invalid
+        try:
+            self.service.auth.check(self.principal)
+            self.principal.authorize(action_of(msg))
+        except (Unauthorized, Forbidden) as exc:
+            log.warning("%s: %s refused (%s): %s", self.peer, msg["t"], exc.code, exc)
+            if isinstance(exc, Unauthorized):  # a dead key: nothing more will pass
+                self._refused = exc
+            await self._reply(Connection.nack(msg["id"], exc))
+            return False
+        return True
 
     async def _request(self, msg: dict[str, Any]) -> None:
         rid = msg["id"]
@@ -188,10 +304,13 @@ class Session:
             if handler is None:
                 raise InvalidRequest(f"{msg['t']} is not a request a client may send")
             self.service.in_flight += 1
+            self._busy += 1
             try:
                 reply = {"t": "ack", "id": rid, **await handler(msg)}
             finally:
                 self.service.in_flight -= 1
+                self._busy -= 1
+                self._active_at = trio.current_time()
         except TQError as exc:
             reply = Connection.nack(rid, exc)
         except Exception:
@@ -208,10 +327,11 @@ class Session:
 
     # -- handlers: decode, call one service method, encode --------------
     async def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"tasks": await self.service.submit(msg["tasks"])}
+        return {"tasks": await self.service.submit(msg["tasks"], self.principal)}
 
     async def _claim(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"tasks": await self.service.claim(self._need_worker("claim").id, msg)}
+        worker_id = self._need_worker("claim").id
+        return {"tasks": await self.service.claim(worker_id, msg, self.principal)}
 
     async def _result(self, msg: dict[str, Any]) -> dict[str, Any]:
         worker = self._need_worker("result")
@@ -223,28 +343,51 @@ class Session:
     async def _query(self, msg: dict[str, Any]) -> dict[str, Any]:
         q = msg["q"]
         if q == "get":
-            return {"task": (await self.service.get(_task_id(msg))).to_dict()}
+            return {"task": (await self.service.get(_task_id(msg), self.principal)).to_dict()}
         if q == "list":
-            tasks, cursor = await self.service.list_tasks(msg)
+            tasks, cursor = await self.service.list_tasks(msg, self.principal)
             return {"tasks": [t.to_dict() for t in tasks], "next": cursor}
         if q == "stats":
-            return {"stats": await self.service.stats()}
+            return {"stats": await self.service.stats(self.principal)}
         if q == "workers":
             return {"workers": self.service.list_workers()}
-        raise InvalidRequest(f"unknown query {q!r}; known: get, list, stats, workers")
+        if q == "depth":
+            return {"depth": await self.service.queue_depth(self.principal)}
+        if q == "health":
+            return {"health": await self.service.cluster_status(self.principal)}
+        raise InvalidRequest(
+            f"unknown query {q!r}; known: get, list, stats, workers, depth, health"
+        )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"task": (await self.service.cancel(msg["task"])).to_dict()}
+        return {"task": (await self.service.cancel(msg["task"], self.principal)).to_dict()}
 
     async def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"task": (await self.service.retry(msg["task"])).to_dict()}
+        return {"task": (await self.service.retry(msg["task"], self.principal)).to_dict()}
+
+    async def _set_priority(self, msg: dict[str, Any]) -> dict[str, Any]:
+        task = await self.service.set_priority(msg["task"], msg["priority"], self.principal)
+        return {"task": task.to_dict()}
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
         timeout = msg.get("timeout", MAX_WAIT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise InvalidRequest("wait timeout must be a number >= 0")
-        task, timed_out = await self.service.wait(msg["task"], min(float(timeout), MAX_WAIT))
+        timeout = min(float(timeout), MAX_WAIT)
+        task, timed_out = await self.service.wait(msg["task"], timeout, self.principal)
         return {"task": task.to_dict(), "timed_out": timed_out}
+
+    async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.auth.request(self.principal, msg)
+
+    async def _audit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.auth.audit_page(msg)
+
+    async def _purge(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.purge(msg, self.principal)
+
+    async def _retry_many(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.retry_many(msg, self.principal)
 
 
 def _task_id(msg: dict[str, Any]) -> str:
@@ -259,22 +402,25 @@ async def _serve_connection(
     service: BrokerService,
     settings: Settings,
     ssl_context: ssl.SSLContext | None,
+    gate: ConnectionGate,
 ) -> None:
     peer = "?"
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        wrapped: trio.abc.Stream = stream
-        if ssl_context is not None:
-            tls = trio.SSLStream(stream, ssl_context, server_side=True)
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-            wrapped = tls
-        await Session(service, wrapped, settings.max_frame).run()
-        with trio.move_on_after(1.0):
-            await wrapped.aclose()  # a TLS close_notify, so the peer sees a clean end
-    except trio.TooSlowError:
-        log.warning("%s: TLS handshake not completed within %ss; dropped", peer, HANDSHAKE_TIMEOUT)
+        with gate.enter() as admitted:
+            timeout = settings.handshake_timeout
+            if not admitted:
+                await refuse_over_limit(stream, ssl_context, gate, timeout, peer)
+                return
+            wrapped: trio.abc.Stream | None = stream
+            if ssl_context is not None:
+                wrapped = await handshake(stream, ssl_context, timeout, peer)
+            if wrapped is None:
+                return
+            await Session(service, wrapped, settings, peer).run()
+            with trio.move_on_after(1.0):
+                await wrapped.aclose()  # a TLS close_notify, so the peer sees a clean end
     except Exception as exc:
         if _is_disconnect(exc):
             log.debug("%s: connection closed: %r", peer, exc)
@@ -293,20 +439,33 @@ async def serve_broker(
     """Run a broker until ``shutdown`` is set (or the caller cancels)."""
     _prepare_data_dir(settings.data)
     host, port = parse_address(settings.listen)
+    _check_limits(settings)
     ssl_context = None
     ca_file, ca_print, created = None, None, False
     if not settings.insecure:
         files, created = ensure_broker_tls(settings.tls_dir, settings.tls_san)
-        ssl_context = server_ssl_context(files)
+        mtls = settings.require_client_cert
+        ssl_context = server_ssl_context(
+            files, client_ca=files.ca_cert if mtls else None, require_client_cert=mtls
+        )
         ca_file, ca_print = files.ca_cert, fingerprint(files.ca_cert)
     shutdown = trio.Event() if shutdown is None else shutdown
+    gate = ConnectionGate(settings.max_connections)
     async with open_sqlite_store(settings.db_path, synchronous=settings.synchronous) as store:
-        service = BrokerService(store, lease_ttl=settings.lease_ttl)
+        auth, admin_created = await open_auth(store, settings)
+        if not auth.enabled:
+            log.warning("authentication is OFF (--no-auth): anyone who can connect may do anything")
+        service = BrokerService(
+            store, lease_ttl=settings.lease_ttl, auth=auth, max_payload=settings.max_payload
+        )
         async with trio.open_nursery() as timers:
+            if auth.enabled:
+                timers.start_soon(auth.refresh_loop)
             timers.start_soon(
                 reaper_loop, service, min(1.0, settings.lease_ttl / 4), settings.lease_ttl
             )
             timers.start_soon(promoter_loop, service)
+            timers.start_soon(service.events.run, store)
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)
             except OSError as exc:
@@ -315,18 +474,50 @@ async def serve_broker(
                     "is another broker running there? pass --listen HOST:PORT"
                 ) from None
             bound = listeners[0].socket.getsockname()
+            http_url = None
+            if settings.http_enabled:  # REST, /metrics, /health: tq/http, imported only here
+                from tq.http.server import serve_http
+                from tq.security.tls import TLSFiles
+
+                tls = None if ssl_context is None else TLSFiles.in_dir(settings.tls_dir)
+                cert, key = (None, None) if tls is None else (tls.server_cert, tls.server_key)
+                try:
+                    http_url = await timers.start(
+                        serve_http, service, settings.http, cert, key, shutdown
+                    )
+                except BaseException:
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                    raise
+            wire = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+            service.addresses = {"wire": wire, "http": http_url}
             async with trio.open_nursery() as sessions:
                 accept = trio.CancelScope()
 
                 async def handler(stream: trio.SocketStream) -> None:
-                    await _serve_connection(stream, service, settings, ssl_context)
+                    await _serve_connection(stream, service, settings, ssl_context, gate)
 
                 async def accept_loop() -> None:
                     with accept:
                         await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
 
                 sessions.start_soon(accept_loop)
-                task_status.started(BrokerInfo(bound[0], bound[1], ca_file, ca_print, created))
+                token = await broker_join_token(auth, settings, bound[1], ca_file)
+                task_status.started(
+                    BrokerInfo(
+                        bound[0],
+                        bound[1],
+                        ca_file,
+                        ca_print,
+                        created,
+                        auth=auth.enabled,
+                        admin_key_file=settings.admin_key_file if auth.enabled else None,
+                        admin_key_created=admin_created,
+                        join_token=token,
+                        client_cert_required=settings.require_client_cert,
+                        http=http_url,
+                    )
+                )
                 log.info(
                     "broker listening on %s:%s (%s)",
                     bound[0],

@@ -19,10 +19,24 @@ from typing import Any
 import trio
 
 from tq import PROTOCOL_VERSION, __version__
+from tq.broker.activity import Activity
+from tq.broker.auth import Auth, actor_of
+from tq.broker.events import EventBus
+from tq.broker.operations import OperatorOps
 from tq.broker.registry import WorkerInfo, WorkerRegistry
-from tq.core.errors import InvalidRequest, TQError, Unavailable
+from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unavailable
 from tq.core.states import is_terminal
-from tq.core.task import ListFilter, Outcome, Task, TaskError, TaskSpec
+from tq.core.task import (
+    MAX_PAYLOAD_BYTES,
+    ListFilter,
+    Outcome,
+    Task,
+    TaskError,
+    TaskSpec,
+    parse_priority,
+)
+from tq.protocol.frames import pack
+from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
 MAX_CLAIM = 1000
@@ -56,6 +70,30 @@ def _count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequest(f"hello {what} must be a whole number >= 0")
     return value
+
+
+def _check_version(msg: dict[str, Any]) -> None:
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise InvalidRequest(
+            f"protocol version {version} is not supported; this broker speaks "
+            f"version {PROTOCOL_VERSION}: upgrade tq on the older side"
+        )
+
+
+def _visible_queue(queue: str | None, principal: Principal | None) -> str | None:
+    """The queue filter of a listing, within the queues the principal may see."""
+    if principal is None or principal.queues is None:
+        return queue
+    if queue is not None:
+        principal.check_queue(queue)
+        return queue
+    if len(principal.queues) == 1:
+        return next(iter(principal.queues))
+    raise Forbidden(
+        f"key {principal.key_id} may list only queue(s) "
+        f"{', '.join(sorted(principal.queues))}: pass one of them as the queue filter"
+    )
 
 
 def worker_info(worker_id: str, msg: dict[str, Any]) -> WorkerInfo:
@@ -92,7 +130,7 @@ def parse_outcome(item: object) -> Outcome:
     )
 
 
-class BrokerService:
+class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: operations.py
     def __init__(
         self,
         store: Store,
@@ -100,12 +138,18 @@ class BrokerService:
         lease_ttl: float,
         name: str = "tq",
         clock: Callable[[], float] = time.time,
+        auth: Auth | None = None,
+        max_payload: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self.store = store
         self.lease_ttl = lease_ttl
+        # keys, roles, rate limits, audit; principal None = unrestricted (--no-auth)
+        self.auth = auth if auth is not None else Auth(store, enabled=False, clock=clock)
+        self.max_payload = max_payload
         self.name = name
         self.clock = clock
         self.workers = WorkerRegistry()
+        self.events = EventBus(clock)  # live events for subscribers (tq/broker/events.py)
         self.started_at = clock()
         self.closing = False
         self.in_flight = 0  # requests being handled, for a graceful drain
@@ -120,6 +164,7 @@ class BrokerService:
             "lease_expired": 0,
             "refused_results": 0,
         }
+        self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
 
     # -- notifications -------------------------------------------------
     def notify_work(self) -> None:
@@ -145,15 +190,19 @@ class BrokerService:
             raise Unavailable("the broker is shutting down; retry against it once it is back")
 
     # -- operations ----------------------------------------------------
+    async def login(self, msg: dict[str, Any]) -> Principal | None:
+        """Check a hello's version, key and role: who the session acts as (None: no auth)."""
+        _check_version(msg)
+        principal = await self.auth.authenticate(msg.get("key"))
+        if principal is not None:
+            principal.authorize(action_of(msg))  # kind "worker" needs a worker (or admin) key
+        return principal
+
     def hello(self, msg: dict[str, Any], worker_id: str | None) -> dict[str, Any]:
-        version = msg.get("v")
-        if version != PROTOCOL_VERSION:
-            raise InvalidRequest(
-                f"protocol version {version} is not supported; this broker speaks "
-                f"version {PROTOCOL_VERSION}: upgrade tq on the older side"
-            )
+        _check_version(msg)
         if worker_id is not None:
-            self.workers.connect(worker_info(worker_id, msg), self.clock())
+            info = self.workers.connect(worker_info(worker_id, msg), self.clock())
+            self.events.worker("joined", info, self.workers)
         return {
             "v": PROTOCOL_VERSION,
             "server": f"tq/{__version__}",
@@ -161,10 +210,14 @@ class BrokerService:
             "lease_ttl": self.lease_ttl,
         }
 
-    async def submit(self, raw_tasks: list[Any]) -> list[dict[str, Any]]:
+    async def submit(
+        self, raw_tasks: list[Any], principal: Principal | None = None
+    ) -> list[dict[str, Any]]:
         self._check_open()
+        arrived = trio.current_time()
         if not raw_tasks:
             raise InvalidRequest("submit needs at least one task")
+        self.auth.take_submit(principal, len(raw_tasks))
         specs = []
         for index, raw in enumerate(raw_tasks):
             try:
@@ -172,17 +225,30 @@ class BrokerService:
             except TQError as exc:
                 prefix = f"task {index}: " if len(raw_tasks) > 1 else ""
                 raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
+        if principal is not None:
+            principal.check_queues({spec.queue for spec in specs})
+        self._check_payloads(specs)
         results = await self.store.submit(specs, self.clock())
         self.counters["submitted"] += sum(r.created for r in results)
+        self.activity.submit_latency.observe(trio.current_time() - arrived)
+        now = self.clock()
+        self.activity.submitted(
+            ((s.queue, s.type) for s, r in zip(specs, results, strict=True) if r.created), now
+        )
+        self.events.submitted(specs, results)
         self.notify_work()
         return [{"id": r.id, "created": r.created} for r in results]
 
-    async def claim(self, worker_id: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+    async def claim(
+        self, worker_id: str, msg: dict[str, Any], principal: Principal | None = None
+    ) -> list[dict[str, Any]]:
         self._check_open()
         n = msg["n"]
         if not 1 <= n <= MAX_CLAIM:
             raise InvalidRequest(f"claim n must be 1..{MAX_CLAIM}")
         queues = _strings(msg["queues"], "claim queues")
+        if principal is not None:
+            principal.check_queues(queues)
         types = msg.get("types")
         type_list = None if types is None else _strings(types, "claim types")
         wait = _number(msg.get("wait"), "claim wait", 0.0, MAX_WAIT)
@@ -195,6 +261,7 @@ class BrokerService:
             )
             if leases:
                 self.workers.seen(worker_id, self.clock())
+                self.events.claimed(leases)
                 return [lease.to_dict() for lease in leases]
             if trio.current_time() >= deadline:
                 break
@@ -216,6 +283,8 @@ class BrokerService:
                 retried |= r.state == "failed"
         if retried:
             self.notify_due()
+        self.events.reported(results)
+        self.activity.reported(results, self.clock())
         self.fire([r.id for r in results if r.accepted])
         return [
             {"id": r.id, "accepted": r.accepted, "state": r.state, "reason": r.reason}
@@ -225,7 +294,7 @@ class BrokerService:
     async def heartbeat(self, worker: WorkerInfo, msg: dict[str, Any]) -> list[str]:
         worker_id = worker.id
         if worker_id not in self.workers:  # forgotten while silent: it is back
-            self.workers.connect(worker, self.clock())
+            self.events.worker("joined", self.workers.connect(worker, self.clock()), self.workers)
         leases = []
         for item in msg["leases"]:
             if (
@@ -239,14 +308,20 @@ class BrokerService:
             leases.append((item[0], item[1]))
         stats = msg.get("stats")
         self.workers.seen(worker_id, self.clock(), stats if isinstance(stats, dict) else None)
+        self.events.worker("heartbeat", worker_id, self.workers)
         if not leases:
             return []
         return await self.store.extend_leases(worker_id, leases, self.clock(), self.lease_ttl)
 
-    async def get(self, task_id: str) -> Task:
-        return await self.store.get(task_id)
+    async def get(self, task_id: str, principal: Principal | None = None) -> Task:
+        task = await self.store.get(task_id)
+        if principal is not None:
+            principal.check_queue(task.queue)
+        return task
 
-    async def list_tasks(self, msg: dict[str, Any]) -> tuple[list[Task], str | None]:
+    async def list_tasks(
+        self, msg: dict[str, Any], principal: Principal | None = None
+    ) -> tuple[list[Task], str | None]:
         limit = msg.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise InvalidRequest(f"list limit must be 1..{MAX_LIST}")
@@ -256,23 +331,59 @@ class BrokerService:
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"list filter {key!r} must be a string")
             fields[key] = value
+        fields["queue"] = _visible_queue(fields["queue"], principal)
         tasks = await self.store.list(ListFilter(limit=limit, **fields))
         cursor = tasks[-1].id if len(tasks) == limit else None
         return tasks, cursor
 
-    async def cancel(self, task_id: str) -> Task:
+    async def cancel(self, task_id: str, principal: Principal | None = None) -> Task:
+        await self._check_task_queue(task_id, principal)
+        before = await self.events.state_before(self.store, task_id)
         task = await self.store.cancel(task_id, self.clock())
+        self.events.changed(task, before)
         self.fire([task_id])
+        await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
 
-    async def retry(self, task_id: str) -> Task:
+    async def retry(self, task_id: str, principal: Principal | None = None) -> Task:
+        await self._check_task_queue(task_id, principal)
+        before = await self.events.state_before(self.store, task_id)
         task = await self.store.retry(task_id, self.clock())
+        self.events.changed(task, before)
         self.notify_work()
         self.fire([task_id])
+        await self.auth.record(actor_of(principal), "task.retry", task_id, {"queue": task.queue})
         return task
 
-    async def wait(self, task_id: str, timeout: float) -> tuple[Task, bool]:
+    async def set_priority(
+        self, task_id: str, priority: object, principal: Principal | None = None
+    ) -> Task:
+        """Change the priority of a task waiting to run (no state change: no event)."""
+        value = parse_priority(priority)
+        await self._check_task_queue(task_id, principal)
+        return await self.store.set_priority(task_id, value)
+
+    async def _check_task_queue(self, task_id: str, principal: Principal | None) -> None:
+        if principal is not None and principal.queues is not None:
+            await self.get(task_id, principal)
+
+    def _check_payloads(self, specs: Sequence[TaskSpec]) -> None:
+        """The configured payload limit, when it is below the store's own ceiling."""
+        if self.max_payload >= MAX_PAYLOAD_BYTES:
+            return  # the store refuses anything larger itself, without encoding twice
+        for index, spec in enumerate(specs):
+            size = len(pack(spec.payload))
+            if size > self.max_payload:
+                raise PayloadTooLarge(
+                    f"task {index}: payload is {size} bytes once encoded; this broker's limit "
+                    f"is {self.max_payload} bytes; nothing was submitted"
+                )
+
+    async def wait(
+        self, task_id: str, timeout: float, principal: Principal | None = None
+    ) -> tuple[Task, bool]:
         """Wait until the task is terminal or ``timeout`` passes; (task, timed_out)."""
+        await self._check_task_queue(task_id, principal)
         waiter = self._waiters.setdefault(task_id, _Waiter())
         waiter.count += 1
         try:
@@ -289,37 +400,51 @@ class BrokerService:
             if waiter.count == 0:
                 del self._waiters[task_id]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, principal: Principal | None = None) -> dict[str, Any]:
         stats = await self.store.stats()
         now = self.clock()
+        counts = stats.counts
+        if principal is not None and principal.queues is not None:
+            counts = {q: c for q, c in counts.items() if principal.may_use(q)}
         return {
             "broker": self.name,
             "version": __version__,
             "uptime": now - self.started_at,
-            "queues": stats.counts,
+            "queues": counts,
             "store": {"path": stats.path, "size": stats.size_bytes, "wal": stats.wal_bytes},
             "workers": len(self.workers),
             "counters": dict(self.counters),
+            "last_minute": self.activity.last_minute(
+                now, None if principal is None else principal.may_use
+            ),
         }
 
     def list_workers(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [w.to_dict(now) for w in self.workers.all()]
 
+    def worker_disconnected(self, worker_id: str) -> None:
+        """A worker's connection closed (it stays registered until it expires)."""
+        self.workers.disconnect(worker_id)
+        self.events.worker("left", worker_id, self.workers)
+
     # -- timers (called by loops.py) -----------------------------------
     async def reap(self, worker_timeout: float) -> list[str]:
         now = self.clock()
         released = list(await self.store.release_expired(now))
         for worker_id in self.workers.expire(now, worker_timeout):
+            self.events.worker("lost", worker_id, self.workers)
             released += await self.store.release_worker(worker_id, now)
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
             self.fire(released)
+            await self.events.released(self.store, released)
         return released
 
     async def promote(self) -> int:
         count = await self.store.promote_due(self.clock())
         if count:
             self.notify_work()
+            self.events.promoted(count)
         return count

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -20,12 +21,13 @@ class Output(StrEnum):
     table = "table"
     json = "json"
     jsonl = "jsonl"
+    yaml = "yaml"
 
 
 BrokerOpt = Annotated[
     str | None,
     typer.Option(
-        "--broker", "-b", help="Broker address HOST:PORT [env TQ_BROKER].", show_default=False
+        "--broker", "-b", help="Broker address HOST:PORT (env TQ_BROKER).", show_default=False
     ),
 ]
 CaOpt = Annotated[
@@ -33,7 +35,7 @@ CaOpt = Annotated[
     typer.Option(
         "--ca",
         help="CA certificate that signed the broker's certificate "
-        "[env TQ_CA; default: the local broker's <data>/tls/ca.pem].",
+        "(env TQ_CA; default: the local broker's <data>/tls/ca.pem).",
         show_default=False,
     ),
 ]
@@ -41,7 +43,7 @@ InsecureOpt = Annotated[
     bool | None,
     typer.Option(
         "--insecure",
-        help="Plaintext, no TLS (only for a broker started with --insecure) [env TQ_INSECURE].",
+        help="Plaintext, no TLS (only for a broker started with --insecure) (env TQ_INSECURE).",
         show_default=False,
     ),
 ]
@@ -50,7 +52,17 @@ DataOpt = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Data directory: store and TLS files [env TQ_DATA; default: the platform data dir].",
+        help="Data directory: store and TLS files (env TQ_DATA; default: the platform data dir).",
+        show_default=False,
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        "-k",
+        help="API key tq_<id>_<secret> (env TQ_KEY (better: not visible in `ps`); default: the "
+        "local broker's <data>/admin.key).",
         show_default=False,
     ),
 ]
@@ -60,7 +72,7 @@ OutputOpt = Annotated[
     typer.Option(
         "--output",
         "-o",
-        help="table (default on a terminal), json, or jsonl (default in a pipe).",
+        help="table (default on a terminal), json, yaml, or jsonl (default in a pipe).",
         show_default=False,
     ),
 ]
@@ -126,10 +138,59 @@ def emit(data: Any, mode: Output, table: Callable[[Any], Any] | None = None) -> 
         rows = data if isinstance(data, list) else [data]
         for row in rows:
             typer.echo(dumps(row))
+    elif mode is Output.yaml:
+        import yaml
+
+        plain = json.loads(dumps(data))  # bytes as base64, like JSON
+        typer.echo(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), nl=False)
     else:
         from rich.console import Console
 
         Console().print(table(data) if table else data)
+
+
+def interactive() -> bool:
+    """stdout and stderr are both terminals: show progress bars, prompts, colours."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class _NoProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def total(self, n: int | None) -> None:
+        pass
+
+
+class _Progress(_NoProgress):
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+    def total(self, n: int | None) -> None:
+        self.bar.update(self.task, total=n)
+
+
+@contextmanager
+def progress(description: str, total: int | None = None) -> Iterator[_NoProgress]:
+    """A rich progress bar on stderr for a long operation, only on a terminal (never in a
+    pipe or a script); ``advance(n)`` as work completes."""
+    if not interactive():
+        yield _NoProgress()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        yield _Progress(bar, bar.add_task(description, total=total))
 
 
 def kv_table(rows: Iterable[tuple[str, Any]]) -> Any:

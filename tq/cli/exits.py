@@ -7,6 +7,8 @@
 4  connection: broker unreachable, TLS failure, broker shutting down
 5  the task ended without success (`tq wait`: dead or cancelled)
 6  timed out (`tq wait --timeout`)
+7  refused: no or bad API key (unauthorized), or the key's role/queues forbid it
+8  rate limited: the key submitted faster than the broker allows; try again later
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ NOT_FOUND = 3
 CONNECTION = 4
 TASK_FAILED = 5
 TIMEOUT = 6
+REFUSED = 7
+RATE_LIMITED = 8
 
 BY_CODE = {
     "invalid": USAGE,
@@ -30,6 +34,9 @@ BY_CODE = {
     "tls": CONNECTION,
     "unavailable": CONNECTION,
     "timeout": TIMEOUT,
+    "unauthorized": REFUSED,
+    "forbidden": REFUSED,
+    "rate_limited": RATE_LIMITED,
 }
 
 

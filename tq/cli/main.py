@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Annotated
 
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import bench, services, tasks
+from tq.cli import admin, bench, ops, security, services, tasks, tui
 
 app = typer.Typer(
     name="tq",
     help="tq: a durable task queue. Run `tq up` for a broker with a local worker, then "
     "`tq submit TYPE --payload JSON`. Exit statuses: 0 ok, 1 error, 2 usage, 3 not found, "
-    "4 connection/TLS, 5 task failed, 6 timeout.",
+    "4 connection/TLS, 5 task failed, 6 timeout, 7 refused (key/role), 8 rate limited.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -25,18 +27,28 @@ app.command(rich_help_panel="Services")(services.broker)
 app.command(rich_help_panel="Services")(services.worker)
 app.command(rich_help_panel="Tasks")(tasks.submit)
 app.command(rich_help_panel="Tasks")(tasks.status)
-app.command(rich_help_panel="Tasks")(tasks.wait)
+app.command(rich_help_panel="Tasks")(admin.wait)  # one id, several, or - (stdin)
 app.command("list", rich_help_panel="Tasks")(tasks.list_)
 app.command(rich_help_panel="Tasks")(tasks.cancel)
-app.command(rich_help_panel="Tasks")(tasks.retry)
+app.command(rich_help_panel="Tasks")(admin.retry)  # an id, - (stdin) or --state
 app.command(rich_help_panel="Operations")(tasks.stats)
 app.command(rich_help_panel="Operations")(tasks.workers)
+app.command("queue-depth", rich_help_panel="Operations")(admin.queue_depth)
+app.command("cluster-status", rich_help_panel="Operations")(admin.cluster_status)
+app.command(rich_help_panel="Operations")(admin.purge)
 app.command(rich_help_panel="Operations")(bench.bench)
+app.command(rich_help_panel="Operations")(tui.tui)  # the live console (tq/tui)
+app.command(rich_help_panel="Operations")(ops.backup)
+app.command(rich_help_panel="Operations")(ops.doctor)
+security.register(app)  # keys, ca, token, audit
 
 
 @app.command(rich_help_panel="Operations")
-def version() -> None:
+def version(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
     """Print tq's version, protocol version, Python, SQLite and platform."""
+    import json
     import platform
 
     try:
@@ -45,11 +57,28 @@ def version() -> None:
         sqlite = apsw.sqlite_lib_version()
     except ImportError:  # pragma: no cover - apsw is a dependency
         sqlite = "unavailable"
-    typer.echo(f"tq {__version__} (protocol {PROTOCOL_VERSION})")
+    frozen = bool(getattr(sys, "frozen", False))  # the one-file executable (PyInstaller)
+    if as_json:
+        info = {
+            "tq": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "python": platform.python_version(),
+            "sqlite": sqlite,
+            "platform": platform.platform(),
+            "executable": sys.executable,
+            "frozen": frozen,
+        }
+        typer.echo(json.dumps(info))
+        return
+    typer.echo(f"tq {__version__} (protocol {PROTOCOL_VERSION}){' executable' if frozen else ''}")
     typer.echo(f"python {platform.python_version()}, sqlite {sqlite}, {platform.platform()}")
 
 
 def main() -> None:
+    if os.environ.get("_TQ_COMPLETE"):  # shell completion (shell-completions/): TAB pressed
+        from typer.completion import completion_init
+
+        completion_init()
     try:
         app()
     except KeyboardInterrupt:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tq.cli.common import BrokerOpt, CaOpt, DataOpt, InsecureOpt, run_guarded, settings
+from tq.cli import security_options as sec
+from tq.cli.common import BrokerOpt, CaOpt, DataOpt, InsecureOpt, KeyOpt, run_guarded, settings
 
 if TYPE_CHECKING:
     import trio
@@ -27,7 +28,7 @@ ListenOpt = Annotated[
         "--listen",
         "-l",
         help="Address to listen on, HOST:PORT (port 0 picks a free "
-        "one) [env TQ_LISTEN; default 127.0.0.1:7470].",
+        "one) (env TQ_LISTEN; default 127.0.0.1:7470).",
         show_default=False,
     ),
 ]
@@ -45,7 +46,7 @@ LeaseOpt = Annotated[
     float | None,
     typer.Option(
         "--lease-ttl",
-        help="Seconds a claimed task stays leased without a heartbeat [default 30].",
+        help="Seconds a claimed task stays leased without a heartbeat (default 30).",
         show_default=False,
     ),
 ]
@@ -60,14 +61,14 @@ SanOpt = Annotated[
 ]
 ConcurrencyOpt = Annotated[
     int | None,
-    typer.Option("--concurrency", "-c", help="Tasks run at once [default 8].", show_default=False),
+    typer.Option("--concurrency", "-c", help="Tasks run at once (default 8).", show_default=False),
 ]
 QueuesOpt = Annotated[
     str | None,
     typer.Option(
         "--queues",
         "-q",
-        help="Comma-separated queues to take tasks from [default: default].",
+        help="Comma-separated queues to take tasks from (default: default).",
         show_default=False,
     ),
 ]
@@ -96,7 +97,7 @@ NameOpt = Annotated[
     str | None,
     typer.Option(
         "--name",
-        help="Worker name shown to operators [default HOST-PID-RANDOM].",
+        help="Worker name shown to operators (default HOST-PID-RANDOM).",
         show_default=False,
     ),
 ]
@@ -105,19 +106,40 @@ GraceOpt = Annotated[
     typer.Option(
         "--grace",
         help="Seconds running tasks get to finish on SIGTERM before they "
-        "are released back to the queue [default 30].",
+        "are released back to the queue (default 30).",
         show_default=False,
     ),
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar="TQ_LOG_FORMAT",
+        help="human (default) or json: one JSON object per line, for log shippers.",
+    ),
+]
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--http",
+        help="Serve the REST API, /metrics and /health on HOST:PORT (TLS unless --insecure; "
+        "port 0 picks a free one), or 'off' (env TQ_HTTP; default 127.0.0.1:7471).",
+        show_default=False,
+    ),
+]
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, fmt: str = "human") -> None:
+    from tq.cli.logfmt import FORMATS, formatter
+
+    if fmt not in FORMATS:
+        from tq.cli.common import fail
+
+        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {fmt!r}", 2)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
@@ -149,6 +171,8 @@ def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
 def _announce(info: BrokerInfo, insecure: bool) -> None:
     err = sys.stderr
     print(f"tq broker listening on {info.address}", file=err)
+    if info.http:
+        print(f"  HTTP API: {info.http} (REST /api/v1, /metrics, /health)", file=err)
     if info.ca_file is not None:
         made = "created" if info.tls_created else "using"
         print(f"  TLS: {made} CA certificate {info.ca_file}", file=err)
@@ -159,6 +183,7 @@ def _announce(info: BrokerInfo, insecure: bool) -> None:
             "  WARNING: plaintext (--insecure): anyone on the network can read and submit tasks",
             file=err,
         )
+    sec.announce(info)
 
 
 def _registry(imports: list[str] | None) -> HandlerRegistry:
@@ -203,20 +228,33 @@ def broker(
     synchronous: SyncOpt = None,
     lease_ttl: LeaseOpt = None,
     tls_san: SanOpt = None,
+    no_auth: sec.NoAuthOpt = False,
+    require_client_cert: sec.RequireCertOpt = None,
+    submit_rate: sec.SubmitRateOpt = None,
+    max_connections: sec.MaxConnectionsOpt = None,
+    http: HttpOpt = None,
     log_level: LogOpt = "info",
+    log_format: LogFormatOpt = "human",
 ) -> None:
     """Run a broker: store tasks durably and lease them to workers.
 
     TLS is on by default: the first start creates a CA and a server
     certificate under DATA/tls and prints the CA's path and fingerprint.
-    Stops cleanly on SIGINT/SIGTERM.
+    API keys are required by default: the first start creates an admin key
+    in DATA/admin.key; the broker prints a join token for workers.
+    Stops cleanly on SIGINT/SIGTERM. The REST API, /metrics and /health
+    are served on --http (docs/REST.md).
     """
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
 
     def body() -> None:
         from tq.broker.server import serve_broker
 
-        conf = settings(**_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san))
+        conf = settings(
+            **_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san),
+            **sec.broker_flags(no_auth, require_client_cert, submit_rate, max_connections),
+            http=http,
+        )
 
         async def main(shutdown: trio.Event) -> None:
             import trio
@@ -258,6 +296,10 @@ def worker(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    key: KeyOpt = None,
+    join: sec.JoinOpt = None,
+    client_cert: sec.ClientCertOpt = None,
+    client_key: sec.ClientKeyOpt = None,
     concurrency: ConcurrencyOpt = None,
     queues: QueuesOpt = None,
     imports: ImportOpt = None,
@@ -265,20 +307,25 @@ def worker(
     name: NameOpt = None,
     grace: GraceOpt = None,
     log_level: LogOpt = "info",
+    log_format: LogFormatOpt = "human",
 ) -> None:
     """Run a worker: claim tasks from the broker and run their handlers.
 
     Built-in handlers: echo, sleep, fail. Add Python handlers with
     --import MODULE and programs with --exec TYPE=PROGRAM. On SIGTERM it
     stops claiming, lets running tasks finish within --grace seconds and
-    releases the rest back to the queue.
+    releases the rest back to the queue. On another machine, `--join TOKEN`
+    (printed by `tq broker`) is all the connection setup it needs.
     """
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
 
     def body() -> None:
         from tq.worker.runner import serve_worker
 
-        conf = settings(**_worker_flags(broker, ca, insecure, concurrency, queues, name, grace))
+        conf = settings(
+            **_worker_flags(broker, ca, insecure, concurrency, queues, name, grace),
+            **sec.client_flags(key, join, client_cert, client_key),
+        )
         registry, execs_ = _registry(imports), _exec_handlers(execs)
 
         async def main(shutdown: trio.Event) -> None:
@@ -299,13 +346,15 @@ def up(
     queues: QueuesOpt = None,
     imports: ImportOpt = None,
     execs: ExecOpt = None,
+    http: HttpOpt = None,
     log_level: LogOpt = "info",
+    log_format: LogFormatOpt = "human",
 ) -> None:
     """Run a broker and a local worker in one process: the quickest start.
 
     Then, in another shell: tq submit echo --payload '{"x": 1}'
     """
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
 
     def body() -> None:
         import trio
@@ -317,6 +366,7 @@ def up(
             **_broker_flags(data, listen, insecure, synchronous, lease_ttl, None),
             concurrency=concurrency,
             queues=queues,
+            http=http,
         )
         registry, execs_ = _registry(imports), _exec_handlers(execs)
 
@@ -351,4 +401,5 @@ def up(
 def _local_settings(conf: Settings, info: BrokerInfo) -> Settings:
     import dataclasses
 
-    return dataclasses.replace(conf, broker=info.address, ca=info.ca_file)
+    local = dataclasses.replace(conf, broker=info.address, ca=info.ca_file)
+    return dataclasses.replace(local, key=sec.local_worker_key(info) or conf.key)

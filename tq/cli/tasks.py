@@ -1,4 +1,4 @@
-"""Task commands: submit, status, wait, list, cancel, retry, stats, workers.
+"""Task commands: submit, status, list, cancel, stats, workers (wait, retry: admin.py).
 
 Each one-shot command uses the blocking client (no trio start-up cost);
 `tq submit -` uses the trio client to pipeline batches from stdin.
@@ -19,6 +19,7 @@ from tq.cli.common import (
     CaOpt,
     InsecureOpt,
     JsonOpt,
+    KeyOpt,
     Output,
     OutputOpt,
     compact,
@@ -26,9 +27,11 @@ from tq.cli.common import (
     emit,
     fail,
     fmt_time,
+    interactive,
     kv_table,
     output_mode,
     parse_json,
+    progress,
     run_guarded,
     settings,
     task_rows,
@@ -41,10 +44,12 @@ STDIN_BATCH = 1000
 STDIN_IN_FLIGHT = 8
 
 
-def _client(broker: str | None, ca: Path | None, insecure: bool | None) -> BlockingClient:
+def _client(
+    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None
+) -> BlockingClient:
     from tq.client import BlockingClient
 
-    return BlockingClient.from_settings(settings(broker=broker, ca=ca, insecure=insecure))
+    return BlockingClient.from_settings(settings(broker=broker, ca=ca, insecure=insecure, key=key))
 
 
 def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
@@ -91,27 +96,27 @@ def submit(
         str | None,
         typer.Option(
             "--priority",
-            help="0..255 (255 highest) or high, normal, low [default normal=100].",
+            help="0..255 (255 highest) or high, normal, low (default normal=100).",
             show_default=False,
         ),
     ] = None,
     queue: Annotated[
         str | None,
-        typer.Option("--queue", "-q", help="Queue [default: default].", show_default=False),
+        typer.Option("--queue", "-q", help="Queue (default: default).", show_default=False),
     ] = None,
     max_retries: Annotated[
         int | None,
         typer.Option(
             "--max-retries",
             min=0,
-            help="Retries after the first attempt [default 3].",
+            help="Retries after the first attempt (default 3).",
             show_default=False,
         ),
     ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
-            "--timeout", min=0.001, help="Seconds a run may take [default 300].", show_default=False
+            "--timeout", min=0.001, help="Seconds a run may take (default 300).", show_default=False
         ),
     ] = None,
     key: Annotated[
@@ -125,6 +130,7 @@ def submit(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a task; print its id once the broker has stored it durably.
@@ -141,7 +147,7 @@ def submit(
                 "with `tq submit -` each stdin line is a whole task map; put the payload inside it",
                 exits.USAGE,
             )
-        run_guarded(lambda: _submit_stdin(broker, ca, insecure))
+        run_guarded(lambda: _submit_stdin(broker, ca, insecure, api_key))
         return
     if payload is not None and payload_file is not None:
         fail("give --payload or --payload-file, not both", exits.USAGE)
@@ -159,7 +165,7 @@ def submit(
     }
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             task_id = client.submit(type, value, **options)
         if as_json:
             typer.echo(dumps({"id": task_id}))
@@ -198,17 +204,23 @@ def _stdin_batches() -> Iterator[list[tuple[int, Any]]]:
         yield batch
 
 
-def _submit_stdin(broker: str | None, ca: Path | None, insecure: bool | None) -> None:
-    """Pipeline batches from stdin; one JSON line out per input line, in order."""
+def _submit_stdin(
+    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None
+) -> None:
+    """Pipeline batches from stdin; one JSON line out per input line, in order.
+
+    On a terminal: a progress bar and a summary instead of the JSON lines.
+    """
     import trio
 
     from tq.client import Client
     from tq.core.errors import TQError
     from tq.core.task import TaskSpec
 
-    conf = settings(broker=broker, ca=ca, insecure=insecure)
-    failures = 0
+    conf = settings(broker=broker, ca=ca, insecure=insecure, key=key)
+    failures = submitted = 0
     out = sys.stdout
+    show = interactive()  # stdout and stderr are terminals: progress bar, not JSON lines
 
     async def send(client: Client, batch: list[tuple[int, Any]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [{}] * len(batch)
@@ -231,38 +243,44 @@ def _submit_stdin(broker: str | None, ca: Path | None, insecure: bool | None) ->
 
     async def main() -> None:
         nonlocal failures
-        async with Client.from_settings(conf) as client, trio.open_nursery() as nursery:
-            results: list[trio.MemoryReceiveChannel[list[dict[str, Any]]]] = []
-            limit = trio.Semaphore(STDIN_IN_FLIGHT)
-            send_order, recv_order = trio.open_memory_channel[Any](STDIN_IN_FLIGHT)
+        with progress("submitting") as bar:
+            async with Client.from_settings(conf) as client, trio.open_nursery() as nursery:
+                results: list[trio.MemoryReceiveChannel[list[dict[str, Any]]]] = []
+                limit = trio.Semaphore(STDIN_IN_FLIGHT)
+                send_order, recv_order = trio.open_memory_channel[Any](STDIN_IN_FLIGHT)
 
-            async def one(batch: list[tuple[int, Any]], done: Any) -> None:
-                try:
-                    done.send_nowait(await send(client, batch))
-                finally:
-                    limit.release()
+                async def one(batch: list[tuple[int, Any]], done: Any) -> None:
+                    try:
+                        done.send_nowait(await send(client, batch))
+                    finally:
+                        limit.release()
 
-            async def printer() -> None:
-                nonlocal failures
-                async for channel in recv_order:
-                    rows = await channel.receive()
-                    for row in rows:
-                        failures += "error" in row
-                        if "error" in row:
-                            print(f"tq: error: {row['error']}", file=sys.stderr)
-                        out.write(dumps(row) + "\n")
-                    out.flush()
+                async def printer() -> None:
+                    nonlocal failures, submitted
+                    async for channel in recv_order:
+                        rows = await channel.receive()
+                        for row in rows:
+                            failures += "error" in row
+                            submitted += "id" in row
+                            if "error" in row:
+                                print(f"tq: error: {row['error']}", file=sys.stderr)
+                            if not show:
+                                out.write(dumps(row) + "\n")
+                        bar.advance(len(rows))
+                        out.flush()
 
-            nursery.start_soon(printer)
-            async with send_order:
-                for batch in _stdin_batches():
-                    await limit.acquire()
-                    done_send, done_recv = trio.open_memory_channel[list[dict[str, Any]]](1)
-                    results.append(done_recv)
-                    await send_order.send(done_recv)
-                    nursery.start_soon(one, batch, done_send)
+                nursery.start_soon(printer)
+                async with send_order:
+                    for batch in _stdin_batches():
+                        await limit.acquire()
+                        done_send, done_recv = trio.open_memory_channel[list[dict[str, Any]]](1)
+                        results.append(done_recv)
+                        await send_order.send(done_recv)
+                        nursery.start_soon(one, batch, done_send)
 
     trio.run(main)
+    if show:
+        typer.echo(f"submitted {submitted} task(s)")
     if failures:
         fail(f"{failures} line(s) were not submitted (see the error lines above)", exits.USAGE)
 
@@ -272,51 +290,18 @@ def status(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
     """Show one task: state, attempts, payload, result or error."""
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             task = client.get(task_id).to_dict()
         emit(task, output_mode(output, as_json), lambda t: kv_table(task_rows(t)))
 
     run_guarded(body)
-
-
-def wait(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--timeout",
-            "-t",
-            min=0,
-            help="Give up after this many seconds (exit 6) [default: wait forever].",
-            show_default=False,
-        ),
-    ] = None,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Wait for a task to finish; print its result (exit 5 if it ended dead or cancelled)."""
-
-    def body() -> dict[str, Any]:
-        with _client(broker, ca, insecure) as client:
-            return client.wait(task_id, timeout=timeout).to_dict()
-
-    task = run_guarded(body)
-    if as_json:
-        typer.echo(dumps(task))
-    elif task["state"] == "succeeded":
-        typer.echo(dumps(task["result"]))
-    if task["state"] != "succeeded":
-        error = task.get("error") or {}
-        detail = f": {error.get('type')}: {error.get('message')}" if error else ""
-        fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
 
 
 def list_(
@@ -347,6 +332,7 @@ def list_(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -357,7 +343,7 @@ def list_(
         fail(f"unknown state {state!r}; one of: {', '.join(s.value for s in State)}", exits.USAGE)
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             page = client.list(state=state, type=type, queue=queue, limit=limit, after=after)
         mode = output_mode(output, as_json)
         emit([t.to_dict() for t in page.tasks], mode, _tasks_table)
@@ -372,30 +358,14 @@ def cancel(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a task that has not finished (a running one is stopped on its worker)."""
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             task = client.cancel(task_id).to_dict()
-        typer.echo(dumps(task) if as_json else f"{task_id} {task['state']}")
-
-    run_guarded(body)
-
-
-def retry(
-    task_id: Annotated[str, typer.Argument(help="Task id of a failed, dead or cancelled task.")],
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Send a failed, dead or cancelled task back to pending (attempts start over)."""
-
-    def body() -> None:
-        with _client(broker, ca, insecure) as client:
-            task = client.retry(task_id).to_dict()
         typer.echo(dumps(task) if as_json else f"{task_id} {task['state']}")
 
     run_guarded(body)
@@ -405,38 +375,59 @@ def stats(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Task counts per queue and state, store size, broker uptime."""
+    """Task counts per queue and state, last minute's throughput and failure rate."""
 
     def table(data: dict[str, Any]) -> Any:
         from rich.table import Table
 
         states = ["pending", "running", "failed", "succeeded", "dead", "cancelled"]
+        recent = data.get("last_minute") or {}
         t = Table(
             title=f"broker {data['broker']} {data['version']}, "
-            f"up {data['uptime']:.0f}s, {data['workers']} worker(s)"
+            f"up {data['uptime']:.0f}s, {data['workers']} worker(s)",
+            caption=_last_minute(recent),
         )
         t.add_column("queue")
         for s in states:
             t.add_column(s, justify="right")
+        t.add_column("done/min", justify="right")
+        t.add_column("fail %", justify="right")
         for queue, counts in sorted(data["queues"].items()):
-            t.add_row(queue, *(str(counts.get(s, 0)) for s in states))
+            row = (recent.get("queues") or {}).get(queue) or {}
+            done = row.get("succeeded", 0) + row.get("failed", 0)
+            rate = f"{100 * row.get('failed', 0) / done:.1f}" if done else ""
+            t.add_row(queue, *(str(counts.get(s, 0)) for s in states), str(done), rate)
         return t
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             data = client.stats()
         emit(data, output_mode(output, as_json), table)
 
     run_guarded(body)
 
 
+def _last_minute(recent: dict[str, Any]) -> str:
+    if not recent:
+        return ""
+    rate = recent.get("failure_rate")
+    failures = "no finished attempts" if rate is None else f"failure rate {100 * rate:.1f} %"
+    total = recent.get("total") or {}
+    return (
+        f"last minute: {recent.get('throughput', 0.0):.1f} tasks/s finished, {failures}, "
+        f"{total.get('submitted', 0)} submitted"
+    )
+
+
 def workers(
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -475,7 +466,7 @@ def workers(
         return t
 
     def body() -> None:
-        with _client(broker, ca, insecure) as client:
+        with _client(broker, ca, insecure, api_key) as client:
             rows = client.workers()
         emit(rows, output_mode(output, as_json), table)
 

@@ -128,6 +128,76 @@ def workers() -> Call[list[dict[str, Any]]]:
     return Call({"t": "query", "q": "workers"}, lambda r: list(r["workers"]))
 
 
+# -- operator surface (issue 5) ---------------------------------------------------
+
+
+def queue_depth() -> Call[dict[str, Any]]:
+    return Call({"t": "query", "q": "depth"}, lambda r: dict(r["depth"]))
+
+
+def cluster_status() -> Call[dict[str, Any]]:
+    return Call({"t": "query", "q": "health"}, lambda r: dict(r["health"]))
+
+
+def purge(
+    states: Sequence[str], older_than: float, *, limit: int | None = None, dry_run: bool = False
+) -> Call[dict[str, Any]]:
+    msg: dict[str, Any] = {"t": "purge", "states": list(states), "older_than": older_than}
+    if limit is not None:
+        msg["limit"] = limit
+    if dry_run:
+        msg["dry_run"] = True
+    return Call(msg, lambda r: {k: r[k] for k in ("purged", "matched", "more")})
+
+
+def retry_many(state: str, *, limit: int | None = None) -> Call[dict[str, Any]]:
+    msg: dict[str, Any] = {"t": "retry_many", "state": state}
+    if limit is not None:
+        msg["limit"] = limit
+    return Call(msg, lambda r: {"retried": list(r["retried"]), "more": bool(r["more"])})
+
+
+def set_priority(task_id: str, priority: int | str) -> Call[Task]:
+    return Call({"t": "set_priority", "task": task_id, "priority": priority}, _task)
+
+
+# -- live events (docs/PROTOCOL.md: subscribe, event) ---------------------------------
+
+TOPICS = ("tasks", "workers", "counts")
+_ENVELOPE = frozenset({"t", "id", "seq", "topic", "time"})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One broker event: ``topic`` ("tasks", "workers", "counts" or "lagged") and its
+    fields in ``data`` (e.g. ``data["changes"]``); ``seq`` counts the subscription's
+    events from 1 (0 for a "lagged" marker made by the client itself)."""
+
+    topic: str
+    seq: int
+    time: float
+    data: dict[str, Any]
+
+
+def parse_event(msg: Mapping[str, Any]) -> Event:
+    seq, when = msg.get("seq"), msg.get("time")
+    return Event(
+        topic=str(msg.get("topic", "")),
+        seq=seq if isinstance(seq, int) else 0,
+        time=float(when) if isinstance(when, int | float) else 0.0,
+        data={k: v for k, v in msg.items() if k not in _ENVELOPE},
+    )
+
+
+def subscribe(topics: Sequence[str]) -> Call[list[str]]:
+    wanted = list(topics)
+    return Call({"t": "subscribe", "topics": wanted}, lambda r: list(r.get("topics", wanted)))
+
+
+def unsubscribe() -> Call[None]:
+    return Call({"t": "unsubscribe"}, lambda r: None)
+
+
 def wait_step(task_id: str, remaining: float | None) -> Call[tuple[Task, bool]]:
     """One server-side wait of at most MAX_SERVER_WAIT; (task, timed_out)."""
     step = MAX_SERVER_WAIT if remaining is None else max(0.0, min(remaining, MAX_SERVER_WAIT))

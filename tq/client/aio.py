@@ -22,12 +22,14 @@ from typing import Any, TypeVar
 import trio
 
 from tq.client import _api as api
+from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
+from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import Settings, parse_address
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
 from tq.core.task import Task
 from tq.protocol import Connection
 from tq.protocol.connection import MessageError
-from tq.security.tls import client_ssl_context, describe_tls_error
+from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
@@ -41,6 +43,7 @@ class Client:
         self._conn = Connection(max_frame)
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._events: dict[int, EventSink] = {}  # subscription id -> its buffer (events.py)
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
         self._error: TQError | None = None
 
@@ -58,8 +61,26 @@ class Client:
         hello: Mapping[str, Any] | None = None,
         max_frame: int = 16 * 1024 * 1024,
         timeout: float = CONNECT_TIMEOUT,
+        key: str | None = None,
+        ca_data: str | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
     ) -> AsyncIterator[Client]:
-        stream = await open_stream(address, ca=ca, insecure=insecure, timeout=timeout)
+        """Connect (``address`` may list brokers, comma-separated) and say hello.
+
+        ``key`` is the API key; ``ca_data`` the CA as PEM text instead of a
+        file; ``client_cert``/``client_key`` a certificate for mutual TLS.
+        """
+        stream = await open_stream(
+            address,
+            ca=ca,
+            insecure=insecure,
+            timeout=timeout,
+            ca_data=ca_data,
+            client_cert=client_cert,
+            client_key=client_key,
+        )
+        hello = with_key(dict(hello or {}), key)
         client = cls(stream, address, max_frame)
         try:
             async with trio.open_nursery() as nursery:
@@ -81,13 +102,8 @@ class Client:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Any:
-        return cls.connect(
-            settings.broker,
-            ca=settings.ca_file(),
-            insecure=settings.insecure,
-            max_frame=settings.max_frame,
-            **kwargs,
-        )
+        """Connect as the settings say: address, CA, key (or a join token), mutual TLS."""
+        return cls.connect(**{**settings_options(settings), **kwargs})
 
     async def _writer(self) -> None:
         try:
@@ -110,6 +126,11 @@ class Client:
                     break
                 self._conn.receive_data(data)
                 while (msg := self._conn.next_message()) is not None:
+                    if msg["t"] == "event":
+                        sink = self._events.get(msg["id"])
+                        if sink is not None:
+                            sink.offer(msg)
+                        continue
                     self._deliver(msg)
         except MessageError as exc:
             self._fail(exc.cause)
@@ -120,7 +141,11 @@ class Client:
         except ssl.SSLError as exc:
             self._fail(TLSFailure(describe_tls_error(exc, self.address, None)))
             return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, ssl.SSLError):  # e.g. mutual TLS refused our cert
+                self._fail(TLSFailure(describe_tls_error(exc.__cause__, self.address, None)))
+                return
+        except (trio.ClosedResourceError, OSError):
             pass
         self._fail(api.connection_lost(self.address))
 
@@ -143,12 +168,22 @@ class Client:
         for channel in self._pending.values():
             channel.close()
         self._pending.clear()
+        for sink in self._events.values():
+            sink.send.close()
+        self._events.clear()
+
+    @property
+    def error(self) -> TQError | None:
+        """Why the connection is unusable, or None while it is fine."""
+        return self._error
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
+        return await self._request_with_id(message, next(self._ids))
+
+    async def _request_with_id(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
         if self._error is not None:
             raise self._error
-        rid = next(self._ids)
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._pending[rid] = send
         try:
@@ -163,6 +198,18 @@ class Client:
 
     async def _call(self, call: api.Call[T]) -> T:
         return call.parse(await self.request(call.message))
+
+    def _open_events(self, buffer: int) -> tuple[int, trio.MemoryReceiveChannel[dict[str, Any]]]:
+        """A request id for a subscribe and the channel its events will arrive on."""
+        rid = next(self._ids)
+        send, recv = trio.open_memory_channel[dict[str, Any]](buffer)
+        self._events[rid] = EventSink(send)
+        return rid, recv
+
+    def _close_events(self, rid: int) -> None:
+        sink = self._events.pop(rid, None)
+        if sink is not None:
+            sink.send.close()
 
     # -- the client API (same names and arguments as BlockingClient) -----
     async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
@@ -200,6 +247,32 @@ class Client:
     async def workers(self) -> builtins.list[dict[str, Any]]:
         return await self._call(api.workers())
 
+    async def set_priority(self, task_id: str, priority: int | str) -> Task:
+        return await self._call(api.set_priority(task_id, priority))
+
+    async def queue_depth(self) -> dict[str, Any]:
+        return await self._call(api.queue_depth())
+
+    async def cluster_status(self) -> dict[str, Any]:
+        return await self._call(api.cluster_status())
+
+    async def purge(
+        self, states: Sequence[str], older_than: float, **options: Any
+    ) -> dict[str, Any]:
+        return await self._call(api.purge(states, older_than, **options))
+
+    async def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
+        return await self._call(api.retry_many(state, **options))
+
+    def subscribe(
+        self, topics: Sequence[str] = api.TOPICS, *, buffer: int = DEFAULT_BUFFER
+    ) -> Subscription:
+        """Live events: ``async with client.subscribe(["tasks"]) as events: async for ...``
+
+        See tq/client/events.py; the client stays usable for requests meanwhile.
+        """
+        return Subscription(self, topics, buffer)
+
 
 def single_exception(group: BaseExceptionGroup) -> BaseException:
     """The one exception inside nested single-member groups, else the group itself.
@@ -214,22 +287,28 @@ def single_exception(group: BaseExceptionGroup) -> BaseException:
 
 
 async def open_stream(
-    address: str, *, ca: Path | None, insecure: bool, timeout: float = CONNECT_TIMEOUT
+    address: str,
+    *,
+    ca: Path | None,
+    insecure: bool,
+    timeout: float = CONNECT_TIMEOUT,
+    ca_data: str | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
 ) -> trio.abc.Stream:
-    """TCP (+TLS unless insecure) to ``address``, with errors an operator can act on."""
-    host, port = parse_address(address)
-    context = None
-    if not insecure:
-        if ca is None:
-            raise api.missing_ca(address)
-        context = client_ssl_context(ca)
-    try:
-        with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise ConnectionFailed(f"connecting to the broker at {address} timed out") from None
-    except OSError as exc:
-        raise api.connect_failed(address, exc) from None
+    """TCP (+TLS unless insecure) to the first broker in ``address`` that accepts.
+
+    Errors are ones an operator can act on.
+    """
+    context = tls_context(
+        address,
+        ca=ca,
+        insecure=insecure,
+        ca_data=ca_data,
+        client_cert=client_cert,
+        client_key=client_key,
+    )
+    tcp, host, where = await _open_tcp(address, timeout)
     if context is None:
         return tcp
     tls = trio.SSLStream(tcp, context, server_hostname=host)
@@ -238,11 +317,27 @@ async def open_stream(
             await tls.do_handshake()
     except trio.TooSlowError:
         await trio.aclose_forcefully(tcp)
-        raise TLSFailure(f"TLS handshake with {address} timed out") from None
+        raise TLSFailure(f"TLS handshake with {where} timed out") from None
     except (ssl.SSLError, trio.BrokenResourceError) as exc:
         await trio.aclose_forcefully(tcp)
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         if isinstance(cause, ssl.SSLError | OSError):
-            raise TLSFailure(describe_tls_error(cause, address, ca)) from None
-        raise api.connection_lost(address) from None
+            raise TLSFailure(describe_tls_error(cause, where, ca_name(ca, ca_data))) from None
+        raise api.connection_lost(where) from None
     return tls
+
+
+async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, str, str]:
+    """(stream, host, the address used): the first of the listed brokers that accepts."""
+    error: ConnectionFailed | None = None
+    for one in split_addresses(address):
+        host, port = parse_address(one)
+        try:
+            with trio.fail_after(timeout):
+                return await trio.open_tcp_stream(host, port), host, one
+        except trio.TooSlowError:
+            error = ConnectionFailed(f"connecting to the broker at {one} timed out")
+        except OSError as exc:
+            error = api.connect_failed(one, exc)
+    assert error is not None  # split_addresses never returns an empty list
+    raise error

@@ -21,12 +21,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from tq.client import _api as api
+from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import Settings, parse_address
-from tq.core.errors import ConnectionFailed, TLSFailure, TQError
+from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
 from tq.core.task import Task
 from tq.protocol import Connection
 from tq.protocol.connection import MessageError
-from tq.security.tls import client_ssl_context, describe_tls_error
+from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 
@@ -43,14 +44,28 @@ class BlockingClient:
         hello: Mapping[str, Any] | None = None,
         max_frame: int = 16 * 1024 * 1024,
         timeout: float = 10.0,
+        key: str | None = None,
+        ca_data: str | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
     ) -> None:
         self.address = address
         self._conn = Connection(max_frame)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._sock = _open_socket(address, ca=ca, insecure=insecure, timeout=timeout)
+        self._subscription: BlockingSubscription | None = None  # subscription mode
+        context = tls_context(
+            address,
+            ca=ca,
+            insecure=insecure,
+            ca_data=ca_data,
+            client_cert=client_cert,
+            client_key=client_key,
+        )
+        self._sock = _open_socket(address, context, ca_name(ca, ca_data), timeout)
         self._sock.settimeout(None)
         try:
+            hello = with_key(dict(hello or {}), key)
             self.server = self._request(api.hello(kind, name, hello), timeout)
         except BaseException:
             self.close()
@@ -58,15 +73,13 @@ class BlockingClient:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> BlockingClient:
-        return cls(
-            settings.broker,
-            ca=settings.ca_file(),
-            insecure=settings.insecure,
-            max_frame=settings.max_frame,
-            **kwargs,
-        )
+        """Connect as the settings say: address, CA, key (or a join token), mutual TLS."""
+        return cls(**{**settings_options(settings), **kwargs})
 
     def close(self) -> None:
+        """Close the connection; safe from another thread (wakes a blocked read)."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # not SSLSocket's: see events
         with contextlib.suppress(OSError):
             self._sock.close()
 
@@ -79,6 +92,10 @@ class BlockingClient:
         self.close()
 
     def _request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        if self._subscription is not None and message.get("t") != "unsubscribe":
+            raise InvalidRequest(
+                "this client is reading events (subscribe): use another client for requests"
+            )
         with self._lock:
             rid = next(self._ids)
             self._sock.settimeout(timeout)
@@ -148,20 +165,98 @@ class BlockingClient:
     def workers(self) -> builtins.list[dict[str, Any]]:
         return self._call(api.workers())
 
+    def set_priority(self, task_id: str, priority: int | str) -> Task:
+        return self._call(api.set_priority(task_id, priority))
 
-def _open_socket(address: str, *, ca: Path | None, insecure: bool, timeout: float) -> socket.socket:
-    host, port = parse_address(address)
-    context = None
-    if not insecure:
-        if ca is None:
-            raise api.missing_ca(address)
-        context = client_ssl_context(ca)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except TimeoutError:
-        raise ConnectionFailed(f"connecting to the broker at {address} timed out") from None
-    except OSError as exc:
-        raise api.connect_failed(address, exc) from None
+    def queue_depth(self) -> dict[str, Any]:
+        return self._call(api.queue_depth())
+
+    def cluster_status(self) -> dict[str, Any]:
+        return self._call(api.cluster_status())
+
+    def purge(self, states: Sequence[str], older_than: float, **options: Any) -> dict[str, Any]:
+        return self._call(api.purge(states, older_than, **options))
+
+    def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
+        return self._call(api.retry_many(state, **options))
+
+    def subscribe(self, topics: Sequence[str] = api.TOPICS) -> BlockingSubscription:
+        """Subscribe and return the iterator of events (tq/client/events.py).
+
+        Until it is closed this client only reads events; another thread may
+        call ``close()`` on the client to stop a blocked read.
+        """
+        return BlockingSubscription(self, topics)
+
+    def _next_event(self) -> dict[str, Any]:
+        """Read until the next event message (subscription mode)."""
+        with self._lock:
+            try:
+                while True:
+                    msg = self._conn.next_message()
+                    if msg is None:
+                        data = self._sock.recv(256 * 1024)
+                        if not data:
+                            raise api.connection_lost(self.address)
+                        self._conn.receive_data(data)
+                    elif msg["t"] == "event":
+                        return msg
+                    elif msg["id"] == 0 and msg["t"] == "nack":
+                        api.raise_for_nack(msg)
+            except MessageError as exc:
+                raise exc.cause from None
+            except ssl.SSLError as exc:
+                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
+            except (OSError, ValueError):  # ValueError: read on a socket closed meanwhile
+                raise api.connection_lost(self.address) from None
+
+
+_UNSUBSCRIBE_TIMEOUT = 5.0  # seconds to wait for the unsubscribe ACK
+
+
+class BlockingSubscription:
+    """A blocking client's subscription: an iterator of events and a context manager."""
+
+    def __init__(self, client: BlockingClient, topics: Sequence[str]) -> None:
+        self._client = client
+        call = api.subscribe(topics)
+        self.topics = call.parse(client._request(call.message))
+        client._subscription = self
+        self._closed = False
+
+    def __enter__(self) -> BlockingSubscription:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> BlockingSubscription:
+        return self
+
+    def __next__(self) -> api.Event:
+        if self._closed:
+            raise StopIteration
+        return api.parse_event(self._client._next_event())
+
+    def close(self) -> None:
+        """Unsubscribe (the client can make requests again), or close it if that fails."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client._subscription = None
+        try:
+            self._client._request(api.unsubscribe().message, _UNSUBSCRIBE_TIMEOUT)
+        except TQError:
+            self._client.close()
+
+
+def _open_socket(
+    address: str, context: ssl.SSLContext | None, ca: Path | str | None, timeout: float
+) -> socket.socket:
+    """TCP (+TLS) to the first broker in ``address`` that accepts."""
+    sock, host, where = _open_tcp(address, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if context is None:
         return sock
@@ -169,7 +264,21 @@ def _open_socket(address: str, *, ca: Path | None, insecure: bool, timeout: floa
         return context.wrap_socket(sock, server_hostname=host)
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        raise TLSFailure(describe_tls_error(exc, address, ca)) from None
+        raise TLSFailure(describe_tls_error(exc, where, ca)) from None
+
+
+def _open_tcp(address: str, timeout: float) -> tuple[socket.socket, str, str]:
+    error: ConnectionFailed | None = None
+    for one in split_addresses(address):
+        host, port = parse_address(one)
+        try:
+            return socket.create_connection((host, port), timeout=timeout), host, one
+        except TimeoutError:
+            error = ConnectionFailed(f"connecting to the broker at {one} timed out")
+        except OSError as exc:
+            error = api.connect_failed(one, exc)
+    assert error is not None  # split_addresses never returns an empty list
+    raise error
 
 
 __all__ = ["BlockingClient", "TQError"]

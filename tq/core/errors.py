@@ -15,6 +15,9 @@
      │    └── TLSFailure         code "tls"
      ├── Timeout                 code "timeout"
      ├── Unavailable             code "unavailable"    broker shutting down
+     ├── Unauthorized            code "unauthorized"   no, unknown, wrong, revoked or expired key
+     ├── Forbidden               code "forbidden"      the key's role or queues do not allow it
+     ├── RateLimited             code "rate_limited"   over the key's rate; see ``retry_after``
      └── RemoteError             code from the NACK    a NACK whose code has no class here
 
 Foreign exceptions (OSError, ssl.SSLError, apsw.Error, msgpack errors) are
@@ -94,6 +97,18 @@ class Timeout(TQError):
 
 class Unavailable(TQError):
     code = "unavailable"
+
+
+class Unauthorized(TQError):
+    code = "unauthorized"
+
+
+class Forbidden(TQError):
+    code = "forbidden"
+
+
+class RateLimited(TQError):
+    code = "rate_limited"
 
 
 class RemoteError(TQError):

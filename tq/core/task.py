@@ -7,7 +7,6 @@ A ``Task`` is what the store returns: the submission plus its lifecycle.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +22,8 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT = 300.0
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 MAX_NAME_LENGTH = 200
+MAX_RETRIES = 1_000_000  # bounds what the store's 64-bit integers must hold
+MAX_NUMBER = 1e300  # durations: finite, and any JSON or msgpack number converts to a float
 
 _SPEC_FIELDS = {
     "type",
@@ -71,8 +72,7 @@ def _number(spec: Mapping[str, Any], key: str, default: float, *, lo: float) -> 
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < lo
+        or not (lo <= value <= MAX_NUMBER)  # also refuses NaN, inf and ints beyond a float
     ):
         raise InvalidRequest(f"task {key} must be a finite number >= {lo:g}, got {value!r}")
     return float(value)
@@ -103,8 +103,14 @@ class TaskSpec:
             )
         max_retries = spec.get("max_retries")
         max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidRequest(f"task max_retries must be an integer >= 0, got {max_retries!r}")
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= MAX_RETRIES
+        ):
+            raise InvalidRequest(
+                f"task max_retries must be an integer 0..{MAX_RETRIES}, got {max_retries!r}"
+            )
         key = spec.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
             raise InvalidRequest("task idempotency_key must be a non-empty string (<= 200 chars)")

@@ -37,6 +37,11 @@ class Connection:
         self._decoder = FrameDecoder(max_frame)
         self.broken = False
 
+    def set_max_frame(self, max_frame: int) -> None:
+        """Change the frame limit, e.g. raise it once the peer's hello is accepted."""
+        self.max_frame = max_frame
+        self._decoder.max_frame = max_frame
+
     def receive_data(self, data: bytes) -> None:
         try:
             self._decoder.receive_data(data)

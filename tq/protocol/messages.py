@@ -3,8 +3,8 @@
 A message is a msgpack map with ``t`` (type, a string) and ``id`` (an
 unsigned integer chosen by the requester; the answer carries the same id).
 Requests flow client->broker; ``ack`` and ``nack`` answer them. ``event``
-is reserved for broker-pushed notifications (a later protocol revision);
-brokers of this version never send it. Field tables here
+is pushed by the broker, after the ACK of a ``subscribe``, with the id of
+that ``subscribe`` (see tq/broker/events.py). Field tables here
 are the single source of truth that docs/PROTOCOL.md describes.
 """
 
@@ -27,6 +27,13 @@ REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
     "cancel": {"task": (str,)},
     "retry": {"task": (str,)},
     "wait": {"task": (str,)},
+    "subscribe": {"topics": (list,)},  # live events on this connection (tq/broker/events.py)
+    "unsubscribe": {},
+    "set_priority": {"task": (str,), "priority": (int, str)},
+    "keys": {"op": (str,)},  # admin: API key management (create, list, revoke)
+    "audit": {},  # admin: the audit log, newest first
+    "purge": {"states": (list,)},  # operator: delete old finished tasks (issue 5)
+    "retry_many": {"state": (str,)},  # operator: a whole state back to pending (issue 5)
     "ack": {},
     "nack": {"code": (str,), "message": (str,)},
     "event": {},

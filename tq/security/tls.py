@@ -136,13 +136,15 @@ def server_ssl_context(
 def client_ssl_context(
     ca_file: Path | None,
     *,
+    ca_data: str | None = None,
     pin_fingerprint: str | None = None,
     client_cert: Path | None = None,
     client_key: Path | None = None,
 ) -> ssl.SSLContext:
     """TLS 1.2+ client context that verifies the broker and its hostname.
 
-    ``ca_file`` is the broker's ca.pem; None means the system trust store,
+    ``ca_file`` is the broker's ca.pem (or ``ca_data`` its PEM text, e.g.
+    from a join token); None means the system trust store,
     unless ``pin_fingerprint`` is given: then the pin alone authenticates the
     broker. The pin is the fingerprint of the broker's *server* certificate
     and is checked after every handshake (in addition to ``ca_file``); a
@@ -151,7 +153,9 @@ def client_ssl_context(
     ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are on
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.pin = _normalize_pin(pin_fingerprint) if pin_fingerprint else ""
-    if ca_file is not None:
+    if ca_data is not None:
+        ctx.load_verify_locations(cadata=ca_data)
+    elif ca_file is not None:
         ctx.load_verify_locations(cadata=_read_ca(Path(ca_file)))
     elif ctx.pin:
         ctx.check_hostname = False
@@ -174,7 +178,10 @@ def client_ssl_context(
 def issue_client_cert(
     files: TLSFiles, name: str, out_dir: Path, *, now: datetime | None = None
 ) -> tuple[Path, Path]:
-    """Issue ``out_dir/NAME.pem`` + ``NAME.key`` (clientAuth, CN=name) from the broker's CA."""
+    """Issue ``out_dir/NAME.pem`` + ``NAME.key`` (clientAuth, CN=name) from the broker's CA.
+
+    Both files are written 0600: they identify this client to the broker.
+    """
     if not name or name.startswith(".") or not all(c.isalnum() or c in "._-@" for c in name):
         raise ConfigError(f"client name {name!r}: use letters, digits, '.', '_', '-' or '@'")
     ca_cert, ca_key = _load_cert(files.ca_cert), _load_key(files.ca_key)
@@ -182,7 +189,7 @@ def issue_client_cert(
     cert_path, key_path = Path(out_dir) / f"{name}.pem", Path(out_dir) / f"{name}.key"
     try:
         Path(out_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_pair(cert_path, key_path, key, cert)
+        _write_pair(cert_path, key_path, key, cert, cert_mode=0o600)
     except OSError as exc:
         raise ConfigError(
             f"cannot write the client certificate to {out_dir}: {exc.strerror or exc}. "
@@ -230,13 +237,17 @@ _EXPLANATIONS = [
     (
         "eof occurred|unexpected eof|connection reset",
         "the broker at {host} closed the connection during the TLS handshake "
-        "(is it running with --insecure, or does it require a client certificate?)",
+        "(is it running with --insecure, does it require a client certificate, "
+        "or is it at its connection limit?)",
     ),
 ]
 
 
-def describe_tls_error(exc: ssl.SSLError | OSError, host: str, ca_file: Path | None) -> str:
-    """One line for an operator about a failed TLS connection to ``host``."""
+def describe_tls_error(exc: ssl.SSLError | OSError, host: str, ca_file: Path | str | None) -> str:
+    """One line for an operator about a failed TLS connection to ``host``.
+
+    ``ca_file`` is the trusted CA's path, or a description of it (a str).
+    """
     if isinstance(exc, ConnectionRefusedError):
         return f"nothing is listening at {host} (is the broker running, on this port?)"
     parts = (getattr(exc, "reason", None), getattr(exc, "verify_message", None), str(exc))
@@ -244,7 +255,9 @@ def describe_tls_error(exc: ssl.SSLError | OSError, host: str, ca_file: Path | N
     name = host[1:].split("]")[0] if host.startswith("[") else host
     if name.count(":") == 1:
         name = name.split(":")[0]
-    ca = f"CA {ca_file}" if ca_file is not None else "any CA this machine trusts"
+    ca = "any CA this machine trusts" if ca_file is None else f"CA {ca_file}"
+    if isinstance(ca_file, str):
+        ca = ca_file
     for needles, template in _EXPLANATIONS:
         if any(n in text for n in needles.split("|")):
             return template.format(host=host, name=name, ca=ca)
@@ -422,8 +435,17 @@ def _make_cert(
 
 
 def _write_pair(
-    cert_path: Path, key_path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+    cert_path: Path,
+    key_path: Path,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    cert_mode: int = 0o644,
 ) -> None:
     pkcs8 = serialization.PrivateFormat.PKCS8
     _write(key_path, key.private_bytes(_PEM, pkcs8, serialization.NoEncryption()), 0o600)
-    _write(cert_path, cert.public_bytes(_PEM), 0o644)
+    _write(cert_path, cert.public_bytes(_PEM), cert_mode)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (temporary file + rename)."""
+    _write(Path(path), data, 0o600)

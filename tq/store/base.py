@@ -10,10 +10,12 @@ Time is an argument: every method that depends on the clock takes ``now``
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tq.core.auth import ApiKey, AuditEntry
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 
 
@@ -31,6 +33,19 @@ class OutcomeResult:
     accepted: bool  # False: stale/unknown lease token (fencing), task unchanged
     state: str | None  # the task's state after the report (None if unknown id)
     reason: str = ""
+    queue: str | None = None  # the task's queue and type (None if unknown id); for events
+    type: str | None = None
+    started_at: float | None = None  # when the reported attempt was claimed (run-time metric)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class QueueDepth:
+    """How many unfinished tasks of one queue wait (or run) at one priority in one state."""
+
+    queue: str
+    priority: int
+    state: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +108,11 @@ class Store(Protocol):
         """Send a failed/dead/cancelled task back to pending."""
         ...
 
+    async def set_priority(self, task_id: str, priority: int) -> Task:
+        """Change the priority (0..255) of a task waiting to run (pending, failed,
+        scheduled, blocked). NotFound, InvalidTransition for any other state."""
+        ...
+
     async def get(self, task_id: str) -> Task:
         """NotFound if there is no such task."""
         ...
@@ -106,5 +126,58 @@ class Store(Protocol):
         ...
 
     async def stats(self) -> StoreStats: ...
+
+    # -- operator surface (issue 5; SQL in tq.store.schema_ops) -------------
+    async def queue_depth(self) -> builtins.list[QueueDepth]:
+        """Unfinished tasks by queue, priority and state; cost grows with the backlog only."""
+        ...
+
+    async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
+        """Delete up to ``limit`` finished tasks (``states`` must be terminal) that
+        finished more than ``older_than`` seconds before ``now``, oldest first; how many.
+        Never deletes the newest task, so ``seq`` values are never reused."""
+        ...
+
+    async def count_purgeable(self, states: Sequence[str], older_than: float, now: float) -> int:
+        """How many tasks ``purge`` would delete, without deleting them."""
+        ...
+
+    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+        """Send up to ``limit`` tasks in ``state`` (failed/dead/cancelled), oldest
+        first, back to pending as ``retry`` does; their ids."""
+        ...
+
+    async def probe(self) -> StoreStats:
+        """A trivial read (StoreError/Unavailable if the database is unreachable);
+        path and file sizes, no counts."""
+        ...
+
+    # -- security (migration 2): API keys and the audit log ----------------
+
+    async def create_key(self, key: ApiKey) -> None:
+        """Store a new key record (it holds only a salted hash of the secret)."""
+        ...
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        """NotFound if there is no such key."""
+        ...
+
+    async def list_keys(self) -> builtins.list[ApiKey]:
+        """Every key, revoked and expired ones included, oldest first."""
+        ...
+
+    async def revoke_key(self, key_id: str, now: float) -> ApiKey:
+        """Mark the key revoked at ``now`` (a second revocation keeps the first time)."""
+        ...
+
+    async def record_audit(self, entry: AuditEntry) -> int:
+        """Append an audit entry; durable when it returns; its ``seq``."""
+        ...
+
+    async def list_audit(
+        self, limit: int = 100, before: int | None = None
+    ) -> builtins.list[AuditEntry]:
+        """Newest first, at most ``limit`` (1..10000) entries with ``seq < before``."""
+        ...
 
     async def aclose(self) -> None: ...

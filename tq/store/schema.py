@@ -87,6 +87,29 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_due ON tasks (run_at) WHERE state IN ('failed', 'scheduled');
     CREATE INDEX tasks_state ON tasks (state, seq);
     """,
+    # 2 (security): API keys (only a salted slow hash of each secret) and the audit log.
+    """
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        queues      TEXT,
+        created_at  REAL NOT NULL,
+        expires_at  REAL,
+        revoked_at  REAL,
+        kdf         TEXT NOT NULL,
+        salt        BLOB NOT NULL,
+        hash        BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE audit (
+        seq     INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT NOT NULL,
+        detail  BLOB
+    ) STRICT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -186,7 +209,7 @@ CLAIM_TAKE = (
 )
 REPORT_LOOKUP = (
     "SELECT seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
-    "retry_cap FROM tasks WHERE id = ?"
+    "retry_cap, queue, type, started_at FROM tasks WHERE id = ?"
 )
 FINISH_OK = (
     "UPDATE tasks SET state = ?, result = ?, error = NULL, finished_at = ?, lease_token = NULL, "
@@ -235,6 +258,7 @@ RETRY_TASK = (
     "lease_token = NULL, lease_expires_at = NULL WHERE seq = ?"
 )
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
+SET_PRIORITY = "UPDATE tasks SET priority = ? WHERE seq = ?"
 CURSOR_SEQ = "SELECT seq FROM tasks WHERE id = ?"
 COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
 
@@ -450,10 +474,10 @@ def _apply_outcome(conn: apsw.Connection, outcome: Outcome, now: float) -> Outco
     rows = _rows(conn, REPORT_LOOKUP, (outcome.id,))
     if not rows:
         return OutcomeResult(outcome.id, False, None, f"no task with id {outcome.id}")
-    seq, state, token, expires_at, attempts, max_retries, base, cap = rows[0]
+    seq, state, token, expires_at, attempts, max_retries, base, cap, queue, type_, started = rows[0]
     refusal = _fence(state, token, expires_at, outcome.token, now)
     if refusal:
-        return OutcomeResult(outcome.id, False, state, refusal)
+        return OutcomeResult(outcome.id, False, state, refusal, queue, type_)
     event, error, result = _judge(outcome, attempts, max_retries)
     target = next_state(state, event)
     if event is Event.SUCCEED:
@@ -465,7 +489,7 @@ def _apply_outcome(conn: apsw.Connection, outcome: Outcome, now: float) -> Outco
         conn.execute(FINISH_FAILED, (target.value, pack_error(error), now + wait, seq))
     else:
         conn.execute(FINISH_DEAD, (target.value, pack_error(error), now, seq))
-    return OutcomeResult(outcome.id, True, target.value)
+    return OutcomeResult(outcome.id, True, target.value, "", queue, type_, started)
 
 
 def _fence(state: str, token: int | None, expires_at: float | None, given: int, now: float) -> str:
@@ -548,6 +572,25 @@ def change_one(conn: apsw.Connection, task_id: str, event: Event, now: float) ->
         conn.execute(RETRY_TASK, (target.value, seq))
     else:
         raise AssertionError(f"change_one does not handle {event}")
+    return get(conn, task_id)
+
+
+# states in which a task waits to run, so its priority still matters (set_priority)
+WAITING = frozenset({State.PENDING, State.FAILED, State.SCHEDULED, State.BLOCKED})
+
+
+def set_priority(conn: apsw.Connection, task_id: str, priority: int) -> Task:
+    """Change a waiting task's priority; NotFound, or InvalidTransition naming its state."""
+    rows = _rows(conn, LOOKUP_STATE, (task_id,))
+    if not rows:
+        raise NotFound(f"no task with id {task_id}")
+    seq, state = rows[0]
+    if state not in WAITING:
+        raise InvalidTransition(
+            f"task {task_id} is {state}: only a task waiting to run "
+            f"({', '.join(sorted(WAITING))}) can change priority"
+        )
+    conn.execute(SET_PRIORITY, (priority, seq))
     return get(conn, task_id)
 
 

@@ -7,7 +7,8 @@ Contract: implements ``tq.store.base.Store``. When a write method returns,
 its transaction is committed. Every state change is asked of
 ``tq.core.states`` (``sources`` gives the WHERE clauses of bulk updates,
 ``next_state`` the target of each single-task change). All SQL text lives
-in ``tq.store.schema``.
+in ``tq.store.schema`` (tasks, migrations) and ``tq.store.schema_auth``
+(API keys, audit log).
 
 Durability (``synchronous``; the journal is always WAL):
     "full"    (default) a committed transaction survives a crash of the process
@@ -44,6 +45,7 @@ from the queue; once taken, the operation runs and commits regardless.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 from collections import deque
@@ -54,11 +56,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import apsw
 import trio
 
+from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import schema
-from tq.store.base import OutcomeResult, Store, StoreStats, SubmitResult
+from tq.store import schema, schema_auth, schema_ops
+from tq.store.base import OutcomeResult, QueueDepth, Store, StoreStats, SubmitResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +71,7 @@ MAX_BATCH = 2000  # operations per transaction: bounds the latency of one batch
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
-CACHE_SIZE_KIB = 64 * 1024
+CACHE_SIZE_KIB = 32 * 1024  # writer page cache: keeps the claim index hot, bounds RSS
 CHECKPOINT_INTERVAL = 1.0  # seconds from a commit to the next PASSIVE checkpoint
 CHECKPOINT_AFTER_COMMITS = 500  # ... or sooner, after this many commits
 WAL_RESTART_FRAMES = 8192  # ~32 MiB of 4 KiB pages: start the WAL over (see _checkpoint)
@@ -76,6 +79,7 @@ _CHECKPOINTS = {
     mode: f"PRAGMA wal_checkpoint({mode})" for mode in ("PASSIVE", "RESTART", "TRUNCATE")
 }
 MAX_LIST_LIMIT = 10_000
+MAX_BULK_LIMIT = 10_000  # rows one purge / retry_many operation may touch (one write batch)
 
 
 @asynccontextmanager
@@ -222,6 +226,11 @@ class SQLiteStore:
     async def retry(self, task_id: str, now: float) -> Task:
         return await self._write(schema.change_one, task_id, Event.RETRY, now)
 
+    async def set_priority(self, task_id: str, priority: int) -> Task:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
+            raise InvalidRequest(f"priority {priority!r} must be 0..255 (255 highest)")
+        return await self._write(schema.set_priority, task_id, priority)
+
     # -- reads ------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task:
@@ -256,6 +265,57 @@ class SQLiteStore:
                 "committed_ops": self.committed_ops,
                 "checkpoints": dict(self.checkpoints),
             },
+        )
+
+    # -- security: API keys and the audit log (SQL in tq.store.schema_auth) -----------
+
+    async def create_key(self, key: ApiKey) -> None:
+        await self._write(schema_auth.create_key, key)
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        return await self._read(schema_auth.get_key, key_id)
+
+    async def list_keys(self) -> builtins.list[ApiKey]:
+        return await self._read(schema_auth.list_keys)
+
+    async def revoke_key(self, key_id: str, now: float) -> ApiKey:
+        return await self._write(schema_auth.revoke_key, key_id, now)
+
+    async def record_audit(self, entry: AuditEntry) -> int:
+        return await self._write(schema_auth.record_audit, entry)
+
+    async def list_audit(
+        self, limit: int = 100, before: int | None = None
+    ) -> builtins.list[AuditEntry]:
+        return await self._read(schema_auth.list_audit, limit, before)
+
+    # -- operator surface (issue 5; SQL in tq.store.schema_ops) ------------------------
+
+    async def queue_depth(self) -> builtins.list[QueueDepth]:
+        return await self._read(schema_ops.queue_depth)
+
+    async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
+        checked = schema_ops.purge_states(states)
+        _check_bulk(older_than, limit)
+        return await self._write(schema_ops.purge, checked, now - older_than, limit)
+
+    async def count_purgeable(self, states: Sequence[str], older_than: float, now: float) -> int:
+        checked = schema_ops.purge_states(states)
+        _check_bulk(older_than, 1)
+        return await self._read(schema_ops.count_purgeable, checked, now - older_than)
+
+    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+        source = schema_ops.retry_state(state)
+        _check_bulk(0.0, limit)
+        return await self._write(schema_ops.retry_many, source, limit)
+
+    async def probe(self) -> StoreStats:
+        await self._read(schema_ops.probe)
+        return StoreStats(
+            path=self.path,
+            size_bytes=_file_size(self.path),
+            wal_bytes=_file_size(self.path + "-wal"),
+            extra={"synchronous": self.synchronous, "schema_version": schema.SCHEMA_VERSION},
         )
 
     # -- closing ----------------------------------------------------------------------
@@ -541,6 +601,13 @@ def _close(conn: apsw.Connection, path: str) -> None:
         conn.close()
     except apsw.Error as exc:
         log.warning("closing a connection to %s failed: %s", path, exc)
+
+
+def _check_bulk(older_than: float, limit: int) -> None:
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0:
+        raise InvalidRequest(f"older_than must be a number of seconds >= 0, not {older_than!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_BULK_LIMIT:
+        raise InvalidRequest(f"limit must be 1..{MAX_BULK_LIMIT}, not {limit!r}")
 
 
 def _file_size(path: str) -> int:

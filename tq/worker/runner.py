@@ -33,7 +33,14 @@ import trio
 
 from tq.client.aio import Client
 from tq.config import Settings
-from tq.core.errors import ConnectionFailed, TLSFailure, TQError, Unavailable
+from tq.core.errors import (
+    ConnectionFailed,
+    Forbidden,
+    TLSFailure,
+    TQError,
+    Unauthorized,
+    Unavailable,
+)
 from tq.core.task import Lease
 from tq.worker.executable import ExecHandler, run_executable
 from tq.worker.handlers import Handler, HandlerRegistry, Reject, Retry
@@ -132,9 +139,9 @@ class Worker:
         self._changed = trio.Event()
 
     # -- task execution (in the worker's nursery, survives reconnects) ----
-    async def _run(self, lease: Lease) -> None:
-        entry = Running(lease)
-        self.running[lease.id] = entry
+    async def _run(self, entry: Running) -> None:
+        """Run a claimed task; ``entry`` is already in ``running`` (its slot is taken)."""
+        lease = entry.lease
         try:
             handler = self._handler(lease.type)
             with entry.scope:
@@ -165,6 +172,8 @@ class Worker:
                 continue
             await _settle()  # tasks finishing in this same moment free their slots too
             free = self.concurrency - len(self.running)
+            if free <= 0:
+                continue
             reply = await client.request(
                 {
                     "t": "claim",
@@ -179,9 +188,10 @@ class Worker:
                 if self.draining:  # claimed while shutdown began: give it straight back
                     self.outbox.append({"id": lease.id, "token": lease.token, "status": "release"})
                     self._notify()
-                else:
-                    tasks.start_soon(self._run, lease)
-            await trio.sleep(0)
+                else:  # take the slot now, so the next round counts it
+                    entry = Running(lease)
+                    self.running[lease.id] = entry
+                    tasks.start_soon(self._run, entry)
 
     async def _reporter(self, client: Client) -> None:
         while True:
@@ -275,7 +285,7 @@ class Worker:
                     error = _session_error(exc)
                     if error is None:
                         raise
-                    if not started and not _retriable(error):
+                    if not _retriable(error) and (not started or _refused(error)):
                         raise error from None
                     log.warning("%s; reconnecting in %.1fs", error, delay)
                     await trio.sleep(delay)
@@ -313,6 +323,11 @@ async def _settle(rounds: int = 3) -> None:
 def _retriable(error: TQError) -> bool:
     """Worth reconnecting for: the broker is away, not misconfigured."""
     return isinstance(error, ConnectionFailed | Unavailable) and not isinstance(error, TLSFailure)
+
+
+def _refused(error: TQError) -> bool:
+    """The broker refused our key (revoked, expired, wrong role): reconnecting cannot help."""
+    return isinstance(error, Unauthorized | Forbidden)
 
 
 def _session_error(exc: BaseException) -> TQError | None:

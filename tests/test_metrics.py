@@ -1,0 +1,143 @@
+"""GET /metrics: counters, gauges and histograms from a real broker; promtool's lint.
+
+promtool comes from Debian's ``prometheus`` package, which .ci/run installs:
+in CI (CI=true) a missing promtool fails the test; elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+import tq
+from tq.broker.activity import WINDOW, Activity, Histogram
+from tq.store.base import OutcomeResult
+from tq.testing import running_broker, running_worker
+
+API = "/api/v1"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of an exposition page."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def scrape(http: Any) -> str:
+    response = await http.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return str(response.text)
+
+
+async def settle(http: Any, state: str, n: int) -> None:
+    with trio.fail_after(20):
+        while True:
+            page = (await http.get(f"{API}/tasks", params={"state": state})).json()
+            if len(page["tasks"]) >= n:
+                return
+            await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_metrics_count_what_happened(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        tasks = [{"type": "echo", "queue": "mail"}] * 3 + [
+            {"type": "fail", "max_retries": 0, "payload": "boom"},
+            {"type": "fail", "max_retries": 1, "retry_base": 0, "payload": "boom"},
+        ]
+        assert (await http.post(f"{API}/tasks", json=tasks)).status_code == 201
+        await http.post(f"{API}/tasks", json={"type": "sleep", "payload": 30, "queue": "slow"})
+        async with broker.client(kind="worker") as holder:  # leases the slow task, runs nothing
+            claim = {"t": "claim", "n": 1, "queues": ["slow"], "wait": 1.0}
+            assert len((await holder.request(claim))["tasks"]) == 1
+            async with running_worker(broker, concurrency=4, queues=("default", "mail")):
+                await settle(http, "succeeded", 3)
+                await settle(http, "dead", 2)
+                got = samples(await scrape(http))
+        mail = (("queue", "mail"), ("type", "echo"))
+        fail = (("queue", "default"), ("type", "fail"))
+        assert got[("tq_tasks_submitted_total", mail)] == 3
+        assert got[("tq_tasks_succeeded_total", mail)] == 3
+        assert got[("tq_tasks_failed_total", fail)] == 3  # 1 + 2 attempts
+        assert got[("tq_tasks_retried_total", fail)] == 1
+        assert got[("tq_tasks_dead_total", fail)] == 2
+        assert got[("tq_task_run_seconds_count", mail)] == 3
+        assert got[("tq_task_run_seconds_bucket", (("le", "+Inf"), *mail))] == 3
+        assert got[("tq_submit_latency_seconds_count", ())] == 2  # two submit requests
+        assert got[("tq_queue_depth", (("queue", "slow"), ("state", "running")))] == 1
+        assert got[("tq_tasks_running", ())] == 1
+        assert got[("tq_workers_connected", ())] == 2
+        assert got[("tq_store_size_bytes", ())] > 0
+        assert got[("tq_broker_info", (("broker", "tq"), ("version", tq.__version__)))] == 1
+        assert ("tq_lease_expiries_total", ()) in got
+
+
+@pytest.mark.trio
+async def test_each_broker_has_its_own_registry(tmp_path: Path) -> None:
+    async with (
+        running_broker(tmp_path / "a") as a,
+        running_broker(tmp_path / "b") as b,
+        a.http_client() as http_a,
+        b.http_client() as http_b,
+    ):
+        await http_a.post(f"{API}/tasks", json=[{"type": "echo"}] * 2)
+        await http_b.post(f"{API}/tasks", json={"type": "echo"})
+        key = ("tq_tasks_submitted_total", (("queue", "default"), ("type", "echo")))
+        assert samples(await scrape(http_a))[key] == 2
+        assert samples(await scrape(http_b))[key] == 1
+
+
+@pytest.mark.trio
+async def test_promtool_accepts_the_page(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        async with running_worker(broker):
+            await http.post(f"{API}/tasks", json=[{"type": "echo"}, {"type": "fail"}])
+            await settle(http, "succeeded", 1)
+            page = await scrape(http)
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+# -- the recorder behind the page -------------------------------------------------------
+
+
+def test_activity_window_throughput_and_failure_rate() -> None:
+    activity = Activity()
+    ok = OutcomeResult("a", True, "succeeded", "", "q", "t", 90.0)
+    retry = OutcomeResult("b", True, "failed", "", "q", "t", 95.0)
+    refused = OutcomeResult("c", False, "running", "stale", "q", "t", 95.0)
+    activity.reported([ok, ok, ok, retry, refused], now=100.0)
+    recent = activity.last_minute(100.0)
+    assert recent["total"] == {"submitted": 0, "succeeded": 3, "failed": 1, "retried": 1, "dead": 0}
+    assert recent["throughput"] == 4 / WINDOW and recent["failure_rate"] == 0.25
+    assert activity.run_time[("q", "t")].count == 4
+    assert activity.last_minute(100.0, visible=lambda q: q != "q")["total"]["succeeded"] == 0
+    later = activity.last_minute(100.0 + WINDOW)  # a minute on: the window is empty
+    assert later["total"]["succeeded"] == 0 and later["failure_rate"] is None
+    assert activity.totals[("q", "t")]["succeeded"] == 3  # totals are forever
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    hist = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        hist.observe(value)
+    assert hist.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert hist.count == 4 and hist.total == pytest.approx(3.65)

@@ -1,0 +1,158 @@
+"""What the broker has done lately: labelled counters, histograms, a one-minute window.
+
+The service layer records here as it works (one call per submit or report
+batch, never per row read); the REST side turns it into Prometheus metric
+families at scrape time (tq/http/metrics.py) and ``stats`` reports the last
+minute. Plain Python on purpose: no prometheus-client on the hot path, no
+import cost for brokers without HTTP, and each broker has its own instance
+(several brokers in one test process never share counters).
+
+Events, per (queue, type):
+
+    submitted  a task was created (an idempotent resubmission creates none)
+    succeeded  a report made the task succeeded
+    failed     a report made an attempt fail (whatever comes next)
+    retried    ... and another attempt is scheduled (state failed)
+    dead       ... and none is (state dead)
+
+So ``failed = retried + dead``. Lease expiries are counted apart (the
+reaper knows only task ids). Time is an argument (``now``, seconds).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+WINDOW = 60  # seconds of recent activity kept for throughput and failure rate
+EVENTS = ("submitted", "succeeded", "failed", "retried", "dead")
+# seconds from claim to report
+RUN_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# seconds from a submit request's arrival to its durable acknowledgement
+SUBMIT_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+)
+_BY_STATE = {
+    "succeeded": ("succeeded",),
+    "failed": ("failed", "retried"),
+    "dead": ("failed", "dead"),
+}
+
+
+@dataclass
+class Histogram:
+    """Fixed buckets (upper bounds, ascending); ``counts[-1]`` is the +Inf bucket."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound as Prometheus writes it, observations <= it), ending with +Inf."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class Activity:
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str], Counter[str]] = {}  # (queue, type) -> event -> n
+        self.run_time: dict[tuple[str, str], Histogram] = {}
+        self.submit_latency = Histogram(SUBMIT_LATENCY_BUCKETS)
+        self._recent: deque[tuple[int, Counter[tuple[str, str]]]] = deque()  # (second, ...)
+
+    # -- recording --------------------------------------------------------
+    def record(self, queue: str, type_: str, event: str, now: float, n: int = 1) -> None:
+        self.totals.setdefault((queue, type_), Counter())[event] += n
+        second = int(now)
+        if not self._recent or self._recent[-1][0] != second:
+            self._recent.append((second, Counter()))
+            while self._recent[0][0] <= second - WINDOW:
+                self._recent.popleft()
+        self._recent[-1][1][(queue, event)] += n
+
+    def submitted(self, pairs: Iterable[tuple[str, str]], now: float) -> None:
+        """(queue, type) of each task a submit created."""
+        for (queue, type_), n in Counter(pairs).items():
+            self.record(queue, type_, "submitted", now, n)
+
+    def reported(self, results: Iterable[Any], now: float) -> None:
+        """Accepted outcomes (``OutcomeResult``s): events and run time."""
+        for r in results:
+            events = _BY_STATE.get(r.state or "") if r.accepted else None
+            if not events or r.queue is None or r.type is None:
+                continue
+            for event in events:
+                self.record(r.queue, r.type, event, now)
+            if r.started_at is not None:
+                key = (r.queue, r.type)
+                if key not in self.run_time:
+                    self.run_time[key] = Histogram(RUN_TIME_BUCKETS)
+                self.run_time[key].observe(max(0.0, now - r.started_at))
+
+    # -- reading ----------------------------------------------------------
+    def last_minute(
+        self, now: float, visible: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
+        """Events per queue and in total over the last WINDOW seconds, throughput
+        (finished attempts per second) and failure rate (failed / finished attempts).
+
+        ``visible``: when given, only the queues it accepts are counted.
+        """
+        since = int(now) - WINDOW
+        queues: dict[str, dict[str, int]] = {}
+        for second, counts in self._recent:
+            if second <= since:
+                continue
+            for (queue, event), n in counts.items():
+                if visible is not None and not visible(queue):
+                    continue
+                row = queues.setdefault(queue, dict.fromkeys(EVENTS, 0))
+                row[event] += n
+        total = dict.fromkeys(EVENTS, 0)
+        for row in queues.values():
+            for event, n in row.items():
+                total[event] += n
+        return {
+            "window": WINDOW,
+            "total": total,
+            "queues": queues,
+            **_rates(total),
+        }
+
+
+def _rates(counts: Mapping[str, int]) -> dict[str, float | None]:
+    finished = counts["succeeded"] + counts["failed"]
+    return {
+        "throughput": finished / WINDOW,
+        "failure_rate": counts["failed"] / finished if finished else None,
+    }

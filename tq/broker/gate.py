@@ -1,0 +1,139 @@
+"""Admission of new connections: the connection limit and the TLS handshake.
+
+Every refusal here gets a line in the broker's log and, where the peer can
+read one, a connection-level NACK (id 0) before the socket closes:
+
+* over ``max_connections``: after the TLS handshake, ``unavailable``
+  ("at its connection limit"); at most ``REFUSING_MAX`` such refusals run
+  at once, beyond that the socket is closed without a word;
+* a plaintext client on the TLS port: detected from its first byte (a TLS
+  ClientHello starts with 0x16) and answered, in plaintext, with ``tls``;
+* a failed handshake (unknown CA, no client certificate when one is
+  required, garbage): the TLS alert is the client's error; logged here;
+* a handshake (or the first byte) that does not arrive within
+  ``handshake_timeout``: dropped (slow loris).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from tq.core.errors import TLSFailure, TQError, Unavailable
+from tq.protocol import Connection
+
+log = logging.getLogger("tq.broker")
+
+REFUSING_MAX = 64  # over-limit connections answered at once; beyond that: closed silently
+TLS_HANDSHAKE_RECORD = 0x16
+DRAIN_SECONDS = 1.0
+
+
+class ConnectionGate:
+    """Counts open connections against ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refusing = 0
+
+    @contextmanager
+    def enter(self) -> Iterator[bool]:
+        """Yields True if the connection may be served, False if it is to be refused."""
+        admitted = self.open < self.limit
+        if admitted:
+            self.open += 1
+        else:
+            self.refusing += 1
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                self.open -= 1
+            else:
+                self.refusing -= 1
+
+
+async def handshake(
+    stream: trio.SocketStream, context: ssl.SSLContext, timeout: float, peer: str
+) -> trio.SSLStream[trio.SocketStream] | None:
+    """The TLS stream once the handshake is done; None (logged, answered) if it failed."""
+    try:
+        with trio.fail_after(timeout):
+            first = await stream.socket.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None  # connected and left (a port probe)
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                log.warning("%s: plaintext client on the TLS port; refused", peer)
+                await _say(stream, TLSFailure(PLAINTEXT))
+                return None
+            tls = trio.SSLStream(stream, context, server_side=True)
+            await tls.do_handshake()
+    except trio.TooSlowError:
+        log.warning("%s: TLS handshake not completed within %gs; dropped", peer, timeout)
+        return None
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        log.warning("%s: TLS handshake failed: %s", peer, _reason(cause))
+        return None
+    return tls
+
+
+PLAINTEXT = (
+    "this broker port speaks TLS: connect with TLS and the broker's CA (--ca); "
+    "--insecure works only with a broker started with --insecure"
+)
+
+
+async def refuse_over_limit(
+    stream: trio.SocketStream,
+    context: ssl.SSLContext | None,
+    gate: ConnectionGate,
+    timeout: float,
+    peer: str,
+) -> None:
+    """Tell a connection beyond the limit why it is closed (if that is cheap enough)."""
+    log.warning(
+        "%s: refused: %d connections open (max_connections %d)", peer, gate.open, gate.limit
+    )
+    if gate.refusing > REFUSING_MAX:
+        return
+    wrapped: trio.abc.Stream | None = stream
+    if context is not None:
+        wrapped = await handshake(stream, context, timeout, peer)
+    if wrapped is not None:
+        with trio.move_on_after(timeout):
+            await _say(
+                wrapped,
+                Unavailable(
+                    f"the broker is at its connection limit ({gate.limit}); retry later or "
+                    "ask its operator to raise max_connections"
+                ),
+            )
+
+
+async def _say(stream: trio.abc.Stream, exc: TQError) -> None:
+    """Send a connection-level NACK, then wait (briefly) for the peer to hang up.
+
+    Closing a socket with unread input makes the kernel send a reset, which
+    can reach the peer before our NACK does; reading until the peer closes
+    (it does once it has read the NACK) avoids that.
+    """
+    try:
+        await stream.send_all(Connection().send(Connection.nack(0, exc)))
+        with trio.move_on_after(DRAIN_SECONDS):
+            while await stream.receive_some(65536):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")  # e.g. "tlsv1 alert unknown ca"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,216 @@
+"""The operator surface of the service layer (issue 5): depth, purge, bulk retry, health.
+
+``OperatorOps`` is a mixin of ``BrokerService`` (service.py): these are
+service methods like the others, kept in their own module so service.py
+stays small. Every edge (wire query/request, REST route, CLI command) calls
+exactly one of them. They validate their arguments (raising TQErrors), ask
+the store one verb, and say what changed (work notifications, waiters, the
+audit log).
+
+Health has two levels, for two audiences:
+
+* ``health()`` (liveness): the process answers; never touches the store.
+* ``ready()`` (readiness): accepting work and the store answers a read
+  within READY_TIMEOUT; ``Unavailable`` otherwise.
+* ``cluster_status()``: both, plus what an operator wants on one screen;
+  never raises for an unhealthy broker, it says so (``healthy: false``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tq import PROTOCOL_VERSION, __version__
+from tq.broker.activity import Activity
+from tq.core.errors import InvalidRequest, TQError, Unavailable
+
+if TYPE_CHECKING:
+    from tq.broker.auth import Auth
+    from tq.broker.registry import WorkerRegistry
+    from tq.security.roles import Principal
+    from tq.store.base import Store, StoreStats
+
+READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
+BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
+BULK_MAX = 10_000
+
+
+def _bulk_limit(value: object) -> int:
+    if value is None:
+        return BULK_DEFAULT
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= BULK_MAX:
+        raise InvalidRequest(f"limit must be a whole number 1..{BULK_MAX}")
+    return value
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidRequest(f"{what} must be a number of seconds >= 0")
+    return float(value)
+
+
+def _visible(principal: Principal | None) -> Callable[[str], bool] | None:
+    if principal is None or principal.queues is None:
+        return None
+    return principal.may_use
+
+
+class OperatorOps:
+    # provided by BrokerService
+    store: Store
+    auth: Auth
+    workers: WorkerRegistry
+    clock: Callable[[], float]
+    closing: bool
+    name: str
+    started_at: float
+    counters: dict[str, int]
+    activity: Activity
+    notify_work: Callable[[], None]
+    fire: Callable[[Sequence[str]], None]
+    # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
+    addresses: Mapping[str, str | None] = MappingProxyType({})
+
+    async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
+        """Unfinished tasks per queue: totals per state and rows per priority and state."""
+        visible = _visible(principal)
+        queues: dict[str, dict[str, Any]] = {}
+        for row in await self.store.queue_depth():
+            if visible is not None and not visible(row.queue):
+                continue
+            entry = queues.setdefault(
+                row.queue, {"queue": row.queue, "total": 0, "states": {}, "priorities": []}
+            )
+            entry["total"] += row.count
+            entry["states"][row.state] = entry["states"].get(row.state, 0) + row.count
+            entry["priorities"].append(
+                {"priority": row.priority, "state": row.state, "count": row.count}
+            )
+        for entry in queues.values():
+            entry["priorities"].sort(key=lambda p: (-p["priority"], p["state"]))
+        return {"queues": [queues[name] for name in sorted(queues)]}
+
+    async def purge(
+        self, msg: Mapping[str, Any], principal: Principal | None = None
+    ) -> dict[str, Any]:
+        """Delete (or with ``dry_run`` count) finished tasks older than ``older_than`` s.
+
+        One chunk of at most ``limit`` rows per call; ``more`` says whether
+        another call may find more.
+        """
+        states = msg.get("states")
+        if not isinstance(states, list | tuple) or not all(isinstance(s, str) for s in states):
+            raise InvalidRequest("purge states must be a list of state names")
+        older_than = _seconds(msg.get("older_than"), "purge older_than")
+        limit = _bulk_limit(msg.get("limit"))
+        now = self.clock()
+        if msg.get("dry_run"):
+            matched = await self.store.count_purgeable(states, older_than, now)
+            return {"purged": 0, "matched": matched, "more": False}
+        purged = await self.store.purge(states, older_than, now, limit)
+        if purged:
+            await self._audit(principal, "task.purge", ",".join(sorted(states)), purged, older_than)
+        return {"purged": purged, "matched": purged, "more": purged == limit}
+
+    async def retry_many(
+        self, msg: Mapping[str, Any], principal: Principal | None = None
+    ) -> dict[str, Any]:
+        """Send up to ``limit`` tasks in ``state`` back to pending, oldest first."""
+        state = msg.get("state")
+        if not isinstance(state, str):
+            raise InvalidRequest("retry_many needs 'state' (failed, dead or cancelled)")
+        limit = _bulk_limit(msg.get("limit"))
+        ids = await self.store.retry_many(state, self.clock(), limit)
+        if ids:
+            self.notify_work()
+            self.fire(ids)
+            await self._audit(principal, "task.retry_many", state, len(ids), None)
+        return {"retried": ids, "more": len(ids) == limit}
+
+    async def _audit(
+        self, principal: Principal | None, action: str, target: str, n: int, age: float | None
+    ) -> None:
+        from tq.broker.auth import actor_of
+
+        detail: dict[str, Any] = {"count": n}
+        if age is not None:
+            detail["older_than"] = age
+        await self.auth.record(actor_of(principal), action, target, detail)
+
+    async def gauges(self, principal: Principal | None = None) -> dict[str, Any]:
+        """What /metrics reads from the store per scrape: queue depth and file sizes."""
+        depth = await self.queue_depth(principal)
+        probe = await self.store.probe()
+        return {**depth, "store": {"size": probe.size_bytes, "wal": probe.wal_bytes}}
+
+    async def authorize(self, key: str | None, action: str) -> Principal | None:
+        """Who a REST request acts as: its bearer ``key`` checked like a hello's, and
+        its role checked for ``action`` (tq.security.roles). None with --no-auth."""
+        principal = await self.auth.authenticate(key)
+        if principal is not None:
+            self.auth.check(principal)
+            principal.authorize(action)
+        return principal
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: this process answers. Never touches the store."""
+        return {
+            "status": "ok",
+            "broker": self.name,
+            "version": __version__,
+            "uptime": self.clock() - self.started_at,
+        }
+
+    async def ready(self) -> dict[str, Any]:
+        """Readiness: accepting work and the store answers; Unavailable otherwise."""
+        if self.closing:
+            raise Unavailable("the broker is shutting down")
+        await self._probe()
+        return {"status": "ready", "broker": self.name, "version": __version__}
+
+    async def _probe(self) -> StoreStats:
+        with trio.move_on_after(READY_TIMEOUT):
+            return await self.store.probe()
+        raise Unavailable(f"the task store did not answer within {READY_TIMEOUT:g} s")
+
+    async def cluster_status(self, principal: Principal | None = None) -> dict[str, Any]:
+        """Everything an operator checks first; ``healthy`` false (never an error) if not."""
+        started = trio.current_time()
+        error = None
+        probe = None
+        try:
+            probe = await self._probe()
+        except TQError as exc:
+            error = exc.message or str(exc)
+        latency = trio.current_time() - started
+        now = self.clock()
+        known = self.workers.all()
+        return {
+            "healthy": error is None and not self.closing,
+            "checks": {
+                "accepting": {"ok": not self.closing},
+                "store": {"ok": error is None, "error": error, "latency": latency},
+            },
+            "broker": self.name,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "started_at": self.started_at,
+            "uptime": now - self.started_at,
+            "listen": dict(self.addresses),
+            "store": None
+            if probe is None
+            else {
+                "path": probe.path,
+                "size": probe.size_bytes,
+                "wal": probe.wal_bytes,
+                **probe.extra,
+            },
+            "workers": {
+                "known": len(known),
+                "connected": sum(1 for w in known if w.connections > 0),
+            },
+        }

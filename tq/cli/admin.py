@@ -1,0 +1,483 @@
+"""Operator commands: queue-depth, cluster-status, purge, retry (one, stdin, a state), wait.
+
+Each command parses, calls one client method per request and prints: a
+table on a terminal, ``--output json|yaml|jsonl`` for scripts (jsonl by
+default in a pipe). Data goes to stdout, errors to stderr, so
+
+    tq list --state dead --output jsonl | jq -r .id | tq retry -
+
+works. Bulk operations (purge, retry by state or from stdin, waiting on
+many tasks) show a progress bar on a terminal only (``common.progress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tq.cli import exits
+from tq.cli.common import (
+    BrokerOpt,
+    CaOpt,
+    InsecureOpt,
+    JsonOpt,
+    KeyOpt,
+    Output,
+    OutputOpt,
+    dumps,
+    emit,
+    fail,
+    fmt_time,
+    interactive,
+    kv_table,
+    output_mode,
+    progress,
+    run_guarded,
+    settings,
+)
+
+if TYPE_CHECKING:
+    from tq.client import BlockingClient
+
+BULK_BATCH = 1000  # rows per purge / retry_many request
+WATCH_DEFAULT = 2.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def _client(
+    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None
+) -> BlockingClient:
+    from tq.client import BlockingClient
+
+    return BlockingClient.from_settings(settings(broker=broker, ca=ca, insecure=insecure, key=key))
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '45s', '2w' or plain seconds -> seconds."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        fail(f"{text!r} is not a duration: use e.g. 7d, 12h, 30m, 45s or seconds", exits.USAGE)
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+# -- queue-depth ------------------------------------------------------------------------
+
+
+def _depth_table(data: dict[str, Any]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [(q["queue"], p) for q in data["queues"] for p in q["priorities"]]
+    widest = max((p["count"] for _, p in rows), default=0)
+    table = Table(title=f"queue depth at {fmt_time(time.time())}")
+    for column, justify in (("queue", "left"), ("priority", "right"), ("state", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_column("tasks", justify="right")
+    table.add_column("", min_width=20, ratio=1)
+    colours = {"pending": "cyan", "running": "green", "failed": "yellow"}
+    for queue, p in rows:
+        width = 0 if not widest else max(1, round(40 * p["count"] / widest))
+        bar = Text("█" * width, style=colours.get(p["state"], "magenta"))
+        table.add_row(queue, str(p["priority"]), p["state"], str(p["count"]), bar)
+    if not rows:
+        table.add_row("(no unfinished tasks)", "", "", "", "")
+    return table
+
+
+def queue_depth(
+    queue: Annotated[
+        str | None, typer.Option("--queue", "-q", help="Only this queue.", show_default=False)
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (jsonl: one line each).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between refreshes.")
+    ] = WATCH_DEFAULT,
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Unfinished tasks per queue and priority (pending, running, failed...), as bars."""
+    mode = output_mode(output, as_json)
+
+    def fetch(client: BlockingClient) -> dict[str, Any]:
+        data = client.queue_depth()
+        if queue is not None:
+            data["queues"] = [q for q in data["queues"] if q["queue"] == queue]
+        return data
+
+    def body() -> None:
+        with _client(broker, ca, insecure, api_key) as client:
+            if not watch:
+                emit(fetch(client), mode, _depth_table)
+                return
+            if mode is Output.table:
+                from rich.live import Live
+
+                with Live(_depth_table(fetch(client)), auto_refresh=False) as live:
+                    while True:
+                        time.sleep(interval)
+                        live.update(_depth_table(fetch(client)), refresh=True)
+            while True:
+                emit(fetch(client), Output.jsonl if mode is Output.table else mode)
+                sys.stdout.flush()
+                time.sleep(interval)
+
+    try:
+        run_guarded(body)
+    except KeyboardInterrupt:
+        return
+
+
+# -- cluster-status ---------------------------------------------------------------------
+
+
+def _status_rows(data: dict[str, Any]) -> Any:
+    store = data.get("store") or {}
+    checks = data["checks"]
+    ok = "[green]healthy[/]" if data["healthy"] else "[bold red]UNHEALTHY[/]"
+    store_check = "ok" if checks["store"]["ok"] else f"FAILED: {checks['store']['error']}"
+    rows = [
+        ("status", ok),
+        ("broker", f"{data['broker']} (tq {data['version']}, protocol {data.get('protocol')})"),
+        ("uptime", f"{data['uptime']:.0f} s (since {fmt_time(data.get('started_at'))})"),
+        ("accepting work", "yes" if checks["accepting"]["ok"] else "no: shutting down"),
+        ("store", f"{store_check} ({checks['store']['latency'] * 1000:.1f} ms)"),
+        ("store path", store.get("path")),
+        ("store size", _size(store.get("size"))),
+        ("WAL size", _size(store.get("wal"))),
+        ("workers", f"{data['workers']['connected']} connected, {data['workers']['known']} known"),
+    ]
+    for name, address in (data.get("listen") or {}).items():
+        rows.append((f"listen ({name})", address or "off"))
+    return kv_table(rows)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return ""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def cluster_status(
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Broker health, store path and sizes, uptime, version, workers.
+
+    Exit 0 when healthy, 1 when unhealthy (store unreachable, shutting down),
+    4 when the broker cannot be reached: usable from scripts and probes.
+    """
+
+    def body() -> dict[str, Any]:
+        with _client(broker, ca, insecure, api_key) as client:
+            return client.cluster_status()
+
+    data = run_guarded(body)
+    emit(data, output_mode(output, as_json), _status_rows)
+    if not data["healthy"]:
+        fail("the broker is unhealthy (see checks above)", exits.ERROR)
+
+
+# -- purge ------------------------------------------------------------------------------
+
+
+def purge(
+    states: Annotated[
+        list[str],
+        typer.Option(
+            "--state",
+            "-s",
+            help="Finished state to purge: succeeded, dead or cancelled (repeatable).",
+        ),
+    ],
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Only tasks that finished longer ago than this: 7d, 12h, 30m, 45s.",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Delete finished tasks older than --older-than, in batches (never the newest task).
+
+    Example: tq purge --state succeeded --older-than 7d
+    """
+    age = parse_duration(older_than)
+    mode = output_mode(output, as_json)
+
+    def body() -> dict[str, Any]:
+        with _client(broker, ca, insecure, api_key) as client:
+            matched = client.purge(states, age, dry_run=True)["matched"]
+            if dry_run:
+                return {"purged": 0, "matched": matched, "dry_run": True}
+            purged = 0
+            with progress("purging", matched) as bar:
+                while True:
+                    step = client.purge(states, age, limit=BULK_BATCH)
+                    purged += step["purged"]
+                    bar.advance(step["purged"])
+                    if not step["more"]:
+                        break
+            return {"purged": purged, "matched": matched, "dry_run": False}
+
+    result = run_guarded(body)
+    if mode is Output.table:
+        verb = "would purge" if dry_run else "purged"
+        count = result["matched"] if dry_run else result["purged"]
+        typer.echo(f"{verb} {count} task(s) ({', '.join(states)}, older than {older_than})")
+    else:
+        emit(result, mode)
+
+
+# -- retry: one id, ids from stdin, or a whole state -------------------------------------
+
+
+def _stdin_ids() -> Iterator[str]:
+    """Task ids from stdin: one per line, bare or as a JSON object with "id"."""
+    import json
+
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                text = str(json.loads(text).get("id", ""))
+        yield text
+
+
+def retry(
+    task_id: Annotated[
+        str | None,
+        typer.Argument(
+            help="Id of a failed, dead or cancelled task, or - to read ids from stdin "
+            "(one per line).",
+            show_default=False,
+        ),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state",
+            "-s",
+            help="Retry every task in this state instead: failed, dead or cancelled.",
+            show_default=False,
+        ),
+    ] = None,
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Send failed, dead or cancelled tasks back to pending (attempts start over).
+
+    Examples: tq retry ID; tq retry --state dead;
+    tq list --state dead --output jsonl | jq -r .id | tq retry -
+    """
+    if (task_id is None) == (state is None):
+        fail("give a task id, - (ids on stdin) or --state STATE", exits.USAGE)
+    mode = output_mode(output, as_json)
+    if state is not None:
+        run_guarded(lambda: _retry_state(state, broker, ca, insecure, api_key, mode))
+    elif task_id == "-":
+        run_guarded(lambda: _retry_stdin(broker, ca, insecure, api_key, mode))
+    else:
+        assert task_id is not None
+
+        def body() -> None:
+            with _client(broker, ca, insecure, api_key) as client:
+                task = client.retry(task_id).to_dict()
+            if mode is Output.table:
+                typer.echo(f"{task_id} {task['state']}")
+            else:
+                emit(task, mode)
+
+        run_guarded(body)
+
+
+def _retry_state(
+    state: str,
+    broker: str | None,
+    ca: Path | None,
+    insecure: bool | None,
+    key: str | None,
+    mode: Output,
+) -> None:
+    retried: list[str] = []
+    with _client(broker, ca, insecure, key) as client:
+        total = client.stats()["queues"]
+        expected = sum(counts.get(state, 0) for counts in total.values())
+        seen: set[str] = set()
+        with progress(f"retrying {state} tasks", expected) as bar:
+            while True:
+                step = client.retry_many(state, limit=BULK_BATCH)
+                fresh = [i for i in step["retried"] if i not in seen]
+                seen.update(fresh)
+                retried += fresh
+                bar.advance(len(fresh))
+                if not step["more"] or not fresh:  # done, or only tasks that failed again
+                    break
+    if mode is Output.table:
+        typer.echo(f"retried {len(retried)} {state} task(s)")
+    else:
+        emit([{"id": i, "state": "pending"} for i in retried], mode)
+
+
+def _retry_stdin(
+    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None, mode: Output
+) -> None:
+    from tq.core.errors import TQError
+
+    ids = list(_stdin_ids())
+    rows, failures, worst = [], 0, exits.OK
+    with _client(broker, ca, insecure, key) as client, progress("retrying", len(ids)) as bar:
+        for task_id in ids:
+            try:
+                task = client.retry(task_id)
+                rows.append({"id": task_id, "state": task.state.value})
+            except TQError as exc:
+                failures += 1
+                worst = max(worst, exits.for_code(exc.code))
+                typer.echo(f"tq: error: {task_id}: {exc.message or exc}", err=True)
+            bar.advance()
+    if mode is Output.table:
+        typer.echo(f"retried {len(rows)} task(s)")
+    else:
+        emit(rows, mode)
+    if failures:
+        fail(f"{failures} of {len(ids)} task(s) were not retried (see above)", worst)
+
+
+# -- wait: one task, or many ------------------------------------------------------------
+
+
+def wait(
+    task_ids: Annotated[list[str], typer.Argument(help="Task id(s), or - to read ids from stdin.")],
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            "-t",
+            min=0,
+            help="Give up after this many seconds (exit 6) (default: wait forever).",
+            show_default=False,
+        ),
+    ] = None,
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait for tasks to finish; print the result (exit 5 if one ended dead or cancelled).
+
+    One task: its result. Several (or - for ids on stdin): one JSON line per
+    task as it ends (a progress bar on a terminal).
+    """
+    ids = list(_stdin_ids()) if task_ids == ["-"] else task_ids
+    if len(ids) == 1 and task_ids != ["-"]:
+        _wait_one(ids[0], timeout, broker, ca, insecure, api_key, as_json)
+        return
+    run_guarded(lambda: _wait_many(ids, timeout, broker, ca, insecure, api_key))
+
+
+def _wait_one(
+    task_id: str,
+    timeout: float | None,
+    broker: str | None,
+    ca: Path | None,
+    insecure: bool | None,
+    key: str | None,
+    as_json: bool,
+) -> None:
+    def body() -> dict[str, Any]:
+        with _client(broker, ca, insecure, key) as client:
+            return client.wait(task_id, timeout=timeout).to_dict()
+
+    task = run_guarded(body)
+    if as_json:
+        typer.echo(dumps(task))
+    elif task["state"] == "succeeded":
+        typer.echo(dumps(task["result"]))
+    if task["state"] != "succeeded":
+        error = task.get("error") or {}
+        detail = f": {error.get('type')}: {error.get('message')}" if error else ""
+        fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
+
+
+def _wait_many(
+    ids: list[str],
+    timeout: float | None,
+    broker: str | None,
+    ca: Path | None,
+    insecure: bool | None,
+    key: str | None,
+) -> None:
+    """Pipelined waits on one trio connection; a line per task in the order they end."""
+    import trio
+
+    from tq.client import Client
+
+    conf = settings(broker=broker, ca=ca, insecure=insecure, key=key)
+    ended: dict[str, int] = {}
+
+    async def main() -> None:
+        async with Client.from_settings(conf) as client, trio.open_nursery() as nursery:
+            with progress("waiting", len(ids)) as bar:
+                limit = trio.Semaphore(256)
+
+                async def one(task_id: str) -> None:
+                    async with limit:
+                        task = (await client.wait(task_id, timeout=timeout)).to_dict()
+                    ended[task["state"]] = ended.get(task["state"], 0) + 1
+                    row = {"id": task_id, "state": task["state"], "result": task["result"]}
+                    if task["error"]:
+                        row["error"] = task["error"]
+                    if interactive():
+                        bar.advance()
+                    else:
+                        sys.stdout.write(dumps(row) + "\n")
+                        sys.stdout.flush()
+
+                for task_id in dict.fromkeys(ids):
+                    nursery.start_soon(one, task_id)
+
+    trio.run(main)
+    failed = sum(n for state, n in ended.items() if state != "succeeded")
+    if interactive():
+        typer.echo(", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing")
+    if failed:
+        fail(f"{failed} of {len(ended)} task(s) did not succeed", exits.TASK_FAILED)

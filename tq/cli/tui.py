@@ -1,0 +1,52 @@
+"""`tq tui`: the live operator console (tq/tui, docs/TUI.md).
+
+Textual is imported inside the command only, so no other command pays for it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tq.cli.common import BrokerOpt, CaOpt, InsecureOpt, KeyOpt, fail, run_guarded, settings
+
+
+def tui(
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    light: Annotated[
+        bool, typer.Option("--light", help="Colours for a light terminal (ctrl+t toggles).")
+    ] = False,
+) -> None:
+    """Live operator console: queues, workers, failures, tasks; cancel, retry, submit, purge.
+
+    Connects like every other command (--broker, --ca, --key or TQ_* settings).
+    If the broker is down the console starts anyway and reconnects by itself.
+    Keys: d dashboard, t tasks, s submit, ? help, ctrl+p command palette, q quit.
+    """
+    from tq.client import BlockingClient
+    from tq.core.errors import ConnectionFailed, TLSFailure
+
+    conf = settings(broker=broker, ca=ca, insecure=insecure, key=api_key)
+
+    def connect() -> BlockingClient:
+        return BlockingClient.from_settings(conf, name="tq-tui")
+
+    def check() -> None:
+        """Fail now on what retrying cannot fix (TLS, keys, settings); not on a down broker."""
+        try:
+            connect().close()
+        except TLSFailure:
+            raise
+        except ConnectionFailed as exc:
+            typer.echo(f"tq: {exc.message} (the console will keep trying)", err=True)
+
+    run_guarded(check)
+    try:
+        from tq.tui.app import ConsoleApp
+    except ImportError as exc:  # pragma: no cover - textual is a dependency
+        fail(f"the console needs Textual ({exc}); pip install 'textual>=1.0'")
+    ConsoleApp(connect, address=conf.broker, theme="textual-light" if light else None).run()

@@ -1,0 +1,283 @@
+"""The REST routes: decode, authenticate, call one service method, encode.
+
+    GET    /health                      liveness (no key, no store)
+    GET    /ready                       readiness: store reachable (no key)
+    GET    /metrics                     Prometheus text exposition
+    GET    /api/v1/openapi.json         the OpenAPI 3.1 document (no key)
+    POST   /api/v1/tasks                submit one task (object) or many (array)
+    GET    /api/v1/tasks                list: state, type, queue, limit, cursor
+    GET    /api/v1/tasks/{id}           one task
+    DELETE /api/v1/tasks/{id}           cancel
+    POST   /api/v1/tasks/{id}/retry     back to pending
+    GET    /api/v1/stats | workers | queues | cluster
+
+Authentication: ``Authorization: Bearer <API key>``, checked by
+``authenticate`` through ``BrokerService.authorize`` against the same key
+table and role table (tq.security.roles) as the wire; each route names the
+wire action it amounts to, so a key may do over HTTP exactly what it may do
+over the wire. With ``--no-auth`` every request is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tq.core.errors import InvalidRequest, PayloadTooLarge, TQError, Unauthorized
+from tq.core.states import State
+from tq.http import problems
+from tq.http.metrics import MetricsPage
+from tq.http.openapi import document
+
+if TYPE_CHECKING:
+    from tq.broker.service import BrokerService
+    from tq.security.roles import Principal
+
+API = "/api/v1"
+MAX_BODY = 16 * 1024 * 1024  # bytes, like the wire's frame limit
+JSON_TYPES = ("application/json", "application/problem+json")
+LIST_FILTERS = ("state", "type", "queue")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(data, status_code=status, headers=headers)
+
+
+def _service(request: Request) -> BrokerService:
+    service: BrokerService = request.app.state.service
+    return service
+
+
+async def authenticate(request: Request, action: str) -> Principal | None:
+    """The principal a request acts as (None with --no-auth): its bearer key, checked.
+
+    The one hook between HTTP and tq's keys: Unauthorized (401) without a
+    good key, Forbidden (403) when the key's role may not do ``action``.
+    """
+    header = request.headers.get("authorization")
+    key = None
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+        key = value.strip()
+    return await _service(request).authorize(key, action)
+
+
+async def _body(request: Request) -> Any:
+    """The request's JSON body, size and media type checked."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise HTTPException(415, f"send JSON (Content-Type: application/json), not {media!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(f"the body is larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge(f"the body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _query(request: Request) -> dict[str, Any]:
+    """The list filters of a GET /tasks as the service's list message."""
+    params = request.query_params
+    msg: dict[str, Any] = {}
+    for key in LIST_FILTERS:
+        if key in params:
+            msg[key] = params[key]
+    state = msg.get("state")
+    if state is not None and state not in {s.value for s in State}:
+        known = ", ".join(s.value for s in State)
+        raise InvalidRequest(f"unknown state {state!r}; known states: {known}")
+    if "limit" in params:
+        text = params["limit"]
+        if not (text.isascii() and text.isdigit()):
+            raise InvalidRequest(f"limit must be a whole number 1..10000, not {text!r}")
+        msg["limit"] = int(text)
+    if "cursor" in params:
+        msg["after"] = params["cursor"]
+    return msg
+
+
+# -- routes --------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    return _json(_service(request).health())
+
+
+async def ready(request: Request) -> Response:
+    return _json(await _service(request).ready())
+
+
+async def metrics(request: Request) -> Response:
+    principal = await authenticate(request, "query:stats")
+    page: MetricsPage = request.app.state.metrics
+    body, media = await page.render(principal)
+    return Response(body, media_type=media)
+
+
+async def openapi(request: Request) -> Response:
+    return _json(document())
+
+
+async def submit(request: Request) -> Response:
+    principal = await authenticate(request, "submit")
+    body = await _body(request)
+    if isinstance(body, list):
+        return _json({"tasks": await _service(request).submit(body, principal)}, 201)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a task object or an array of task objects")
+    [result] = await _service(request).submit([body], principal)
+    headers = {"Location": f"{API}/tasks/{result['id']}"}
+    return _json(result, 201 if result["created"] else 200, headers)
+
+
+async def list_tasks(request: Request) -> Response:
+    principal = await authenticate(request, "query:list")
+    tasks, cursor = await _service(request).list_tasks(_query(request), principal)
+    return _json({"tasks": [_task(t.to_dict()) for t in tasks], "next_cursor": cursor})
+
+
+async def get_task(request: Request) -> Response:
+    principal = await authenticate(request, "query:get")
+    task = await _service(request).get(request.path_params["task_id"], principal)
+    return _json(_task(task.to_dict()))
+
+
+async def cancel_task(request: Request) -> Response:
+    principal = await authenticate(request, "cancel")
+    task = await _service(request).cancel(request.path_params["task_id"], principal)
+    return _json(_task(task.to_dict()))
+
+
+async def retry_task(request: Request) -> Response:
+    principal = await authenticate(request, "retry")
+    task = await _service(request).retry(request.path_params["task_id"], principal)
+    return _json(_task(task.to_dict()))
+
+
+async def stats(request: Request) -> Response:
+    principal = await authenticate(request, "query:stats")
+    return _json(await _service(request).stats(principal))
+
+
+async def workers(request: Request) -> Response:
+    await authenticate(request, "query:workers")
+    return _json({"workers": _service(request).list_workers()})
+
+
+async def queues(request: Request) -> Response:
+    principal = await authenticate(request, "query:depth")
+    return _json(await _service(request).queue_depth(principal))
+
+
+async def cluster(request: Request) -> Response:
+    principal = await authenticate(request, "query:health")
+    return _json(await _service(request).cluster_status(principal))
+
+
+def _task(data: dict[str, Any]) -> dict[str, Any]:
+    """A Task map as JSON can carry it: bytes (msgpack bin) become base64 text."""
+    return json.loads(json.dumps(data, default=_bytes))
+
+
+def _bytes(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        import base64
+
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# -- errors as problem documents -----------------------------------------------------
+
+
+async def _tq_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TQError)
+    return problems.from_error(exc, request)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}.get(
+        exc.status_code, "invalid" if exc.status_code < 500 else "error"
+    )
+    detail = exc.detail
+    if exc.status_code == 404:
+        detail = f"no such resource {request.url.path}; the API lives under {API}"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    return problems.problem(
+        code,
+        detail,
+        status=exc.status_code,
+        instance=request.url.path,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    import logging
+
+    logging.getLogger("tq.http").exception("internal error on %s %s", request.method, request.url)
+    return problems.problem("error", "internal broker error; see the broker's log", status=500)
+
+
+def _resource(path: str, **handlers: Handler) -> Route:
+    """One route for every method of a path, so a 405 lists them all in ``Allow``."""
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, endpoint, methods=list(handlers))
+
+
+def build_app(service: BrokerService) -> Starlette:
+    """The ASGI app over ``service``, with its own metrics registry."""
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),  # a Route: a Mount would answer 307
+        Route(f"{API}/openapi.json", openapi, methods=["GET"]),
+        _resource(f"{API}/tasks", GET=list_tasks, POST=submit),
+        _resource(f"{API}/tasks/{{task_id}}", GET=get_task, DELETE=cancel_task),
+        Route(f"{API}/tasks/{{task_id}}/retry", retry_task, methods=["POST"]),
+        Route(f"{API}/stats", stats, methods=["GET"]),
+        Route(f"{API}/workers", workers, methods=["GET"]),
+        Route(f"{API}/queues", queues, methods=["GET"]),
+        Route(f"{API}/cluster", cluster, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            TQError: _tq_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.service = service
+    app.state.metrics = MetricsPage(service)
+    return app

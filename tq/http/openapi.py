@@ -1,0 +1,444 @@
+"""The OpenAPI 3.1 document of the REST API, served at /api/v1/openapi.json.
+
+Written by hand next to the routes (app.py) and kept true by
+tests/test_http.py, which runs schemathesis against a live broker: every
+response must match what is documented here (status, media type, schema).
+Schemas say what the server accepts: where the server is stricter than a
+JSON Schema can say (a task ``type`` must not contain whitespace, a
+priority string must name a level or a number), the server answers 400 with
+a problem document, which every operation documents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tq import __version__
+from tq.core.states import State
+from tq.core.task import MAX_NUMBER, MAX_RETRIES, Task
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,]+$"}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
+_STATE = {"type": "string", "enum": [s.value for s in State]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid request: the problem's detail names the field.",
+        401: "No API key, or a bad, revoked or expired one.",
+        403: "The key's role or queues do not allow this.",
+        404: "No such task.",
+        409: "The task's state does not allow this (invalid_transition).",
+        413: "The body, or a task payload in it, is too large.",
+        415: "The body is not JSON.",
+        429: "The key submits faster than the broker allows; see Retry-After.",
+        503: "The broker is shutting down or its store is unavailable; retry later.",
+    }
+    return {
+        str(s): {
+            "description": text[s],
+            "content": {"application/problem+json": {"schema": _ref("Problem")}},
+        }
+        for s in statuses
+    }
+
+
+_AUTH = (401, 403)
+_TASK_ID = {
+    "name": "task_id",
+    "in": "path",
+    "required": True,
+    "description": "A task id (UUIDv7 text).",
+    "schema": {"type": "string"},
+}
+
+SCHEMAS: dict[str, Any] = {
+    "TaskSpec": {
+        "type": "object",
+        "description": "A task to submit; absent or null fields take the defaults.",
+        "required": ["type"],
+        "additionalProperties": False,
+        "properties": {
+            "type": {**_NAME, "description": "The handler name."},
+            "queue": {**_NAME, "type": ["string", "null"], "default": "default"},
+            "payload": {"description": "Any JSON value (at most 10 MiB once encoded)."},
+            "priority": {
+                "description": "0..255 (255 highest), or high (200), normal (100), low (50).",
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 255},
+                    {"type": "string"},
+                    {"type": "null"},
+                ],
+                "default": 100,
+            },
+            "max_retries": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_RETRIES,
+                "default": 3,
+            },
+            "timeout": {**_SECONDS, "minimum": 0.001, "default": 300.0},
+            "retry_base": {**_SECONDS, "default": 1.0},
+            "retry_cap": {**_SECONDS, "default": 300.0},
+            "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
+        },
+    },
+    "SubmitResult": {
+        "type": "object",
+        "required": ["id", "created"],
+        "properties": {
+            "id": {"type": "string"},
+            "created": {
+                "type": "boolean",
+                "description": "false: an existing task had the same idempotency_key",
+            },
+        },
+    },
+    "TaskError": {
+        "type": "object",
+        "required": ["type", "message", "traceback"],
+        "properties": {
+            "type": {"type": "string"},
+            "message": {"type": "string"},
+            "traceback": {"type": "string"},
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": list(Task.__dataclass_fields__),  # every field, always present
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string"},
+            "queue": {"type": "string"},
+            "payload": {},
+            "priority": {"type": "integer", "minimum": 0, "maximum": 255},
+            "state": _STATE,
+            "attempts": {"type": "integer", "minimum": 0},
+            "max_retries": {"type": "integer", "minimum": 0},
+            "timeout": {"type": "number"},
+            "retry_base": {"type": "number"},
+            "retry_cap": {"type": "number"},
+            "created_at": {"type": "number", "description": "Unix time, seconds."},
+            "started_at": _NUMBER_OR_NULL,
+            "finished_at": _NUMBER_OR_NULL,
+            "run_at": _NUMBER_OR_NULL,
+            "worker": {"type": ["string", "null"]},
+            "result": {},
+            "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
+            "idempotency_key": {"type": ["string", "null"]},
+        },
+    },
+    "TaskPage": {
+        "type": "object",
+        "required": ["tasks", "next_cursor"],
+        "properties": {
+            "tasks": {"type": "array", "items": _ref("Task")},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as `cursor` for the next page; null at the end.",
+            },
+        },
+    },
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details; `code` is tq's stable error code.",
+        "required": ["type", "title", "status", "detail", "code"],
+        "properties": {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "instance": {"type": "string"},
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["broker", "version", "uptime", "queues", "store", "workers", "counters"],
+        "properties": {
+            "broker": {"type": "string"},
+            "version": {"type": "string"},
+            "uptime": {"type": "number"},
+            "queues": {
+                "type": "object",
+                "description": "queue -> state -> number of tasks",
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer", "minimum": 0},
+                },
+            },
+            "store": {"type": "object"},
+            "workers": {"type": "integer", "minimum": 0},
+            "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "last_minute": {
+                "type": "object",
+                "required": ["window", "total", "queues", "throughput", "failure_rate"],
+                "properties": {
+                    "window": {"type": "integer"},
+                    "total": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "queues": {"type": "object"},
+                    "throughput": {"type": "number", "description": "finished attempts / s"},
+                    "failure_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                },
+            },
+        },
+    },
+    "Worker": {
+        "type": "object",
+        "required": ["id", "name", "host", "pid", "queues", "concurrency", "running"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "host": {"type": "string"},
+            "pid": {"type": "integer"},
+            "queues": {"type": "array", "items": {"type": "string"}},
+            "types": {"type": ["array", "null"], "items": {"type": "string"}},
+            "concurrency": {"type": "integer"},
+            "running": {"type": "integer"},
+            "cpu": _NUMBER_OR_NULL,
+            "memory": {"type": ["integer", "null"]},
+            "connected": {"type": "boolean"},
+            "connected_at": {"type": "number"},
+            "last_seen": {"type": "number"},
+            "heartbeat_age": {"type": "number"},
+        },
+    },
+    "QueueDepth": {
+        "type": "object",
+        "required": ["queue", "total", "states", "priorities"],
+        "properties": {
+            "queue": {"type": "string"},
+            "total": {"type": "integer", "minimum": 0},
+            "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "priorities": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["priority", "state", "count"],
+                    "properties": {
+                        "priority": {"type": "integer"},
+                        "state": _STATE,
+                        "count": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+    },
+    "ClusterStatus": {
+        "type": "object",
+        "required": ["healthy", "checks", "broker", "version", "uptime", "store", "workers"],
+        "properties": {
+            "healthy": {"type": "boolean"},
+            "checks": {"type": "object"},
+            "broker": {"type": "string"},
+            "version": {"type": "string"},
+            "protocol": {"type": "integer"},
+            "started_at": {"type": "number"},
+            "uptime": {"type": "number"},
+            "listen": {"type": "object"},
+            "store": {"type": ["object", "null"]},
+            "workers": {"type": "object"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    },
+}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def _paths() -> dict[str, Any]:
+    task = _json(_ref("Task"), "The task.")
+    return {
+        "/health": {
+            "get": _op(
+                "Liveness: the broker process answers (no key needed).",
+                {"200": _json(_ref("Health"), "Alive.")},
+                security=[],
+            )
+        },
+        "/ready": {
+            "get": _op(
+                "Readiness: accepting work and the task store answers (no key needed).",
+                {"200": _json(_ref("Health"), "Ready."), **_problems(503)},
+                security=[],
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus text exposition (needs a key that may read stats).",
+                {
+                    "200": {
+                        "description": "Metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_problems(*_AUTH, 503),
+                },
+            )
+        },
+        "/api/v1/openapi.json": {
+            "get": _op(
+                "This document.",
+                {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+                security=[],
+            )
+        },
+        "/api/v1/tasks": {
+            "post": _op(
+                "Submit one task (an object) or several (an array, all or nothing).",
+                {
+                    "200": _json(_ref("SubmitResult"), "Not created: same idempotency_key."),
+                    "201": _json(
+                        {
+                            "anyOf": [
+                                _ref("SubmitResult"),
+                                {
+                                    "type": "object",
+                                    "required": ["tasks"],
+                                    "properties": {
+                                        "tasks": {"type": "array", "items": _ref("SubmitResult")}
+                                    },
+                                },
+                            ]
+                        },
+                        "Stored durably (an object for an object, {tasks} for an array).",
+                    ),
+                    **_problems(400, *_AUTH, 413, 415, 429, 503),
+                },
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "anyOf": [
+                                    _ref("TaskSpec"),
+                                    {"type": "array", "minItems": 1, "items": _ref("TaskSpec")},
+                                ]
+                            }
+                        }
+                    },
+                },
+            ),
+            "get": _op(
+                "List tasks in submission order; follow next_cursor for the next page.",
+                {"200": _json(_ref("TaskPage"), "A page."), **_problems(400, *_AUTH, 503)},
+                parameters=[
+                    {"name": "state", "in": "query", "schema": _STATE},
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    {"name": "queue", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "next_cursor of the previous page.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+            ),
+        },
+        "/api/v1/tasks/{task_id}": {
+            "parameters": [_TASK_ID],
+            "get": _op("One task.", {"200": task, **_problems(*_AUTH, 404, 503)}),
+            "delete": _op(
+                "Cancel a task that has not finished (a running one stops at its next heartbeat).",
+                {"200": task, **_problems(*_AUTH, 404, 409, 503)},
+            ),
+        },
+        "/api/v1/tasks/{task_id}/retry": {
+            "parameters": [_TASK_ID],
+            "post": _op(
+                "Send a failed, dead or cancelled task back to pending (attempts start over).",
+                {"200": task, **_problems(*_AUTH, 404, 409, 503)},
+            ),
+        },
+        "/api/v1/stats": {
+            "get": _op(
+                "Counts per queue and state, last minute's throughput and failure rate.",
+                {"200": _json(_ref("Stats"), "Statistics."), **_problems(*_AUTH, 503)},
+            )
+        },
+        "/api/v1/workers": {
+            "get": _op(
+                "Workers the broker knows.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["workers"],
+                            "properties": {"workers": {"type": "array", "items": _ref("Worker")}},
+                        },
+                        "Workers.",
+                    ),
+                    **_problems(*_AUTH),
+                },
+            )
+        },
+        "/api/v1/queues": {
+            "get": _op(
+                "Unfinished tasks per queue, state and priority.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["queues"],
+                            "properties": {
+                                "queues": {"type": "array", "items": _ref("QueueDepth")}
+                            },
+                        },
+                        "Queue depth.",
+                    ),
+                    **_problems(*_AUTH, 503),
+                },
+            )
+        },
+        "/api/v1/cluster": {
+            "get": _op(
+                "Broker health, store, uptime, version, workers (what `tq cluster-status` shows).",
+                {"200": _json(_ref("ClusterStatus"), "Status."), **_problems(*_AUTH)},
+            )
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tq broker REST API",
+            "version": __version__,
+            "description": "Operators' and moderate producers' HTTP interface to a tq broker. "
+            "High-rate producers and workers use the msgpack wire protocol (docs/PROTOCOL.md). "
+            "Errors are RFC 9457 problem documents (application/problem+json).",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A tq API key (tq_<id>_<secret>); not needed with --no-auth.",
+                }
+            },
+        },
+    }

@@ -1,0 +1,423 @@
+"""The tq console: a Textual app over two blocking clients (see link.py).
+
+    ConsoleApp(lambda: BlockingClient.from_settings(settings), address=...).run()
+
+Data flow: the link's events thread calls ``_link_up`` / ``_event`` /
+``_link_down`` through ``call_from_thread``; they update ``self.state``
+(model.py) and mark it dirty; a 0.25 s timer bumps ``revision``, which the
+screens watch to redraw, so a burst of events costs one redraw. Requests
+(lists, actions) run in thread workers via ``request`` and report back the
+same way. Screens that show tasks register in ``task_listeners`` to hear
+about task changes. Without a ``connect`` function the app is offline (the
+snapshot tests feed it data directly).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from tq.client import BlockingClient, Event
+from tq.core.errors import TQError
+from tq.core.task import Task
+from tq.tui import fmt
+from tq.tui.link import BrokerLink, Connect, Page, Snapshot, TaskFilter, fetch_page
+from tq.tui.model import SAMPLE_SECONDS, ConsoleState
+from tq.tui.screens.dashboard import DashboardScreen
+from tq.tui.screens.detail import TaskScreen
+from tq.tui.screens.dialogs import (
+    ConfirmScreen,
+    HelpScreen,
+    PriorityScreen,
+    PurgeScreen,
+    SubmitScreen,
+)
+from tq.tui.screens.tasks import TasksScreen
+
+T = TypeVar("T")
+POLL_SECONDS = 5.0  # stats (store size, uptime) and workers (CPU, memory): a safety net
+REDRAW_SECONDS = 0.25
+EXPLAIN_FAILURES = 5  # newest failures whose error message is fetched
+DARK, LIGHT = "textual-dark", "textual-light"
+
+
+class ConsoleApp(App[None]):
+    CSS_PATH = "tq.tcss"
+    TITLE = "tq console"
+    BINDINGS: ClassVar[list[Any]] = [
+        Binding("d", "show('dashboard')", "Dash"),
+        Binding("t", "show('tasks')", "Tasks"),
+        Binding("s", "submit", "Submit"),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+t", "toggle_dark", "Light/dark", show=False),
+        Binding("ctrl+r", "reconnect", "Reconnect", show=False),
+    ]
+    MODES: ClassVar[dict[str, Any]] = {"dashboard": DashboardScreen, "tasks": TasksScreen}
+    DEFAULT_MODE = "dashboard"
+
+    revision: reactive[int] = reactive(0, init=False)
+
+    def __init__(
+        self,
+        connect: Connect | None = None,
+        *,
+        address: str = "",
+        clock: Callable[[], float] = time.time,
+        tz: dt.tzinfo | None = None,
+        poll_seconds: float = POLL_SECONDS,
+        backoff: tuple[float, float] = (0.25, 5.0),
+        theme: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.tz = tz
+        self.state = ConsoleState(address=address)
+        self.link = (
+            BrokerLink(connect, backoff_min=backoff[0], backoff_max=backoff[1])
+            if connect is not None
+            else None
+        )
+        self.poll_seconds = poll_seconds
+        self.task_listeners: set[Any] = set()
+        self._dirty = False
+        self._explaining = False
+        if theme:
+            self.theme = theme
+        self.sub_title = address
+
+    # -- life ----------------------------------------------------------
+    def on_mount(self) -> None:
+        self.set_interval(REDRAW_SECONDS, self._redraw_if_dirty)
+        self.set_interval(1.0, self.redraw)  # ages and uptimes move on
+        self.set_interval(SAMPLE_SECONDS, self._sample)
+        if self.link is not None:
+            self.run_worker(self._run_link, thread=True, group="link", exit_on_error=False)
+            self.set_interval(self.poll_seconds, self.poll)
+
+    def on_unmount(self) -> None:
+        if self.link is not None:
+            self.link.stop()  # closes the sockets: the blocked threads end at once
+
+    def redraw(self) -> None:
+        self._dirty = False
+        self.revision += 1
+
+    def _changed(self) -> None:
+        self._dirty = True
+
+    def _redraw_if_dirty(self) -> None:
+        if self._dirty:
+            self.redraw()
+
+    def _sample(self) -> None:
+        self.state.sample(self.clock())
+        self._changed()
+
+    def watch_theme(self, _: str) -> None:
+        self.redraw()  # state colours come from the theme
+
+    # -- the link (callbacks run on the UI thread) -----------------------
+    def _run_link(self) -> None:
+        assert self.link is not None
+        self.link.run(
+            on_up=lambda snapshot: self._from_thread(self._link_up, snapshot),
+            on_event=lambda event: self._from_thread(self._event, event),
+            on_down=lambda *why: self._from_thread(self._link_down, *why),
+        )
+
+    def _from_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            self.call_from_thread(fn, *args, **kwargs)
+        except RuntimeError:  # the app is closing
+            if self.link is not None:
+                self.link.stop()
+
+    def _link_up(self, snapshot: Snapshot) -> None:
+        was_down = not self.state.link.connecting and not self.state.link.connected
+        self.state.connected(
+            snapshot.server, snapshot.stats, snapshot.workers, self.clock(), snapshot.failed
+        )
+        self.sub_title = f"{self.state.address} · connected"
+        if was_down:
+            self.notify(f"reconnected to {self.state.address}", title="broker")
+        for listener in list(self.task_listeners):
+            listener.reload()
+        self.redraw()
+
+    def _link_down(self, reason: str, retry_in: float, attempt: int) -> None:
+        self.state.disconnected(reason, retry_in, attempt, self.clock())
+        self.sub_title = f"{self.state.address} · DISCONNECTED"
+        self.redraw()
+
+    def _event(self, event: Event) -> None:
+        self.state.apply_event(event, self.clock())
+        if event.topic == "tasks":
+            for listener in list(self.task_listeners):
+                listener.task_changes(event)
+            if any(c.get("to") in ("failed", "dead") for c in event.data.get("changes") or ()):
+                self._explain_failures()
+        elif event.topic == "lagged":
+            self.notify(
+                f"the broker dropped {event.data.get('dropped')} events for this console; "
+                "refreshing",
+                severity="warning",
+            )
+            self.poll()
+            for listener in list(self.task_listeners):
+                listener.task_changes(Event("tasks", 0, 0.0, {"changes": [], "more": 1}))
+        self._changed()
+
+    def poll(self) -> None:
+        """Refresh stats and workers (uptime, store size, CPU/memory between events)."""
+        if self.link is None or not self.state.link.connected:
+            return
+
+        def done(result: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+            now = self.clock()
+            self.state.apply_stats(result[0], now)
+            self.state.apply_workers(result[1], now)
+            self._changed()
+
+        self.request("refresh", lambda c: (c.stats(), c.workers()), done, quiet=True)
+
+    def _explain_failures(self) -> None:
+        """Fetch the error messages of the newest failures (one request at a time)."""
+        ids = self.state.unexplained_failures(EXPLAIN_FAILURES)
+        if self._explaining or not ids or self.link is None:
+            return
+        self._explaining = True
+
+        def fetch(client: BlockingClient) -> list[Task]:
+            tasks = []
+            for task_id in ids:
+                try:
+                    tasks.append(client.get(task_id))
+                except TQError:
+                    continue
+            return tasks
+
+        def done(tasks: list[Task]) -> None:
+            self._explaining = False
+            for task in tasks:
+                error = task.error
+                text = f"{error.type}: {error.message}" if error else "(no error recorded)"
+                self.state.note_error(task.id, text)
+            self._changed()
+            if self.state.unexplained_failures(EXPLAIN_FAILURES) != ids:
+                self._explain_failures()
+
+        self.request("error details", fetch, done, quiet=True, failed=self._unexplained)
+
+    def _unexplained(self) -> None:
+        self._explaining = False
+
+    # -- requests from the screens -----------------------------------------
+    def request(
+        self,
+        what: str,
+        fn: Callable[[BlockingClient], T],
+        done: Callable[[T], None] | None = None,
+        *,
+        quiet: bool = False,
+        failed: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``fn(client)`` in a thread; ``done(result)`` back on the UI thread."""
+        link = self.link
+        if link is None:
+            if not quiet:
+                self.notify(f"{what}: not connected to a broker", severity="error")
+            if failed is not None:
+                failed()
+            return
+
+        def body() -> None:
+            try:
+                result = link.call(fn)
+            except TQError as exc:
+                if not quiet:
+                    self._from_thread(
+                        self.notify, f"{what}: {exc}", severity="error", title="tq", timeout=8
+                    )
+                if failed is not None:
+                    self._from_thread(failed)
+                return
+            if done is not None:
+                self._from_thread(done, result)
+
+        self.run_worker(body, thread=True, group="requests", exit_on_error=False)
+
+    def load_page(
+        self,
+        flt: TaskFilter,
+        after: str | None,
+        done: Callable[[Page], None],
+        failed: Callable[[], None],
+    ) -> None:
+        self.request("list tasks", lambda c: fetch_page(c, flt, after), done, failed=failed)
+
+    def load_task(
+        self, task_id: str, done: Callable[[Task], None], failed: Callable[[str], None]
+    ) -> None:
+        def body(client: BlockingClient) -> Task | str:
+            try:
+                return client.get(task_id)
+            except TQError as exc:
+                if exc.code == "connection":
+                    raise
+                return exc.message
+
+        def back(result: Task | str) -> None:
+            done(result) if isinstance(result, Task) else failed(result)
+
+        self.request("load task", body, back, failed=lambda: failed("not connected"))
+
+    # -- navigation ----------------------------------------------------
+    def action_show(self, mode: str) -> None:
+        while len(self.screen_stack) > 1:  # close a task view or dialog first
+            self.pop_screen()
+        self.switch_mode(mode)
+
+    def show_tasks(self, **filters: Any) -> None:
+        self.switch_mode("tasks")
+        screen = self.screen
+        if isinstance(screen, TasksScreen):
+            screen.set_filter(**filters)
+
+    def open_task(self, task_id: str) -> None:
+        self.push_screen(TaskScreen(task_id))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_dark(self) -> None:
+        self.theme = LIGHT if self.current_theme.dark else DARK
+
+    def action_reconnect(self) -> None:
+        if self.link is not None:
+            self.notify("reconnecting…")
+            self.link.reconnect()
+
+    # -- actions on tasks ----------------------------------------------
+    def action_submit(self) -> None:
+        screen = self.screen
+        queue = screen.filter.queue if isinstance(screen, TasksScreen) else None
+
+        def submitted(spec: dict[str, Any] | None) -> None:
+            if spec is None:
+                return
+            self.request(
+                "submit",
+                lambda c: c.submit_many([spec]),
+                lambda ids: self.notify(f"submitted {spec['type']} task {ids[0]}", title="tq"),
+            )
+
+        self.push_screen(SubmitScreen(queue), submitted)
+
+    def cancel_task(self, task_id: str) -> None:
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.request(
+                    "cancel",
+                    lambda c: c.cancel(task_id),
+                    lambda task: self._task_done(task, "cancelled"),
+                )
+
+        question = f"Cancel task {task_id}?\nA running task is told to stop; this cannot be undone."
+        self.push_screen(ConfirmScreen(question, "Cancel task"), answer)
+
+    def retry_task(self, task_id: str) -> None:
+        self.request(
+            "retry", lambda c: c.retry(task_id), lambda task: self._task_done(task, "retried")
+        )
+
+    def bump_priority(self, task_id: str, current: int) -> None:
+        def chosen(priority: int | None) -> None:
+            if priority is not None:
+                self.request(
+                    "priority",
+                    lambda c: c.set_priority(task_id, priority),
+                    lambda task: self._task_done(task, f"priority {task.priority}"),
+                )
+
+        self.push_screen(PriorityScreen(task_id, current), chosen)
+
+    def _task_done(self, task: Task, what: str) -> None:
+        self.notify(f"task {fmt.short_id(task.id)} {what}: now {task.state.value}", title="tq")
+        for listener in list(self.task_listeners):
+            if isinstance(listener, TaskScreen) and listener.task_id == task.id:
+                listener.show_task(task)
+            elif isinstance(listener, TasksScreen):
+                listener.reload()
+
+    def action_purge(self, queue: str | None = None, state: str | None = None) -> None:
+        if queue:
+            self.notify("purge applies to every queue (the broker purges by state and age)")
+        states = (state,) if state in ("succeeded", "dead", "cancelled") else None
+
+        def chosen(what: dict[str, Any] | None) -> None:
+            if what is not None:
+                self._purge_count(what)
+
+        self.push_screen(PurgeScreen(states) if states else PurgeScreen(), chosen)
+
+    def _purge_count(self, what: dict[str, Any]) -> None:
+        def counted(reply: dict[str, Any]) -> None:
+            matched = int(reply.get("matched") or 0)
+            if not matched:
+                self.notify("nothing to purge", title="purge")
+                return
+            question = (
+                f"Delete {matched:,} {'/'.join(what['states'])} task(s) finished more than "
+                f"{fmt.age(what['older_than'])} ago?\nThis cannot be undone."
+            )
+            self.push_screen(
+                ConfirmScreen(question, "Purge"), lambda yes: self._purge(what) if yes else None
+            )
+
+        self.request("purge", lambda c: c.request({"t": "purge", **what, "dry_run": True}), counted)
+
+    def _purge(self, what: dict[str, Any]) -> None:
+        def run(client: BlockingClient) -> int:
+            total = 0
+            while True:  # the broker deletes in chunks; `more` says there may be more
+                reply = client.request({"t": "purge", **what})
+                total += int(reply.get("purged") or 0)
+                if not reply.get("more"):
+                    return total
+
+        def done(total: int) -> None:
+            self.notify(f"purged {total:,} task(s)", title="purge")
+            self.poll()
+
+        self.request("purge", run, done)
+
+    # -- command palette ---------------------------------------------------
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield SystemCommand("Dashboard", "Queues, workers, failures", self._palette_show_dash)
+        yield SystemCommand("Tasks", "The task list", lambda: self.show_tasks())
+        for state in ("pending", "running", "failed", "dead", "succeeded", "cancelled"):
+            yield SystemCommand(
+                f"Tasks: {state}",
+                f"List {state} tasks",
+                lambda state=state: self.show_tasks(state=state),
+            )
+        yield SystemCommand("Submit a task", "Open the submit form", self.action_submit)
+        yield SystemCommand("Purge finished tasks", "Count, confirm, delete", self.action_purge)
+        yield SystemCommand(
+            "Reconnect", "Drop the connection and connect again", self.action_reconnect
+        )
+        yield SystemCommand("Light/dark colours", "Toggle the theme", self.action_toggle_dark)
+        yield SystemCommand("Help", "Keys and what the dashboard shows", self.action_help)
+        yield from super().get_system_commands(screen)
+
+    def _palette_show_dash(self) -> None:
+        self.action_show("dashboard")

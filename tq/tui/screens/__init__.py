@@ -1,0 +1,1 @@
+"""The console's screens: dashboard, tasks, task detail, and the modal dialogs."""
