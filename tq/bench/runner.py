@@ -183,12 +183,12 @@ class Bench:
                     # tasks finish roughly in submission order: wait for the last one
                     # server-side, then confirm with (table-scanning) stats, sparingly
                     await client.wait(last)
+                    done.set()  # the latency probe stops submitting: the load is over
                     while True:
                         counts = (await client.stats())["queues"].get("default", {})
                         if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
                             break
                         await trio.sleep(0.1)
-                    done.set()
                 elapsed = time.perf_counter() - started
                 cpu = broker_proc.cpu_percent(None)
         finally:

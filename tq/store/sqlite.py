@@ -31,7 +31,7 @@ its own ``trio.CapacityLimiter(1)``:
 
 Group commit: a write call enqueues an operation (a sync function of the
 writer connection and its arguments) and waits. The writer task takes every
-queued operation (at most MAX_BATCH) and makes one thread hop for the
+queued operation (at most MAX_BATCH_WEIGHT rows) and makes one thread hop for the
 batch: ``BEGIN IMMEDIATE``, each operation inside its own SAVEPOINT (an
 operation that raises rolls back only itself and its exception goes to its
 caller only; a batch of one needs no savepoint), ``COMMIT``; then, and only
@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
-MAX_BATCH = 2000  # operations per transaction: bounds the latency of one batch
+MAX_BATCH_WEIGHT = 1000  # rows per transaction (an operation's weight is its row count)
+SMALL_WEIGHT = 8  # operations this light jump ahead of a heavy queue head, once
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -119,11 +120,13 @@ async def open_sqlite_store(
 class _Op:
     """One queued write: ``fn(writer_connection, *args)``, run inside a batch."""
 
-    __slots__ = ("abandoned", "args", "done", "error", "fn", "result")
+    __slots__ = ("abandoned", "args", "deferred", "done", "error", "fn", "result", "weight")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], weight: int = 1) -> None:
         self.fn = fn
         self.args = args
+        self.weight = max(1, weight)
+        self.deferred = False  # a heavy op lets light ones go first at most once
         self.result: Any = None
         self.error: BaseException | None = Unavailable("the store closed before this write ran")
         self.done = trio.Event()
@@ -173,7 +176,7 @@ class SQLiteStore:
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
-        return await self._write(schema.submit, list(specs), now)
+        return await self._write(schema.submit, list(specs), now, weight=len(specs))
 
     async def claim(
         self,
@@ -190,7 +193,7 @@ class SQLiteStore:
             return []
         queues = list(dict.fromkeys(queues))
         types = None if types is None else list(dict.fromkeys(types))
-        return await self._write(schema.claim, worker, queues, types, n, now, lease_ttl)
+        return await self._write(schema.claim, worker, queues, types, n, now, lease_ttl, weight=n)
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
         for outcome in outcomes:
@@ -201,7 +204,7 @@ class SQLiteStore:
                 )
         if not outcomes:
             return []
-        return await self._write(schema.complete, list(outcomes), now)
+        return await self._write(schema.complete, list(outcomes), now, weight=len(outcomes))
 
     async def extend_leases(
         self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
@@ -209,7 +212,9 @@ class SQLiteStore:
         """Extend leases ``worker`` holds; a lease held by another worker counts as lost."""
         if not leases:
             return []
-        return await self._write(schema.extend_leases, worker, list(leases), now, lease_ttl)
+        return await self._write(
+            schema.extend_leases, worker, list(leases), now, lease_ttl, weight=len(leases)
+        )
 
     async def release_expired(self, now: float) -> list[str]:
         return await self._write(schema.release_expired, now)
@@ -352,10 +357,10 @@ class SQLiteStore:
 
     # -- the writer: group commit -----------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
         if self._closing:
             raise Unavailable("the task store is closed")
-        op = _Op(fn, args)
+        op = _Op(fn, args, weight)
         self._queue.append(op)
         self._wake.set()
         try:
@@ -396,11 +401,34 @@ class SQLiteStore:
             self._writer_done.set()
 
     def _take_batch(self) -> _Batch:
+        """The next transaction's operations: FIFO up to MAX_BATCH_WEIGHT rows.
+
+        Latency: when the oldest operation is heavy (a bulk submit, a large
+        claim) and light ones (a single submit, a cancel) wait behind it, the
+        light ones get a transaction of their own first; the heavy one goes
+        next, so it is passed over at most once and never starves.
+        """
+        queue = self._queue
+        while queue and queue[0].abandoned:
+            queue.popleft()
+        if not queue:
+            return []
+        head = queue[0]
+        if head.weight > SMALL_WEIGHT and not head.deferred:
+            light = [op for op in queue if op.weight <= SMALL_WEIGHT and not op.abandoned]
+            if light:
+                head.deferred = True
+                light = light[: MAX_BATCH_WEIGHT // SMALL_WEIGHT]
+                taken = set(map(id, light))
+                self._queue = deque(op for op in queue if id(op) not in taken)
+                return light
         batch: _Batch = []
-        while self._queue and len(batch) < MAX_BATCH:
-            op = self._queue.popleft()
+        weight = 0
+        while queue and (not batch or weight + queue[0].weight <= MAX_BATCH_WEIGHT):
+            op = queue.popleft()
             if not op.abandoned:
                 batch.append(op)
+                weight += op.weight
         return batch
 
     def _run_batch(self, batch: _Batch) -> bool:
