@@ -27,7 +27,13 @@ def tq(broker: BrokerProcess, *args: str, stdin: str | None = None) -> subproces
 
 @pytest.fixture
 def served(broker_proc: BrokerProcess) -> BrokerProcess:
+    """The broker with one connected worker (connected before the test starts)."""
     broker_proc.start_worker("--concurrency", "8")
+    deadline = time.monotonic() + 30
+    with broker_proc.client() as client:
+        while not any(w["connected"] for w in client.workers()):
+            assert time.monotonic() < deadline, "the worker did not connect"
+            time.sleep(0.05)
     return broker_proc
 
 
@@ -176,3 +182,25 @@ def test_readme_first_command_as_a_new_user(tmp_path: Path) -> None:
         finally:
             up.terminate()
             assert up.wait(30) == 0
+
+
+def test_submit_of_a_type_no_worker_handles_warns_but_stores(served: BrokerProcess) -> None:
+    out = tq(served, "submit", "no-such-handler", "--payload", "{}")
+    assert out.returncode == 0, out.stderr
+    assert "no connected worker handles task type 'no-such-handler'" in out.stderr
+    assert "--exec no-such-handler=PROGRAM" in out.stderr
+    task_id = out.stdout.strip()
+    status = json.loads(tq(served, "status", task_id, "--json").stdout)
+    assert status["state"] == "pending"
+    known = tq(served, "submit", "echo", "--payload", "{}")
+    assert known.returncode == 0 and "warning" not in known.stderr
+    lines = "\n".join(json.dumps({"type": "no-such-handler"}) for _ in range(3)) + "\n"
+    piped = subprocess.run(
+        tq_command("submit", "-", *served.client_args()),
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0 and piped.stderr.count("warning:") == 1
+    assert len(piped.stdout.splitlines()) == 3

@@ -110,6 +110,14 @@ def worker_info(worker_id: str, msg: dict[str, Any]) -> WorkerInfo:
     )
 
 
+def unhandled_warning(task_type: str) -> str:
+    return (
+        f"no connected worker handles task type {task_type!r}: the task is stored and waits "
+        f"in pending until a worker with that handler connects (e.g. tq worker --import "
+        f"MODULE, or --exec {task_type}=PROGRAM)"
+    )
+
+
 def parse_outcome(item: object) -> Outcome:
     if not isinstance(item, dict):
         raise InvalidRequest("each result must be a map")
@@ -237,7 +245,25 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         )
         self.events.submitted(specs, results)
         self.notify_work()
-        return [{"id": r.id, "created": r.created} for r in results]
+        unhandled = self.unhandled_types({spec.type for spec in specs})
+        answers: list[dict[str, Any]] = []
+        for spec, r in zip(specs, results, strict=True):
+            answer: dict[str, Any] = {"id": r.id, "created": r.created}
+            if spec.type in unhandled:
+                answer["warning"] = unhandled_warning(spec.type)
+            answers.append(answer)
+        return answers
+
+    def unhandled_types(self, types: set[str]) -> set[str]:
+        """The task types no connected worker has a handler for."""
+        handled: set[str] = set()
+        for worker in self.workers.all():
+            if worker.connections <= 0:
+                continue
+            if worker.types is None:  # takes any type
+                return set()
+            handled.update(worker.types)
+        return types - handled
 
     async def claim(
         self, worker_id: str, msg: dict[str, Any], principal: Principal | None = None

@@ -156,7 +156,7 @@ def submit(
         value = parse_json(payload, "--payload")
     elif payload_file is not None:
         value = _read_payload_file(payload_file)
-    options = {
+    options: dict[str, Any] = {
         "queue": queue,
         "priority": priority,
         "max_retries": max_retries,
@@ -165,8 +165,13 @@ def submit(
     }
 
     def body() -> None:
+        from tq.client._api import task_spec
+
         with _client(broker, ca, insecure, api_key) as client:
-            task_id = client.submit(type, value, **options)
+            [answer] = client.submit_items([task_spec(type, value, **options)])
+        task_id = answer["id"]
+        if "warning" in answer:
+            typer.echo(f"tq: warning: {answer['warning']}", err=True)
         if as_json:
             typer.echo(dumps({"id": task_id}))
         else:
@@ -222,6 +227,8 @@ def _submit_stdin(
     out = sys.stdout
     show = interactive()  # stdout and stderr are terminals: progress bar, not JSON lines
 
+    warned: set[str] = set()
+
     async def send(client: Client, batch: list[tuple[int, Any]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [{}] * len(batch)
         good: list[int] = []
@@ -236,9 +243,13 @@ def _submit_stdin(
                 continue
             good.append(i)
         if good:
-            ids = await client.submit_many([batch[i][1] for i in good])
-            for i, task_id in zip(good, ids, strict=True):
-                rows[i] = {"line": batch[i][0], "id": task_id}
+            answers = await client.submit_items([batch[i][1] for i in good])
+            for i, answer in zip(good, answers, strict=True):
+                rows[i] = {"line": batch[i][0], "id": answer["id"]}
+                warning = answer.get("warning")
+                if warning and warning not in warned:  # once per task type, on stderr
+                    warned.add(warning)
+                    print(f"tq: warning: {warning}", file=sys.stderr)
         return rows
 
     async def main() -> None:

@@ -80,13 +80,19 @@ def task_spec(
     return spec
 
 
-def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
+def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]]]:
+    """Submit; one answer map per task: ``id``, ``created`` and, if any, ``warning``."""
     if not specs:
         raise InvalidRequest("submit_many needs at least one task")
     return Call(
         {"t": "submit", "tasks": [dict(s) for s in specs]},
-        lambda r: [item["id"] for item in r["tasks"]],
+        lambda r: [dict(item) for item in r["tasks"]],
     )
+
+
+def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
+    items = submit_items(specs)
+    return Call(items.message, lambda r: [item["id"] for item in items.parse(r)])
 
 
 def _task(reply: dict[str, Any]) -> Task:

@@ -219,6 +219,10 @@ class Client:
     async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
         return await self._call(api.submit_many(specs))
 
+    async def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
+        return await self._call(api.submit_items(specs))
+
     async def get(self, task_id: str) -> Task:
         return await self._call(api.get(task_id))
 

@@ -137,6 +137,10 @@ class BlockingClient:
     def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
         return self._call(api.submit_many(specs))
 
+    def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
+        return self._call(api.submit_items(specs))
+
     def get(self, task_id: str) -> Task:
         return self._call(api.get(task_id))
 

@@ -101,6 +101,11 @@ SCHEMAS: dict[str, Any] = {
                 "type": "boolean",
                 "description": "false: an existing task had the same idempotency_key",
             },
+            "warning": {
+                "type": "string",
+                "description": "Present when no connected worker handles the task's type: "
+                "the task is stored and waits in pending until one connects.",
+            },
         },
     },
     "TaskError": {
