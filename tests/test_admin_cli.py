@@ -32,6 +32,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
         proc.start_worker(
             "--concurrency", "8", "--queues", queues, "--log-format", "json", log_name="worker.log"
         )  # fmt: skip
+        proc.wait_for_workers(1)
         yield proc
 
 

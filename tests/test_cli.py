@@ -29,11 +29,7 @@ def tq(broker: BrokerProcess, *args: str, stdin: str | None = None) -> subproces
 def served(broker_proc: BrokerProcess) -> BrokerProcess:
     """The broker with one connected worker (connected before the test starts)."""
     broker_proc.start_worker("--concurrency", "8")
-    deadline = time.monotonic() + 30
-    with broker_proc.client() as client:
-        while not any(w["connected"] for w in client.workers()):
-            assert time.monotonic() < deadline, "the worker did not connect"
-            time.sleep(0.05)
+    broker_proc.wait_for_workers(1)
     return broker_proc
 
 

@@ -32,6 +32,7 @@ def _wait_all(broker: BrokerProcess, ids: list[str], timeout: float = 60) -> lis
 def test_two_workers_run_2000_tasks_exactly_once(broker_proc: BrokerProcess) -> None:
     for _ in range(2):
         broker_proc.start_worker("--concurrency", "16")
+    broker_proc.wait_for_workers(2)  # both must be there to share the work
     with broker_proc.client() as client:
         ids = []
         for start in range(0, 2000, 500):

@@ -229,6 +229,15 @@ class BrokerProcess:
         self.workers.append(proc)
         return proc
 
+    def wait_for_workers(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Block until ``count`` workers are connected to this broker."""
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while sum(w["connected"] for w in client.workers()) < count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{count} worker(s) did not connect within {timeout}s")
+                time.sleep(0.05)
+
     def kill(self) -> None:
         """kill -9: no chance to clean up."""
         assert self.proc is not None
