@@ -7,6 +7,7 @@ A ``Task`` is what the store returns: the submission plus its lifecycle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,6 +39,9 @@ _SPEC_FIELDS = {
 }
 
 
+_BAD_NAME_CHAR = re.compile(r"[\s,]")  # a queue or type name is one shell/CSV-safe word
+
+
 def parse_priority(value: object) -> int:
     """0..255 or one of high/normal/low; InvalidRequest otherwise."""
     if isinstance(value, str):
@@ -60,7 +64,7 @@ def _name(spec: Mapping[str, Any], key: str, default: str | None) -> str:
     value = default if value is None else value
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
         raise InvalidRequest(f"task {key} must be a non-empty string of at most 200 characters")
-    if any(c.isspace() or c == "," for c in value):
+    if _BAD_NAME_CHAR.search(value):
         raise InvalidRequest(f"task {key} {value!r} must not contain spaces or commas")
     return value
 
@@ -96,7 +100,7 @@ class TaskSpec:
     def from_mapping(cls, spec: object) -> TaskSpec:
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
-        unknown = set(spec) - _SPEC_FIELDS
+        unknown = spec.keys() - _SPEC_FIELDS
         if unknown:
             raise InvalidRequest(
                 f"unknown task field(s) {sorted(map(str, unknown))}; known: {sorted(_SPEC_FIELDS)}"
