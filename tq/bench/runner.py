@@ -172,14 +172,15 @@ class Bench:
                         await trio.sleep(0.05)
                 broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
                 broker_proc.cpu_percent(None)
-                samples: list[float] = []
+                samples: list[tuple[float, float]] = []  # (sent at, latency)
                 done = trio.Event()
                 started = time.perf_counter()
                 async with trio.open_nursery() as nursery:
                     if measure_latency:
                         nursery.start_soon(self._latency_loop, broker, samples, done)
                     last = await self.submit_batched(client, cfg.tasks)
-                    submitted = time.perf_counter() - started
+                    submitted_at = time.perf_counter()
+                    submitted = submitted_at - started
                     # tasks finish roughly in submission order: wait for the last one
                     # server-side, then confirm with (table-scanning) stats, sparingly
                     await client.wait(last)
@@ -208,18 +209,28 @@ class Bench:
             "broker_cpu_percent": round(cpu),
         }
         if measure_latency:
-            out["submit_latency_under_load"] = _percentiles(samples)
-            self.log(f"submit latency under load: {_fmt_latency(out['submit_latency_under_load'])}")
+            whole = _percentiles([d for _, d in samples])
+            bulk = [d for t, d in samples if t < submitted_at]
+            drain = [d for t, d in samples if t >= submitted_at]
+            out["submit_latency_under_load"] = whole
+            out["phases"] = {
+                "bulk_submit": _percentiles(bulk) if bulk else None,
+                "drain": _percentiles(drain) if drain else None,
+            }
+            self.log(f"submit latency under load: {_fmt_latency(whole)}")
+            for name, part in (("bulk submits flowing", bulk), ("workers draining", drain)):
+                if part:
+                    self.log(f"  while {name}: {_fmt_latency(_percentiles(part))}")
         return out
 
     async def _latency_loop(
-        self, broker: BrokerProcess, samples: list[float], done: trio.Event
+        self, broker: BrokerProcess, samples: list[tuple[float, float]], done: trio.Event
     ) -> None:
         async with _client(broker) as client:
             while not done.is_set() and len(samples) < self.cfg.tasks:
                 started = time.perf_counter()
                 await client.submit("echo", _payload(self.cfg, -1))
-                samples.append(time.perf_counter() - started)
+                samples.append((started, time.perf_counter() - started))
                 await trio.sleep(0.001)
 
     async def latency(self) -> dict[str, Any]:
@@ -239,7 +250,10 @@ class Bench:
         return {
             "idle": idle,
             "under_load": loaded["submit_latency_under_load"],
-            "load": {k: v for k, v in loaded.items() if k != "submit_latency_under_load"},
+            "under_load_phases": loaded["phases"],
+            "load": {
+                k: v for k, v in loaded.items() if k not in ("submit_latency_under_load", "phases")
+            },
         }
 
     async def backlog(self) -> dict[str, Any]:
