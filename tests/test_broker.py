@@ -146,9 +146,10 @@ async def test_stale_lease_results_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.trio
 async def test_heartbeats_keep_a_long_task_leased(tmp_path: Path) -> None:
-    async with running_broker(tmp_path, lease_ttl=0.6) as broker, running_worker(broker):
+    # the task runs for three lease lifetimes; heartbeats (every ttl/3) must keep it leased
+    async with running_broker(tmp_path, lease_ttl=1.0) as broker, running_worker(broker):
         async with broker.client() as client:
-            task = await client.wait(await client.submit("sleep", 1.5), timeout=20)
+            task = await client.wait(await client.submit("sleep", 3.0), timeout=30)
     assert task.state == "succeeded" and task.attempts == 1
 
 
