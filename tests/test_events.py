@@ -100,6 +100,29 @@ async def test_operator_changes_carry_the_state_before(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_bulk_retry_and_purge_are_published(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, broker.client() as client:
+        ids = await client.submit_many([{"type": "echo", "queue": "ops"}] * 3)
+        for task_id in ids:
+            await client.cancel(task_id)
+        async with client.subscribe(["tasks"]) as events:
+            retried = await client.retry_many("cancelled")
+            assert len(retried["retried"]) == 3
+            event = await next_event(events, "tasks")
+            assert {"queue": None, "from": None, "to": "pending", "n": 3} in event.data["totals"]
+            for task_id in ids:
+                await client.cancel(task_id)
+            purged = await client.purge(["cancelled"], 0)
+            assert purged["purged"] == 2  # never the newest task
+            while True:  # the cancels come first; then the purge
+                event = await next_event(events, "tasks")
+                removed = [t for t in event.data["totals"] if t["to"] is None]
+                if removed:
+                    break
+            assert removed == [{"queue": None, "from": None, "to": None, "n": 2}]
+
+
+@pytest.mark.slow
 async def test_workers_join_heartbeat_and_leave(tmp_path: Path) -> None:
     async with running_broker(tmp_path, lease_ttl=0.6) as broker, broker.client() as client:
         async with client.subscribe(["workers"]) as events:

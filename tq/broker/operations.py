@@ -113,6 +113,7 @@ class OperatorOps:
             return {"purged": 0, "matched": matched, "more": False}
         purged = await self.store.purge(states, older_than, now, limit)
         if purged:
+            self.events.removed(purged)
             await self._audit(principal, "task.purge", ",".join(sorted(states)), purged, older_than)
         return {"purged": purged, "matched": purged, "more": purged == limit}
 
@@ -128,6 +129,7 @@ class OperatorOps:
         if ids:
             self.notify_work()
             self.fire(ids)
+            self.events.promoted(len(ids))  # back to pending; from which state is not listed
             await self._audit(principal, "task.retry_many", state, len(ids), None)
         return {"retried": ids, "more": len(ids) == limit}
 
