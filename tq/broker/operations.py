@@ -30,6 +30,7 @@ from tq.core.errors import InvalidRequest, TQError, Unavailable
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
+    from tq.broker.events import EventBus
     from tq.broker.registry import WorkerRegistry
     from tq.security.roles import Principal
     from tq.store.base import Store, StoreStats
@@ -70,6 +71,7 @@ class OperatorOps:
     started_at: float
     counters: dict[str, int]
     activity: Activity
+    events: EventBus
     notify_work: Callable[[], None]
     fire: Callable[[Sequence[str]], None]
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
