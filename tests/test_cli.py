@@ -43,6 +43,10 @@ def test_submit_wait_status_list_cancel(served: BrokerProcess) -> None:
     assert status["state"] == "succeeded" and status["result"] == {"x": 1}
     listed = tq(served, "list", "--state", "succeeded", "--output", "jsonl").stdout.splitlines()
     assert [json.loads(line)["id"] for line in listed] == [task_id]
+    later = tq(served, "submit", "echo", "--payload", "2").stdout.strip()
+    tq(served, "wait", later)
+    newest = tq(served, "list", "--newest", "--limit", "1", "--output", "jsonl").stdout
+    assert json.loads(newest)["id"] == later
     slow = tq(served, "submit", "sleep", "--payload", "30", "--json")
     slow_id = json.loads(slow.stdout)["id"]
     cancelled = tq(served, "cancel", slow_id, "--json")

@@ -506,6 +506,14 @@ async def test_list_filters_and_cursor(store: Any) -> None:
     assert {t.id for t in await store.list(ListFilter(state="running"))} == running
     after = await store.list(ListFilter(state="pending", queue="q1", after=ids[9], limit=2))
     assert [t.id for t in after] == [ids[12], ids[15]]
+    newest: list[str] = []
+    cursor = None
+    while page := await store.list(ListFilter(limit=7, after=cursor, newest_first=True)):
+        newest += [task.id for task in page]
+        cursor = page[-1].id
+    assert newest == ids[::-1]
+    before = await store.list(ListFilter(queue="q1", after=ids[9], limit=2, newest_first=True))
+    assert [t.id for t in before] == [ids[6], ids[3]]
 
 
 @pytest.mark.parametrize(

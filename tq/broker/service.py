@@ -358,7 +358,12 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 raise InvalidRequest(f"list filter {key!r} must be a string")
             fields[key] = value
         fields["queue"] = _visible_queue(fields["queue"], principal)
-        tasks = await self.store.list(ListFilter(limit=limit, **fields))
+        order = msg.get("order", "oldest")
+        if order not in ("oldest", "newest"):
+            raise InvalidRequest(f"list order must be 'oldest' or 'newest', not {order!r}")
+        tasks = await self.store.list(
+            ListFilter(limit=limit, newest_first=order == "newest", **fields)
+        )
         cursor = tasks[-1].id if len(tasks) == limit else None
         return tasks, cursor
 

@@ -340,6 +340,9 @@ def list_(
             show_default=False,
         ),
     ] = None,
+    newest: Annotated[
+        bool, typer.Option("--newest", help="Newest first (default: oldest first).")
+    ] = False,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
@@ -347,7 +350,7 @@ def list_(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """List tasks, oldest first, filtered by state, type and queue."""
+    """List tasks, oldest (or --newest) first, filtered by state, type and queue."""
     from tq.core.states import State
 
     if state is not None and state not in {s.value for s in State}:
@@ -355,11 +358,14 @@ def list_(
 
     def body() -> None:
         with _client(broker, ca, insecure, api_key) as client:
-            page = client.list(state=state, type=type, queue=queue, limit=limit, after=after)
+            page = client.list(
+                state=state, type=type, queue=queue, limit=limit, after=after, newest_first=newest
+            )
         mode = output_mode(output, as_json)
         emit([t.to_dict() for t in page.tasks], mode, _tasks_table)
         if page.next and mode is Output.table:
-            typer.echo(f"more: tq list --after {page.next}", err=True)
+            again = " --newest" if newest else ""
+            typer.echo(f"more: tq list{again} --after {page.next}", err=True)
 
     run_guarded(body)
 

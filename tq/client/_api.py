@@ -118,8 +118,11 @@ def list_tasks(
     queue: str | None = None,
     limit: int = 100,
     after: str | None = None,
+    newest_first: bool = False,
 ) -> Call[TaskPage]:
     msg: dict[str, Any] = {"t": "query", "q": "list", "limit": limit}
+    if newest_first:
+        msg["order"] = "newest"
     for key, value in (("state", state), ("type", type), ("queue", queue), ("after", after)):
         if value is not None:
             msg[key] = value

@@ -246,4 +246,5 @@ class ListFilter:
     type: str | None = None
     queue: str | None = None
     limit: int = 100
-    after: str | None = None  # cursor: list ids strictly after this one
+    after: str | None = None  # cursor: list tasks past this id, in the listing's order
+    newest_first: bool = False  # order by submission, newest first (default oldest first)

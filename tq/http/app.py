@@ -115,6 +115,8 @@ def _query(request: Request) -> dict[str, Any]:
         msg["limit"] = int(text)
     if "cursor" in params:
         msg["after"] = params["cursor"]
+    if "order" in params:
+        msg["order"] = params["order"]  # the service names a bad value
     return msg
 
 

@@ -356,6 +356,12 @@ def _paths() -> dict[str, Any]:
                         "description": "next_cursor of the previous page.",
                         "schema": {"type": "string"},
                     },
+                    {
+                        "name": "order",
+                        "in": "query",
+                        "description": "oldest (default) or newest submitted first.",
+                        "schema": {"type": "string", "enum": ["oldest", "newest"]},
+                    },
                 ],
             ),
         },

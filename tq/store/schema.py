@@ -264,10 +264,13 @@ COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
 
 
 @lru_cache(maxsize=32)
-def list_query(state: bool, type_: bool, queue: bool, after: bool) -> str:
+def list_query(
+    state: bool, type_: bool, queue: bool, after: bool, newest_first: bool = False
+) -> str:
     """The listing statement for the filters present (one constant text per combination).
 
-    Parameters bind in this order: state, type, queue, after-seq, limit.
+    Parameters bind in this order: state, type, queue, after-seq, limit. The
+    cursor ("after") means "past this task in the listing's order".
     """
     terms = [
         term
@@ -275,12 +278,13 @@ def list_query(state: bool, type_: bool, queue: bool, after: bool) -> str:
             ("state = ?", state),
             ("type = ?", type_),
             ("queue = ?", queue),
-            ("seq > ?", after),
+            ("seq < ?" if newest_first else "seq > ?", after),
         )
         if present
     ]
     where = f" WHERE {' AND '.join(terms)}" if terms else ""
-    return f"SELECT {TASK_COLUMNS} FROM tasks{where} ORDER BY seq LIMIT ?"
+    order = "seq DESC" if newest_first else "seq"
+    return f"SELECT {TASK_COLUMNS} FROM tasks{where} ORDER BY {order} LIMIT ?"
 
 
 # -- values <-> columns ---------------------------------------------------------------
@@ -609,7 +613,11 @@ def list_tasks(conn: apsw.Connection, flt: ListFilter) -> list[Task]:
             raise InvalidRequest(f"cursor {flt.after!r} is not the id of a task")
         params.append(rows[0][0])
     query = list_query(
-        flt.state is not None, flt.type is not None, flt.queue is not None, flt.after is not None
+        flt.state is not None,
+        flt.type is not None,
+        flt.queue is not None,
+        flt.after is not None,
+        flt.newest_first,
     )
     return [row_to_task(row) for row in _rows(conn, query, (*params, flt.limit))]
 
