@@ -105,7 +105,7 @@ class BrokerLink:
         requests = self._connect()
         with self._lock:
             self._requests = requests
-        failed = requests.list(state="failed", limit=FAILED_SEED).tasks
+        failed = requests.list(state="failed", limit=FAILED_SEED, newest_first=True).tasks
         snapshot = Snapshot(dict(requests.server), requests.stats(), requests.workers(), failed)
         return snapshot, events.subscribe(TOPICS)
 
@@ -187,7 +187,7 @@ class Page:
 def fetch_page(
     client: BlockingClient, flt: TaskFilter, after: str | None, size: int = PAGE_SIZE
 ) -> Page:
-    """One page of tasks in submission order, after the cursor ``after``.
+    """One page of tasks, newest submitted first, past the cursor ``after``.
 
     Filters on state, queue and type are the broker's. A search text is not:
     pages are read and matched here, up to SEARCH_BUDGET tasks per page, so a
@@ -196,7 +196,7 @@ def fetch_page(
     filters = {"state": flt.state, "queue": flt.queue, "type": flt.type}
     text = flt.search.strip().lower()
     if not text:
-        page = client.list(**filters, limit=size, after=after)
+        page = client.list(**filters, limit=size, after=after, newest_first=True)
         return Page(page.tasks, after, page.next)
     if _UUID.match(text) and after is None:
         try:
@@ -209,7 +209,7 @@ def fetch_page(
     scanned = 0
     cursor = after
     while scanned < SEARCH_BUDGET:
-        page = client.list(**filters, limit=SCAN_PAGE, after=cursor)
+        page = client.list(**filters, limit=SCAN_PAGE, after=cursor, newest_first=True)
         scanned += len(page.tasks)
         for task in page.tasks:
             if flt.matches(task):
