@@ -137,3 +137,13 @@ def test_error_codes_map_back_to_classes() -> None:
     assert isinstance(err, RemoteError) and err.code == "from_a_newer_broker"
     assert err.retry_after == 1.5
     assert isinstance(err, TQError)
+
+
+def test_human_bytes_names_binary_units() -> None:
+    from tq.core.units import human_bytes
+
+    assert human_bytes(None) == "" and human_bytes(None, missing="-") == "-"
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(124 * 2**20) == "124.0 MiB"
+    assert human_bytes(3 * 2**50) == "3072.0 TiB"

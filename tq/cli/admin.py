@@ -42,6 +42,7 @@ from tq.cli.common import (
     run_guarded,
     settings,
 )
+from tq.core.units import human_bytes
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
@@ -156,24 +157,13 @@ def _status_rows(data: dict[str, Any]) -> Any:
         ("accepting work", "yes" if checks["accepting"]["ok"] else "no: shutting down"),
         ("store", f"{store_check} ({checks['store']['latency'] * 1000:.1f} ms)"),
         ("store path", store.get("path")),
-        ("store size", _size(store.get("size"))),
-        ("WAL size", _size(store.get("wal"))),
+        ("store size", human_bytes(store.get("size"))),
+        ("WAL size", human_bytes(store.get("wal"))),
         ("workers", f"{data['workers']['connected']} connected, {data['workers']['known']} known"),
     ]
     for name, address in (data.get("listen") or {}).items():
         rows.append((f"listen ({name})", address or "off"))
     return kv_table(rows)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return ""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
 
 
 def cluster_status(

@@ -102,13 +102,7 @@ class BlockingClient:
             try:
                 self._sock.sendall(self._conn.send({**message, "id": rid}))
                 while True:
-                    msg = self._conn.next_message()
-                    if msg is None:
-                        data = self._sock.recv(256 * 1024)
-                        if not data:
-                            raise api.connection_lost(self.address)
-                        self._conn.receive_data(data)
-                        continue
+                    msg = self._read_message()
                     if msg["id"] == rid or (msg["id"] == 0 and msg["t"] == "nack"):
                         return api.raise_for_nack(msg)
             except MessageError as exc:
@@ -123,6 +117,15 @@ class BlockingClient:
                 raise api.connection_lost(self.address) from None
             finally:
                 self._sock.settimeout(None)
+
+    def _read_message(self) -> dict[str, Any]:
+        """The next message from the socket (the caller holds the lock)."""
+        while (msg := self._conn.next_message()) is None:
+            data = self._sock.recv(256 * 1024)
+            if not data:
+                raise api.connection_lost(self.address)
+            self._conn.receive_data(data)
+        return msg
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         return self._request(message)
@@ -197,15 +200,10 @@ class BlockingClient:
         with self._lock:
             try:
                 while True:
-                    msg = self._conn.next_message()
-                    if msg is None:
-                        data = self._sock.recv(256 * 1024)
-                        if not data:
-                            raise api.connection_lost(self.address)
-                        self._conn.receive_data(data)
-                    elif msg["t"] == "event":
+                    msg = self._read_message()
+                    if msg["t"] == "event":
                         return msg
-                    elif msg["id"] == 0 and msg["t"] == "nack":
+                    if msg["id"] == 0 and msg["t"] == "nack":
                         api.raise_for_nack(msg)
             except MessageError as exc:
                 raise exc.cause from None

@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from tq.core.units import human_bytes
+
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 
@@ -25,14 +27,7 @@ def age(seconds: float | None) -> str:
 
 
 def size(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"  # pragma: no cover
+    return human_bytes(n, missing="-")
 
 
 def count(n: int) -> str:
