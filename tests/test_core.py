@@ -111,6 +111,37 @@ def test_task_spec_defaults_and_errors() -> None:
         TaskSpec.from_mapping({"type": "echo", "queue": "a,b"})
 
 
+_NAMES = st.one_of(
+    st.none(),
+    st.sampled_from(["echo", "default", "a b", "a,b", "", "x" * 201, "x" * 200]),
+    st.text(max_size=8),
+    st.integers(),
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={"type": _NAMES, "queue": _NAMES, "payload": st.integers() | st.text()},
+    ),
+    st.booleans(),
+)
+def test_task_spec_fast_path_matches_the_full_rules(spec: dict[str, object], twice: bool) -> None:
+    """Plain dicts of type/queue/payload take a shortcut (names it has seen are
+    remembered); any other mapping takes every check. Both must agree."""
+    from types import MappingProxyType
+
+    def outcome(value: object) -> object:
+        try:
+            return TaskSpec.from_mapping(value)
+        except InvalidRequest as exc:
+            return exc.message
+
+    expected = outcome(MappingProxyType(spec))
+    for _ in range(2 if twice else 1):  # the second time, from the remembered names
+        assert outcome(dict(spec)) == expected
+
+
 def test_task_round_trips_through_plain_data() -> None:
     task = Task(
         id=uuid7(1.0),

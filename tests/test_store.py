@@ -291,6 +291,36 @@ async def test_complete_unknown_and_duplicate_reports(store: Any) -> None:
     ]
 
 
+async def test_complete_judges_each_report_in_a_batch_as_if_alone(store: Any) -> None:
+    """A stale report does not spoil a good one for the same task in the same call,
+    and one call may carry every kind of outcome."""
+    for _ in range(4):
+        await submit(store, max_retries=1)
+    leases = await claim(store, n=4)
+    assert len(leases) == 4
+    ok, retry, reject, back = leases
+    stale = Outcome(ok.id, ok.token + 1, "ok", result=1)
+    results = await store.complete(
+        [
+            stale,
+            report(ok, result=2),
+            report(retry, "retry", error=TaskError("E", "again")),
+            report(reject, "reject", error=TaskError("E", "no")),
+            report(back, "release"),
+        ],
+        NOW,
+    )
+    assert [(r.accepted, r.state) for r in results] == [
+        (False, "running"),
+        (True, "succeeded"),
+        (True, "failed"),
+        (True, "dead"),
+        (True, "pending"),
+    ]
+    assert (await store.get(ok.id)).result == 2
+    assert (await store.get(back.id)).attempts == 0
+
+
 async def test_complete_rejects_unknown_status(store: Any) -> None:
     with pytest.raises(InvalidRequest, match="status"):
         await store.complete([Outcome("x", 1, "maybe")], NOW)
@@ -763,6 +793,22 @@ async def test_probe_reads_and_reports_the_files(store: Any) -> None:
 
 def sqlite_files(path: Path) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+
+
+async def test_sqlite_light_writes_get_their_own_transaction_first(tmp_path: Path) -> None:
+    """Batch formation (no writes run: the ops are queued without waking the writer)."""
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        light_a, bulk, light_b, claim64, light_c = ops = [
+            sqlite._Op(lambda conn: None, (), weight) for weight in (1, 1000, 1, 64, 1)
+        ]
+        store._queue.extend(ops)
+        assert store._take_batch() == [light_a, light_b, light_c]  # wherever they stood
+        late = sqlite._Op(lambda conn: None, (), 1)
+        store._queue.append(late)
+        assert store._take_batch() == [bulk]  # passed over once: now FIFO (1000-row cap)
+        assert store._take_batch() == [late]  # the next heavy head lets it go first
+        assert store._take_batch() == [claim64]
+        assert store._take_batch() == []
 
 
 async def test_sqlite_close_checkpoints_the_wal(tmp_path: Path) -> None:

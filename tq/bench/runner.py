@@ -163,6 +163,7 @@ class Bench:
     async def e2e(self, measure_latency: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         broker = self.broker()
+        probe = None
         try:
             for _ in range(cfg.workers):
                 broker.start_worker("--concurrency", str(cfg.concurrency))
@@ -171,28 +172,27 @@ class Bench:
                     while len(await client.workers()) < cfg.workers:
                         await trio.sleep(0.05)
                 broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+                probe = self._start_probe(broker) if measure_latency else None
                 broker_proc.cpu_percent(None)
-                samples: list[tuple[float, float]] = []  # (sent at, latency)
-                done = trio.Event()
-                started = time.perf_counter()
-                async with trio.open_nursery() as nursery:
-                    if measure_latency:
-                        nursery.start_soon(self._latency_loop, broker, samples, done)
-                    last = await self.submit_batched(client, cfg.tasks)
-                    submitted_at = time.perf_counter()
-                    submitted = submitted_at - started
-                    # tasks finish roughly in submission order: wait for the last one
-                    # server-side, then confirm with (table-scanning) stats, sparingly
-                    await client.wait(last)
-                    done.set()  # the latency probe stops submitting: the load is over
-                    while True:
-                        counts = (await client.stats())["queues"].get("default", {})
-                        if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
-                            break
-                        await trio.sleep(0.1)
-                elapsed = time.perf_counter() - started
+                started = time.monotonic()
+                last = await self.submit_batched(client, cfg.tasks)
+                submitted_at = time.monotonic()
+                submitted = submitted_at - started
+                # tasks finish roughly in submission order: wait for the last one
+                # server-side, then confirm with (table-scanning) stats, sparingly
+                await client.wait(last)
+                samples = self._stop_probe(probe) if probe else []
+                while True:
+                    counts = (await client.stats())["queues"].get("default", {})
+                    if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
+                        break
+                    await trio.sleep(0.1)
+                elapsed = time.monotonic() - started
                 cpu = broker_proc.cpu_percent(None)
         finally:
+            if probe and probe[0].poll() is None:
+                probe[0].kill()
+                probe[0].wait()
             broker.close()
         rate = cfg.tasks / elapsed
         self.log(
@@ -209,9 +209,10 @@ class Bench:
             "broker_cpu_percent": round(cpu),
         }
         if measure_latency:
-            whole = _percentiles([d for _, d in samples])
-            bulk = [d for t, d in samples if t < submitted_at]
-            drain = [d for t, d in samples if t >= submitted_at]
+            loaded = [(t, d) for t, d in samples if t >= started]  # not the idle warm-up
+            whole = _percentiles([d for _, d in loaded])
+            bulk = [d for t, d in loaded if t < submitted_at]
+            drain = [d for t, d in loaded if t >= submitted_at]
             out["submit_latency_under_load"] = whole
             out["phases"] = {
                 "bulk_submit": _percentiles(bulk) if bulk else None,
@@ -223,15 +224,39 @@ class Bench:
                     self.log(f"  while {name}: {_fmt_latency(_percentiles(part))}")
         return out
 
-    async def _latency_loop(
-        self, broker: BrokerProcess, samples: list[tuple[float, float]], done: trio.Event
-    ) -> None:
-        async with _client(broker) as client:
-            while not done.is_set() and len(samples) < self.cfg.tasks:
-                started = time.perf_counter()
-                await client.submit("echo", _payload(self.cfg, -1))
-                samples.append((started, time.perf_counter() - started))
-                await trio.sleep(0.001)
+    def _start_probe(self, broker: BrokerProcess) -> tuple[subprocess.Popen[bytes], Path]:
+        """The latency probe, in a process of its own (see tq.bench.probe), once it has
+        had an ACK, so that connecting is not part of the load."""
+        out = Path(tempfile.mkstemp(prefix="probe-", suffix=".txt", dir=self.root)[1])
+        key = broker.key
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "tq.bench.probe", "--broker", broker.address,
+                "--ca", str(broker.ca), *(["--key", key] if key else []), "--out", str(out),
+                "--payload-bytes", str(self.cfg.payload_bytes),
+                "--limit", str(self.cfg.tasks),
+            ],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not out.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the latency probe did not start (exit {proc.poll()})")
+            time.sleep(0.02)
+        return proc, out
+
+    @staticmethod
+    def _stop_probe(probe: tuple[subprocess.Popen[bytes], Path]) -> list[tuple[float, float]]:
+        """Stop the probe; every submit it made, as (monotonic time sent, seconds)."""
+        proc, out = probe
+        proc.terminate()
+        if proc.wait(timeout=30) != 0:
+            raise RuntimeError(f"the latency probe failed (exit {proc.returncode})")
+        return [
+            (float(sent), float(took))
+            for sent, took in (line.split() for line in out.read_text().splitlines())
+        ]
 
     async def latency(self) -> dict[str, Any]:
         broker = self.broker()

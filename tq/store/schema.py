@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import apsw
@@ -207,9 +207,9 @@ CLAIM_TAKE = (
     "RETURNING seq, id, type, queue, payload, priority, attempts, max_retries, timeout, "
     "lease_token"
 )
-REPORT_LOOKUP = (
-    "SELECT seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
-    "retry_cap, queue, type, started_at FROM tasks WHERE id = ?"
+REPORT_LOOKUP_MANY = (  # the ids arrive as a JSON array: one statement for a batch
+    "SELECT id, seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
+    "retry_cap, queue, type, started_at FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 )
 FINISH_OK = (
     "UPDATE tasks SET state = ?, result = ?, error = NULL, finished_at = ?, lease_token = NULL, "
@@ -460,6 +460,16 @@ def _lease_token() -> int:
 
 
 def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
+    """Apply a batch of reports: one lookup for all, then one executemany per kind.
+
+    Each task's row is read once, before any change: a second report for the
+    same task in one call is judged against that row unless an earlier one was
+    accepted (then it is stale: "already reported"), exactly as if they were
+    applied one by one.
+    """
+    ids = list(dict.fromkeys(outcome.id for outcome in outcomes))
+    found = {row[0]: row[1:] for row in _rows(conn, REPORT_LOOKUP_MANY, (json.dumps(ids),))}
+    writes: dict[str, list[tuple[Any, ...]]] = {}
     results: list[OutcomeResult] = []
     settled: dict[str, str] = {}  # a second report for the same task in one call is stale
     for outcome in outcomes:
@@ -467,33 +477,45 @@ def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list
             state = settled[outcome.id]
             results.append(OutcomeResult(outcome.id, False, state, "already reported"))
             continue
-        result = _apply_outcome(conn, outcome, now)
+        row = found.get(outcome.id)
+        if row is None:
+            results.append(OutcomeResult(outcome.id, False, None, f"no task with id {outcome.id}"))
+            continue
+        result = _apply_outcome(writes, outcome, row, now)
         if result.accepted and result.state is not None:
             settled[outcome.id] = result.state
         results.append(result)
+    for statement, params in writes.items():
+        _rows_many(conn, statement, params)
     return results
 
 
-def _apply_outcome(conn: apsw.Connection, outcome: Outcome, now: float) -> OutcomeResult:
-    rows = _rows(conn, REPORT_LOOKUP, (outcome.id,))
-    if not rows:
-        return OutcomeResult(outcome.id, False, None, f"no task with id {outcome.id}")
-    seq, state, token, expires_at, attempts, max_retries, base, cap, queue, type_, started = rows[0]
+def _apply_outcome(
+    writes: dict[str, list[tuple[Any, ...]]], outcome: Outcome, row: tuple[Any, ...], now: float
+) -> OutcomeResult:
+    """Judge one report against its task's row; queue the write it makes (if any)."""
+    seq, state, token, expires_at, attempts, max_retries, base, cap, queue, type_, started = row
     refusal = _fence(state, token, expires_at, outcome.token, now)
     if refusal:
         return OutcomeResult(outcome.id, False, state, refusal, queue, type_)
     event, error, result = _judge(outcome, attempts, max_retries)
-    target = next_state(state, event)
+    target = _next_value(state, event)
     if event is Event.SUCCEED:
-        conn.execute(FINISH_OK, (target.value, result, now, seq))
+        writes.setdefault(FINISH_OK, []).append((target, result, now, seq))
     elif event is Event.RELEASE:  # handed back unrun: the attempt does not count
-        conn.execute(GIVE_BACK, (target.value, seq))
+        writes.setdefault(GIVE_BACK, []).append((target, seq))
     elif event is Event.FAIL_RETRY:
         wait = max(outcome.delay or 0.0, RetryPolicy(base, cap).delay(attempts))
-        conn.execute(FINISH_FAILED, (target.value, pack_error(error), now + wait, seq))
+        writes.setdefault(FINISH_FAILED, []).append((target, pack_error(error), now + wait, seq))
     else:
-        conn.execute(FINISH_DEAD, (target.value, pack_error(error), now, seq))
-    return OutcomeResult(outcome.id, True, target.value, "", queue, type_, started)
+        writes.setdefault(FINISH_DEAD, []).append((target, pack_error(error), now, seq))
+    return OutcomeResult(outcome.id, True, target, "", queue, type_, started)
+
+
+@cache
+def _next_value(state: str, event: Event) -> str:
+    """``next_state(state, event).value``, remembered (a report's hot path)."""
+    return next_state(state, event).value
 
 
 def _fence(state: str, token: int | None, expires_at: float | None, given: int, now: float) -> str:

@@ -403,21 +403,22 @@ class SQLiteStore:
     def _take_batch(self) -> _Batch:
         """The next transaction's operations: FIFO up to MAX_BATCH_WEIGHT rows.
 
-        Latency: when the oldest operation is heavy (a bulk submit, a large
-        claim) and light ones (a single submit, a cancel) wait behind it, the
-        light ones get a transaction of their own first; the heavy one goes
-        next, so it is passed over at most once and never starves.
+        Latency: light operations (a single submit, a cancel, a small claim)
+        queued together with heavy ones (a bulk submit, a large claim or report)
+        get a short transaction of their own first, wherever they stand in the
+        queue. Then the oldest heavy operation goes, with what follows it in
+        FIFO order, so it is passed over at most once and never starves.
         """
         queue = self._queue
         while queue and queue[0].abandoned:
             queue.popleft()
         if not queue:
             return []
-        head = queue[0]
-        if head.weight > SMALL_WEIGHT and not head.deferred:
+        heavy = next((op for op in queue if op.weight > SMALL_WEIGHT and not op.abandoned), None)
+        if heavy is not None and not heavy.deferred:
             light = [op for op in queue if op.weight <= SMALL_WEIGHT and not op.abandoned]
             if light:
-                head.deferred = True
+                heavy.deferred = True
                 light = light[: MAX_BATCH_WEIGHT // SMALL_WEIGHT]
                 taken = set(map(id, light))
                 self._queue = deque(op for op in queue if id(op) not in taken)
