@@ -134,6 +134,38 @@ async def test_submit_returns_results_in_order(store: Any) -> None:
     assert len({r.id for r in results}) == 50
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(blacklist_categories=("Z", "Cc", "Cs")), min_size=1).filter(
+                lambda name: "," not in name and not any(c.isspace() for c in name)
+            ),
+            st.floats(min_value=0.001, max_value=1e300),
+            st.integers(0, 255),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+async def test_submit_keeps_every_field_exactly(specs: list[tuple[str, float, int]]) -> None:
+    """Rows travel to SQLite as one JSON document: names with quotes, backslashes
+    and any script, floats and integers all come back as they went in, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with open_sqlite_store(Path(tmp) / "tq.db") as store:
+            sent = [
+                TaskSpec(type=name, queue=name, timeout=timeout, retry_cap=timeout, priority=prio)
+                for name, timeout, prio in specs
+            ]
+            results = await store.submit(sent, NOW)
+            got = [await store.get(r.id) for r in results]
+            assert [(t.type, t.queue, t.timeout, t.retry_cap, t.priority) for t in got] == [
+                (s.type, s.queue, s.timeout, s.retry_cap, s.priority) for s in sent
+            ]
+            listed = await store.list(ListFilter())
+            assert [t.id for t in listed] == [r.id for r in results]  # seq follows the request
+
+
 async def test_get_unknown_is_not_found(store: Any) -> None:
     with pytest.raises(NotFound, match="no task with id nope"):
         await store.get("nope")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
@@ -182,10 +183,15 @@ TASK_COLUMNS = (
     "retry_cap, created_at, started_at, finished_at, run_at, worker, result, error, "
     "idempotency_key"
 )
-INSERT_TASK = (
+# New tasks arrive as one JSON array of rows (see prepare_submit), in order:
+# [id, type, queue, payload as hex, priority, max_retries, timeout, retry_base,
+#  retry_cap, idempotency_key].
+INSERT_TASKS = (
     "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
     "timeout, retry_base, retry_cap, created_at, idempotency_key) "
-    "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
+    "SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, unhex(r.value ->> 3), r.value ->> 4, "
+    "?, 0, r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, ?, r.value ->> 9 "
+    "FROM json_each(?) AS r ORDER BY r.key"
 )
 FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = ?"
 CLAIM_PICK = (
@@ -211,9 +217,10 @@ REPORT_LOOKUP_MANY = (  # the ids arrive as a JSON array: one statement for a ba
     "SELECT id, seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
     "retry_cap, queue, type, started_at FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 )
-FINISH_OK = (
-    "UPDATE tasks SET state = ?, result = ?, error = NULL, finished_at = ?, lease_token = NULL, "
-    "lease_expires_at = NULL WHERE seq = ?"
+FINISH_OK_MANY = (  # rows as JSON: [seq, state, result as hex]
+    "UPDATE tasks SET state = r.value ->> 1, result = unhex(r.value ->> 2), error = NULL, "
+    "finished_at = ?, lease_token = NULL, lease_expires_at = NULL "
+    "FROM json_each(?) AS r WHERE tasks.seq = r.value ->> 0"
 )
 GIVE_BACK = (
     "UPDATE tasks SET state = ?, attempts = attempts - 1, started_at = NULL, "
@@ -384,26 +391,83 @@ _EXPIRED_FINAL = _target(Event.LEASE_EXPIRED_FINAL)
 
 
 def submit(conn: apsw.Connection, specs: list[TaskSpec], now: float) -> list[SubmitResult]:
-    payloads = [pack(spec.payload) for spec in specs]  # every limit checked before any write
+    """Insert new tasks (prepare, then insert: see ``prepare_submit``)."""
+    return insert_prepared(conn, prepare_submit(specs, now))
+
+
+_ROW_KEY = 9  # the idempotency_key of a prepared row
+
+
+@dataclass(slots=True)
+class PreparedSubmit:
+    """New task rows, built before the write transaction (``prepare_submit``)."""
+
+    now: float
+    rows: list[list[Any]]  # INSERT_TASKS' JSON row layout
+    document: str | None  # the rows as JSON, when no row has an idempotency key
+
+
+def prepare_submit(specs: Sequence[TaskSpec], now: float) -> PreparedSubmit:
+    """The rows for ``specs``: ids made, payloads encoded, every limit checked.
+
+    Needs no connection, so the store builds them before the write transaction.
+    The transaction then runs one INSERT over the JSON document: SQLite parses
+    it without the GIL, whereas an executemany gives the GIL up and waits to get
+    it back once per row (measured: 1000 rows in 4.3 ms either way when alone,
+    but 15 ms against 3.2 s while another thread runs Python).
+    """
+    return prepared(now, prepare_rows(specs, now))
+
+
+def prepare_rows(specs: Sequence[TaskSpec], now: float) -> list[list[Any]]:
+    """``prepare_submit`` in pieces: the rows of some specs (then ``prepared``)."""
+    return [
+        [
+            uuid7(now),
+            spec.type,
+            spec.queue,
+            pack(spec.payload).hex(),
+            spec.priority,
+            spec.max_retries,
+            spec.timeout,
+            spec.retry_base,
+            spec.retry_cap,
+            spec.idempotency_key,
+        ]
+        for spec in specs
+    ]
+
+
+def prepared(now: float, rows: list[list[Any]]) -> PreparedSubmit:
+    keyed = any(row[_ROW_KEY] is not None for row in rows)
+    return PreparedSubmit(now, rows, None if keyed else _json(rows))
+
+
+def _json(rows: list[Any]) -> str:
+    return json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def insert_prepared(conn: apsw.Connection, prepared: PreparedSubmit) -> list[SubmitResult]:
+    """Insert prepared rows, in order; a row whose idempotency key is taken (by an
+    existing task or an earlier row) inserts nothing and answers with that task's id."""
+    if prepared.document is not None:
+        _rows(conn, INSERT_TASKS, (_PENDING.value, prepared.now, prepared.document))
+        return [SubmitResult(row[0], created=True) for row in prepared.rows]
     results: list[SubmitResult] = []
-    rows: list[tuple[Any, ...]] = []
+    fresh: list[list[Any]] = []
     new_keys: dict[str, str] = {}
-    for spec, payload in zip(specs, payloads, strict=True):
-        key = spec.idempotency_key
+    for row in prepared.rows:
+        key = row[_ROW_KEY]
         if key is not None:
             existing = new_keys.get(key) or _id_for_key(conn, key)
             if existing is not None:
                 results.append(SubmitResult(existing, created=False))
                 continue
-        task_id = uuid7(now)
-        if key is not None:
-            new_keys[key] = task_id
-        row = (task_id, spec.type, spec.queue, payload, spec.priority, _PENDING.value)
-        rows.append(
-            (*row, spec.max_retries, spec.timeout, spec.retry_base, spec.retry_cap, now, key)
-        )
-        results.append(SubmitResult(task_id, created=True))
-    _rows_many(conn, INSERT_TASK, rows)
+            new_keys[key] = row[0]
+        fresh.append(row)
+        results.append(SubmitResult(row[0], created=True))
+    if fresh:
+        _rows(conn, INSERT_TASKS, (_PENDING.value, prepared.now, _json(fresh)))
     return results
 
 
@@ -469,7 +533,7 @@ def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list
     """
     ids = list(dict.fromkeys(outcome.id for outcome in outcomes))
     found = {row[0]: row[1:] for row in _rows(conn, REPORT_LOOKUP_MANY, (json.dumps(ids),))}
-    writes: dict[str, list[tuple[Any, ...]]] = {}
+    writes: dict[str, list[Any]] = {}
     results: list[OutcomeResult] = []
     settled: dict[str, str] = {}  # a second report for the same task in one call is stale
     for outcome in outcomes:
@@ -486,12 +550,15 @@ def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list
             settled[outcome.id] = result.state
         results.append(result)
     for statement, params in writes.items():
-        _rows_many(conn, statement, params)
+        if statement is FINISH_OK_MANY:
+            _rows(conn, statement, (now, _json(params)))
+        else:
+            _rows_many(conn, statement, params)
     return results
 
 
 def _apply_outcome(
-    writes: dict[str, list[tuple[Any, ...]]], outcome: Outcome, row: tuple[Any, ...], now: float
+    writes: dict[str, list[Any]], outcome: Outcome, row: tuple[Any, ...], now: float
 ) -> OutcomeResult:
     """Judge one report against its task's row; queue the write it makes (if any)."""
     seq, state, token, expires_at, attempts, max_retries, base, cap, queue, type_, started = row
@@ -500,8 +567,10 @@ def _apply_outcome(
         return OutcomeResult(outcome.id, False, state, refusal, queue, type_)
     event, error, result = _judge(outcome, attempts, max_retries)
     target = _next_value(state, event)
-    if event is Event.SUCCEED:
-        writes.setdefault(FINISH_OK, []).append((target, result, now, seq))
+    if event is Event.SUCCEED:  # the common case: one statement for all (see INSERT_TASKS)
+        writes.setdefault(FINISH_OK_MANY, []).append(
+            [seq, target, result.hex() if result else None]
+        )
     elif event is Event.RELEASE:  # handed back unrun: the attempt does not count
         writes.setdefault(GIVE_BACK, []).append((target, seq))
     elif event is Event.FAIL_RETRY:

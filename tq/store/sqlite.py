@@ -69,6 +69,7 @@ T = TypeVar("T")
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 MAX_BATCH_WEIGHT = 1000  # rows per transaction (an operation's weight is its row count)
 SMALL_WEIGHT = 8  # operations this light jump ahead of a heavy queue head, once
+PREPARE_CHUNK = 250  # submitted rows built (ids, encoding) between event-loop checkpoints
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -176,7 +177,13 @@ class SQLiteStore:
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
-        return await self._write(schema.submit, list(specs), now, weight=len(specs))
+        rows: list[list[Any]] = []
+        for start in range(0, len(specs), PREPARE_CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()  # let other requests in between chunks
+            rows += schema.prepare_rows(specs[start : start + PREPARE_CHUNK], now)
+        prepared = schema.prepared(now, rows)
+        return await self._write(schema.insert_prepared, prepared, weight=len(rows))
 
     async def claim(
         self,
