@@ -260,6 +260,7 @@ async def test_claim_tokens_differ(store: Any) -> None:
     await store.submit([TaskSpec(type="t") for _ in range(50)], NOW)
     leases = await claim(store)
     assert len({lease.token for lease in leases}) == 50
+    assert all(0 < lease.token < 2**62 for lease in leases)  # fits SQLite's signed 64 bits
 
 
 # -- complete and fencing -------------------------------------------------------------

@@ -107,17 +107,20 @@ class Activity:
 
     def reported(self, results: Iterable[Any], now: float) -> None:
         """Accepted outcomes (``OutcomeResult``s): events and run time."""
+        counts: Counter[tuple[str, str, str]] = Counter()
         for r in results:
             events = _BY_STATE.get(r.state or "") if r.accepted else None
             if not events or r.queue is None or r.type is None:
                 continue
             for event in events:
-                self.record(r.queue, r.type, event, now)
+                counts[r.queue, r.type, event] += 1
             if r.started_at is not None:
                 key = (r.queue, r.type)
                 if key not in self.run_time:
                     self.run_time[key] = Histogram(RUN_TIME_BUCKETS)
                 self.run_time[key].observe(max(0.0, now - r.started_at))
+        for (queue, type_, event), n in counts.items():
+            self.record(queue, type_, event, now, n)
 
     # -- reading ----------------------------------------------------------
     def last_minute(
