@@ -844,6 +844,23 @@ async def test_sqlite_light_writes_get_their_own_transaction_first(tmp_path: Pat
         assert store._take_batch() == []
 
 
+async def test_sqlite_a_light_write_arriving_just_after_a_heavy_one_goes_first(
+    tmp_path: Path,
+) -> None:
+    ran: list[str] = []
+
+    async def write(name: str, weight: int, delay_rounds: int) -> None:
+        for _ in range(delay_rounds):
+            await trio.lowlevel.checkpoint()
+        await store._write(lambda conn: ran.append(name), weight=weight)
+
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, "bulk", 1000, 0)
+            nursery.start_soon(write, "single", 1, 1)  # queued one round later
+    assert ran == ["single", "bulk"]
+
+
 async def test_sqlite_close_checkpoints_the_wal(tmp_path: Path) -> None:
     path = tmp_path / "tq.db"
     async with open_sqlite_store(path) as store:

@@ -69,6 +69,7 @@ T = TypeVar("T")
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 MAX_BATCH_WEIGHT = 1000  # rows per transaction (an operation's weight is its row count)
 SMALL_WEIGHT = 8  # operations this light jump ahead of a heavy queue head, once
+LIGHT_GRACE_ROUNDS = 3  # scheduling rounds a heavy-only batch waits for light writes to queue
 PREPARE_CHUNK = 250  # submitted rows built (ids, encoding) between event-loop checkpoints
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
@@ -383,6 +384,12 @@ class SQLiteStore:
     async def _writer_loop(self) -> None:
         try:
             while True:
+                if self._queue and all(op.weight > SMALL_WEIGHT for op in self._queue):
+                    # only heavy work queued: give requests already read (or just
+                    # arrived) a moment to queue a light write that would otherwise
+                    # wait for the whole heavy transaction
+                    for _ in range(LIGHT_GRACE_ROUNDS):
+                        await trio.lowlevel.checkpoint()
                 batch = self._take_batch()
                 if not batch:
                     if self._closing:
