@@ -861,6 +861,17 @@ async def test_sqlite_a_light_write_arriving_just_after_a_heavy_one_goes_first(
     assert ran == ["single", "bulk"]
 
 
+@pytest.mark.parametrize("version", ["3.44.2", "3.9.2", "2.8.17"])
+async def test_sqlite_too_old_is_a_clear_config_error(version: str) -> None:
+    with pytest.raises(ConfigError, match=rf"SQLite >= 3\.45.*SQLite {version}.*pip install"):
+        sqlite._check_sqlite_version(version)
+
+
+async def test_sqlite_versions_this_code_runs_on() -> None:
+    for version in ("3.45.0", "3.54.1", "4.0.0", apsw.sqlite_lib_version()):
+        sqlite._check_sqlite_version(version)
+
+
 async def test_sqlite_close_checkpoints_the_wal(tmp_path: Path) -> None:
     path = tmp_path / "tq.db"
     async with open_sqlite_store(path) as store:

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+MIN_SQLITE = (3, 45)  # what the SQL in schema.py needs; apsw>=3.45 bundles at least this
 MAX_BATCH_WEIGHT = 1000  # rows per transaction (an operation's weight is its row count)
 SMALL_WEIGHT = 8  # operations this light jump ahead of a heavy queue head, once
 LIGHT_GRACE_ROUNDS = 3  # scheduling rounds a heavy-only batch waits for light writes to queue
@@ -576,6 +577,7 @@ def _rollback(conn: apsw.Connection) -> None:
 
 def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
     """Open writer, reader and checkpointer connections; create or migrate the schema."""
+    _check_sqlite_version(apsw.sqlite_lib_version())
     _check_location(path)
     opened: list[apsw.Connection] = []
     try:
@@ -607,6 +609,17 @@ def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
             raise _store_error(exc, "open", path) from exc
         raise
     return writer, reader, checkpointer
+
+
+def _check_sqlite_version(version: str) -> None:
+    """The SQL here needs SQLite 3.45 (``->>``, ``unhex``, ``UPDATE ... FROM``)."""
+    found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if found < MIN_SQLITE:
+        wanted = ".".join(map(str, MIN_SQLITE))
+        raise ConfigError(
+            f"tq needs SQLite >= {wanted}, but APSW runs SQLite {version}; "
+            f"install a newer APSW (pip install 'apsw>={wanted}'), which bundles its own SQLite"
+        )
 
 
 def _open(path: str, opened: list[apsw.Connection], busy_ms: int) -> apsw.Connection:
