@@ -37,7 +37,12 @@ operation that raises rolls back only itself and its exception goes to its
 caller only; a batch of one needs no savepoint), ``COMMIT``; then, and only
 then, it wakes the callers.
 Operations that arrive while a batch runs form the next batch, so under load
-one fsync is shared by many calls. If BEGIN or COMMIT fails (disk full, I/O
+one fsync is shared by many calls. Light operations (weight <= SMALL_WEIGHT)
+queued with heavy ones get a transaction of their own first, and before
+heavy-only work the writer lets the event loop run LIGHT_GRACE_ROUNDS rounds
+so that a light request just read can still go first (``_take_batch``). A
+submit's rows (ids, encoded payloads) are built before its operation is
+queued, so its transaction holds the writer only for the INSERT. If BEGIN or COMMIT fails (disk full, I/O
 error, database locked by another process) every caller of the batch gets a
 StoreError. A caller cancelled before its operation was taken is dropped
 from the queue; once taken, the operation runs and commits regardless.
