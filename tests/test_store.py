@@ -166,6 +166,27 @@ async def test_submit_keeps_every_field_exactly(specs: list[tuple[str, float, in
             assert [t.id for t in listed] == [r.id for r in results]  # seq follows the request
 
 
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_submit_mixes_large_and_small_payloads_in_order(store: Any, keyed: bool) -> None:
+    """Small payloads go as hex in one JSON insert; a large one (or an idempotency
+    key anywhere in the request) binds the rows one by one. Same rows either way."""
+    large = b"L" * (schema.HEX_PAYLOAD_MAX + 1)
+    payloads: list[Any] = [1, large, "two", None, large[:100]]
+    specs = [
+        TaskSpec(type="t", payload=p, idempotency_key=f"k{i}" if keyed else None)
+        for i, p in enumerate(payloads)
+    ]
+    results = await store.submit(specs, NOW)
+    assert [(await store.get(r.id)).payload for r in results] == payloads
+    assert [t.id for t in await store.list(ListFilter())] == [r.id for r in results]
+
+
+async def test_submit_binds_rows_when_the_payloads_outgrow_one_document() -> None:
+    rows = schema.prepare_rows([TaskSpec(type="t", payload="x" * 1000)] * 2000, NOW)
+    assert schema.prepared(NOW, rows).document is None  # over DOCUMENT_PAYLOAD_MAX: bound
+    assert schema.prepared(NOW, rows[:100]).document is not None
+
+
 async def test_get_unknown_is_not_found(store: Any) -> None:
     with pytest.raises(NotFound, match="no task with id nope"):
         await store.get("nope")
@@ -352,6 +373,18 @@ async def test_complete_judges_each_report_in_a_batch_as_if_alone(store: Any) ->
     ]
     assert (await store.get(ok.id)).result == 2
     assert (await store.get(back.id)).attempts == 0
+
+
+async def test_complete_keeps_large_and_small_results(store: Any) -> None:
+    for _ in range(3):
+        await submit(store)
+    leases = await claim(store, n=3)
+    values = [b"R" * (schema.HEX_PAYLOAD_MAX + 1), {"small": [1, 2]}, None]
+    results = await store.complete(
+        [report(lease, result=value) for lease, value in zip(leases, values, strict=True)], NOW
+    )
+    assert all(r.accepted for r in results)
+    assert [(await store.get(lease.id)).result for lease in leases] == values
 
 
 async def test_complete_rejects_unknown_status(store: Any) -> None:

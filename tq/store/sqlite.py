@@ -42,10 +42,11 @@ queued with heavy ones get a transaction of their own first, and before
 heavy-only work the writer lets the event loop run LIGHT_GRACE_ROUNDS rounds
 so that a light request just read can still go first (``_take_batch``). A
 submit's rows (ids, encoded payloads) are built before its operation is
-queued, so its transaction holds the writer only for the INSERT. If BEGIN or COMMIT fails (disk full, I/O
-error, database locked by another process) every caller of the batch gets a
-StoreError. A caller cancelled before its operation was taken is dropped
-from the queue; once taken, the operation runs and commits regardless.
+queued, so its transaction holds the writer only for the INSERT. If BEGIN or
+COMMIT fails (disk full, I/O error, database locked by another process) every
+caller of the batch gets a StoreError. A caller cancelled before its operation
+was taken is dropped from the queue; once taken, the operation runs and commits
+regardless.
 """
 
 from __future__ import annotations
