@@ -192,3 +192,18 @@ def check_console_starts(exe: Path, env: dict[str, str], client: list[str]) -> N
         console.wait(15)
     text = log.read_text(errors="replace")
     assert not any(bad in text for bad in ("Traceback", "ImportError", "NotFoundError")), text
+
+
+def test_bench_runs_from_the_executable(exe: Path, home: dict[str, str]) -> None:
+    """`tq bench` starts brokers, workers, `tq submit -` and its latency probe as
+    processes of the executable itself (there is no `python -m tq` in a frozen build)."""
+    small = ("--tasks", "300", "--single", "20", "--batch", "100", "--workers", "1")
+    out = run(
+        exe, home, "bench", "-s", "submit,latency", *small,
+        "--concurrency", "4", "--latency-samples", "10", "--json", timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert results["submit"]["stdin"]["tasks"] == 300
+    assert results["latency"]["idle"]["samples"] == 10
+    assert results["latency"]["under_load"]["samples"] > 0

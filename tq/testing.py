@@ -138,6 +138,10 @@ def _http_client(
 
 
 def tq_command(*args: str) -> list[str]:
+    """The command line that runs this tq: ``python -m tq``, or the frozen executable
+    itself when this code runs inside it (PyInstaller's sys.executable is the tq binary)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, *args]
     return [sys.executable, "-m", "tq", *args]
 
 

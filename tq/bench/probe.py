@@ -1,8 +1,9 @@
 """The latency probe: an independent client that submits single tasks and times each ACK.
 
-It runs in a process of its own (``python -m tq.bench.probe``) so that what it
-measures is the broker's answer time, not the stalls of a load generator that
-would share its event loop. It writes one line per acknowledged submit to the
+It runs in a process of its own (``tq bench-probe``, a hidden command, so that
+the frozen executable can start it too): what it measures is the broker's
+answer time, not the stalls of a load generator that would share its event
+loop. It writes one line per acknowledged submit to the
 output file: ``<monotonic time sent> <seconds to the ACK>``. CLOCK_MONOTONIC is
 system-wide on Linux, so the parent can place each sample in its load phases.
 SIGTERM (or SIGINT) ends it after the submit in flight is acknowledged.
@@ -21,7 +22,7 @@ from tq.client.sync import BlockingClient
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tq.bench.probe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tq bench-probe", description=__doc__)
     parser.add_argument("--broker", required=True, help="host:port of the broker")
     parser.add_argument("--ca", required=True, type=Path, help="the broker's CA certificate")
     parser.add_argument("--key", default=None, help="API key (omit for a --no-auth broker)")

@@ -231,12 +231,12 @@ class Bench:
         out = Path(tempfile.mkstemp(prefix="probe-", suffix=".txt", dir=self.root)[1])
         key = broker.key
         proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "tq.bench.probe", "--broker", broker.address,
+            tq_command(
+                "bench-probe", "--broker", broker.address,
                 "--ca", str(broker.ca), *(["--key", key] if key else []), "--out", str(out),
                 "--payload-bytes", str(self.cfg.payload_bytes),
                 "--limit", str(self.cfg.tasks),
-            ],
+            ),
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 60

@@ -79,3 +79,10 @@ def bench(
     report = run_bench(cfg)
     if as_json:
         typer.echo(dumps({"setup": report.setup, "results": report.results}))
+
+
+def bench_probe(ctx: typer.Context) -> None:
+    """Internal: the latency probe process that `tq bench` starts (tq/bench/probe.py)."""
+    from tq.bench.probe import main
+
+    raise typer.Exit(main(list(ctx.args)))

@@ -37,6 +37,12 @@ app.command("queue-depth", rich_help_panel="Operations")(admin.queue_depth)
 app.command("cluster-status", rich_help_panel="Operations")(admin.cluster_status)
 app.command(rich_help_panel="Operations")(admin.purge)
 app.command(rich_help_panel="Operations")(bench.bench)
+app.command(  # started by `tq bench` as a process of its own; not for operators
+    "bench-probe",
+    hidden=True,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)(bench.bench_probe)
 app.command(rich_help_panel="Operations")(tui.tui)  # the live console (tq/tui)
 app.command(rich_help_panel="Operations")(ops.backup)
 app.command(rich_help_panel="Operations")(ops.doctor)
