@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
+from tq.bench.runner import BenchError, _watch_processes
 from tq.testing import tq_command
 
 pytestmark = pytest.mark.slow
@@ -58,3 +61,18 @@ def test_bench_refuses_an_unknown_scenario() -> None:
     )
     assert done.returncode == 2
     assert "warp" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.trio
+async def test_bench_stops_with_a_clear_error_when_a_worker_dies(tmp_path: Path) -> None:
+    """Without the watch, the end-to-end run waited forever for tasks no one ran."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        procs = SimpleNamespace(workers=[alive, dead], proc=alive, data=tmp_path, log="b.log")
+        with pytest.raises(BenchError, match=r"worker 1 exited with 3; see .*worker1\.log"):
+            await _watch_processes(procs)  # type: ignore[arg-type]
+    finally:
+        alive.kill()
+        alive.wait()
+        dead.wait()

@@ -23,6 +23,12 @@ from tq.client import Client
 from tq.testing import BrokerProcess, tq_command
 
 SCENARIOS = ("submit", "e2e", "latency", "backlog")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a process it started failed); the message says which."""
+
+
 CLAIM_ROUNDS = 3  # claim-rate measurements per backlog level (the median is reported)
 
 
@@ -154,7 +160,7 @@ class Bench:
             )
         elapsed = time.perf_counter() - started
         if proc.returncode != 0:
-            raise RuntimeError(f"tq submit - failed: {proc.stderr.decode()[-2000:]}")
+            raise BenchError(f"tq submit - failed: {proc.stderr.decode()[-2000:]}")
         self.log(
             f"tq submit - of {cfg.tasks:,} JSON lines: {cfg.tasks / elapsed:,.0f} tasks/s "
             "(process start included)"
@@ -176,18 +182,21 @@ class Bench:
                 probe = self._start_probe(broker) if measure_latency else None
                 broker_proc.cpu_percent(None)
                 started = time.monotonic()
-                last = await self.submit_batched(client, cfg.tasks)
-                submitted_at = time.monotonic()
-                submitted = submitted_at - started
-                # tasks finish roughly in submission order: wait for the last one
-                # server-side, then confirm with (table-scanning) stats, sparingly
-                await client.wait(last)
-                samples = self._stop_probe(probe) if probe else []
-                while True:
-                    counts = (await client.stats())["queues"].get("default", {})
-                    if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
-                        break
-                    await trio.sleep(0.1)
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(_watch_processes, broker)  # a crash fails the run
+                    last = await self.submit_batched(client, cfg.tasks)
+                    submitted_at = time.monotonic()
+                    submitted = submitted_at - started
+                    # tasks finish roughly in submission order: wait for the last one
+                    # server-side, then confirm with (table-scanning) stats, sparingly
+                    await client.wait(last)
+                    samples = self._stop_probe(probe) if probe else []
+                    while True:
+                        counts = (await client.stats())["queues"].get("default", {})
+                        if counts.get("succeeded", 0) >= cfg.tasks + len(samples):
+                            break
+                        await trio.sleep(0.1)
+                    watch.cancel_scope.cancel()
                 elapsed = time.monotonic() - started
                 cpu = broker_proc.cpu_percent(None)
         finally:
@@ -243,7 +252,7 @@ class Bench:
         while not out.read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"the latency probe did not start (exit {proc.poll()})")
+                raise BenchError(f"the latency probe did not start (exit {proc.poll()})")
             time.sleep(0.02)
         return proc, out
 
@@ -253,7 +262,7 @@ class Bench:
         proc, out = probe
         proc.terminate()
         if proc.wait(timeout=30) != 0:
-            raise RuntimeError(f"the latency probe failed (exit {proc.returncode})")
+            raise BenchError(f"the latency probe failed (exit {proc.returncode})")
         return [
             (float(sent), float(took))
             for sent, took in (line.split() for line in out.read_text().splitlines())
@@ -339,6 +348,18 @@ class Bench:
         return len(leases) / elapsed
 
 
+async def _watch_processes(broker: BrokerProcess) -> None:
+    """Raise BenchError as soon as the broker or one of its workers exits."""
+    while True:
+        for index, proc in enumerate(broker.workers):
+            if proc.poll() is not None:
+                log = broker.data / f"worker{index}.log"
+                raise BenchError(f"worker {index} exited with {proc.returncode}; see {log}")
+        if broker.proc is not None and broker.proc.poll() is not None:
+            raise BenchError(f"the broker exited with {broker.proc.returncode}; see {broker.log}")
+        await trio.sleep(0.2)
+
+
 async def _settled(wal: Path, timeout: float = 60.0) -> None:
     """Wait until the broker has checkpointed what was just written (it empties the
     WAL after ~1 s without writes), so the claims timed next do not share the disk
@@ -388,10 +409,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Rep
         for name in cfg.scenarios:
             report.results[name] = await getattr(bench, name)()
 
+    keep = cfg.keep
     try:
         trio.run(main)
+    except* BenchError:
+        keep = True  # the message points at a log in there
+        say(f"tq bench: kept {bench.root} (the logs of the failed run)")
+        raise
     finally:
-        if not cfg.keep:
+        if not keep:
             import shutil
 
             shutil.rmtree(bench.root, ignore_errors=True)

@@ -76,7 +76,15 @@ def bench(
         scenarios=chosen,
         keep=keep,
     )
-    report = run_bench(cfg)
+    from tq.bench.runner import BenchError
+
+    try:
+        report = run_bench(cfg)
+    except* BenchError as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):  # nurseries nest the groups
+            first = first.exceptions[0]
+        fail(f"bench: {first}", exits.ERROR)
     if as_json:
         typer.echo(dumps({"setup": report.setup, "results": report.results}))
 
