@@ -871,7 +871,7 @@ async def test_sqlite_light_writes_get_their_own_transaction_first(tmp_path: Pat
         assert store._take_batch() == [light_a, light_b, light_c]  # wherever they stood
         late = sqlite._Op(lambda conn: None, (), 1)
         store._queue.append(late)
-        assert store._take_batch() == [bulk]  # passed over once: now FIFO (1000-row cap)
+        assert store._take_batch() == [bulk]  # passed over once: now FIFO (alone: over the cap)
         assert store._take_batch() == [late]  # the next heavy head lets it go first
         assert store._take_batch() == [claim64]
         assert store._take_batch() == []

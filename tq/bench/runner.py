@@ -39,7 +39,7 @@ class BenchConfig:
     workers: int = 2  # worker processes for end-to-end
     concurrency: int = 64  # per worker
     payload_bytes: int = 16
-    batch: int = 1000  # tasks per submit_many
+    batch: int = 250  # tasks per submit_many: what tq's own bulk paths send
     in_flight: int = 4  # submit_many requests in flight at once
     latency_samples: int = 2000
     backlogs: tuple[int, ...] = (10_000, 100_000, 1_000_000)

@@ -25,7 +25,7 @@ def bench(
     payload_bytes: Annotated[int, typer.Option("--payload-bytes", min=0)] = 16,
     batch: Annotated[
         int, typer.Option("--batch", min=1, max=10_000, help="Tasks per submit_many request.")
-    ] = 1000,
+    ] = 250,
     backlogs: Annotated[
         str,
         typer.Option(

@@ -40,7 +40,7 @@ from tq.cli.common import (
 if TYPE_CHECKING:
     from tq.client import BlockingClient
 
-STDIN_BATCH = 1000
+STDIN_BATCH = 250  # tasks per request: one request is one transaction (see OPERATIONS.md)
 STDIN_IN_FLIGHT = 8
 
 

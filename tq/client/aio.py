@@ -217,6 +217,12 @@ class Client:
         return ids[0]
 
     async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
+
+        Keep a request to about 250 tasks and pipeline several (the trio client
+        from concurrent tasks): a larger one holds the broker's writer longer and
+        every other client's write waits for it (docs/PROTOCOL.md, "Size").
+        """
         return await self._call(api.submit_many(specs))
 
     async def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -138,6 +138,13 @@ class BlockingClient:
         return self.submit_many([api.task_spec(type, payload, **options)])[0]
 
     def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
+
+        Keep a request to about 250 tasks and send several: a larger one holds the
+        broker's writer longer and every other client's write waits for it
+        (docs/PROTOCOL.md, "Size"). For the highest rates use the trio ``Client``,
+        which pipelines requests.
+        """
         return self._call(api.submit_many(specs))
 
     def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -74,7 +74,13 @@ T = TypeVar("T")
 
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 MIN_SQLITE = (3, 45)  # what the SQL in schema.py needs; apsw>=3.45 bundles at least this
-MAX_BATCH_WEIGHT = 1000  # rows per transaction (an operation's weight is its row count)
+# Rows per transaction (an operation's weight is its row count). Any write that
+# arrives meanwhile waits for the transaction in progress, ~5 us per row: 250 rows
+# keep that wait near 1-2 ms (with 1000-row transactions and requests, single
+# submits under load measured p99 ~18 ms instead of 7-10, for ~10 % more
+# end-to-end throughput; docs/BENCHMARKS.md).
+# One operation heavier than this (a larger submit request) still runs alone.
+MAX_BATCH_WEIGHT = 250
 SMALL_WEIGHT = 8  # operations this light jump ahead of a heavy queue head, once
 LIGHT_GRACE_ROUNDS = 3  # scheduling rounds a heavy-only batch waits for light writes to queue
 PREPARE_CHUNK = 250  # submitted rows built (ids, encoding) between event-loop checkpoints

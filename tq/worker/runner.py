@@ -48,7 +48,7 @@ from tq.worker.handlers import Handler, HandlerRegistry, Reject, Retry
 log = logging.getLogger("tq.worker")
 
 CLAIM_WAIT = 1.0  # long-poll; short so a draining worker stops claiming promptly
-REPORT_BATCH = 1000
+REPORT_BATCH = 250  # results per request (one transaction; see MAX_BATCH_WEIGHT)
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 
 
