@@ -559,7 +559,8 @@ def _lease_tokens(n: int) -> list[int]:
 
 
 def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
-    """Apply a batch of reports: one lookup for all, then one executemany per kind.
+    """Apply a batch of reports: one lookup for all, then one write per kind of outcome
+    (successes as one JSON ``UPDATE``, the rarer kinds and large results bound row by row).
 
     Each task's row is read once, before any change: a second report for the
     same task in one call is judged against that row unless an earlier one was
