@@ -47,7 +47,7 @@ from tq.core.units import human_bytes
 if TYPE_CHECKING:
     from tq.client import BlockingClient
 
-BULK_BATCH = 1000  # rows per purge / retry_many request
+BULK_BATCH = 250  # rows per purge / retry_many request: one transaction each (PROTOCOL.md, "Size")
 WATCH_DEFAULT = 2.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
