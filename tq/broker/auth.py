@@ -33,6 +33,7 @@ import trio
 from tq.config import Settings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import InvalidRequest, NotFound, RateLimited, TQError, Unauthorized
+from tq.core.values import number
 from tq.security.keys import fast_digest, new_key, parse_key, read_key_file, verify_secret
 from tq.security.limits import RateLimiter
 from tq.security.roles import Principal
@@ -43,6 +44,7 @@ from tq.store.base import Store
 log = logging.getLogger("tq.broker.auth")
 
 KEY_REFRESH = 5.0  # seconds between reloads of the key table from the store
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
 MAX_AUDIT_PAGE = 1000
 
@@ -232,10 +234,8 @@ class Auth:
         op, now = msg.get("op"), self.clock()
         if op == "create":
             expires = msg.get("expires_at")
-            if expires is not None and (
-                isinstance(expires, bool) or not isinstance(expires, int | float)
-            ):
-                raise InvalidRequest("keys create: expires_at must be a number (epoch seconds)")
+            if expires is not None:  # epoch seconds: finite, after 1970, before year 10000
+                expires = number(expires, "keys create: expires_at", hi=MAX_EPOCH)
             text, key = await self.create_key(
                 principal,
                 name=_text(msg.get("name"), "name"),

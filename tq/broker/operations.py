@@ -27,13 +27,16 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.core.errors import InvalidRequest, TQError, Unavailable
+from tq.core.task import MAX_NUMBER
+from tq.core.values import number
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
+    from tq.broker.coalesce import Coalesced
     from tq.broker.events import EventBus
     from tq.broker.registry import WorkerRegistry
     from tq.security.roles import Principal
-    from tq.store.base import Store, StoreStats
+    from tq.store.base import QueueDepth, Store, StoreStats
 
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
 BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
@@ -49,9 +52,7 @@ def _bulk_limit(value: object) -> int:
 
 
 def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise InvalidRequest(f"{what} must be a number of seconds >= 0")
-    return float(value)
+    return number(value, what, hi=MAX_NUMBER)
 
 
 def _visible(principal: Principal | None) -> Callable[[str], bool] | None:
@@ -74,6 +75,7 @@ class OperatorOps:
     events: EventBus
     notify_work: Callable[[], None]
     fire: Callable[[Sequence[str]], None]
+    _store_depth: Coalesced[list[QueueDepth]]
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
     addresses: Mapping[str, str | None] = MappingProxyType({})
 
@@ -81,7 +83,7 @@ class OperatorOps:
         """Unfinished tasks per queue: totals per state and rows per priority and state."""
         visible = _visible(principal)
         queues: dict[str, dict[str, Any]] = {}
-        for row in await self.store.queue_depth():
+        for row in await self._store_depth.get():  # shared by concurrent callers
             if visible is not None and not visible(row.queue):
                 continue
             entry = queues.setdefault(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -21,7 +21,6 @@ class WorkerInfo:
     connected_at: float = 0.0
     last_seen: float = 0.0
     connections: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -40,6 +39,11 @@ class WorkerInfo:
             "last_seen": self.last_seen,
             "heartbeat_age": max(0.0, now - self.last_seen),
         }
+
+
+def _in_range(value: object, lo: float, hi: float) -> bool:
+    """A finite int or float (never a bool) within [lo, hi]."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and lo <= value <= hi
 
 
 class WorkerRegistry:
@@ -66,11 +70,15 @@ class WorkerRegistry:
             return
         info.last_seen = now
         if stats:
-            info.stats = stats
+            # host facts a worker reports: kept only when finite and in range, so a
+            # NaN or a huge value never reaches a reader (JSON has no NaN)
             cpu, mem, running = stats.get("cpu"), stats.get("memory"), stats.get("running")
-            info.cpu = float(cpu) if isinstance(cpu, int | float) else info.cpu
-            info.memory = int(mem) if isinstance(mem, int) else info.memory
-            info.running = int(running) if isinstance(running, int) else info.running
+            if _in_range(cpu, 0.0, 1e6):
+                info.cpu = float(cpu)  # type: ignore[arg-type]
+            if _in_range(mem, 0, 2**63 - 1) and isinstance(mem, int):
+                info.memory = mem
+            if _in_range(running, 0, 2**31 - 1) and isinstance(running, int):
+                info.running = running
 
     def expire(self, now: float, timeout: float) -> list[str]:
         """Forget workers silent for longer than ``timeout``; their ids."""

@@ -7,8 +7,19 @@ coalesces whatever is queued into a single ``send_all``. The first message
 must be HELLO. A stream-level protocol error (oversize or malformed frame)
 gets a NACK with id 0 and the connection is closed; a message-level error
 (unknown type, bad field) gets a NACK with the request's id and the session
-goes on. Every session runs under a catch-all, so one bad peer never takes
-down the listener (see NOTES.md).
+goes on.
+
+What one frame may cost is bounded before and while it is decoded: frames
+before an accepted hello, and all frames of keys whose role sends no tasks
+or results (reader), are at most 64 KiB; others at most ``--max-frame``.
+A frame over 64 KiB is decoded in a worker thread (one at a time per
+broker) with its maps and arrays counted against its size
+(tq.protocol.frames), so it neither stalls the event loop nor costs more
+memory than a small multiple of its size.
+
+Every session runs under a catch-all, so one bad peer never takes down the
+listener (an uncaught exception in a trio connection handler would end the
+whole ``serve_listeners``).
 
 Shutdown (SIGINT/SIGTERM via ``shutdown``): stop accepting, refuse new work
 with ``unavailable``, give in-flight requests ``drain`` seconds, cancel the
@@ -46,8 +57,10 @@ from tq.core.errors import (
     Unauthorized,
 )
 from tq.core.task import MAX_PAYLOAD_BYTES
+from tq.core.values import number
 from tq.protocol import REQUEST_TYPES, Connection
 from tq.protocol.connection import MessageError
+from tq.protocol.frames import INLINE_DECODE
 from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
 from tq.store.sqlite import open_sqlite_store
@@ -56,7 +69,10 @@ log = logging.getLogger("tq.broker")
 
 RECEIVE_SIZE = 256 * 1024
 HELLO_MAX_FRAME = 64 * 1024  # frames before an accepted hello: unauthenticated memory stays small
+SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or results (reader)
+LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
+OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,9 @@ class Session:
         self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
         self.hello_done = False
         self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
+        self._queued = 0  # bytes of answers queued and not yet written to the peer
+        self._written = trio.Event()  # set (and replaced) whenever the writer sent some
+        self._heavy = trio.Lock()  # expensive reads: one at a time per connection
         self._slots = trio.Semaphore(settings.max_in_flight)
         self._busy = 0  # requests being handled
         now = trio.current_time()
@@ -174,13 +193,22 @@ class Session:
                     chunks.append(self._outbox.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await self.stream.send_all(b"".join(chunks))
+            data = b"".join(chunks)
+            await self.stream.send_all(data)
+            self._queued -= len(data)
+            self._written.set()
+            self._written = trio.Event()
 
     async def _reply(self, message: dict[str, Any]) -> None:
         try:
             frame = self.conn.send(message)
         except TQError as exc:  # e.g. an answer larger than the frame limit
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
+        # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
+        # answer) of them here: the next answer waits, and so does the request behind it
+        while self._queued > 0 and self._queued + len(frame) > OUTBOX_BYTES:
+            await self._written.wait()
+        self._queued += len(frame)
         await self._send.send(frame)
 
     def _deadline(self) -> float:
@@ -225,14 +253,12 @@ class Session:
                 return None
             try:
                 self.conn.receive_data(data)
-                while True:
+                while (body := self.conn.next_body()) is not None:
                     try:
-                        msg = self.conn.next_message()
+                        msg = await self._parse(body)
                     except MessageError as exc:  # answerable: NACK it and go on
                         await self._reply(Connection.nack(exc.request_id, exc.cause))
                         continue
-                    if msg is None:
-                        break
                     if not self.hello_done:
                         if not await self._hello(msg):
                             return None  # refused credentials: the NACK says why; close
@@ -250,6 +276,16 @@ class Session:
             except ProtocolError as exc:
                 log.warning("%s: closing connection: %s", self.peer, exc)
                 return self.conn.send(Connection.nack(0, exc))
+
+    async def _parse(self, body: bytes) -> dict[str, Any]:
+        """Decode one frame body. A large one is decoded in a thread, one at a time per
+        broker (``service.decode_limiter``), its maps and arrays counted, so it neither
+        stalls the event loop nor lets several connections multiply its memory."""
+        if len(body) <= INLINE_DECODE:
+            return self.conn.parse(body)
+        return await trio.to_thread.run_sync(
+            self.conn.parse, body, limiter=self.service.decode_limiter
+        )
 
     async def _hello(self, msg: dict[str, Any]) -> bool:
         """Answer the first message; False if its credentials were refused (then close)."""
@@ -276,6 +312,8 @@ class Session:
             self.worker = worker_info(worker_id, msg)
         self.hello_done = True
         self.conn.set_max_frame(self.settings.max_frame)
+        if principal is not None and principal.role not in LARGE_FRAME_ROLES:
+            self.conn.limit_incoming(SMALL_ROLE_MAX_FRAME)  # a reader asks in small frames
         who: dict[str, str | None] = {"key_id": None, "role": None}
         if principal is not None:
             who = {"key_id": principal.key_id, "role": principal.role}
@@ -306,6 +344,11 @@ class Session:
             self.service.in_flight += 1
             self._busy += 1
             try:
+                if _is_heavy(msg):  # one at a time, and its answer queued before the next
+                    async with self._heavy:
+                        reply = {"t": "ack", "id": rid, **await handler(msg)}
+                        await self._reply(reply)
+                        return
                 reply = {"t": "ack", "id": rid, **await handler(msg)}
             finally:
                 self.service.in_flight -= 1
@@ -327,7 +370,9 @@ class Session:
 
     # -- handlers: decode, call one service method, encode --------------
     async def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"tasks": await self.service.submit(msg["tasks"], self.principal)}
+        return await self.service.submit(
+            msg["tasks"], self.principal, answer_limit=self.conn.max_frame
+        )
 
     async def _claim(self, msg: dict[str, Any]) -> dict[str, Any]:
         worker_id = self._need_worker("claim").id
@@ -370,10 +415,7 @@ class Session:
         return {"task": task.to_dict()}
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
-        timeout = msg.get("timeout", MAX_WAIT)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-            raise InvalidRequest("wait timeout must be a number >= 0")
-        timeout = min(float(timeout), MAX_WAIT)
+        timeout = min(number(msg.get("timeout"), "wait timeout", default=MAX_WAIT), MAX_WAIT)
         task, timed_out = await self.service.wait(msg["task"], timeout, self.principal)
         return {"task": task.to_dict(), "timed_out": timed_out}
 
@@ -388,6 +430,15 @@ class Session:
 
     async def _retry_many(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.retry_many(msg, self.principal)
+
+
+HEAVY_QUERIES = frozenset({"list", "stats", "depth", "health"})
+
+
+def _is_heavy(msg: dict[str, Any]) -> bool:
+    """A read whose cost or answer can be large: at most one at a time per connection."""
+    kind = msg["t"]
+    return kind == "audit" or kind == "keys" or (kind == "query" and msg.get("q") in HEAVY_QUERIES)
 
 
 def _task_id(msg: dict[str, Any]) -> str:

@@ -21,13 +21,23 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.broker.auth import Auth, actor_of
+from tq.broker.coalesce import Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
 from tq.broker.registry import WorkerInfo, WorkerRegistry
-from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unavailable
+from tq.core.errors import (
+    Forbidden,
+    FrameTooLarge,
+    InvalidRequest,
+    PayloadTooLarge,
+    TQError,
+    Unavailable,
+)
 from tq.core.states import is_terminal
 from tq.core.task import (
     MAX_PAYLOAD_BYTES,
+    MAX_SUBMIT,
+    MAX_WARNINGS,
     ListFilter,
     Outcome,
     Task,
@@ -35,12 +45,20 @@ from tq.core.task import (
     TaskSpec,
     parse_priority,
 )
+from tq.core.values import number, whole
 from tq.protocol.frames import pack
 from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
 MAX_CLAIM = 1000
-MAX_WAIT = 60.0
+# A submit answer's size, bounded before the tasks are stored: per task {"id": <36-char
+# id>, "created": bool} is 50 bytes of msgpack; the base covers the envelope and up to
+# MAX_WARNINGS warnings (a type of <= 200 characters and a message of <= 450 bytes).
+ANSWER_PER_TASK = 56
+ANSWER_BASE = 64 + MAX_WARNINGS * 700
+MAX_WAIT = 60.0  # seconds a claim or wait may long-poll; longer asks are capped to it
+MAX_COUNT = 2**31 - 1  # hello pid and concurrency
+MAX_TOKEN = 2**63 - 1  # lease tokens are positive 62-bit numbers; larger cannot be one
 MAX_LIST = 10000
 YIELD_EVERY = 200  # specs validated between checkpoints: bounds the event-loop stall (~0.3 ms)
 
@@ -57,20 +75,13 @@ def _strings(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _number(value: object, what: str, default: float, hi: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise InvalidRequest(f"{what} must be a number >= 0")
-    return min(float(value), hi)
+def _wait(value: object, what: str) -> float:
+    """A wait in seconds: finite and >= 0 (MAX_SECONDS at most), capped at MAX_WAIT."""
+    return min(number(value, what, default=0.0), MAX_WAIT)
 
 
 def _count(value: object, what: str) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequest(f"hello {what} must be a whole number >= 0")
-    return value
+    return whole(value, f"hello {what}", hi=MAX_COUNT, default=0)
 
 
 def _check_version(msg: dict[str, Any]) -> None:
@@ -111,6 +122,11 @@ def worker_info(worker_id: str, msg: dict[str, Any]) -> WorkerInfo:
     )
 
 
+def submit_answer_bound(n: int) -> int:
+    """The most bytes the answer to a submit of ``n`` tasks can take once encoded."""
+    return ANSWER_BASE + n * ANSWER_PER_TASK
+
+
 def unhandled_warning(task_type: str) -> str:
     return (
         f"no connected worker handles task type {task_type!r}: the task is stored and waits "
@@ -123,8 +139,9 @@ def parse_outcome(item: object) -> Outcome:
     if not isinstance(item, dict):
         raise InvalidRequest("each result must be a map")
     task_id, token, status = item.get("id"), item.get("token"), item.get("status")
-    if not isinstance(task_id, str) or not isinstance(token, int) or isinstance(token, bool):
+    if not isinstance(task_id, str):
         raise InvalidRequest("each result needs 'id' (string) and 'token' (integer)")
+    token = whole(token, "result token", hi=MAX_TOKEN)
     if status not in Outcome.STATUSES:
         raise InvalidRequest(f"result status must be one of {', '.join(Outcome.STATUSES)}")
     error = item.get("error")
@@ -135,7 +152,7 @@ def parse_outcome(item: object) -> Outcome:
         status=status,
         result=item.get("result"),
         error=TaskError.from_mapping(error) if error is not None else None,
-        delay=float(delay) if isinstance(delay, int | float) and delay >= 0 else None,
+        delay=None if delay is None else number(delay, "result delay"),
     )
 
 
@@ -164,6 +181,10 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         self.in_flight = 0  # requests being handled, for a graceful drain
         self._work = trio.Event()
         self._due_changed = trio.Event()
+        # large frames and REST bodies are decoded in a thread, one at a time per broker
+        self.decode_limiter = trio.CapacityLimiter(1)
+        self._store_stats = Coalesced(store.stats)
+        self._store_depth = Coalesced(store.queue_depth)
         self._waiters: dict[str, _Waiter] = {}
         self.counters: dict[str, int] = {
             "submitted": 0,
@@ -220,12 +241,33 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         }
 
     async def submit(
-        self, raw_tasks: list[Any], principal: Principal | None = None
-    ) -> list[dict[str, Any]]:
+        self,
+        raw_tasks: list[Any],
+        principal: Principal | None = None,
+        *,
+        answer_limit: int | None = None,
+    ) -> dict[str, Any]:
+        """Store every task or none; the answer: ``tasks`` (id, created per task) and
+        ``warnings`` (once per task type no connected worker handles, at most
+        MAX_WARNINGS). ``answer_limit``: the largest answer the caller can deliver
+        (its frame limit); a request whose answer could exceed it is refused before
+        anything is stored, so a committed submit is always answered."""
         self._check_open()
         arrived = trio.current_time()
         if not raw_tasks:
             raise InvalidRequest("submit needs at least one task")
+        if len(raw_tasks) > MAX_SUBMIT:
+            raise InvalidRequest(
+                f"a submit carries at most {MAX_SUBMIT} tasks, this one {len(raw_tasks)}: "
+                "split it into several requests; nothing was submitted"
+            )
+        if answer_limit is not None and submit_answer_bound(len(raw_tasks)) > answer_limit:
+            fits = max(1, (answer_limit - ANSWER_BASE) // ANSWER_PER_TASK)
+            raise FrameTooLarge(
+                f"the answer to a submit of {len(raw_tasks)} tasks could exceed this "
+                f"connection's frame limit of {answer_limit} bytes: send at most {fits} "
+                "tasks per request; nothing was submitted"
+            )
         self.auth.take_submit(principal, len(raw_tasks))
         specs = []
         for index, raw in enumerate(raw_tasks):
@@ -248,14 +290,13 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         )
         self.events.submitted(specs, results)
         self.notify_work()
-        unhandled = self.unhandled_types({spec.type for spec in specs})
-        answers: list[dict[str, Any]] = []
-        for spec, r in zip(specs, results, strict=True):
-            answer: dict[str, Any] = {"id": r.id, "created": r.created}
-            if spec.type in unhandled:
-                answer["warning"] = unhandled_warning(spec.type)
-            answers.append(answer)
-        return answers
+        unhandled = sorted(self.unhandled_types({spec.type for spec in specs}))
+        return {
+            "tasks": [{"id": r.id, "created": r.created} for r in results],
+            "warnings": [
+                {"type": t, "message": unhandled_warning(t)} for t in unhandled[:MAX_WARNINGS]
+            ],
+        }
 
     def unhandled_types(self, types: set[str]) -> set[str]:
         """The task types no connected worker has a handler for."""
@@ -280,7 +321,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             principal.check_queues(queues)
         types = msg.get("types")
         type_list = None if types is None else _strings(types, "claim types")
-        wait = _number(msg.get("wait"), "claim wait", 0.0, MAX_WAIT)
+        wait = _wait(msg.get("wait"), "claim wait")
         deadline = trio.current_time() + wait
         while not self.closing:
             work = self._work  # taken before the query: no lost wake-up
@@ -326,15 +367,9 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             self.events.worker("joined", self.workers.connect(worker, self.clock()), self.workers)
         leases = []
         for item in msg["leases"]:
-            if (
-                not isinstance(item, list | tuple)
-                or len(item) != 2
-                or not isinstance(item[0], str)
-                or not isinstance(item[1], int)
-                or isinstance(item[1], bool)
-            ):
+            if not isinstance(item, list | tuple) or len(item) != 2 or not isinstance(item[0], str):
                 raise InvalidRequest("heartbeat leases must be [task id, token] pairs")
-            leases.append((item[0], item[1]))
+            leases.append((item[0], whole(item[1], "heartbeat lease token", hi=MAX_TOKEN)))
         stats = msg.get("stats")
         self.workers.seen(worker_id, self.clock(), stats if isinstance(stats, dict) else None)
         self.events.worker("heartbeat", worker_id, self.workers)
@@ -435,7 +470,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 del self._waiters[task_id]
 
     async def stats(self, principal: Principal | None = None) -> dict[str, Any]:
-        stats = await self.store.stats()
+        stats = await self._store_stats.get()  # one store read shared by concurrent callers
         now = self.clock()
         counts = stats.counts
         if principal is not None and principal.queues is not None:

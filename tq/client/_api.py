@@ -81,13 +81,27 @@ def task_spec(
 
 
 def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]]]:
-    """Submit; one answer map per task: ``id``, ``created`` and, if any, ``warning``."""
+    """Submit; one answer map per task: ``id``, ``created`` and, if any, ``warning``
+    (the broker says each warning once per task type; it is copied to that type's tasks)."""
     if not specs:
         raise InvalidRequest("submit_many needs at least one task")
-    return Call(
-        {"t": "submit", "tasks": [dict(s) for s in specs]},
-        lambda r: [dict(item) for item in r["tasks"]],
-    )
+    tasks = [dict(s) for s in specs]
+
+    def parse(reply: dict[str, Any]) -> list[dict[str, Any]]:
+        warned = {
+            w.get("type"): w.get("message")
+            for w in reply.get("warnings") or ()
+            if isinstance(w, dict)
+        }
+        items = [dict(item) for item in reply["tasks"]]
+        if warned:
+            for spec, item in zip(tasks, items, strict=False):
+                message = warned.get(spec.get("type"))
+                if message:
+                    item["warning"] = message
+        return items
+
+    return Call({"t": "submit", "tasks": tasks}, parse)
 
 
 def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:

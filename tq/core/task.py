@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from tq.core.errors import InvalidRequest
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
 from tq.core.states import State
+from tq.core.values import check_plain
 
 PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
 DEFAULT_PRIORITY = PRIORITY_NAMES["normal"]
@@ -23,6 +24,8 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT = 300.0
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 MAX_NAME_LENGTH = 200
+MAX_SUBMIT = 10_000  # tasks per submit request (all or nothing, one transaction)
+MAX_WARNINGS = 20  # task types named in a submit answer's warnings
 MAX_RETRIES = 1_000_000  # bounds what the store's 64-bit integers must hold
 MAX_NUMBER = 1e300  # durations: finite, and any JSON or msgpack number converts to a float
 
@@ -118,10 +121,12 @@ class TaskSpec:
         if type(spec) is dict and spec.keys() <= _PLAIN_FIELDS:
             # The common case (type, payload, maybe queue): same rules, fewer steps.
             # Bulk submits spend their broker time here; tests keep both paths equal.
+            payload = spec.get("payload")
+            check_plain(payload, "task payload")
             return cls(
                 type=_plain_name(spec, "type", None),
                 queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
-                payload=spec.get("payload"),
+                payload=payload,
             )
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
@@ -143,10 +148,12 @@ class TaskSpec:
         key = spec.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
             raise InvalidRequest("task idempotency_key must be a non-empty string (<= 200 chars)")
+        payload = spec.get("payload")
+        check_plain(payload, "task payload")
         return cls(
             type=_name(spec, "type", None),
             queue=_name(spec, "queue", DEFAULT_QUEUE),
-            payload=spec.get("payload"),
+            payload=payload,
             priority=parse_priority(
                 DEFAULT_PRIORITY if spec.get("priority") is None else spec["priority"]
             ),
@@ -200,10 +207,35 @@ class Task:
     idempotency_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for the wire, JSON and YAML (state as its string)."""
-        out = asdict(self)
-        out["state"] = self.state.value
-        return out
+        """Plain data for the wire, JSON and YAML (state as its string).
+
+        Built by hand: ``dataclasses.asdict`` deep-copies payload and result,
+        which cost more than the rest of a ``get`` answer.
+        """
+        error = self.error
+        return {
+            "id": self.id,
+            "type": self.type,
+            "queue": self.queue,
+            "payload": self.payload,
+            "priority": self.priority,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "max_retries": self.max_retries,
+            "timeout": self.timeout,
+            "retry_base": self.retry_base,
+            "retry_cap": self.retry_cap,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "run_at": self.run_at,
+            "worker": self.worker,
+            "result": self.result,
+            "error": None
+            if error is None
+            else {"type": error.type, "message": error.message, "traceback": error.traceback},
+            "idempotency_key": self.idempotency_key,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Task:

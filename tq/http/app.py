@@ -25,6 +25,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,6 +37,7 @@ from tq.core.states import State
 from tq.http import problems
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
+from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 API = "/api/v1"
 MAX_BODY = 16 * 1024 * 1024  # bytes, like the wire's frame limit
+JSON_BYTES_PER_CONTAINER = 4  # a body holds at most one array or object per 4 bytes
 JSON_TYPES = ("application/json", "application/problem+json")
 LIST_FILTERS = ("state", "type", "queue")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -87,10 +90,32 @@ async def _body(request: Request) -> Any:
         if size > MAX_BODY:
             raise PayloadTooLarge(f"the body is larger than {MAX_BODY} bytes")
         chunks.append(chunk)
+    data = b"".join(chunks)
+    # what parsing may cost is bounded by the size: an array or object can be 3 bytes
+    # of JSON ("[],") and ~70 as a Python object (brackets inside strings count too)
+    budget = CONTAINER_BASE + len(data) // JSON_BYTES_PER_CONTAINER
+    if data.count(b"[") + data.count(b"{") > budget:
+        raise InvalidRequest(
+            f"the body holds more than {budget} arrays and objects in {len(data)} bytes "
+            f"(at most {CONTAINER_BASE} plus one per {JSON_BYTES_PER_CONTAINER} bytes); "
+            "send larger values or fewer of them"
+        )
     try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+        if len(data) <= INLINE_DECODE:
+            return _parse_json(data)
+        limiter = _service(request).decode_limiter  # off the event loop, one at a time
+        return await trio.to_thread.run_sync(_parse_json, data, limiter=limiter)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _parse_json(data: bytes) -> Any:
+    # the Python hook per object hands the interpreter to the event loop between objects
+    return json.loads(data, parse_constant=_no_constant, object_pairs_hook=_object)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
 
 
 def _no_constant(name: str) -> Any:
@@ -146,10 +171,13 @@ async def submit(request: Request) -> Response:
     principal = await authenticate(request, "submit")
     body = await _body(request)
     if isinstance(body, list):
-        return _json({"tasks": await _service(request).submit(body, principal)}, 201)
+        return _json(await _service(request).submit(body, principal), 201)
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a task object or an array of task objects")
-    [result] = await _service(request).submit([body], principal)
+    answer = await _service(request).submit([body], principal)
+    [result] = answer["tasks"]
+    if answer["warnings"]:
+        result["warning"] = answer["warnings"][0]["message"]
     headers = {"Location": f"{API}/tasks/{result['id']}"}
     return _json(result, 201 if result["created"] else 200, headers)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tq import __version__
 from tq.core.states import State
-from tq.core.task import MAX_NUMBER, MAX_RETRIES, Task
+from tq.core.task import MAX_NUMBER, MAX_RETRIES, MAX_SUBMIT, MAX_WARNINGS, Task
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,]+$"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -313,9 +313,27 @@ def _paths() -> dict[str, Any]:
                                 _ref("SubmitResult"),
                                 {
                                     "type": "object",
-                                    "required": ["tasks"],
+                                    "required": ["tasks", "warnings"],
                                     "properties": {
-                                        "tasks": {"type": "array", "items": _ref("SubmitResult")}
+                                        "tasks": {
+                                            "type": "array",
+                                            "items": _ref("SubmitResult"),
+                                            "maxItems": MAX_SUBMIT,
+                                        },
+                                        "warnings": {
+                                            "type": "array",
+                                            "maxItems": MAX_WARNINGS,
+                                            "description": "Once per task type no connected "
+                                            "worker handles (at most 20 types).",
+                                            "items": {
+                                                "type": "object",
+                                                "required": ["type", "message"],
+                                                "properties": {
+                                                    "type": {"type": "string"},
+                                                    "message": {"type": "string"},
+                                                },
+                                            },
+                                        },
                                     },
                                 },
                             ]

@@ -5,6 +5,12 @@
     while (msg := conn.next_message()) is not None: ...
     wire_bytes = conn.send({"t": "ack", "id": 7})
 
+A peer that must bound what a frame costs to decode (the broker) takes the
+body and parses it in two steps, so that it can decide where a large frame
+is decoded: ``body = conn.next_body()``, then ``conn.parse(body)``.
+``limit_incoming`` lowers the limit on frames received without changing the
+limit on frames sent (a reader's requests are small, its answers are not).
+
 Errors are of two kinds. Stream errors (oversize or malformed length, bytes
 that are not msgpack, a map with no valid id) leave the stream unusable:
 ``next_message`` raises ProtocolError and the peer should NACK with id 0 and
@@ -17,7 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 from tq.core.errors import ProtocolError, TQError
-from tq.protocol.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame, unpack
+from tq.protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    INLINE_DECODE,
+    FrameDecoder,
+    encode_frame,
+    unpack,
+    unpack_bounded,
+)
 from tq.protocol.messages import Message, request_id, validate
 
 
@@ -42,6 +55,14 @@ class Connection:
         self.max_frame = max_frame
         self._decoder.max_frame = max_frame
 
+    def limit_incoming(self, max_frame: int) -> None:
+        """Lower the limit on received frames only (sent frames keep ``max_frame``)."""
+        self._decoder.max_frame = min(max_frame, self.max_frame)
+
+    @property
+    def max_incoming(self) -> int:
+        return self._decoder.max_frame
+
     def receive_data(self, data: bytes) -> None:
         try:
             self._decoder.receive_data(data)
@@ -50,17 +71,24 @@ class Connection:
             raise
 
     def next_message(self) -> Message | None:
+        body = self.next_body()
+        return None if body is None else self.parse(body)
+
+    def next_body(self) -> bytes | None:
+        """The next complete frame body, undecoded, or None until more data arrives."""
         if self.broken:
             raise ProtocolError("connection is broken by an earlier protocol error")
         try:
-            body = self._decoder.next_frame()
+            return self._decoder.next_frame()
         except ProtocolError:
             self.broken = True
             raise
-        if body is None:
-            return None
+
+    def parse(self, body: bytes) -> Message:
+        """Decode and validate one body; bodies over INLINE_DECODE bytes are decoded with
+        their maps and arrays counted (``unpack_bounded``). Thread-safe for one body."""
         try:
-            obj = unpack(body)
+            obj = unpack(body) if len(body) <= INLINE_DECODE else unpack_bounded(body)
         except ProtocolError:
             self.broken = True
             raise

@@ -5,6 +5,13 @@
 ``FrameDecoder`` checks the announced length against ``max_frame`` as soon
 as the 4 header bytes are in, before buffering the body, so an oversize
 frame costs nothing but its header. A zero length is malformed.
+
+Decoding cost is bounded by the frame's size: a msgpack map or array can be
+one byte on the wire and ~70 bytes as a Python object, so ``unpack_bounded``
+allows at most ``CONTAINER_BASE + len(body) // BYTES_PER_CONTAINER`` of them
+(a frame of 16 MiB of empty maps would otherwise cost ~1.3 GiB). It calls
+back into Python once per map or array, which also gives other threads the
+interpreter between containers when it runs off the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from tq.core.errors import FrameTooLarge, ProtocolError
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # 10 MiB payload + room for the envelope
+INLINE_DECODE = 64 * 1024  # frames up to this size decode without a container count
+CONTAINER_BASE = 1024  # maps and arrays any frame may hold ...
+BYTES_PER_CONTAINER = 3  # ... plus one per this many bytes ([[1, 2], ...] still fits)
 
 _packer_opts = {"use_bin_type": True, "datetime": False}
 
@@ -42,6 +52,42 @@ def encode_frame(obj: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
 def unpack(body: bytes) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise ProtocolError("malformed frame: trailing bytes after the msgpack map") from None
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"malformed frame: not valid msgpack ({exc})") from None
+
+
+class TooManyContainers(ProtocolError):
+    """A frame holds more maps and arrays than its size allows."""
+
+
+def container_budget(size: int) -> int:
+    return CONTAINER_BASE + size // BYTES_PER_CONTAINER
+
+
+def unpack_bounded(body: bytes) -> Any:
+    """``unpack``, refusing a frame with more maps and arrays than ``container_budget``."""
+    budget = container_budget(len(body))
+    count = 0
+
+    def counted(obj: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > budget:
+            raise TooManyContainers(
+                f"malformed frame: more than {budget} maps and arrays in {len(body)} bytes "
+                f"(at most {CONTAINER_BASE} plus one per {BYTES_PER_CONTAINER} bytes); "
+                "send larger values or fewer of them"
+            )
+        return obj
+
+    try:
+        return msgpack.unpackb(
+            body, raw=False, strict_map_key=False, object_hook=counted, list_hook=counted
+        )
+    except TooManyContainers:
+        raise
     except msgpack.ExtraData:
         raise ProtocolError("malformed frame: trailing bytes after the msgpack map") from None
     except (ValueError, msgpack.UnpackException, TypeError) as exc:

@@ -50,6 +50,7 @@ from tq.core.task import (
     TaskError,
     TaskSpec,
 )
+from tq.core.values import check_plain, readable
 from tq.store.base import OutcomeResult, SubmitResult
 
 MIGRATIONS: tuple[str, ...] = (
@@ -110,6 +111,41 @@ MIGRATIONS: tuple[str, ...] = (
         target  TEXT NOT NULL,
         detail  BLOB
     ) STRICT;
+    """,
+    # 3: finished tasks counted per (queue, state) as they finish, so stats never scans
+    # the table (unfinished ones are counted through their partial indexes instead).
+    """
+    CREATE TABLE finished_counts (
+        queue TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n     INTEGER NOT NULL,
+        PRIMARY KEY (queue, state)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO finished_counts (queue, state, n)
+        SELECT queue, state, count(*) FROM tasks
+        WHERE state IN ('succeeded', 'dead', 'cancelled') GROUP BY queue, state;
+    CREATE TRIGGER tasks_finished_insert AFTER INSERT ON tasks
+    WHEN NEW.state IN ('succeeded', 'dead', 'cancelled')
+    BEGIN
+        INSERT INTO finished_counts (queue, state, n) VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_finished_enter AFTER UPDATE OF state ON tasks
+    WHEN NEW.state IN ('succeeded', 'dead', 'cancelled') AND NEW.state IS NOT OLD.state
+    BEGIN
+        INSERT INTO finished_counts (queue, state, n) VALUES (NEW.queue, NEW.state, 1)
+        ON CONFLICT (queue, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_finished_leave AFTER UPDATE OF state ON tasks
+    WHEN OLD.state IN ('succeeded', 'dead', 'cancelled') AND NEW.state IS NOT OLD.state
+    BEGIN
+        UPDATE finished_counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+    END;
+    CREATE TRIGGER tasks_finished_delete AFTER DELETE ON tasks
+    WHEN OLD.state IN ('succeeded', 'dead', 'cancelled')
+    BEGIN
+        UPDATE finished_counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+    END;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -276,7 +312,7 @@ RETRY_TASK = (
 GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"
 SET_PRIORITY = "UPDATE tasks SET priority = ? WHERE seq = ?"
 CURSOR_SEQ = "SELECT seq FROM tasks WHERE id = ?"
-COUNTS = "SELECT queue, state, count(*) FROM tasks GROUP BY queue, state"
+FINISHED_COUNTS = "SELECT queue, state, n FROM finished_counts WHERE n > 0"
 
 
 @lru_cache(maxsize=32)
@@ -326,6 +362,15 @@ def unpack(data: bytes | None) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+def unpack_readable(data: bytes | None, what: str) -> Any:
+    """A stored payload or result as every reader can show it (tq.core.values.readable):
+    a value stored before the submit-time rules existed never fails a read."""
+    try:
+        return readable(unpack(data), what)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        return f"<unreadable {what}: not valid msgpack ({exc})>"
+
+
 def pack_error(error: TaskError | None) -> bytes | None:
     if error is None:
         return None
@@ -346,7 +391,7 @@ def row_to_task(row: tuple[Any, ...]) -> Task:
         id=row[0],
         type=row[1],
         queue=row[2],
-        payload=unpack(row[3]),
+        payload=unpack_readable(row[3], "payload"),
         priority=row[4],
         state=State(row[5]),
         attempts=row[6],
@@ -359,7 +404,7 @@ def row_to_task(row: tuple[Any, ...]) -> Task:
         finished_at=row[13],
         run_at=row[14],
         worker=row[15],
-        result=unpack(row[16]),
+        result=unpack_readable(row[16], "result"),
         error=unpack_error(row[17]),
         idempotency_key=row[18],
     )
@@ -539,7 +584,7 @@ def claim(
             id=row[1],
             type=row[2],
             queue=row[3],
-            payload=unpack(row[4]),
+            payload=unpack_readable(row[4], "payload"),
             priority=row[5],
             attempt=row[6],
             max_retries=row[7],
@@ -641,6 +686,7 @@ def _judge(
     """The event an outcome means, with the error and packed result to store."""
     if outcome.status == "ok":
         try:
+            check_plain(outcome.result, "task result")
             return Event.SUCCEED, None, pack(outcome.result, "result")
         except InvalidRequest as exc:  # a result we cannot keep: the task cannot succeed
             return Event.FAIL_FINAL, TaskError("ResultRejected", exc.message), None
@@ -756,7 +802,14 @@ def next_due(conn: apsw.Connection) -> float | None:
 
 
 def counts(conn: apsw.Connection) -> dict[str, dict[str, int]]:
+    """Tasks per queue and state without a scan: unfinished ones through their partial
+    indexes (cost grows with the backlog), finished ones from ``finished_counts``."""
+    from tq.store.schema_ops import queue_depth
+
     out: dict[str, dict[str, int]] = {}
-    for queue, state, n in _rows(conn, COUNTS):
+    for row in queue_depth(conn):
+        states = out.setdefault(row.queue, {})
+        states[row.state] = states.get(row.state, 0) + row.count
+    for queue, state, n in _rows(conn, FINISHED_COUNTS):
         out.setdefault(queue, {})[state] = n
     return out

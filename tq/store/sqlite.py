@@ -161,6 +161,7 @@ class SQLiteStore:
         writer: apsw.Connection,
         reader: apsw.Connection,
         checkpointer: apsw.Connection,
+        prober: apsw.Connection,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
@@ -170,6 +171,8 @@ class SQLiteStore:
         self._writer = writer
         self._reader = reader
         self._checkpointer = checkpointer
+        self._prober = prober
+        self._probe_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._checkpoint_limiter = trio.CapacityLimiter(1)
@@ -336,7 +339,11 @@ class SQLiteStore:
         return await self._write(schema_ops.retry_many, source, limit)
 
     async def probe(self) -> StoreStats:
-        await self._read(schema_ops.probe)
+        """A cheap read on a connection of its own, so a readiness probe never waits
+        behind slow reads (a large listing) or the writer."""
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        await trio.to_thread.run_sync(self._run_probe, limiter=self._probe_limiter)
         return StoreStats(
             path=self.path,
             size_bytes=_file_size(self.path),
@@ -359,6 +366,7 @@ class SQLiteStore:
             self._checkpoint_scope.cancel()
             await self._checkpointer_done.wait()
             await trio.to_thread.run_sync(self._close_reader, limiter=self._read_limiter)
+            await trio.to_thread.run_sync(self._close_prober, limiter=self._probe_limiter)
             await trio.to_thread.run_sync(
                 self._close_checkpointer, limiter=self._checkpoint_limiter
             )
@@ -368,6 +376,17 @@ class SQLiteStore:
     def _close_reader(self) -> None:
         self._reader_open = False
         _close(self._reader, self.path)
+
+    def _close_prober(self) -> None:
+        _close(self._prober, self.path)
+
+    def _run_probe(self) -> None:
+        if not self._reader_open:
+            raise Unavailable("the task store is closed")
+        try:
+            schema_ops.probe(self._prober)
+        except apsw.Error as exc:
+            raise _store_error(exc, "read from", self.path) from exc
 
     def _close_checkpointer(self) -> None:
         self._run_checkpoint("TRUNCATE")
@@ -614,13 +633,15 @@ def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
         checkpointer = _open(path, opened, CHECKPOINT_BUSY_TIMEOUT_MS)
         checkpointer.execute(f"PRAGMA synchronous = {synchronous}").fetchall()
         checkpointer.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}").fetchall()
+        prober = _open(path, opened, BUSY_TIMEOUT_MS)  # readiness probes: never queued
+        prober.execute("PRAGMA query_only = 1").fetchall()  # behind slow reads
     except BaseException as exc:
         for conn in reversed(opened):
             _close(conn, path)
         if isinstance(exc, apsw.Error):
             raise _store_error(exc, "open", path) from exc
         raise
-    return writer, reader, checkpointer
+    return writer, reader, checkpointer, prober
 
 
 def _check_sqlite_version(version: str) -> None:
