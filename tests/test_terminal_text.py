@@ -10,14 +10,17 @@ while JSON output stays exact. The console's side is in tests/test_tui.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tq.cli.logfmt import formatter
 from tq.client import BlockingClient
 from tq.core.text import inert
 from tq.testing import BrokerProcess, tq_command
@@ -41,6 +44,21 @@ def test_inert_shows_controls_and_keeps_the_rest() -> None:
     assert inert("[red]é 漢字 ✓ (other)") == "[red]é 漢字 ✓ (other)"  # markup: the renderer's job
     assert inert(None) == "" and inert(42) == "42"
     assert inert(inert(ERROR)) == inert(ERROR)  # twice is harmless
+
+
+def test_human_log_lines_are_inert_and_json_lines_exact() -> None:
+    try:
+        raise ValueError(ERROR)
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "tq.worker", logging.ERROR, __file__, 1, "task %s failed", (TYPES[0],), exc_info
+    )
+    human = formatter("human").format(record)
+    assert_inert(human)
+    assert inert(TYPES[0]) in human and "Traceback (most recent call last):\n" in human
+    as_json = json.loads(formatter("json").format(record))
+    assert as_json["message"] == f"task {TYPES[0]} failed" and ERROR in as_json["exc"]
 
 
 # -- the CLI against a real broker ---------------------------------------------------------

@@ -32,6 +32,7 @@ from tq.cli.common import (
     kv_table,
     output_mode,
     run_guarded,
+    say,
     settings,
 )
 
@@ -234,7 +235,7 @@ def keys_revoke(
         if as_json:
             emit(info, output_mode(None, True))
         else:
-            typer.echo(f"{info['id']} revoked ({info['name']}, {info['role']})")
+            say(f"{info['id']} revoked ({info['name']}, {info['role']})")
 
     run_guarded(body)
 
