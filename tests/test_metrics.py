@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,17 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 import tq
-from tq.broker.activity import WINDOW, Activity, Histogram
+from tq.broker.activity import (
+    MAX_QUEUES,
+    MAX_SERIES,
+    MAX_TYPES,
+    OTHER,
+    WINDOW,
+    Activity,
+    Histogram,
+    Labels,
+)
+from tq.http import metrics as metrics_module
 from tq.store.base import OutcomeResult
 from tq.testing import running_broker, running_worker
 
@@ -98,22 +109,86 @@ async def test_each_broker_has_its_own_registry(tmp_path: Path) -> None:
         assert samples(await scrape(http_b))[key] == 1
 
 
-@pytest.mark.trio
-async def test_promtool_accepts_the_page(tmp_path: Path) -> None:
+def promtool_or_skip() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI"):
             pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
         pytest.skip("promtool not installed (apt-get install prometheus)")
+    return promtool
+
+
+def promtool_lint(promtool: str, page: str) -> None:
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+
+
+@pytest.mark.trio
+async def test_promtool_accepts_the_page(tmp_path: Path) -> None:
+    promtool = promtool_or_skip()
     async with running_broker(tmp_path) as broker, broker.http_client() as http:
         async with running_worker(broker):
             await http.post(f"{API}/tasks", json=[{"type": "echo"}, {"type": "fail"}])
             await settle(http, "succeeded", 1)
             page = await scrape(http)
-    out = subprocess.run(
-        [promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+    promtool_lint(promtool, page)
+
+
+def label_values(got: dict[Any, float], name: str, label: str) -> set[str]:
+    return {dict(labels)[label] for sample, labels in got if sample == name}
+
+
+@pytest.mark.trio
+async def test_label_values_are_capped_and_the_rest_is_other(tmp_path: Path) -> None:
+    # 1000 distinct (queue, type) pairs over 70 queues and 150 types: more than every cap
+    queues, types, n = MAX_QUEUES + 20, MAX_TYPES + 50, 1000
+    assert n > MAX_SERIES
+    tasks = [{"type": f"t{i % types}", "queue": f"q{i % queues}"} for i in range(n)]
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        for start in range(0, n, 250):
+            answer = await http.post(f"{API}/tasks", json=tasks[start : start + 250])
+            assert answer.status_code == 201, answer.text
+        page = await scrape(http)
+    got = samples(page)
+    submitted = "tq_tasks_submitted_total"
+    series = [labels for sample, labels in got if sample == submitted]
+    assert len(label_values(got, submitted, "queue")) <= MAX_QUEUES + 1
+    assert len(label_values(got, submitted, "type")) <= MAX_TYPES + 1
+    assert len(series) <= MAX_SERIES + MAX_QUEUES + MAX_TYPES + 1
+    assert OTHER in label_values(got, submitted, "queue")
+    assert OTHER in label_values(got, submitted, "type")
+    # nothing is lost: the "(other)" series hold the rest
+    assert sum(v for (sample, _), v in got.items() if sample == submitted) == n
+    named = {labels: v for (s, labels), v in got.items() if s == submitted}
+    assert sum(v for labels, v in named.items() if OTHER in dict(labels).values()) > 0
+    # queue depth too: at most MAX_QUEUES queues by name, every pending task counted
+    depth_queues = label_values(got, "tq_queue_depth", "queue")
+    assert len(depth_queues) <= MAX_QUEUES + 1 and OTHER in depth_queues
+    assert sum(v for (s, _), v in got.items() if s == "tq_queue_depth") == n
+    assert len(page.encode()) < 1_000_000  # was ~1,000 series per family
+    if shutil.which("promtool") or os.environ.get("CI"):
+        promtool_lint(promtool_or_skip(), page)
+
+
+@pytest.mark.trio
+async def test_the_page_is_rendered_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    collect = metrics_module._TQCollector.collect
+
+    def spy(self: Any) -> Any:
+        threads.append(threading.get_ident())
+        return collect(self)
+
+    monkeypatch.setattr(metrics_module._TQCollector, "collect", spy)
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        await http.post(f"{API}/tasks", json={"type": "echo"})
+        got = samples(await scrape(http))
+    assert got[("tq_tasks_submitted_total", (("queue", "default"), ("type", "echo")))] == 1
+    assert threads and threading.get_ident() not in threads  # the loop runs in this thread
 
 
 # -- the recorder behind the page -------------------------------------------------------
@@ -133,6 +208,36 @@ def test_activity_window_throughput_and_failure_rate() -> None:
     later = activity.last_minute(100.0 + WINDOW)  # a minute on: the window is empty
     assert later["total"]["succeeded"] == 0 and later["failure_rate"] is None
     assert activity.totals[("q", "t")]["succeeded"] == 3  # totals are forever
+
+
+def test_labels_keep_the_first_names_and_fold_the_rest() -> None:
+    labels = Labels(max_queues=2, max_types=2, max_series=2)
+    assert labels.pair("a", "x") == ("a", "x")
+    assert labels.pair("a", "y") == ("a", "y")
+    assert labels.pair("b", "x") == ("b", OTHER)  # kept names, but the pair cap is reached
+    assert labels.pair("c", "x") == (OTHER, "x")  # a third queue
+    assert labels.pair("a", "z") == ("a", OTHER)  # a third type
+    assert labels.pair(OTHER, "x") == (OTHER, "x")  # a real name "(other)" is folded too
+    assert labels.pair("a", "x") == ("a", "x")  # kept for good
+    assert list(labels.queues) == ["a", "b"] and list(labels.types) == ["x", "y"]
+
+
+def test_activity_memory_is_bounded_by_the_caps() -> None:
+    activity = Activity(Labels(max_queues=3, max_types=4, max_series=5))
+    pairs = [(f"q{i}", f"t{i}") for i in range(1000)]
+    activity.submitted(pairs, now=10.0)
+    outcomes = [
+        OutcomeResult(str(i), True, "succeeded", "", q, t, 5.0) for i, (q, t) in enumerate(pairs)
+    ]
+    activity.reported(outcomes, now=10.0)
+    assert len(activity.totals) <= 5 + 3 + 4 + 1 and len(activity.run_time) <= 5 + 3 + 4 + 1
+    assert sum(c["submitted"] for c in activity.totals.values()) == 1000
+    assert sum(h.count for h in activity.run_time.values()) == 1000
+    recent = activity.last_minute(10.0)
+    assert len(recent["queues"]) <= 3 + 1 and recent["total"]["succeeded"] == 1000
+    # q0..q2 with t0..t2 by name, q3 (a fourth queue) with t3 (a kept type), then the rest
+    assert activity.totals[(OTHER, "t3")]["submitted"] == 1
+    assert activity.totals[(OTHER, OTHER)]["submitted"] == 996
 
 
 def test_histogram_buckets_are_cumulative() -> None:

@@ -540,3 +540,83 @@ def test_snapshots_notice_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
     text, svg = snapshot("dashboard", (80, 24))
     with pytest.raises(AssertionError, match="screen dashboard-80x24 changed"):
         compare("dashboard-80x24", text, svg)
+
+
+# -- text another party chose ----------------------------------------------------------
+
+HOSTILE_TYPE = "[link=http://evil]x[/link]\x1b]8;;http://evil\x07"
+HOSTILE_QUEUE = "[red]q\x1b[2J"
+HOSTILE_HOST = "[link=http://evil]host[/link]\u202e"
+HOSTILE_ERROR = "boom \x1b[31m[red]red[/red]\x9b2J"
+
+
+def hostile_fill(app: ConsoleApp) -> Task:
+    """Broker state whose names and messages carry markup and escape sequences."""
+    stats = {
+        "broker": "tq",
+        "version": "0.1.0",
+        "uptime": 60.0,
+        "store": {"size": 1, "wal": 0},
+        "queues": {HOSTILE_QUEUE: {"pending": 1, "dead": 1}},
+    }
+    workers = [
+        {
+            "id": "w[red]1",
+            "name": "w[red]1\x1b[5m",
+            "host": HOSTILE_HOST,
+            "queues": [HOSTILE_QUEUE],
+            "concurrency": 1,
+            "running": 0,
+            "cpu": 1.0,
+            "memory": 1,
+            "connected": True,
+            "heartbeat_age": 1.0,
+        }
+    ]
+    error = {"type": "Evil", "message": HOSTILE_ERROR, "traceback": f"tb\n{HOSTILE_ERROR}"}
+    dead = task(1, "dead", type=HOSTILE_TYPE, queue=HOSTILE_QUEUE, worker="w[red]1", error=error)
+    server = {"broker": "tq", "lease_ttl": 30.0, "server": "tq/0.1.0"}
+    app._link_up(Snapshot(server, stats, workers, [dead]))
+    app.state.note_error(dead.id, f"Evil: {HOSTILE_ERROR}")
+    return dead
+
+
+def assert_literal(text: str, *shown: str) -> None:
+    assert "\x1b" not in text and "\x9b" not in text and "\u202e" not in text, text
+    for piece in shown:
+        assert piece in text, f"{piece!r} not on screen:\n{text}"
+
+
+def test_the_console_shows_hostile_text_literally() -> None:
+    screens: dict[str, str] = {}
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(200, 50)) as pilot:
+            dead = hostile_fill(app)
+            await pilot.pause()
+            app.redraw()
+            await pilot.pause()
+            screens["dashboard"] = screen_text(app)
+            app.switch_mode("tasks")
+            await pilot.pause()
+            tasks = app.screen
+            assert isinstance(tasks, TasksScreen)
+            tasks._loading = False
+            tasks.show_page(Page([dead], None, None))
+            await pilot.pause()
+            screens["tasks"] = screen_text(app)
+            app.push_screen(TaskScreen(dead.id, dead))
+            await pilot.pause()
+            await pilot.pause()
+            screens["detail"] = screen_text(app)
+
+    run(scenario)
+    assert_literal(screens["dashboard"], "[red]q\\x1b[2J", "[link=http://ev…")  # host, cut
+    assert_literal(screens["dashboard"], "w[red]1\\x1b[5m", "[red]red[/red]")
+    assert_literal(screens["tasks"], "[link=http://evil]x…", "[red]q\\x1b[2J", "w[red]1")
+    assert_literal(
+        screens["detail"],
+        "[link=http://evil]x[/link]\\x1b]8;;http://evil\\x07 / [red]q\\x1b[2J",
+        "Evil: boom \\x1b[31m[red]red[/red]\\x9b2J",
+    )

@@ -17,6 +17,18 @@ Events, per (queue, type):
 
 So ``failed = retried + dead``. Lease expiries are counted apart (the
 reaper knows only task ids). Time is an argument (``now``, seconds).
+
+Bounded whatever clients choose: queue and type names come from submitters,
+so every structure keyed by them has a cap (``Labels``). The first
+``MAX_QUEUES`` distinct queues and ``MAX_TYPES`` distinct types seen are
+kept by name, and at most ``MAX_SERIES`` (queue, type) pairs; a later queue
+or type is counted as ``OTHER``, and a new pair of kept names beyond
+``MAX_SERIES`` as (queue, ``OTHER``). So the counters, the run-time
+histograms and the one-minute window hold at most ``MAX_QUEUES + 1`` queues,
+``MAX_TYPES + 1`` types and ``MAX_SERIES + MAX_QUEUES + MAX_TYPES + 1``
+pairs, and /metrics at most that many series per family.
+Nothing is forgotten: folded events still count, under ``OTHER``. The caps
+hold for the life of the broker (a restart starts the count again).
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ SUBMIT_LATENCY_BUCKETS = (
     2.5,
     5,
 )
+# label caps (see the module docstring; docs/OPERATIONS.md "What to monitor")
+MAX_QUEUES = 50  # distinct queue names kept by name
+MAX_TYPES = 100  # distinct task types kept by name
+MAX_SERIES = 500  # distinct (queue, type) pairs kept by name
+OTHER = "(other)"  # what the rest is counted as (a real queue or type of that name too)
 _BY_STATE = {
     "succeeded": ("succeeded",),
     "failed": ("failed", "retried"),
@@ -83,8 +100,51 @@ class Histogram:
         return out
 
 
+class Labels:
+    """The cap on distinct label values: names seen first are kept, the rest become OTHER."""
+
+    def __init__(
+        self, max_queues: int = MAX_QUEUES, max_types: int = MAX_TYPES, max_series: int = MAX_SERIES
+    ) -> None:
+        self.max_queues, self.max_types, self.max_series = max_queues, max_types, max_series
+        self.queues: dict[str, None] = {}  # insertion order: first seen first
+        self.types: dict[str, None] = {}
+        self.series: set[tuple[str, str]] = set()  # pairs kept by name
+
+    def queue(self, queue: str) -> str:
+        """``queue`` if it is (or may become) kept, else OTHER."""
+        if queue in self.queues:
+            return queue
+        if queue == OTHER or len(self.queues) >= self.max_queues:
+            return OTHER
+        self.queues[queue] = None
+        return queue
+
+    def _type(self, type_: str) -> str:
+        if type_ in self.types:
+            return type_
+        if type_ == OTHER or len(self.types) >= self.max_types:
+            return OTHER
+        self.types[type_] = None
+        return type_
+
+    def pair(self, queue: str, type_: str) -> tuple[str, str]:
+        """The (queue, type) a pair is counted as."""
+        key = (queue, type_)
+        if key in self.series:
+            return key
+        q, t = self.queue(queue), self._type(type_)
+        if q == OTHER or t == OTHER:
+            return q, t  # at most one (q, OTHER) per kept queue, one (OTHER, t) per kept type
+        if len(self.series) >= self.max_series:
+            return q, OTHER
+        self.series.add(key)
+        return key
+
+
 class Activity:
-    def __init__(self) -> None:
+    def __init__(self, labels: Labels | None = None) -> None:
+        self.labels = labels or Labels()
         self.totals: dict[tuple[str, str], Counter[str]] = {}  # (queue, type) -> event -> n
         self.run_time: dict[tuple[str, str], Histogram] = {}
         self.submit_latency = Histogram(SUBMIT_LATENCY_BUCKETS)
@@ -92,6 +152,7 @@ class Activity:
 
     # -- recording --------------------------------------------------------
     def record(self, queue: str, type_: str, event: str, now: float, n: int = 1) -> None:
+        queue, type_ = self.labels.pair(queue, type_)
         self.totals.setdefault((queue, type_), Counter())[event] += n
         second = int(now)
         if not self._recent or self._recent[-1][0] != second:
@@ -115,7 +176,7 @@ class Activity:
             for event in events:
                 counts[r.queue, r.type, event] += 1
             if r.started_at is not None:
-                key = (r.queue, r.type)
+                key = self.labels.pair(r.queue, r.type)
                 if key not in self.run_time:
                     self.run_time[key] = Histogram(RUN_TIME_BUCKETS)
                 self.run_time[key].observe(max(0.0, now - r.started_at))

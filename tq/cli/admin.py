@@ -31,6 +31,7 @@ from tq.cli.common import (
     KeyOpt,
     Output,
     OutputOpt,
+    cell,
     dumps,
     emit,
     fail,
@@ -40,6 +41,7 @@ from tq.cli.common import (
     output_mode,
     progress,
     run_guarded,
+    say,
     settings,
 )
 from tq.core.units import human_bytes
@@ -87,7 +89,7 @@ def _depth_table(data: dict[str, Any]) -> Any:
     for queue, p in rows:
         width = 0 if not widest else max(1, round(40 * p["count"] / widest))
         bar = Text("█" * width, style=colours.get(p["state"], "magenta"))
-        table.add_row(queue, str(p["priority"]), p["state"], str(p["count"]), bar)
+        table.add_row(cell(queue), str(p["priority"]), cell(p["state"]), str(p["count"]), bar)
     if not rows:
         table.add_row("(no unfinished tasks)", "", "", "", "")
     return table
@@ -148,7 +150,9 @@ def queue_depth(
 def _status_rows(data: dict[str, Any]) -> Any:
     store = data.get("store") or {}
     checks = data["checks"]
-    ok = "[green]healthy[/]" if data["healthy"] else "[bold red]UNHEALTHY[/]"
+    from rich.text import Text
+
+    ok = Text("healthy", "green") if data["healthy"] else Text("UNHEALTHY", "bold red")
     store_check = "ok" if checks["store"]["ok"] else f"FAILED: {checks['store']['error']}"
     rows = [
         ("status", ok),
@@ -361,7 +365,7 @@ def _retry_stdin(
             except TQError as exc:
                 failures += 1
                 worst = max(worst, exits.for_code(exc.code))
-                typer.echo(f"tq: error: {task_id}: {exc.message or exc}", err=True)
+                say(f"tq: error: {task_id}: {exc.message or exc}", err=True)
             bar.advance()
     if mode is Output.table:
         typer.echo(f"retried {len(rows)} task(s)")

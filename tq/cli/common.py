@@ -1,4 +1,11 @@
-"""Shared CLI plumbing: connection options, settings, output, errors."""
+"""Shared CLI plumbing: connection options, settings, output, errors.
+
+Terminal output never obeys what another party chose: table cells are
+``cell()``s (``rich.text.Text`` of ``tq.core.text.inert`` text: no markup, no
+escape sequences), tables print through a console with markup off, and lines
+echoed from the broker (warnings, errors) go through ``inert``. JSON, JSON
+lines and YAML stay exact.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import typer
 from tq.cli import exits
 from tq.config import Settings, load_settings
 from tq.core.errors import TQError
+from tq.core.text import inert
 
 
 class Output(StrEnum):
@@ -91,7 +99,7 @@ def output_mode(output: Output | None, as_json: bool) -> Output:
 
 
 def fail(message: str, status: int = exits.ERROR) -> NoReturn:
-    typer.echo(f"tq: error: {message}", err=True)
+    typer.echo(f"tq: error: {inert(message)}", err=True)
     raise typer.Exit(status)
 
 
@@ -146,7 +154,23 @@ def emit(data: Any, mode: Output, table: Callable[[Any], Any] | None = None) -> 
     else:
         from rich.console import Console
 
-        Console().print(table(data) if table else data)
+        # markup off: a str that reaches a table anyway is shown, never interpreted
+        Console(markup=False).print(table(data) if table else data)
+
+
+def cell(value: Any, multiline: bool = False, **text: Any) -> Any:
+    """A table cell for ``value`` (None: empty): a rich Text of ``inert`` text, never
+    parsed for markup. ``text``: Text options (style, justify...)."""
+    from rich.text import Text
+
+    if isinstance(value, Text):
+        return value
+    return Text(inert(value, multiline), **text)
+
+
+def say(message: str, err: bool = False) -> None:
+    """One line with text from the broker in it, made inert, on stdout (or stderr)."""
+    typer.echo(inert(message), err=err)
 
 
 def interactive() -> bool:
@@ -200,7 +224,7 @@ def kv_table(rows: Iterable[tuple[str, Any]]) -> Any:
     table.add_column(style="bold cyan")
     table.add_column(overflow="fold")
     for key, value in rows:
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(cell(key), cell(value, multiline=True))
     return table
 
 

@@ -1,4 +1,11 @@
-"""``--log-format json``: one JSON object per log record, for log shippers.
+"""Log formats: ``human`` lines for a terminal, ``--log-format json`` for log shippers.
+
+Human lines are made inert (tq.core.text): log messages carry task types,
+queue names, worker names and error texts other parties chose, and a
+terminal must not obey escape sequences in them (tracebacks keep their
+lines). JSON lines keep every string exact (JSON escapes control characters).
+
+``--log-format json``: one JSON object per log record:
 
     {"ts": "2026-11-20T10:00:00.123+00:00", "level": "info", "logger": "tq.broker",
      "message": "broker listening on 127.0.0.1:7470 (TLS)", "pid": 4242}
@@ -13,6 +20,8 @@ import datetime as dt
 import json
 import logging
 from typing import Any
+
+from tq.core.text import inert
 
 HUMAN = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 FORMATS = ("human", "json")
@@ -38,10 +47,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class HumanFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(HUMAN)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return inert(super().format(record), multiline=True)
+
+
 def formatter(kind: str) -> logging.Formatter:
     """The formatter for ``--log-format`` ``kind`` (human or json)."""
     if kind == "json":
         return JsonFormatter()
     if kind == "human":
-        return logging.Formatter(HUMAN)
+        return HumanFormatter()
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {kind!r}")

@@ -25,6 +25,7 @@ from tq.cli.common import (
     dumps,
     fmt_time,
     run_guarded,
+    say,
     settings,
 )
 
@@ -136,7 +137,7 @@ def _print_checks(checks: list[Check]) -> None:
         line = f"{marks[c.status]} {c.name:<{width}}  {c.detail}"
         if c.fix:
             line += f" -> {c.fix}"
-        typer.echo(line)
+        say(line)
     counts = {s: sum(c.status == s for c in checks) for s in MARKS}
     summary = f"{counts['ok']} ok, {counts['fail']} failed, {counts['warn']} warnings"
     typer.echo(summary + (f", {counts['skip']} skipped" if counts["skip"] else ""))

@@ -25,12 +25,14 @@ from tq.cli.common import (
     JsonOpt,
     KeyOpt,
     OutputOpt,
+    cell,
     emit,
     fail,
     fmt_time,
     kv_table,
     output_mode,
     run_guarded,
+    say,
     settings,
 )
 
@@ -183,11 +185,11 @@ def _keys_table(rows: list[dict[str, Any]]) -> Any:
     for k in rows:
         queues = "all" if k["queues"] is None else ",".join(k["queues"])
         table.add_row(
-            k["id"],
-            k["name"],
-            k["role"],
-            queues,
-            k["state"],
+            cell(k["id"]),
+            cell(k["name"]),
+            cell(k["role"]),
+            cell(queues),
+            cell(k["state"]),
             fmt_time(k["created_at"]),
             fmt_time(k["expires_at"]) or "never",
         )
@@ -233,7 +235,7 @@ def keys_revoke(
         if as_json:
             emit(info, output_mode(None, True))
         else:
-            typer.echo(f"{info['id']} revoked ({info['name']}, {info['role']})")
+            say(f"{info['id']} revoked ({info['name']}, {info['role']})")
 
     run_guarded(body)
 
@@ -361,10 +363,10 @@ def _audit_table(rows: list[dict[str, Any]]) -> Any:
         table.add_row(
             str(e["seq"]),
             fmt_time(e["at"]),
-            e["actor"],
-            e["action"],
-            e["target"],
-            compact(e["detail"], 40) if e["detail"] else "",
+            cell(e["actor"]),
+            cell(e["action"]),
+            cell(e["target"]),
+            cell(compact(e["detail"], 40) if e["detail"] else ""),
         )
     return table
 

@@ -22,6 +22,7 @@ from tq.cli.common import (
     KeyOpt,
     Output,
     OutputOpt,
+    cell,
     compact,
     dumps,
     emit,
@@ -33,9 +34,11 @@ from tq.cli.common import (
     parse_json,
     progress,
     run_guarded,
+    say,
     settings,
     task_rows,
 )
+from tq.core.text import inert
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
@@ -60,14 +63,14 @@ def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
         table.add_column(column, overflow="fold" if column == "id" else "ellipsis")
     for t in tasks:
         table.add_row(
-            t["id"],
-            t["type"],
-            t["queue"],
-            t["state"],
+            cell(t["id"]),
+            cell(t["type"]),
+            cell(t["queue"]),
+            cell(t["state"]),
             str(t["priority"]),
             str(t["attempts"]),
             fmt_time(t["created_at"]),
-            compact(t["payload"], 30),
+            cell(compact(t["payload"], 30)),
         )
     return table
 
@@ -171,7 +174,7 @@ def submit(
             [answer] = client.submit_items([task_spec(type, value, **options)])
         task_id = answer["id"]
         if "warning" in answer:
-            typer.echo(f"tq: warning: {answer['warning']}", err=True)
+            say(f"tq: warning: {answer['warning']}", err=True)
         if as_json:
             typer.echo(dumps({"id": task_id}))
         else:
@@ -249,7 +252,7 @@ def _submit_stdin(
                 warning = answer.get("warning")
                 if warning and warning not in warned:  # once per task type, on stderr
                     warned.add(warning)
-                    print(f"tq: warning: {warning}", file=sys.stderr)
+                    print(f"tq: warning: {inert(warning)}", file=sys.stderr)
         return rows
 
     async def main() -> None:
@@ -274,7 +277,7 @@ def _submit_stdin(
                             failures += "error" in row
                             submitted += "id" in row
                             if "error" in row:
-                                print(f"tq: error: {row['error']}", file=sys.stderr)
+                                print(f"tq: error: {inert(row['error'])}", file=sys.stderr)
                             if not show:
                                 out.write(dumps(row) + "\n")
                         bar.advance(len(rows))
@@ -404,9 +407,11 @@ def stats(
         states = ["pending", "running", "failed", "succeeded", "dead", "cancelled"]
         recent = data.get("last_minute") or {}
         t = Table(
-            title=f"broker {data['broker']} {data['version']}, "
-            f"up {data['uptime']:.0f}s, {data['workers']} worker(s)",
-            caption=_last_minute(recent),
+            title=cell(
+                f"broker {data['broker']} {data['version']}, "
+                f"up {data['uptime']:.0f}s, {data['workers']} worker(s)"
+            ),
+            caption=cell(_last_minute(recent)),
         )
         t.add_column("queue")
         for s in states:
@@ -417,7 +422,7 @@ def stats(
             row = (recent.get("queues") or {}).get(queue) or {}
             done = row.get("succeeded", 0) + row.get("failed", 0)
             rate = f"{100 * row.get('failed', 0) / done:.1f}" if done else ""
-            t.add_row(queue, *(str(counts.get(s, 0)) for s in states), str(done), rate)
+            t.add_row(cell(queue), *(str(counts.get(s, 0)) for s in states), str(done), rate)
         return t
 
     def body() -> None:
@@ -470,12 +475,12 @@ def workers(
             mem = "" if w["memory"] is None else f"{w['memory'] / 1e6:.0f}"
             cpu = "" if w["cpu"] is None else f"{w['cpu']:.0f}"
             t.add_row(
-                w["id"],
-                w["host"],
-                str(w["pid"]),
-                ",".join(w["queues"]),
-                str(w["concurrency"]),
-                str(w["running"]),
+                cell(w["id"]),
+                cell(w["host"]),
+                cell(w["pid"]),
+                cell(",".join(w["queues"])),
+                cell(w["concurrency"]),
+                cell(w["running"]),
                 cpu,
                 mem,
                 f"{w['heartbeat_age']:.0f}s ago",

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tq.cli.common import BrokerOpt, CaOpt, InsecureOpt, KeyOpt, fail, run_guarded, settings
+from tq.cli.common import BrokerOpt, CaOpt, InsecureOpt, KeyOpt, fail, run_guarded, say, settings
 
 
 def tui(
@@ -42,7 +42,7 @@ def tui(
         except TLSFailure:
             raise
         except ConnectionFailed as exc:
-            typer.echo(f"tq: {exc.message} (the console will keep trying)", err=True)
+            say(f"tq: {exc.message} (the console will keep trying)", err=True)
 
     run_guarded(check)
     try:

@@ -18,11 +18,19 @@ counts the history.
     tq_task_run_seconds{queue,type}   histogram: claim -> report
     tq_submit_latency_seconds         histogram: submit received -> durable ack
     tq_store_size_bytes, tq_store_wal_bytes, tq_broker_uptime_seconds, tq_broker_info
+
+Label values are bounded: queues and types beyond the caps of
+tq.broker.activity (``MAX_QUEUES``, ``MAX_TYPES``, ``MAX_SERIES``) are
+counted under the label value ``(other)`` (``OTHER``), queue depth
+included, so a page's size does not grow with the names clients choose.
+The ``(other)`` series of the task counters mix queues, so a key limited to
+some queues does not see them. The page is rendered in a worker thread from
+a snapshot copied on the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tq import __version__
-from tq.broker.activity import EVENTS, Histogram
+from tq.broker.activity import EVENTS, OTHER, Histogram
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -55,70 +63,114 @@ _EVENT_HELP = {
 
 @dataclass
 class _Snapshot:
+    """Everything one page shows, copied on the event loop (cheap: bounded by the label
+    caps of tq.broker.activity), so rendering can run in a thread without racing the
+    loop's writers."""
+
+    totals: list[tuple[str, str, dict[str, int]]] = field(default_factory=list)
+    run_time: list[tuple[str, str, Histogram]] = field(default_factory=list)
+    submit_latency: Histogram = field(default_factory=lambda: Histogram(()))
     depth: list[tuple[str, str, int]] = field(default_factory=list)  # queue, state, n
+    workers_connected: int = 0
+    workers_known: int = 0
+    lease_expiries: int = 0
+    refused_results: int = 0
     size: int = 0
     wal: int = 0
-    visible: Any = None  # a queue predicate, or None for every queue
+    uptime: float = 0.0
+    broker: str = ""
+
+
+def _copy(hist: Histogram) -> Histogram:
+    return Histogram(hist.bounds, list(hist.counts), hist.total)
+
+
+def take_snapshot(
+    service: BrokerService, gauges: dict[str, Any], visible: Callable[[str], bool] | None
+) -> _Snapshot:
+    """The page's numbers now. Call on the event loop; never awaits."""
+    activity = service.activity
+    labels = activity.labels
+
+    def show(queue: str) -> bool:  # OTHER mixes queues: only for keys that see every queue
+        return visible is None or (queue != OTHER and visible(queue))
+
+    folded: dict[tuple[str, str], int] = {}
+    for entry in sorted(gauges["queues"], key=lambda e: str(e["queue"])):
+        queue = labels.queue(entry["queue"])
+        for state, n in entry["states"].items():
+            folded[queue, state] = folded.get((queue, state), 0) + n
+    known = service.workers.all()
+    return _Snapshot(
+        totals=[(q, t, dict(c)) for (q, t), c in activity.totals.items() if show(q)],
+        run_time=[(q, t, _copy(h)) for (q, t), h in activity.run_time.items() if show(q)],
+        submit_latency=_copy(activity.submit_latency),
+        depth=[(q, state, n) for (q, state), n in folded.items()],
+        workers_connected=sum(1 for w in known if w.connections > 0),
+        workers_known=len(known),
+        lease_expiries=service.counters.get("lease_expired", 0),
+        refused_results=service.counters.get("refused_results", 0),
+        size=gauges["store"]["size"],
+        wal=gauges["store"]["wal"],
+        uptime=service.clock() - service.started_at,
+        broker=service.name,
+    )
 
 
 class _TQCollector(Collector):
-    def __init__(self, service: BrokerService) -> None:
-        self.service = service
+    """Metric families from a snapshot; touches nothing the event loop mutates."""
+
+    def __init__(self) -> None:
         self.snapshot = _Snapshot()
 
     def collect(self) -> Iterator[Metric]:
-        service, snap = self.service, self.snapshot
-        show = snap.visible or (lambda queue: True)
-        activity = service.activity
+        snap = self.snapshot
         for event in EVENTS:
             family = CounterMetricFamily(
                 f"tq_tasks_{event}", _EVENT_HELP[event], labels=["queue", "type"]
             )
-            for (queue, type_), counts in sorted(activity.totals.items()):
-                if show(queue):
-                    family.add_metric([queue, type_], counts.get(event, 0))
+            for queue, type_, counts in sorted(snap.totals, key=_pair):
+                family.add_metric([queue, type_], counts.get(event, 0))
             yield family
         depth = GaugeMetricFamily(
             "tq_queue_depth", "Unfinished tasks by queue and state.", labels=["queue", "state"]
         )
         running = 0
-        for queue, state, n in snap.depth:
+        for queue, state, n in sorted(snap.depth):
             depth.add_metric([queue, state], n)
             running += n if state == "running" else 0
         yield depth
         yield GaugeMetricFamily("tq_tasks_running", "Tasks leased to workers now.", value=running)
-        known = service.workers.all()
         yield GaugeMetricFamily(
-            "tq_workers_connected",
-            "Workers with an open connection.",
-            value=sum(1 for w in known if w.connections > 0),
+            "tq_workers_connected", "Workers with an open connection.", value=snap.workers_connected
         )
         yield GaugeMetricFamily(
-            "tq_workers_known", "Workers the broker knows (connected or not).", value=len(known)
+            "tq_workers_known",
+            "Workers the broker knows (connected or not).",
+            value=snap.workers_known,
         )
         yield CounterMetricFamily(
             "tq_lease_expiries",
             "Leases that expired, or were released because their worker went silent.",
-            value=service.counters.get("lease_expired", 0),
+            value=snap.lease_expiries,
         )
         yield CounterMetricFamily(
             "tq_refused_results",
             "Worker reports refused by fencing (stale or expired lease).",
-            value=service.counters.get("refused_results", 0),
+            value=snap.refused_results,
         )
         run_time = HistogramMetricFamily(
             "tq_task_run_seconds",
             "Seconds from a task's claim to its worker's report.",
             labels=["queue", "type"],
         )
-        for (queue, type_), hist in sorted(activity.run_time.items()):
-            if show(queue):
-                run_time.add_metric([queue, type_], hist.cumulative(), hist.total)
+        for queue, type_, hist in sorted(snap.run_time, key=_pair):
+            run_time.add_metric([queue, type_], hist.cumulative(), hist.total)
         yield run_time
         yield _histogram(
             "tq_submit_latency_seconds",
             "Seconds from a submit request's arrival to its durable acknowledgement.",
-            activity.submit_latency,
+            snap.submit_latency,
         )
         yield GaugeMetricFamily(
             "tq_store_size_bytes", "Size of the task database file.", value=snap.size
@@ -127,17 +179,19 @@ class _TQCollector(Collector):
             "tq_store_wal_bytes", "Size of the task database's write-ahead log.", value=snap.wal
         )
         yield GaugeMetricFamily(
-            "tq_broker_uptime_seconds",
-            "Seconds since the broker started.",
-            value=service.clock() - service.started_at,
+            "tq_broker_uptime_seconds", "Seconds since the broker started.", value=snap.uptime
         )
         info = GaugeMetricFamily(
             "tq_broker_info",
             "The broker's name and tq version (always 1).",
             labels=["broker", "version"],
         )
-        info.add_metric([service.name, __version__], 1)
+        info.add_metric([snap.broker, __version__], 1)
         yield info
+
+
+def _pair(row: tuple[str, str, Any]) -> tuple[str, str]:
+    return row[0], row[1]
 
 
 def _histogram(name: str, documentation: str, hist: Histogram) -> HistogramMetricFamily:
@@ -147,26 +201,25 @@ def _histogram(name: str, documentation: str, hist: Histogram) -> HistogramMetri
 
 
 class MetricsPage:
-    """The /metrics body of one broker: its registry, refreshed from the store per scrape."""
+    """The /metrics body of one broker: its registry, refreshed from the store per scrape.
+
+    The numbers are copied on the event loop (``take_snapshot``); the text is built
+    in a worker thread (``trio.to_thread``), so a scrape never holds the loop for
+    longer than the copy.
+    """
 
     def __init__(self, service: BrokerService) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = _TQCollector(service)
+        self.collector = _TQCollector()
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
-        self._lock = trio.Lock()  # one scrape at a time owns the snapshot
+        self._lock = trio.Lock()  # one scrape at a time owns the collector's snapshot
 
     async def render(self, principal: Principal | None) -> tuple[bytes, str]:
         visible = None if principal is None or principal.queues is None else principal.may_use
         gauges = await self.service.gauges(principal)
-        rows = [
-            (entry["queue"], state, n)
-            for entry in gauges["queues"]
-            for state, n in sorted(entry["states"].items())
-        ]
-        store = gauges["store"]
         async with self._lock:
-            self.collector.snapshot = _Snapshot(rows, store["size"], store["wal"], visible)
-            body = generate_latest(self.registry)
+            self.collector.snapshot = take_snapshot(self.service, gauges, visible)
+            body = await trio.to_thread.run_sync(generate_latest, self.registry)
         return body, MEDIA_TYPE

@@ -244,7 +244,12 @@ class ConsoleApp(App[None]):
             except TQError as exc:
                 if not quiet:
                     self._from_thread(
-                        self.notify, f"{what}: {exc}", severity="error", title="tq", timeout=8
+                        self.notify,
+                        fmt.one_line(f"{what}: {exc}", 300),
+                        severity="error",
+                        title="tq",
+                        timeout=8,
+                        markup=False,
                     )
                 if failed is not None:
                     self._from_thread(failed)
@@ -317,7 +322,11 @@ class ConsoleApp(App[None]):
             self.request(
                 "submit",
                 lambda c: c.submit_many([spec]),
-                lambda ids: self.notify(f"submitted {spec['type']} task {ids[0]}", title="tq"),
+                lambda ids: self.notify(
+                    fmt.one_line(f"submitted {spec['type']} task {ids[0]}", 300),
+                    title="tq",
+                    markup=False,
+                ),
             )
 
         self.push_screen(SubmitScreen(queue), submitted)

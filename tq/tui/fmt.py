@@ -1,4 +1,10 @@
-"""Text for the console: ages, sizes, times, sparklines, short ids. Pure functions."""
+"""Text for the console: ages, sizes, times, sparklines, short ids. Pure functions.
+
+Text another party chose (types, queues, messages, host names) goes through
+``tq.core.text.inert`` before it reaches the screen: ``one_line`` and
+``plain`` do that, and ``widgets.KeyedTable`` makes every str cell an inert
+``Text`` (never parsed as markup).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rich.text import Text
+
+from tq.core.text import inert
 from tq.core.units import human_bytes
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -81,6 +90,13 @@ def pretty(value: Any) -> str:
 
 
 def one_line(value: Any, width: int = 60) -> str:
+    """``value`` on one line of at most ``width`` characters, made inert."""
     text = value if isinstance(value, str) else json.dumps(value, default=repr)
-    text = " ".join(text.split())
+    text = inert(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plain(value: Any, multiline: bool = False, **options: Any) -> Text:
+    """``value`` as a rich Text of inert characters: shown as is, never parsed for markup.
+    ``options``: Text options (style, justify...)."""
+    return Text(inert(value, multiline), **options)

@@ -49,7 +49,7 @@ class Banner(Static):
         self.display = True
         if link.connecting:
             self.set_classes("connecting")
-            self.update(f"connecting to {where} …")
+            self.update(fmt.plain(f"connecting to {where} …"))
             return
         self.set_classes("down")
         wait = max(0.0, (link.retry_at or 0.0) - app.clock())
@@ -57,8 +57,10 @@ class Banner(Static):
         gist = link.reason.split(";")[0].replace(f" at {where}", "")  # drop the advice
         gist = gist.rsplit(": ", 1)[-1]  # "cannot connect to ...: Connection refused"
         self.update(
-            f"⚠ DISCONNECTED {away} · {fmt.one_line(gist, 60)} · "
-            f"retrying in {wait:.0f}s (attempt {link.attempt})"
+            fmt.plain(
+                f"⚠ DISCONNECTED {away} · {fmt.one_line(gist, 60)} · "
+                f"retrying in {wait:.0f}s (attempt {link.attempt})"
+            )
         )
 
 
@@ -87,7 +89,7 @@ class BrokerLine(Static):
         ]
         if state.lagged:
             parts.append(f"events dropped {state.lagged}")
-        line = Text.assemble(status, "  ", " · ".join(parts))
+        line = Text.assemble(status, "  ", fmt.plain(" · ".join(parts)))
         self.update(line)
 
 
@@ -100,7 +102,8 @@ class KeyedTable(DataTable[Any]):
         current = self.current_key()
         self.clear()
         for key, cells in rows:
-            self.add_row(*cells, key=key)
+            # a str cell would be parsed as markup: every one becomes an inert Text
+            self.add_row(*(fmt.plain(c) if isinstance(c, str) else c for c in cells), key=key)
         if current is not None and current in self.rows:
             self.move_cursor(row=self.get_row_index(current), animate=False)
 

@@ -74,7 +74,7 @@ class DashboardScreen(ConsoleScreen):
         totals = state.totals()
         for queue in [*queues, *(["(all)"] if len(queues) > 1 else [])]:
             counts = totals if queue == "(all)" else state.counts.get(queue, {})
-            cells: list[Any] = [Text(queue, style="bold" if queue == "(all)" else "")]
+            cells: list[Any] = [fmt.plain(queue, style="bold" if queue == "(all)" else "")]
             for s in STATES:
                 if s == "cancelled" and not self.wide:
                     continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -84,16 +83,16 @@ class TaskScreen(ConsoleScreen):
         task = self.task_data
         summary = self.query_one("#summary", Static)
         if task is None:
-            summary.update(self.error or f"loading task {self.task_id} …")
+            summary.update(fmt.plain(self.error or f"loading task {self.task_id} …"))
             return
         app = self.console
         tz = app.tz
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
-        grid.add_row("id", task.id)
+        grid.add_row("id", fmt.plain(task.id))
         grid.add_row("state", state_text(app, task.state.value))
-        grid.add_row("type / queue", f"{task.type} / {task.queue}")
+        grid.add_row("type / queue", fmt.plain(f"{task.type} / {task.queue}"))
         grid.add_row("priority", str(task.priority))
         grid.add_row("attempts", f"{task.attempts} of {task.max_retries + 1}")
         grid.add_row("timeout", f"{task.timeout:g}s")
@@ -102,11 +101,11 @@ class TaskScreen(ConsoleScreen):
         grid.add_row("finished", fmt.when(task.finished_at, tz, date=True))
         if task.run_at is not None:
             grid.add_row("next run", fmt.when(task.run_at, tz, date=True))
-        grid.add_row("worker", task.worker or "-")
+        grid.add_row("worker", fmt.plain(task.worker or "-"))
         if task.idempotency_key:
-            grid.add_row("idempotency key", task.idempotency_key)
+            grid.add_row("idempotency key", fmt.plain(task.idempotency_key))
         if self.error:
-            grid.add_row("", Text(self.error, style="italic"))
+            grid.add_row("", fmt.plain(self.error, style="italic"))
         summary.update(grid)
         self._block("#payload", "Payload", fmt.pretty(task.payload))
         self._block("#result", "Result", fmt.pretty(task.result) if task.result is not None else "")
@@ -121,7 +120,7 @@ class TaskScreen(ConsoleScreen):
         block = self.query_one(selector, Static)
         block.border_title = title
         block.display = bool(text)
-        block.update(Text(text))
+        block.update(fmt.plain(text, multiline=True))
 
     def action_back(self) -> None:
         self.dismiss()

@@ -14,6 +14,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Markdown, Static, Te
 
 from tq.core.errors import InvalidRequest
 from tq.core.task import TaskSpec, parse_priority
+from tq.tui import fmt
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -94,7 +95,7 @@ class SubmitScreen(ModalScreen[dict[str, Any] | None]):
         try:
             spec = self.spec()
         except InvalidRequest as exc:
-            self.query_one("#problem", Static).update(exc.message)
+            self.query_one("#problem", Static).update(fmt.plain(exc.message))
             return
         self.dismiss(spec)
 
@@ -163,7 +164,7 @@ class PriorityScreen(ModalScreen[int | None]):
         try:
             value = parse_priority(self.query_one("#priority", Input).value)
         except InvalidRequest as exc:
-            self.query_one("#problem", Static).update(exc.message)
+            self.query_one("#problem", Static).update(fmt.plain(exc.message))
             return
         self.dismiss(value)
 
@@ -230,7 +231,7 @@ class PurgeScreen(ModalScreen[dict[str, Any] | None]):
                 raise InvalidRequest("choose at least one state")
             age = parse_age(self.query_one("#age", Input).value)
         except InvalidRequest as exc:
-            self.query_one("#problem", Static).update(exc.message)
+            self.query_one("#problem", Static).update(fmt.plain(exc.message))
             return
         self.dismiss({"states": states, "older_than": age})
 

@@ -212,7 +212,7 @@ class TasksScreen(ConsoleScreen):
         return " · ".join(parts)
 
     def _pager(self, text: str) -> None:
-        self.query_one("#pager", Static).update(text)
+        self.query_one("#pager", Static).update(fmt.plain(text))
 
     # -- live changes --------------------------------------------------
     def task_changes(self, event: Event) -> None:
