@@ -1,8 +1,11 @@
-"""The Store conformance suite, run against every backend (SQLite now).
+"""The Store conformance suite, run against every backend: SQLite and PostgreSQL.
 
 To add a backend: add its name to BACKENDS and a branch to ``open_backend``.
 Every test above the "SQLite only" line must pass unchanged against it.
 All times are explicit (``NOW`` and offsets), as the Store takes ``now``.
+PostgreSQL runs in a throwaway cluster (tests/conftest.py ``pg_cluster``), each
+test in a schema of its own; without PostgreSQL installed those tests skip
+(and fail in CI). PostgreSQL-only tests live in tests/test_store_postgres.py.
 """
 
 from __future__ import annotations
@@ -36,27 +39,38 @@ from tq.core.retry import RetryPolicy
 from tq.core.states import State
 from tq.core.task import MAX_PAYLOAD_BYTES, Lease, ListFilter, Outcome, TaskError, TaskSpec
 from tq.store import schema, sqlite
+from tq.store.postgres import open_postgres_store
 from tq.store.sqlite import SQLiteStore, open_sqlite_store
 
 pytestmark = pytest.mark.trio
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 NOW = 1_800_000_000.0
 TTL = 30.0
 TOO_BIG = b"x" * (MAX_PAYLOAD_BYTES + 1)
 
 
+_CLUSTERS: dict[str, Any] = {}  # the session's PostgreSQL cluster, once started
+
+
 @asynccontextmanager
 async def open_backend(backend: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """A store of ``backend`` for ``tmp_path``: the same path opens the same data."""
     if backend == "sqlite":
         async with open_sqlite_store(tmp_path / "tq.db") as store:
             yield store
+    elif backend == "postgresql":
+        url = _CLUSTERS["postgresql"].schema_url(str(tmp_path))
+        async with open_postgres_store(url) as pg:
+            yield pg
     else:  # pragma: no cover
         raise AssertionError(f"unknown backend {backend}")
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS, scope="session")
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql":
+        _CLUSTERS["postgresql"] = request.getfixturevalue("pg_cluster")
     return str(request.param)
 
 
@@ -148,11 +162,14 @@ async def test_submit_returns_results_in_order(store: Any) -> None:
         max_size=5,
     )
 )
-async def test_submit_keeps_every_field_exactly(specs: list[tuple[str, float, int]]) -> None:
-    """Rows travel to SQLite as one JSON document: names with quotes, backslashes
-    and any script, floats and integers all come back as they went in, in order."""
+async def test_submit_keeps_every_field_exactly(
+    backend: str, specs: list[tuple[str, float, int]]
+) -> None:
+    """Rows travel as one document (SQLite: JSON; PostgreSQL: arrays): names with
+    quotes, backslashes and any script, floats and integers all come back as they
+    went in, in order."""
     with tempfile.TemporaryDirectory() as tmp:
-        async with open_sqlite_store(Path(tmp) / "tq.db") as store:
+        async with open_backend(backend, Path(tmp)) as store:
             sent = [
                 TaskSpec(type=name, queue=name, timeout=timeout, retry_cap=timeout, priority=prio)
                 for name, timeout, prio in specs
@@ -234,15 +251,16 @@ async def test_claim_order_is_priority_then_age_across_queues(store: Any) -> Non
     wanted=st.sets(st.sampled_from("xyz"), min_size=1),
     n=st.integers(1, 40),
 )
-async def test_claim_order_property(tasks: list[tuple[str, int]], wanted: set[str], n: int) -> None:
-    for backend in BACKENDS:  # a fresh store per example (fixtures outlive examples)
-        with tempfile.TemporaryDirectory() as tmp:
-            async with open_backend(backend, Path(tmp)) as store:
-                specs = [TaskSpec(type="t", queue=q, priority=p) for q, p in tasks]
-                results = await store.submit(specs, NOW)
-                leases = await claim(store, queues=tuple(sorted(wanted)), n=n)
-        eligible = sorted((-p, i) for i, (q, p) in enumerate(tasks) if q in wanted)
-        assert [lease.id for lease in leases] == [results[i].id for _, i in eligible[:n]]
+async def test_claim_order_property(
+    backend: str, tasks: list[tuple[str, int]], wanted: set[str], n: int
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh store per example
+        async with open_backend(backend, Path(tmp)) as store:
+            specs = [TaskSpec(type="t", queue=q, priority=p) for q, p in tasks]
+            results = await store.submit(specs, NOW)
+            leases = await claim(store, queues=tuple(sorted(wanted)), n=n)
+    eligible = sorted((-p, i) for i, (q, p) in enumerate(tasks) if q in wanted)
+    assert [lease.id for lease in leases] == [results[i].id for _, i in eligible[:n]]
 
 
 async def test_claim_filters_types(store: Any) -> None:
@@ -812,16 +830,20 @@ async def test_purge_deletes_old_finished_tasks_in_chunks(store: Any) -> None:
     assert [t.id for t in await store.list(ListFilter())] == [waiting]
 
 
-async def test_purge_keeps_the_newest_task_so_seq_is_never_reused(store: Any) -> None:
-    first = await finish(store, "ok")
-    newest = await finish(store, "ok", NOW + 1)
-    assert await store.purge(["succeeded"], 0, NOW + 10, 100) == 1
-    assert (await store.get(newest)).state == State.SUCCEEDED
+async def test_purge_never_lets_a_new_task_list_before_an_older_one(store: Any) -> None:
+    """Insertion order stays the listing order across purges: a task submitted after
+    a purge lists after every task that is left, and after a cursor taken before."""
+    pending = await submit(store, queue="waiting")  # never claimed by finish()
+    first = await finish(store, "ok", NOW + 1)
+    newest = await finish(store, "ok", NOW + 2)
+    deleted = await store.purge(["succeeded"], 0, NOW + 10, 100)
+    assert deleted >= 1  # SQLite keeps the newest row back (test_sqlite_purge_keeps_...)
     with pytest.raises(NotFound):
         await store.get(first)
     later = await submit(store, NOW + 11)
-    page = await store.list(ListFilter(after=newest))
-    assert [t.id for t in page] == [later]  # listed after the kept newest row
+    listing = [t.id for t in await store.list(ListFilter())]
+    assert listing == [pending, *([newest] if deleted == 1 else []), later]
+    assert [t.id for t in await store.list(ListFilter(after=pending))] == listing[1:]
 
 
 @pytest.mark.parametrize(
@@ -855,6 +877,20 @@ async def test_probe_reads_and_reports_the_files(store: Any) -> None:
 
 
 # -- SQLite only -----------------------------------------------------------------------
+
+
+async def test_sqlite_purge_keeps_the_newest_task_so_seq_is_never_reused(tmp_path: Path) -> None:
+    """SQLite would hand a deleted newest rowid out again: purge keeps that row."""
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        first = await finish(store, "ok")
+        newest = await finish(store, "ok", NOW + 1)
+        assert await store.purge(["succeeded"], 0, NOW + 10, 100) == 1
+        assert (await store.get(newest)).state == State.SUCCEEDED
+        with pytest.raises(NotFound):
+            await store.get(first)
+        later = await submit(store, NOW + 11)
+        page = await store.list(ListFilter(after=newest))
+        assert [t.id for t in page] == [later]  # listed after the kept newest row
 
 
 def sqlite_files(path: Path) -> list[Path]:
@@ -910,7 +946,7 @@ async def test_sqlite_close_checkpoints_the_wal(tmp_path: Path) -> None:
     async with open_sqlite_store(path) as store:
         await store.submit([TaskSpec(type="t") for _ in range(100)], NOW)
         stats = await store.stats()
-        assert stats.path == str(path) and stats.wal_bytes > 0
+        assert stats.details["path"] == str(path) and stats.details["wal"] > 0
     assert sqlite_files(path) == [path]  # the WAL was checkpointed and removed
     conn = apsw.Connection(str(path))
     try:
@@ -925,7 +961,7 @@ async def test_sqlite_synchronous_setting(tmp_path: Path) -> None:
         async with open_sqlite_store(tmp_path / "a.db", synchronous="off"):
             pass
     async with open_sqlite_store(tmp_path / "b.db", synchronous="normal") as store:
-        assert (await store.stats()).extra["synchronous"] == "normal"
+        assert (await store.stats()).details["synchronous"] == "normal"
 
 
 @pytest.mark.parametrize("where", ["missing/dir/tq.db", "a-file/tq.db"])
@@ -1066,8 +1102,8 @@ async def test_sqlite_checkpointer_empties_the_wal_when_idle(
         await wait_for(lambda: store.checkpoints["TRUNCATE"] >= 1)
         assert store.checkpoints["PASSIVE"] >= 1
         stats = await store.stats()
-        assert stats.wal_bytes == 0
-        assert stats.extra["checkpoints"]["TRUNCATE"] >= 1
+        assert stats.details["wal"] == 0
+        assert stats.details["checkpoints"]["TRUNCATE"] >= 1
 
 
 async def test_sqlite_checkpointer_restarts_a_long_wal_under_load(

@@ -64,6 +64,7 @@ class Settings:
     ca: Path | None = None  # None: <data>/tls/ca.pem if it exists
     insecure: bool = False
     tls_san: tuple[str, ...] = ()
+    store: str = ""  # broker: the store URL (tq.store); empty: sqlite://<data>/tq.db
     synchronous: str = DEFAULT_SYNCHRONOUS
     lease_ttl: float = DEFAULT_LEASE_TTL
     max_frame: int = DEFAULT_MAX_FRAME
@@ -99,6 +100,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data / "tq.db"
+
+    @property
+    def store_url(self) -> str:
+        """Where the broker keeps its tasks: ``store``, else the SQLite file in ``data``."""
+        return self.store or f"sqlite://{self.db_path}"
 
     def ca_file(self) -> Path | None:
         """The CA to verify the broker with: --ca, else the local broker's."""

@@ -151,7 +151,8 @@ class OperatorOps:
         """What /metrics reads from the store per scrape: queue depth and file sizes."""
         depth = await self.queue_depth(principal)
         probe = await self.store.probe()
-        return {**depth, "store": {"size": probe.size_bytes, "wal": probe.wal_bytes}}
+        wal = int(probe.details.get("wal", 0))  # only SQLite has a WAL file of its own
+        return {**depth, "store": {"size": probe.size_bytes, "wal": wal}}
 
     async def authorize(self, key: str | None, action: str) -> Principal | None:
         """Who a REST request acts as: its bearer ``key`` checked like a hello's, and
@@ -207,14 +208,7 @@ class OperatorOps:
             "started_at": self.started_at,
             "uptime": now - self.started_at,
             "listen": dict(self.addresses),
-            "store": None
-            if probe is None
-            else {
-                "path": probe.path,
-                "size": probe.size_bytes,
-                "wal": probe.wal_bytes,
-                **probe.extra,
-            },
+            "store": None if probe is None else dict(probe.details),
             "workers": {
                 "known": len(known),
                 "connected": sum(1 for w in known if w.connections > 0),

@@ -63,7 +63,7 @@ from tq.protocol.connection import MessageError
 from tq.protocol.frames import INLINE_DECODE
 from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
-from tq.store.sqlite import open_sqlite_store
+from tq.store import open_store
 
 log = logging.getLogger("tq.broker")
 
@@ -502,7 +502,7 @@ async def serve_broker(
         ca_file, ca_print = files.ca_cert, fingerprint(files.ca_cert)
     shutdown = trio.Event() if shutdown is None else shutdown
     gate = ConnectionGate(settings.max_connections)
-    async with open_sqlite_store(settings.db_path, synchronous=settings.synchronous) as store:
+    async with open_store(settings.store_url, synchronous=settings.synchronous) as store:
         auth, admin_created = await open_auth(store, settings)
         if not auth.enabled:
             log.warning("authentication is OFF (--no-auth): anyone who can connect may do anything")

@@ -480,7 +480,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             "version": __version__,
             "uptime": now - self.started_at,
             "queues": counts,
-            "store": {"path": stats.path, "size": stats.size_bytes, "wal": stats.wal_bytes},
+            "store": stats.brief(),
             "workers": len(self.workers),
             "counters": dict(self.counters),
             "last_minute": self.activity.last_minute(

@@ -1,11 +1,17 @@
-"""The Store interface every backend implements (SQLite now, PostgreSQL later).
+"""The Store interface every backend implements (SQLite and PostgreSQL).
+
+Nothing outside tq.store knows which backend it talks to: ``tq.store.open_store``
+opens one from a URL, and what a backend says about itself travels in
+``StoreStats.details``.
 
 Durability contract: when ``submit``, ``complete``, ``cancel`` or ``retry``
 returns, the change is committed (and fsynced as the backend's documented
 ``synchronous`` setting promises). Callers acknowledge to clients only then.
 
 Time is an argument: every method that depends on the clock takes ``now``
-(seconds since the epoch, float).
+(seconds since the epoch, float), and every backend uses exactly the ``now``
+it is given (lease expiry is ``now + lease_ttl``): the conformance suite
+(tests/test_store.py) proves the backends answer alike.
 """
 
 from __future__ import annotations
@@ -48,13 +54,31 @@ class QueueDepth:
     count: int
 
 
+BRIEF_DETAILS = ("backend", "location", "path", "size", "wal")
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
+    """Task counts (empty from ``probe``) and what the backend says about itself.
+
+    ``details`` is plain data (JSON-able). Every backend gives ``backend``
+    ("sqlite" or "postgresql"), ``location`` (the file path, or the URL without
+    its password) and ``size`` (bytes the database takes); the rest is the
+    backend's own (SQLite: ``path``, ``wal`` bytes, ``synchronous``, commit and
+    checkpoint counters; PostgreSQL: ``server_version``, ``synchronous``, ...).
+    """
+
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # queue -> state -> n
-    path: str = ""
-    size_bytes: int = 0
-    wal_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.details.get("size", 0))
+
+    def brief(self) -> dict[str, Any]:
+        """The details every summary shows: backend, location, size (and SQLite's
+        path and WAL size)."""
+        return {key: self.details[key] for key in BRIEF_DETAILS if key in self.details}
 
 
 class Store(Protocol):
@@ -127,7 +151,7 @@ class Store(Protocol):
 
     async def stats(self) -> StoreStats: ...
 
-    # -- operator surface (issue 5; SQL in tq.store.schema_ops) -------------
+    # -- operator surface ---------------------------------------------------
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         """Unfinished tasks by queue, priority and state; cost grows with the backlog only."""
         ...
@@ -135,7 +159,8 @@ class Store(Protocol):
     async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
         """Delete up to ``limit`` finished tasks (``states`` must be terminal) that
         finished more than ``older_than`` seconds before ``now``, oldest first; how many.
-        Never deletes the newest task, so ``seq`` values are never reused."""
+        A backend may keep rows back to stay consistent (SQLite never deletes the
+        newest task, so its ``seq`` values are never reused)."""
         ...
 
     async def count_purgeable(self, states: Sequence[str], older_than: float, now: float) -> int:
@@ -149,7 +174,7 @@ class Store(Protocol):
 
     async def probe(self) -> StoreStats:
         """A trivial read (StoreError/Unavailable if the database is unreachable);
-        path and file sizes, no counts."""
+        the details (location, size), no counts."""
         ...
 
     # -- security (migration 2): API keys and the audit log ----------------

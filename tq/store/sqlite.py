@@ -282,19 +282,24 @@ class SQLiteStore:
 
     async def stats(self) -> StoreStats:
         counts = await self._read(schema.counts)
-        return StoreStats(
-            counts=counts,
-            path=self.path,
-            size_bytes=_file_size(self.path),
-            wal_bytes=_file_size(self.path + "-wal"),
-            extra={
-                "synchronous": self.synchronous,
-                "schema_version": schema.SCHEMA_VERSION,
-                "commits": self.commits,
-                "committed_ops": self.committed_ops,
-                "checkpoints": dict(self.checkpoints),
-            },
-        )
+        details = {
+            **self._details(),
+            "commits": self.commits,
+            "committed_ops": self.committed_ops,
+            "checkpoints": dict(self.checkpoints),
+        }
+        return StoreStats(counts=counts, details=details)
+
+    def _details(self) -> dict[str, Any]:
+        return {
+            "backend": "sqlite",
+            "location": self.path,
+            "path": self.path,
+            "size": _file_size(self.path),
+            "wal": _file_size(self.path + "-wal"),
+            "synchronous": self.synchronous,
+            "schema_version": schema.SCHEMA_VERSION,
+        }
 
     # -- security: API keys and the audit log (SQL in tq.store.schema_auth) -----------
 
@@ -318,7 +323,7 @@ class SQLiteStore:
     ) -> builtins.list[AuditEntry]:
         return await self._read(schema_auth.list_audit, limit, before)
 
-    # -- operator surface (issue 5; SQL in tq.store.schema_ops) ------------------------
+    # -- operator surface (SQL in tq.store.schema_ops) ---------------------------------
 
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         return await self._read(schema_ops.queue_depth)
@@ -344,12 +349,7 @@ class SQLiteStore:
         if self._closing:
             raise Unavailable("the task store is closed")
         await trio.to_thread.run_sync(self._run_probe, limiter=self._probe_limiter)
-        return StoreStats(
-            path=self.path,
-            size_bytes=_file_size(self.path),
-            wal_bytes=_file_size(self.path + "-wal"),
-            extra={"synchronous": self.synchronous, "schema_version": schema.SCHEMA_VERSION},
-        )
+        return StoreStats(details=self._details())
 
     # -- closing ----------------------------------------------------------------------
 

@@ -1,0 +1,572 @@
+"""The PostgreSQL schema, its migrations, and the task operations built on them.
+
+Contract: the SQL layer of the PostgreSQL backend; postgres.py is its
+concurrency layer (connections, threads, group commit) and holds no SQL.
+Every statement is a constant here (psycopg prepares a statement on the
+server once it has run a few times, keyed by its text). The operations are
+plain synchronous functions of one psycopg connection: write operations run
+inside the writer's transaction, read operations on a reader in autocommit.
+Rows map to tq.core objects through ``tq.store.schema.row_to_task`` (the same
+columns, in the same order, as the SQLite backend); payloads, results and
+errors are msgpack in ``bytea`` columns; times are ``double precision``
+seconds since the epoch, exactly the floats the caller passed.
+
+Migrations: ``MIGRATIONS[i]`` turns schema version ``i`` into ``i + 1``; the
+table ``tq_schema`` records the version. Each migration runs in its own
+transaction under an advisory lock, so several brokers starting at once on
+one new database migrate it once. A migration's text is frozen once
+released. ``migrate`` refuses a database newer than this code, and a schema
+that holds a ``tasks`` table tq did not create.
+
+Several brokers on one database: every write that decides on a row locks it
+first. Claims pick with ``FOR UPDATE SKIP LOCKED`` (a row another broker is
+claiming is passed over, never waited for); reports, cancels and retries lock
+the rows they judge (``FOR UPDATE``), so a fencing decision is never made on
+a row another transaction is changing. Finished tasks are counted per
+(queue, state) by triggers into ``finished_counts``, spread over ``slot``
+rows (the backend's process id modulo COUNT_SLOTS) so that brokers finishing
+tasks of one queue at once do not queue up behind one counter row.
+
+Time: every operation uses the ``now`` its caller passes, as the SQLite
+backend does; lease expiry is ``now + lease_ttl`` and fencing compares with
+``now``. Brokers sharing a database must therefore keep their clocks
+synchronised (NTP); docs/ARCHITECTURE.md says what drifts cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from tq.core.errors import InvalidRequest, InvalidTransition, NotFound, StoreError
+from tq.core.ids import uuid7
+from tq.core.retry import RetryPolicy
+from tq.core.states import TERMINAL, Event, next_state
+from tq.core.task import Lease, Outcome, Task, TaskError, TaskSpec
+from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.schema import (
+    _CLAIMED,
+    _DUE_TARGET,
+    _EXPIRED_FINAL,
+    _EXPIRED_RETRY,
+    _PENDING,
+    CLAIMABLE,
+    DUE,
+    LEASED,
+    TASK_COLUMNS,
+    WAITING,
+    _fence,
+    _judge,
+    _lease_tokens,
+    _next_value,
+    pack,
+    pack_error,
+    row_to_task,
+    state_is,
+    unpack_readable,
+)
+
+COUNT_SLOTS = 16
+FINISHED = state_is(TERMINAL)
+_OLD_FINISHED = FINISHED.replace("state", "OLD.state", 1)
+_NEW_FINISHED = FINISHED.replace("state", "NEW.state", 1)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: tasks (with the indexes that keep every hot query O(log n)), API keys, the
+    # audit log, and finished tasks counted per (queue, state) by triggers.
+    f"""
+    CREATE TABLE tasks (
+        seq              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id               text NOT NULL UNIQUE,
+        type             text NOT NULL,
+        queue            text NOT NULL,
+        payload          bytea,
+        priority         integer NOT NULL,
+        state            text NOT NULL,
+        attempts         bigint NOT NULL DEFAULT 0,
+        max_retries      bigint NOT NULL,
+        timeout          double precision NOT NULL,
+        retry_base       double precision NOT NULL,
+        retry_cap        double precision NOT NULL,
+        created_at       double precision NOT NULL,
+        started_at       double precision,
+        finished_at      double precision,
+        run_at           double precision,
+        worker           text,
+        lease_token      bigint,
+        lease_expires_at double precision,
+        result           bytea,
+        error            bytea,
+        idempotency_key  text
+    );
+    CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX tasks_claim ON tasks (queue, priority DESC, seq) WHERE state = 'pending';
+    CREATE INDEX tasks_claim_type ON tasks (queue, type, priority DESC, seq)
+        WHERE state = 'pending';
+    CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE state = 'running';
+    CREATE INDEX tasks_worker ON tasks (worker) WHERE state = 'running';
+    CREATE INDEX tasks_due ON tasks (run_at) WHERE state IN ('failed', 'scheduled');
+    CREATE INDEX tasks_state ON tasks (state, seq);
+    CREATE TABLE api_keys (
+        id          text PRIMARY KEY,
+        name        text NOT NULL,
+        role        text NOT NULL,
+        queues      text,
+        created_at  double precision NOT NULL,
+        expires_at  double precision,
+        revoked_at  double precision,
+        kdf         text NOT NULL,
+        salt        bytea NOT NULL,
+        hash        bytea NOT NULL
+    );
+    CREATE TABLE audit (
+        seq     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at      double precision NOT NULL,
+        actor   text NOT NULL,
+        action  text NOT NULL,
+        target  text NOT NULL,
+        detail  bytea
+    );
+    CREATE TABLE finished_counts (
+        queue text NOT NULL,
+        state text NOT NULL,
+        slot  integer NOT NULL,
+        n     bigint NOT NULL,
+        PRIMARY KEY (queue, state, slot)
+    );
+    CREATE FUNCTION tq_count_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' AND {_OLD_FINISHED} THEN
+            INSERT INTO finished_counts (queue, state, slot, n)
+            VALUES (OLD.queue, OLD.state, pg_backend_pid() % {COUNT_SLOTS}, -1)
+            ON CONFLICT (queue, state, slot) DO UPDATE SET n = finished_counts.n - 1;
+        END IF;
+        IF TG_OP <> 'DELETE' AND {_NEW_FINISHED} THEN
+            INSERT INTO finished_counts (queue, state, slot, n)
+            VALUES (NEW.queue, NEW.state, pg_backend_pid() % {COUNT_SLOTS}, 1)
+            ON CONFLICT (queue, state, slot) DO UPDATE SET n = finished_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tasks_finished_insert AFTER INSERT ON tasks FOR EACH ROW
+        WHEN ({_NEW_FINISHED}) EXECUTE FUNCTION tq_count_finished();
+    CREATE TRIGGER tasks_finished_update AFTER UPDATE OF state ON tasks FOR EACH ROW
+        WHEN (NEW.state IS DISTINCT FROM OLD.state AND ({_NEW_FINISHED} OR {_OLD_FINISHED}))
+        EXECUTE FUNCTION tq_count_finished();
+    CREATE TRIGGER tasks_finished_delete AFTER DELETE ON tasks FOR EACH ROW
+        WHEN ({_OLD_FINISHED}) EXECUTE FUNCTION tq_count_finished();
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS tq_schema (version integer NOT NULL)"
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('tq migrate ' || current_schema()))"
+READ_VERSION = "SELECT version FROM tq_schema"
+HAS_VERSION_TABLE = "SELECT to_regclass('tq_schema') IS NOT NULL"
+HAS_TASKS_TABLE = "SELECT to_regclass('tasks') IS NOT NULL"
+
+
+def migrate(conn: psycopg.Connection[Any], where: str) -> int:
+    """Bring the database to SCHEMA_VERSION; return the version it had before.
+
+    ``conn`` must not be in a transaction. Each migration is one transaction
+    that re-reads the version under an advisory lock.
+    """
+    start: int | None = None
+    while True:
+        with conn.transaction():
+            conn.execute(MIGRATION_LOCK)
+            version = _version(conn, where)
+            if start is None:
+                start = version
+            if version >= SCHEMA_VERSION:
+                return start
+            conn.execute(VERSION_TABLE)
+            conn.execute(MIGRATIONS[version].encode())  # several statements: no parameters
+            conn.execute("DELETE FROM tq_schema")
+            conn.execute("INSERT INTO tq_schema (version) VALUES (%s)", (version + 1,))
+
+
+def _version(conn: psycopg.Connection[Any], where: str) -> int:
+    if not _one(conn, HAS_VERSION_TABLE):
+        if _one(conn, HAS_TASKS_TABLE):
+            raise StoreError(
+                f"{where} holds a tasks table that tq did not create (no tq_schema table); "
+                "choose another database or schema."
+            )
+        return 0
+    row = conn.execute(READ_VERSION).fetchone()
+    version = 0 if row is None else int(row[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the task database {where} has schema version {version}, but this tq only "
+            f"knows versions up to {SCHEMA_VERSION}: it was written by a newer tq. "
+            "Upgrade tq (or point it at another database)."
+        )
+    return version
+
+
+def schema_version(conn: psycopg.Connection[Any], where: str) -> int:
+    return _version(conn, where)
+
+
+def _one(conn: psycopg.Connection[Any], statement: str, params: Sequence[Any] = ()) -> Any:
+    row = conn.execute(statement, params).fetchone()
+    return None if row is None else row[0]
+
+
+def rows(conn: psycopg.Connection[Any], statement: str, params: Sequence[Any] = ()) -> list[Any]:
+    return conn.execute(statement, params).fetchall()
+
+
+# -- statements -------------------------------------------------------------------------
+
+_NEW_COLUMNS = (
+    "id, type, queue, payload, priority, state, max_retries, timeout, retry_base, retry_cap, "
+    "created_at, idempotency_key"
+)
+INSERT_MANY = (  # one statement for a request without idempotency keys, rows in order
+    f"INSERT INTO tasks ({_NEW_COLUMNS}) "
+    "SELECT r.id, r.type, r.queue, r.payload, r.priority, %s, r.max_retries, r.timeout, "
+    "r.retry_base, r.retry_cap, %s, NULL FROM unnest(%s::text[], %s::text[], %s::text[], "
+    "%s::bytea[], %s::integer[], %s::bigint[], %s::float8[], %s::float8[], %s::float8[]) "
+    "WITH ORDINALITY AS r(id, type, queue, payload, priority, max_retries, timeout, "
+    "retry_base, retry_cap, n) ORDER BY r.n"
+)
+INSERT_KEYED = (  # one row; an idempotency key already taken inserts nothing
+    f"INSERT INTO tasks ({_NEW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+)
+FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = %s"
+
+# A claim: the head of each (queue[, type]) index, each read with LIMIT n and locked
+# with SKIP LOCKED (rows another broker is leasing are passed over), merged by
+# priority then age; the best n are leased in the same statement. O(q log N).
+_CLAIM_HEADS = (
+    "SELECT h.seq, h.priority FROM unnest(%s::text[]) AS q(queue) CROSS JOIN LATERAL ("
+    f"SELECT t.seq, t.priority FROM tasks t WHERE t.{CLAIMABLE} AND t.queue = q.queue "
+    "ORDER BY t.priority DESC, t.seq LIMIT %s FOR UPDATE SKIP LOCKED) AS h"
+)
+_CLAIM_HEADS_TYPE = (
+    "SELECT h.seq, h.priority FROM unnest(%s::text[]) AS q(queue) "
+    "CROSS JOIN unnest(%s::text[]) AS k(type) CROSS JOIN LATERAL ("
+    f"SELECT t.seq, t.priority FROM tasks t WHERE t.{CLAIMABLE} AND t.queue = q.queue "
+    "AND t.type = k.type ORDER BY t.priority DESC, t.seq LIMIT %s FOR UPDATE SKIP LOCKED) AS h"
+)
+_CLAIM_TAKE = (
+    "chosen AS (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS k FROM heads "
+    "ORDER BY priority DESC, seq LIMIT %s) "
+    "UPDATE tasks SET state = %s, attempts = tasks.attempts + 1, started_at = %s, worker = %s, "
+    "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s FROM chosen "
+    "WHERE tasks.seq = chosen.seq RETURNING chosen.k, tasks.id, tasks.type, tasks.queue, "
+    "tasks.payload, tasks.priority, tasks.attempts, tasks.max_retries, tasks.timeout, "
+    "tasks.lease_token"
+)
+CLAIM = f"WITH heads AS ({_CLAIM_HEADS}), {_CLAIM_TAKE}"
+CLAIM_TYPE = f"WITH heads AS ({_CLAIM_HEADS_TYPE}), {_CLAIM_TAKE}"
+
+REPORT_LOOKUP = (  # the rows a batch of reports judges, locked in one order
+    "SELECT id, seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
+    "retry_cap, queue, type, started_at FROM tasks WHERE id = ANY(%s::text[]) "
+    "ORDER BY seq FOR UPDATE"
+)
+FINISH_OK_MANY = (
+    "UPDATE tasks SET state = r.state, result = r.result, error = NULL, finished_at = %s, "
+    "lease_token = NULL, lease_expires_at = NULL "
+    "FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS r(seq, state, result) "
+    "WHERE tasks.seq = r.seq"
+)
+GIVE_BACK = (
+    "UPDATE tasks SET state = %s, attempts = attempts - 1, started_at = NULL, "
+    "lease_token = NULL, lease_expires_at = NULL WHERE seq = %s"
+)
+FINISH_FAILED = (
+    "UPDATE tasks SET state = %s, error = %s, run_at = %s, lease_token = NULL, "
+    "lease_expires_at = NULL WHERE seq = %s"
+)
+FINISH_DEAD = (
+    "UPDATE tasks SET state = %s, error = %s, finished_at = %s, lease_token = NULL, "
+    "lease_expires_at = NULL WHERE seq = %s"
+)
+RELEASE_RETRY = (
+    "UPDATE tasks SET state = %s, error = %s, lease_token = NULL, lease_expires_at = NULL "
+    "WHERE seq = %s"
+)
+EXTEND_LEASES = (
+    "UPDATE tasks SET lease_expires_at = %s FROM unnest(%s::text[], %s::bigint[]) AS l(id, token) "
+    f"WHERE tasks.id = l.id AND tasks.{LEASED} AND tasks.lease_token = l.token "
+    "AND tasks.lease_expires_at >= %s AND tasks.worker = %s RETURNING tasks.id"
+)
+EXPIRED_LEASES = (
+    "SELECT seq, id, attempts <= max_retries FROM tasks "
+    f"WHERE {LEASED} AND lease_expires_at < %s ORDER BY seq FOR UPDATE SKIP LOCKED"
+)
+WORKER_LEASES = (
+    "SELECT seq, id, attempts <= max_retries FROM tasks "
+    f"WHERE {LEASED} AND worker = %s ORDER BY seq FOR UPDATE"
+)
+PROMOTE_DUE = f"UPDATE tasks SET state = %s WHERE {DUE} AND run_at <= %s"
+NEXT_DUE = f"SELECT run_at FROM tasks WHERE {DUE} AND run_at IS NOT NULL ORDER BY run_at LIMIT 1"
+LOOKUP_STATE = "SELECT seq, state FROM tasks WHERE id = %s FOR UPDATE"
+CANCEL_TASK = (
+    "UPDATE tasks SET state = %s, finished_at = %s, lease_token = NULL, lease_expires_at = NULL "
+    "WHERE seq = %s"
+)
+RETRY_TASK = (
+    "UPDATE tasks SET state = %s, attempts = 0, run_at = NULL, finished_at = NULL, "
+    "lease_token = NULL, lease_expires_at = NULL WHERE seq = %s"
+)
+SET_PRIORITY = "UPDATE tasks SET priority = %s WHERE seq = %s"
+GET_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %s"
+
+
+# -- values -----------------------------------------------------------------------------
+
+
+def check_text(value: str | None, what: str) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it as the caller's mistake."""
+    if value is not None and "\x00" in value:
+        raise InvalidRequest(f"{what} must not contain NUL characters (\\x00)")
+
+
+def prepare_rows(specs: Sequence[TaskSpec], now: float) -> list[list[Any]]:
+    """The new rows for ``specs``, built before the write transaction: ids made,
+    payloads encoded, every limit checked. Row layout: id, type, queue, payload,
+    priority, max_retries, timeout, retry_base, retry_cap, idempotency_key."""
+    out: list[list[Any]] = []
+    for spec in specs:
+        check_text(spec.type, "task type")
+        check_text(spec.queue, "task queue")
+        check_text(spec.idempotency_key, "task idempotency_key")
+        out.append(
+            [
+                uuid7(now),
+                spec.type,
+                spec.queue,
+                pack(spec.payload),
+                spec.priority,
+                spec.max_retries,
+                spec.timeout,
+                spec.retry_base,
+                spec.retry_cap,
+                spec.idempotency_key,
+            ]
+        )
+    return out
+
+
+# -- write operations (inside the writer's transaction) ----------------------------------
+
+
+def insert_rows(conn: psycopg.Connection[Any], now: float, new: list[list[Any]]) -> list[Any]:
+    """Insert prepared rows in order; a row whose idempotency key is taken (by an
+    existing task or an earlier row) inserts nothing and answers with that task's id."""
+    if all(row[9] is None for row in new):
+        columns = list(zip(*(row[:9] for row in new), strict=True))
+        conn.execute(INSERT_MANY, (_PENDING.value, now, *map(list, columns)))
+        return [SubmitResult(row[0], created=True) for row in new]
+    results: list[SubmitResult] = []
+    for row in new:
+        task_id, type_, queue, payload, priority, retries, timeout, base, cap, key = row
+        state = _PENDING.value
+        params: tuple[Any, ...] = (task_id, type_, queue, payload, priority, state, retries)
+        params += (timeout, base, cap, now, key)
+        if conn.execute(INSERT_KEYED, params).fetchone() is not None:
+            results.append(SubmitResult(task_id, created=True))
+        else:
+            results.append(SubmitResult(_one(conn, FIND_BY_KEY, (key,)), created=False))
+    return results
+
+
+def claim(
+    conn: psycopg.Connection[Any],
+    worker: str,
+    queues: list[str],
+    types: list[str] | None,
+    n: int,
+    now: float,
+    lease_ttl: float,
+) -> list[Lease]:
+    expires = now + lease_ttl
+    take = (n, _CLAIMED.value, now, worker, _lease_tokens(n), expires)
+    if types is None:
+        found = rows(conn, CLAIM, (queues, n, *take))
+    else:
+        found = rows(conn, CLAIM_TYPE, (queues, types, n, *take))
+    found.sort(key=lambda row: row[0])  # the pick order: priority, then age
+    return [
+        Lease(
+            id=row[1],
+            type=row[2],
+            queue=row[3],
+            payload=unpack_readable(row[4], "payload"),
+            priority=row[5],
+            attempt=row[6],
+            max_retries=row[7],
+            timeout=row[8],
+            token=row[9],
+            expires_at=expires,
+        )
+        for row in found
+    ]
+
+
+def complete(
+    conn: psycopg.Connection[Any], outcomes: list[Outcome], now: float
+) -> list[OutcomeResult]:
+    """Judge a batch of reports against their locked rows (read once, before any
+    change, as the SQLite backend does); then one write per kind of outcome."""
+    ids = list(dict.fromkeys(outcome.id for outcome in outcomes))
+    found = {row[0]: row[1:] for row in rows(conn, REPORT_LOOKUP, (ids,))}
+    ok: list[tuple[int, str, bytes | None]] = []
+    writes: dict[str, list[tuple[Any, ...]]] = {}
+    results: list[OutcomeResult] = []
+    settled: dict[str, str] = {}
+    for outcome in outcomes:
+        if outcome.id in settled:
+            results.append(
+                OutcomeResult(outcome.id, False, settled[outcome.id], "already reported")
+            )
+            continue
+        row = found.get(outcome.id)
+        if row is None:
+            results.append(OutcomeResult(outcome.id, False, None, f"no task with id {outcome.id}"))
+            continue
+        seq, state, token, expires_at, attempts, max_retries, base, cap, queue, type_, started = row
+        refusal = _fence(state, token, expires_at, outcome.token, now)
+        if refusal:
+            results.append(OutcomeResult(outcome.id, False, state, refusal, queue, type_))
+            continue
+        event, error, result = _judge(outcome, attempts, max_retries)
+        target = _next_value(state, event)
+        if event is Event.SUCCEED:
+            ok.append((seq, target, result))
+        elif event is Event.RELEASE:
+            writes.setdefault(GIVE_BACK, []).append((target, seq))
+        elif event is Event.FAIL_RETRY:
+            wait = max(outcome.delay or 0.0, RetryPolicy(base, cap).delay(attempts))
+            writes.setdefault(FINISH_FAILED, []).append(
+                (target, pack_error(error), now + wait, seq)
+            )
+        else:
+            writes.setdefault(FINISH_DEAD, []).append((target, pack_error(error), now, seq))
+        settled[outcome.id] = target
+        results.append(OutcomeResult(outcome.id, True, target, "", queue, type_, started))
+    if ok:
+        seqs, states, packed = (list(column) for column in zip(*ok, strict=True))
+        conn.execute(FINISH_OK_MANY, (now, seqs, states, packed))
+    for statement, params in writes.items():
+        _many(conn, statement, params)
+    return results
+
+
+def _many(conn: psycopg.Connection[Any], statement: str, params: list[tuple[Any, ...]]) -> None:
+    if params:
+        with conn.cursor() as cur:
+            cur.executemany(statement, params)
+
+
+def extend_leases(
+    conn: psycopg.Connection[Any],
+    worker: str,
+    leases: list[tuple[str, int]],
+    now: float,
+    ttl: float,
+) -> list[str]:
+    ids = [task_id for task_id, _ in leases]
+    tokens = [token for _, token in leases]
+    kept = {row[0] for row in rows(conn, EXTEND_LEASES, (now + ttl, ids, tokens, now, worker))}
+    return [task_id for task_id in ids if task_id not in kept]
+
+
+def release_expired(conn: psycopg.Connection[Any], now: float) -> list[str]:
+    found = rows(conn, EXPIRED_LEASES, (now,))
+    return _release(conn, found, TaskError("LeaseExpired", _EXPIRED_TEXT), now)
+
+
+_EXPIRED_TEXT = "the lease expired before the worker reported"
+
+
+def release_worker(conn: psycopg.Connection[Any], worker: str, now: float) -> list[str]:
+    found = rows(conn, WORKER_LEASES, (worker,))
+    error = TaskError("WorkerLost", f"worker {worker} went away while running the task")
+    return _release(conn, found, error, now)
+
+
+def _release(
+    conn: psycopg.Connection[Any], found: list[Any], error: TaskError, now: float
+) -> list[str]:
+    packed = pack_error(error)
+    _many(
+        conn, RELEASE_RETRY, [(_EXPIRED_RETRY.value, packed, seq) for seq, _, left in found if left]
+    )
+    final = [(_EXPIRED_FINAL.value, packed, now, seq) for seq, _, left in found if not left]
+    _many(conn, FINISH_DEAD, final)
+    return [task_id for _, task_id, _ in found]
+
+
+def promote_due(conn: psycopg.Connection[Any], now: float) -> int:
+    return conn.execute(PROMOTE_DUE, (_DUE_TARGET.value, now)).rowcount
+
+
+def change_one(conn: psycopg.Connection[Any], task_id: str, event: Event, now: float) -> Task:
+    """Cancel or retry one task; NotFound, or InvalidTransition naming the task."""
+    seq, state = _lookup(conn, task_id)
+    try:
+        target = next_state(state, event)
+    except InvalidTransition as exc:
+        raise InvalidTransition(f"task {task_id}: {exc}") from None
+    if event is Event.CANCEL:
+        conn.execute(CANCEL_TASK, (target.value, now, seq))
+    elif event is Event.RETRY:
+        conn.execute(RETRY_TASK, (target.value, seq))
+    else:
+        raise AssertionError(f"change_one does not handle {event}")
+    return get(conn, task_id)
+
+
+def set_priority(conn: psycopg.Connection[Any], task_id: str, priority: int) -> Task:
+    seq, state = _lookup(conn, task_id)
+    if state not in WAITING:
+        raise InvalidTransition(
+            f"task {task_id} is {state}: only a task waiting to run "
+            f"({', '.join(sorted(WAITING))}) can change priority"
+        )
+    conn.execute(SET_PRIORITY, (priority, seq))
+    return get(conn, task_id)
+
+
+def _lookup(conn: psycopg.Connection[Any], task_id: str) -> tuple[int, str]:
+    check_text(task_id, "task id")
+    found = rows(conn, LOOKUP_STATE, (task_id,))
+    if not found:
+        raise NotFound(f"no task with id {task_id}")
+    return int(found[0][0]), str(found[0][1])
+
+
+def get(conn: psycopg.Connection[Any], task_id: str) -> Task:
+    check_text(task_id, "task id")
+    found = rows(conn, GET_TASK, (task_id,))
+    if not found:
+        raise NotFound(f"no task with id {task_id}")
+    return row_to_task(found[0])
+
+
+def next_due(conn: psycopg.Connection[Any]) -> float | None:
+    value = _one(conn, NEXT_DUE)
+    return None if value is None else float(value)
+
+
+# The partial indexes of migration 1 name their states literally; PostgreSQL uses
+# them only for queries whose WHERE implies the index's. If the states table
+# ever changes so that the queries no longer match, fail loudly at import (a new
+# migration must rebuild the indexes) rather than scan the table silently.
+if (CLAIMABLE, LEASED, DUE) != (
+    "state = 'pending'",
+    "state = 'running'",
+    "state IN ('failed', 'scheduled')",
+):  # pragma: no cover
+    raise AssertionError(f"the states table no longer matches the indexes: {CLAIMABLE, DUE}")

@@ -1,0 +1,584 @@
+"""The PostgreSQL task store: psycopg 3 (sync API), one writer with group commit.
+
+    async with open_postgres_store("postgresql://tq@db.example/tq") as store:
+        [res] = await store.submit([TaskSpec(type="email")], now=time.time())
+
+Contract: implements ``tq.store.base.Store`` with the same answers as the
+SQLite store (one conformance suite runs against both). When a write method
+returns, its transaction is committed. All SQL lives in ``tq.store.pg_schema``
+(tasks, migrations) and ``tq.store.pg_ops`` (listings, counts, operator
+surface, keys, audit).
+
+Durability (``synchronous``):
+    "full"    (default) the server's own ``synchronous_commit`` (normally on: a
+              commit returns once its WAL is flushed, and with synchronous
+              replicas configured, once they have it too).
+    "normal"  ``synchronous_commit = off`` for this broker's writes: a commit
+              returns before its WAL is flushed; a crash of the PostgreSQL
+              server (not of the broker) may lose the last ~0.6 s of commits.
+              The database is never corrupted either way.
+
+Connections and threads: psycopg's async API needs asyncio, so the store
+drives the sync API from its own threads, one connection per role, each
+serialised by its own ``trio.CapacityLimiter(1)`` (as the SQLite store):
+    writer   every write, in batches (below)
+    reader   get / list / stats / next_due / keys / audit (autocommit)
+    prober   readiness probes, never queued behind slow reads (autocommit)
+A connection found broken (the server restarted, the network dropped) is
+replaced on its next use, so the store recovers without a broker restart;
+the calls that were running get a StoreError.
+
+Group commit: as in the SQLite store, write calls enqueue an operation and
+wait; the writer takes every queued operation (at most MAX_BATCH_WEIGHT rows)
+into one transaction and wakes the callers after COMMIT. The batch first
+runs without savepoints (they are subtransactions in PostgreSQL, costly in
+numbers); if an operation raises, the transaction is rolled back and the
+batch runs again with one savepoint per operation, so the failing one undoes
+only itself and its exception goes to its caller only. A deadlock or
+serialization failure (possible with several brokers) reruns the batch.
+If COMMIT fails every caller of the batch gets a StoreError.
+
+Several brokers may share one database: see ``tq.store.pg_schema`` for the
+locking (SKIP LOCKED claims) and for what ``now`` means across brokers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+import psycopg.errors
+import trio
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tq.core.auth import ApiKey, AuditEntry
+from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
+from tq.core.states import Event, State
+from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
+from tq.store import pg_ops, pg_schema, schema_ops
+from tq.store.base import OutcomeResult, QueueDepth, Store, StoreStats, SubmitResult
+from tq.store.sqlite import MAX_BULK_LIMIT, MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SYNCHRONOUS = {"full": None, "normal": "off"}  # None: the server's synchronous_commit
+MAX_BATCH_WEIGHT = 250  # rows per transaction, as the SQLite store (docs/BENCHMARKS.md)
+MAX_BATCH_OPS = 60  # operations per transaction: a rerun keeps its savepoints under 64
+CONNECT_TIMEOUT = 10  # seconds to reach the server before a StoreError
+RETRIES = 3  # reruns of a batch after a deadlock or serialization failure
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+__all__ = ["MAX_BULK_LIMIT", "PostgresStore", "open_postgres_store", "redact"]
+
+
+def redact(url: str) -> str:
+    """The URL without its password (what logs, stats and errors show)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    if "password" not in params:
+        return url
+    params["password"] = "***"
+    user = params.get("user", "")
+    host = params.get("host", "")
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}:***@{host}{port}/{params.get('dbname', '')}"
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str, *, synchronous: str = "full"
+) -> AsyncIterator[PostgresStore]:
+    """Open (migrating if needed) the store at ``url``; close it on exit."""
+    key = str(synchronous).lower()
+    if key not in SYNCHRONOUS:
+        raise ConfigError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+    store = PostgresStore(url, key)
+    with trio.CancelScope(shield=True):  # a cancelled open must not leak connections
+        await trio.to_thread.run_sync(store._open)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._writer_loop)
+            try:
+                yield store
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                await store.aclose()
+    except BaseExceptionGroup as group:
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from None
+        raise
+    finally:
+        await store.aclose()
+
+
+class _Connection:
+    """One role's connection, opened (again) on demand; used from one thread at a time."""
+
+    def __init__(self, url: str, where: str, *, autocommit: bool, options: str = "") -> None:
+        self.url = url
+        self.where = where
+        self.autocommit = autocommit
+        self.options = options
+        self.conn: psycopg.Connection[Any] | None = None
+        self.closed = False
+
+    def get(self) -> psycopg.Connection[Any]:
+        if self.closed:
+            raise Unavailable("the task store is closed")
+        conn = self.conn
+        if conn is not None and (conn.closed or conn.broken):
+            self.drop()
+            conn = None
+        if conn is None:
+            try:
+                conn = psycopg.connect(
+                    make_conninfo(self.url, connect_timeout=CONNECT_TIMEOUT),
+                    autocommit=self.autocommit,
+                )
+                if self.options:
+                    conn.execute(self.options)
+                    if not self.autocommit:
+                        conn.commit()
+            except psycopg.Error as exc:
+                raise store_error(exc, "connect to", self.where) from exc
+            self.conn = conn
+        return conn
+
+    def drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error as exc:
+                log.warning("closing a connection to %s failed: %s", self.where, exc)
+
+    def close(self) -> None:
+        self.closed = True
+        self.drop()
+
+
+class PostgresStore:
+    """The Store over one PostgreSQL database. Create it with ``open_postgres_store``."""
+
+    def __init__(self, url: str, synchronous: str) -> None:
+        self.url = url
+        self.location = redact(url)
+        self.synchronous = synchronous
+        self.server_version = ""
+        self.commits = 0  # transactions committed by the writer (one per batch)
+        self.committed_ops = 0
+        setting = SYNCHRONOUS[synchronous]
+        options = f"SET synchronous_commit = {setting}" if setting else ""
+        self._writer = _Connection(url, self.location, autocommit=False, options=options)
+        self._reader = _Connection(url, self.location, autocommit=True)
+        self._prober = _Connection(url, self.location, autocommit=True)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._probe_limiter = trio.CapacityLimiter(1)
+        self._queue: deque[_Op] = deque()
+        self._wake = trio.Event()
+        self._closing = False
+        self._close_started = False
+        self._writer_done = trio.Event()
+        self._closed = trio.Event()
+
+    def _open(self) -> None:
+        """Connect, migrate, and learn the server version (in a thread)."""
+        try:
+            conn = self._writer.get()
+            try:
+                conn.commit()
+                conn.autocommit = True  # migrate manages its own transactions
+                pg_schema.migrate(conn, self.location)
+            finally:
+                conn.autocommit = False
+            self.server_version = str(conn.info.server_version)
+            self._reader.get()
+        except psycopg.Error as exc:
+            self._close_all()
+            raise store_error(exc, "open", self.location) from exc
+        except BaseException:
+            self._close_all()
+            raise
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+        if not specs:
+            return []
+        rows: list[list[Any]] = []
+        for start in range(0, len(specs), PREPARE_CHUNK):
+            if start:
+                await trio.lowlevel.checkpoint()
+            rows += pg_schema.prepare_rows(specs[start : start + PREPARE_CHUNK], now)
+        return await self._write(pg_schema.insert_rows, now, rows, weight=len(rows))
+
+    async def claim(
+        self,
+        worker: str,
+        queues: Sequence[str],
+        types: Sequence[str] | None,
+        n: int,
+        now: float,
+        lease_ttl: float,
+    ) -> list[Lease]:
+        if lease_ttl <= 0:
+            raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
+        if n <= 0 or not queues or (types is not None and not types):
+            return []
+        pg_schema.check_text(worker, "worker name")
+        queues = list(dict.fromkeys(queues))
+        types = None if types is None else list(dict.fromkeys(types))
+        for name in (*queues, *(types or ())):
+            pg_schema.check_text(name, "a queue or type name")
+        return await self._write(
+            pg_schema.claim, worker, queues, types, n, now, lease_ttl, weight=n
+        )
+
+    async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
+        for outcome in outcomes:
+            if outcome.status not in Outcome.STATUSES:
+                raise InvalidRequest(
+                    f"outcome status {outcome.status!r} for task {outcome.id} is not one of "
+                    f"{', '.join(Outcome.STATUSES)}"
+                )
+            pg_schema.check_text(outcome.id, "task id")
+        if not outcomes:
+            return []
+        return await self._write(pg_schema.complete, list(outcomes), now, weight=len(outcomes))
+
+    async def extend_leases(
+        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+    ) -> list[str]:
+        if not leases:
+            return []
+        pg_schema.check_text(worker, "worker name")
+        for task_id, _ in leases:
+            pg_schema.check_text(task_id, "task id")
+        return await self._write(
+            pg_schema.extend_leases, worker, list(leases), now, lease_ttl, weight=len(leases)
+        )
+
+    async def release_expired(self, now: float) -> list[str]:
+        return await self._write(pg_schema.release_expired, now)
+
+    async def release_worker(self, worker: str, now: float) -> list[str]:
+        pg_schema.check_text(worker, "worker name")
+        return await self._write(pg_schema.release_worker, worker, now)
+
+    async def promote_due(self, now: float) -> int:
+        return await self._write(pg_schema.promote_due, now)
+
+    async def cancel(self, task_id: str, now: float) -> Task:
+        return await self._write(pg_schema.change_one, task_id, Event.CANCEL, now)
+
+    async def retry(self, task_id: str, now: float) -> Task:
+        return await self._write(pg_schema.change_one, task_id, Event.RETRY, now)
+
+    async def set_priority(self, task_id: str, priority: int) -> Task:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
+            raise InvalidRequest(f"priority {priority!r} must be 0..255 (255 highest)")
+        return await self._write(pg_schema.set_priority, task_id, priority)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        return await self._read(pg_schema.get, task_id)
+
+    async def list(self, flt: ListFilter) -> list[Task]:
+        limit = flt.limit
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise InvalidRequest(f"limit must be an integer 1..{MAX_LIST_LIMIT}")
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be 1..{MAX_LIST_LIMIT}, not {limit}")
+        if flt.state is not None and flt.state not in set(State):
+            known = ", ".join(s.value for s in State)
+            raise InvalidRequest(f"unknown state {flt.state!r}; known states: {known}")
+        return await self._read(pg_ops.list_tasks, flt)
+
+    async def next_due(self) -> float | None:
+        return await self._read(pg_schema.next_due)
+
+    async def stats(self) -> StoreStats:
+        counts = await self._read(pg_ops.counts)
+        size, _ = await self._read(pg_ops.probe)
+        details = {
+            **self._details(size),
+            "commits": self.commits,
+            "committed_ops": self.committed_ops,
+        }
+        return StoreStats(counts=counts, details=details)
+
+    def _details(self, size: int) -> dict[str, Any]:
+        return {
+            "backend": "postgresql",
+            "location": self.location,
+            "size": size,
+            "synchronous": self.synchronous,
+            "schema_version": pg_schema.SCHEMA_VERSION,
+            "server_version": self.server_version,
+        }
+
+    # -- security: API keys and the audit log -----------------------------------------
+
+    async def create_key(self, key: ApiKey) -> None:
+        await self._write(pg_ops.create_key, key)
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        return await self._read(pg_ops.get_key, key_id)
+
+    async def list_keys(self) -> builtins.list[ApiKey]:
+        return await self._read(pg_ops.list_keys)
+
+    async def revoke_key(self, key_id: str, now: float) -> ApiKey:
+        return await self._write(pg_ops.revoke_key, key_id, now)
+
+    async def record_audit(self, entry: AuditEntry) -> int:
+        return await self._write(pg_ops.record_audit, entry)
+
+    async def list_audit(
+        self, limit: int = 100, before: int | None = None
+    ) -> builtins.list[AuditEntry]:
+        return await self._read(pg_ops.list_audit, limit, before)
+
+    # -- operator surface -------------------------------------------------------------
+
+    async def queue_depth(self) -> builtins.list[QueueDepth]:
+        return await self._read(pg_ops.queue_depth)
+
+    async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
+        checked = schema_ops.purge_states(states)
+        _check_bulk(older_than, limit)
+        return await self._write(pg_ops.purge, checked, now - older_than, limit)
+
+    async def count_purgeable(self, states: Sequence[str], older_than: float, now: float) -> int:
+        checked = schema_ops.purge_states(states)
+        _check_bulk(older_than, 1)
+        return await self._read(pg_ops.count_purgeable, checked, now - older_than)
+
+    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+        source = schema_ops.retry_state(state)
+        _check_bulk(0.0, limit)
+        return await self._write(pg_ops.retry_many, source, limit)
+
+    async def probe(self) -> StoreStats:
+        """A cheap read on a connection of its own (never behind slow reads or the writer)."""
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        size, _ = await trio.to_thread.run_sync(
+            self._run, self._prober, pg_ops.probe, (), "read from", limiter=self._probe_limiter
+        )
+        return StoreStats(details=self._details(size))
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the writer, close the connections."""
+        if self._close_started:
+            with trio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
+        self._close_started = self._closing = True
+        self._wake.set()
+        with trio.CancelScope(shield=True):
+            await self._writer_done.wait()
+            await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
+            await trio.to_thread.run_sync(self._prober.close, limiter=self._probe_limiter)
+            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
+        self._closed.set()
+
+    def _close_all(self) -> None:
+        for conn in (self._reader, self._prober, self._writer):
+            conn.close()
+
+    # -- the writer: group commit -----------------------------------------------------
+
+    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        op = _Op(fn, args, weight)
+        self._queue.append(op)
+        self._wake.set()
+        try:
+            await op.done.wait()
+        except BaseException:
+            op.abandoned = True  # not run if the writer has not taken it yet
+            raise
+        if op.error is not None:
+            raise op.error
+        result: T = op.result
+        return result
+
+    async def _writer_loop(self) -> None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    if self._closing:
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                try:
+                    await trio.to_thread.run_sync(
+                        self._run_batch, batch, limiter=self._write_limiter
+                    )
+                finally:
+                    for op in batch:
+                        op.done.set()
+        finally:
+            self._closing = True
+            while self._queue:
+                self._queue.popleft().done.set()  # their error says the store closed
+            self._writer_done.set()
+
+    def _take_batch(self) -> builtins.list[_Op]:
+        """FIFO, up to MAX_BATCH_WEIGHT rows and MAX_BATCH_OPS operations."""
+        queue = self._queue
+        batch: builtins.list[_Op] = []
+        weight = 0
+        while queue and len(batch) < MAX_BATCH_OPS:
+            if batch and weight + queue[0].weight > MAX_BATCH_WEIGHT:
+                break
+            op = queue.popleft()
+            if not op.abandoned:
+                batch.append(op)
+                weight += op.weight
+        return batch
+
+    def _run_batch(self, batch: builtins.list[_Op]) -> None:
+        """In the writer thread: one transaction for the batch (see the module doc)."""
+        doing = "connect to"
+        try:
+            conn = self._writer.get()
+            doing = "write to"
+            for attempt in range(RETRIES + 1):
+                try:
+                    if _run_ops(conn, batch, savepoints=False):
+                        conn.rollback()
+                        if len(batch) == 1:  # its own transaction: nothing else to keep
+                            return
+                        _run_ops(conn, batch, savepoints=True)
+                    doing = "commit to"
+                    conn.commit()
+                    break
+                except _RETRYABLE:
+                    conn.rollback()
+                    if attempt == RETRIES:
+                        raise
+                    doing = "write to"
+        except (psycopg.Error, TQError) as exc:
+            self._writer_failed(conn_of(self._writer))
+            error = exc if isinstance(exc, TQError) else store_error(exc, doing, self.location)
+            for op in batch:
+                op.result = None
+                op.error = error
+            return
+        self.commits += 1
+        self.committed_ops += len(batch)
+
+    def _writer_failed(self, conn: psycopg.Connection[Any] | None) -> None:
+        if conn is None:
+            return
+        if conn.broken or conn.closed:
+            self._writer.drop()
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self._writer.drop()
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        return await trio.to_thread.run_sync(
+            self._run, self._reader, fn, args, "read from", limiter=self._read_limiter
+        )
+
+    def _run(
+        self, holder: _Connection, fn: Callable[..., T], args: tuple[Any, ...], doing: str
+    ) -> T:
+        conn = holder.get()
+        try:
+            return fn(conn, *args)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                holder.drop()
+            raise store_error(exc, doing, self.location) from exc
+
+
+def conn_of(holder: _Connection) -> psycopg.Connection[Any] | None:
+    return holder.conn
+
+
+def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: bool) -> bool:
+    """Run the batch's operations; True if one raised (without savepoints: stop there).
+
+    A psycopg error that broke the connection, or a deadlock, leaves for the
+    caller: the batch as a whole has failed (or is run again).
+    """
+    for op in batch:
+        if savepoints:
+            conn.execute("SAVEPOINT op")
+        try:
+            op.result = op.fn(conn, *op.args)
+            op.error = None
+        except Exception as exc:
+            if isinstance(exc, psycopg.Error) and (conn.broken or isinstance(exc, _RETRYABLE)):
+                raise
+            op.result = None
+            op.error = _op_error(exc, conn)
+            if not savepoints:
+                return True
+            conn.execute("ROLLBACK TO SAVEPOINT op")
+        else:
+            if savepoints:
+                conn.execute("RELEASE SAVEPOINT op")
+    return False
+
+
+def _op_error(exc: Exception, conn: psycopg.Connection[Any]) -> BaseException:
+    if isinstance(exc, psycopg.Error):
+        return store_error(exc, "write to", "")
+    return exc
+
+
+def store_error(exc: psycopg.Error, doing: str, where: str) -> TQError:
+    """A StoreError saying what failed, where, and what to do about it."""
+    if isinstance(exc, psycopg.OperationalError):
+        hint = (
+            "PostgreSQL is unreachable or refused the connection; check that the server "
+            "runs, the URL (host, port, database, user) and the password"
+        )
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        hint = "the database user lacks a privilege; grant it or use the owner of the database"
+    elif isinstance(exc, psycopg.errors.DiskFull):
+        hint = "the database server's disk is full; free some space"
+    else:
+        hint = ""
+    target = f" {where}" if where else " the task database"
+    detail = f"{type(exc).__name__}: {str(exc).strip()}"
+    return StoreError(
+        f"cannot {doing}{target}: {hint} ({detail})"
+        if hint
+        else f"cannot {doing}{target}: {detail}"
+    )
+
+
+if TYPE_CHECKING:  # mypy proves here that PostgresStore implements the Store protocol
+
+    def _implements_store(store: PostgresStore) -> Store:
+        return store
