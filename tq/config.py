@@ -170,6 +170,11 @@ def _coerce(key: str, value: Any) -> Any:
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
+        if key == "store" and str(value).strip():
+            from tq.store import parse_store_url
+
+            parse_store_url(str(value))  # ConfigError naming the accepted forms
+            return str(value).strip()
         if key == "synchronous" and str(value).lower() not in ("full", "normal"):
             raise ValueError("expected full or normal")
         return str(value).lower() if key == "synchronous" else str(value)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import admin, bench, ops, security, services, tasks, tui
+from tq.cli import admin, bench, migrate, ops, security, services, tasks, tui
 
 app = typer.Typer(
     name="tq",
@@ -46,6 +46,7 @@ app.command(  # started by `tq bench` as a process of its own; not for operators
 app.command(rich_help_panel="Operations")(tui.tui)  # the live console (tq/tui)
 app.command(rich_help_panel="Operations")(ops.backup)
 app.command(rich_help_panel="Operations")(ops.doctor)
+app.command(rich_help_panel="Operations")(migrate.migrate)  # copy a store (tq.store.transfer)
 security.register(app)  # keys, ca, token, audit
 
 

@@ -32,13 +32,22 @@ ListenOpt = Annotated[
         show_default=False,
     ),
 ]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Where tasks are kept: sqlite:///PATH or postgresql://USER@HOST/DB "
+        "(env TQ_STORE; default sqlite://DATA/tq.db).",
+        show_default=False,
+    ),
+]
 SyncOpt = Annotated[
     str | None,
     typer.Option(
         "--synchronous",
-        help="SQLite durability: 'full' (default) survives power "
+        help="Durability: 'full' (default) survives power "
         "loss; 'normal' survives a crashed process but may lose the last commits on "
-        "power loss.",
+        "power loss (PostgreSQL: synchronous_commit off, a server crash may lose them).",
         show_default=False,
     ),
 ]
@@ -225,9 +234,11 @@ def _broker_flags(
     synchronous: str | None,
     lease_ttl: float | None,
     tls_san: list[str] | None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     return {
         "data": data,
+        "store": store,
         "listen": listen,
         "insecure": insecure,
         "synchronous": synchronous,
@@ -239,6 +250,7 @@ def _broker_flags(
 def broker(
     listen: ListenOpt = None,
     data: DataOpt = None,
+    store: StoreOpt = None,
     insecure: InsecureOpt = None,
     synchronous: SyncOpt = None,
     lease_ttl: LeaseOpt = None,
@@ -266,7 +278,7 @@ def broker(
         from tq.broker.server import serve_broker
 
         conf = settings(
-            **_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san),
+            **_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san, store),
             **sec.broker_flags(no_auth, require_client_cert, submit_rate, max_connections),
             http=http,
         )

@@ -26,7 +26,9 @@ serialised by its own ``trio.CapacityLimiter(1)`` (as the SQLite store):
     prober   readiness probes, never queued behind slow reads (autocommit)
 A connection found broken (the server restarted, the network dropped) is
 replaced on its next use, so the store recovers without a broker restart;
-the calls that were running get a StoreError.
+the calls that were running get a StoreError. The connections call
+themselves "tq broker" (``application_name``), so ``pg_stat_activity`` shows
+them and ``tq migrate`` can tell that a broker is running.
 
 Group commit: as in the SQLite store, write calls enqueue an operation and
 wait; the writer takes every queued operation (at most MAX_BATCH_WEIGHT rows)
@@ -62,7 +64,7 @@ from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 from tq.store import pg_ops, pg_schema, schema_ops
 from tq.store.base import OutcomeResult, QueueDepth, Store, StoreStats, SubmitResult
-from tq.store.sqlite import MAX_BULK_LIMIT, MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
+from tq.store.sqlite import MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,10 +73,11 @@ SYNCHRONOUS = {"full": None, "normal": "off"}  # None: the server's synchronous_
 MAX_BATCH_WEIGHT = 250  # rows per transaction, as the SQLite store (docs/BENCHMARKS.md)
 MAX_BATCH_OPS = 60  # operations per transaction: a rerun keeps its savepoints under 64
 CONNECT_TIMEOUT = 10  # seconds to reach the server before a StoreError
+APPLICATION_NAME = "tq broker"  # how the store's connections show in pg_stat_activity
 RETRIES = 3  # reruns of a batch after a deadlock or serialization failure
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
-__all__ = ["MAX_BULK_LIMIT", "PostgresStore", "open_postgres_store", "redact"]
+__all__ = ["APPLICATION_NAME", "PostgresStore", "open_postgres_store", "redact"]
 
 
 def redact(url: str) -> str:
@@ -143,7 +146,11 @@ class _Connection:
         if conn is None:
             try:
                 conn = psycopg.connect(
-                    make_conninfo(self.url, connect_timeout=CONNECT_TIMEOUT),
+                    make_conninfo(
+                        self.url,
+                        connect_timeout=CONNECT_TIMEOUT,
+                        application_name=APPLICATION_NAME,
+                    ),
                     autocommit=self.autocommit,
                 )
                 if self.options:
