@@ -55,6 +55,27 @@ def test_bench_runs_every_scenario_and_cleans_up() -> None:
     assert leftovers == []
 
 
+def test_bench_runs_on_postgresql_in_fresh_schemas_and_drops_them(pg_url: str) -> None:
+    import psycopg
+
+    args = ["-s", "e2e,backlog", "--store", pg_url]
+    done = subprocess.run(tq_command(*SMALL, *args), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["setup"]["store"] == "postgresql"
+    assert report["results"]["e2e"]["tasks_per_s"] > 0
+    assert all(b["claim_per_s"] > 0 for b in report["results"]["backlog"].values())
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tq_bench_%'"
+        ).fetchone()
+    assert left == (0,)
+    refused = subprocess.run(
+        tq_command("bench", "--store", "sqlite:///x.db"), capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "postgresql://" in refused.stderr
+
+
 def test_bench_refuses_an_unknown_scenario() -> None:
     done = subprocess.run(
         tq_command("bench", "-s", "e2e,warp"), capture_output=True, text=True, timeout=60

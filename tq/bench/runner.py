@@ -46,6 +46,7 @@ class BenchConfig:
     claim_batch: int = 100
     claims: int = 20_000  # tasks claimed per backlog level
     synchronous: str = "full"
+    store: str = ""  # a PostgreSQL URL: each broker gets a fresh schema in it; "": SQLite
     scenarios: tuple[str, ...] = SCENARIOS
     keep: bool = False  # keep the temporary data directories
 
@@ -86,11 +87,34 @@ class Bench:
         self.log = log
         self.root = Path(tempfile.mkdtemp(prefix="tq-bench-"))
         self._count = 0
+        self.schemas: list[str] = []  # PostgreSQL schemas made for the brokers (dropped)
 
     def broker(self) -> BrokerProcess:
         self._count += 1
         data = self.root / f"broker{self._count}"
-        return BrokerProcess(data, "--synchronous", self.cfg.synchronous).start()
+        store = ["--store", self._fresh_schema()] if self.cfg.store else []
+        return BrokerProcess(data, "--synchronous", self.cfg.synchronous, *store).start()
+
+    def _fresh_schema(self) -> str:
+        """An empty schema in the --store database for the next broker: its URL."""
+        import psycopg
+
+        name = f"tq_bench_{os.getpid()}_{self._count}"
+        with psycopg.connect(self.cfg.store, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+            conn.execute(f"CREATE SCHEMA {name}")
+        self.schemas.append(name)
+        sep = "&" if "?" in self.cfg.store else "?"
+        return f"{self.cfg.store}{sep}options=-csearch_path%3D{name}"
+
+    def drop_schemas(self) -> None:
+        if not self.schemas:
+            return
+        import psycopg
+
+        with psycopg.connect(self.cfg.store, autocommit=True) as conn:
+            for name in self.schemas:
+                conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
     # -- helpers -----------------------------------------------------------
     async def submit_batched(self, client: Client, total: int, start: int = 0) -> str:
@@ -383,7 +407,10 @@ def _client(broker: BrokerProcess, **kwargs: Any) -> Any:
 def setup(cfg: BenchConfig) -> dict[str, Any]:
     import apsw
 
+    from tq.store import parse_store_url
+
     return {
+        "store": "sqlite" if not cfg.store else parse_store_url(cfg.store).backend,
         "tq": __version__,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "cores": os.cpu_count(),
@@ -401,7 +428,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Rep
     report = Report(setup(cfg))
     bench = Bench(cfg, say)
     say(
-        f"tq bench: {report.setup['cores']} cores, synchronous={cfg.synchronous}, "
+        f"tq bench: {report.setup['cores']} cores, store {report.setup['store']}, "
+        f"synchronous={cfg.synchronous}, "
         f"payload {cfg.payload_bytes} B, TLS on; data under {bench.root}"
     )
 
@@ -421,4 +449,5 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Rep
             import shutil
 
             shutil.rmtree(bench.root, ignore_errors=True)
+            bench.drop_schemas()
     return report

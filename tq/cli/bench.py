@@ -35,6 +35,15 @@ def bench(
     ] = "10000,100000,1000000",
     samples: Annotated[int, typer.Option("--latency-samples", min=10)] = 2000,
     synchronous: Annotated[str, typer.Option("--synchronous", help="full or normal.")] = "full",
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="Run the brokers on this PostgreSQL database (postgresql://USER@HOST/DB), "
+            "each in a fresh schema dropped afterwards; default: SQLite in the data dirs.",
+            show_default=False,
+        ),
+    ] = "",
     scenarios: Annotated[
         str,
         typer.Option("--scenarios", "-s", help="Comma-separated: submit, e2e, latency, backlog."),
@@ -63,6 +72,16 @@ def bench(
         fail(f"--backlogs {backlogs!r} must be comma-separated whole numbers", exits.USAGE)
     if synchronous not in ("full", "normal"):
         fail("--synchronous must be full or normal", exits.USAGE)
+    if store:
+        from tq.core.errors import ConfigError
+        from tq.store import POSTGRESQL, parse_store_url
+
+        try:
+            backend = parse_store_url(store).backend
+        except ConfigError as exc:
+            fail(exc.message, exits.USAGE)
+        if backend != POSTGRESQL:
+            fail("--store takes a postgresql:// URL (SQLite is the default)", exits.USAGE)
     cfg = BenchConfig(
         tasks=tasks,
         single=single,
@@ -73,6 +92,7 @@ def bench(
         backlogs=levels,
         latency_samples=samples,
         synchronous=synchronous,
+        store=store,
         scenarios=chosen,
         keep=keep,
     )
