@@ -1,29 +1,36 @@
-"""Throughput of the SQLite store: python benchmarks/store_bench.py [--tasks N] [--normal].
+"""Throughput of a store: python benchmarks/store_bench.py [--tasks N] [--normal] [--store URL].
 
 Prints rows/s for submit (batches of 1000), claim (batches of 100), complete
-(batches of 100), and for many concurrent one-task submits (group commit).
-Runs against a fresh file in a temporary directory with synchronous=full
-unless --normal is given.
+(batches of 100), and for many concurrent one-task submits (group commit);
+then the cost of one claim (of 1 task) at --pending tasks pending (p50/p99).
+Runs against a fresh SQLite file in a temporary directory, or with
+``--store postgresql://...`` in a fresh schema of that database (dropped
+afterwards), with synchronous=full unless --normal is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from tq.core.task import Lease, Outcome, TaskSpec
-from tq.store.sqlite import SQLiteStore, open_sqlite_store
+from tq.store import open_store
 
 
 def report(what: str, rows: int, seconds: float) -> None:
     print(f"{what:<44} {rows:>8} rows in {seconds:6.2f} s = {rows / seconds:>9,.0f} rows/s")
 
 
-async def bench_submit(store: SQLiteStore, total: int, batch: int) -> None:
+async def bench_submit(store: Any, total: int, batch: int) -> None:
     specs = [TaskSpec(type="bench", payload={"i": i, "name": "x" * 40}) for i in range(batch)]
     start = time.perf_counter()
     for _ in range(total // batch):
@@ -31,7 +38,7 @@ async def bench_submit(store: SQLiteStore, total: int, batch: int) -> None:
     report(f"submit, batches of {batch}", total // batch * batch, time.perf_counter() - start)
 
 
-async def bench_claim(store: SQLiteStore, batch: int) -> list[Lease]:
+async def bench_claim(store: Any, batch: int) -> list[Lease]:
     leases: list[Lease] = []
     start = time.perf_counter()
     while got := await store.claim("w", ["default"], None, batch, time.time(), 300.0):
@@ -40,7 +47,7 @@ async def bench_claim(store: SQLiteStore, batch: int) -> list[Lease]:
     return leases
 
 
-async def bench_complete(store: SQLiteStore, leases: list[Lease], batch: int) -> None:
+async def bench_complete(store: Any, leases: list[Lease], batch: int) -> None:
     outcomes = [Outcome(lease.id, lease.token, "ok", result={"ok": True}) for lease in leases]
     start = time.perf_counter()
     for i in range(0, len(outcomes), batch):
@@ -49,7 +56,7 @@ async def bench_complete(store: SQLiteStore, leases: list[Lease], batch: int) ->
     report(f"complete, batches of {batch}", len(outcomes), time.perf_counter() - start)
 
 
-async def bench_concurrent_submits(store: SQLiteStore, callers: int) -> None:
+async def bench_concurrent_submits(store: Any, callers: int) -> None:
     spec = [TaskSpec(type="bench", queue="concurrent")]
     commits = store.commits
     start = time.perf_counter()
@@ -61,22 +68,63 @@ async def bench_concurrent_submits(store: SQLiteStore, callers: int) -> None:
     print(f"{'':<44} ({store.commits - commits} commits for {callers} calls)")
 
 
-async def main(tasks: int, synchronous: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.db"
-        print(f"tq store benchmark: {tasks} tasks, synchronous={synchronous}, {path}")
-        async with open_sqlite_store(path, synchronous=synchronous) as store:
-            await bench_submit(store, tasks, 1000)
-            leases = await bench_claim(store, 100)
-            await bench_complete(store, leases, 100)
-            await bench_concurrent_submits(store, 2000)
-            stats = await store.stats()
-            print(f"database {stats.size_bytes / 1e6:.1f} MB, wal {stats.wal_bytes / 1e6:.1f} MB")
+async def bench_claim_cost(store: Any, pending: int, samples: int = 300) -> None:
+    """Single claims of one task with ``pending`` tasks waiting (kept topped up)."""
+    specs = [TaskSpec(type="bench", queue="cost", priority=i % 8) for i in range(1000)]
+    for _ in range(pending // 1000):
+        await store.submit(specs, time.time())
+    await store.submit(specs[: samples % 1000 or 0], time.time())
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        [_lease] = await store.claim("w", ["cost"], None, 1, time.time(), 300.0)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    p50, p99 = statistics.median(times) * 1000, times[int(0.99 * len(times))] * 1000
+    print(f"claim of 1 task at {pending:,} pending: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+
+
+@asynccontextmanager
+async def fresh_store(url: str, synchronous: str) -> AsyncIterator[Any]:
+    if not url:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bench.db"
+            async with open_store(f"sqlite://{path}", synchronous=synchronous) as store:
+                yield store
+        return
+    import psycopg
+
+    name = f"tq_store_bench_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        sep = "&" if "?" in url else "?"
+        schema_url = f"{url}{sep}options=-csearch_path%3D{name}"
+        async with open_store(schema_url, synchronous=synchronous) as store:
+            yield store
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+async def main(tasks: int, synchronous: str, url: str, pending: int) -> None:
+    async with fresh_store(url, synchronous) as store:
+        where = (await store.probe()).details["location"]
+        print(f"tq store benchmark: {tasks} tasks, synchronous={synchronous}, {where}")
+        await bench_submit(store, tasks, 1000)
+        leases = await bench_claim(store, 100)
+        await bench_complete(store, leases, 100)
+        await bench_concurrent_submits(store, 2000)
+        await bench_claim_cost(store, pending)
+        stats = await store.stats()
+        print(f"database {stats.size_bytes / 1e6:.1f} MB ({stats.details['backend']})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--normal", action="store_true", help="synchronous=normal")
+    parser.add_argument("--store", default="", help="postgresql://... (default: SQLite)")
+    parser.add_argument("--pending", type=int, default=10_000, help="backlog for the claim cost")
     args = parser.parse_args()
-    trio.run(main, args.tasks, "normal" if args.normal else "full")
+    trio.run(main, args.tasks, "normal" if args.normal else "full", args.store, args.pending)

@@ -228,13 +228,13 @@ _NEW_COLUMNS = (
     "id, type, queue, payload, priority, state, max_retries, timeout, retry_base, retry_cap, "
     "created_at, idempotency_key"
 )
-INSERT_MANY = (  # one statement for a request without idempotency keys, rows in order
+INSERT_MANY = (  # one statement for rows without idempotency keys, in order
     f"INSERT INTO tasks ({_NEW_COLUMNS}) "
     "SELECT r.id, r.type, r.queue, r.payload, r.priority, %s, r.max_retries, r.timeout, "
-    "r.retry_base, r.retry_cap, %s, NULL FROM unnest(%s::text[], %s::text[], %s::text[], "
-    "%s::bytea[], %s::integer[], %s::bigint[], %s::float8[], %s::float8[], %s::float8[]) "
-    "WITH ORDINALITY AS r(id, type, queue, payload, priority, max_retries, timeout, "
-    "retry_base, retry_cap, n) ORDER BY r.n"
+    "r.retry_base, r.retry_cap, r.created_at, NULL FROM unnest(%s::text[], %s::text[], "
+    "%s::text[], %s::bytea[], %s::integer[], %s::bigint[], %s::float8[], %s::float8[], "
+    "%s::float8[], %s::float8[]) WITH ORDINALITY AS r(id, type, queue, payload, priority, "
+    "max_retries, timeout, retry_base, retry_cap, created_at, n) ORDER BY r.n"
 )
 INSERT_KEYED = (  # one row; an idempotency key already taken inserts nothing
     f"INSERT INTO tasks ({_NEW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -365,9 +365,7 @@ def insert_rows(conn: psycopg.Connection[Any], now: float, new: list[list[Any]])
     """Insert prepared rows in order; a row whose idempotency key is taken (by an
     existing task or an earlier row) inserts nothing and answers with that task's id."""
     if all(row[9] is None for row in new):
-        columns = list(zip(*(row[:9] for row in new), strict=True))
-        conn.execute(INSERT_MANY, (_PENDING.value, now, *map(list, columns)))
-        return [SubmitResult(row[0], created=True) for row in new]
+        return insert_unkeyed(conn, [(now, new)])[0]
     results: list[SubmitResult] = []
     for row in new:
         task_id, type_, queue, payload, priority, retries, timeout, base, cap, key = row
@@ -379,6 +377,21 @@ def insert_rows(conn: psycopg.Connection[Any], now: float, new: list[list[Any]])
         else:
             results.append(SubmitResult(_one(conn, FIND_BY_KEY, (key,)), created=False))
     return results
+
+
+def unkeyed(new: list[list[Any]]) -> bool:
+    return all(row[9] is None for row in new)
+
+
+def insert_unkeyed(
+    conn: psycopg.Connection[Any], requests: list[tuple[float, list[list[Any]]]]
+) -> list[list[SubmitResult]]:
+    """Several submits' rows (none with an idempotency key) in one statement, in
+    order; each request's results. The writer merges concurrent submits this way."""
+    rows = [[*row[:9], now] for now, new in requests for row in new]
+    columns = list(zip(*rows, strict=True))
+    conn.execute(INSERT_MANY, (_PENDING.value, *map(list, columns)))
+    return [[SubmitResult(row[0], created=True) for row in new] for _, new in requests]
 
 
 def claim(

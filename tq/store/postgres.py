@@ -34,9 +34,10 @@ Group commit: as in the SQLite store, write calls enqueue an operation and
 wait; the writer takes every queued operation (at most MAX_BATCH_WEIGHT rows)
 into one transaction and wakes the callers after COMMIT. The batch first
 runs without savepoints (they are subtransactions in PostgreSQL, costly in
-numbers); if an operation raises, the transaction is rolled back and the
-batch runs again with one savepoint per operation, so the failing one undoes
-only itself and its exception goes to its caller only. A deadlock or
+numbers: past 64 in one transaction, other sessions' visibility checks slow
+down until it ends); if an operation raises, the transaction is rolled back
+and the batch runs again with one savepoint per operation, so the failing
+one undoes only itself and its exception goes to its caller only. A deadlock or
 serialization failure (possible with several brokers) reruns the batch.
 If COMMIT fails every caller of the batch gets a StoreError.
 
@@ -71,7 +72,6 @@ T = TypeVar("T")
 
 SYNCHRONOUS = {"full": None, "normal": "off"}  # None: the server's synchronous_commit
 MAX_BATCH_WEIGHT = 250  # rows per transaction, as the SQLite store (docs/BENCHMARKS.md)
-MAX_BATCH_OPS = 60  # operations per transaction: a rerun keeps its savepoints under 64
 CONNECT_TIMEOUT = 10  # seconds to reach the server before a StoreError
 APPLICATION_NAME = "tq broker"  # how the store's connections show in pg_stat_activity
 RETRIES = 3  # reruns of a batch after a deadlock or serialization failure
@@ -451,11 +451,11 @@ class PostgresStore:
             self._writer_done.set()
 
     def _take_batch(self) -> builtins.list[_Op]:
-        """FIFO, up to MAX_BATCH_WEIGHT rows and MAX_BATCH_OPS operations."""
+        """FIFO, up to MAX_BATCH_WEIGHT rows (a heavier operation runs alone)."""
         queue = self._queue
         batch: builtins.list[_Op] = []
         weight = 0
-        while queue and len(batch) < MAX_BATCH_OPS:
+        while queue:
             if batch and weight + queue[0].weight > MAX_BATCH_WEIGHT:
                 break
             op = queue.popleft()
@@ -534,20 +534,35 @@ def conn_of(holder: _Connection) -> psycopg.Connection[Any] | None:
 def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: bool) -> bool:
     """Run the batch's operations; True if one raised (without savepoints: stop there).
 
-    A psycopg error that broke the connection, or a deadlock, leaves for the
-    caller: the batch as a whole has failed (or is run again).
+    Without savepoints, neighbouring submits without idempotency keys share one
+    INSERT (one round trip instead of one per call). A psycopg error that broke
+    the connection, or a deadlock, leaves for the caller: the batch as a whole
+    has failed (or is run again).
     """
-    for op in batch:
+    i = 0
+    while i < len(batch):
+        run = 1
+        if not savepoints:
+            while i + run < len(batch) and _mergeable(batch[i]) and _mergeable(batch[i + run]):
+                run += 1
+        ops = batch[i : i + run]
+        i += run
         if savepoints:
             conn.execute("SAVEPOINT op")
         try:
-            op.result = op.fn(conn, *op.args)
-            op.error = None
+            if run > 1:
+                merged = pg_schema.insert_unkeyed(conn, [op.args for op in ops])
+                for op, result in zip(ops, merged, strict=True):
+                    op.result, op.error = result, None
+            else:
+                ops[0].result = ops[0].fn(conn, *ops[0].args)
+                ops[0].error = None
         except Exception as exc:
             if isinstance(exc, psycopg.Error) and (conn.broken or isinstance(exc, _RETRYABLE)):
                 raise
-            op.result = None
-            op.error = _op_error(exc, conn)
+            for op in ops:
+                op.result = None
+                op.error = _op_error(exc, conn)
             if not savepoints:
                 return True
             conn.execute("ROLLBACK TO SAVEPOINT op")
@@ -555,6 +570,10 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
             if savepoints:
                 conn.execute("RELEASE SAVEPOINT op")
     return False
+
+
+def _mergeable(op: _Op) -> bool:
+    return op.fn is pg_schema.insert_rows and pg_schema.unkeyed(op.args[1])
 
 
 def _op_error(exc: Exception, conn: psycopg.Connection[Any]) -> BaseException:
