@@ -409,10 +409,13 @@ def setup(cfg: BenchConfig) -> dict[str, Any]:
 
     from tq.store import parse_store_url
 
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    if cfg.store:
+        config["store"] = parse_store_url(cfg.store).shown  # never a password in a report
     return {
         "store": "sqlite" if not cfg.store else parse_store_url(cfg.store).backend,
         "tq": __version__,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "config": config,
         "cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
