@@ -18,12 +18,13 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from psycopg.conninfo import conninfo_to_dict
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError
 from tq.core.task import ListFilter, Outcome, TaskSpec
 from tq.store import open_store, parse_store_url, pg_schema
-from tq.store.postgres import open_postgres_store, redact
+from tq.store.postgres import conninfo, open_postgres_store, redact
 from tq.store.sqlite import open_sqlite_store
 from tq.store.transfer import copy_store
 from tq.testing import running_broker, running_worker
@@ -117,6 +118,9 @@ def test_store_urls() -> None:
     for bad, why in [("", "empty"), ("mysql://h/db", "unknown scheme"), ("sqlite://", "path")]:
         with pytest.raises(ConfigError, match=why):
             parse_store_url(bad)
+    info = conninfo_to_dict(conninfo("postgresql://u@h/db?keepalives_idle=60"))
+    assert info["keepalives_idle"] == "60" and info["keepalives"] == "1"  # the URL wins
+    assert info["application_name"] == "tq broker" and info["connect_timeout"] == "10"
     assert redact("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
 
@@ -242,6 +246,19 @@ async def test_migrate_copies_sqlite_to_postgresql_and_verifies(
         running = [t for t in expected if t.state == "running"]
         lease_rows = await pg.complete([Outcome(running[0].id, 1, "ok")], NOW)
         assert not lease_rows[0].accepted  # tokens copied, not reset: a guess is refused
+        copied = await pg.list(ListFilter(limit=1000))
+    back = tmp_path / "back.db"  # and back again: PostgreSQL -> SQLite
+    result = await trio.to_thread.run_sync(copy_store, pg_url, f"sqlite://{back}")
+    assert sum(result.tasks.values()) == len(copied)
+    async with open_sqlite_store(back) as store:
+        assert await store.list(ListFilter(limit=1000)) == copied
+        assert (await store.stats()).counts == (await _stats_of(pg_url)).counts
+        assert len(await store.list_keys()) == 1
+
+
+async def _stats_of(url: str) -> Any:
+    async with open_postgres_store(url) as pg:
+        return await pg.stats()
 
 
 @pytest.mark.trio

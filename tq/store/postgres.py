@@ -74,6 +74,13 @@ SYNCHRONOUS = {"full": None, "normal": "off"}  # None: the server's synchronous_
 MAX_BATCH_WEIGHT = 250  # rows per transaction, as the SQLite store (docs/BENCHMARKS.md)
 CONNECT_TIMEOUT = 10  # seconds to reach the server before a StoreError
 APPLICATION_NAME = "tq broker"  # how the store's connections show in pg_stat_activity
+CONNECTION_DEFAULTS = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 4,
+}
 RETRIES = 3  # reruns of a batch after a deadlock or serialization failure
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
@@ -145,14 +152,7 @@ class _Connection:
             conn = None
         if conn is None:
             try:
-                conn = psycopg.connect(
-                    make_conninfo(
-                        self.url,
-                        connect_timeout=CONNECT_TIMEOUT,
-                        application_name=APPLICATION_NAME,
-                    ),
-                    autocommit=self.autocommit,
-                )
+                conn = psycopg.connect(conninfo(self.url), autocommit=self.autocommit)
                 if self.options:
                     conn.execute(self.options)
                     if not self.autocommit:
@@ -525,6 +525,15 @@ class PostgresStore:
             if conn.broken or conn.closed:
                 holder.drop()
             raise store_error(exc, doing, self.location) from exc
+
+
+def conninfo(url: str) -> str:
+    """``url`` with tq's connection defaults where the URL does not set them: a
+    connect timeout, TCP keepalives (a server gone silent is noticed in ~30 s
+    instead of the system's hours), and the application name brokers go by."""
+    given = conninfo_to_dict(url)
+    extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
+    return make_conninfo(url, **extra, application_name=APPLICATION_NAME)
 
 
 def conn_of(holder: _Connection) -> psycopg.Connection[Any] | None:
