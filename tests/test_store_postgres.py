@@ -165,6 +165,13 @@ async def test_refuses_a_newer_schema_and_a_foreign_tasks_table(pg_cluster: Any)
 
 
 @pytest.mark.trio
+async def test_a_malformed_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a valid PostgreSQL URL"):
+        async with open_postgres_store("postgresql://u@h/db?nosuchparam=1"):
+            pass
+
+
+@pytest.mark.trio
 async def test_unreachable_server_is_a_clear_store_error(pg_cluster: Any) -> None:
     url = f"postgresql://tq@127.0.0.1:{pg_cluster.port + 1}/tq"  # nothing listens there
     with pytest.raises(StoreError, match="unreachable") as caught:

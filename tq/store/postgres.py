@@ -110,6 +110,13 @@ async def open_postgres_store(
     key = str(synchronous).lower()
     if key not in SYNCHRONOUS:
         raise ConfigError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+    try:
+        conninfo(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"the store URL is not a valid PostgreSQL URL ({exc}); use "
+            "postgresql://user[:password]@host[:port]/database[?param=value]"
+        ) from None
     store = PostgresStore(url, key)
     with trio.CancelScope(shield=True):  # a cancelled open must not leak connections
         await trio.to_thread.run_sync(store._open)
@@ -153,12 +160,16 @@ class _Connection:
         if conn is None:
             try:
                 conn = psycopg.connect(conninfo(self.url), autocommit=self.autocommit)
+            except psycopg.Error as exc:
+                raise store_error(exc, "connect to", self.where) from exc
+            try:
                 if self.options:
                     conn.execute(self.options)
                     if not self.autocommit:
                         conn.commit()
             except psycopg.Error as exc:
-                raise store_error(exc, "connect to", self.where) from exc
+                conn.close()
+                raise store_error(exc, "set up a connection to", self.where) from exc
             self.conn = conn
         return conn
 
