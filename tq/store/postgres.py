@@ -25,8 +25,10 @@ serialised by its own ``trio.CapacityLimiter(1)`` (as the SQLite store):
     reader   get / list / stats / next_due / keys / audit (autocommit)
     prober   readiness probes, never queued behind slow reads (autocommit)
 A connection found broken (the server restarted, the network dropped) is
-replaced on its next use, so the store recovers without a broker restart;
-the calls that were running get a StoreError. The connections call
+replaced: a read, or a write batch that had not sent COMMIT, runs once more
+on a new connection; a batch whose COMMIT met the break (its outcome
+unknown) fails with a StoreError, as does everything while the server stays
+unreachable. The store recovers without a broker restart. The connections call
 themselves "tq broker" (``application_name``), so ``pg_stat_activity`` shows
 them and ``tq migrate`` can tell that a broker is running.
 
@@ -476,35 +478,57 @@ class PostgresStore:
         return batch
 
     def _run_batch(self, batch: builtins.list[_Op]) -> None:
-        """In the writer thread: one transaction for the batch (see the module doc)."""
-        doing = "connect to"
-        try:
-            conn = self._writer.get()
-            doing = "write to"
-            for attempt in range(RETRIES + 1):
-                try:
-                    if _run_ops(conn, batch, savepoints=False):
-                        conn.rollback()
-                        if len(batch) == 1:  # its own transaction: nothing else to keep
-                            return
-                        _run_ops(conn, batch, savepoints=True)
-                    doing = "commit to"
-                    conn.commit()
-                    break
-                except _RETRYABLE:
-                    conn.rollback()
-                    if attempt == RETRIES:
-                        raise
-                    doing = "write to"
-        except (psycopg.Error, TQError) as exc:
-            self._writer_failed(conn_of(self._writer))
-            error = exc if isinstance(exc, TQError) else store_error(exc, doing, self.location)
-            for op in batch:
-                op.result = None
-                op.error = error
+        """In the writer thread: one transaction for the batch (see the module doc).
+
+        A connection found broken before COMMIT was sent (the server restarted,
+        an idle connection was cut) committed nothing: the batch runs once more
+        on a new connection. Broken during COMMIT, the outcome is unknown, and
+        the callers get a StoreError.
+        """
+        for reconnect in (False, True):
+            doing = "connect to"
+            try:
+                conn = self._writer.get()
+                doing = "write to"
+                if not self._attempt(conn, batch):
+                    return  # a batch of one that failed: rolled back, nothing to commit
+                doing = "commit to"
+                conn.commit()
+            except (psycopg.Error, TQError) as exc:
+                conn_now = conn_of(self._writer)
+                broken = conn_now is not None and (conn_now.broken or conn_now.closed)
+                self._writer_failed(conn_now)
+                if broken and doing == "write to" and not reconnect:
+                    log.warning(
+                        "the store's connection to %s was lost; reconnecting", self.location
+                    )
+                    continue
+                error = exc if isinstance(exc, TQError) else store_error(exc, doing, self.location)
+                for op in batch:
+                    op.result = None
+                    op.error = error
+                return
+            self.commits += 1
+            self.committed_ops += len(batch)
             return
-        self.commits += 1
-        self.committed_ops += len(batch)
+
+    @staticmethod
+    def _attempt(conn: psycopg.Connection[Any], batch: builtins.list[_Op]) -> bool:
+        """The batch's operations in the open transaction, rerun after a deadlock;
+        False if there is nothing to commit (its only operation failed)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                if _run_ops(conn, batch, savepoints=False):
+                    conn.rollback()
+                    if len(batch) == 1:  # its own transaction: nothing else to keep
+                        return False
+                    _run_ops(conn, batch, savepoints=True)
+                return True
+            except _RETRYABLE:
+                conn.rollback()
+                if attempt == RETRIES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _writer_failed(self, conn: psycopg.Connection[Any] | None) -> None:
         if conn is None:
@@ -529,13 +553,17 @@ class PostgresStore:
     def _run(
         self, holder: _Connection, fn: Callable[..., T], args: tuple[Any, ...], doing: str
     ) -> T:
-        conn = holder.get()
-        try:
-            return fn(conn, *args)
-        except psycopg.Error as exc:
-            if conn.broken or conn.closed:
-                holder.drop()
-            raise store_error(exc, doing, self.location) from exc
+        for reconnect in (False, True):
+            conn = holder.get()
+            try:
+                return fn(conn, *args)
+            except psycopg.Error as exc:
+                if not (conn.broken or conn.closed):
+                    raise store_error(exc, doing, self.location) from exc
+                holder.drop()  # a read is safe to repeat: once, on a new connection
+                if reconnect:
+                    raise store_error(exc, doing, self.location) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def conninfo(url: str) -> str:
