@@ -198,12 +198,6 @@ async def test_submit_mixes_large_and_small_payloads_in_order(store: Any, keyed:
     assert [t.id for t in await store.list(ListFilter())] == [r.id for r in results]
 
 
-async def test_submit_binds_rows_when_the_payloads_outgrow_one_document() -> None:
-    rows = schema.prepare_rows([TaskSpec(type="t", payload="x" * 1000)] * 2000, NOW)
-    assert schema.prepared(NOW, rows).document is None  # over DOCUMENT_PAYLOAD_MAX: bound
-    assert schema.prepared(NOW, rows[:100]).document is not None
-
-
 async def test_get_unknown_is_not_found(store: Any) -> None:
     with pytest.raises(NotFound, match="no task with id nope"):
         await store.get("nope")
@@ -877,6 +871,12 @@ async def test_probe_reads_and_reports_the_files(store: Any) -> None:
 
 
 # -- SQLite only -----------------------------------------------------------------------
+
+
+async def test_sqlite_submit_binds_rows_when_the_payloads_outgrow_one_document() -> None:
+    rows = schema.prepare_rows([TaskSpec(type="t", payload="x" * 1000)] * 2000, NOW)
+    assert schema.prepared(NOW, rows).document is None  # over DOCUMENT_PAYLOAD_MAX: bound
+    assert schema.prepared(NOW, rows[:100]).document is not None
 
 
 async def test_sqlite_purge_keeps_the_newest_task_so_seq_is_never_reused(tmp_path: Path) -> None:
