@@ -81,6 +81,34 @@ async def test_two_stores_racing_claims_never_lease_a_task_twice(pg_url: str) ->
 
 
 @pytest.mark.trio
+async def test_one_lease_reported_through_two_stores_at_once_is_accepted_once(
+    pg_url: str,
+) -> None:
+    """Fencing holds across brokers: the fenced UPDATE of the second report waits
+    for the first to commit, re-checks the row, and finds no lease."""
+    async with open_postgres_store(pg_url) as a, open_postgres_store(pg_url) as b:
+        await a.submit([TaskSpec(type="t") for _ in range(50)], NOW)
+        leases = await a.claim("w", ["default"], None, 50, NOW, 30.0)
+        answers: dict[str, list[Any]] = {"a": [], "b": []}
+
+        async def report(name: str, store: Any) -> None:
+            for lease in leases:
+                answers[name] += await store.complete(
+                    [Outcome(lease.id, lease.token, "ok", result=name)], NOW
+                )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report, "a", a)
+            nursery.start_soon(report, "b", b)
+        for lease, first, second in zip(leases, answers["a"], answers["b"], strict=True):
+            assert first.accepted != second.accepted
+            task = await a.get(lease.id)
+            assert task.result == ("a" if first.accepted else "b")
+            refused = second if first.accepted else first
+            assert refused.state == "succeeded" and "no lease" in refused.reason
+
+
+@pytest.mark.trio
 async def test_stats_counts_finished_tasks_without_scanning(pg_url: str) -> None:
     """The trigger-kept counters agree with a real count through cancels, retries,
     purges and several connections (slots)."""
