@@ -272,7 +272,10 @@ class Session:
                         await self.events.handle(msg, nursery, self.service.closing)
                         continue
                     await self._slots.acquire()
-                    nursery.start_soon(self._request, msg)
+                    if msg["t"] == "query" and msg.get("q") == "get":
+                        await self._request(msg)  # a point read: no task of its own
+                    else:
+                        nursery.start_soon(self._request, msg)
             except ProtocolError as exc:
                 log.warning("%s: closing connection: %s", self.peer, exc)
                 return self.conn.send(Connection.nack(0, exc))
