@@ -1,0 +1,92 @@
+"""The wheel: builds without deprecation warnings, carries its package data and license,
+and requires only runtime dependencies (the dev tools stay behind the ``dev`` extra).
+
+Built with ``pip wheel --no-deps --no-build-isolation`` from a copy of the sources, so
+it needs no network and leaves no build/ or egg-info in the checkout; the build uses
+the environment's setuptools (the ``dev`` extra asks for one that knows PEP 639).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_TOOLS = {
+    "pytest", "pytest-trio", "hypothesis", "trustme", "ruff", "mypy", "httpx",
+    "schemathesis", "types-pyyaml", "pyinstaller", "setuptools",
+}  # fmt: skip
+
+
+def _name(requirement: str) -> str:
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert match, requirement
+    return match.group().lower().replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The built wheel and pip's output."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "tq", src / "tq", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    out = subprocess.run(
+        [*pip, "--no-index", "-w", str(tmp / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = out.stdout + out.stderr
+    assert out.returncode == 0, output
+    (built,) = (tmp / "dist").glob("tq-*.whl")
+    return built, output
+
+
+def test_the_build_warns_of_nothing_deprecated(wheel: tuple[Path, str]) -> None:
+    _, output = wheel
+    assert "deprecat" not in output.lower(), output
+
+
+def test_metadata_names_the_license_and_only_runtime_dependencies(
+    wheel: tuple[Path, str],
+) -> None:
+    built, _ = wheel
+    with zipfile.ZipFile(built) as zf:
+        names = zf.namelist()
+        (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(zf.read(metadata_name).decode())
+    assert metadata["License-Expression"] == "MIT"
+    assert metadata.get_all("License-File") == ["LICENSE"]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    requires = metadata.get_all("Requires-Dist") or []
+    runtime = {_name(r) for r in requires if "extra ==" not in r}
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert runtime == {_name(r) for r in declared["project"]["dependencies"]}
+    assert not runtime & DEV_TOOLS, f"dev tools required at run time: {runtime & DEV_TOOLS}"
+    dev = {_name(r) for r in requires if re.search(r"""extra\s*==\s*["']dev["']""", r)}
+    assert dev >= DEV_TOOLS, f"not in the dev extra: {DEV_TOOLS - dev}"
+
+
+def test_wheel_carries_the_package_data_and_the_command(wheel: tuple[Path, str]) -> None:
+    built, _ = wheel
+    with zipfile.ZipFile(built) as zf:
+        names = set(zf.namelist())
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = zf.read(entry_points).decode()
+    tcss = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tq").rglob("*.tcss")}
+    assert tcss and tcss <= names, f"missing styles: {tcss - names}"
+    assert "tq/cli/main.py" in names and "tq/__main__.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    assert re.search(r"^tq = tq\.cli\.main:main$", scripts, re.M), scripts
