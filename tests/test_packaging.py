@@ -90,3 +90,75 @@ def test_wheel_carries_the_package_data_and_the_command(wheel: tuple[Path, str])
     assert "tq/cli/main.py" in names and "tq/__main__.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     assert re.search(r"^tq = tq\.cli\.main:main$", scripts, re.M), scripts
+
+
+# -- start-up cost: the client path never imports cryptography --------------------------
+
+_CLIENT_PATH = """
+import sys
+from pathlib import Path
+import tq.cli.main
+from tq.client import BlockingClient, Client
+from tq.security.tls import client_ssl_context
+from tq.security.tokens import decode_join_token
+client_ssl_context(Path(sys.argv[1]))
+token = decode_join_token(sys.argv[2])
+client_ssl_context(None, ca_data=token.ca_pem)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "cryptography"))
+"""
+
+
+def test_the_client_path_does_not_import_cryptography(tmp_path: Path) -> None:
+    """CLI, clients, CA files and join tokens use the standard library's ssl only:
+    cryptography costs ~50 ms of every `tq submit` otherwise (it makes certificates,
+    which only the broker and admin commands do)."""
+    from tq.security.keys import new_key
+    from tq.security.tls import ensure_broker_tls
+    from tq.security.tokens import encode_join_token
+
+    files, _ = ensure_broker_tls(tmp_path / "tls")
+    key, _ = new_key("join", "worker", now=1_700_000_000.0)
+    token = encode_join_token(["h1:7470"], files.ca_cert.read_bytes(), key)
+    out = subprocess.run(
+        [sys.executable, "-c", _CLIENT_PATH, str(files.ca_cert), token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_damaged_ca_is_refused_by_name(tmp_path: Path) -> None:
+    """Reading CA files with ssl instead of cryptography keeps the errors readable."""
+    import base64
+
+    import msgpack
+
+    from tq.core.errors import ConfigError, TLSFailure
+    from tq.security.keys import new_key
+    from tq.security.tls import client_ssl_context, ensure_broker_tls
+    from tq.security.tokens import decode_join_token, encode_join_token
+
+    files, _ = ensure_broker_tls(tmp_path / "tls")
+    pem = files.ca_cert.read_text()
+    noted = tmp_path / "noted.pem"  # text around the certificate is allowed
+    noted.write_text(f"# the broker's CA\n{pem}\n")
+    client_ssl_context(noted)
+    damaged = tmp_path / "damaged.pem"  # valid base64, not a certificate
+    body = base64.encodebytes(b"not a certificate" * 10).decode()
+    damaged.write_text(f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n")
+    with pytest.raises(TLSFailure, match=rf"CA certificate {damaged} is not a PEM certificate"):
+        client_ssl_context(damaged)
+    not_base64 = tmp_path / "bad64.pem"
+    not_base64.write_text("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n")
+    with pytest.raises(TLSFailure, match="is not a PEM certificate: pass --ca"):
+        client_ssl_context(not_base64)
+    key, _ = new_key("join", "worker", now=1_700_000_000.0)
+    good = encode_join_token(["h1:7470"], pem, key)
+    raw = good.removeprefix("tqj1_")
+    fields = msgpack.unpackb(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    fields["ca"] = b"\x30\x03\x02\x01\x00"  # DER, but no certificate
+    bad = "tqj1_" + base64.urlsafe_b64encode(msgpack.packb(fields)).decode().rstrip("=")
+    with pytest.raises(ConfigError, match="the join token's CA is damaged"):
+        decode_join_token(bad)
