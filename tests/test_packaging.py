@@ -77,6 +77,9 @@ def test_metadata_names_the_license_and_only_runtime_dependencies(
     assert not runtime & DEV_TOOLS, f"dev tools required at run time: {runtime & DEV_TOOLS}"
     dev = {_name(r) for r in requires if re.search(r"""extra\s*==\s*["']dev["']""", r)}
     assert dev >= DEV_TOOLS, f"not in the dev extra: {DEV_TOOLS - dev}"
+    console = [r for r in requires if _name(r) == "textual"]
+    assert console and all(re.search(r"""extra\s*==\s*["']console["']""", r) for r in console)
+    assert any(r.startswith("tq[console]") for r in requires), "dev includes the console"
 
 
 def test_wheel_carries_the_package_data_and_the_command(wheel: tuple[Path, str]) -> None:
@@ -162,3 +165,29 @@ def test_a_damaged_ca_is_refused_by_name(tmp_path: Path) -> None:
     bad = "tqj1_" + base64.urlsafe_b64encode(msgpack.packb(fields)).decode().rstrip("=")
     with pytest.raises(ConfigError, match="the join token's CA is damaged"):
         decode_join_token(bad)
+
+
+_WITHOUT_TEXTUAL = """
+import sys
+
+class NoTextual:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "textual":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTextual())
+sys.argv = ["tq", "tui", "--broker", "127.0.0.1:9", "--insecure"]
+from tq.cli.main import main
+main()
+"""
+
+
+def test_tui_without_the_console_extra_names_it() -> None:
+    """`pip install tq` leaves Textual out: `tq tui` says which extra to install."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TEXTUAL], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "pip install 'tq[console]'" in out.stderr, out.stderr
