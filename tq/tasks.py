@@ -669,7 +669,7 @@ def _load(flags: Mapping[str, Any]) -> Settings:
     return load_settings({k: v for k, v in flags.items() if v is not None})
 
 
-def settings() -> Settings:
+def default_settings() -> Settings:
     """The settings default clients connect with (``configure``, else TQ_* and the file)."""
     global _settings
     with _config_lock:
@@ -689,7 +689,7 @@ def blocking_client() -> BlockingClient:
         mine = None
     if mine is None:
         generation = _generation
-        mine = BlockingClient.from_settings(settings())
+        mine = BlockingClient.from_settings(default_settings())
         _local.client, _local.generation = mine, generation
         with _config_lock:
             _opened.append(mine)
@@ -724,7 +724,7 @@ def current_client() -> Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(settings_: Settings | None = None, **flags: Any) -> AsyncIterator[Client]:
+async def connect(settings: Settings | None = None, /, **flags: Any) -> AsyncIterator[Client]:
     """A trio client for this block; ``await task.submit(...)`` inside it uses it.
 
     Arguments as ``configure`` (default: the configured settings). Tasks that the
@@ -732,12 +732,14 @@ async def connect(settings_: Settings | None = None, **flags: Any) -> AsyncItera
     """
     from tq.client.aio import Client
 
-    if flags:
-        unknown = sorted(set(flags) - set(_CLIENT_FLAGS))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
-        settings_ = _load(flags)
-    async with Client.from_settings(settings_ or settings()) as client:
+    unknown = sorted(set(flags) - set(_CLIENT_FLAGS))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CLIENT_FLAGS)}"
+        )
+    if settings is None:
+        settings = _load(flags) if flags else default_settings()
+    async with Client.from_settings(settings) as client:
         token = _current.set(client)
         try:
             yield client
@@ -763,7 +765,7 @@ __all__ = [
     "configure",
     "connect",
     "declared",
+    "default_settings",
     "register",
-    "settings",
     "task",
 ]
