@@ -228,6 +228,15 @@ def test_import_tq_and_declaring_tasks_stay_light(tmp_path: Path) -> None:
         def f(x: int) -> int:
             return x
         f.signature.payload((1,), {})
+        tq.configure(broker="127.0.0.1:1", insecure=True)  # nothing listens on port 1
+        try:
+            f.submit_sync(1)
+        except tq.tasks.TQError as exc:
+            assert exc.code == "connection", exc
+        try:
+            f.with_options(client=object()).submit_sync(1)
+        except tq.tasks.ConfigError as exc:
+            assert "needs a tq.client.BlockingClient" in str(exc), exc
         print(sorted(m for m in ("trio", "tq.client.aio", "tq.worker") if m in sys.modules))
         """
     )

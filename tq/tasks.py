@@ -446,13 +446,15 @@ def _reject(exc: TaskArgumentError) -> Exception:
 
 
 def _require(client: Any, *, blocking: bool) -> None:
-    from tq.client import BlockingClient, Client
+    wanted: type
+    if blocking:  # import only that client: the blocking one must not load trio
+        from tq.client.sync import BlockingClient as wanted
 
-    wanted, method, other = (
-        (BlockingClient, "submit_sync", "await submit(...)")
-        if blocking
-        else (Client, "submit", "submit_sync(...)")
-    )
+        method, other = "submit_sync", "await submit(...)"
+    else:
+        from tq.client.aio import Client as wanted
+
+        method, other = "submit", "submit_sync(...)"
     if not isinstance(client, wanted):
         raise ConfigError(
             f"{method} needs a tq.client.{wanted.__name__}, got {type(client).__name__}; "
@@ -655,6 +657,8 @@ def configure(settings: Settings | None = None, **flags: Any) -> None:
         raise ConfigError(
             f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CLIENT_FLAGS)}"
         )
+    if settings is not None and flags:
+        raise ConfigError("configure takes settings or separate settings, not both")
     resolved = settings if settings is not None else _load(flags)
     global _settings, _generation
     with _config_lock:
@@ -737,6 +741,8 @@ async def connect(settings: Settings | None = None, /, **flags: Any) -> AsyncIte
         raise ConfigError(
             f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CLIENT_FLAGS)}"
         )
+    if settings is not None and flags:
+        raise ConfigError("connect takes settings or separate settings, not both")
     if settings is None:
         settings = _load(flags) if flags else default_settings()
     async with Client.from_settings(settings) as client:
