@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,6 +331,19 @@ def test_blocking_submit_result_status_cancel(app_broker: BrokerProcess, app_mod
     with pytest.raises(tq.TaskFailed, match=r"result must be int, got str 'not an int'"):
         app.liar.submit_sync().result(timeout=30)
 
+    # each thread has its own default client; a handle works from any thread
+    seen: dict[str, Any] = {}
+
+    def in_a_thread() -> None:
+        seen["handle"] = app.send.submit_sync(to="t@b")
+        seen["client"] = tq.tasks.blocking_client()
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(60)
+    assert seen["client"] is not tq.tasks.blocking_client()
+    assert seen["handle"].result(timeout=30) == {"to": "t@b", "times": 1}
+
     # a queue no worker takes from: the task waits, times out, is cancelled
     parked = app.send.with_options(queue="nobody").submit_sync(to="x")
     with pytest.raises(Timeout, match=r"is still pending after 0.2s; call result\(\) again"):
@@ -361,6 +375,8 @@ def test_default_client_per_thread_and_reconnect_after_idle_close(
             app = __import__(app_module)
             first = app.send.submit_sync(to="a")
             client = tq.tasks.blocking_client()
+            assert not client.closed_by_broker()  # a live idle connection has nothing to read
+            assert tq.tasks.blocking_client() is client  # and is reused
             deadline = time.monotonic() + 30
             while not client.closed_by_broker():  # the broker closes the idle connection
                 assert time.monotonic() < deadline, "the broker did not close an idle client"
