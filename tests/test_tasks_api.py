@@ -69,7 +69,16 @@ def test_explicit_name_and_with_options() -> None:
         "queue": "urgent",
         "idempotency_key": "k1",
     }
+    assert urgent.with_options(priority=1).spec({}) == {  # options accumulate
+        "type": "billing.charge",
+        "payload": {},
+        "priority": 1,
+        "queue": "urgent",
+        "idempotency_key": "k1",
+    }
     assert charge.spec({}) == {"type": "billing.charge", "payload": {}}  # original unchanged
+    with pytest.raises(TypeError, match=r"priority 999 must be 0\.\.255"):
+        charge.with_options(priority=999)
     with pytest.raises(TypeError, match=r"unknown task option.*prio"):
         charge.with_options(prio=1)
 

@@ -167,7 +167,7 @@ class TaskDef(Generic[P, R]):
             name=self.name,
             options={**self.options, **options},
             client=client if client is not None else self.client,
-            idempotency_key=idempotency_key,
+            idempotency_key=self.idempotency_key if idempotency_key is None else idempotency_key,
             signature=self.signature,
         )
 
