@@ -443,3 +443,9 @@ async def test_trio_submit_result_status_cancel(tmp_path: Path) -> None:
 
                 with pytest.raises(ConfigError, match=r"needs a tq\.client\.BlockingClient"):
                     double.with_options(client=client).submit_sync(n=1)
+            settings = broker.settings  # or separate settings, as tq.configure takes them
+            async with tq.connect(broker=settings.broker, ca=settings.ca, key=settings.key):
+                assert await (await double.submit(n=4)).result(timeout=30) == 8
+            with pytest.raises(ConfigError, match="not both"):
+                async with tq.connect(settings, broker="elsewhere:1"):
+                    pass

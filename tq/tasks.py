@@ -514,7 +514,7 @@ def current_client() -> Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(settings: Settings | None = None, /, **flags: Any) -> AsyncIterator[Client]:
+async def connect(settings: Settings | None = None, **flags: Any) -> AsyncIterator[Client]:
     """A trio client for this block; ``await task.submit(...)`` inside it uses it.
 
     Arguments as ``configure`` (default: the configured settings). Tasks that the
