@@ -77,7 +77,7 @@ ImportOpt = Annotated[
     typer.Option(
         "--import",
         "-i",
-        help="Python module whose @handler functions to load "
+        help="Python module whose @handler functions and @tq.task tasks to load "
         "(repeatable; needs tq installed in that Python).",
         show_default=False,
     ),
