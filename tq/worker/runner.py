@@ -42,6 +42,7 @@ from tq.core.errors import (
     Unavailable,
 )
 from tq.core.task import Lease
+from tq.tracing import task_span
 from tq.worker.executable import ExecHandler, run_executable
 from tq.worker.handlers import Handler, HandlerRegistry, Reject, Retry
 
@@ -63,7 +64,16 @@ def _error(kind: str, message: str, tb: str = "") -> dict[str, str]:
     return {"type": kind, "message": message, "traceback": tb}
 
 
+LEASE_FIELDS = frozenset(Lease.__dataclass_fields__)  # a newer broker may send more
+
+
 async def execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
+    """Run one lease's handler (inside its trace span, tq.tracing); its report."""
+    with task_span(lease.type, lease.id, lease.attempt, lease.trace):
+        return await _execute(handler, lease)
+
+
+async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
     """Run one task; always returns an outcome map (never raises but Cancelled)."""
     base: dict[str, Any] = {"id": lease.id, "token": lease.token}
     if isinstance(handler, ExecHandler):
@@ -184,7 +194,7 @@ class Worker:
                 }
             )
             for item in reply["tasks"]:
-                lease = Lease(**item)
+                lease = Lease(**{k: v for k, v in item.items() if k in LEASE_FIELDS})
                 if self.draining:  # claimed while shutdown began: give it straight back
                     self.outbox.append({"id": lease.id, "token": lease.token, "status": "release"})
                     self._notify()
