@@ -24,6 +24,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -481,9 +482,16 @@ async def serve_broker(
 
                 tls = None if ssl_context is None else TLSFiles.in_dir(settings.tls_dir)
                 cert, key = (None, None) if tls is None else (tls.server_cert, tls.server_key)
+                mtls = tls is not None and settings.require_client_cert
+                client_ca = tls.ca_cert if tls is not None and mtls else None
                 try:
                     http_url = await timers.start(
-                        serve_http, service, settings.http, cert, key, shutdown
+                        partial(serve_http, client_ca=client_ca),
+                        service,
+                        settings.http,
+                        cert,
+                        key,
+                        shutdown,
                     )
                 except BaseException:
                     for listener in listeners:
