@@ -258,13 +258,16 @@ class Session:
         try:
             if msg["t"] != "hello":
                 raise InvalidRequest(f"the first message must be hello, not {msg['t']}")
-            principal = await self.service.login(msg)
+            with trio.move_on_at(self._hello_by) as login:  # the hello deadline covers the login
+                principal = await self.service.login(msg)
+            if login.cancelled_caught:
+                raise Timeout(f"no accepted hello within {self.settings.hello_timeout:g}s")
             worker_id = None
             if msg.get("kind") == "worker":
                 wid = msg.get("worker_id")
                 worker_id = wid if isinstance(wid, str) and wid else secrets.token_hex(8)
             body = self.service.hello(msg, worker_id)
-        except (Unauthorized, Forbidden) as exc:
+        except (Unauthorized, Forbidden, Timeout) as exc:
             log.warning("%s: hello refused (%s): %s", self.peer, exc.code, exc)
             await self._reply(Connection.nack(rid, exc))
             return False

@@ -307,6 +307,9 @@ class SQLiteStore:
     async def revoke_key(self, key_id: str, now: float) -> ApiKey:
         return await self._write(schema_auth.revoke_key, key_id, now)
 
+    async def rehash_key(self, key: ApiKey, old_kdf: str) -> bool:
+        return await self._write(schema_auth.rehash_key, key, old_kdf)
+
     async def record_audit(self, entry: AuditEntry) -> int:
         return await self._write(schema_auth.record_audit, entry)
 
