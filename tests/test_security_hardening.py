@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import ssl
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -26,11 +27,11 @@ import trio.testing
 from tq.broker.auth import FAIL_DELAY, Auth
 from tq.client import BlockingClient
 from tq.core.auth import ApiKey
-from tq.core.errors import TLSFailure, TQError, Unauthorized
+from tq.core.errors import Forbidden, TLSFailure, TQError, Unauthorized
 from tq.security.keys import KDF, LEGACY_KDF, hash_secret, new_key, parse_key, verify_secret
 from tq.security.tls import TLSFiles, issue_client_cert
 from tq.store.sqlite import open_sqlite_store
-from tq.testing import BrokerProcess, RunningBroker, running_broker, tq_command
+from tq.testing import BrokerProcess, RunningBroker, running_broker, running_worker, tq_command
 
 REJECTED = "rejected this client's certificate"
 
@@ -213,3 +214,147 @@ async def test_keys_of_older_brokers_are_rehashed_at_their_first_login(
         stored = await store.get_key(flooded.id)
         assert stored.kdf == KDF and verify_secret(parse_key(flooded_text)[1], stored)
         assert not verify_secret("wrong", stored)
+
+
+# -- what a key may see, and which worker ids it may use -------------------------------
+
+
+@pytest.mark.trio
+async def test_a_queue_limited_key_sees_only_its_queues(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        async with (
+            running_worker(broker, queues=("a",), name="worker-a"),
+            running_worker(broker, queues=("b", "a"), name="worker-ab"),
+            running_worker(broker, queues=("secret",), name="worker-secret"),
+            broker.client() as admin,
+        ):
+            await admin.submit_many([{"type": "echo", "queue": "a"}] * 2)
+            await admin.submit_many([{"type": "echo", "queue": "secret"}] * 5)
+            limited = await make_key(broker, "reader", queues=["a"])
+            async with broker.client(key=limited) as reader:
+                workers = await reader.workers()
+                stats = await reader.stats()
+                health = await reader.cluster_status()
+            async with broker.http_client(headers={"Authorization": f"Bearer {limited}"}) as web:
+                rest = {
+                    name: (await web.get(f"/api/v1/{name}")).json()
+                    for name in ("workers", "stats", "cluster")
+                }
+            everything = await admin.stats()
+        assert everything["workers"] == 3 and everything["counters"]["submitted"] == 7
+        for seen in (workers, rest["workers"]["workers"]):
+            assert sorted(w["name"] for w in seen) == ["worker-a", "worker-ab"]
+            assert all(w["queues"] == ["a"] for w in seen)
+        for view in (stats, rest["stats"]):
+            assert set(view["queues"]) == {"a"} and view["workers"] == 2
+            assert view["store"] is None and view["counters"]["submitted"] == 2
+            assert "lease_expired" not in view["counters"]
+        for view in (health, rest["cluster"]):
+            assert view["workers"]["known"] == 2 and view["store"] is None
+
+
+@pytest.mark.trio
+async def test_a_worker_key_cannot_take_over_another_workers_id(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        first, second = await make_key(broker, "worker"), await make_key(broker, "worker")
+        hello = {"worker_id": "w-1", "queues": ["a"]}
+        async with broker.client(key=first, kind="worker", hello=hello):
+            pass  # registered, then disconnected: the broker still knows w-1
+        with pytest.raises(Forbidden, match="worker id 'w-1' is in use by a worker with another"):
+            async with broker.client(key=second, kind="worker", hello=hello):
+                pass
+        async with broker.client(key=first, kind="worker", hello=hello) as again:
+            assert again.server["worker_id"] == "w-1"  # its own key: welcome back
+        async with broker.client(key=second, kind="worker", hello={"queues": ["a"]}) as fresh:
+            assert fresh.server["worker_id"] != "w-1"  # no id asked for: one is assigned
+
+
+# -- careless-operator defaults --------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_rest_refusals_are_logged_like_wire_refusals(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_broker(tmp_path) as broker:
+        reader = await make_key(broker, "reader", queues=["a"])
+        async with broker.http_client(headers={"Authorization": "Bearer tq_0123456789ab_x"}) as bad:
+            assert (await bad.get("/api/v1/stats")).status_code == 401
+        async with broker.http_client(headers={"Authorization": f"Bearer {reader}"}) as web:
+            assert (await web.post("/api/v1/tasks", json={"type": "x"})).status_code == 403
+            assert (await web.get("/api/v1/tasks", params={"queue": "b"})).status_code == 403
+        async with broker.client(key=reader) as client:
+            with pytest.raises(Forbidden):
+                await client.list(queue="b")
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    peer = r"127\.0\.0\.1:\d+: "
+    for what in (
+        r"GET /api/v1/stats refused \(unauthorized\): API key 0123456789ab was refused",
+        r"POST /api/v1/tasks refused \(forbidden\): key \w+ \(reader\) may not submit",
+        r"GET /api/v1/tasks refused \(forbidden\): key \w+ is limited to queue\(s\) a",
+        r"query refused \(forbidden\): key \w+ is limited to queue\(s\) a",  # the wire's
+    ):
+        assert any(re.match(peer + what, line) for line in lines), (what, lines)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_data_directory_and_files_are_private_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    data = tmp_path / "fresh" / "data"
+    old = os.umask(umask)
+    try:
+        async with running_broker(data) as broker, broker.client() as client:
+            await client.submit("echo", "x")  # the WAL has content
+            files = [data / name for name in ("tq.db", "tq.db-wal", "tq.db-shm")]
+            files += [data / "admin.key", data / "join.key", data / "tls" / "ca.key"]
+            assert {str(p.relative_to(data)): _mode(p) for p in files} == {
+                str(p.relative_to(data)): 0o600 for p in files
+            }
+            assert _mode(data) == 0o700 and _mode(data / "tls") == 0o700
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.trio
+async def test_an_existing_store_open_to_others_is_tightened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_broker(tmp_path):
+        pass
+    tmp_path.chmod(0o755)
+    (tmp_path / "tq.db").chmod(0o644)
+    async with running_broker(tmp_path):
+        assert _mode(tmp_path / "tq.db") == 0o600
+    assert f"data directory {tmp_path} is open to other users (mode 755)" in caplog.text
+
+
+def _limited_tq(tmp_path: Path, ulimit: str) -> Path:
+    """An executable that runs this tq under ``ulimit`` (a bash ulimit argument list)."""
+    script = tmp_path / "tq-limited"
+    command = " ".join(f"'{part}'" for part in tq_command())
+    script.write_text(f'#!/bin/bash\nulimit {ulimit} || exit 99\nexec {command} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.slow
+def test_a_low_open_file_limit_is_raised_or_warned_about(tmp_path: Path) -> None:
+    low = _limited_tq(tmp_path, "-n 256")  # soft and hard: the broker cannot raise it
+    with BrokerProcess(tmp_path / "low", executable=low) as broker:
+        log = broker.log.read_text()
+    assert "the open-file limit is 256, below max_connections 1024 + 128" in log, log
+    assert "ulimit -n 1152" in log
+    soft_only = _limited_tq(tmp_path, "-S -n 256")  # the hard limit leaves room
+    with BrokerProcess(tmp_path / "soft", executable=soft_only) as broker:
+        assert broker.proc is not None
+        limits = Path(f"/proc/{broker.proc.pid}/limits").read_text()
+        log = broker.log.read_text()
+    assert "open-file limit" not in log
+    soft = next(line.split()[3] for line in limits.splitlines() if "open files" in line)
+    assert soft == "1152", limits

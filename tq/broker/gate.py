@@ -15,11 +15,18 @@ read one, a connection-level NACK (id 0) before the socket closes:
   (which it learns only on its first read) would see a bare disconnect;
 * a handshake (or the first byte) that does not arrive within
   ``handshake_timeout``: dropped (slow loris).
+
+``check_open_files`` runs at start: every connection is a file descriptor,
+so the process's open-file limit must exceed ``max_connections`` by
+``FD_HEADROOM`` (store files, listeners, HTTP clients). The broker raises its
+soft limit up to the hard one if that is needed, and warns if even that is
+not enough (accepts would fail with "too many open files").
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Iterator
@@ -33,6 +40,7 @@ from tq.protocol import Connection
 log = logging.getLogger("tq.broker")
 
 REFUSING_MAX = 64  # over-limit connections answered at once; beyond that: closed silently
+FD_HEADROOM = 128  # descriptors besides wire connections: store, listeners, HTTP, refusals
 TLS_HANDSHAKE_RECORD = 0x16
 DRAIN_SECONDS = 1.0
 
@@ -60,6 +68,34 @@ class ConnectionGate:
                 self.open -= 1
             else:
                 self.refusing -= 1
+
+
+def check_open_files(max_connections: int) -> int:
+    """The open-file soft limit, raised toward ``max_connections + FD_HEADROOM`` if the
+    hard limit allows; a warning (logged) if it stays below. Returns the soft limit."""
+    wanted = max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "the open-file limit is %d, below max_connections %d + %d for the store, "
+            "listeners and HTTP: beyond about %d connections accepts fail with 'too many "
+            "open files'; raise it (ulimit -n %d, or LimitNOFILE=%d in a systemd unit) or "
+            "lower --max-connections",
+            soft,
+            max_connections,
+            FD_HEADROOM,
+            max(0, soft - FD_HEADROOM),
+            wanted,
+            wanted,
+        )
+    return soft
 
 
 async def handshake(
