@@ -267,6 +267,10 @@ async def test_a_worker_key_cannot_take_over_another_workers_id(tmp_path: Path) 
             assert again.server["worker_id"] == "w-1"  # its own key: welcome back
         async with broker.client(key=second, kind="worker", hello={"queues": ["a"]}) as fresh:
             assert fresh.server["worker_id"] != "w-1"  # no id asked for: one is assigned
+        async with broker.client() as admin:  # key rotation: once the old key is revoked...
+            await admin.request({"t": "keys", "op": "revoke", "key_id": parse_key(first)[0]})
+        async with broker.client(key=second, kind="worker", hello=hello) as successor:
+            assert successor.server["worker_id"] == "w-1"  # ...its worker id is free
 
 
 # -- careless-operator defaults --------------------------------------------------------

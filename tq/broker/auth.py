@@ -287,6 +287,11 @@ class Auth:
         except TQError as exc:
             log.error("cannot rehash API key %s (it keeps working): %s", key.id, exc)
 
+    def is_active(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that is neither revoked nor expired."""
+        key = self._keys.get(key_id)
+        return key is not None and key.state(self.clock()) == "active"
+
     def check(self, principal: Principal | None) -> None:
         """Before every request: the key must still exist, unrevoked and unexpired."""
         if principal is None:

@@ -3,8 +3,10 @@
 A worker id belongs to the API key that registered it (``WorkerInfo.key_id``)
 for as long as the broker knows the worker: a hello with another key that
 reuses the id is refused (``Forbidden``), so one worker key cannot take over
-another's registry entry. The entry (and the binding) goes when the worker
-has been silent long enough to be forgotten (``expire``).
+another's registry entry. The binding ends when the worker has been silent
+long enough to be forgotten (``expire``), or when its key is no longer
+active (revoked, expired: ``connect``'s ``active`` says), so rotating a
+worker's key needs no wait once the old key is revoked.
 
 Who sees what: ``visible(may_use)`` and ``to_dict(now, may_use)`` narrow the
 list to the workers serving a queue a key may use, and each worker's queues
@@ -67,13 +69,21 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
 
-    def connect(self, info: WorkerInfo, now: float) -> WorkerInfo:
-        """Register (or re-register) a worker; Forbidden if its id belongs to another key."""
+    def connect(
+        self, info: WorkerInfo, now: float, active: Callable[[str], bool] | None = None
+    ) -> WorkerInfo:
+        """Register (or re-register) a worker; Forbidden if its id belongs to another key
+        (one that ``active`` says is still active, if given)."""
         known = self._workers.get(info.id)
-        if known is not None and known.key_id != info.key_id:
+        if (
+            known is not None
+            and known.key_id != info.key_id
+            and (known.key_id is None or active is None or active(known.key_id))
+        ):
             raise Forbidden(
-                f"worker id {info.id!r} is in use by a worker with another API key; "
-                "give this worker its own id (or none: the broker assigns one)"
+                f"worker id {info.id!r} is in use by a worker with another API key; give this "
+                "worker its own id (--name), or revoke the other key (rotating keys: revoke "
+                "the old one before restarting the worker with the new one)"
             )
         if known is not None:
             info.connections = known.connections

@@ -231,7 +231,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     ) -> dict[str, Any]:
         _check_version(msg)
         if worker_id is not None:  # Forbidden if another key registered this worker id
-            info = self.workers.connect(worker_info(worker_id, msg, key_id), self.clock())
+            info = worker_info(worker_id, msg, key_id)
+            info = self.workers.connect(info, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
         return {
             "v": PROTOCOL_VERSION,
@@ -344,7 +345,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     async def heartbeat(self, worker: WorkerInfo, msg: dict[str, Any]) -> list[str]:
         worker_id = worker.id
         if worker_id not in self.workers:  # forgotten while silent: it is back
-            self.events.worker("joined", self.workers.connect(worker, self.clock()), self.workers)
+            info = self.workers.connect(worker, self.clock(), self.auth.is_active)
+            self.events.worker("joined", info, self.workers)
         leases = []
         for item in msg["leases"]:
             if (
