@@ -194,7 +194,8 @@ class OperatorOps:
             error = exc.message or str(exc)
         latency = trio.current_time() - started
         now = self.clock()
-        known = self.workers.all()
+        visible = _visible(principal)
+        known = self.workers.visible(visible)
         return {
             "healthy": error is None and not self.closing,
             "checks": {
@@ -208,7 +209,7 @@ class OperatorOps:
             "uptime": now - self.started_at,
             "listen": dict(self.addresses),
             "store": None
-            if probe is None
+            if probe is None or visible is not None  # a queue-limited key: not the files
             else {
                 "path": probe.path,
                 "size": probe.size_bytes,

@@ -199,9 +199,21 @@ SCHEMAS: dict[str, Any] = {
                     "additionalProperties": {"type": "integer", "minimum": 0},
                 },
             },
-            "store": {"type": "object"},
-            "workers": {"type": "integer", "minimum": 0},
-            "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "store": {
+                "type": ["object", "null"],
+                "description": "the store's file; null for a key limited to some queues",
+            },
+            "workers": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "known workers (for a queue-limited key: serving its queues)",
+            },
+            "counters": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "since start; a queue-limited key gets submitted, succeeded, "
+                "failed and dead of its queues only",
+            },
             "last_minute": {
                 "type": "object",
                 "required": ["window", "total", "queues", "throughput", "failure_rate"],

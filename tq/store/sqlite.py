@@ -328,6 +328,9 @@ class SQLiteStore:
     async def revoke_key(self, key_id: str, now: float) -> ApiKey:
         return await self._write(schema_auth.revoke_key, key_id, now)
 
+    async def rehash_key(self, key: ApiKey, old_kdf: str) -> bool:
+        return await self._write(schema_auth.rehash_key, key, old_kdf)
+
     async def record_audit(self, entry: AuditEntry) -> int:
         return await self._write(schema_auth.record_audit, entry)
 
@@ -629,6 +632,7 @@ def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
     """Open writer, reader and checkpointer connections; create or migrate the schema."""
     _check_sqlite_version(apsw.sqlite_lib_version())
     _check_location(path)
+    _make_private(path)
     opened: list[apsw.Connection] = []
     try:
         writer = _open(path, opened, BUSY_TIMEOUT_MS)
@@ -663,6 +667,22 @@ def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
             raise _store_error(exc, "open", path) from exc
         raise
     return writer, reader, checkpointer, prober, pointer
+
+
+def _make_private(path: str) -> None:
+    """The database 0600 whatever the umask: created so (SQLite gives its -wal and -shm
+    the database's mode), and group/other bits taken from existing files we own."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError:
+        return  # not ours to create or open: SQLite says why, in its own words
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except OSError:
+            pass  # absent, or owned by someone else (tq doctor reports it)
 
 
 def _check_sqlite_version(version: str) -> None:
