@@ -23,7 +23,9 @@ Standard input
     started.
 
 Environment
-    The worker's environment, plus:
+    The worker's environment without tq's own secrets (``TQ_KEY``, the API
+    key, and ``TQ_JOIN``, the join token, that the worker connects with: a
+    task's program gets no credential to the broker), plus:
 
     - ``TQ_TASK_ID``     the task id
     - ``TQ_TASK_TYPE``   the task type (``resize``)
@@ -91,6 +93,7 @@ from typing import Any
 
 import trio
 
+from tq.config import SECRET_SETTINGS
 from tq.core.errors import ConfigError
 from tq.core.task import MAX_NAME_LENGTH, TaskError
 
@@ -105,6 +108,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXIT_RETRY = 75  # EX_TEMPFAIL from sysexits.h: "retry later"
+SECRET_ENV = frozenset(f"TQ_{name.upper()}" for name in SECRET_SETTINGS)  # never passed on
 
 MAX_STDOUT_BYTES = 10 * 1024 * 1024  # a larger result is rejected
 STDERR_TAIL_BYTES = 8 * 1024  # the end of stderr kept for the task's error
@@ -246,7 +250,7 @@ async def run_executable(
             "reject", error=TaskError("BadPayload", f"the payload cannot be sent as JSON: {exc}")
         )
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     if extra_env:
         env.update(extra_env)
     env.update(
