@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tq.config import Settings
 from tq.core.task import Lease
 from tq.testing import RunningBroker, running_broker
+from tq.tui.link import BrokerLink
 from tq.worker.handlers import HandlerRegistry
 from tq.worker.runner import RECONNECT, Worker
 
@@ -194,3 +198,14 @@ async def test_a_lease_on_a_task_already_here_never_starts_a_second_run(tmp_path
         assert worker.outbox[2:] == [{"id": "C", "token": 1, "status": "release"}]
     assert starts == ["A", "B"]
     assert worker.running == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=1, max_value=10**9), st.integers())
+def test_worker_and_console_backoffs_never_exceed_their_cap(failures: int, seed: int) -> None:
+    """One formula (tq.core.retry) for the worker's reconnects and the console's."""
+    console = BrokerLink(lambda: None).backoff  # type: ignore[arg-type,return-value]
+    for policy in (RECONNECT, console):
+        delay = policy.delay(failures, random.Random(seed))
+        assert policy.base / 2 <= delay <= policy.cap
+        assert delay >= policy.ceiling(failures) / 2  # jittered below, never above
