@@ -68,6 +68,7 @@ from tq.core.errors import (
     Unauthorized,
     Unavailable,
 )
+from tq.core.heap import settle_heap
 from tq.core.retry import RetryPolicy
 from tq.core.task import Lease
 from tq.worker.executable import ExecHandler, run_executable
@@ -456,4 +457,5 @@ async def serve_worker(
 ) -> None:
     """Run a worker until ``shutdown`` is set; reports its id once connected."""
     worker = Worker(settings, registry, exec_handlers)
+    settle_heap()  # the handlers are imported: what start-up made is here
     await worker.run(trio.Event() if shutdown is None else shutdown, task_status=task_status)
