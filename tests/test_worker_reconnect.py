@@ -21,8 +21,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.worker_helpers import make_lease
 from tq.config import Settings
-from tq.core.task import Lease
 from tq.testing import RunningBroker, running_broker
 from tq.tui.link import BrokerLink
 from tq.worker.handlers import HandlerRegistry
@@ -142,21 +142,6 @@ async def test_reconnect_delays_never_exceed_the_cap(
 # -- the bookkeeping behind it, without a broker ------------------------------
 
 
-def _lease(task_id: str, token: int) -> Lease:
-    return Lease(
-        id=task_id,
-        type="hold",
-        queue="default",
-        payload=task_id,
-        priority=100,
-        attempt=token,
-        max_retries=5,
-        timeout=60.0,
-        token=token,
-        expires_at=0.0,
-    )
-
-
 @pytest.mark.trio
 async def test_a_lease_on_a_task_already_here_never_starts_a_second_run(tmp_path: Path) -> None:
     starts: list[str] = []
@@ -172,9 +157,9 @@ async def test_a_lease_on_a_task_already_here_never_starts_a_second_run(tmp_path
     worker = Worker(Settings(data=tmp_path), registry)
     async with trio.open_nursery() as tasks:
         # running here: the run adopts the new lease (keyed by it), nothing starts again
-        worker.accept(_lease("A", 1), tasks)
+        worker.accept(make_lease("A", 1), tasks)
         await trio.testing.wait_all_tasks_blocked()
-        worker.accept(_lease("A", 2), tasks)
+        worker.accept(make_lease("A", 2), tasks)
         assert list(worker.running) == [("A", 2)]
         # a heartbeat answer about the old lease (sent before the adoption) stops nothing
         worker.lost([("A", 1)], ["A"])
@@ -183,18 +168,18 @@ async def test_a_lease_on_a_task_already_here_never_starts_a_second_run(tmp_path
         await trio.testing.wait_all_tasks_blocked()
         assert [(o["id"], o["token"], o["status"]) for o in worker.outbox] == [("A", 2, "ok")]
         # its outcome is not sent yet: it goes under the newest lease, nothing runs
-        worker.accept(_lease("A", 3), tasks)
+        worker.accept(make_lease("A", 3), tasks)
         assert [(o["id"], o["token"], o["status"]) for o in worker.outbox] == [("A", 3, "ok")]
         # a run being stopped (its lease lost): a new lease goes straight back, unrun
-        worker.accept(_lease("B", 1), tasks)
+        worker.accept(make_lease("B", 1), tasks)
         await trio.testing.wait_all_tasks_blocked()
         worker.lost([("B", 1)], ["B"])
-        worker.accept(_lease("B", 2), tasks)
+        worker.accept(make_lease("B", 2), tasks)
         await trio.testing.wait_all_tasks_blocked()
         assert worker.outbox[1:] == [{"id": "B", "token": 2, "status": "release"}]
         # stopping: whatever a claim brings goes back
         worker.draining = True
-        worker.accept(_lease("C", 1), tasks)
+        worker.accept(make_lease("C", 1), tasks)
         assert worker.outbox[2:] == [{"id": "C", "token": 1, "status": "release"}]
     assert starts == ["A", "B"]
     assert worker.running == {}

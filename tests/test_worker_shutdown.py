@@ -15,10 +15,11 @@ import pytest
 import trio
 import trio.testing
 
-from tests.worker_helpers import WorkerRun, real_time_limit, worker_in
+from tests.worker_helpers import WorkerRun, make_lease, real_time_limit, worker_in
+from tq.config import Settings
 from tq.testing import running_broker
 from tq.worker.handlers import HandlerRegistry
-from tq.worker.runner import CLAIM_WAIT
+from tq.worker.runner import CLAIM_WAIT, Worker
 
 
 async def stop_and_wait_for_drain(run: WorkerRun) -> None:
@@ -123,3 +124,17 @@ async def test_tasks_claimed_during_the_stop_are_released_unrun(
                 tasks = [await client.get(i) for i in ids]
     assert runs == []
     assert [(t.state, t.attempts) for t in tasks] == [("pending", 0)] * 3
+
+
+@pytest.mark.trio
+async def test_a_task_claimed_but_not_started_when_the_stop_comes_is_released(
+    tmp_path: Path,
+) -> None:
+    runs: list[str] = []
+    worker = Worker(Settings(data=tmp_path), _registry(trio.Event(), 1.0, runs))
+    async with trio.open_nursery() as tasks:
+        worker.accept(make_lease("A", 7, type="slow"), tasks)  # its run starts soon ...
+        worker.draining = True  # ... but the stop comes first
+    assert runs == []
+    assert worker.outbox == [{"id": "A", "token": 7, "status": "release"}]
+    assert worker.running == {}

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 
+from tq.core.task import Lease
 from tq.testing import RunningBroker
 from tq.worker.handlers import HandlerRegistry
 from tq.worker.runner import Worker
@@ -68,3 +69,19 @@ async def worker_in(
         await nursery.start(serve)
         yield run
         run.stop.set()
+
+
+def make_lease(task_id: str, token: int, type: str = "hold") -> Lease:
+    """A lease as a claim would bring it (payload: the task id)."""
+    return Lease(
+        id=task_id,
+        type=type,
+        queue="default",
+        payload=task_id,
+        priority=100,
+        attempt=1,
+        max_retries=5,
+        timeout=60.0,
+        token=token,
+        expires_at=0.0,
+    )

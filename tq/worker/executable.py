@@ -31,7 +31,10 @@ Environment
     - ``TQ_TASK_TYPE``   the task type (``resize``)
     - ``TQ_ATTEMPT``     the attempt number: 1 for the first run, 2 for the
       first retry, ...
-    - ``TQ_LEASE_TOKEN`` the fencing token of this run of the task
+    - ``TQ_LEASE_TOKEN`` the fencing token of this run of the task (of the
+      lease it started under: if that lease expires while the broker is
+      away and the broker leases the task to this same worker again, the run
+      goes on under the new lease and is reported with it)
 
     and any variables the worker adds for its handlers; the four ``TQ_``
     variables above always win over a variable of the same name.

@@ -237,6 +237,9 @@ class Worker:
         """Run a claimed task; ``entry`` is already in ``running`` (its slot is taken)."""
         lease = entry.lease
         try:
+            if self.draining:  # the stop came before it started: give it back unrun
+                self.outbox.append(_release(lease))
+                return
             handler = self._handler(lease.type)
             with entry.scope:
                 if handler is None:  # cannot happen: we claim only our types
