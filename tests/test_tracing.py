@@ -70,3 +70,22 @@ async def test_a_bad_trace_field_is_refused(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, broker.client() as client:
         with pytest.raises(InvalidRequest, match="task trace"):
             await client.submit_many([{"type": "t", "trace": {"traceparent": 5}}])
+
+
+@pytest.mark.trio
+async def test_an_exec_handler_gets_the_submitters_trace_context(tmp_path: Path) -> None:
+    import sys
+
+    from tq.worker.executable import parse_exec_spec
+
+    prog = Path(__file__).parent / "fixtures" / "prog.py"
+    handlers = {"env": parse_exec_spec(f"env={sys.executable} {prog} environ")}
+    tracer = trace.get_tracer("test")
+    async with running_broker(tmp_path) as broker, running_worker(broker, exec_handlers=handlers):
+        async with broker.client() as client:
+            with tracer.start_as_current_span("request") as request:
+                task_id = await client.submit("env", None)
+                parent = request.get_span_context()
+            task = await client.wait(task_id, timeout=15)
+    assert task.state == "succeeded", task.error
+    assert task.result["TRACEPARENT"].split("-")[1] == f"{parent.trace_id:032x}"

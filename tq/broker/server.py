@@ -57,6 +57,7 @@ from tq.core.errors import (
     TQError,
     Unauthorized,
 )
+from tq.core.heap import settle_heap
 from tq.core.task import MAX_PAYLOAD_BYTES
 from tq.core.values import number
 from tq.protocol import REQUEST_TYPES, Connection
@@ -598,6 +599,7 @@ async def serve_broker(
                         http=http_url,
                     )
                 )
+                settle_heap()  # started: what start-up made stays out of the GC's walks
                 log.info(
                     "broker listening on %s:%s (%s)",
                     bound[0],
