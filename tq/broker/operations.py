@@ -1,4 +1,4 @@
-"""The operator surface of the service layer (issue 5): depth, purge, bulk retry, health.
+"""The operator surface of the service layer: depth, purge, bulk retry, health.
 
 ``OperatorOps`` is a mixin of ``BrokerService`` (service.py): these are
 service methods like the others, kept in their own module so service.py

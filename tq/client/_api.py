@@ -158,7 +158,7 @@ def workers() -> Call[list[dict[str, Any]]]:
     return Call({"t": "query", "q": "workers"}, lambda r: list(r["workers"]))
 
 
-# -- operator surface (issue 5) ---------------------------------------------------
+# -- operator surface -------------------------------------------------------------
 
 
 def queue_depth() -> Call[dict[str, Any]]:
