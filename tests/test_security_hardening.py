@@ -240,6 +240,7 @@ async def test_a_queue_limited_key_sees_only_its_queues(tmp_path: Path) -> None:
                     name: (await web.get(f"/api/v1/{name}")).json()
                     for name in ("workers", "stats", "cluster")
                 }
+                metrics = (await web.get("/metrics")).text
             everything = await admin.stats()
         assert everything["workers"] == 3 and everything["counters"]["submitted"] == 7
         for seen in (workers, rest["workers"]["workers"]):
@@ -251,6 +252,11 @@ async def test_a_queue_limited_key_sees_only_its_queues(tmp_path: Path) -> None:
             assert "lease_expired" not in view["counters"]
         for view in (health, rest["cluster"]):
             assert view["workers"]["known"] == 2 and view["store"] is None
+        # /metrics: the same view (its queues' workers), no broker-wide families
+        assert "tq_workers_known 2.0" in metrics, metrics
+        for family in ("tq_lease_expiries", "tq_refused_results", "tq_store_size_bytes"):
+            assert family not in metrics
+        assert 'queue="secret"' not in metrics
 
 
 @pytest.mark.trio
