@@ -284,8 +284,8 @@ class Session:
 
     async def _admit(self, msg: dict[str, Any]) -> bool:
         """Is the session's key still good, and may its role make this request? Else NACK."""
-        if self.principal is None or msg["t"] not in REQUEST_TYPES:
-            return True  # no auth; or not a request at all, which _request refuses as invalid
+        if self.principal is None or msg["t"] not in REQUEST_TYPES or msg["t"] == "hello":
+            return True  # no auth; or not a request here (a second hello): _request refuses it
         try:
             self.service.auth.check(self.principal)
             self.principal.authorize(action_of(msg))
@@ -302,7 +302,7 @@ class Session:
         try:
             handler = self._handlers.get(msg["t"])
             if handler is None:
-                raise InvalidRequest(f"{msg['t']} is not a request a client may send")
+                raise InvalidRequest(_not_a_request(msg["t"]))
             self.service.in_flight += 1
             self._busy += 1
             try:
@@ -370,7 +370,8 @@ class Session:
         return {"task": task.to_dict()}
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
-        timeout = msg.get("timeout", MAX_WAIT)
+        timeout = msg.get("timeout")
+        timeout = MAX_WAIT if timeout is None else timeout  # nil equals absent
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise InvalidRequest("wait timeout must be a number >= 0")
         timeout = min(float(timeout), MAX_WAIT)
@@ -388,6 +389,15 @@ class Session:
 
     async def _retry_many(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.retry_many(msg, self.principal)
+
+
+def _not_a_request(kind: str) -> str:
+    if kind == "hello":
+        return (
+            "this connection already said hello; a session has one hello: "
+            "open a new connection to use another key or kind"
+        )
+    return f"{kind} is sent by the broker only, never to it"
 
 
 def _task_id(msg: dict[str, Any]) -> str:
