@@ -601,7 +601,9 @@ def test_hex_hello_is_the_json_it_shows() -> None:
     data = hex_bytes("\n".join(section.blocks[0][1]))
     (length,) = struct.unpack(">I", data[:4])
     assert length == len(data) - 4
-    shown = json.loads(re.search(r"`(\{\"t\":\"hello\"[^`]*)`", section.text).group(1))  # type: ignore[union-attr]
+    quoted = re.search(r"`(\{\"t\":\"hello\"[^`]*)`", section.text)
+    assert quoted is not None, "section 10 quotes the hello it encodes"
+    shown = json.loads(quoted.group(1))
     assert msgpack.unpackb(data[4:], raw=False) == shown
     assert encode_frame(shown) == data, "the reference encoder sends exactly these bytes"
     assert f"is {length} body bytes, so the frame is {length + 4} bytes" in section.text
