@@ -231,3 +231,47 @@ async def session(
     answer = await raw.ask(msg)
     assert answer is not None and answer["t"] == "ack", answer
     return raw
+
+
+# -- examples with ellipses -------------------------------------------------------------
+
+
+def loose_json(line: str) -> Any:
+    """An example line as data; ``{…Task…}`` and a ``…`` among map entries become markers."""
+    text = re.sub(r"\{…\w*…\}", f'"{ANY}"', line)
+    text = text.replace("{…,", f'{{"{ANY}":"{ANY}",').replace(",…}", f',"{ANY}":"{ANY}"}}')
+    return json.loads(text)
+
+
+EXACT = frozenset({"t", "state", "code", "topic", "role", "kind", "accepted", "created"})
+EXACT_ALSO = frozenset({"timed_out", "priority", "from", "to"})
+FREE = frozenset({"queues", "detail", "payload", "result"})  # keyed by data: only the type
+
+
+def like(documented: Any, actual: Any, key: str = "") -> bool:
+    """``actual`` has the documented shape: the same keys (``…``: and maybe more), the same
+    types (nil is allowed either way, an empty list matches any list), and the same value
+    for the keys that name a kind or state (``EXACT``); maps keyed by data (``FREE``:
+    queue names, states, payloads) only by type."""
+    if documented == ANY or documented is None or actual is None:
+        return True
+    if key in FREE:
+        return type(documented) is type(actual)
+    if key in EXACT | EXACT_ALSO:
+        return bool(documented == actual) and type(documented) is type(actual)
+    if isinstance(documented, dict):
+        if not isinstance(actual, dict):
+            return False
+        keys = set(documented) - {ANY}
+        if ANY not in documented and keys != set(actual):
+            return False
+        return all(k in actual and like(documented[k], actual[k], k) for k in keys)
+    if isinstance(documented, list):
+        return isinstance(actual, list) and (  # each element is like one of those shown
+            not documented or all(any(like(d, a, key) for d in documented) for a in actual)
+        )
+    if isinstance(documented, bool) or isinstance(actual, bool):
+        return type(documented) is type(actual)
+    if isinstance(documented, float):
+        return isinstance(actual, int | float)
+    return type(documented) is type(actual)
