@@ -298,3 +298,79 @@ async def test_zero_length_frame_is_a_protocol_error(tmp_path: Path) -> None:
         assert answer is not None and (answer["id"], answer["code"]) == (0, "protocol")
         assert await raw.read() is None
         await raw.aclose()
+
+
+@pytest.mark.trio
+async def test_an_answer_over_the_frame_limit_is_a_nack_for_that_request(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, max_frame=4096) as broker:
+        raw = await session(broker)
+        for i in range(3):
+            await _submit(raw, 2 + i, payload="x" * 1500)
+        answer = await raw.ask({"t": "query", "id": 9, "q": "list"})
+        assert answer is not None and (answer["id"], answer["code"]) == (9, "frame_too_large")
+        answer = await raw.ask({"t": "query", "id": 10, "q": "list", "limit": 1})
+        assert answer is not None and answer["t"] == "ack", "the connection stays usable"
+        await raw.aclose()
+
+
+@pytest.mark.trio
+async def test_id_zero_is_accepted_as_a_request_id(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        raw = await session(broker)
+        answer = await raw.ask({"t": "query", "id": 0, "q": "depth"})
+        assert answer is not None and (answer["t"], answer["id"]) == ("ack", 0)
+        await raw.aclose()
+
+
+@pytest.mark.trio
+async def test_before_hello_other_messages_are_refused_and_the_connection_stays(
+    tmp_path: Path,
+) -> None:
+    async with running_broker(tmp_path) as broker:
+        raw = await connect(broker)
+        answer = await raw.ask({"t": "query", "id": 1, "q": "stats"})
+        assert answer is not None and answer["code"] == "invalid"
+        assert "first message must be hello" in answer["message"]
+        answer = await raw.ask({"t": "hello", "id": 2, "v": 2, "kind": "client", "key": broker.key})
+        assert answer is not None and answer["code"] == "invalid", "wrong version: try again"
+        answer = await raw.ask({"t": "hello", "id": 3, "v": 1, "kind": "client", "key": broker.key})
+        assert answer is not None and answer["t"] == "ack"
+        await raw.aclose()
+
+
+@pytest.mark.trio
+async def test_a_hello_refused_for_its_role_closes_the_connection(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        admin = await session(broker)
+        key = await admin.ask({"t": "keys", "id": 2, "op": "create", "role": "reader"})
+        assert key is not None
+        raw = await connect(broker)
+        answer = await raw.ask({"t": "hello", "id": 1, "v": 1, "kind": "worker", "key": key["key"]})
+        assert answer is not None and answer["code"] == "forbidden"
+        assert await raw.read() is None
+        await raw.aclose()
+        await admin.aclose()
+
+
+@pytest.mark.trio
+async def test_hello_defaults_and_pipelined_requests(tmp_path: Path) -> None:
+    """The hello table's defaults, seen in query workers; hello and requests in one write."""
+    async with running_broker(tmp_path) as broker:
+        raw = await connect(broker)
+        hello = {"t": "hello", "id": 1, "v": 1, "kind": "worker", "key": broker.key}
+        await raw.send(frame(hello) + frame({"t": "query", "id": 2, "q": "workers"}))
+        ack = await raw.read()
+        assert ack is not None and re.fullmatch(r"[0-9a-f]{16}", ack["worker_id"])
+        assert ack["lease_ttl"] == broker.settings.lease_ttl and ack["role"] == "admin"
+        answer = await raw.read()
+        assert answer is not None and answer["id"] == 2
+        (worker,) = answer["workers"]
+        expected = {"id": ack["worker_id"], "name": ack["worker_id"], "queues": ["default"]}
+        assert {k: worker[k] for k in expected} == expected
+        assert (worker["types"], worker["host"], worker["pid"], worker["concurrency"]) == (
+            None,
+            "",
+            0,
+            0,
+        )
+        await raw.aclose()
