@@ -16,6 +16,7 @@ import pytest
 import trio
 from protodoc import connect, frame, load_doc, session
 
+from tq.broker.service import parse_outcome
 from tq.testing import running_broker
 from tq.worker.runner import CLAIM_WAIT
 
@@ -374,3 +375,30 @@ async def test_hello_defaults_and_pipelined_requests(tmp_path: Path) -> None:
             0,
         )
         await raw.aclose()
+
+
+def test_outcome_delay_ignores_what_is_not_a_non_negative_number() -> None:
+    base = {"id": "x", "token": 1, "status": "retry"}
+    for delay in (True, -1, "5", None):
+        assert parse_outcome({**base, "delay": delay}).delay is None, delay
+    assert parse_outcome({**base, "delay": 2}).delay == 2.0
+
+
+@pytest.mark.trio
+async def test_outcome_error_maps_are_completed_and_other_values_wrapped(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        client = await session(broker)
+        worker = await session(broker, kind="worker")
+        errors = []
+        for rid, error in enumerate(({"message": "m"}, "plain text"), start=2):
+            task_id = await _submit(client, rid, max_retries=0)
+            lease = await _claim(worker)
+            report = {"id": task_id, "token": lease["token"], "status": "reject", "error": error}
+            await worker.ask({"t": "result", "id": 9, "results": [report]})
+            errors.append((await _get(client, task_id))["error"])
+        assert errors == [
+            {"type": "Error", "message": "m", "traceback": ""},
+            {"type": "Error", "message": "plain text", "traceback": ""},
+        ]
+        await client.aclose()
+        await worker.aclose()

@@ -135,7 +135,9 @@ def parse_outcome(item: object) -> Outcome:
         status=status,
         result=item.get("result"),
         error=TaskError.from_mapping(error) if error is not None else None,
-        delay=float(delay) if isinstance(delay, int | float) and delay >= 0 else None,
+        delay=float(delay)
+        if isinstance(delay, int | float) and not isinstance(delay, bool) and delay >= 0
+        else None,  # a minimum: anything else is ignored
     )
 
 
