@@ -246,7 +246,21 @@ async def test_field_rows_live(tmp_path: Path) -> None:
                 )
                 if not same:
                     failures.append(f"{row.id} nil is not absent: {nil} vs {absent}")
+            failures += await _required_for(broker, row, base)
     assert not failures, "\n".join(failures)
+
+
+async def _required_for(broker: RunningBroker, row: Row, base: dict[str, Any]) -> list[str]:
+    """A "for `X`" row: left out of an X request (the message's required str field = X)."""
+    only = re.fullmatch(r"for `(\w+)`", row.cells[2])
+    if only is None:
+        return []
+    (kind,) = [n for n, f in FIELDS[row.message].items() if f.required and f.types == (str,)]
+    msg = {k: v for k, v in base.items() if k != row.field}
+    got = await answer_to(broker, {**msg, kind: only.group(1)})
+    if got and got.get("code") == "invalid" and row.field in got["message"]:
+        return []
+    return [f"{row.id} left out of a {kind} {only.group(1)!r} request: {got}"]
 
 
 @pytest.mark.trio
