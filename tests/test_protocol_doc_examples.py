@@ -269,3 +269,57 @@ def test_role_table_is_the_role_table() -> None:
             for role, mark in zip(roles, row[1:], strict=True):
                 assert allowed(role, action) == (mark == "✓"), f"{action} for {role}"
     assert seen == set(ALLOWED) - {"keys:create", "keys:list", "keys:revoke"} | {"keys"}
+
+
+# -- maps described in prose: their keys ---------------------------------------------------
+
+
+def top_level_names(span: str) -> set[str]:
+    """The quoted names at the top level of a ``{...}`` description (not in nested maps,
+    nor in parenthesised remarks)."""
+    names, braces, parens = set(), 0, 0
+    for token in re.finditer(r'[{}()]|"(\w+)"', span):
+        text = token.group(0)
+        if text in "{}":
+            braces += 1 if text == "{" else -1
+        elif text in "()":
+            parens += 1 if text == "(" else -1
+        elif braces == 1 and parens == 0:
+            names.add(token.group(1))
+    return names
+
+
+def described_map(marker: str) -> set[str]:
+    """The keys of the first ``{...}`` code span after ``marker`` in section 5."""
+    text = "\n".join(s.text for s in DOC.messages())
+    after = text[text.index(marker) :]
+    span = re.search(r"`(\{.*?\})`", after, re.DOTALL)
+    assert span is not None, marker
+    return top_level_names(span.group(1))
+
+
+def test_top_level_names_skip_nested_maps_and_remarks() -> None:
+    span = '{"a": {"x": 1}, "b" (one of "p", "q"), "c"}'
+    assert top_level_names(span) == {"a", "b", "c"}
+
+
+@pytest.mark.trio
+async def test_maps_described_in_prose_have_the_documented_keys(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        worker = await session(broker, kind="worker")
+        raw = await session(broker)
+        got: dict[str, set[str]] = {}
+        for q in ("stats", "workers", "health"):
+            answer = await raw.ask({"t": "query", "id": 2, "q": q})
+            assert answer is not None and answer["t"] == "ack", answer
+            value = answer[q]
+            got[q] = set(value[0] if isinstance(value, list) else value)
+        answer = await raw.ask({"t": "keys", "id": 3, "op": "list"})
+        assert answer is not None
+        got["keys"] = set(answer["keys"][0])
+        await raw.aclose()
+        await worker.aclose()
+    assert got["stats"] == described_map("**`stats`**")
+    assert got["workers"] == described_map("**`workers`**")
+    assert got["health"] == described_map("**`health`**")
+    assert got["keys"] == described_map("Key info:")
