@@ -23,6 +23,7 @@ compared with that setting's default, any other needs a line in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 import struct
@@ -563,7 +564,22 @@ LIMIT_CHECKS: dict[str, Callable[[str], bool]] = {
     "`priority`": lambda v: v == "0..255",
     "request `id`": lambda v: MAX_REQUEST_ID == 2**63 - 1 and v.startswith("0..2^63-1"),
     "frames before an accepted `hello`": lambda v: quantity(v) == broker_server.HELLO_MAX_FRAME,
+    # rows of the frame and payload bounds (constants looked up when the row is there)
+    "frames from a `reader` key": lambda v: (
+        quantity(v) == _const("tq.broker.server", "SMALL_ROLE_MAX_FRAME")
+    ),
+    "maps and arrays in one frame": lambda v: v.startswith(
+        f"{_const('tq.protocol.frames', 'CONTAINER_BASE'):,} + one per ".replace(",", " ")
+        + f"{_const('tq.protocol.frames', 'BYTES_PER_CONTAINER')} bytes"
+    ),
+    "nesting of a payload or result": lambda v: v.startswith(
+        f"{_const('tq.core.values', 'MAX_DEPTH')} levels"
+    ),
 }
+
+
+def _const(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
 
 
 @pytest.mark.parametrize("name", list(LIMITS))

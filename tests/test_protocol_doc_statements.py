@@ -17,6 +17,7 @@ import trio
 from protodoc import connect, frame, load_doc, session
 
 from tq.broker.service import parse_outcome
+from tq.core.errors import InvalidRequest
 from tq.testing import running_broker
 from tq.worker.runner import CLAIM_WAIT
 
@@ -303,10 +304,10 @@ async def test_zero_length_frame_is_a_protocol_error(tmp_path: Path) -> None:
 
 @pytest.mark.trio
 async def test_an_answer_over_the_frame_limit_is_a_nack_for_that_request(tmp_path: Path) -> None:
-    async with running_broker(tmp_path, max_frame=4096) as broker:
+    async with running_broker(tmp_path, max_frame=20_000) as broker:
         raw = await session(broker)
-        for i in range(3):
-            await _submit(raw, 2 + i, payload="x" * 1500)
+        for i in range(4):
+            await _submit(raw, 2 + i, payload="x" * 6000)
         answer = await raw.ask({"t": "query", "id": 9, "q": "list"})
         assert answer is not None and (answer["id"], answer["code"]) == (9, "frame_too_large")
         answer = await raw.ask({"t": "query", "id": 10, "q": "list", "limit": 1})
@@ -377,10 +378,12 @@ async def test_hello_defaults_and_pipelined_requests(tmp_path: Path) -> None:
         await raw.aclose()
 
 
-def test_outcome_delay_ignores_what_is_not_a_non_negative_number() -> None:
+def test_an_outcome_delay_is_a_number_of_seconds_or_refused() -> None:
     base = {"id": "x", "token": 1, "status": "retry"}
-    for delay in (True, -1, "5", None):
-        assert parse_outcome({**base, "delay": delay}).delay is None, delay
+    for delay in (True, -1, "5", float("nan")):
+        with pytest.raises(InvalidRequest, match="delay"):
+            parse_outcome({**base, "delay": delay})
+    assert parse_outcome({**base, "delay": None}).delay is None
     assert parse_outcome({**base, "delay": 2}).delay == 2.0
 
 

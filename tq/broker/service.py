@@ -135,10 +135,14 @@ def parse_outcome(item: object) -> Outcome:
         status=status,
         result=item.get("result"),
         error=TaskError.from_mapping(error) if error is not None else None,
-        delay=float(delay)
-        if isinstance(delay, int | float) and not isinstance(delay, bool) and delay >= 0
-        else None,  # a minimum: anything else is ignored
+        delay=None if delay is None else _delay(delay),
     )
+
+
+def _delay(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise InvalidRequest(f"result delay must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: operations.py
