@@ -67,6 +67,8 @@ DOC_TYPES: dict[str, tuple[type, ...] | None] = {
 def doc_type(text: str) -> tuple[type, ...] | None:
     if text.startswith("array"):
         return (list,)
+    if text.startswith("map"):  # "map", "map of str"
+        return (dict,)
     return DOC_TYPES[text]
 
 
