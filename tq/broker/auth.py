@@ -408,7 +408,8 @@ class Auth:
 
     async def audit_page(self, msg: dict[str, Any]) -> dict[str, Any]:
         """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor."""
-        limit, before = msg.get("limit", 100), msg.get("before")
+        limit, before = msg.get("limit"), msg.get("before")
+        limit = 100 if limit is None else limit  # nil equals absent
         if (
             isinstance(limit, bool)
             or not isinstance(limit, int)

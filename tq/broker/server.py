@@ -342,8 +342,8 @@ class Session:
 
     async def _admit(self, msg: dict[str, Any]) -> bool:
         """Is the session's key still good, and may its role make this request? Else NACK."""
-        if self.principal is None or msg["t"] not in REQUEST_TYPES:
-            return True  # no auth; or not a request at all, which _request refuses as invalid
+        if self.principal is None or msg["t"] not in REQUEST_TYPES or msg["t"] == "hello":
+            return True  # no auth; or not a request here (a second hello): _request refuses it
         try:
             self.service.auth.check(self.principal)
             self.principal.authorize(action_of(msg))
@@ -360,7 +360,7 @@ class Session:
         try:
             handler = self._handlers.get(msg["t"])
             if handler is None:
-                raise InvalidRequest(f"{msg['t']} is not a request a client may send")
+                raise InvalidRequest(_not_a_request(msg["t"]))
             self.service.in_flight += 1
             self._busy += 1
             try:
@@ -461,6 +461,15 @@ def _is_heavy(msg: dict[str, Any]) -> bool:
     """A read whose cost or answer can be large: at most one at a time per connection."""
     kind = msg["t"]
     return kind == "audit" or kind == "keys" or (kind == "query" and msg.get("q") in HEAVY_QUERIES)
+
+
+def _not_a_request(kind: str) -> str:
+    if kind == "hello":
+        return (
+            "this connection already said hello; a session has one hello: "
+            "open a new connection to use another key or kind"
+        )
+    return f"{kind} is sent by the broker only, never to it"
 
 
 def _task_id(msg: dict[str, Any]) -> str:

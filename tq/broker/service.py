@@ -366,15 +366,19 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         results = await self.store.complete(outcomes, self.clock())
         if worker_id is not None:
             self.workers.seen(worker_id, self.clock())
-        retried = False
+        retried = released = False
         for r in results:
             if not r.accepted:
                 self.counters["refused_results"] += 1
             elif r.state in ("succeeded", "failed", "dead"):
                 self.counters[r.state] += 1
                 retried |= r.state == "failed"
+            else:
+                released |= r.state == "pending"  # "release": claimable again at once
         if retried:
             self.notify_due()
+        if released:
+            self.notify_work()
         self.events.reported(results)
         self.activity.reported(results, self.clock())
         self.fire([r.id for r in results if r.accepted])
@@ -409,7 +413,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     async def list_tasks(
         self, msg: dict[str, Any], principal: Principal | None = None
     ) -> tuple[list[Task], str | None]:
-        limit = msg.get("limit", 100)
+        limit = msg.get("limit")
+        limit = 100 if limit is None else limit  # nil equals absent
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise InvalidRequest(f"list limit must be 1..{MAX_LIST}")
         fields = {}
@@ -419,7 +424,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 raise InvalidRequest(f"list filter {key!r} must be a string")
             fields[key] = value
         fields["queue"] = _visible_queue(fields["queue"], principal)
-        order = msg.get("order", "oldest")
+        order = msg.get("order")
+        order = "oldest" if order is None else order
         if order not in ("oldest", "newest"):
             raise InvalidRequest(f"list order must be 'oldest' or 'newest', not {order!r}")
         tasks = await self.store.list(
