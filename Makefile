@@ -24,8 +24,8 @@ run: venv
 	$(BIN)/tq up
 
 lint: venv
-	$(BIN)/ruff check tq tests benchmarks
-	$(BIN)/ruff format --check tq tests benchmarks
+	$(BIN)/ruff check tq tests benchmarks examples
+	$(BIN)/ruff format --check tq tests benchmarks examples
 
 typecheck: venv
 	$(BIN)/mypy

@@ -29,7 +29,14 @@ def test_bench_runs_every_scenario_and_cleans_up() -> None:
     report = json.loads(done.stdout)
     assert report["setup"]["tls"] is True and report["setup"]["config"]["synchronous"] == "full"
     results = report["results"]
-    assert set(results) == {"submit", "e2e", "latency", "backlog"}
+    assert set(results) == {"submit", "e2e", "latency", "backlog", "single"}
+    single = results["single"]
+    for call in ("get", "depth", "submit"):
+        figures = single[call]
+        assert figures["per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"], figures
+        assert figures["broker_cpu_us"] > 0
+    assert single["end_to_end"]["tasks"] == 100 and single["end_to_end"]["tasks_per_s"] > 0
+    assert single["producers"]["tasks"] == 100 and single["producers"]["x_one_producer"] > 0
     assert results["submit"]["single"]["tasks_per_s"] > 0
     assert results["submit"]["stdin"]["tasks"] == 2000
     assert results["e2e"]["tasks"] == 2000 and results["e2e"]["tasks_per_s"] > 0

@@ -104,6 +104,23 @@ async def test_environment_and_stdin() -> None:
 
 
 @pytest.mark.trio
+async def test_tq_secrets_are_not_passed_to_the_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TQ_KEY", "tq_0123456789ab_secret")
+    monkeypatch.setenv("TQ_JOIN", "tqjoin1.secret")
+    monkeypatch.setenv("TQ_BROKER", "queue.example.com:7470")
+    monkeypatch.setenv("APP_SETTING", "kept")
+    out = await run(prog("environ"))
+    assert out.status == "ok", out
+    env = out.result
+    assert "TQ_KEY" not in env and "TQ_JOIN" not in env
+    secrets = ("tq_0123456789ab_secret", "tqjoin1.secret")
+    assert not any(secret in value for value in env.values() for secret in secrets)
+    assert env["TQ_BROKER"] == "queue.example.com:7470" and env["APP_SETTING"] == "kept"
+    assert env["TQ_TASK_ID"] == "T1"
+    assert os.environ["TQ_KEY"] == "tq_0123456789ab_secret"  # the worker keeps its own
+
+
+@pytest.mark.trio
 async def test_empty_stdout_is_a_null_result() -> None:
     assert await run(prog("print", " \n")) == ExecOutcome("ok", result=None)
 

@@ -741,6 +741,29 @@ def api_key(key_id: str = "0123456789ab", **fields: Any) -> ApiKey:
     return ApiKey(**{**base, **fields})
 
 
+async def test_trace_context_travels_from_submit_to_the_lease(store: Any) -> None:
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    traced = await submit(store, trace=trace)
+    keyed = await submit(store, trace={"tracestate": "a=1"}, idempotency_key="k")
+    plain = await submit(store)
+    assert (await store.get(traced)).trace == trace
+    assert (await store.get(plain)).trace is None
+    leases = {lease.id: lease for lease in await claim(store)}
+    assert leases[traced].trace == trace and leases[plain].trace is None
+    assert leases[keyed].trace == {"tracestate": "a=1"}
+
+
+async def test_rehash_key_replaces_only_a_hash_of_the_named_kdf(store: Any) -> None:
+    await store.create_key(api_key(kdf="old"))
+    newer = api_key(kdf="new", salt=b"n" * 16, hash=b"N" * 32)
+    assert await store.rehash_key(newer, "other") is False
+    assert (await store.get_key(newer.id)).kdf == "old"
+    assert await store.rehash_key(newer, "old") is True
+    stored = await store.get_key(newer.id)
+    assert (stored.kdf, stored.salt, stored.hash) == ("new", b"n" * 16, b"N" * 32)
+    assert await store.rehash_key(newer, "old") is False  # done once
+
+
 async def test_keys_round_trip_and_revoke(store: Any) -> None:
     first, second = api_key(), api_key("ba9876543210", queues=None, role="admin", expires_at=None)
     await store.create_key(first)

@@ -217,7 +217,7 @@ def test_unwritable_directory_is_a_config_error(tmp_path: Path) -> None:
 
 def test_client_cert_and_mutual_tls(tmp_path: Path, broker: TLSFiles) -> None:
     cert_path, key_path = issue_client_cert(broker, "worker-1", tmp_path / "clients")
-    assert mode(key_path) == mode(cert_path) == 0o600  # issue 4: both private
+    assert mode(key_path) == mode(cert_path) == 0o600  # both private
     cert = load(cert_path)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "worker-1"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

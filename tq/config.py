@@ -139,6 +139,7 @@ class Settings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+SECRET_SETTINGS = frozenset({"key", "join"})  # credentials: never passed on (--exec programs)
 ZERO_DISABLES = frozenset({"submit_rate"})  # settings where 0 means "no limit"
 
 

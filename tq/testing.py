@@ -174,7 +174,7 @@ class BrokerProcess:
         return self.data / "tls" / "ca.pem"
 
     def start(self, listen: str = "127.0.0.1:0", timeout: float = 20.0) -> BrokerProcess:
-        self.data.mkdir(parents=True, exist_ok=True)
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the broker would
         offset = self.log.stat().st_size if self.log.exists() else 0
         http = [] if "--http" in self.args else ["--http", "127.0.0.1:0"]  # never a fixed port
         args = ["--data", str(self.data), "--listen", listen, *http, *self.args]

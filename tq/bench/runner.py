@@ -22,7 +22,7 @@ from tq import __version__
 from tq.client import Client
 from tq.testing import BrokerProcess, tq_command
 
-SCENARIOS = ("submit", "e2e", "latency", "backlog")
+SCENARIOS = ("submit", "e2e", "latency", "backlog", "single")
 
 
 class BenchError(RuntimeError):
@@ -49,6 +49,7 @@ class BenchConfig:
     store: str = ""  # a PostgreSQL URL: each broker gets a fresh schema in it; "": SQLite
     scenarios: tuple[str, ...] = SCENARIOS
     keep: bool = False  # keep the temporary data directories
+    producers: int = 50  # concurrent one-at-a-time producers (the web-app pattern)
 
 
 @dataclass
@@ -313,6 +314,135 @@ class Bench:
             "load": {
                 k: v for k, v in loaded.items() if k not in ("submit_latency_under_load", "phases")
             },
+        }
+
+    async def single(self) -> dict[str, Any]:
+        """One call per task, as most applications make them: the blocking client's
+        round trip for trivial reads and durable submits (with the broker's CPU per
+        call), one producer's submit rate alone and with two workers running the
+        tasks (end to end), and many concurrent one-at-a-time producers."""
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        broker = self.broker()
+        try:
+            proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+            calls = await trio.to_thread.run_sync(self._blocking_calls, broker, proc)
+            out.update(calls)
+            for _ in range(cfg.workers):
+                broker.start_worker("--concurrency", str(cfg.concurrency))
+            async with _client(broker) as client:
+                with trio.fail_after(60):
+                    while len(await client.workers()) < cfg.workers:
+                        await trio.sleep(0.05)
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(_watch_processes, broker)
+                    out["end_to_end"] = await self._single_e2e(broker, client)
+                    out["producers"] = await self._producers(broker, out["submit"]["per_s"])
+                    watch.cancel_scope.cancel()
+        finally:
+            broker.close()
+        return out
+
+    def _blocking_calls(self, broker: BrokerProcess, proc: psutil.Process) -> dict[str, Any]:
+        """In a thread: get, depth and submit, one at a time, from a BlockingClient."""
+        n = self.cfg.single
+        out: dict[str, Any] = {}
+        with broker.client() as client:
+            task_id = client.submit("echo", _payload(self.cfg, 0))
+            calls: dict[str, Callable[[], object]] = {
+                "get": lambda: client.get(task_id),
+                "depth": client.queue_depth,
+                "submit": lambda: client.submit("echo", _payload(self.cfg, 0)),
+            }
+            for name, call in calls.items():
+                for _ in range(200):  # warm up
+                    call()
+                samples = []
+                cpu = sum(proc.cpu_times()[:2])
+                started = time.perf_counter()
+                for _ in range(n):
+                    begun = time.perf_counter()
+                    call()
+                    samples.append(time.perf_counter() - begun)
+                elapsed = time.perf_counter() - started
+                cpu = sum(proc.cpu_times()[:2]) - cpu
+                figures = _percentiles(samples)
+                out[name] = {
+                    "per_s": round(n / elapsed),
+                    "p50_ms": figures["p50_ms"],
+                    "p99_ms": figures["p99_ms"],
+                    "broker_cpu_us": round(cpu / n * 1e6),
+                }
+                self.log(
+                    f"one at a time, blocking client: {name} {n / elapsed:,.0f}/s, "
+                    f"p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms, "
+                    f"broker CPU {cpu / n * 1e6:,.0f} us per call"
+                )
+        return out
+
+    async def _single_e2e(self, broker: BrokerProcess, client: Client) -> dict[str, Any]:
+        """One producer submitting one task per call while two workers run them: from
+        the first submit until the last task succeeded."""
+        n = self.cfg.single
+
+        def produce() -> str:
+            with broker.client() as producer:
+                last = ""
+                for i in range(n):
+                    last = producer.submit("echo", _payload(self.cfg, i))
+                return last
+
+        started = time.perf_counter()
+        last = await trio.to_thread.run_sync(produce)
+        submitted = time.perf_counter() - started
+        await client.wait(last)
+        with trio.fail_after(120):
+            while (await client.queue_depth())["queues"]:
+                await trio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        self.log(
+            f"one call per task, end to end ({n:,} tasks, {self.cfg.workers} workers): "
+            f"{n / elapsed:,.0f} tasks/s (enqueue alone {n / submitted:,.0f} tasks/s)"
+        )
+        return {
+            "tasks": n,
+            "enqueue_per_s": round(n / submitted),
+            "tasks_per_s": round(n / elapsed),
+        }
+
+    async def _producers(self, broker: BrokerProcess, one: float) -> dict[str, Any]:
+        """``producers`` connections, each submitting one task and awaiting its ACK
+        before the next: do they share group commits?"""
+        cfg = self.cfg
+        per = max(1, cfg.single // cfg.producers)
+        samples: list[float] = []
+
+        async def producer(index: int) -> None:
+            async with _client(broker) as client:
+                for i in range(per):
+                    begun = time.perf_counter()
+                    await client.submit("echo", _payload(cfg, index * per + i))
+                    samples.append(time.perf_counter() - begun)
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for index in range(cfg.producers):
+                nursery.start_soon(producer, index)
+        elapsed = time.perf_counter() - started
+        rate = per * cfg.producers / elapsed
+        figures = _percentiles(samples)
+        self.log(
+            f"{cfg.producers} concurrent producers, one task per call: {rate:,.0f} tasks/s "
+            f"({rate / one:.1f}x one producer), p50 {figures['p50_ms']:.2f} ms, "
+            f"p99 {figures['p99_ms']:.2f} ms"
+        )
+        return {
+            "producers": cfg.producers,
+            "tasks": per * cfg.producers,
+            "tasks_per_s": round(rate),
+            "x_one_producer": round(rate / one, 1),
+            "p50_ms": figures["p50_ms"],
+            "p99_ms": figures["p99_ms"],
         }
 
     async def backlog(self) -> dict[str, Any]:

@@ -13,16 +13,38 @@ id -> record) so the check before each request costs a dict lookup. The
 table is updated at once by this broker's create/revoke paths and
 reloaded from the store every ``KEY_REFRESH`` seconds, which picks up
 keys created or revoked offline (``tq keys ... --data``) or by another
-broker sharing the store. A secret is verified with scrypt (~60 ms, in a
-thread, one at a time) the first time it is presented; later hellos with
-the same key compare a cheap keyed digest kept in memory. Unknown key ids
-never reach scrypt. With ``enabled`` False (``--no-auth``) every request is
-allowed and principals are None.
+broker sharing the store.
+
+Logins: a secret is checked with a keyed SHA-256 hash and a constant-time
+compare (``tq.security.keys``): microseconds, inline, no queue, so nothing
+a failed attempt does can hold up another login. Every refusal of a
+well-formed key (unknown key id, wrong secret) looks the same: one message,
+and it is answered no sooner than ``FAIL_DELAY`` after it arrived, after a
+reload of the key table that started after it arrived (shared by every
+refusal in flight, at most one per ``RELOAD_SPACING``): so a key created a
+moment ago offline still gets in, an unknown id costs what a wrong secret
+costs (a dummy verification), and guessing is slow without holding anything
+anyone else waits for. A revoked or expired key is named as such only to
+whoever presents its secret.
+
+Keys made by older brokers are hashed with scrypt (~60 ms). Such a key is
+verified in a thread, one at a time per key id and ``LEGACY_THREADS`` at
+once across key ids (first come, first served: a waiting login is behind at
+most one attempt per other legacy key id, however many attempts there are),
+and rehashed in the store the first time it is verified; from then on it is
+an ordinary key. Only legacy keys that have not logged in since the upgrade
+take this path; ``open_auth`` upgrades the broker's own ``admin.key`` at
+start. A login never waits longer than ``login_timeout``.
+
+With ``enabled`` False (``--no-auth``) every request is allowed and
+principals are None.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +54,17 @@ import trio
 
 from tq.config import Settings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
-from tq.core.errors import InvalidRequest, NotFound, RateLimited, TQError, Unauthorized
+from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
 from tq.core.values import number
-from tq.security.keys import fast_digest, new_key, parse_key, read_key_file, verify_secret
+from tq.security.keys import (
+    is_legacy,
+    new_key,
+    parse_key,
+    read_key_file,
+    rehash,
+    verify_dummy,
+    verify_secret,
+)
 from tq.security.limits import RateLimiter
 from tq.security.roles import Principal
 from tq.security.tls import write_private
@@ -45,6 +75,10 @@ log = logging.getLogger("tq.broker.auth")
 
 KEY_REFRESH = 5.0  # seconds between reloads of the key table from the store
 MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
+FAIL_DELAY = 0.5  # seconds: no refused login is answered sooner (unknown id, wrong secret)
+RELOAD_SPACING = 0.5  # seconds between reloads of the key table asked for by refused logins
+LEGACY_THREADS = 1  # scrypt verifications of keys made by older brokers, at once
+LOGIN_TIMEOUT = 10.0  # seconds a login may take at most (a wire hello: its own deadline)
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
 MAX_AUDIT_PAGE = 1000
 
@@ -62,14 +96,18 @@ class Auth:
         submit_rate: float = 0.0,
         submit_burst: float = 1.0,
         clock: Callable[[], float] = time.time,
+        login_timeout: float = LOGIN_TIMEOUT,
     ) -> None:
         self.store = store
         self.enabled = enabled
         self.clock = clock
+        self.login_timeout = login_timeout
         self.limiter = RateLimiter(submit_rate, submit_burst)
         self._keys: dict[str, ApiKey] = {}
-        self._verified: dict[str, bytes] = {}  # key id -> fast digest of a verified secret
-        self._scrypt = trio.CapacityLimiter(1)  # failed logins cannot take every core
+        self._legacy = trio.CapacityLimiter(LEGACY_THREADS)  # scrypt threads across key ids
+        self._legacy_locks: dict[str, trio.Lock] = {}  # key id -> one scrypt at a time
+        self._reloading: trio.Event | None = None  # set when the running reload finishes
+        self._reload_started = -math.inf  # trio time the last on-demand reload started
         self._limited_logged: dict[str, float] = {}  # key id -> when its last refusal was logged
 
     # -- the key table -----------------------------------------------------
@@ -98,8 +136,36 @@ class Auth:
     def _remember(self, key: ApiKey) -> None:
         self._keys[key.id] = key
         if key.state(self.clock()) != "active":
-            self._verified.pop(key.id, None)
             self.limiter.forget(key.id)
+
+    async def _reload_since(self, arrived: float) -> None:
+        """Return once a reload of the key table that started at or after ``arrived``
+        has finished. One reload serves every caller waiting for it, and on-demand
+        reloads start at most once per ``RELOAD_SPACING``."""
+        while True:
+            running = self._reloading
+            if running is None and self._reload_started >= arrived:
+                return
+            if running is not None:
+                started = self._reload_started
+                await running.wait()
+                if started >= arrived:
+                    return
+                continue
+            due = self._reload_started + RELOAD_SPACING
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            done = self._reloading = trio.Event()
+            self._reload_started = trio.current_time()
+            try:
+                await self.load()
+            except TQError as exc:
+                log.error("cannot reload the API keys (the last known table stays): %s", exc)
+            finally:
+                self._reloading = None
+                done.set()
+            return
 
     async def bootstrap_admin(self, path: Path) -> str | None:
         """On a store with no keys: create an admin key, write it to ``path`` (0600)."""
@@ -110,6 +176,19 @@ class Auth:
         await trio.to_thread.run_sync(write_private, path, (text + "\n").encode())
         log.info("created admin key %s and wrote it to %s (mode 0600)", key.id, path)
         return text
+
+    async def upgrade_key_file(self, path: Path) -> None:
+        """Rehash now the key in ``path`` if an older broker made it (see the docstring)."""
+        if not self.enabled:
+            return
+        try:
+            text = read_key_file(path)
+            key_id, secret = parse_key(text)
+        except TQError:
+            return
+        key = self._keys.get(key_id)
+        if key is not None and is_legacy(key) and key.state(self.clock()) == "active":
+            await self._verify_legacy(secret, key)
 
     async def join_key(self, path: Path) -> str | None:
         """The worker key the printed join token carries: ``path``'s if still good, else new."""
@@ -130,25 +209,90 @@ class Auth:
 
     # -- authentication ----------------------------------------------------
     async def authenticate(self, text: object) -> Principal | None:
-        """The principal a key string stands for; Unauthorized if it stands for none."""
+        """The principal a key string stands for; Unauthorized if it stands for none.
+
+        Timeout if verifying takes longer than ``login_timeout`` (only a key made
+        by an older broker can make it wait, see the module docstring).
+        """
         if not self.enabled:
             return None
+        arrived = trio.current_time()
         key_id, secret = parse_key(text)
+        with trio.move_on_after(self.login_timeout):
+            principal = await self._verify(key_id, secret)
+            if principal is not None:
+                return principal
+            return await self._refuse(key_id, secret, arrived)
+        raise Timeout(f"verifying API key {key_id} took longer than {self.login_timeout:g}s; retry")
+
+    async def _verify(self, key_id: str, secret: str) -> Principal | None:
+        """The principal if ``secret`` is ``key_id``'s; None for an unknown id or a wrong
+        secret (the same work either way); Unauthorized if the key is revoked or expired."""
         key = self._keys.get(key_id)
-        if key is None:  # created offline or by another broker since the last reload?
-            try:
-                key = await self.store.get_key(key_id)
-            except NotFound:
-                raise Unauthorized(f"unknown API key {key_id}; ask an admin for a key") from None
-            self._remember(key)
-        self._check_state(key)
-        digest = fast_digest(secret, key)
-        if self._verified.get(key_id) != digest:
-            ok = await trio.to_thread.run_sync(verify_secret, secret, key, limiter=self._scrypt)
-            if not ok:
-                raise Unauthorized(f"wrong secret for API key {key_id}")
-            self._verified[key_id] = digest
+        if key is None:
+            verify_dummy(secret)
+            return None
+        if is_legacy(key):
+            if key.state(self.clock()) != "active":
+                return None  # no scrypt for a dead key
+            ok = await self._verify_legacy(secret, key)
+        else:
+            ok = verify_secret(secret, key)
+        if not ok:
+            return None
+        self._check_state(key)  # told only to whoever holds the secret
         return Principal.of(key)
+
+    async def _refuse(self, key_id: str, secret: str, arrived: float) -> Principal:
+        """A refused login: answered ``FAIL_DELAY`` after it arrived, after a fresh look
+        at the key table (a key created offline a moment ago gets in)."""
+        before = self._keys.get(key_id)
+        await trio.sleep_until(arrived + FAIL_DELAY)
+        await self._reload_since(arrived)
+        after = self._keys.get(key_id)
+        if after is not None and after != before:
+            principal = await self._verify(key_id, secret)
+            if principal is not None:
+                return principal
+        raise Unauthorized(
+            f"API key {key_id} was refused: there is no such key, or the secret is wrong; "
+            "check the whole key, or ask an admin for one"
+        )
+
+    async def _verify_legacy(self, secret: str, key: ApiKey) -> bool:
+        """scrypt for a key made by an older broker; rehash it in the store on success."""
+        lock = self._legacy_locks.setdefault(key.id, trio.Lock())
+        try:
+            async with lock:
+                current = self._keys.get(key.id, key)
+                if not is_legacy(current):  # upgraded by a login that held the lock before
+                    return verify_secret(secret, current)
+                ok = await trio.to_thread.run_sync(
+                    verify_secret, secret, current, limiter=self._legacy
+                )
+                if ok:
+                    await self._upgrade(secret, current)
+                return ok
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._legacy_locks.pop(key.id, None)
+
+    async def _upgrade(self, secret: str, key: ApiKey) -> None:
+        """Replace a verified legacy hash by the current kind, in the store and the table."""
+        fresh = rehash(secret, key)
+        try:
+            if await self.store.rehash_key(fresh, key.kdf):
+                self._keys[key.id] = dataclasses.replace(
+                    self._keys.get(key.id, key), kdf=fresh.kdf, salt=fresh.salt, hash=fresh.hash
+                )
+                log.info("API key %s rehashed (scrypt -> %s)", key.id, fresh.kdf)
+        except TQError as exc:
+            log.error("cannot rehash API key %s (it keeps working): %s", key.id, exc)
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that is neither revoked nor expired."""
+        key = self._keys.get(key_id)
+        return key is not None and key.state(self.clock()) == "active"
 
     def check(self, principal: Principal | None) -> None:
         """Before every request: the key must still exist, unrevoked and unexpired."""
@@ -160,6 +304,8 @@ class Auth:
         self._check_state(key)
 
     def _check_state(self, key: ApiKey) -> None:
+        """Unauthorized for a revoked or expired key; called only once its secret is known
+        to be right, so its state (and name) reach only the key's holder."""
         state = key.state(self.clock())
         if state == "revoked":
             raise Unauthorized(
@@ -205,11 +351,7 @@ class Auth:
         return text, key
 
     async def _mint(self, name: str, role: str, **fields: Any) -> tuple[str, ApiKey]:
-        """``new_key`` (scrypt, ~60 ms) in a thread, so the broker keeps serving."""
-        now = self.clock()
-        return await trio.to_thread.run_sync(
-            lambda: new_key(name, role, now=now, **fields), limiter=self._scrypt
-        )
+        return new_key(name, role, now=self.clock(), **fields)
 
     async def _create(self, key: ApiKey, actor: str, detail: dict[str, Any]) -> None:
         await self.store.create_key(key)
@@ -266,7 +408,8 @@ class Auth:
 
     async def audit_page(self, msg: dict[str, Any]) -> dict[str, Any]:
         """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor."""
-        limit, before = msg.get("limit", 100), msg.get("before")
+        limit, before = msg.get("limit"), msg.get("before")
+        limit = 100 if limit is None else limit  # nil equals absent
         if (
             isinstance(limit, bool)
             or not isinstance(limit, int)
@@ -295,9 +438,12 @@ async def open_auth(store: Store, settings: Settings) -> tuple[Auth, bool]:
         enabled=settings.auth,
         submit_rate=settings.submit_rate,
         submit_burst=settings.submit_burst,
+        login_timeout=settings.hello_timeout,
     )
     await auth.load()
     created = await auth.bootstrap_admin(settings.admin_key_file) is not None
+    if not created:
+        await auth.upgrade_key_file(settings.admin_key_file)
     return auth, created
 
 

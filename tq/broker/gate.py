@@ -9,14 +9,24 @@ read one, a connection-level NACK (id 0) before the socket closes:
 * a plaintext client on the TLS port: detected from its first byte (a TLS
   ClientHello starts with 0x16) and answered, in plaintext, with ``tls``;
 * a failed handshake (unknown CA, no client certificate when one is
-  required, garbage): the TLS alert is the client's error; logged here;
+  required, garbage): the TLS alert is the client's error; logged here.
+  trio leaves the alert OpenSSL wrote for a failed handshake unsent, so it
+  is sent here: without it a TLS 1.3 client refused for its certificate
+  (which it learns only on its first read) would see a bare disconnect;
 * a handshake (or the first byte) that does not arrive within
   ``handshake_timeout``: dropped (slow loris).
+
+``check_open_files`` runs at start: every connection is a file descriptor,
+so the process's open-file limit must exceed ``max_connections`` by
+``FD_HEADROOM`` (store files, listeners, HTTP clients). The broker raises its
+soft limit up to the hard one if that is needed, and warns if even that is
+not enough (accepts would fail with "too many open files").
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Iterator
@@ -30,6 +40,7 @@ from tq.protocol import Connection
 log = logging.getLogger("tq.broker")
 
 REFUSING_MAX = 64  # over-limit connections answered at once; beyond that: closed silently
+FD_HEADROOM = 128  # descriptors besides wire connections: store, listeners, HTTP, refusals
 TLS_HANDSHAKE_RECORD = 0x16
 DRAIN_SECONDS = 1.0
 
@@ -59,10 +70,39 @@ class ConnectionGate:
                 self.refusing -= 1
 
 
+def check_open_files(max_connections: int) -> int:
+    """The open-file soft limit, raised toward ``max_connections + FD_HEADROOM`` if the
+    hard limit allows; a warning (logged) if it stays below. Returns the soft limit."""
+    wanted = max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "the open-file limit is %d, below max_connections %d + %d for the store, "
+            "listeners and HTTP: beyond about %d connections accepts fail with 'too many "
+            "open files'; raise it (ulimit -n %d, or LimitNOFILE=%d in a systemd unit) or "
+            "lower --max-connections",
+            soft,
+            max_connections,
+            FD_HEADROOM,
+            max(0, soft - FD_HEADROOM),
+            wanted,
+            wanted,
+        )
+    return soft
+
+
 async def handshake(
     stream: trio.SocketStream, context: ssl.SSLContext, timeout: float, peer: str
 ) -> trio.SSLStream[trio.SocketStream] | None:
     """The TLS stream once the handshake is done; None (logged, answered) if it failed."""
+    tls: trio.SSLStream[trio.SocketStream] | None = None
     try:
         with trio.fail_after(timeout):
             first = await stream.socket.recv(1, socket.MSG_PEEK)
@@ -80,8 +120,33 @@ async def handshake(
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         log.warning("%s: TLS handshake failed: %s", peer, _reason(cause))
+        await send_alert(stream, tls)
         return None
     return tls
+
+
+async def send_alert(
+    stream: trio.SocketStream, tls: trio.SSLStream[trio.SocketStream] | None
+) -> None:
+    """Send the TLS alert a failed server-side handshake left unsent, then drain.
+
+    trio marks the stream broken without flushing what OpenSSL wrote for the
+    failure (e.g. "certificate required"); the bytes are still in the
+    stream's outgoing memory BIO. Sending them gives the client an explicit
+    TLS error instead of a disconnect; reading until the client hangs up
+    (briefly) keeps the kernel from answering its unread data with a reset
+    that could overtake the alert.
+    """
+    outgoing = getattr(tls, "_outgoing", None)  # trio.SSLStream's MemoryBIO (private)
+    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
+        return
+    with trio.move_on_after(DRAIN_SECONDS):
+        try:
+            await stream.send_all(outgoing.read())
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 PLAINTEXT = (

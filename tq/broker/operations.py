@@ -1,4 +1,4 @@
-"""The operator surface of the service layer (issue 5): depth, purge, bulk retry, health.
+"""The operator surface of the service layer: depth, purge, bulk retry, health.
 
 ``OperatorOps`` is a mixin of ``BrokerService`` (service.py): these are
 service methods like the others, kept in their own module so service.py
@@ -195,7 +195,8 @@ class OperatorOps:
             error = exc.message or str(exc)
         latency = trio.current_time() - started
         now = self.clock()
-        known = self.workers.all()
+        visible = _visible(principal)
+        known = self.workers.visible(visible)
         return {
             "healthy": error is None and not self.closing,
             "checks": {
@@ -208,7 +209,9 @@ class OperatorOps:
             "started_at": self.started_at,
             "uptime": now - self.started_at,
             "listen": dict(self.addresses),
-            "store": None if probe is None else dict(probe.details),
+            "store": None
+            if probe is None or visible is not None  # a queue-limited key: not the files
+            else dict(probe.details),
             "workers": {
                 "known": len(known),
                 "connected": sum(1 for w in known if w.connections > 0),

@@ -1,9 +1,27 @@
-"""Workers the broker knows: identity, capacity, host stats, liveness."""
+"""Workers the broker knows: identity, capacity, host stats, liveness.
+
+A worker id belongs to the API key that registered it (``WorkerInfo.key_id``)
+for as long as the broker knows the worker: a hello with another key that
+reuses the id is refused (``Forbidden``), so one worker key cannot take over
+another's registry entry. The binding ends when the worker has been silent
+long enough to be forgotten (``expire``), or when its key is no longer
+active (revoked, expired: ``connect``'s ``active`` says), so rotating a
+worker's key needs no wait once the old key is revoked.
+
+Who sees what: ``visible(may_use)`` and ``to_dict(now, may_use)`` narrow the
+list to the workers serving a queue a key may use, and each worker's queues
+to those queues.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from tq.core.errors import Forbidden
+
+QueueFilter = Callable[[str], bool] | None  # a key's queue predicate; None: every queue
 
 
 @dataclass
@@ -21,14 +39,19 @@ class WorkerInfo:
     connected_at: float = 0.0
     last_seen: float = 0.0
     connections: int = 0
+    key_id: str | None = None  # the API key that registered this worker id (None: no auth)
 
-    def to_dict(self, now: float) -> dict[str, Any]:
+    def serves(self, may_use: QueueFilter) -> bool:
+        return may_use is None or any(may_use(q) for q in self.queues)
+
+    def to_dict(self, now: float, may_use: QueueFilter = None) -> dict[str, Any]:
+        queues = [q for q in self.queues if may_use is None or may_use(q)]
         return {
             "id": self.id,
             "name": self.name,
             "host": self.host,
             "pid": self.pid,
-            "queues": list(self.queues),
+            "queues": queues,
             "types": None if self.types is None else list(self.types),
             "concurrency": self.concurrency,
             "running": self.running,
@@ -50,8 +73,22 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
 
-    def connect(self, info: WorkerInfo, now: float) -> WorkerInfo:
+    def connect(
+        self, info: WorkerInfo, now: float, active: Callable[[str], bool] | None = None
+    ) -> WorkerInfo:
+        """Register (or re-register) a worker; Forbidden if its id belongs to another key
+        (one that ``active`` says is still active, if given)."""
         known = self._workers.get(info.id)
+        if (
+            known is not None
+            and known.key_id != info.key_id
+            and (known.key_id is None or active is None or active(known.key_id))
+        ):
+            raise Forbidden(
+                f"worker id {info.id!r} is in use by a worker with another API key; give this "
+                "worker its own id (--name), or revoke the other key (rotating keys: revoke "
+                "the old one before restarting the worker with the new one)"
+            )
         if known is not None:
             info.connections = known.connections
         info.connections += 1
@@ -89,6 +126,10 @@ class WorkerRegistry:
 
     def all(self) -> list[WorkerInfo]:
         return sorted(self._workers.values(), key=lambda w: w.id)
+
+    def visible(self, may_use: QueueFilter) -> list[WorkerInfo]:
+        """The workers serving at least one queue ``may_use`` accepts (all if None)."""
+        return [w for w in self.all() if w.serves(may_use)]
 
     def __contains__(self, worker_id: object) -> bool:
         return worker_id in self._workers

@@ -35,6 +35,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import trio
 
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
-from tq.broker.gate import ConnectionGate, handshake, refuse_over_limit
+from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
 from tq.broker.loops import promoter_loop, reaper_loop
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
@@ -56,6 +57,7 @@ from tq.core.errors import (
     TQError,
     Unauthorized,
 )
+from tq.core.heap import settle_heap
 from tq.core.task import MAX_PAYLOAD_BYTES
 from tq.core.values import number
 from tq.protocol import REQUEST_TYPES, Connection
@@ -97,8 +99,19 @@ class BrokerInfo:
 
 
 def _prepare_data_dir(path: Path) -> None:
+    """Create the data directory 0700 (whatever the umask); warn if others can enter it."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)  # the umask may have taken bits from the mkdir mode
+        elif path.stat().st_mode & 0o077:
+            log.warning(
+                "data directory %s is open to other users (mode %o); it holds every task, "
+                "the CA key and admin.key: chmod 700 %s",
+                path,
+                path.stat().st_mode & 0o777,
+                path,
+            )
         probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -272,7 +285,10 @@ class Session:
                         await self.events.handle(msg, nursery, self.service.closing)
                         continue
                     await self._slots.acquire()
-                    nursery.start_soon(self._request, msg)
+                    if msg["t"] == "query" and msg.get("q") == "get":
+                        await self._request(msg)  # a point read: no task of its own
+                    else:
+                        nursery.start_soon(self._request, msg)
             except ProtocolError as exc:
                 log.warning("%s: closing connection: %s", self.peer, exc)
                 return self.conn.send(Connection.nack(0, exc))
@@ -293,13 +309,17 @@ class Session:
         try:
             if msg["t"] != "hello":
                 raise InvalidRequest(f"the first message must be hello, not {msg['t']}")
-            principal = await self.service.login(msg)
+            with trio.move_on_at(self._hello_by) as login:  # the hello deadline covers the login
+                principal = await self.service.login(msg)
+            if login.cancelled_caught:
+                raise Timeout(f"no accepted hello within {self.settings.hello_timeout:g}s")
             worker_id = None
             if msg.get("kind") == "worker":
                 wid = msg.get("worker_id")
                 worker_id = wid if isinstance(wid, str) and wid else secrets.token_hex(8)
-            body = self.service.hello(msg, worker_id)
-        except (Unauthorized, Forbidden) as exc:
+            key_id = None if principal is None else principal.key_id
+            body = self.service.hello(msg, worker_id, key_id)
+        except (Unauthorized, Forbidden, Timeout) as exc:
             log.warning("%s: hello refused (%s): %s", self.peer, exc.code, exc)
             await self._reply(Connection.nack(rid, exc))
             return False
@@ -309,7 +329,7 @@ class Session:
         self.principal = principal
         self.worker_id = worker_id
         if worker_id is not None:
-            self.worker = worker_info(worker_id, msg)
+            self.worker = worker_info(worker_id, msg, key_id)
         self.hello_done = True
         self.conn.set_max_frame(self.settings.max_frame)
         if principal is not None and principal.role not in LARGE_FRAME_ROLES:
@@ -322,8 +342,8 @@ class Session:
 
     async def _admit(self, msg: dict[str, Any]) -> bool:
         """Is the session's key still good, and may its role make this request? Else NACK."""
-        if self.principal is None or msg["t"] not in REQUEST_TYPES:
-            return True  # no auth; or not a request at all, which _request refuses as invalid
+        if self.principal is None or msg["t"] not in REQUEST_TYPES or msg["t"] == "hello":
+            return True  # no auth; or not a request here (a second hello): _request refuses it
         try:
             self.service.auth.check(self.principal)
             self.principal.authorize(action_of(msg))
@@ -340,7 +360,7 @@ class Session:
         try:
             handler = self._handlers.get(msg["t"])
             if handler is None:
-                raise InvalidRequest(f"{msg['t']} is not a request a client may send")
+                raise InvalidRequest(_not_a_request(msg["t"]))
             self.service.in_flight += 1
             self._busy += 1
             try:
@@ -355,6 +375,8 @@ class Session:
                 self._busy -= 1
                 self._active_at = trio.current_time()
         except TQError as exc:
+            if isinstance(exc, Unauthorized | Forbidden):  # e.g. a task outside the key's queues
+                log.warning("%s: %s refused (%s): %s", self.peer, msg["t"], exc.code, exc)
             reply = Connection.nack(rid, exc)
         except Exception:
             log.exception("internal error handling %s", msg.get("t"))
@@ -395,7 +417,7 @@ class Session:
         if q == "stats":
             return {"stats": await self.service.stats(self.principal)}
         if q == "workers":
-            return {"workers": self.service.list_workers()}
+            return {"workers": self.service.list_workers(self.principal)}
         if q == "depth":
             return {"depth": await self.service.queue_depth(self.principal)}
         if q == "health":
@@ -439,6 +461,15 @@ def _is_heavy(msg: dict[str, Any]) -> bool:
     """A read whose cost or answer can be large: at most one at a time per connection."""
     kind = msg["t"]
     return kind == "audit" or kind == "keys" or (kind == "query" and msg.get("q") in HEAVY_QUERIES)
+
+
+def _not_a_request(kind: str) -> str:
+    if kind == "hello":
+        return (
+            "this connection already said hello; a session has one hello: "
+            "open a new connection to use another key or kind"
+        )
+    return f"{kind} is sent by the broker only, never to it"
 
 
 def _task_id(msg: dict[str, Any]) -> str:
@@ -491,6 +522,7 @@ async def serve_broker(
     _prepare_data_dir(settings.data)
     host, port = parse_address(settings.listen)
     _check_limits(settings)
+    check_open_files(settings.max_connections)
     ssl_context = None
     ca_file, ca_print, created = None, None, False
     if not settings.insecure:
@@ -532,9 +564,16 @@ async def serve_broker(
 
                 tls = None if ssl_context is None else TLSFiles.in_dir(settings.tls_dir)
                 cert, key = (None, None) if tls is None else (tls.server_cert, tls.server_key)
+                mtls = tls is not None and settings.require_client_cert
+                client_ca = tls.ca_cert if tls is not None and mtls else None
                 try:
                     http_url = await timers.start(
-                        serve_http, service, settings.http, cert, key, shutdown
+                        partial(serve_http, client_ca=client_ca),
+                        service,
+                        settings.http,
+                        cert,
+                        key,
+                        shutdown,
                     )
                 except BaseException:
                     for listener in listeners:
@@ -569,6 +608,7 @@ async def serve_broker(
                         http=http_url,
                     )
                 )
+                settle_heap()  # started: what start-up made stays out of the GC's walks
                 log.info(
                     "broker listening on %s:%s (%s)",
                     bound[0],

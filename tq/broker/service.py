@@ -108,10 +108,29 @@ def _visible_queue(queue: str | None, principal: Principal | None) -> str | None
     )
 
 
-def worker_info(worker_id: str, msg: dict[str, Any]) -> WorkerInfo:
-    """The registry entry a worker's hello describes."""
+def visible_queues(principal: Principal | None) -> Callable[[str], bool] | None:
+    """The queue predicate of a queue-limited key; None when it sees every queue."""
+    return None if principal is None or principal.queues is None else principal.may_use
+
+
+def queue_counters(activity: Activity, may_use: Callable[[str], bool]) -> dict[str, int]:
+    """``counters`` restricted to some queues, from the labelled totals (the broker-wide
+    ``lease_expired`` and ``refused_results`` have no queue and are left out)."""
+    out = dict.fromkeys(("submitted", "succeeded", "failed", "dead"), 0)
+    for (queue, _type), events in activity.totals.items():
+        if may_use(queue):
+            out["submitted"] += events["submitted"]
+            out["succeeded"] += events["succeeded"]
+            out["failed"] += events["retried"]  # a failed attempt that will be retried
+            out["dead"] += events["dead"]
+    return out
+
+
+def worker_info(worker_id: str, msg: dict[str, Any], key_id: str | None = None) -> WorkerInfo:
+    """The registry entry a worker's hello (with the key ``key_id``) describes."""
     types = msg.get("types")
     return WorkerInfo(
+        key_id=key_id,
         id=worker_id,
         name=str(msg.get("name") or worker_id),
         host=str(msg.get("host") or ""),
@@ -228,10 +247,13 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             principal.authorize(action_of(msg))  # kind "worker" needs a worker (or admin) key
         return principal
 
-    def hello(self, msg: dict[str, Any], worker_id: str | None) -> dict[str, Any]:
+    def hello(
+        self, msg: dict[str, Any], worker_id: str | None, key_id: str | None = None
+    ) -> dict[str, Any]:
         _check_version(msg)
-        if worker_id is not None:
-            info = self.workers.connect(worker_info(worker_id, msg), self.clock())
+        if worker_id is not None:  # Forbidden if another key registered this worker id
+            info = worker_info(worker_id, msg, key_id)
+            info = self.workers.connect(info, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
         return {
             "v": PROTOCOL_VERSION,
@@ -344,15 +366,19 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         results = await self.store.complete(outcomes, self.clock())
         if worker_id is not None:
             self.workers.seen(worker_id, self.clock())
-        retried = False
+        retried = released = False
         for r in results:
             if not r.accepted:
                 self.counters["refused_results"] += 1
             elif r.state in ("succeeded", "failed", "dead"):
                 self.counters[r.state] += 1
                 retried |= r.state == "failed"
+            else:
+                released |= r.state == "pending"  # "release": claimable again at once
         if retried:
             self.notify_due()
+        if released:
+            self.notify_work()
         self.events.reported(results)
         self.activity.reported(results, self.clock())
         self.fire([r.id for r in results if r.accepted])
@@ -364,7 +390,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     async def heartbeat(self, worker: WorkerInfo, msg: dict[str, Any]) -> list[str]:
         worker_id = worker.id
         if worker_id not in self.workers:  # forgotten while silent: it is back
-            self.events.worker("joined", self.workers.connect(worker, self.clock()), self.workers)
+            info = self.workers.connect(worker, self.clock(), self.auth.is_active)
+            self.events.worker("joined", info, self.workers)
         leases = []
         for item in msg["leases"]:
             if not isinstance(item, list | tuple) or len(item) != 2 or not isinstance(item[0], str):
@@ -386,7 +413,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     async def list_tasks(
         self, msg: dict[str, Any], principal: Principal | None = None
     ) -> tuple[list[Task], str | None]:
-        limit = msg.get("limit", 100)
+        limit = msg.get("limit")
+        limit = 100 if limit is None else limit  # nil equals absent
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise InvalidRequest(f"list limit must be 1..{MAX_LIST}")
         fields = {}
@@ -396,7 +424,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 raise InvalidRequest(f"list filter {key!r} must be a string")
             fields[key] = value
         fields["queue"] = _visible_queue(fields["queue"], principal)
-        order = msg.get("order", "oldest")
+        order = msg.get("order")
+        order = "oldest" if order is None else order
         if order not in ("oldest", "newest"):
             raise InvalidRequest(f"list order must be 'oldest' or 'newest', not {order!r}")
         tasks = await self.store.list(
@@ -470,27 +499,33 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 del self._waiters[task_id]
 
     async def stats(self, principal: Principal | None = None) -> dict[str, Any]:
+        """Broker-wide figures; a queue-limited key gets those of its queues only (no
+        store file, no broker-wide counters)."""
         stats = await self._store_stats.get()  # one store read shared by concurrent callers
         now = self.clock()
         counts = stats.counts
-        if principal is not None and principal.queues is not None:
-            counts = {q: c for q, c in counts.items() if principal.may_use(q)}
+        may_use = visible_queues(principal)
+        store: dict[str, Any] | None = stats.brief()
+        counters = dict(self.counters)
+        if may_use is not None:
+            counts = {q: c for q, c in counts.items() if may_use(q)}
+            store, counters = None, queue_counters(self.activity, may_use)
         return {
             "broker": self.name,
             "version": __version__,
             "uptime": now - self.started_at,
             "queues": counts,
-            "store": stats.brief(),
-            "workers": len(self.workers),
-            "counters": dict(self.counters),
-            "last_minute": self.activity.last_minute(
-                now, None if principal is None else principal.may_use
-            ),
+            "store": store,
+            "workers": len(self.workers.visible(may_use)),
+            "counters": counters,
+            "last_minute": self.activity.last_minute(now, may_use),
         }
 
-    def list_workers(self) -> list[dict[str, Any]]:
+    def list_workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """Known workers; for a queue-limited key only those serving its queues."""
         now = self.clock()
-        return [w.to_dict(now) for w in self.workers.all()]
+        may_use = visible_queues(principal)
+        return [w.to_dict(now, may_use) for w in self.workers.visible(may_use)]
 
     def worker_disconnected(self, worker_id: str) -> None:
         """A worker's connection closed (it stays registered until it expires)."""

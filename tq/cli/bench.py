@@ -46,12 +46,21 @@ def bench(
     ] = "",
     scenarios: Annotated[
         str,
-        typer.Option("--scenarios", "-s", help="Comma-separated: submit, e2e, latency, backlog."),
-    ] = "submit,e2e,latency,backlog",
+        typer.Option(
+            "--scenarios", "-s", help="Comma-separated: submit, e2e, latency, backlog, single."
+        ),
+    ] = "submit,e2e,latency,backlog,single",
+    producers: Annotated[
+        int,
+        typer.Option(
+            "--producers", min=1, help="Concurrent one-at-a-time producers (scenario single)."
+        ),
+    ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary data dirs.")] = False,
 ) -> None:
-    """Benchmark a broker on loopback: submit rate, end-to-end rate, latency, backlog.
+    """Benchmark a broker on loopback: submit rate, end-to-end rate, latency, backlog,
+    and one call per task (single: round trips, one producer, many producers).
 
     Starts fresh brokers and worker processes with TLS and durability as
     shipped; progress goes to stderr, the figures to stdout.
@@ -95,6 +104,7 @@ def bench(
         store=store,
         scenarios=chosen,
         keep=keep,
+        producers=producers,
     )
     from tq.bench.runner import BenchError
 

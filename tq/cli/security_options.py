@@ -27,7 +27,7 @@ RequireCertOpt = Annotated[
     typer.Option(
         "--require-client-cert",
         help="Mutual TLS: refuse clients without a certificate from this broker's CA "
-        "(`tq ca issue NAME`) (env TQ_REQUIRE_CLIENT_CERT).",
+        "(`tq ca issue NAME`), on the wire and HTTPS ports alike (env TQ_REQUIRE_CLIENT_CERT).",
         show_default=False,
     ),
 ]
@@ -43,7 +43,10 @@ SubmitRateOpt = Annotated[
 MaxConnectionsOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-connections", help="Connections served at once (default 1024).", show_default=False
+        "--max-connections",
+        help="Connections served at once (default 1024); the open-file limit must exceed it "
+        "by 128 (the broker raises its soft limit, or warns).",
+        show_default=False,
     ),
 ]
 JoinOpt = Annotated[

@@ -86,7 +86,7 @@ ImportOpt = Annotated[
     typer.Option(
         "--import",
         "-i",
-        help="Python module whose @handler functions to load "
+        help="Python module whose @handler functions and @tq.task tasks to load "
         "(repeatable; needs tq installed in that Python).",
         show_default=False,
     ),
@@ -175,21 +175,6 @@ def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(runner)
-
-
-def settle_heap() -> None:
-    """Once a service has started: keep what start-up made away from the cyclic GC.
-
-    Modules, TLS contexts, settings and the like live until exit, yet every full
-    (generation 2) collection walks them all: in a loaded broker that measured
-    13-30 ms per collection, several a second, each one a stall of the event loop
-    and so a latency spike for every request in flight. ``gc.freeze()`` moves them
-    to the permanent generation; later garbage is collected as before.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
 
 
 def _announce(info: BrokerInfo, insecure: bool) -> None:
@@ -293,7 +278,6 @@ def broker(
                     )
                 )
                 _announce(info, conf.insecure)
-                settle_heap()
 
         run_service(main)
 
@@ -357,7 +341,6 @@ def worker(
         registry, execs_ = _registry(imports), _exec_handlers(execs)
 
         async def main(shutdown: trio.Event) -> None:
-            settle_heap()  # the handlers are imported: what start-up made is here
             await serve_worker(conf, registry, execs_, shutdown=shutdown)
 
         run_service(main)
@@ -419,7 +402,6 @@ def up(
                     file=sys.stderr,
                 )
                 print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
-                settle_heap()
                 await shutdown.wait()
                 worker_stop.set()
 

@@ -1,6 +1,8 @@
 """`tq tui`: the live operator console (tq/tui, docs/TUI.md).
 
-Textual is imported inside the command only, so no other command pays for it.
+Textual is imported inside the command only, so no other command pays for it;
+it is the ``console`` extra (``pip install 'tq[console]'``), and without it the
+command says so instead of failing with a traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ def tui(
     If the broker is down the console starts anyway and reconnects by itself.
     Keys: d dashboard, t tasks, s submit, ? help, ctrl+p command palette, q quit.
     """
+    try:
+        from tq.tui.app import ConsoleApp
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "textual":
+            raise
+        fail(
+            "the console needs Textual, an optional dependency of tq: "
+            "pip install 'tq[console]' (the one-file executable includes it)"
+        )
     from tq.client import BlockingClient
     from tq.core.errors import ConnectionFailed, TLSFailure
 
@@ -45,8 +56,4 @@ def tui(
             say(f"tq: {exc.message} (the console will keep trying)", err=True)
 
     run_guarded(check)
-    try:
-        from tq.tui.app import ConsoleApp
-    except ImportError as exc:  # pragma: no cover - textual is a dependency
-        fail(f"the console needs Textual ({exc}); pip install 'textual>=1.0'")
     ConsoleApp(connect, address=conf.broker, theme="textual-light" if light else None).run()

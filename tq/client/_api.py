@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from tq import PROTOCOL_VERSION, __version__
 from tq.core.errors import ConnectionFailed, InvalidRequest, Timeout, error_from_code
 from tq.core.task import Task
+from tq.tracing import current_carrier
 
 T = TypeVar("T")
 MAX_SERVER_WAIT = 60.0
@@ -64,6 +65,7 @@ def task_spec(
     idempotency_key: str | None = None,
     retry_base: float | None = None,
     retry_cap: float | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A submission map with only the fields given (the broker fills defaults)."""
     spec: dict[str, Any] = {"type": type, "payload": payload}
@@ -75,6 +77,7 @@ def task_spec(
         "idempotency_key": idempotency_key,
         "retry_base": retry_base,
         "retry_cap": retry_cap,
+        "trace": None if trace is None else dict(trace),
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
@@ -86,6 +89,10 @@ def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]
     if not specs:
         raise InvalidRequest("submit_many needs at least one task")
     tasks = [dict(s) for s in specs]
+    carrier = current_carrier()  # submitted inside an OpenTelemetry span: carry its context
+    if carrier is not None:
+        for task in tasks:
+            task.setdefault("trace", carrier)
 
     def parse(reply: dict[str, Any]) -> list[dict[str, Any]]:
         warned = {
@@ -151,7 +158,7 @@ def workers() -> Call[list[dict[str, Any]]]:
     return Call({"t": "query", "q": "workers"}, lambda r: list(r["workers"]))
 
 
-# -- operator surface (issue 5) ---------------------------------------------------
+# -- operator surface -------------------------------------------------------------
 
 
 def queue_depth() -> Call[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import itertools
+import select
 import socket
 import ssl
 import threading
@@ -82,6 +83,22 @@ class BlockingClient:
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # not SSLSocket's: see events
         with contextlib.suppress(OSError):
             self._sock.close()
+
+    def closed_by_broker(self) -> bool:
+        """True if this idle connection has something to read: the broker closed it
+        (its idle timeout, a restart) or sent a connection-level NACK. Reconnect then.
+        Never blocks; False while another thread is using the client."""
+        if self._subscription is not None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._sock.fileno() < 0:
+                return True
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> BlockingClient:
         return self

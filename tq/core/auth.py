@@ -2,7 +2,7 @@
 
 An API key is the string ``tq_<key id>_<secret>``. The key id is public
 (it names the key in lists, logs and the audit trail); the secret is shown
-once, when the key is created, and only a salted slow hash of it is kept
+once, when the key is created, and only a salted hash of it is kept
 (``ApiKey.salt``/``hash``, computed by ``tq.security.keys``). A key has one
 role (``ROLES``) and optionally a set of queues it is limited to.
 
@@ -52,7 +52,7 @@ class ApiKey:
     created_at: float
     expires_at: float | None
     revoked_at: float | None
-    kdf: str  # how ``hash`` was derived, e.g. "scrypt:n=16384,r=8,p=1"
+    kdf: str  # how ``hash`` was derived: "hmac-sha256" (older keys: "scrypt:n=16384,r=8,p=1")
     salt: bytes = field(repr=False)
     hash: bytes = field(repr=False)
 

@@ -4,6 +4,9 @@ delay(n) for the n-th failed attempt (n >= 1):
     ceiling = min(cap, base * 2 ** (n - 1))
     delay   = ceiling / 2 + uniform(0, ceiling / 2)
 so every delay lies in [ceiling / 2, ceiling]: jittered, never zero, never above cap.
+
+The one backoff formula of tq: a failed task's next run (the store), a worker's
+reconnects (tq.worker.runner) and the console's (tq.tui.link) all use it.
 """
 
 from __future__ import annotations

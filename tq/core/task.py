@@ -39,6 +39,7 @@ _SPEC_FIELDS = {
     "retry_base",
     "retry_cap",
     "idempotency_key",
+    "trace",
 }
 
 
@@ -89,6 +90,32 @@ def _plain_name(spec: dict[str, Any], key: str, default: str | None) -> str:
     return value
 
 
+MAX_TRACE_FIELDS = 4
+MAX_TRACE_VALUE = 1024  # characters; W3C traceparent is 55, tracestate at most 512
+
+
+def parse_trace(value: object) -> dict[str, str] | None:
+    """A task's ``trace``: nil, or a small map of strings (W3C trace context fields)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or len(value) > MAX_TRACE_FIELDS
+        or not all(
+            isinstance(k, str)
+            and isinstance(v, str)
+            and 0 < len(k) <= 64
+            and len(v) <= MAX_TRACE_VALUE
+            for k, v in value.items()
+        )
+    ):
+        raise InvalidRequest(
+            f"task trace must be a map of at most {MAX_TRACE_FIELDS} string fields "
+            f"(e.g. traceparent) with values of at most {MAX_TRACE_VALUE} characters"
+        )
+    return dict(value) or None
+
+
 def _number(spec: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
     value = spec.get(key)
     if value is None:
@@ -115,6 +142,7 @@ class TaskSpec:
     retry_base: float = DEFAULT_BASE
     retry_cap: float = DEFAULT_CAP
     idempotency_key: str | None = None
+    trace: dict[str, str] | None = None  # W3C trace context of the submitter (tq.tracing)
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
@@ -162,6 +190,7 @@ class TaskSpec:
             retry_base=_number(spec, "retry_base", DEFAULT_BASE, lo=0.0),
             retry_cap=_number(spec, "retry_cap", DEFAULT_CAP, lo=0.0),
             idempotency_key=key,
+            trace=parse_trace(spec.get("trace")),
         )
 
 
@@ -205,6 +234,7 @@ class Task:
     result: Any = None
     error: TaskError | None = None
     idempotency_key: str | None = None
+    trace: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the wire, JSON and YAML (state as its string).
@@ -235,6 +265,7 @@ class Task:
             if error is None
             else {"type": error.type, "message": error.message, "traceback": error.traceback},
             "idempotency_key": self.idempotency_key,
+            "trace": self.trace,
         }
 
     @classmethod
@@ -261,10 +292,11 @@ class Lease:
     timeout: float
     token: int
     expires_at: float
+    trace: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: asdict() deep-copies the payload, and this is on the claim hot path
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "type": self.type,
             "queue": self.queue,
@@ -276,6 +308,9 @@ class Lease:
             "token": self.token,
             "expires_at": self.expires_at,
         }
+        if self.trace is not None:  # only then: a worker older than the field may run it
+            out["trace"] = self.trace
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,15 @@ Authentication: ``Authorization: Bearer <API key>``, checked by
 ``authenticate`` through ``BrokerService.authorize`` against the same key
 table and role table (tq.security.roles) as the wire; each route names the
 wire action it amounts to, so a key may do over HTTP exactly what it may do
-over the wire. With ``--no-auth`` every request is allowed.
+over the wire. With ``--no-auth`` every request is allowed. Every 401 and
+403 is logged as the wire logs its refusals (``PEER: WHAT refused (CODE):
+MESSAGE``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tq.core.errors import InvalidRequest, PayloadTooLarge, TQError, Unauthorized
+from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
 from tq.core.states import State
 from tq.http import problems
 from tq.http.metrics import MetricsPage
@@ -42,6 +45,8 @@ from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
     from tq.security.roles import Principal
+
+log = logging.getLogger("tq.http")
 
 API = "/api/v1"
 MAX_BODY = 16 * 1024 * 1024  # bytes, like the wire's frame limit
@@ -212,8 +217,8 @@ async def stats(request: Request) -> Response:
 
 
 async def workers(request: Request) -> Response:
-    await authenticate(request, "query:workers")
-    return _json({"workers": _service(request).list_workers()})
+    principal = await authenticate(request, "query:workers")
+    return _json({"workers": _service(request).list_workers(principal)})
 
 
 async def queues(request: Request) -> Response:
@@ -246,6 +251,11 @@ def _bytes(value: Any) -> Any:
 
 async def _tq_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TQError)
+    if isinstance(exc, Unauthorized | Forbidden):  # logged like the wire's refusals
+        peer = "?" if request.client is None else f"{request.client.host}:{request.client.port}"
+        log.warning(
+            "%s: %s %s refused (%s): %s", peer, request.method, request.url.path, exc.code, exc
+        )
     return problems.from_error(exc, request)
 
 

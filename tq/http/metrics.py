@@ -79,6 +79,7 @@ class _Snapshot:
     wal: int = 0
     uptime: float = 0.0
     broker: str = ""
+    limited: bool = False  # a queue-limited key: no broker-wide families
 
 
 def _copy(hist: Histogram) -> Histogram:
@@ -100,7 +101,7 @@ def take_snapshot(
         queue = labels.queue(entry["queue"])
         for state, n in entry["states"].items():
             folded[queue, state] = folded.get((queue, state), 0) + n
-    known = service.workers.all()
+    known = service.workers.visible(visible)  # a limited key: workers of its queues only
     return _Snapshot(
         totals=[(q, t, dict(c)) for (q, t), c in activity.totals.items() if show(q)],
         run_time=[(q, t, _copy(h)) for (q, t), h in activity.run_time.items() if show(q)],
@@ -114,6 +115,7 @@ def take_snapshot(
         wal=gauges["store"]["wal"],
         uptime=service.clock() - service.started_at,
         broker=service.name,
+        limited=visible is not None,
     )
 
 
@@ -149,6 +151,9 @@ class _TQCollector(Collector):
             "Workers the broker knows (connected or not).",
             value=snap.workers_known,
         )
+        if snap.limited:  # what follows is broker-wide: not for a queue-limited key
+            yield from self._common(snap)
+            return
         yield CounterMetricFamily(
             "tq_lease_expiries",
             "Leases that expired, or were released because their worker went silent.",
@@ -178,6 +183,10 @@ class _TQCollector(Collector):
         yield GaugeMetricFamily(
             "tq_store_wal_bytes", "Size of the task database's write-ahead log.", value=snap.wal
         )
+        yield from self._common(snap)
+
+    @staticmethod
+    def _common(snap: _Snapshot) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "tq_broker_uptime_seconds", "Seconds since the broker started.", value=snap.uptime
         )

@@ -15,8 +15,24 @@ from typing import Any
 
 from tq import __version__
 from tq.core.states import State
-from tq.core.task import MAX_NUMBER, MAX_RETRIES, MAX_SUBMIT, MAX_WARNINGS, Task
+from tq.core.task import (
+    MAX_NUMBER,
+    MAX_RETRIES,
+    MAX_SUBMIT,
+    MAX_TRACE_FIELDS,
+    MAX_TRACE_VALUE,
+    MAX_WARNINGS,
+    Task,
+)
 
+_TRACE = {
+    "type": ["object", "null"],
+    "description": "W3C trace context of the submitter (traceparent, tracestate); "
+    "clients attach it when they submit inside an OpenTelemetry span",
+    "maxProperties": MAX_TRACE_FIELDS,
+    "propertyNames": {"minLength": 1, "maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": MAX_TRACE_VALUE},
+}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,]+$"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
@@ -90,6 +106,7 @@ SCHEMAS: dict[str, Any] = {
             "retry_base": {**_SECONDS, "default": 1.0},
             "retry_cap": {**_SECONDS, "default": 300.0},
             "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
+            "trace": _TRACE,
         },
     },
     "SubmitResult": {
@@ -140,6 +157,7 @@ SCHEMAS: dict[str, Any] = {
             "result": {},
             "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
             "idempotency_key": {"type": ["string", "null"]},
+            "trace": _TRACE,
         },
     },
     "TaskPage": {
@@ -181,9 +199,21 @@ SCHEMAS: dict[str, Any] = {
                     "additionalProperties": {"type": "integer", "minimum": 0},
                 },
             },
-            "store": {"type": "object"},
-            "workers": {"type": "integer", "minimum": 0},
-            "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "store": {
+                "type": ["object", "null"],
+                "description": "the store's file; null for a key limited to some queues",
+            },
+            "workers": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "known workers (for a queue-limited key: serving its queues)",
+            },
+            "counters": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "since start; a queue-limited key gets submitted, succeeded, "
+                "failed and dead of its queues only",
+            },
             "last_minute": {
                 "type": "object",
                 "required": ["window", "total", "queues", "throughput", "failure_rate"],

@@ -2,16 +2,19 @@
 
     http_url = await nursery.start(serve_http, service, settings, cert, key, shutdown)
 
-Follows the service shape of CONVENTIONS.md (6): ``task_status.started``
-reports the bound URL (``https://127.0.0.1:7471``). Hypercorn stops
-accepting when ``shutdown`` is set and gives in-flight requests
-``GRACEFUL_SECONDS`` (see NOTES.md: always pass ``shutdown_trigger``).
+``task_status.started`` reports the bound URL (``https://127.0.0.1:7471``).
+Hypercorn stops accepting when ``shutdown`` is set and gives in-flight
+requests ``GRACEFUL_SECONDS`` (always pass ``shutdown_trigger``). A broker
+started with ``--require-client-cert`` passes its CA as ``client_ca``: the
+HTTPS port then refuses clients without a certificate from that CA, exactly
+like the wire port.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +33,18 @@ DEFAULT_HTTP_PORT = 7471
 GRACEFUL_SECONDS = 3.0
 
 
-def hypercorn_config(address: str, cert: Path | None, key: Path | None) -> Config:
+def hypercorn_config(
+    address: str, cert: Path | None, key: Path | None, client_ca: Path | None = None
+) -> Config:
+    """Hypercorn's settings; ``client_ca`` given: TLS demands a client certificate it signed."""
     host, port = parse_address(address, DEFAULT_HTTP_PORT)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if cert is not None and key is not None:
         config.certfile, config.keyfile = str(cert), str(key)
+        if client_ca is not None:  # mutual TLS: whatever the wire port requires, REST requires
+            config.ca_certs = str(client_ca)
+            config.verify_mode = ssl.CERT_REQUIRED
     config.errorlog = logging.getLogger("tq.http")  # through the broker's own logging
     config.accesslog = None
     config.graceful_timeout = GRACEFUL_SECONDS
@@ -70,10 +79,12 @@ async def serve_http(
     key: Path | None,
     shutdown: trio.Event,
     *,
+    client_ca: Path | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the REST API on ``address`` (TLS when ``cert``/``key`` are given) until shutdown."""
-    config = hypercorn_config(address, cert, key)
+    """Serve the REST API on ``address`` until shutdown: TLS when ``cert``/``key`` are
+    given, and mutual TLS (a client certificate signed by ``client_ca``) when that is."""
+    config = hypercorn_config(address, cert, key, client_ca)
     _check_bind(address)
     app = build_app(service)
 

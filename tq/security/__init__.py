@@ -6,7 +6,7 @@ Contract: pure pieces the broker, clients and CLI assemble (docs/SECURITY.md).
   objects and operator-readable messages. It creates the CA and the broker's
   server certificate on first start, issues client certificates for mutual
   TLS, computes fingerprints and explains handshake failures in one line.
-* ``keys``: the ``tq_<id>_<secret>`` key format; salted scrypt hashes.
+* ``keys``: the ``tq_<id>_<secret>`` key format; salted HMAC-SHA256 hashes.
 * ``roles``: the one table of which role may make which request; ``Principal``.
 * ``limits``: token buckets (time is an argument).
 * ``tokens``: join tokens (addresses + CA certificate + key in one string).

@@ -1,22 +1,28 @@
 """API key strings: make them, parse them, hash and verify their secrets.
 
     text, record = new_key("ci", "producer", queues=("emails",), now=time.time())
-    # show ``text`` once; store ``record`` (it holds only a salted scrypt hash)
+    # show ``text`` once; store ``record`` (it holds only a hash of the secret)
     key_id, secret = parse_key(text)
-    verify_secret(secret, record)   # True / False, ~60 ms of scrypt
+    verify_secret(secret, record)   # True / False, a microsecond, constant-time
+    verify_dummy(secret)            # the same work for a key id nobody knows
 
 Format: ``tq_<key id>_<secret>``: the key id is 12 lowercase hex digits
 (public: it names the key everywhere), the secret 32 random bytes in
-unpadded base64url (43 characters). Only ``scrypt(secret, salt)`` is kept,
-so the stored table cannot be used to log in. The secret already carries
-256 bits of entropy; the slow hash is defence in depth for a stolen
-database. Verification is deliberately expensive, so the broker caches
-successful verifications (``tq.broker.auth``) and runs scrypt in a thread.
+unpadded base64url (43 characters). Only ``HMAC-SHA256(salt, secret)`` is
+kept (``KDF`` "hmac-sha256"), so the stored table cannot be used to log in:
+finding a secret that matches a stored hash means searching 2^256
+possibilities, which no slow hash would make harder. A slow password hash
+would only make every login expensive, and let wrong secrets queue in front
+of right ones. Keys made by older brokers carry a salted scrypt hash
+(``LEGACY_KDF``); ``is_legacy`` says so, ``verify_secret`` still checks
+them (~60 ms: callers run it in a thread) and ``rehash`` gives the new-style
+record to store once such a key has been verified.
 Pure: no I/O beyond ``secrets``; time is an argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -29,10 +35,14 @@ PREFIX = "tq"
 KEY_ID_BYTES = 6
 SECRET_BYTES = 32
 SALT_BYTES = 16
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # ~16 MiB, ~60 ms on a small VM
+MAX_SECRET = 128  # characters; tq's own secrets have 43
+KDF = "hmac-sha256"  # HMAC-SHA256 keyed with the salt, of the secret
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # keys made by older brokers: ~60 ms each
 SCRYPT_LEN = 32
-KDF = f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
+LEGACY_KDF = f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
 _MAXMEM = 64 * 1024 * 1024
+_DUMMY_SALT = secrets.token_bytes(SALT_BYTES)  # verify_dummy: same work, never a match
+_DUMMY_HASH = secrets.token_bytes(32)
 
 
 def new_key(
@@ -82,6 +92,7 @@ def parse_key(text: object) -> tuple[str, str]:
         or len(parts[1]) != 2 * KEY_ID_BYTES
         or not all(c in "0123456789abcdef" for c in parts[1])
         or not parts[2]
+        or len(parts[2]) > MAX_SECRET
     ):
         raise Unauthorized("that is not a tq API key (expected tq_<key id>_<secret>)")
     return parts[1], parts[2]
@@ -93,17 +104,24 @@ def key_id_of(text: str) -> str:
 
 
 def hash_secret(secret: str, salt: bytes, kdf: str = KDF) -> bytes:
-    if kdf != KDF:
-        raise Unauthorized(f"key hashed with an unknown method {kdf!r}; create a new key")
-    return hashlib.scrypt(
-        secret.encode(),
-        salt=salt,
-        n=SCRYPT_N,
-        r=SCRYPT_R,
-        p=SCRYPT_P,
-        maxmem=_MAXMEM,
-        dklen=SCRYPT_LEN,
-    )
+    if kdf == KDF:
+        return hmac.new(salt, secret.encode(), hashlib.sha256).digest()
+    if kdf == LEGACY_KDF:
+        return hashlib.scrypt(
+            secret.encode(),
+            salt=salt,
+            n=SCRYPT_N,
+            r=SCRYPT_R,
+            p=SCRYPT_P,
+            maxmem=_MAXMEM,
+            dklen=SCRYPT_LEN,
+        )
+    raise Unauthorized(f"key hashed with an unknown method {kdf!r}; create a new key")
+
+
+def is_legacy(record: ApiKey) -> bool:
+    """True for a key hashed with scrypt by an older broker (slow to verify)."""
+    return record.kdf == LEGACY_KDF
 
 
 def verify_secret(secret: str, record: ApiKey) -> bool:
@@ -111,13 +129,16 @@ def verify_secret(secret: str, record: ApiKey) -> bool:
     return hmac.compare_digest(hash_secret(secret, record.salt, record.kdf), record.hash)
 
 
-def fast_digest(secret: str, record: ApiKey) -> bytes:
-    """A cheap keyed digest for caching a successful verification in memory.
+def verify_dummy(secret: str) -> bool:
+    """The work of ``verify_secret`` for a key id that matches no key: always False."""
+    hmac.compare_digest(hash_secret(secret, _DUMMY_SALT), _DUMMY_HASH)
+    return False
 
-    Keyed with the stored hash, so a cache entry is useless if the key is
-    re-created, and never equal to anything stored.
-    """
-    return hmac.new(record.hash, secret.encode(), hashlib.sha256).digest()
+
+def rehash(secret: str, record: ApiKey) -> ApiKey:
+    """``record`` with a fresh salt and the current hash of ``secret`` (already verified)."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    return dataclasses.replace(record, kdf=KDF, salt=salt, hash=hash_secret(secret, salt))
 
 
 def read_key_file(path: Path) -> str | None:

@@ -37,7 +37,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "query:list": _READ,
     "query:stats": _READ,
     "query:workers": _READ,
-    "query:depth": _READ,  # operator surface (issue 5)
+    "query:depth": _READ,  # operator surface
     "query:health": _READ,
     "wait": _READ,
     "subscribe": _READ,  # live events (tq/broker/events.py)

@@ -8,34 +8,41 @@ The TLS directory (created 0700 on the broker's first start) holds::
 Keys are written 0600 and certificates 0644, each through a temporary file
 created with its final mode and renamed into place, so a key is never
 world-readable and a crash never leaves half a file.
+
+Clients use only the standard library's ssl here (contexts, PEM blocks, error
+messages): cryptography (~50 ms to import) is imported inside the functions
+that make or read certificates, which only the broker and admin commands call.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import os
+import re
 import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from tq.core.errors import ConfigError, TLSFailure
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    _IssuerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
 RENEW_BEFORE = timedelta(days=30)  # re-issue the server certificate this long before it expires
 _SKEW = timedelta(minutes=5)  # backdate notBefore for peers whose clocks run a little slow
-_PEM = serialization.Encoding.PEM
-_IssuerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ def fingerprint(cert_path_or_pem: Path | str | bytes) -> str:
     data = cert_path_or_pem
     if isinstance(data, str) and "-----BEGIN" in data:
         data = data.encode()
+    from cryptography.hazmat.primitives import serialization
+
     cert = _parse_cert(data, "PEM text") if isinstance(data, bytes) else _load_cert(Path(data))
     return fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
 
@@ -154,9 +163,9 @@ def client_ssl_context(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.pin = _normalize_pin(pin_fingerprint) if pin_fingerprint else ""
     if ca_data is not None:
-        ctx.load_verify_locations(cadata=ca_data)
+        _trust(ctx, ca_data, "the CA certificate given")
     elif ca_file is not None:
-        ctx.load_verify_locations(cadata=_read_ca(Path(ca_file)))
+        _trust(ctx, _read_ca(Path(ca_file)), f"CA certificate {ca_file}")
     elif ctx.pin:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -184,6 +193,8 @@ def issue_client_cert(
     """
     if not name or name.startswith(".") or not all(c.isalnum() or c in "._-@" for c in name):
         raise ConfigError(f"client name {name!r}: use letters, digits, '.', '_', '-' or '@'")
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     ca_cert, ca_key = _load_cert(files.ca_cert), _load_key(files.ca_key)
     key, cert = _make_cert(name, _utc(now), (ca_key, ca_cert), ExtendedKeyUsageOID.CLIENT_AUTH)
     cert_path, key_path = Path(out_dir) / f"{name}.pem", Path(out_dir) / f"{name}.key"
@@ -312,19 +323,35 @@ def _utc(now: datetime | None) -> datetime:
     return now if now.tzinfo else now.replace(tzinfo=UTC)
 
 
+_CA_HINT = "pass --ca with the broker's ca.pem (the broker prints its path at start)"
+
+
 def _read_ca(path: Path) -> str:
-    hint = "pass --ca with the broker's ca.pem (the broker prints its path at start)"
+    """The certificates of a PEM file, re-encoded (text around them dropped)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise TLSFailure(f"CA certificate {path} not found: {hint}") from None
+        raise TLSFailure(f"CA certificate {path} not found: {_CA_HINT}") from None
     except OSError as exc:
-        raise TLSFailure(f"CA certificate {path} cannot be read ({exc.strerror}): {hint}") from exc
+        raise TLSFailure(
+            f"CA certificate {path} cannot be read ({exc.strerror}): {_CA_HINT}"
+        ) from exc
+    blocks = _PEM_BLOCK.findall(data)
     try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise TLSFailure(f"CA certificate {path} is not a PEM certificate: {hint}") from None
-    return "".join(c.public_bytes(_PEM).decode() for c in certs)
+        ders = [base64.b64decode(b"".join(block.split()), validate=True) for block in blocks]
+    except (binascii.Error, ValueError):
+        ders = []
+    if not ders or not all(ders):
+        raise TLSFailure(f"CA certificate {path} is not a PEM certificate: {_CA_HINT}")
+    return "".join(ssl.DER_cert_to_PEM_cert(der) for der in ders)
+
+
+def _trust(ctx: ssl.SSLContext, pem: str, what: str) -> None:
+    """Trust the certificates in ``pem``; OpenSSL parses them (a damaged one fails here)."""
+    try:
+        ctx.load_verify_locations(cadata=pem)
+    except ssl.SSLError as exc:
+        raise TLSFailure(f"{what} is not a PEM certificate ({exc.reason}): {_CA_HINT}") from None
 
 
 def _read(path: Path) -> bytes:
@@ -339,6 +366,8 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _parse_cert(data: bytes, where: str) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
@@ -348,6 +377,9 @@ def _parse_cert(data: bytes, where: str) -> x509.Certificate:
 
 
 def _load_key(path: Path) -> _IssuerKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     try:
         key = serialization.load_pem_private_key(_read(path), password=None)
     except (ValueError, TypeError) as exc:
@@ -372,6 +404,9 @@ def _server_needs(
     files: TLSFiles, ca_cert: x509.Certificate, wanted: list[x509.GeneralName], now: datetime
 ) -> list[x509.GeneralName] | None:
     """The SANs for a re-issued server certificate, or None if the current one is fine."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
     if not (files.server_cert.exists() and files.server_key.exists()):
         return wanted
     cert = _load_cert(files.server_cert)
@@ -386,6 +421,8 @@ def _server_needs(
 
 
 def _sans(entries: Sequence[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     out: list[x509.GeneralName] = []
     for entry in (e.strip() for e in entries):
         if not entry:
@@ -403,10 +440,16 @@ def _make_cert(
     cn: str,
     now: datetime,
     issuer: tuple[_IssuerKey, x509.Certificate] | None = None,
-    eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH,
+    eku: x509.ObjectIdentifier | None = None,  # None: serverAuth
     sans: Sequence[x509.GeneralName] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new P-256 key and its certificate: a self-signed CA if ``issuer`` is None, else a leaf."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    eku = eku or ExtendedKeyUsageOID.SERVER_AUTH
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     ca = issuer is None
@@ -441,9 +484,11 @@ def _write_pair(
     cert: x509.Certificate,
     cert_mode: int = 0o644,
 ) -> None:
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    _write(key_path, key.private_bytes(_PEM, pkcs8, serialization.NoEncryption()), 0o600)
-    _write(cert_path, cert.public_bytes(_PEM), cert_mode)
+    from cryptography.hazmat.primitives import serialization
+
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    _write(key_path, key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600)
+    _write(cert_path, cert.public_bytes(pem), cert_mode)
 
 
 def write_private(path: Path, data: bytes) -> None:

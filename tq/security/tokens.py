@@ -23,12 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tq.core.errors import ConfigError, TQError
 from tq.security.keys import key_id_of, parse_key
@@ -46,8 +45,7 @@ class JoinToken:
 
     @property
     def ca_pem(self) -> str:
-        cert = x509.load_der_x509_certificate(self.ca_der)
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
+        return ssl.DER_cert_to_PEM_cert(self.ca_der)
 
     @property
     def ca_fingerprint(self) -> str:
@@ -67,6 +65,9 @@ def encode_join_token(addresses: Sequence[str], ca_pem: str | bytes, key: str) -
     if not addresses:
         raise ConfigError("a join token needs at least one broker address")
     parse_key(key)
+    from cryptography import x509  # the broker and admin commands only: ~50 ms to import
+    from cryptography.hazmat.primitives import serialization
+
     data = ca_pem.encode() if isinstance(ca_pem, str) else ca_pem
     try:
         der = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
@@ -101,8 +102,11 @@ def decode_join_token(text: str) -> JoinToken:
     ):
         raise ConfigError(f"the join token lacks its addresses, CA or key; {_HINT}")
     try:
-        x509.load_der_x509_certificate(der)
+        # OpenSSL parses the CA (the standard library's ssl: no cryptography on the client path)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
         parse_key(key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"the join token's CA is damaged ({exc.reason}); {_HINT}") from None
     except (ValueError, TQError) as exc:
         raise ConfigError(f"the join token's CA or key is damaged ({exc}); {_HINT}") from None
     return JoinToken(tuple(addresses), der, key)

@@ -195,6 +195,11 @@ class Store(Protocol):
         """Mark the key revoked at ``now`` (a second revocation keeps the first time)."""
         ...
 
+    async def rehash_key(self, key: ApiKey, old_kdf: str) -> bool:
+        """Replace the stored hash of ``key.id`` by ``key``'s (kdf, salt, hash) if it is
+        still hashed with ``old_kdf``; whether it was."""
+        ...
+
     async def record_audit(self, entry: AuditEntry) -> int:
         """Append an audit entry; durable when it returns; its ``seq``."""
         ...

@@ -166,6 +166,7 @@ REVOKE_KEY = (
     "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s "
     f"RETURNING {KEY_COLUMNS}"
 )
+REHASH_KEY = "UPDATE api_keys SET kdf = %s, salt = %s, hash = %s WHERE id = %s AND kdf = %s"
 INSERT_AUDIT = (
     "INSERT INTO audit (at, actor, action, target, detail) VALUES (%s, %s, %s, %s, %s) "
     "RETURNING seq"
@@ -199,6 +200,12 @@ def revoke_key(conn: psycopg.Connection[Any], key_id: str, now: float) -> ApiKey
     if not found:
         raise NotFound(f"no API key with id {key_id}")
     return _row_to_key(found[0])
+
+
+def rehash_key(conn: psycopg.Connection[Any], key: ApiKey, old_kdf: str) -> bool:
+    """Store ``key``'s new hash if the row still has one made with ``old_kdf``."""
+    params = (key.kdf, key.salt, key.hash, key.id, old_kdf)
+    return conn.execute(REHASH_KEY, params).rowcount > 0
 
 
 def record_audit(conn: psycopg.Connection[Any], entry: AuditEntry) -> int:

@@ -58,9 +58,11 @@ from tq.store.schema import (
     TASK_COLUMNS,
     WAITING,
     _fence,
+    _json,
     _judge,
     _lease_tokens,
     _next_value,
+    _trace,
     pack,
     pack_error,
     row_to_task,
@@ -99,7 +101,8 @@ MIGRATIONS: tuple[str, ...] = (
         lease_expires_at double precision,
         result           bytea,
         error            bytea,
-        idempotency_key  text
+        idempotency_key  text,
+        trace            text
     );
     CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
         WHERE idempotency_key IS NOT NULL;
@@ -231,18 +234,20 @@ def rows(conn: psycopg.Connection[Any], statement: str, params: Sequence[Any] = 
 
 _NEW_COLUMNS = (
     "id, type, queue, payload, priority, state, max_retries, timeout, retry_base, retry_cap, "
-    "created_at, idempotency_key"
+    "created_at, idempotency_key, trace"
 )
 INSERT_MANY = (  # one statement for rows without idempotency keys, in order
     f"INSERT INTO tasks ({_NEW_COLUMNS}) "
     "SELECT r.id, r.type, r.queue, r.payload, r.priority, %s, r.max_retries, r.timeout, "
-    "r.retry_base, r.retry_cap, r.created_at, NULL FROM unnest(%s::text[], %s::text[], "
-    "%s::text[], %s::bytea[], %s::integer[], %s::bigint[], %s::float8[], %s::float8[], "
-    "%s::float8[], %s::float8[]) WITH ORDINALITY AS r(id, type, queue, payload, priority, "
-    "max_retries, timeout, retry_base, retry_cap, created_at, n) ORDER BY r.n"
+    "r.retry_base, r.retry_cap, r.created_at, NULL, r.trace FROM unnest(%s::text[], "
+    "%s::text[], %s::text[], %s::bytea[], %s::integer[], %s::bigint[], %s::float8[], "
+    "%s::float8[], %s::float8[], %s::text[], %s::float8[]) WITH ORDINALITY AS r(id, type, "
+    "queue, payload, priority, max_retries, timeout, retry_base, retry_cap, trace, "
+    "created_at, n) ORDER BY r.n"
 )
 INSERT_KEYED = (  # one row; an idempotency key already taken inserts nothing
-    f"INSERT INTO tasks ({_NEW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    f"INSERT INTO tasks ({_NEW_COLUMNS}) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
 )
 FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = %s"
@@ -268,7 +273,7 @@ _CLAIM_TAKE = (
     "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s FROM chosen "
     "WHERE tasks.seq = chosen.seq RETURNING chosen.k, tasks.id, tasks.type, tasks.queue, "
     "tasks.payload, tasks.priority, tasks.attempts, tasks.max_retries, tasks.timeout, "
-    "tasks.lease_token"
+    "tasks.lease_token, tasks.trace"
 )
 CLAIM = f"WITH heads AS ({_CLAIM_HEADS}), {_CLAIM_TAKE}"
 CLAIM_TYPE = f"WITH heads AS ({_CLAIM_HEADS_TYPE}), {_CLAIM_TAKE}"
@@ -349,7 +354,8 @@ def check_text(value: str | None, what: str) -> None:
 def prepare_rows(specs: Sequence[TaskSpec], now: float) -> list[list[Any]]:
     """The new rows for ``specs``, built before the write transaction: ids made,
     payloads encoded, every limit checked. Row layout: id, type, queue, payload,
-    priority, max_retries, timeout, retry_base, retry_cap, idempotency_key."""
+    priority, max_retries, timeout, retry_base, retry_cap, idempotency_key, trace
+    (as JSON text)."""
     out: list[list[Any]] = []
     for spec in specs:
         check_text(spec.type, "task type")
@@ -367,6 +373,7 @@ def prepare_rows(specs: Sequence[TaskSpec], now: float) -> list[list[Any]]:
                 spec.retry_base,
                 spec.retry_cap,
                 spec.idempotency_key,
+                None if spec.trace is None else _json(spec.trace),
             ]
         )
     return out
@@ -382,10 +389,10 @@ def insert_rows(conn: psycopg.Connection[Any], now: float, new: list[list[Any]])
         return insert_unkeyed(conn, [(now, new)])[0]
     results: list[SubmitResult] = []
     for row in new:
-        task_id, type_, queue, payload, priority, retries, timeout, base, cap, key = row
+        task_id, type_, queue, payload, priority, retries, timeout, base, cap, key, trace = row
         state = _PENDING.value
         params: tuple[Any, ...] = (task_id, type_, queue, payload, priority, state, retries)
-        params += (timeout, base, cap, now, key)
+        params += (timeout, base, cap, now, key, trace)
         if conn.execute(INSERT_KEYED, params).fetchone() is not None:
             results.append(SubmitResult(task_id, created=True))
         else:
@@ -402,7 +409,7 @@ def insert_unkeyed(
 ) -> list[list[SubmitResult]]:
     """Several submits' rows (none with an idempotency key) in one statement, in
     order; each request's results. The writer merges concurrent submits this way."""
-    rows = [[*row[:9], now] for now, new in requests for row in new]
+    rows = [[*row[:9], row[10], now] for now, new in requests for row in new]
     columns = list(zip(*rows, strict=True))
     conn.execute(INSERT_MANY, (_PENDING.value, *map(list, columns)))
     return [[SubmitResult(row[0], created=True) for row in new] for _, new in requests]
@@ -436,6 +443,7 @@ def claim(
             timeout=row[8],
             token=row[9],
             expires_at=expires,
+            trace=_trace(row[10]),
         )
         for row in found
     ]

@@ -364,6 +364,9 @@ class PostgresStore:
     async def revoke_key(self, key_id: str, now: float) -> ApiKey:
         return await self._write(pg_ops.revoke_key, key_id, now)
 
+    async def rehash_key(self, key: ApiKey, old_kdf: str) -> bool:
+        return await self._write(pg_ops.rehash_key, key, old_kdf)
+
     async def record_audit(self, entry: AuditEntry) -> int:
         return await self._write(pg_ops.record_audit, entry)
 

@@ -147,6 +147,10 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE finished_counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
     END;
     """,
+    # 4: the submitter's trace context (W3C traceparent/tracestate as a JSON map).
+    """
+    ALTER TABLE tasks ADD COLUMN trace TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -217,22 +221,22 @@ DUE = state_is(sources(Event.DUE))
 TASK_COLUMNS = (
     "id, type, queue, payload, priority, state, attempts, max_retries, timeout, retry_base, "
     "retry_cap, created_at, started_at, finished_at, run_at, worker, result, error, "
-    "idempotency_key"
+    "idempotency_key, trace"
 )
 # New tasks arrive as one JSON array of rows (see prepare_submit), in order:
 # [id, type, queue, payload as hex, priority, max_retries, timeout, retry_base,
-#  retry_cap, idempotency_key].
+#  retry_cap, idempotency_key, trace as JSON text].
 INSERT_TASKS = (
     "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
-    "timeout, retry_base, retry_cap, created_at, idempotency_key) "
+    "timeout, retry_base, retry_cap, created_at, idempotency_key, trace) "
     "SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, unhex(r.value ->> 3), r.value ->> 4, "
-    "?, 0, r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, ?, r.value ->> 9 "
-    "FROM json_each(?) AS r ORDER BY r.key"
+    "?, 0, r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, ?, r.value ->> 9, "
+    "r.value ->> 10 FROM json_each(?) AS r ORDER BY r.key"
 )
 INSERT_TASK = (  # one row: idempotency keys, large payloads (see prepare_submit)
     "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
-    "timeout, retry_base, retry_cap, created_at, idempotency_key) "
-    "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)"
+    "timeout, retry_base, retry_cap, created_at, idempotency_key, trace) "
+    "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"
 )
 FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = ?"
 CLAIM_PICK = (
@@ -252,7 +256,7 @@ CLAIM_TAKE = (
     "worker = ?, lease_token = pick.value ->> 1, lease_expires_at = ? "
     f"FROM json_each(?) AS pick WHERE tasks.seq = pick.value ->> 0 AND {CLAIMABLE} "
     "RETURNING seq, id, type, queue, payload, priority, attempts, max_retries, timeout, "
-    "lease_token"
+    "lease_token, trace"
 )
 REPORT_LOOKUP_MANY = (  # the ids arrive as a JSON array: one statement for a batch
     "SELECT id, seq, state, lease_token, lease_expires_at, attempts, max_retries, retry_base, "
@@ -385,6 +389,19 @@ def unpack_error(data: bytes | None) -> TaskError | None:
     return None if data is None else TaskError.from_mapping(unpack(data))
 
 
+def _trace(text: str | None) -> dict[str, str] | None:
+    """A stored trace context (JSON text); None when absent or not a map of strings."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return value
+    return None
+
+
 def row_to_task(row: tuple[Any, ...]) -> Task:
     """A row of TASK_COLUMNS as a Task."""
     return Task(
@@ -407,6 +424,7 @@ def row_to_task(row: tuple[Any, ...]) -> Task:
         result=unpack_readable(row[16], "result"),
         error=unpack_error(row[17]),
         idempotency_key=row[18],
+        trace=_trace(row[19]),
     )
 
 
@@ -492,6 +510,7 @@ def prepare_rows(specs: Sequence[TaskSpec], now: float) -> list[list[Any]]:
             spec.retry_base,
             spec.retry_cap,
             spec.idempotency_key,
+            None if spec.trace is None else _json(spec.trace),
         ]
         for spec in specs
     ]
@@ -512,7 +531,7 @@ def prepared(now: float, rows: list[list[Any]]) -> PreparedSubmit:
     return PreparedSubmit(now, rows, _json(rows) if size <= DOCUMENT_PAYLOAD_MAX else None)
 
 
-def _json(rows: list[Any]) -> str:
+def _json(rows: list[Any] | dict[str, Any]) -> str:
     return json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
@@ -534,13 +553,12 @@ def insert_prepared(conn: apsw.Connection, prepared: PreparedSubmit) -> list[Sub
                 results.append(SubmitResult(existing, created=False))
                 continue
             new_keys[key] = row[0]
-        task_id, type_, queue, payload, priority, retries, timeout, base, cap, _ = row
+        task_id, type_, queue, payload, priority, retries, timeout, base, cap, _, trace = row
         if isinstance(payload, str):
             payload = bytes.fromhex(payload)
         state = _PENDING.value
-        fresh.append(
-            (task_id, type_, queue, payload, priority, state, retries, timeout, base, cap, now, key)
-        )
+        values = (task_id, type_, queue, payload, priority, state, retries, timeout, base, cap)
+        fresh.append((*values, now, key, trace))
         results.append(SubmitResult(task_id, created=True))
     _rows_many(conn, INSERT_TASK, fresh)
     return results
@@ -591,6 +609,7 @@ def claim(
             timeout=row[8],
             token=row[9],
             expires_at=expires,
+            trace=_trace(row[10]),
         )
         for row in rows
     ]

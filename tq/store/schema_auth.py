@@ -4,7 +4,10 @@ Same rules as ``tq.store.schema`` (whose migrations create these tables):
 constant statement texts, plain synchronous operations of one APSW
 connection (writes inside the writer's transaction, reads on the reader),
 cursors always exhausted. A key row never holds a usable secret: only the
-salt and the scrypt hash computed by ``tq.security.keys``.
+salt and the hash computed by ``tq.security.keys`` (``kdf`` names the
+method). Rows of keys made by older brokers hold a scrypt hash; the broker
+replaces it (``rehash_key``) the first time such a key logs in, so no
+migration can or needs to touch the hashes: only the secret's holder can.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"
 REVOKE_KEY = (
     f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
 )
+REHASH_KEY = "UPDATE api_keys SET kdf = ?, salt = ?, hash = ? WHERE id = ? AND kdf = ?"
 INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"
 LIST_AUDIT = f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT ?"
@@ -92,6 +96,12 @@ def revoke_key(conn: apsw.Connection, key_id: str, now: float) -> ApiKey:
     if not rows:
         raise NotFound(f"no API key with id {key_id}")
     return _row_to_key(rows[0])
+
+
+def rehash_key(conn: apsw.Connection, key: ApiKey, old_kdf: str) -> bool:
+    """Store ``key``'s new hash if the row still has one made with ``old_kdf``."""
+    conn.execute(REHASH_KEY, (key.kdf, key.salt, key.hash, key.id, old_kdf)).fetchall()
+    return conn.changes() > 0
 
 
 def record_audit(conn: apsw.Connection, entry: AuditEntry) -> int:

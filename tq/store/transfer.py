@@ -37,7 +37,7 @@ CHUNK = 2000  # rows read and written at a time
 TASK_COLUMNS = (
     "seq, id, type, queue, payload, priority, state, attempts, max_retries, timeout, "
     "retry_base, retry_cap, created_at, started_at, finished_at, run_at, worker, lease_token, "
-    "lease_expires_at, result, error, idempotency_key"
+    "lease_expires_at, result, error, idempotency_key, trace"
 )
 KEY_COLUMNS = "id, name, role, queues, created_at, expires_at, revoked_at, kdf, salt, hash"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"

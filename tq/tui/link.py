@@ -10,8 +10,9 @@ console talks through ``BlockingClient``s from Textual thread workers:
 
 ``run`` connects both, takes a snapshot (hello ACK, stats, workers), reports
 ``on_up``, forwards events until the connection fails, reports ``on_down``
-with the delay before the next attempt (exponential backoff from
-``backoff_min`` to ``backoff_max``) and tries again, until ``stop()``.
+with the delay before the next attempt (``tq.core.retry``'s exponential
+backoff with jitter from ``backoff_min``, never above ``backoff_max``; the
+formula tasks and workers use too) and tries again, until ``stop()``.
 ``stop()`` and ``reconnect()`` close the clients from the UI thread, which
 wakes the blocked reader at once.
 
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 
 from tq.client import BlockingClient, Event
 from tq.core.errors import ConnectionFailed, TQError
+from tq.core.retry import RetryPolicy
 from tq.core.task import Task
 
 T = TypeVar("T")
@@ -55,8 +57,7 @@ class BrokerLink:
         self, connect: Connect, *, backoff_min: float = 0.25, backoff_max: float = 5.0
     ) -> None:
         self._connect = connect
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
+        self.backoff = RetryPolicy(base=backoff_min, cap=backoff_max)
         self._lock = threading.Lock()
         self._requests: BlockingClient | None = None
         self._events: BlockingClient | None = None
@@ -91,7 +92,7 @@ class BrokerLink:
             if self._stop.is_set():
                 return
             attempt += 1
-            delay = min(self.backoff_max, self.backoff_min * 2 ** (attempt - 1))
+            delay = self.backoff.delay(attempt)
             on_down(reason, delay, attempt)
             self._wake.wait(delay)
             self._wake.clear()

@@ -23,13 +23,18 @@ Standard input
     started.
 
 Environment
-    The worker's environment, plus:
+    The worker's environment without tq's own secrets (``TQ_KEY``, the API
+    key, and ``TQ_JOIN``, the join token, that the worker connects with: a
+    task's program gets no credential to the broker), plus:
 
     - ``TQ_TASK_ID``     the task id
     - ``TQ_TASK_TYPE``   the task type (``resize``)
     - ``TQ_ATTEMPT``     the attempt number: 1 for the first run, 2 for the
       first retry, ...
-    - ``TQ_LEASE_TOKEN`` the fencing token of this run of the task
+    - ``TQ_LEASE_TOKEN`` the fencing token of this run of the task (of the
+      lease it started under: if that lease expires while the broker is
+      away and the broker leases the task to this same worker again, the run
+      goes on under the new lease and is reported with it)
 
     and any variables the worker adds for its handlers; the four ``TQ_``
     variables above always win over a variable of the same name.
@@ -91,6 +96,7 @@ from typing import Any
 
 import trio
 
+from tq.config import SECRET_SETTINGS
 from tq.core.errors import ConfigError
 from tq.core.task import MAX_NAME_LENGTH, TaskError
 
@@ -105,6 +111,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXIT_RETRY = 75  # EX_TEMPFAIL from sysexits.h: "retry later"
+SECRET_ENV = frozenset(f"TQ_{name.upper()}" for name in SECRET_SETTINGS)  # never passed on
 
 MAX_STDOUT_BYTES = 10 * 1024 * 1024  # a larger result is rejected
 STDERR_TAIL_BYTES = 8 * 1024  # the end of stderr kept for the task's error
@@ -246,7 +253,7 @@ async def run_executable(
             "reject", error=TaskError("BadPayload", f"the payload cannot be sent as JSON: {exc}")
         )
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     if extra_env:
         env.update(extra_env)
     env.update(

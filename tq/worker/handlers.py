@@ -128,7 +128,8 @@ def builtin_registry() -> HandlerRegistry:
 
 
 def import_handlers(module: str) -> None:
-    """Import a user's module so its ``@handler`` functions register."""
+    """Import a user's module so its ``@handler`` functions and ``@tq.task``
+    declarations (tq/tasks.py) register in ``default_registry``."""
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
@@ -141,3 +142,6 @@ def import_handlers(module: str) -> None:
             else ""
         )
         raise ConfigError(f"cannot import handler module {module!r}: {exc}{frozen}") from None
+    tasks = sys.modules.get("tq.tasks")  # loaded only if some module declared a task
+    if tasks is not None:
+        tasks.register(default_registry)

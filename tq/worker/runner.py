@@ -7,19 +7,46 @@ many tasks as there are free slots (long-polling, never prefetching beyond
 capacity), the reporter sends finished outcomes in batches, the heartbeater
 extends leases and sends host stats. Running tasks live in the worker's own
 nursery, not the session's, so a lost connection does not kill them: the
-worker reconnects with backoff and reports what finished meanwhile (the
-broker's fencing refuses reports whose lease expired in between).
+worker reconnects and reports what finished meanwhile (the broker's fencing
+refuses reports whose lease expired in between).
 
-Shutdown: stop claiming, let running tasks finish within the grace period,
-cancel and release the rest (status "release": back to pending, attempt
-not counted), flush reports, exit.
+Running work is keyed by lease (task id, token), never by task id alone, and
+one worker never runs the same task twice at once. A claim can hand back a
+task this worker still holds: its lease expired while the broker was away
+(or the worker was paused) and the broker gave the task out again. Then:
+
+- the task is still running here: the run *adopts* the new lease. It is
+  heartbeated and reported under the new token, and nothing starts again.
+  (Releasing the new lease instead would leave the running work unreportable
+  and let the task be claimed, and given back, round after round.)
+- its run is being stopped (the broker said the old lease was lost, or the
+  worker is shutting down): the new lease is released at once, unrun.
+- its outcome is still waiting to be sent: the outcome is sent under the new
+  token; nothing runs again.
+- otherwise (the outcome was already sent, or nothing of it is left) it runs.
+
+A heartbeat answer that names a lease lost stops the run only if the run
+still holds that lease (not one it adopted since).
+
+Reconnecting: after a failed connection attempt or a lost session the worker
+waits ``RECONNECT.delay(n)`` (tq.core.retry: exponential with equal jitter,
+never above the cap) for the n-th failure in a row; a successful hello
+resets n, so every outage starts again from the shortest delay.
+
+Shutdown (``shutdown`` set): stop claiming at once. A claim already sent is
+not abandoned: its answer (at most ``CLAIM_WAIT`` seconds away) is awaited
+and every task it brings is released (status "release": back to pending,
+attempt not counted) at once, unrun. Running tasks get ``shutdown_grace``
+seconds to finish; those still running then are cancelled and released.
+The worker returns as soon as nothing runs and every outcome is reported,
+so a stop takes as long as the running tasks need, at most the grace
+(plus ``FLUSH_LIMIT`` to reach the broker if it is away).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import socket
 import time
@@ -41,7 +68,10 @@ from tq.core.errors import (
     Unauthorized,
     Unavailable,
 )
+from tq.core.heap import settle_heap
+from tq.core.retry import RetryPolicy
 from tq.core.task import Lease
+from tq.tracing import exec_environment, task_span
 from tq.worker.executable import ExecHandler, run_executable
 from tq.worker.handlers import Handler, HandlerRegistry, Reject, Retry
 
@@ -49,21 +79,49 @@ log = logging.getLogger("tq.worker")
 
 CLAIM_WAIT = 1.0  # long-poll; short so a draining worker stops claiming promptly
 REPORT_BATCH = 250  # results per request (one transaction; see MAX_BATCH_WEIGHT)
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
+RECONNECT = RetryPolicy(base=0.2, cap=10.0)  # delay before the n-th reconnect attempt in a row
+FLUSH_LIMIT = 10.0  # after the grace: time left to report to a broker that is away
+
+LeaseKey = tuple[str, int]  # (task id, lease token)
 
 
 @dataclass
 class Running:
-    lease: Lease
+    lease: Lease  # the lease the run reports under (replaced when it adopts a newer one)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    lost: bool = False
+    lost: bool = False  # the broker said the lease is gone: stop, report nothing
+
+    @property
+    def key(self) -> LeaseKey:
+        return (self.lease.id, self.lease.token)
+
+    @property
+    def stopping(self) -> bool:
+        return self.lost or self.scope.cancel_called
 
 
 def _error(kind: str, message: str, tb: str = "") -> dict[str, str]:
     return {"type": kind, "message": message, "traceback": tb}
 
 
+LEASE_FIELDS = frozenset(Lease.__dataclass_fields__)  # a newer broker may send more
+
+
+def _lease(item: dict[str, Any]) -> Lease:
+    return Lease(**{k: v for k, v in item.items() if k in LEASE_FIELDS})
+
+
+def _release(lease: Lease) -> dict[str, Any]:
+    return {"id": lease.id, "token": lease.token, "status": "release"}
+
+
 async def execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
+    """Run one lease's handler (inside its trace span, tq.tracing); its report."""
+    with task_span(lease.type, lease.id, lease.attempt, lease.trace):
+        return await _execute(handler, lease)
+
+
+async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
     """Run one task; always returns an outcome map (never raises but Cancelled)."""
     base: dict[str, Any] = {"id": lease.id, "token": lease.token}
     if isinstance(handler, ExecHandler):
@@ -74,6 +132,7 @@ async def execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any
             token=lease.token,
             payload=lease.payload,
             timeout=lease.timeout,
+            extra_env=exec_environment(lease.trace),  # TRACEPARENT / TRACESTATE
         )
         error = out.error
         return {
@@ -118,11 +177,16 @@ class Worker:
         self.exec_handlers = exec_handlers or {}
         self.id = settings.name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.concurrency = settings.concurrency
-        self.running: dict[str, Running] = {}
+        self.running: dict[LeaseKey, Running] = {}
+        self._by_task: dict[str, Running] = {}  # the same runs by task id: one per task
         self.outbox: list[dict[str, Any]] = []
+        self._sending = 0  # outcomes at the head of the outbox in a report not yet answered
+        self._claiming = False  # a claim is sent and not yet answered
         self.draining = False
         self.completed = 0
-        self._changed = trio.Event()  # a slot freed or an outcome queued
+        self._changed = trio.Event()  # a slot freed, an outcome queued or sent, a claim answered
+        self._failures = 0  # connection failures in a row (reset by a successful hello)
+        self.connected = False  # a session with the broker is up
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._lease_ttl = settings.lease_ttl
@@ -138,11 +202,59 @@ class Worker:
         self._changed.set()
         self._changed = trio.Event()
 
+    def _queue(self, outcome: dict[str, Any]) -> None:
+        self.outbox.append(outcome)
+        self._notify()
+
+    @property
+    def finished(self) -> bool:
+        """Stopping, and nothing left to run, report or receive."""
+        return self.draining and not (self.running or self.outbox or self._claiming)
+
+    # -- claimed leases ----------------------------------------------------
+    def accept(self, lease: Lease, tasks: trio.Nursery) -> None:
+        """Take one claimed lease: run it, or give it to the run or outcome it belongs to."""
+        if self.draining:  # claimed while shutdown began: give it straight back
+            self._queue(_release(lease))
+            return
+        entry = self._by_task.get(lease.id)
+        if entry is not None:  # our lease on it expired, yet the run goes on
+            if entry.stopping:
+                self._queue(_release(lease))
+                return
+            log.info("task %s was leased again while running here: keeping the run", lease.id)
+            del self.running[entry.key]
+            entry.lease = lease
+            self.running[entry.key] = entry
+            return
+        for outcome in self.outbox[self._sending :]:
+            if outcome["id"] == lease.id and outcome["status"] != "release":
+                log.info("task %s was leased again before its outcome was sent", lease.id)
+                outcome["token"] = lease.token
+                return
+        entry = Running(lease)  # take the slot now, so the next round counts it
+        self.running[entry.key] = entry
+        self._by_task[lease.id] = entry
+        tasks.start_soon(self._run, entry)
+
+    def lost(self, sent: list[LeaseKey], task_ids: list[str]) -> None:
+        """The broker says these leases (of those in ``sent``) are gone: stop their runs."""
+        tokens = dict(sent)
+        for task_id in task_ids:
+            entry = self.running.get((task_id, tokens.get(task_id, -1)))
+            if entry is not None:
+                log.warning("lease on %s lost (cancelled or expired): stopping it", task_id)
+                entry.lost = True
+                entry.scope.cancel()
+
     # -- task execution (in the worker's nursery, survives reconnects) ----
     async def _run(self, entry: Running) -> None:
         """Run a claimed task; ``entry`` is already in ``running`` (its slot is taken)."""
         lease = entry.lease
         try:
+            if self.draining:  # the stop came before it started: give it back unrun
+                self.outbox.append(_release(lease))
+                return
             handler = self._handler(lease.type)
             with entry.scope:
                 if handler is None:  # cannot happen: we claim only our types
@@ -154,12 +266,14 @@ class Worker:
                     }
                 else:
                     outcome = await execute(handler, lease)
+                outcome["token"] = entry.lease.token  # a lease adopted while it ran
                 self.outbox.append(outcome)
             if entry.scope.cancelled_caught and not entry.lost:
                 # cancelled by shutdown: give the lease back untouched
-                self.outbox.append({"id": lease.id, "token": lease.token, "status": "release"})
+                self.outbox.append(_release(entry.lease))
         finally:
-            del self.running[lease.id]
+            del self.running[entry.key]
+            del self._by_task[lease.id]
             self.completed += 1
             self._notify()
 
@@ -172,26 +286,28 @@ class Worker:
                 continue
             await _settle()  # tasks finishing in this same moment free their slots too
             free = self.concurrency - len(self.running)
-            if free <= 0:
+            if free <= 0 or self.draining:
                 continue
-            reply = await client.request(
-                {
-                    "t": "claim",
-                    "n": free,
-                    "queues": list(self.settings.queues),
-                    "types": self.types,
-                    "wait": CLAIM_WAIT,
-                }
-            )
-            for item in reply["tasks"]:
-                lease = Lease(**item)
-                if self.draining:  # claimed while shutdown began: give it straight back
-                    self.outbox.append({"id": lease.id, "token": lease.token, "status": "release"})
-                    self._notify()
-                else:  # take the slot now, so the next round counts it
-                    entry = Running(lease)
-                    self.running[lease.id] = entry
-                    tasks.start_soon(self._run, entry)
+            # Never cancelled by a stop: a claim the broker committed must be
+            # answered here, so that its tasks can be released.
+            self._claiming = True
+            try:
+                reply = await client.request(
+                    {
+                        "t": "claim",
+                        "n": free,
+                        "queues": list(self.settings.queues),
+                        "types": self.types,
+                        "wait": CLAIM_WAIT,
+                    }
+                )
+                for item in reply["tasks"]:
+                    self.accept(
+                        Lease(**{k: v for k, v in item.items() if k in LEASE_FIELDS}), tasks
+                    )
+            finally:
+                self._claiming = False
+                self._notify()
 
     async def _reporter(self, client: Client) -> None:
         while True:
@@ -200,8 +316,13 @@ class Worker:
                 continue
             await _settle()  # gather the outcomes of tasks finishing together
             batch = self.outbox[:REPORT_BATCH]
-            reply = await client.request({"t": "result", "results": batch})
+            self._sending = len(batch)
+            try:
+                reply = await client.request({"t": "result", "results": batch})
+            finally:
+                self._sending = 0
             del self.outbox[: len(batch)]
+            self._notify()
             for item in reply["results"]:
                 if not item["accepted"]:
                     log.warning("broker refused the result of %s: %s", item["id"], item["reason"])
@@ -209,16 +330,11 @@ class Worker:
     async def _heartbeater(self, client: Client) -> None:
         while True:
             await trio.sleep(self._lease_ttl / 3)
-            leases = [[r.lease.id, r.lease.token] for r in self.running.values()]
+            sent = list(self.running)
             reply = await client.request(
-                {"t": "heartbeat", "leases": leases, "stats": self.stats()}
+                {"t": "heartbeat", "leases": [list(k) for k in sent], "stats": self.stats()}
             )
-            for task_id in reply["lost"]:
-                entry = self.running.get(task_id)
-                if entry is not None:
-                    log.warning("lease on %s lost (cancelled or expired): stopping it", task_id)
-                    entry.lost = True
-                    entry.scope.cancel()
+            self.lost(sent, reply["lost"])
 
     def stats(self) -> dict[str, Any]:
         with self._process.oneshot():
@@ -244,22 +360,27 @@ class Worker:
         async with Client.from_settings(
             self.settings, kind="worker", name=self.id, hello=self.hello()
         ) as client:
+            self._failures = 0  # the broker is back: the next outage starts from the start
             self._lease_ttl = float(client.server.get("lease_ttl", self._lease_ttl))
             connected()
+            self.connected = True
             log.info(
                 "worker %s connected to %s; handlers: %s",
                 self.id,
                 client.address,
                 ", ".join(self.types),
             )
-            async with trio.open_nursery() as loops:
-                loops.start_soon(self._reporter, client)
-                loops.start_soon(self._heartbeater, client)
-                await self._claimer(client, tasks)
-                # draining: wait for running tasks' reports to go out
-                while self.running or self.outbox:
-                    await self._changed.wait()
-                loops.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as loops:
+                    loops.start_soon(self._reporter, client)
+                    loops.start_soon(self._heartbeater, client)
+                    await self._claimer(client, tasks)
+                    # draining: wait for the running tasks' reports to go out
+                    while not self.finished:
+                        await self._changed.wait()
+                    loops.cancel_scope.cancel()
+            finally:
+                self.connected = False
 
     async def run(
         self,
@@ -276,20 +397,19 @@ class Worker:
 
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._watch_shutdown, shutdown, tasks)
-            delay = RECONNECT_MIN
-            while not (self.draining and not self.running and not self.outbox):
+            while not self.finished:
                 try:
                     await self._session(tasks, connected)
-                    delay = RECONNECT_MIN
                 except BaseException as exc:
                     error = _session_error(exc)
                     if error is None:
                         raise
                     if not _retriable(error) and (not started or _refused(error)):
                         raise error from None
+                    self._failures += 1
+                    delay = RECONNECT.delay(self._failures)
                     log.warning("%s; reconnecting in %.1fs", error, delay)
                     await trio.sleep(delay)
-                    delay = min(RECONNECT_MAX, delay * 2) * random.uniform(0.8, 1.2)
             tasks.cancel_scope.cancel()
         log.info("worker %s stopped", self.id)
 
@@ -307,10 +427,16 @@ class Worker:
                 await self._changed.wait()
         for entry in list(self.running.values()):
             entry.scope.cancel()  # released in _run
-        # give reports a moment to flush, then stop whatever is left
-        with trio.move_on_after(10.0):
-            while self.running or self.outbox:
+        # report what is left (at once when the broker is there), then stop
+        with trio.move_on_after(FLUSH_LIMIT):
+            while not self.finished:
                 await self._changed.wait()
+        if not self.finished:
+            log.warning(
+                "stopping with %d outcome(s) not reported: the broker was not reachable; "
+                "their tasks return to the queue when their leases expire",
+                len(self.outbox),
+            )
         tasks.cancel_scope.cancel()
 
 
@@ -351,4 +477,5 @@ async def serve_worker(
 ) -> None:
     """Run a worker until ``shutdown`` is set; reports its id once connected."""
     worker = Worker(settings, registry, exec_handlers)
+    settle_heap()  # the handlers are imported: what start-up made is here
     await worker.run(trio.Event() if shutdown is None else shutdown, task_status=task_status)
