@@ -220,6 +220,18 @@ async def test_idempotency_key_dedupes(store: Any) -> None:
     assert len(await store.list(ListFilter())) == 2
 
 
+async def test_queues_of_keys_names_the_queue_holding_each_key(store: Any) -> None:
+    await store.submit(
+        [
+            TaskSpec(type="t", queue="a", idempotency_key="k1"),
+            TaskSpec(type="t", queue="b", idempotency_key="k2"),
+        ],
+        NOW,
+    )
+    assert await store.queues_of_keys(["k1", "k2", "k3"]) == {"k1": "a", "k2": "b"}
+    assert await store.queues_of_keys([]) == {}
+
+
 async def test_payload_too_large_inserts_nothing(store: Any) -> None:
     with pytest.raises(PayloadTooLarge, match="limit"):
         await store.submit([TaskSpec(type="t"), TaskSpec(type="t", payload=TOO_BIG)], NOW)

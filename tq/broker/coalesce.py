@@ -1,4 +1,5 @@
-"""One computation at a time, shared by every caller that asks while it runs.
+"""Shared limits on expensive work: one computation at a time shared by every caller
+(``Coalesced``), and a budget of bytes taken and given back (``ByteBudget``).
 
 Contract: ``Coalesced(fn).get()`` awaits ``fn()``; a caller that arrives while
 a call is running waits for that call's answer instead of starting another.
@@ -57,3 +58,26 @@ class Coalesced(Generic[T]):
             self._generation = generation
             self._running = None
             done.set()
+
+
+class ByteBudget:
+    """At most ``total`` bytes taken at once; ``take`` waits for room. A single take
+    larger than the total is cut to the total, so it proceeds when nothing else holds."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._freed = trio.Event()
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.total)
+        while self.used + n > self.total:
+            await self._freed.wait()
+        self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        if n:
+            self.used -= n
+            self._freed.set()
+            self._freed = trio.Event()

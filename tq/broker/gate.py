@@ -46,28 +46,55 @@ DRAIN_SECONDS = 1.0
 
 
 class ConnectionGate:
-    """Counts open connections against ``limit``."""
+    """Counts open connections against ``limit``.
+
+    A connection is *unproven* from its accept until its ``hello`` is accepted
+    (``proven``). When the limit is reached, a new connection evicts the oldest
+    unproven one instead of being refused: connections that never say hello
+    (anyone who can reach the port, no key needed) cannot lock out clients and
+    workers, whose hello follows their connect within milliseconds.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self.refusing = 0
+        self.evicted = 0
+        self._unproven: dict[object, trio.CancelScope] = {}  # oldest first
 
     @contextmanager
-    def enter(self) -> Iterator[bool]:
-        """Yields True if the connection may be served, False if it is to be refused."""
+    def enter(self, scope: trio.CancelScope | None = None) -> Iterator[bool]:
+        """Yields True if the connection may be served, False if it is to be refused.
+        ``scope`` is cancelled if a newer connection needs the place while this one is
+        still unproven."""
         admitted = self.open < self.limit
+        if not admitted and self._unproven:
+            token, oldest = next(iter(self._unproven.items()))
+            del self._unproven[token]
+            oldest.cancel()  # its place is taken now; it closes as it unwinds
+            self.evicted += 1
+            admitted = True
+        token = object()
         if admitted:
             self.open += 1
+            if scope is not None:
+                self._unproven[token] = scope
         else:
             self.refusing += 1
         try:
             yield admitted
         finally:
+            self._unproven.pop(token, None)
             if admitted:
                 self.open -= 1
             else:
                 self.refusing -= 1
+
+    def proven(self, scope: trio.CancelScope) -> None:
+        """The connection of ``scope`` said an accepted hello: never evicted now."""
+        for token, held in list(self._unproven.items()):
+            if held is scope:
+                del self._unproven[token]
 
 
 def check_open_files(max_connections: int) -> int:

@@ -74,7 +74,10 @@ HELLO_MAX_FRAME = 64 * 1024  # frames before an accepted hello: unauthenticated 
 SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or results (reader)
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
+HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
+_HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
+EVENT_OUTBOX_BYTES = 256 * 1024  # events queued for a subscriber that does not read them
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class Session:
         self.worker: WorkerInfo | None = None
         self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
         self.hello_done = False
+        self.on_hello: Callable[[], None] = lambda: None  # the gate: no longer evictable
         self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
         self._queued = 0  # bytes of answers queued and not yet written to the peer
         self._written = trio.Event()  # set (and replaced) whenever the writer sent some
@@ -180,7 +184,7 @@ class Session:
             "retry_many": self._retry_many,
         }
         # subscribe/unsubscribe: handled in reading order, like hello (tq/broker/events.py)
-        self.events = SessionEvents(service.events, self._reply, Connection.nack)
+        self.events = SessionEvents(service.events, self._reply_event, Connection.nack)
 
     async def run(self) -> None:
         try:
@@ -212,14 +216,19 @@ class Session:
             self._written.set()
             self._written = trio.Event()
 
-    async def _reply(self, message: dict[str, Any]) -> None:
+    async def _reply_event(self, message: dict[str, Any]) -> None:
+        """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
+        the bus's bounded queue for it fills and drops (with a ``lagged`` marker)."""
+        await self._reply(message, EVENT_OUTBOX_BYTES)
+
+    async def _reply(self, message: dict[str, Any], budget: int = OUTBOX_BYTES) -> None:
         try:
             frame = self.conn.send(message)
         except TQError as exc:  # e.g. an answer larger than the frame limit
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
-        while self._queued > 0 and self._queued + len(frame) > OUTBOX_BYTES:
+        while self._queued > 0 and self._queued + len(frame) > budget:
             await self._written.wait()
         self._queued += len(frame)
         await self._send.send(frame)
@@ -267,31 +276,50 @@ class Session:
             try:
                 self.conn.receive_data(data)
                 while (body := self.conn.next_body()) is not None:
+                    # a large frame holds broker-wide credit from before it is decoded
+                    # until its request is answered (service.large_frames)
+                    credit = await self._credit(body)
+                    last = None
                     try:
-                        msg = await self._parse(body)
-                    except MessageError as exc:  # answerable: NACK it and go on
-                        await self._reply(Connection.nack(exc.request_id, exc.cause))
-                        continue
-                    if not self.hello_done:
-                        if not await self._hello(msg):
-                            return None  # refused credentials: the NACK says why; close
-                        continue
-                    self._active_at = trio.current_time()
-                    if not await self._admit(msg):
-                        if self._refused is not None:  # a dead key: say so once more, close
-                            return self.conn.send(Connection.nack(0, self._refused))
-                        continue
-                    if msg["t"] in SUBSCRIPTION_REQUESTS:
-                        await self.events.handle(msg, nursery, self.service.closing)
-                        continue
-                    await self._slots.acquire()
-                    if msg["t"] == "query" and msg.get("q") == "get":
-                        await self._request(msg)  # a point read: no task of its own
-                    else:
-                        nursery.start_soon(self._request, msg)
+                        last = await self._dispatch(body, credit, nursery)
+                    finally:
+                        credit = 0 if last is _HANDED else credit
+                        self.service.large_frames.give(credit)
+                    if last is not None and last is not _HANDED:
+                        return None if last is _CLOSE else last
             except ProtocolError as exc:
                 log.warning("%s: closing connection: %s", self.peer, exc)
                 return self.conn.send(Connection.nack(0, exc))
+
+    async def _credit(self, body: bytes) -> int:
+        return 0 if len(body) <= INLINE_DECODE else await self.service.large_frames.take(len(body))
+
+    async def _dispatch(self, body: bytes, credit: int, nursery: trio.Nursery) -> Any:
+        """Handle one frame body. None: go on; _HANDED: a request now owns ``credit``;
+        _CLOSE: close without a last word; bytes: a last frame to send, then close."""
+        try:
+            msg = await self._parse(body)
+        except MessageError as exc:  # answerable: NACK it and go on
+            await self._reply(Connection.nack(exc.request_id, exc.cause))
+            return None
+        if not self.hello_done:
+            if not await self._hello(msg):
+                return _CLOSE  # refused credentials: the NACK says why; close
+            return None
+        self._active_at = trio.current_time()
+        if not await self._admit(msg):
+            if self._refused is not None:  # a dead key: say so once more, close
+                return self.conn.send(Connection.nack(0, self._refused))
+            return None
+        if msg["t"] in SUBSCRIPTION_REQUESTS:
+            await self.events.handle(msg, nursery, self.service.closing)
+            return None
+        await self._slots.acquire()
+        if msg["t"] == "query" and msg.get("q") == "get":
+            await self._request(msg, credit)  # a point read: no task of its own
+        else:
+            nursery.start_soon(self._request, msg, credit)
+        return _HANDED
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
         """Decode one frame body. A large one is decoded in a thread, one at a time per
@@ -331,6 +359,7 @@ class Session:
         if worker_id is not None:
             self.worker = worker_info(worker_id, msg, key_id)
         self.hello_done = True
+        self.on_hello()
         self.conn.set_max_frame(self.settings.max_frame)
         if principal is not None and principal.role not in LARGE_FRAME_ROLES:
             self.conn.limit_incoming(SMALL_ROLE_MAX_FRAME)  # a reader asks in small frames
@@ -355,7 +384,13 @@ class Session:
             return False
         return True
 
-    async def _request(self, msg: dict[str, Any]) -> None:
+    async def _request(self, msg: dict[str, Any], credit: int = 0) -> None:
+        try:
+            await self._answer(msg)
+        finally:
+            self.service.large_frames.give(credit)
+
+    async def _answer(self, msg: dict[str, Any]) -> None:
         rid = msg["id"]
         try:
             handler = self._handlers.get(msg["t"])
@@ -370,6 +405,12 @@ class Session:
                         await self._reply(reply)
                         return
                 reply = {"t": "ack", "id": rid, **await handler(msg)}
+                if reply.pop(HOLDS_HEAVY, False):  # the handler took the lock for its answer
+                    try:
+                        await self._reply(reply)
+                    finally:
+                        self._heavy.release()
+                    return
             finally:
                 self.service.in_flight -= 1
                 self._busy -= 1
@@ -438,8 +479,16 @@ class Session:
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
         timeout = min(number(msg.get("timeout"), "wait timeout", default=MAX_WAIT), MAX_WAIT)
-        task, timed_out = await self.service.wait(msg["task"], timeout, self.principal)
-        return {"task": task.to_dict(), "timed_out": timed_out}
+        timed_out = await self.service.wait(msg["task"], timeout, self.principal)
+        # the answer carries the task: read and queued one at a time per connection, like
+        # other large answers, so pipelined waits on a large task hold one copy at a time
+        await self._heavy.acquire()
+        try:
+            task = await self.service.get(msg["task"], self.principal)
+        except BaseException:
+            self._heavy.release()
+            raise
+        return {"task": task.to_dict(), "timed_out": timed_out, HOLDS_HEAVY: True}
 
     async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)
@@ -490,7 +539,8 @@ async def _serve_connection(
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        with gate.enter() as admitted:
+        scope = trio.CancelScope()
+        with scope, gate.enter(scope) as admitted:
             timeout = settings.handshake_timeout
             if not admitted:
                 await refuse_over_limit(stream, ssl_context, gate, timeout, peer)
@@ -500,9 +550,17 @@ async def _serve_connection(
                 wrapped = await handshake(stream, ssl_context, timeout, peer)
             if wrapped is None:
                 return
-            await Session(service, wrapped, settings, peer).run()
+            session = Session(service, wrapped, settings, peer)
+            session.on_hello = lambda: gate.proven(scope)
+            await session.run()
             with trio.move_on_after(1.0):
                 await wrapped.aclose()  # a TLS close_notify, so the peer sees a clean end
+        if scope.cancelled_caught:
+            log.warning(
+                "%s: closed without a hello to make room for a new connection (at the "
+                "connection limit)",
+                peer,
+            )
     except Exception as exc:
         if _is_disconnect(exc):
             log.debug("%s: connection closed: %r", peer, exc)

@@ -21,7 +21,7 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.broker.auth import Auth, actor_of
-from tq.broker.coalesce import Coalesced
+from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
 from tq.broker.registry import WorkerInfo, WorkerRegistry
@@ -51,6 +51,7 @@ from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
 MAX_CLAIM = 1000
+LARGE_FRAMES_BYTES = 32 * 1024 * 1024  # see BrokerService.large_frames
 # A submit answer's size, bounded before the tasks are stored: per task {"id": <36-char
 # id>, "created": bool} is 50 bytes of msgpack; the base covers the envelope and up to
 # MAX_WARNINGS warnings (a type of <= 200 characters and a message of <= 450 bytes).
@@ -202,6 +203,9 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         self._due_changed = trio.Event()
         # large frames and REST bodies are decoded in a thread, one at a time per broker
         self.decode_limiter = trio.CapacityLimiter(1)
+        # bytes of frames over 64 KiB between their decoding and their answer, broker-wide:
+        # what many connections sending large requests at once can make the broker hold
+        self.large_frames = ByteBudget(LARGE_FRAMES_BYTES)
         self._store_stats = Coalesced(store.stats)
         self._store_depth = Coalesced(store.queue_depth)
         self._waiters: dict[str, _Waiter] = {}
@@ -302,6 +306,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
         if principal is not None:
             principal.check_queues({spec.queue for spec in specs})
+            await self._check_keys_queues(specs, principal)
         self._check_payloads(specs)
         results = await self.store.submit(specs, self.clock())
         self.counters["submitted"] += sum(r.created for r in results)
@@ -465,6 +470,19 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         if principal is not None and principal.queues is not None:
             await self.get(task_id, principal)
 
+    async def _check_keys_queues(self, specs: Sequence[TaskSpec], principal: Principal) -> None:
+        """A queue-limited key may not learn, through an idempotency key, the id of a task
+        in a queue it may not see (a matching key answers that task's id)."""
+        keys = [spec.idempotency_key for spec in specs if spec.idempotency_key is not None]
+        if principal.queues is None or not keys:
+            return
+        for key, queue in (await self.store.queues_of_keys(keys)).items():
+            if not principal.may_use(queue):
+                raise Forbidden(
+                    f"idempotency_key {key!r} is held by a task outside the queues of key "
+                    f"{principal.key_id}: choose another key; nothing was submitted"
+                )
+
     def _check_payloads(self, specs: Sequence[TaskSpec]) -> None:
         """The configured payload limit, when it is below the store's own ceiling."""
         if self.max_payload >= MAX_PAYLOAD_BYTES:
@@ -477,10 +495,12 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                     f"is {self.max_payload} bytes; nothing was submitted"
                 )
 
-    async def wait(
-        self, task_id: str, timeout: float, principal: Principal | None = None
-    ) -> tuple[Task, bool]:
-        """Wait until the task is terminal or ``timeout`` passes; (task, timed_out)."""
+    async def wait(self, task_id: str, timeout: float, principal: Principal | None = None) -> bool:
+        """Wait until the task is terminal or ``timeout`` passes; whether it timed out.
+
+        Holds no task while it waits (each check reads the state and lets the row
+        go), so many waits on a large task cost nothing until answered; the caller
+        reads the task to answer."""
         await self._check_task_queue(task_id, principal)
         waiter = self._waiters.setdefault(task_id, _Waiter())
         waiter.count += 1
@@ -488,11 +508,10 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             with trio.move_on_after(timeout):
                 while True:
                     event = waiter.event
-                    task = await self.store.get(task_id)
-                    if is_terminal(task.state):
-                        return task, False
+                    if is_terminal((await self.store.get(task_id)).state):
+                        return False
                     await event.wait()
-            return await self.store.get(task_id), True
+            return True
         finally:
             waiter.count -= 1
             if waiter.count == 0:

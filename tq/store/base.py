@@ -120,6 +120,10 @@ class Store(Protocol):
         """Move failed/scheduled tasks whose run_at has come to pending."""
         ...
 
+    async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """For each idempotency key in use, the queue of the task holding it."""
+        ...
+
     async def next_due(self) -> float | None:
         """The earliest run_at among failed/scheduled tasks, or None."""
         ...

@@ -628,6 +628,19 @@ def get(conn: psycopg.Connection[Any], task_id: str) -> Task:
     return row_to_task(found[0])
 
 
+QUEUES_OF_KEYS = "SELECT idempotency_key, queue FROM tasks WHERE idempotency_key = ANY(%s)"
+
+
+def queues_of_keys(conn: psycopg.Connection[Any], keys: list[str]) -> dict[str, str]:
+    """idempotency key -> queue of the task that holds it, for the keys in use."""
+    for key in keys:
+        check_text(key, "idempotency key")
+    found = rows(
+        conn, "SELECT idempotency_key, queue FROM tasks WHERE idempotency_key = ANY(%s)", (keys,)
+    )
+    return {key: queue for key, queue in found}
+
+
 def next_due(conn: psycopg.Connection[Any]) -> float | None:
     value = _one(conn, NEXT_DUE)
     return None if value is None else float(value)

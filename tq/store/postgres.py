@@ -316,6 +316,9 @@ class PostgresStore:
     async def get(self, task_id: str) -> Task:
         return await self._read(pg_schema.get, task_id)
 
+    async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        return await self._read(pg_schema.queues_of_keys, list(keys))
+
     async def list(self, flt: ListFilter) -> list[Task]:
         limit = flt.limit
         if isinstance(limit, bool) or not isinstance(limit, int):

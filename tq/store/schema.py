@@ -239,6 +239,10 @@ INSERT_TASK = (  # one row: idempotency keys, large payloads (see prepare_submit
     "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)"
 )
 FIND_BY_KEY = "SELECT id FROM tasks WHERE idempotency_key = ?"
+QUEUES_OF_KEYS = (
+    "SELECT idempotency_key, queue FROM tasks WHERE idempotency_key IN "
+    "(SELECT value FROM json_each(?))"
+)
 CLAIM_PICK = (
     f"SELECT priority, seq FROM tasks INDEXED BY tasks_claim WHERE {CLAIMABLE} AND queue = ? "
     "ORDER BY priority DESC, seq LIMIT ?"
@@ -813,6 +817,12 @@ def list_tasks(conn: apsw.Connection, flt: ListFilter) -> list[Task]:
         flt.newest_first,
     )
     return [row_to_task(row) for row in _rows(conn, query, (*params, flt.limit))]
+
+
+def queues_of_keys(conn: apsw.Connection, keys: list[str]) -> dict[str, str]:
+    """idempotency key -> queue of the task that holds it, for the keys in use."""
+    found = _rows(conn, QUEUES_OF_KEYS, (json.dumps(keys),))
+    return {key: queue for key, queue in found}
 
 
 def next_due(conn: apsw.Connection) -> float | None:

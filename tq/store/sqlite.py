@@ -295,6 +295,9 @@ class SQLiteStore:
             raise InvalidRequest(f"unknown state {flt.state!r}; known states: {known}")
         return await self._read(schema.list_tasks, flt)
 
+    async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        return await self._read(schema.queues_of_keys, list(keys))
+
     async def next_due(self) -> float | None:
         return await self._read(schema.next_due)
 
