@@ -159,6 +159,17 @@ class Auth:
             raise Unauthorized(f"API key {principal.key_id} no longer exists")
         self._check_state(key)
 
+    def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of a key already authenticated once (a dashboard session names
+        only its key id): Unauthorized if the key is unknown, revoked or expired now."""
+        if not self.enabled:
+            return None
+        key = self._keys.get(key_id)
+        if key is None:
+            raise Unauthorized(f"API key {key_id} no longer exists; log in again")
+        self._check_state(key)
+        return Principal.of(key)
+
     def _check_state(self, key: ApiKey) -> None:
         state = key.state(self.clock())
         if state == "revoked":

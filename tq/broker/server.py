@@ -72,6 +72,7 @@ HELLO_MAX_FRAME = 64 * 1024  # frames before an accepted hello: unauthenticated 
 SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or results (reader)
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
+HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
 
 
@@ -529,16 +530,24 @@ async def serve_broker(
                 ) from None
             bound = listeners[0].socket.getsockname()
             http_url = None
+            http_stopped = trio.Event()  # hypercorn returned: its graceful drain is over
             if settings.http_enabled:  # REST, /metrics, /health: tq/http, imported only here
                 from tq.http.server import serve_http
                 from tq.security.tls import TLSFiles
 
                 tls = None if ssl_context is None else TLSFiles.in_dir(settings.tls_dir)
                 cert, key = (None, None) if tls is None else (tls.server_cert, tls.server_key)
+
+                async def run_http(task_status: trio.TaskStatus[str]) -> None:
+                    try:
+                        await serve_http(
+                            service, settings.http, cert, key, shutdown, task_status=task_status
+                        )
+                    finally:
+                        http_stopped.set()
+
                 try:
-                    http_url = await timers.start(
-                        serve_http, service, settings.http, cert, key, shutdown
-                    )
+                    http_url = await timers.start(run_http)
                 except BaseException:
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
@@ -587,5 +596,8 @@ async def serve_broker(
                     while service.in_flight:
                         await trio.sleep(0.02)
                 sessions.cancel_scope.cancel()
+            if http_url is not None:  # in-flight HTTP requests and event streams end cleanly
+                with trio.move_on_after(HTTP_DRAIN_SECONDS):
+                    await http_stopped.wait()
             timers.cancel_scope.cancel()
     log.info("broker stopped; store closed cleanly")
