@@ -397,3 +397,36 @@ def test_the_hourly_history_keeps_sixty_minutes_per_queue() -> None:
     assert sum(r["submitted"] + r["succeeded"] for r in later) == 0
     activity.submitted([("a", "t")], start + 7200)
     assert len(activity._minutes) == 1  # older buckets dropped as new ones come
+
+
+@pytest.mark.trio
+async def test_event_streams_are_capped_and_head_does_not_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tq.http import web
+
+    monkeypatch.setattr(web, "MAX_STREAMS", 1)
+    async with running_broker(tmp_path) as broker, browser(broker) as http:
+        await log_in(http, broker.key or "")
+        cookie = http.cookies[SESSION_COOKIE]
+        with trio.fail_after(20):
+            head = await http.head(f"{API}/events")
+            assert head.status_code == 200 and head.content == b""
+            async with event_stream(broker, cookie) as first:
+                await read_until(first, b"", b": connected")
+                second = await http.get(f"{API}/events")
+                assert second.status_code == 503 and "1 event streams" in second.json()["detail"]
+            # the first stream's end frees its place (the broker sees the disconnect)
+            while (await http.head(f"{API}/events")).status_code != 200:
+                await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_without_auth_the_page_needs_no_login(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, auth=False) as broker, browser(broker) as http:
+        about = (await http.get("/ui/session")).json()
+        assert about["auth"] is False and about["role"] == "admin" and about["csrf"] is None
+        assert all(about["may"].values())
+        assert (await http.post(f"{API}/tasks", json={"type": "echo"})).status_code == 201
+        login = await http.post("/ui/login", json={"key": "anything"})
+        assert login.status_code == 200 and "set-cookie" not in login.headers

@@ -378,5 +378,5 @@ def build_app(service: BrokerService) -> Starlette:
     )
     app.state.service = service
     app.state.metrics = MetricsPage(service)
-    app.state.sessions = web.Sessions(service.clock)
+    web.install(app)  # the dashboard's session secret and event streams
     return app

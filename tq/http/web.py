@@ -52,12 +52,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import trio
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from tq.broker.events import TOPICS, EventBus, Subscriber
-from tq.core.errors import Forbidden, InvalidRequest, Unauthorized
+from tq.core.errors import Forbidden, InvalidRequest, Unauthorized, Unavailable
 from tq.security.roles import allowed
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ SESSION_SECONDS = 8 * 3600  # a login lasts this long (or until the broker resta
 MAX_ENDED = 100_000  # logged-out sessions remembered until they expire
 MAX_LOGIN_BODY = 8 * 1024
 KEEPALIVE = 15.0  # seconds between SSE keepalive comments
+MAX_STREAMS = 200  # event streams served over HTTP at once (each holds a bounded queue)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -321,25 +323,43 @@ async def events(request: Request) -> Response:
     text = request.query_params.get("topics")
     topics = list(TOPICS) if text is None else [t for t in text.split(",") if t]
     service = _service(request)
+    if service.closing:
+        raise Unavailable("the broker is shutting down; reconnect once it is back")
+    streams: set[Subscriber] = request.app.state.streams
+    if len(streams) >= MAX_STREAMS:
+        raise Unavailable(
+            f"this broker already serves {MAX_STREAMS} event streams over HTTP: close one "
+            "(another tab?) or subscribe over the wire"
+        )
     sub = service.events.subscribe(0, topics)  # raises InvalidRequest for a bad topic
     shutdown: trio.Event | None = getattr(request.app.state, "shutdown", None)
-    return EventStream(service.events, sub, shutdown)
+    return EventStream(service.events, sub, shutdown, streams)
 
 
 class EventStream(Response):
     """A text/event-stream of one subscriber, until the client or the broker goes."""
 
-    def __init__(self, bus: EventBus, sub: Subscriber, shutdown: trio.Event | None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        sub: Subscriber,
+        shutdown: trio.Event | None,
+        streams: set[Subscriber],
+    ) -> None:
         super().__init__(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.bus, self.sub, self.shutdown = bus, sub, shutdown
+        self.bus, self.sub, self.shutdown, self.streams = bus, sub, shutdown, streams
+        streams.add(sub)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             await self._chunk(send, "retry: 2000\n: connected\n\n")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_disconnect, receive, nursery.cancel_scope)
@@ -348,6 +368,7 @@ class EventStream(Response):
                 nursery.start_soon(self._pump, send, nursery.cancel_scope)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            self.streams.discard(self.sub)
             self.bus.unsubscribe(self.sub)
 
     @staticmethod
@@ -380,6 +401,12 @@ class EventStream(Response):
             data = json.dumps(event, ensure_ascii=False, default=repr)
             await self._chunk(send, f"id: {seq}\nevent: {event['topic']}\ndata: {data}\n\n")
         scope.cancel()
+
+
+def install(app: Starlette) -> None:
+    """What the routes keep per app: the session signer (a fresh secret) and the streams."""
+    app.state.sessions = Sessions(app.state.service.clock)
+    app.state.streams = set()
 
 
 def routes() -> list[Route]:
