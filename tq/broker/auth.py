@@ -47,6 +47,7 @@ KEY_REFRESH = 5.0  # seconds between reloads of the key table from the store
 MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
 MAX_AUDIT_PAGE = 1000
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer: an audit seq is never above it
 
 
 def actor_of(principal: Principal | None) -> str:
@@ -284,7 +285,9 @@ class Auth:
             or not 1 <= limit <= MAX_AUDIT_PAGE
         ):
             raise InvalidRequest(f"audit limit must be 1..{MAX_AUDIT_PAGE}")
-        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or not 0 <= before <= MAX_SEQ
+        ):
             raise InvalidRequest("audit before must be an entry's seq (integer)")
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None

@@ -261,6 +261,21 @@ SCHEMAS: dict[str, Any] = {
             "detail": {"type": "object"},
         },
     },
+    "Session": {
+        "type": "object",
+        "required": ["auth", "broker", "key_id", "name", "role", "queues", "may", "csrf"],
+        "properties": {
+            "auth": {"type": "boolean", "description": "false: the broker runs --no-auth."},
+            "broker": {"type": "string"},
+            "key_id": {"type": ["string", "null"]},
+            "name": {"type": ["string", "null"]},
+            "role": {"type": "string"},
+            "queues": {"type": ["array", "null"], "items": {"type": "string"}},
+            "may": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "csrf": {"type": ["string", "null"]},
+            "expires_at": {"type": ["integer", "null"]},
+        },
+    },
     "Worker": {
         "type": "object",
         "required": ["id", "name", "host", "pid", "queues", "concurrency", "running"],
@@ -616,7 +631,7 @@ def _paths() -> dict[str, Any]:
                         "name": "before",
                         "in": "query",
                         "description": "next of the previous page (an entry's seq).",
-                        "schema": {"type": "integer", "minimum": 0},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                     },
                 ],
             )
@@ -642,6 +657,40 @@ def _paths() -> dict[str, Any]:
                         "schema": {"type": "string"},
                     }
                 ],
+            )
+        },
+        "/ui/login": {
+            "post": _op(
+                "Dashboard login: check an API key like a bearer key and set the session "
+                "cookie tq_session (docs/WEB.md); a form field key is accepted too (303 to /).",
+                {
+                    "200": _json(_ref("Session"), "Logged in; Set-Cookie: tq_session."),
+                    "303": {"description": "Logged in from a form: back to the page."},
+                    **_problems(400, 401, 403),
+                },
+                security=[],
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["key"],
+                        "properties": {"key": {"type": "string"}},
+                    }
+                ),
+            )
+        },
+        "/ui/logout": {
+            "post": _op(
+                "Dashboard logout: end the session and clear its cookie.",
+                {"204": {"description": "Logged out."}, **_problems(403)},
+                security=[],
+            )
+        },
+        "/ui/session": {
+            "get": _op(
+                "The dashboard session of the tq_session cookie: key, role, what the page may "
+                "offer, the CSRF token for X-CSRF-Token.",
+                {"200": _json(_ref("Session"), "The session."), **_problems(401)},
+                security=[],
             )
         },
         "/api/v1/stats": {

@@ -219,9 +219,7 @@ async def page(request: Request) -> Response:
 
 
 async def asset(request: Request) -> Response:
-    name = request.path_params["name"]
-    if name not in ASSETS:
-        return _secure(Response("no such asset\n", status_code=404, media_type="text/plain"))
+    name = request.url.path.removeprefix("/ui/")
     response = Response(_asset(name), media_type=ASSETS[name])
     response.headers["Cache-Control"] = "no-cache"
     return _secure(response)
@@ -415,5 +413,5 @@ def routes() -> list[Route]:
         Route("/ui/login", login, methods=["POST"]),
         Route("/ui/logout", logout, methods=["POST"]),
         Route("/ui/session", session_info, methods=["GET"]),
-        Route("/ui/{name}", asset, methods=["GET"]),
+        *(Route(f"/ui/{name}", asset, methods=["GET"]) for name in ASSETS),
     ]

@@ -347,7 +347,7 @@ function overview() {
       say(counts, `Cannot read the broker's statistics: ${error.message}`, "error");
     }
   }
-  return { node, refresh, onEvent: () => refreshSoon(1000) };
+  return { node, refresh, onEvent: () => refreshSoon(2000) }; // at most one reload per 2 s
 }
 
 function queueTable(queues, names, oldest) {
