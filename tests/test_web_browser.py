@@ -94,6 +94,7 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 page.get_by_role("link", name="Tasks", exact=True).click()
                 expect(page.get_by_role("heading", name="Tasks")).to_be_visible()
                 page.evaluate("window.stillTheSamePage = true")
+                page.locator("body[data-live=open]").wait_for(state="attached")
                 made = api.post("/api/v1/tasks", json={"type": "sleep", "payload": 30})
                 task_id = made.json()["id"]
                 expect(page.get_by_role("link", name=f"task {task_id}")).to_be_visible()

@@ -232,9 +232,11 @@ function startEvents() {
   events = new EventSource(`${API}/events?topics=tasks,counts,workers`);
   events.onopen = () => {
     $("banner").hidden = true;
+    document.body.dataset.live = "open"; // for tests and styles: the stream is up
   };
   events.onerror = () => {
     $("banner").hidden = false;
+    delete document.body.dataset.live;
     if (events && events.readyState === EventSource.CLOSED) {
       // the browser gave up (e.g. the broker answered 401 after a restart): check and retry
       stopEvents(false);
@@ -269,6 +271,7 @@ async function reconnect() {
 function stopEvents(hideBanner = true) {
   if (events) events.close();
   events = null;
+  delete document.body.dataset.live;
   if (hideBanner) $("banner").hidden = true;
 }
 
