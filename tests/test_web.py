@@ -432,3 +432,16 @@ async def test_without_auth_the_page_needs_no_login(tmp_path: Path) -> None:
         assert (await http.post(f"{API}/tasks", json={"type": "echo"})).status_code == 201
         login = await http.post("/ui/login", json={"key": "anything"})
         assert login.status_code == 200 and "set-cookie" not in login.headers
+
+
+@pytest.mark.trio
+async def test_plain_http_cookie_is_not_secure_but_otherwise_the_same(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, insecure=True) as broker:
+        assert broker.info.http is not None and broker.info.http.startswith("http://")
+        async with httpx.AsyncClient(base_url=broker.info.http, timeout=30) as http:
+            login = await http.post("/ui/login", json={"key": broker.key})
+            assert login.status_code == 200, login.text
+            cookie = login.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie
+            assert "secure" not in cookie.replace("samesite", "")
+            assert (await http.get(f"{API}/stats")).status_code == 200

@@ -81,10 +81,11 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 page.set_default_timeout(WAIT_MS)
                 page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
 
-                # log in with the admin key, through the form
+                # log in with the admin key, through the form, from the keyboard
                 page.goto(f"{broker.http}/")
-                page.get_by_label("API key").fill(broker.key or "")
-                page.get_by_role("button", name="Log in").click()
+                expect(page.get_by_label("API key")).to_be_focused()
+                page.keyboard.type(broker.key or "")
+                page.keyboard.press("Enter")
                 expect(page.get_by_role("heading", name="Overview")).to_be_visible()
                 expect(page.get_by_text("RuntimeError: boom")).to_be_visible()  # a failure
                 expect(page.get_by_role("cell", name="connected", exact=True)).to_be_visible()
@@ -111,11 +112,16 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 expect(page.get_by_role("link", name=f"task {task_id}")).to_be_visible()
                 expect(page.get_by_role("cell", name="echo", exact=True)).to_have_count(0)
 
-                # open it, cancel it, retry it (each confirmed)
-                page.get_by_role("link", name=f"task {task_id}").click()
+                # open it (keyboard), cancel it, retry it (each confirmed)
+                page.get_by_role("link", name=f"task {task_id}").focus()
+                page.keyboard.press("Enter")
                 expect(page.get_by_role("heading", name=f"Task {task_id}")).to_be_visible()
                 page.get_by_role("button", name="Cancel task").click()
                 expect(page.get_by_role("dialog")).to_contain_text(f"Cancel task {task_id}?")
+                page.keyboard.press("Escape")  # changed my mind: nothing happens
+                expect(page.get_by_role("dialog")).to_be_hidden()
+                assert api.get(f"/api/v1/tasks/{task_id}").json()["state"] != "cancelled"
+                page.get_by_role("button", name="Cancel task").click()
                 page.get_by_role("button", name="Confirm").click()
                 expect(page.locator(".facts .state")).to_have_text("cancelled")
                 assert api.get(f"/api/v1/tasks/{task_id}").json()["state"] == "cancelled"
