@@ -445,3 +445,20 @@ async def test_plain_http_cookie_is_not_secure_but_otherwise_the_same(tmp_path: 
             assert "httponly" in cookie and "samesite=strict" in cookie
             assert "secure" not in cookie.replace("samesite", "")
             assert (await http.get(f"{API}/stats")).status_code == 200
+
+
+def test_sessions_expire_and_a_restart_ends_them() -> None:
+    from tq.http.web import SESSION_SECONDS, Sessions
+
+    now = [1_700_000_000.0]
+    sessions = Sessions(lambda: now[0])
+    value, session = sessions.issue("00112233445566778899aabbccddeeff")
+    assert sessions.read(value) == session
+    for bad in ("", "a.b.c", value + "x", value.replace(".", ".1", 1), "é.1.2.3"):
+        assert sessions.read(bad) is None, bad
+    now[0] += SESSION_SECONDS - 1
+    assert sessions.read(value) == session
+    now[0] += 1
+    assert sessions.read(value) is None  # expired
+    now[0] -= SESSION_SECONDS
+    assert Sessions(lambda: now[0]).read(value) is None  # another secret: a restarted broker
