@@ -67,7 +67,9 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
         with broker.client() as admin:
             reader_key = admin.request({"t": "keys", "op": "create", "role": "reader"})["key"]
         api.post("/api/v1/tasks", json=[{"type": "echo", "payload": {"n": i}} for i in range(6)])
-        api.post("/api/v1/tasks", json={"type": "fail", "payload": "boom", "max_retries": 0})
+        failed = api.post(
+            "/api/v1/tasks", json={"type": "fail", "payload": "boom", "max_retries": 0}
+        )
         xss = api.post("/api/v1/tasks", json={"type": XSS_TYPE, "payload": {"html": XSS_TYPE}})
         xss_id = xss.json()["id"]
 
@@ -138,6 +140,17 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 expect(page.locator(".facts")).to_contain_text(XSS_TYPE)
                 expect(page.locator("pre.json")).to_contain_text(XSS_TYPE)
                 assert page.locator("main img").count() == 0
+
+                # bulk: retry every dead task, after a confirmation that counts them
+                page.goto(f"{broker.http}/#/tasks?state=dead")
+                expect(page.get_by_role("cell", name="RuntimeError: boom")).to_be_visible()
+                page.get_by_role("button", name="Retry all matching…").click()
+                expect(page.get_by_role("dialog")).to_contain_text("Retry 1 matching task(s)?")
+                page.get_by_role("button", name="Confirm").click()
+                expect(page.get_by_role("status")).to_contain_text("Retry: 1 done.")
+                audit = api.get("/api/v1/audit", params={"limit": 20}).json()["entries"]
+                retried = [e["target"] for e in audit if e["action"] == "task.retry"]
+                assert failed.json()["id"] in retried
 
                 # a phone-sized screen
                 page.set_viewport_size({"width": 390, "height": 844})

@@ -345,9 +345,13 @@ function overview() {
       counts.replaceChildren(queueTable(stats.queues, names, oldest));
       charts.replaceChildren(...historyCharts(stats.history));
       workers.replaceChildren(workerTable(list.workers));
-      failures.replaceChildren(await failureTable());
     } catch (error) {
       say(counts, `Cannot read the broker's statistics: ${error.message}`, "error");
+    }
+    try {
+      failures.replaceChildren(await failureTable());
+    } catch (error) {
+      say(failures, `Cannot list failures: ${error.message}`, "error"); // e.g. a key for several queues
     }
   }
   return { node, refresh, onEvent: () => refreshSoon(2000) }; // at most one reload per 2 s
@@ -652,6 +656,11 @@ function listView(params) {
   }
 
   async function purge() {
+    const open = node.querySelector("form.purge");
+    if (open) {
+      open.querySelector("input").focus();
+      return;
+    }
     const box = h("form", { class: "purge", onsubmit: (e) => e.preventDefault() });
     const checks = ["succeeded", "dead", "cancelled"].map((s) =>
       h("label", {}, h("input", { type: "checkbox", name: "states", value: s, checked: s === "succeeded" }), ` ${s}`),
