@@ -31,7 +31,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.executable]
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 600
-NEVER_BUNDLED = ("pytest", "_pytest", "hypothesis", "mypy", "trustme", "PyInstaller", "setuptools")
+NEVER_BUNDLED = (
+    "pytest",
+    "_pytest",
+    "hypothesis",
+    "mypy",
+    "trustme",
+    "PyInstaller",
+    "setuptools",
+    "playwright",
+)
 
 
 @pytest.fixture(scope="module")

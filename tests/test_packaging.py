@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEV_TOOLS = {
     "pytest", "pytest-trio", "hypothesis", "trustme", "ruff", "mypy", "httpx",
-    "schemathesis", "types-pyyaml", "pyinstaller", "setuptools",
+    "schemathesis", "types-pyyaml", "pyinstaller", "setuptools", "playwright",
 }  # fmt: skip
 
 
