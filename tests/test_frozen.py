@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tq.http.web import ASSETS
 from tq.testing import BrokerProcess, tq_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.executable]
@@ -169,7 +170,7 @@ def test_operator_flow_broker_worker_submit_sigterm(exe: Path, home: dict[str, s
         assert done >= set(ids), f"{len(set(ids) - done)} tasks did not succeed"
 
         with broker.http_client() as http:  # the dashboard's files, read from the archive
-            for path in ("/", "/ui/app.js", "/ui/app.css"):
+            for path in ("/", *(f"/ui/{name}" for name in ASSETS)):
                 page = http.get(path)
                 assert page.status_code == 200 and page.content, (path, page.text)
         stats = run(exe, env, "stats", "--json", *client)

@@ -21,7 +21,8 @@ import pytest
 import trio
 
 from tq.broker.service import MAX_SCAN
-from tq.http.web import CSP, SESSION_COOKIE
+from tq.http import web
+from tq.http.web import ASSETS, CSP, SESSION_COOKIE
 from tq.testing import RunningBroker, running_broker, running_worker
 
 API = "/api/v1"
@@ -212,11 +213,10 @@ async def test_cookie_auth_needs_the_csrf_token_for_changes_and_keeps_roles(
 @pytest.mark.trio
 async def test_pages_and_assets_carry_the_security_headers(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, browser(broker) as http:
-        for path, media in (
-            ("/", "text/html"),
-            ("/ui/app.js", "text/javascript"),
-            ("/ui/app.css", "text/css"),
-        ):
+        assets = [(f"/ui/{name}", media.split(";")[0]) for name, media in ASSETS.items()]
+        shipped = {p.name for p in (Path(web.__file__).parent / "web").iterdir()}
+        assert shipped == {"index.html", *ASSETS}  # every file is served, every asset shipped
+        for path, media in [("/", "text/html"), *assets]:
             response = await http.get(path)
             assert response.status_code == 200, path
             assert response.headers["content-type"].startswith(media)
@@ -405,8 +405,6 @@ def test_the_hourly_history_keeps_sixty_minutes_per_queue() -> None:
 async def test_event_streams_are_capped_and_head_does_not_hang(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tq.http import web
-
     monkeypatch.setattr(web, "MAX_STREAMS", 1)
     async with running_broker(tmp_path) as broker, browser(broker) as http:
         await log_in(http, broker.key or "")

@@ -1,7 +1,8 @@
 """The web dashboard: its page and assets, login, the session cookie, live events.
 
-    GET  /                       the page (tq/http/web/index.html; the rest is app.js)
-    GET  /ui/app.js | app.css    the assets, shipped in the package (no build step)
+    GET  /                       the page (tq/http/web/index.html; the rest is JS modules)
+    GET  /ui/app.js | app.css    the assets (app.js imports lib, overview, tasks, lists .js),
+                                 shipped in the package (no build step)
     POST /ui/login               {"key": API key} as JSON (or a form field): sets the cookie
     POST /ui/logout              ends the session and clears the cookie
     GET  /ui/session             who the cookie acts as: key, role, what it may do, CSRF token
@@ -86,7 +87,11 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 ASSETS = {
-    "app.js": "text/javascript; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",  # the entry module: login, live events, routing
+    "lib.js": "text/javascript; charset=utf-8",  # text-only DOM helpers, the API client
+    "overview.js": "text/javascript; charset=utf-8",
+    "tasks.js": "text/javascript; charset=utf-8",
+    "lists.js": "text/javascript; charset=utf-8",  # workers, keys, audit
     "app.css": "text/css; charset=utf-8",
 }
 # what the page shows buttons for: name -> the role-table action it needs
