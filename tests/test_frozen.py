@@ -25,13 +25,23 @@ from pathlib import Path
 
 import pytest
 
+from tq.http.web import ASSETS
 from tq.testing import BrokerProcess, tq_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.executable]
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT = 600
-NEVER_BUNDLED = ("pytest", "_pytest", "hypothesis", "mypy", "trustme", "PyInstaller", "setuptools")
+NEVER_BUNDLED = (
+    "pytest",
+    "_pytest",
+    "hypothesis",
+    "mypy",
+    "trustme",
+    "PyInstaller",
+    "setuptools",
+    "playwright",
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +118,8 @@ def test_executable_bundles_tq_and_leaves_test_tools_out(exe: Path, home: dict[s
     names = archive_modules(exe)
     missing = sorted(m for m in tq_modules() if m not in names and m != "tq.__main__")
     assert not missing, f"modules missing from the executable: {missing}"
-    data_files = [p for p in (ROOT / "tq").rglob("*") if p.suffix in (".tcss", ".css", ".html")]
+    suffixes = (".tcss", ".css", ".html", ".js", ".svg")
+    data_files = [p for p in (ROOT / "tq").rglob("*") if p.suffix in suffixes]
     for path in data_files:
         assert str(path.relative_to(ROOT)) in names, f"{path} is not bundled"
     bundled_tools = sorted(n for n in names if n.split(".")[0] in NEVER_BUNDLED)
@@ -158,6 +169,10 @@ def test_operator_flow_broker_worker_submit_sigterm(exe: Path, home: dict[str, s
             time.sleep(0.5)
         assert done >= set(ids), f"{len(set(ids) - done)} tasks did not succeed"
 
+        with broker.http_client() as http:  # the dashboard's files, read from the archive
+            for path in ("/", *(f"/ui/{name}" for name in ASSETS)):
+                page = http.get(path)
+                assert page.status_code == 200 and page.content, (path, page.text)
         stats = run(exe, env, "stats", "--json", *client)
         assert stats.returncode == 0, stats.stderr
         doctor = run(exe, env, "doctor", "--json", *client)

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEV_TOOLS = {
     "pytest", "pytest-trio", "hypothesis", "trustme", "ruff", "mypy", "httpx",
-    "schemathesis", "types-pyyaml", "pyinstaller", "setuptools",
+    "schemathesis", "types-pyyaml", "pyinstaller", "setuptools", "playwright",
 }  # fmt: skip
 
 
@@ -90,6 +90,8 @@ def test_wheel_carries_the_package_data_and_the_command(wheel: tuple[Path, str])
         scripts = zf.read(entry_points).decode()
     tcss = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tq").rglob("*.tcss")}
     assert tcss and tcss <= names, f"missing styles: {tcss - names}"
+    web = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tq" / "http" / "web").iterdir()}
+    assert {"tq/http/web/index.html", "tq/http/web/app.js"} <= web <= names, web - names
     assert "tq/cli/main.py" in names and "tq/__main__.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     assert re.search(r"^tq = tq\.cli\.main:main$", scripts, re.M), scripts

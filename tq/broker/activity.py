@@ -1,11 +1,14 @@
-"""What the broker has done lately: labelled counters, histograms, a one-minute window.
+"""What the broker has done lately: labelled counters, histograms, recent windows.
 
 The service layer records here as it works (one call per submit or report
 batch, never per row read); the REST side turns it into Prometheus metric
 families at scrape time (tq/http/metrics.py) and ``stats`` reports the last
-minute. Plain Python on purpose: no prometheus-client on the hot path, no
-import cost for brokers without HTTP, and each broker has its own instance
-(several brokers in one test process never share counters).
+minute (per second, ``last_minute``) and the last hour (per minute,
+``history``: HISTORY_MINUTES buckets of submitted/succeeded/failed/dead
+counts and run-time sums, for the dashboard's charts). Plain Python on
+purpose: no prometheus-client on the hot path, no import cost for brokers
+without HTTP, and each broker has its own instance (several brokers in one
+test process never share counters).
 
 Events, per (queue, type):
 
@@ -24,7 +27,7 @@ so every structure keyed by them has a cap (``Labels``). The first
 kept by name, and at most ``MAX_SERIES`` (queue, type) pairs; a later queue
 or type is counted as ``OTHER``, and a new pair of kept names beyond
 ``MAX_SERIES`` as (queue, ``OTHER``). So the counters, the run-time
-histograms and the one-minute window hold at most ``MAX_QUEUES + 1`` queues,
+histograms, the one-minute window and the hourly history hold at most ``MAX_QUEUES + 1`` queues,
 ``MAX_TYPES + 1`` types and ``MAX_SERIES + MAX_QUEUES + MAX_TYPES + 1``
 pairs, and /metrics at most that many series per family.
 Nothing is forgotten: folded events still count, under ``OTHER``. The caps
@@ -40,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WINDOW = 60  # seconds of recent activity kept for throughput and failure rate
+HISTORY_MINUTES = 60  # per-minute buckets kept for the last hour (``history``)
+HISTORY_EVENTS = ("submitted", "succeeded", "failed", "dead")
 EVENTS = ("submitted", "succeeded", "failed", "retried", "dead")
 # seconds from claim to report
 RUN_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -149,6 +154,8 @@ class Activity:
         self.run_time: dict[tuple[str, str], Histogram] = {}
         self.submit_latency = Histogram(SUBMIT_LATENCY_BUCKETS)
         self._recent: deque[tuple[int, Counter[tuple[str, str]]]] = deque()  # (second, ...)
+        # (minute, (queue, event or "runs") -> n, queue -> run-time seconds), oldest first
+        self._minutes: deque[tuple[int, Counter[tuple[str, str]], dict[str, float]]] = deque()
 
     # -- recording --------------------------------------------------------
     def record(self, queue: str, type_: str, event: str, now: float, n: int = 1) -> None:
@@ -160,6 +167,17 @@ class Activity:
             while self._recent[0][0] <= second - WINDOW:
                 self._recent.popleft()
         self._recent[-1][1][(queue, event)] += n
+        if event in HISTORY_EVENTS:
+            self._minute(now)[1][(queue, event)] += n
+
+    def _minute(self, now: float) -> tuple[int, Counter[tuple[str, str]], dict[str, float]]:
+        """The history bucket of ``now``'s minute (older ones beyond the hour dropped)."""
+        minute = int(now) // 60
+        if not self._minutes or self._minutes[-1][0] < minute:
+            self._minutes.append((minute, Counter(), {}))
+            while self._minutes[0][0] <= minute - HISTORY_MINUTES:
+                self._minutes.popleft()
+        return self._minutes[-1]
 
     def submitted(self, pairs: Iterable[tuple[str, str]], now: float) -> None:
         """(queue, type) of each task a submit created."""
@@ -179,7 +197,11 @@ class Activity:
                 key = self.labels.pair(r.queue, r.type)
                 if key not in self.run_time:
                     self.run_time[key] = Histogram(RUN_TIME_BUCKETS)
-                self.run_time[key].observe(max(0.0, now - r.started_at))
+                run = max(0.0, now - r.started_at)
+                self.run_time[key].observe(run)
+                _, minute_counts, sums = self._minute(now)
+                minute_counts[(key[0], "runs")] += 1
+                sums[key[0]] = sums.get(key[0], 0.0) + run
         for (queue, type_, event), n in counts.items():
             self.record(queue, type_, event, now, n)
 
@@ -212,6 +234,29 @@ class Activity:
             "queues": queues,
             **_rates(total),
         }
+
+    def history(self, now: float, visible: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The last HISTORY_MINUTES minutes, oldest first, one row per minute (empty ones
+        too): ``start`` (Unix time of the minute), the events of HISTORY_EVENTS, ``runs``
+        (attempts whose run time is known) and ``run_time`` (their seconds, summed).
+
+        ``visible``: when given, only the queues it accepts are counted.
+        """
+        current = int(now) // 60
+        by_minute = {m: (counts, sums) for m, counts, sums in self._minutes}
+        rows = []
+        for minute in range(current - HISTORY_MINUTES + 1, current + 1):
+            row: dict[str, Any] = {"start": minute * 60, **dict.fromkeys(HISTORY_EVENTS, 0)}
+            row["runs"], row["run_time"] = 0, 0.0
+            counts, sums = by_minute.get(minute, (Counter(), {}))
+            for (queue, event), n in counts.items():
+                if visible is None or visible(queue):
+                    row[event] += n
+            for queue, seconds in sums.items():
+                if visible is None or visible(queue):
+                    row["run_time"] += seconds
+            rows.append(row)
+        return {"minutes": HISTORY_MINUTES, "rows": rows}
 
 
 def _rates(counts: Mapping[str, int]) -> dict[str, float | None]:

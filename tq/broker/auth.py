@@ -81,6 +81,7 @@ LEGACY_THREADS = 1  # scrypt verifications of keys made by older brokers, at onc
 LOGIN_TIMEOUT = 10.0  # seconds a login may take at most (a wire hello: its own deadline)
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
 MAX_AUDIT_PAGE = 1000
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer: an audit seq is never above it
 
 
 def actor_of(principal: Principal | None) -> str:
@@ -303,6 +304,17 @@ class Auth:
             raise Unauthorized(f"API key {principal.key_id} no longer exists")
         self._check_state(key)
 
+    def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of a key already authenticated once (a dashboard session names
+        only its key id): Unauthorized if the key is unknown, revoked or expired now."""
+        if not self.enabled:
+            return None
+        key = self._keys.get(key_id)
+        if key is None:
+            raise Unauthorized(f"API key {key_id} no longer exists; log in again")
+        self._check_state(key)
+        return Principal.of(key)
+
     def _check_state(self, key: ApiKey) -> None:
         """Unauthorized for a revoked or expired key; called only once its secret is known
         to be right, so its state (and name) reach only the key's holder."""
@@ -416,7 +428,9 @@ class Auth:
             or not 1 <= limit <= MAX_AUDIT_PAGE
         ):
             raise InvalidRequest(f"audit limit must be 1..{MAX_AUDIT_PAGE}")
-        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or not 0 <= before <= MAX_SEQ
+        ):
             raise InvalidRequest("audit before must be an entry's seq (integer)")
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None

@@ -3,7 +3,8 @@
 Who publishes: the service layer's operations, one call each (``submitted``,
 ``claimed``, ``reported``, ``changed``, ``released``, ``promoted``,
 ``worker``). Who listens: connections that sent ``subscribe`` (the console,
-dashboards); ``SessionEvents`` is the per-connection half, driven by
+dashboards) and the REST event stream (GET /api/v1/events, tq/http/web.py);
+``SessionEvents`` is the per-connection half of the wire, driven by
 server.py. docs/PROTOCOL.md ("subscribe", "event") is the wire contract.
 
 Invariants:

@@ -112,7 +112,10 @@ class OperatorOps:
         older_than = _seconds(msg.get("older_than"), "purge older_than")
         limit = _bulk_limit(msg.get("limit"))
         now = self.clock()
-        if msg.get("dry_run"):
+        dry_run = msg.get("dry_run")
+        if dry_run is not None and not isinstance(dry_run, bool):
+            raise InvalidRequest("purge dry_run must be true or false")
+        if dry_run:
             matched = await self.store.count_purgeable(states, older_than, now)
             return {"purged": 0, "matched": matched, "more": False}
         purged = await self.store.purge(states, older_than, now, limit)

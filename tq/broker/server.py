@@ -35,7 +35,6 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to
 DRAIN_SECONDS = 5.0
 HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
 _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
+HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
 EVENT_OUTBOX_BYTES = 256 * 1024  # events queued for a subscriber that does not read them
 
@@ -616,6 +616,7 @@ async def serve_broker(
                 ) from None
             bound = listeners[0].socket.getsockname()
             http_url = None
+            http_stopped = trio.Event()  # hypercorn returned: its graceful drain is over
             if settings.http_enabled:  # REST, /metrics, /health: tq/http, imported only here
                 from tq.http.server import serve_http
                 from tq.security.tls import TLSFiles
@@ -624,15 +625,23 @@ async def serve_broker(
                 cert, key = (None, None) if tls is None else (tls.server_cert, tls.server_key)
                 mtls = tls is not None and settings.require_client_cert
                 client_ca = tls.ca_cert if tls is not None and mtls else None
+
+                async def run_http(task_status: trio.TaskStatus[str]) -> None:
+                    try:
+                        await serve_http(
+                            service,
+                            settings.http,
+                            cert,
+                            key,
+                            shutdown,
+                            client_ca=client_ca,
+                            task_status=task_status,
+                        )
+                    finally:
+                        http_stopped.set()
+
                 try:
-                    http_url = await timers.start(
-                        partial(serve_http, client_ca=client_ca),
-                        service,
-                        settings.http,
-                        cert,
-                        key,
-                        shutdown,
-                    )
+                    http_url = await timers.start(run_http)
                 except BaseException:
                     for listener in listeners:
                         await trio.aclose_forcefully(listener)
@@ -682,5 +691,8 @@ async def serve_broker(
                     while service.in_flight:
                         await trio.sleep(0.02)
                 sessions.cancel_scope.cancel()
+            if http_url is not None:  # in-flight HTTP requests and event streams end cleanly
+                with trio.move_on_after(HTTP_DRAIN_SECONDS):
+                    await http_stopped.wait()
             timers.cancel_scope.cancel()
     log.info("broker stopped; store closed cleanly")

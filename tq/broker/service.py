@@ -11,6 +11,7 @@ waiters wake ``wait`` calls when a task changes state.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ MAX_WAIT = 60.0  # seconds a claim or wait may long-poll; longer asks are capped
 MAX_COUNT = 2**31 - 1  # hello pid and concurrency
 MAX_TOKEN = 2**63 - 1  # lease tokens are positive 62-bit numbers; larger cannot be one
 MAX_LIST = 10000
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, the latest since/until
+MAX_SEARCH = 200  # characters of a list's search text
+MAX_SCAN = 10_000  # tasks a filtered list (search, time range) reads per call at most
+SCAN_PAGE = 500  # ... in store pages of this many
 YIELD_EVERY = 200  # specs validated between checkpoints: bounds the event-loop stall (~0.3 ms)
 
 
@@ -125,6 +130,44 @@ def queue_counters(activity: Activity, may_use: Callable[[str], bool]) -> dict[s
             out["failed"] += events["retried"]  # a failed attempt that will be retried
             out["dead"] += events["dead"]
     return out
+
+
+@dataclass(frozen=True)
+class TaskScan:
+    """The filters of a list the store does not know: text and creation time."""
+
+    search: str | None
+    since: float | None
+    until: float | None
+
+    @classmethod
+    def of(cls, msg: dict[str, Any]) -> TaskScan | None:
+        search = msg.get("search")
+        if search is not None and (not isinstance(search, str) or len(search) > MAX_SEARCH):
+            raise InvalidRequest(f"list search must be text of at most {MAX_SEARCH} characters")
+        since, until = msg.get("since"), msg.get("until")
+        if since is not None:
+            since = number(since, "list since", hi=MAX_EPOCH)
+        if until is not None:
+            until = number(until, "list until", hi=MAX_EPOCH)
+        if not search and since is None and until is None:
+            return None
+        return cls(search.casefold() if search else None, since, until)
+
+    def matches(self, task: Task) -> bool:
+        if self.since is not None and task.created_at < self.since:
+            return False
+        if self.until is not None and task.created_at > self.until:
+            return False
+        if self.search is None:
+            return True
+        error = task.error
+        if error is not None and any(
+            self.search in text.casefold() for text in (error.type, error.message, error.traceback)
+        ):
+            return True
+        payload = json.dumps(task.payload, ensure_ascii=False, default=repr)
+        return self.search in payload.casefold()
 
 
 def worker_info(worker_id: str, msg: dict[str, Any], key_id: str | None = None) -> WorkerInfo:
@@ -418,6 +461,14 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     async def list_tasks(
         self, msg: dict[str, Any], principal: Principal | None = None
     ) -> tuple[list[Task], str | None]:
+        """A page of tasks and the cursor of the next (None at the end).
+
+        With ``search`` (text, case-insensitive, looked for in the error and the
+        payload) or ``since``/``until`` (Unix seconds, bounds on ``created_at``),
+        the store's pages are scanned and filtered here, at most MAX_SCAN tasks
+        per call: the page may then hold fewer than ``limit`` tasks (even none)
+        with a cursor that continues the scan where it stopped.
+        """
         limit = msg.get("limit")
         limit = 100 if limit is None else limit  # nil equals absent
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
@@ -433,11 +484,33 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         order = "oldest" if order is None else order
         if order not in ("oldest", "newest"):
             raise InvalidRequest(f"list order must be 'oldest' or 'newest', not {order!r}")
-        tasks = await self.store.list(
-            ListFilter(limit=limit, newest_first=order == "newest", **fields)
-        )
-        cursor = tasks[-1].id if len(tasks) == limit else None
-        return tasks, cursor
+        scan = TaskScan.of(msg)
+        if scan is None:
+            tasks = await self.store.list(
+                ListFilter(limit=limit, newest_first=order == "newest", **fields)
+            )
+            cursor = tasks[-1].id if len(tasks) == limit else None
+            return tasks, cursor
+        found: list[Task] = []
+        scanned = 0
+        while True:
+            size = min(SCAN_PAGE, MAX_SCAN - scanned)
+            page = await self.store.list(
+                ListFilter(limit=size, newest_first=order == "newest", **fields)
+            )
+            scanned += len(page)
+            for index, task in enumerate(page):
+                if scan.matches(task):
+                    found.append(task)
+                    if len(found) == limit:
+                        more = index < len(page) - 1 or len(page) == size
+                        return found, task.id if more else None
+            if len(page) < size:
+                return found, None  # the store has no more
+            fields["after"] = page[-1].id
+            if scanned >= MAX_SCAN:
+                return found, page[-1].id  # the scan goes on from here
+            await trio.lowlevel.checkpoint()
 
     async def cancel(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
@@ -538,6 +611,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             "workers": len(self.workers.visible(may_use)),
             "counters": counters,
             "last_minute": self.activity.last_minute(now, may_use),
+            "history": self.activity.history(now, may_use),
         }
 
     def list_workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:

@@ -132,7 +132,8 @@ HttpOpt = Annotated[
     str | None,
     typer.Option(
         "--http",
-        help="Serve the REST API, /metrics and /health on HOST:PORT (TLS unless --insecure; "
+        help="Serve the REST API, the web dashboard (/), /metrics and /health on HOST:PORT "
+        "(TLS unless --insecure; "
         "port 0 picks a free one), or 'off' (env TQ_HTTP; default 127.0.0.1:7471).",
         show_default=False,
     ),
@@ -254,8 +255,8 @@ def broker(
     certificate under DATA/tls and prints the CA's path and fingerprint.
     API keys are required by default: the first start creates an admin key
     in DATA/admin.key; the broker prints a join token for workers.
-    Stops cleanly on SIGINT/SIGTERM. The REST API, /metrics and /health
-    are served on --http (docs/REST.md).
+    Stops cleanly on SIGINT/SIGTERM. The REST API, the web dashboard (/),
+    /metrics and /health are served on --http (docs/REST.md, docs/WEB.md).
     """
     setup_logging(log_level, log_format)
 

@@ -9,7 +9,13 @@
     GET    /api/v1/tasks/{id}           one task
     DELETE /api/v1/tasks/{id}           cancel
     POST   /api/v1/tasks/{id}/retry     back to pending
+    POST   /api/v1/tasks/{id}/priority  {"priority"}: change a waiting task's priority
+    POST   /api/v1/purge                delete finished tasks (states, older_than, limit)
+    POST   /api/v1/retry-many           failed/dead/cancelled tasks back to pending
     GET    /api/v1/stats | workers | queues | cluster
+    GET    /api/v1/keys | audit         API keys, the audit log (admin)
+    GET    /api/v1/events               live events as server-sent events (web.py)
+    GET    /  and  /ui/...              the web dashboard (web.py)
 
 Authentication: ``Authorization: Bearer <API key>``, checked by
 ``authenticate`` through ``BrokerService.authorize`` against the same key
@@ -17,7 +23,9 @@ table and role table (tq.security.roles) as the wire; each route names the
 wire action it amounts to, so a key may do over HTTP exactly what it may do
 over the wire. With ``--no-auth`` every request is allowed. Every 401 and
 403 is logged as the wire logs its refusals (``PEER: WHAT refused (CODE):
-MESSAGE``).
+MESSAGE``). A request
+without that header may use the dashboard's session cookie instead
+(tq.http.web: signed cookie, CSRF token on state-changing requests).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from starlette.routing import Route
 
 from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
 from tq.core.states import State
-from tq.http import problems
+from tq.http import problems, web
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
@@ -52,7 +60,7 @@ API = "/api/v1"
 MAX_BODY = 16 * 1024 * 1024  # bytes, like the wire's frame limit
 JSON_BYTES_PER_CONTAINER = 4  # a body holds at most one array or object per 4 bytes
 JSON_TYPES = ("application/json", "application/problem+json")
-LIST_FILTERS = ("state", "type", "queue")
+LIST_FILTERS = ("state", "type", "queue", "search")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -72,6 +80,8 @@ async def authenticate(request: Request, action: str) -> Principal | None:
     good key, Forbidden (403) when the key's role may not do ``action``.
     """
     header = request.headers.get("authorization")
+    if header is None and web.SESSION_COOKIE in request.cookies:
+        return await web.cookie_principal(request, action)
     key = None
     if header is not None:
         scheme, _, value = header.partition(" ")
@@ -143,6 +153,12 @@ def _query(request: Request) -> dict[str, Any]:
         if not (text.isascii() and text.isdigit()):
             raise InvalidRequest(f"limit must be a whole number 1..10000, not {text!r}")
         msg["limit"] = int(text)
+    for bound in ("since", "until"):  # Unix seconds; the service checks the range
+        if bound in params:
+            try:
+                msg[bound] = float(params[bound])
+            except ValueError:
+                raise InvalidRequest(f"{bound} must be Unix time in seconds") from None
     if "cursor" in params:
         msg["after"] = params["cursor"]
     if "order" in params:
@@ -209,6 +225,51 @@ async def retry_task(request: Request) -> Response:
     principal = await authenticate(request, "retry")
     task = await _service(request).retry(request.path_params["task_id"], principal)
     return _json(_task(task.to_dict()))
+
+
+async def set_priority(request: Request) -> Response:
+    principal = await authenticate(request, "set_priority")
+    body = await _object_body(request)
+    if "priority" not in body:
+        raise InvalidRequest('send {"priority": 0..255 or high, normal, low}')
+    task = await _service(request).set_priority(
+        request.path_params["task_id"], body["priority"], principal
+    )
+    return _json(_task(task.to_dict()))
+
+
+async def purge(request: Request) -> Response:
+    principal = await authenticate(request, "purge")
+    return _json(await _service(request).purge(await _object_body(request), principal))
+
+
+async def retry_many(request: Request) -> Response:
+    principal = await authenticate(request, "retry_many")
+    return _json(await _service(request).retry_many(await _object_body(request), principal))
+
+
+async def keys(request: Request) -> Response:
+    await authenticate(request, "keys:list")
+    return _json(await _service(request).auth.request(None, {"op": "list"}))
+
+
+async def audit(request: Request) -> Response:
+    await authenticate(request, "audit")
+    msg: dict[str, Any] = {}
+    for name in ("limit", "before"):
+        text = request.query_params.get(name)
+        if text is not None:
+            if not (text.isascii() and text.isdigit()):
+                raise InvalidRequest(f"{name} must be a whole number, not {text!r}")
+            msg[name] = int(text)
+    return _json(await _service(request).auth.audit_page(msg))
+
+
+async def _object_body(request: Request) -> dict[str, Any]:
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
 
 
 async def stats(request: Request) -> Response:
@@ -305,10 +366,17 @@ def build_app(service: BrokerService) -> Starlette:
         _resource(f"{API}/tasks", GET=list_tasks, POST=submit),
         _resource(f"{API}/tasks/{{task_id}}", GET=get_task, DELETE=cancel_task),
         Route(f"{API}/tasks/{{task_id}}/retry", retry_task, methods=["POST"]),
+        Route(f"{API}/tasks/{{task_id}}/priority", set_priority, methods=["POST"]),
+        Route(f"{API}/purge", purge, methods=["POST"]),
+        Route(f"{API}/retry-many", retry_many, methods=["POST"]),
         Route(f"{API}/stats", stats, methods=["GET"]),
         Route(f"{API}/workers", workers, methods=["GET"]),
         Route(f"{API}/queues", queues, methods=["GET"]),
         Route(f"{API}/cluster", cluster, methods=["GET"]),
+        Route(f"{API}/keys", keys, methods=["GET"]),
+        Route(f"{API}/audit", audit, methods=["GET"]),
+        Route(f"{API}/events", web.events, methods=["GET"]),
+        *web.routes(),
     ]
     app = Starlette(
         routes=routes,
@@ -320,4 +388,5 @@ def build_app(service: BrokerService) -> Starlette:
     )
     app.state.service = service
     app.state.metrics = MetricsPage(service)
+    web.install(app)  # the dashboard's session secret and event streams
     return app

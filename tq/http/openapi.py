@@ -37,6 +37,7 @@ _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
 _STATE = {"type": "string", "enum": [s.value for s in State]}
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -225,6 +226,84 @@ SCHEMAS: dict[str, Any] = {
                     "failure_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
                 },
             },
+            "history": _ref("History"),
+        },
+    },
+    "History": {
+        "type": "object",
+        "description": "The last hour, one row per minute, oldest first (empty minutes too).",
+        "required": ["minutes", "rows"],
+        "properties": {
+            "minutes": {"type": "integer"},
+            "rows": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "start",
+                        "submitted",
+                        "succeeded",
+                        "failed",
+                        "dead",
+                        "runs",
+                        "run_time",
+                    ],
+                    "properties": {
+                        "start": {"type": "integer", "description": "Unix time of the minute."},
+                        "submitted": {"type": "integer", "minimum": 0},
+                        "succeeded": {"type": "integer", "minimum": 0},
+                        "failed": {"type": "integer", "minimum": 0},
+                        "dead": {"type": "integer", "minimum": 0},
+                        "runs": {"type": "integer", "minimum": 0},
+                        "run_time": {
+                            "type": "number",
+                            "minimum": 0,
+                            "description": "Seconds of run time of those runs, summed.",
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["id", "name", "role", "queues", "created_at", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "role": {"type": "string"},
+            "queues": {"type": ["array", "null"], "items": {"type": "string"}},
+            "created_at": {"type": "number"},
+            "expires_at": _NUMBER_OR_NULL,
+            "revoked_at": _NUMBER_OR_NULL,
+            "state": {"type": "string", "enum": ["active", "revoked", "expired"]},
+        },
+    },
+    "AuditEntry": {
+        "type": "object",
+        "required": ["seq", "at", "actor", "action", "target", "detail"],
+        "properties": {
+            "seq": {"type": "integer"},
+            "at": {"type": "number"},
+            "actor": {"type": "string"},
+            "action": {"type": "string"},
+            "target": {"type": "string"},
+            "detail": {"type": "object"},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["auth", "broker", "key_id", "name", "role", "queues", "may", "csrf"],
+        "properties": {
+            "auth": {"type": "boolean", "description": "false: the broker runs --no-auth."},
+            "broker": {"type": "string"},
+            "key_id": {"type": ["string", "null"]},
+            "name": {"type": ["string", "null"]},
+            "role": {"type": "string"},
+            "queues": {"type": ["array", "null"], "items": {"type": "string"}},
+            "may": {"type": "object", "additionalProperties": {"type": "boolean"}},
+            "csrf": {"type": ["string", "null"]},
+            "expires_at": {"type": ["integer", "null"]},
         },
     },
     "Worker": {
@@ -290,6 +369,13 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"status": {"type": "string"}},
     },
 }
+
+
+_BULK_LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000, "default": 1000}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -410,6 +496,28 @@ def _paths() -> dict[str, Any]:
                         "description": "oldest (default) or newest submitted first.",
                         "schema": {"type": "string", "enum": ["oldest", "newest"]},
                     },
+                    {
+                        "name": "search",
+                        "in": "query",
+                        "description": "Text (case-insensitive) to find in the task's error "
+                        "(type, message, traceback) or its payload (as JSON). With search, "
+                        "since or until the broker scans at most 10000 tasks per request: a "
+                        "page may hold fewer than limit tasks, even none, with a next_cursor "
+                        "that continues the scan.",
+                        "schema": {"type": "string", "maxLength": 200},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "description": "Only tasks created at or after this Unix time (s).",
+                        "schema": {"type": "number", "minimum": 0, "maximum": MAX_EPOCH},
+                    },
+                    {
+                        "name": "until",
+                        "in": "query",
+                        "description": "Only tasks created at or before this Unix time (s).",
+                        "schema": {"type": "number", "minimum": 0, "maximum": MAX_EPOCH},
+                    },
                 ],
             ),
         },
@@ -427,6 +535,193 @@ def _paths() -> dict[str, Any]:
                 "Send a failed, dead or cancelled task back to pending (attempts start over).",
                 {"200": task, **_problems(*_AUTH, 404, 409, 503)},
             ),
+        },
+        "/api/v1/tasks/{task_id}/priority": {
+            "parameters": [_TASK_ID],
+            "post": _op(
+                "Change the priority of a task that has not started (pending or scheduled).",
+                {"200": task, **_problems(400, *_AUTH, 404, 409, 415, 503)},
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["priority"],
+                        "properties": {"priority": SCHEMAS["TaskSpec"]["properties"]["priority"]},
+                    }
+                ),
+            ),
+        },
+        "/api/v1/purge": {
+            "post": _op(
+                "Delete finished tasks (succeeded, dead, cancelled) that finished more than "
+                "older_than seconds ago, at most limit per call (the newest task is kept); "
+                "dry_run counts them instead.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["purged", "matched", "more"],
+                            "properties": {
+                                "purged": {"type": "integer", "minimum": 0},
+                                "matched": {"type": "integer", "minimum": 0},
+                                "more": {"type": "boolean"},
+                            },
+                        },
+                        "What was deleted (or, with dry_run, would be).",
+                    ),
+                    **_problems(400, *_AUTH, 415, 503),
+                },
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["states", "older_than"],
+                        "properties": {
+                            "states": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"enum": ["succeeded", "dead", "cancelled"]},
+                            },
+                            "older_than": {"type": "number", "minimum": 0},
+                            "limit": _BULK_LIMIT,
+                            "dry_run": {"type": ["boolean", "null"], "default": False},
+                        },
+                    }
+                ),
+            )
+        },
+        "/api/v1/retry-many": {
+            "post": _op(
+                "Send up to limit tasks in one state (failed, dead or cancelled) back to "
+                "pending, oldest first.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["retried", "more"],
+                            "properties": {
+                                "retried": {"type": "array", "items": {"type": "string"}},
+                                "more": {"type": "boolean"},
+                            },
+                        },
+                        "The ids sent back to pending.",
+                    ),
+                    **_problems(400, *_AUTH, 415, 503),
+                },
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["state"],
+                        "properties": {
+                            "state": {"enum": ["failed", "dead", "cancelled"]},
+                            "limit": _BULK_LIMIT,
+                        },
+                    }
+                ),
+            )
+        },
+        "/api/v1/keys": {
+            "get": _op(
+                "API keys (admin): public data only, never a secret or its hash.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["keys"],
+                            "properties": {"keys": {"type": "array", "items": _ref("ApiKey")}},
+                        },
+                        "Keys.",
+                    ),
+                    **_problems(*_AUTH, 503),
+                },
+            )
+        },
+        "/api/v1/audit": {
+            "get": _op(
+                "The audit log (admin), newest first; pass next as before for older entries.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["entries", "next"],
+                            "properties": {
+                                "entries": {"type": "array", "items": _ref("AuditEntry")},
+                                "next": {"type": ["integer", "null"]},
+                            },
+                        },
+                        "A page of the log.",
+                    ),
+                    **_problems(400, *_AUTH, 503),
+                },
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "next of the previous page (an entry's seq).",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    },
+                ],
+            )
+        },
+        "/api/v1/events": {
+            "get": _op(
+                "Live events as server-sent events (text/event-stream): the wire's "
+                "subscribe topics and event bodies (docs/PROTOCOL.md), one message per event "
+                "(event: topic, data: JSON, id: sequence), a keepalive comment every 15 s; "
+                "the stream ends when the broker shuts down.",
+                {
+                    "200": {
+                        "description": "The stream (open until the client or the broker goes).",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_problems(400, *_AUTH),
+                },
+                parameters=[
+                    {
+                        "name": "topics",
+                        "in": "query",
+                        "description": "Comma-separated: tasks, counts, workers (default all).",
+                        "schema": {"type": "string"},
+                    }
+                ],
+            )
+        },
+        "/ui/login": {
+            "post": _op(
+                "Dashboard login: check an API key like a bearer key and set the session "
+                "cookie tq_session (docs/WEB.md); a form field key is accepted too (303 to /).",
+                {
+                    "200": _json(_ref("Session"), "Logged in; Set-Cookie: tq_session."),
+                    "303": {"description": "Logged in from a form: back to the page."},
+                    **_problems(400, 401, 403),
+                },
+                security=[],
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["key"],
+                        "properties": {"key": {"type": "string"}},
+                    }
+                ),
+            )
+        },
+        "/ui/logout": {
+            "post": _op(
+                "Dashboard logout: end the session and clear its cookie.",
+                {"204": {"description": "Logged out."}, **_problems(403)},
+                security=[],
+            )
+        },
+        "/ui/session": {
+            "get": _op(
+                "The dashboard session of the tq_session cookie: key, role, what the page may "
+                "offer, the CSRF token for X-CSRF-Token.",
+                {"200": _json(_ref("Session"), "The session."), **_problems(401)},
+                security=[],
+            )
         },
         "/api/v1/stats": {
             "get": _op(

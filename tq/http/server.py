@@ -87,6 +87,7 @@ async def serve_http(
     config = hypercorn_config(address, cert, key, client_ca)
     _check_bind(address)
     app = build_app(service)
+    app.state.shutdown = shutdown  # long-lived responses (server-sent events) end with it
 
     async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
