@@ -474,4 +474,5 @@ def _wait_many(
     if interactive():
         typer.echo(", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing")
     if failed:
-        fail(f"{failed} of {len(ended)} task(s) did not succeed", exits.TASK_FAILED)
+        total = sum(ended.values())
+        fail(f"{failed} of {total} task(s) did not succeed", exits.TASK_FAILED)
