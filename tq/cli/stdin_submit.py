@@ -87,36 +87,36 @@ async def _chunks() -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _lines(send: trio.MemorySendChannel[tuple[int, Any]], listed: bool) -> None:
-    """Parse stdin lines and send (line number, task map or error text) on ``send``."""
+async def _lines(send: trio.MemorySendChannel[list[tuple[int, Any]]], listed: bool) -> None:
+    """Parse stdin lines; send lists of (line number, task map or error text) on ``send``,
+    one list per chunk read (a channel send per line would cost more than the parsing)."""
     number, rest = 0, b""
     async with send:
         async for chunk in _chunks():
             rest += chunk
             *complete, rest = rest.split(b"\n")
+            parsed = []
             for raw in complete:
                 number += 1
-                await _one_line(send, number, raw, listed)
-        if rest:
-            await _one_line(send, number + 1, rest, listed)
+                if raw.strip():
+                    parsed.append((number, _parse(number, raw, listed)))
+            if parsed:
+                await send.send(parsed)
+        if rest.strip():
+            await send.send([(number + 1, _parse(number + 1, rest, listed))])
 
 
-async def _one_line(
-    send: trio.MemorySendChannel[tuple[int, Any]], number: int, raw: bytes, listed: bool
-) -> None:
-    if not raw.strip():
-        return
+def _parse(number: int, raw: bytes, listed: bool) -> Any:
     try:
         item = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        await send.send((number, f"line {number} is not valid JSON: {reason}"))
-        return
-    await send.send((number, from_list(item) if listed else item))
+        return f"line {number} is not valid JSON: {reason}"
+    return from_list(item) if listed else item
 
 
 async def _batches(
-    lines: trio.MemoryReceiveChannel[tuple[int, Any]],
+    lines: trio.MemoryReceiveChannel[list[tuple[int, Any]]],
     out: trio.MemorySendChannel[list[tuple[int, Any]]],
 ) -> None:
     """Group lines: a batch leaves at STDIN_BATCH lines or FLUSH_SECONDS after its first."""
@@ -124,18 +124,23 @@ async def _batches(
     deadline = float("inf")
     async with out:
         while True:
-            with trio.move_on_at(deadline):
+            items: list[tuple[int, Any]] | None = None
+            with trio.move_on_at(deadline):  # only the receive: a send is never cut short
                 try:
-                    item = await lines.receive()
+                    items = await lines.receive()
                 except trio.EndOfChannel:
                     break
-                if not batch:
-                    deadline = trio.current_time() + FLUSH_SECONDS
-                batch.append(item)
-                if len(batch) < STDIN_BATCH:
-                    continue
-            await out.send(batch)
-            batch, deadline = [], float("inf")
+            if items is None:  # the timer: send what there is
+                await out.send(batch)
+                batch, deadline = [], float("inf")
+                continue
+            if not batch:
+                deadline = trio.current_time() + FLUSH_SECONDS
+            batch.extend(items)
+            while len(batch) >= STDIN_BATCH:
+                await out.send(batch[:STDIN_BATCH])
+                batch = batch[STDIN_BATCH:]
+                deadline = trio.current_time() + FLUSH_SECONDS if batch else float("inf")
         if batch:
             await out.send(batch)
 
@@ -241,7 +246,7 @@ def submit_stdin(conf: Settings, listed: bool = False) -> Outcome:
             work.start_soon(printer)
             async with order_send:
                 with reading:
-                    lines_send, lines_recv = trio.open_memory_channel[Any](STDIN_BATCH * 4)
+                    lines_send, lines_recv = trio.open_memory_channel[Any](4)
                     batch_send, batch_recv = trio.open_memory_channel[Any](0)
                     async with trio.open_nursery() as feeders:
                         feeders.start_soon(_lines, lines_send, listed)

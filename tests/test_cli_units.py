@@ -1,0 +1,54 @@
+"""Pure parts of the CLI, unit-tested: `tq submit -` batching under trio's fake clock,
+the services' signal rule, settings sources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tq.cli import stdin_submit
+
+
+@pytest.mark.trio
+async def test_batches_leave_at_size_or_after_the_flush_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lines_send, lines_recv = trio.open_memory_channel[Any](10)
+    out_send, out_recv = trio.open_memory_channel[Any](10)
+    got: list[tuple[float, list[int]]] = []
+
+    async def collect() -> None:
+        async for batch in out_recv:
+            got.append((trio.current_time(), [number for number, _ in batch]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stdin_submit._batches, lines_recv, out_send)
+        nursery.start_soon(collect)
+        start = trio.current_time()
+        await lines_send.send([(n, {}) for n in range(1, 601)])  # 2 full batches and 100
+        await trio.sleep(0.05)
+        assert [len(b) for _, b in got] == [250, 250]
+        await trio.sleep(1)
+        assert [len(b) for _, b in got] == [250, 250, 100]
+        assert got[2][0] - start == pytest.approx(stdin_submit.FLUSH_SECONDS)
+        await lines_send.send([(601, {})])
+        await lines_send.send([(602, {})])
+        await trio.sleep(10)  # no more input, stdin open: the two lines still leave
+        assert got[3][1] == [601, 602]
+        await lines_send.aclose()
+    assert len(got) == 4
+
+
+def test_from_list_keeps_only_what_a_submission_carries() -> None:
+    listed = {
+        "id": "x", "type": "echo", "queue": "q", "state": "dead", "priority": 200,
+        "attempts": 3, "max_retries": 2, "payload": {"a": 1}, "result": None,
+        "error": {"type": "E"}, "created_at": 1.0, "worker": "w", "timeout": 5.0,
+    }  # fmt: skip
+    assert stdin_submit.from_list(listed) == {
+        "type": "echo", "queue": "q", "priority": 200, "max_retries": 2,
+        "payload": {"a": 1}, "timeout": 5.0,
+    }  # fmt: skip
