@@ -171,3 +171,78 @@ def test_submit_stdin_prints_ids_on_a_terminal(broker: BrokerProcess) -> None:
     text = output.decode()
     assert len(ids) == 2 and all(i in text for i in ids)
     assert "submitted 2 task(s)" in text
+
+
+# -- bulk cancel, priority -------------------------------------------------------------
+
+
+def test_cancel_by_id_from_stdin_and_by_state(broker: BrokerProcess) -> None:
+    ids = [ok(broker, "submit", "sleep", "-p", "60", "-q", "parked").strip() for _ in range(5)]
+    asked = tq(broker, "cancel", "--queue", "parked")  # a pipe: no prompt, so --yes is needed
+    assert asked.returncode == 2
+    assert "5 task(s) match" in asked.stderr and "add --yes" in asked.stderr
+    assert {t["state"] for t in listed(broker, "parked")} == {"pending"}
+    missing = "01a21f99-0000-7000-8000-000000000000"
+    some = tq(broker, "cancel", "-", "--output", "jsonl", stdin=f"{ids[0]}\n{missing}\n")
+    assert some.returncode == 3
+    assert [json.loads(line) for line in some.stdout.splitlines()] == [
+        {"id": ids[0], "state": "cancelled"}
+    ]
+    assert some.stderr.count(missing) == 1  # the id once per error line
+    rest = ok(broker, "cancel", "--state", "pending", "--queue", "parked", "--yes", "-o", "jsonl")
+    assert {json.loads(line)["id"] for line in rest.splitlines()} == set(ids[1:])
+    assert {t["state"] for t in listed(broker, "parked")} == {"cancelled"}
+    again = tq(broker, "cancel", ids[1])
+    assert again.returncode != 0 and "cancelled task cannot be cancelled" in again.stderr
+    wrong = tq(broker, "cancel", "--state", "dead", "--yes")
+    assert wrong.returncode == 2 and "cancel takes --state" in wrong.stderr
+
+
+def test_priority_of_one_task_and_of_ids_from_stdin(broker: BrokerProcess) -> None:
+    ids = [ok(broker, "submit", "sleep", "-p", "60", "-q", "ranked").strip() for _ in range(3)]
+    assert ok(broker, "priority", ids[0], "high").strip() == f"{ids[0]} priority 200"
+    rows = ok(broker, "priority", "-", "7", "--output", "jsonl", stdin="\n".join(ids[1:]) + "\n")
+    assert [json.loads(line) for line in rows.splitlines()] == [
+        {"id": i, "priority": 7} for i in ids[1:]
+    ]
+    assert {t["id"]: t["priority"] for t in listed(broker, "ranked")} == {
+        ids[0]: 200,
+        ids[1]: 7,
+        ids[2]: 7,
+    }
+    ok(broker, "cancel", "--queue", "ranked", "--yes")
+
+
+# -- small ones -------------------------------------------------------------------------
+
+
+def test_small_operator_papercuts(broker: BrokerProcess) -> None:
+    token = ok(broker, "token", "create", "--address", "a.example:7470", "-a", "b.example:7470")
+    shown = subprocess.run(
+        tq_command("token", "inspect", token.strip()), capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "a.example:7470, b.example:7470" in shown and "[" not in shown
+    states = tq(broker, "list", "--help").stdout
+    assert "scheduled" not in states and "blocked" not in states
+    assert tq(broker, "list", "--state", "scheduled").returncode == 2
+    missing = "01a21f99-0000-7000-8000-000000000001"
+    retried = tq(broker, "retry", "-", stdin=missing + "\n")
+    assert retried.returncode == 3 and retried.stderr.count(missing) == 1
+    with broker.http_client(headers={"Authorization": ""}) as http:
+        del http.headers["Authorization"]
+        answer = http.get("/metrics")
+    assert answer.status_code == 401
+    assert "Bearer" in answer.text and "--key" not in answer.text
+
+
+def test_exec_over_a_python_handler_warns_at_start(broker: BrokerProcess) -> None:
+    worker = broker.start_worker("--exec", "echo=cat", "--queues", "nothing", log_name="shadow.log")
+    try:
+        log = broker.data / "shadow.log"
+        deadline = time.monotonic() + 30
+        while "replaces the Python handler" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "cat replaces the Python handler 'echo'" in log.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(30)

@@ -365,7 +365,9 @@ def _retry_stdin(
             except TQError as exc:
                 failures += 1
                 worst = max(worst, exits.for_code(exc.code))
-                say(f"tq: error: {task_id}: {exc.message or exc}", err=True)
+                from tq.cli.bulk import error_line
+
+                say(f"tq: error: {error_line(task_id, exc)}", err=True)
             bar.advance()
     if mode is Output.table:
         typer.echo(f"retried {len(rows)} task(s)")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import admin, bench, ops, security, services, tasks, tui
+from tq.cli import admin, bench, bulk, ops, security, services, tasks, tui
 
 app = typer.Typer(
     name="tq",
@@ -29,7 +29,8 @@ app.command(rich_help_panel="Tasks")(tasks.submit)
 app.command(rich_help_panel="Tasks")(tasks.status)
 app.command(rich_help_panel="Tasks")(admin.wait)  # one id, several, or - (stdin)
 app.command("list", rich_help_panel="Tasks")(tasks.list_)
-app.command(rich_help_panel="Tasks")(tasks.cancel)
+app.command(rich_help_panel="Tasks")(bulk.cancel)  # an id, - (stdin) or --state/--queue/--type
+app.command(rich_help_panel="Tasks")(bulk.priority)  # an id or - (stdin)
 app.command(rich_help_panel="Tasks")(admin.retry)  # an id, - (stdin) or --state
 app.command(rich_help_panel="Operations")(tasks.stats)
 app.command(rich_help_panel="Operations")(tasks.workers)

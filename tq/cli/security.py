@@ -34,6 +34,7 @@ from tq.cli.common import (
     run_guarded,
     say,
     settings,
+    text_mode,
 )
 
 if TYPE_CHECKING:
@@ -334,6 +335,7 @@ def token_create(
 def token_inspect(
     token: Annotated[str, typer.Argument(help="A join token (tqj1_...).")],
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Show what a join token holds (addresses, CA fingerprint, key id; not the secret)."""
 
@@ -346,7 +348,13 @@ def token_inspect(
             "ca_fingerprint": decoded.ca_fingerprint,
             "key_id": decoded.key_id,
         }
-        emit(info, output_mode(None, as_json), lambda d: kv_table(d.items()))
+        emit(
+            info,
+            text_mode(output, as_json),
+            lambda d: kv_table(
+                (k, ", ".join(v) if isinstance(v, list) else v) for k, v in d.items()
+            ),
+        )
 
     run_guarded(body)
 

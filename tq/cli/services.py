@@ -211,11 +211,26 @@ def _registry(imports: list[str] | None) -> HandlerRegistry:
     return registry
 
 
-def _exec_handlers(specs: list[str] | None) -> dict[str, ExecHandler]:
+def _exec_handlers(
+    specs: list[str] | None, registry: HandlerRegistry | None = None
+) -> dict[str, ExecHandler]:
+    """``--exec`` handlers by type. One that shadows a Python handler (built-in or
+    imported) of the same type wins: say so at start, once per type."""
     from tq.worker.executable import parse_exec_spec
 
     handlers = [parse_exec_spec(spec) for spec in specs or []]
-    return {h.type: h for h in handlers}
+    by_type = {h.type: h for h in handlers}
+    for name in sorted(by_type):
+        if registry is not None and registry.get(name) is not None:
+            logging.getLogger("tq.worker").warning(
+                "--exec %s=%s replaces the Python handler %r (built-in or --import): "
+                "tasks of type %r run the program",
+                name,
+                " ".join(by_type[name].argv),
+                name,
+                name,
+            )
+    return by_type
 
 
 def _broker_flags(
@@ -342,7 +357,8 @@ def worker(
             **_worker_flags(broker, ca, insecure, concurrency, queues, name, grace),
             **sec.client_flags(key, join, client_cert, client_key),
         )
-        registry, execs_ = _registry(imports), _exec_handlers(execs)
+        registry = _registry(imports)
+        execs_ = _exec_handlers(execs, registry)
 
         async def main(shutdown: trio.Event) -> None:
             settle_heap()  # the handlers are imported: what start-up made is here
@@ -385,7 +401,8 @@ def up(
             queues=queues,
             http=http,
         )
-        registry, execs_ = _registry(imports), _exec_handlers(execs)
+        registry = _registry(imports)
+        execs_ = _exec_handlers(execs, registry)
 
         async def main(shutdown: trio.Event) -> None:
             worker_stop = trio.Event()
