@@ -7,6 +7,7 @@ broker start their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -246,3 +248,128 @@ def test_exec_over_a_python_handler_warns_at_start(broker: BrokerProcess) -> Non
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+# -- a broker restart under tq wait and tq queue-depth --watch --------------------------
+
+
+def test_wait_and_watch_reconnect_across_a_broker_restart(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "restart") as broker:
+        task_id = ok(broker, "submit", "sleep", "-p", "60", "-q", "unserved").strip()
+        wait_cmd = tq_command("wait", task_id, "--timeout", "90", *broker.client_args())
+        watch_cmd = tq_command(
+            "queue-depth", "--watch", "--interval", "0.3", "-o", "jsonl", *broker.client_args()
+        )
+        with (
+            subprocess.Popen(wait_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as waiter,
+            subprocess.Popen(watch_cmd, stdout=subprocess.PIPE, bufsize=0) as watcher,
+        ):
+            assert watcher.stdout is not None
+            assert read_lines(watcher.stdout, 1, 30), "queue-depth --watch printed nothing"
+            address = broker.address
+            assert broker.stop() == 0
+            broker.start(listen=address)
+            ok(broker, "submit", "sleep", "-p", "60", "-q", "after-restart")
+            deadline, seen = time.monotonic() + 30, False
+            while not seen and time.monotonic() < deadline:  # the watch answers again
+                for line in read_lines(watcher.stdout, 1, 2):
+                    seen |= any(q["queue"] == "after-restart" for q in json.loads(line)["queues"])
+            assert seen, "queue-depth --watch did not come back after the restart"
+            assert waiter.poll() is None, "tq wait gave up when the broker stopped"
+            ok(broker, "cancel", task_id)
+            _, err = waiter.communicate(timeout=60)
+            print(err.decode())
+            watcher.terminate()
+        assert waiter.returncode == 5, err
+        assert b"ended cancelled" in err and b"reconnecting" in err
+        assert b"reconnected" in err
+
+
+def _wait_for_socket(pid: int, seconds: float = 30) -> None:
+    """Until process ``pid`` holds a socket (then a moment for its connect to complete)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in fds):
+                time.sleep(0.5)
+                return
+        time.sleep(0.05)
+    raise AssertionError("the client never opened a socket")
+
+
+def test_a_broker_going_away_mid_handshake_is_not_called_a_tls_problem(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "gone") as broker:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)  # the kernel still completes TCP connects
+        try:
+            command = tq_command("status", "01a21f99-0000-7000-8000-000000000000")
+            with subprocess.Popen(
+                [*command, *broker.client_args()], stderr=subprocess.PIPE, text=True
+            ) as status:
+                _wait_for_socket(status.pid)  # connected (the backlog), awaiting the handshake
+                broker.kill()  # the listener goes, the connection is reset mid-handshake
+                _, err = status.communicate(timeout=30)
+        finally:
+            if broker.proc.poll() is None:
+                broker.proc.send_signal(signal.SIGCONT)
+    assert status.returncode == 4
+    assert "is shutting down" in err and "--insecure" not in err, err
+
+
+# -- --output on every command ---------------------------------------------------------
+
+
+def _commands() -> Iterator[tuple[str, Any]]:
+    import typer.main
+
+    from tq.cli.main import app
+
+    def walk(group: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from walk(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    yield from walk(typer.main.get_command(app), "")
+
+
+def test_every_command_with_json_takes_output() -> None:
+    missing = [
+        name
+        for name, command in _commands()
+        if any("--json" in p.opts for p in command.params)
+        and not any("--output" in p.opts for p in command.params)
+    ]
+    assert missing == [], missing
+
+
+def test_output_formats_of_the_text_commands(broker: BrokerProcess, tmp_path: Path) -> None:
+    import yaml
+
+    task = yaml.safe_load(ok(broker, "submit", "echo", "-p", '{"a": 1}', "--output", "yaml"))
+    assert set(task) == {"id"}
+    waited = yaml.safe_load(ok(broker, "wait", task["id"], "--output", "yaml"))
+    assert waited["state"] == "succeeded" and waited["result"] == {"a": 1}
+    assert json.loads(ok(broker, "wait", task["id"], "--output", "jsonl"))["id"] == task["id"]
+    parked = ok(broker, "submit", "sleep", "-p", "60", "-q", "formats").strip()
+    assert yaml.safe_load(ok(broker, "cancel", parked, "-o", "yaml"))["state"] == "cancelled"
+    made = yaml.safe_load(ok(broker, "keys", "create", "--role", "reader", "-o", "yaml"))
+    assert made["key"].startswith("tq_") and made["role"] == "reader"
+    gone = json.loads(ok(broker, "keys", "revoke", made["id"], "--output", "json"))
+    assert gone["id"] == made["id"] and gone["state"] == "revoked"
+    version = yaml.safe_load(
+        subprocess.run(
+            tq_command("version", "-o", "yaml"), capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    assert {"tq", "protocol", "python"} <= set(version)
+    backup = subprocess.run(
+        tq_command("backup", str(tmp_path / "b.db"), "--data", str(broker.data), "-o", "yaml"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert backup.returncode == 0, backup.stderr
+    assert yaml.safe_load(backup.stdout)["tasks"] >= 1
