@@ -373,3 +373,22 @@ def test_output_formats_of_the_text_commands(broker: BrokerProcess, tmp_path: Pa
     )
     assert backup.returncode == 0, backup.stderr
     assert yaml.safe_load(backup.stdout)["tasks"] >= 1
+
+
+# -- one broker per data directory -----------------------------------------------------
+
+
+def test_a_second_broker_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "shared") as first:
+        assert first.proc is not None
+        second = subprocess.run(
+            tq_command("broker", "--data", str(first.data), "--listen", "127.0.0.1:0",
+                       "--http", "off"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert f"in use by another broker (pid {first.proc.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.kill()  # kill -9: the kernel drops the lock, a restart is not blocked
+        first.start()
+        assert ok(first, "stats", "-o", "json")
