@@ -392,3 +392,32 @@ def test_a_second_broker_on_the_same_data_directory_is_refused(tmp_path: Path) -
         first.kill()  # kill -9: the kernel drops the lock, a restart is not blocked
         first.start()
         assert ok(first, "stats", "-o", "json")
+
+
+# -- tq list on a 120-column terminal ----------------------------------------------------
+
+
+def test_list_table_never_wraps_ids_and_shows_errors(broker: BrokerProcess) -> None:
+    dead = ok(broker, "submit", "fail", "--max-retries", "0", "-q", "work").strip()
+    assert tq(broker, "wait", dead).returncode == 5
+    error = json.loads(ok(broker, "status", dead, "-o", "json"))["error"]
+
+    def table(columns: int, *extra: str) -> list[str]:
+        out = subprocess.run(
+            tq_command("list", "-q", "work", "-o", "table", *extra, *broker.client_args()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": str(columns)},
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    narrow = table(120)
+    [row] = [line for line in narrow if dead[-12:] in line]
+    assert f"…{dead[-12:]}" in row and error["type"] in row  # one line: short id, error
+    assert any("--wide" in line for line in narrow)
+    [row] = [line for line in table(120, "--wide") if dead[-12:] in line]
+    assert dead in row  # whole, on one line
+    [row] = [line for line in table(200) if dead[-12:] in line]
+    assert dead in row and error["type"] in row

@@ -53,15 +53,47 @@ def _client(
     return BlockingClient.from_settings(settings(broker=broker, ca=ca, insecure=insecure, key=key))
 
 
-def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
+SHORT_ID = 13  # "…" and the id's last 12 characters (its random part)
+
+
+def short_id(task_id: str) -> str:
+    return task_id if len(task_id) <= SHORT_ID else "…" + task_id[-(SHORT_ID - 1) :]
+
+
+def _width_needed(tasks: list[dict[str, Any]], errors: bool) -> int:
+    """Columns a table with whole ids needs: ids, the short columns at their width (at
+    most 20), some payload (and error) text, 3 per column for borders and padding."""
+    short = sum(min(20, max((len(str(t[k])) for t in tasks), default=0)) for k in LABELS)
+    columns = 8 + errors
+    return 36 + short + 4 + 3 + 19 + 12 + (24 if errors else 0) + 3 * columns + 1
+
+
+LABELS = ("type", "queue", "state")
+
+
+def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
+    """Ids on one line, never wrapped: whole ones with --wide or on a wide terminal,
+    else shortened (say so in the caption). An error column for failed and dead tasks."""
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table()
-    for column in ("id", "type", "queue", "state", "prio", "att", "created", "payload"):
-        table.add_column(column, overflow="fold" if column == "id" else "ellipsis")
+    errors = any(t.get("error") for t in tasks)
+    whole = wide if wide is not None else Console().width >= _width_needed(tasks, errors)
+    table = Table(
+        caption=None if whole else "ids shortened: --wide or --output jsonl for whole ids"
+    )
+    table.add_column("id", no_wrap=True, min_width=36 if whole else SHORT_ID)
+    for column in ("type", "queue", "state"):
+        table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=20)
+    table.add_column("prio", justify="right")
+    table.add_column("att", justify="right")
+    table.add_column("created", no_wrap=True)
+    table.add_column("payload", overflow="ellipsis", no_wrap=True, ratio=1)
+    if errors:
+        table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=2)
     for t in tasks:
-        table.add_row(
-            cell(t["id"]),
+        row = [
+            cell(t["id"] if whole else short_id(t["id"])),
             cell(t["type"]),
             cell(t["queue"]),
             cell(t["state"]),
@@ -69,7 +101,11 @@ def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
             str(t["attempts"]),
             fmt_time(t["created_at"]),
             cell(compact(t["payload"], 30)),
-        )
+        ]
+        if errors:
+            error = t.get("error") or {}
+            row.append(cell(f"{error['type']}: {error['message']}" if error else ""))
+        table.add_row(*row)
     return table
 
 
@@ -278,6 +314,15 @@ def list_(
     newest: Annotated[
         bool, typer.Option("--newest", help="Newest first (default: oldest first).")
     ] = False,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            "-W",
+            help="Table: whole ids even on a terminal too narrow for them (there they are "
+            "shortened to their last 12 characters).",
+        ),
+    ] = False,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
@@ -295,7 +340,8 @@ def list_(
                 state=state, type=type, queue=queue, limit=limit, after=after, newest_first=newest
             )
         mode = output_mode(output, as_json)
-        emit([t.to_dict() for t in page.tasks], mode, _tasks_table)
+        rows = [t.to_dict() for t in page.tasks]
+        emit(rows, mode, lambda data: _tasks_table(data, True if wide else None))
         if page.next and mode is Output.table:
             again = " --newest" if newest else ""
             typer.echo(f"more: tq list{again} --after {page.next}", err=True)
