@@ -421,3 +421,21 @@ def test_list_table_never_wraps_ids_and_shows_errors(broker: BrokerProcess) -> N
     assert dead in row  # whole, on one line
     [row] = [line for line in table(200) if dead[-12:] in line]
     assert dead in row and error["type"] in row
+
+
+def test_a_bad_environment_value_stops_a_service_and_names_it(tmp_path: Path) -> None:
+    from tq.testing import tq_env
+
+    with tq_env(tmp_path) as env:
+        for name, value, words in (
+            ("TQ_GRACE", "abc", "TQ_GRACE=abc: not a number of seconds"),
+            ("TQ_LOG_FORMAT", "xml", "TQ_LOG_FORMAT=xml: expected human or json"),
+        ):
+            out = subprocess.run(
+                tq_command("worker", "--broker", "127.0.0.1:1", "--insecure"),
+                env={**env, name: value},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 2 and words in out.stderr, out.stderr

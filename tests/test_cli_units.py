@@ -52,3 +52,40 @@ def test_from_list_keeps_only_what_a_submission_carries() -> None:
         "type": "echo", "queue": "q", "priority": 200, "max_retries": 2,
         "payload": {"a": 1}, "timeout": 5.0,
     }  # fmt: skip
+
+
+# -- settings: one table, every source named on a bad value ------------------------------
+
+
+def test_settings_table_matches_every_command_and_the_docs() -> None:
+    from pathlib import Path
+
+    from tq.cli import settings_table
+
+    assert settings_table.problems() == []
+    docs = (Path(__file__).parent.parent / "docs" / "OPERATIONS.md").read_text()
+    assert settings_table.markdown() in docs, "run: python -m tq.cli.settings_table"
+
+
+def test_a_bad_value_names_its_source(tmp_path: Any) -> None:
+    from tq.config import load_settings
+    from tq.core.errors import ConfigError
+
+    none = tmp_path / "none.toml"
+    with pytest.raises(ConfigError, match=r"^TQ_GRACE=abc: not a number of seconds$"):
+        load_settings(env={"TQ_GRACE": "abc"}, config_file=none)
+    assert load_settings(env={"TQ_GRACE": "7"}, config_file=none).shutdown_grace == 7.0
+    assert load_settings(env={"TQ_SHUTDOWN_GRACE": "8"}, config_file=none).shutdown_grace == 8.0
+    with pytest.raises(ConfigError, match=r"^--log-format xml: expected human or json$"):
+        load_settings({"log_format": "xml"}, env={}, config_file=none)
+    config = tmp_path / "config.toml"
+    config.write_text('log_format = "json"\ngrace = 5\nlease_ttl = -1\n')
+    with pytest.raises(
+        ConfigError, match=r"config file .*config.toml: lease_ttl = -1: must be > 0"
+    ):
+        load_settings(env={}, config_file=config)
+    config.write_text('log_format = "json"\ngrace = 5\n')
+    loaded = load_settings(env={}, config_file=config)
+    assert (loaded.log_format, loaded.shutdown_grace) == ("json", 5.0)
+    with pytest.raises(ConfigError, match=r"^TQ_CONCURRENCY=2.5: not a whole number$"):
+        load_settings(env={"TQ_CONCURRENCY": "2.5"}, config_file=none)

@@ -106,17 +106,25 @@ GraceOpt = Annotated[
     typer.Option(
         "--grace",
         help="Seconds running tasks get to finish on SIGTERM before they "
-        "are released back to the queue (default 30).",
+        "are released back to the queue (env TQ_GRACE; default 30).",
         show_default=False,
     ),
 ]
-LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        help="debug, info (default), warning or error (env TQ_LOG_LEVEL).",
+        show_default=False,
+    ),
+]
 LogFormatOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--log-format",
-        envvar="TQ_LOG_FORMAT",
-        help="human (default) or json: one JSON object per line, for log shippers.",
+        help="human (default) or json: one JSON object per line, for log shippers "
+        "(env TQ_LOG_FORMAT).",
+        show_default=False,
     ),
 ]
 HttpOpt = Annotated[
@@ -130,16 +138,15 @@ HttpOpt = Annotated[
 ]
 
 
-def setup_logging(level: str, fmt: str = "human") -> None:
-    from tq.cli.logfmt import FORMATS, formatter
+def setup_logging(level: str | None, fmt: str | None = None) -> None:
+    """Log to stderr as the flags, TQ_LOG_LEVEL/TQ_LOG_FORMAT or the config file say
+    (a bad value from any of them: an error naming it, exit 2)."""
+    from tq.cli.logfmt import formatter
 
-    if fmt not in FORMATS:
-        from tq.cli.common import fail
-
-        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {fmt!r}", 2)
+    conf = run_guarded(lambda: settings(log_level=level, log_format=fmt))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(fmt))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    handler.setFormatter(formatter(conf.log_format))
+    logging.basicConfig(level=getattr(logging, conf.log_level.upper()), handlers=[handler])
 
 
 def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
@@ -263,8 +270,8 @@ def broker(
     submit_rate: sec.SubmitRateOpt = None,
     max_connections: sec.MaxConnectionsOpt = None,
     http: HttpOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a broker: store tasks durably and lease them to workers.
 
@@ -337,8 +344,8 @@ def worker(
     execs: ExecOpt = None,
     name: NameOpt = None,
     grace: GraceOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a worker: claim tasks from the broker and run their handlers.
 
@@ -380,8 +387,8 @@ def up(
     imports: ImportOpt = None,
     execs: ExecOpt = None,
     http: HttpOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a broker and a local worker in one process: the quickest start.
 
