@@ -439,3 +439,35 @@ def test_a_bad_environment_value_stops_a_service_and_names_it(tmp_path: Path) ->
                 timeout=60,
             )
             assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
+# -- exec handlers: exit statuses --------------------------------------------------------
+
+
+def test_exec_exit_statuses_retry_ordinary_failures_and_stop_on_65(broker: BrokerProcess) -> None:
+    import shlex
+    import sys
+
+    prog = Path(__file__).parent / "fixtures" / "prog.py"
+    run = f"{shlex.quote(sys.executable)} {shlex.quote(str(prog))} exit"
+    worker = broker.start_worker(
+        "--exec", f"flaky={run} 3 0 boom", "--exec", f"bad={run} 65 0 nope",
+        "--queues", "execq", log_name="exec.log",
+    )  # fmt: skip
+    try:
+        lines = "".join(
+            json.dumps({"type": t, "queue": "execq", "max_retries": 1, "retry_base": 0.05}) + "\n"
+            for t in ("flaky", "bad")
+        )
+        rows = [json.loads(line) for line in ok(broker, "submit", "-", stdin=lines).splitlines()]
+        flaky, bad = (row["id"] for row in rows)
+        assert tq(broker, "wait", flaky, bad, "--timeout", "60").returncode == 5
+        retried = json.loads(ok(broker, "status", flaky, "-o", "json"))
+        assert (retried["state"], retried["attempts"]) == ("dead", 2)  # retried once
+        assert retried["error"]["message"] == "program exited with status 3"
+        stopped = json.loads(ok(broker, "status", bad, "-o", "json"))
+        assert (stopped["state"], stopped["attempts"]) == ("dead", 1)  # not retried
+        assert stopped["error"]["type"] == "DoNotRetry"
+    finally:
+        worker.terminate()
+        worker.wait(30)

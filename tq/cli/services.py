@@ -88,8 +88,9 @@ ExecOpt = Annotated[
         "--exec",
         "-e",
         help="TYPE=PROGRAM [ARGS]: run PROGRAM for tasks of TYPE: "
-        "payload JSON on stdin, result JSON on stdout, exit 0 success, 75 retry "
-        "later, other failure (repeatable).",
+        "payload JSON on stdin, result JSON on stdout; exit 0 success, 65 bad input "
+        "(do not retry), 75 retry later, other statuses fail and are retried while "
+        "retries are left (repeatable).",
         show_default=False,
     ),
 ]
