@@ -471,3 +471,31 @@ def test_exec_exit_statuses_retry_ordinary_failures_and_stop_on_65(broker: Broke
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+# -- one Ctrl-C delivered twice is still one graceful stop --------------------------------
+
+
+def test_one_ctrl_c_delivered_twice_still_drains(tmp_path: Path) -> None:
+    data = tmp_path / "up"
+    data.mkdir()
+    log_path = data / "up.log"
+    command = tq_command("up", "--data", str(data), "--listen", "127.0.0.1:0", "--http", "off")
+    with open(log_path, "wb") as log, subprocess.Popen(command, stderr=log, stdout=log) as up:
+        deadline = time.monotonic() + 30
+        while "try: tq submit" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = log_path.read_text().split("listening on ")[1].split()[0]
+        client = BrokerProcess(data)
+        client.address = address
+        task_id = ok(client, "submit", "sleep", "-p", "2").strip()
+        while json.loads(ok(client, "status", task_id, "-o", "json"))["state"] != "running":
+            time.sleep(0.05)
+        up.send_signal(signal.SIGINT)  # the terminal's Ctrl-C ...
+        time.sleep(0.05)
+        up.send_signal(signal.SIGINT)  # ... and the same one forwarded by a parent
+        assert up.wait(60) == 0
+    text = log_path.read_text()
+    assert "stopping now" not in text and "the same request, ignored" in text
+    with BrokerProcess(data) as again:  # the task finished during the graceful stop
+        assert json.loads(ok(again, "status", task_id, "-o", "json"))["state"] == "succeeded"

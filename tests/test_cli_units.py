@@ -89,3 +89,13 @@ def test_a_bad_value_names_its_source(tmp_path: Any) -> None:
     assert (loaded.log_format, loaded.shutdown_grace) == ("json", 5.0)
     with pytest.raises(ConfigError, match=r"^TQ_CONCURRENCY=2.5: not a whole number$"):
         load_settings(env={"TQ_CONCURRENCY": "2.5"}, config_file=none)
+
+
+def test_one_keypress_delivered_twice_is_one_graceful_stop() -> None:
+    from tq.cli.services import DUPLICATE_WINDOW, SignalRule
+
+    rule = SignalRule()
+    assert rule.on_signal(100.0) == "graceful"
+    assert rule.on_signal(100.0 + 0.01) == "duplicate"  # bootloader + terminal
+    assert rule.on_signal(100.0 + DUPLICATE_WINDOW - 0.01) == "duplicate"
+    assert rule.on_signal(100.0 + DUPLICATE_WINDOW + 0.5) == "now"  # a real second Ctrl-C

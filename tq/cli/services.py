@@ -150,24 +150,56 @@ def setup_logging(level: str | None, fmt: str | None = None) -> None:
     logging.basicConfig(level=getattr(logging, conf.log_level.upper()), handlers=[handler])
 
 
+DUPLICATE_WINDOW = 1.0  # seconds: a second signal sooner than this is the same keypress
+
+
+class SignalRule:
+    """What a SIGINT/SIGTERM means: the first asks for a graceful stop; a second one
+    stops at once, unless it comes within ``DUPLICATE_WINDOW`` of the first. One
+    Ctrl-C can arrive twice: from the terminal (to the whole process group) and
+    forwarded by a parent such as the one-file executable's bootloader, which
+    also gets it from the terminal; that is still one request for a graceful stop."""
+
+    def __init__(self, window: float = DUPLICATE_WINDOW) -> None:
+        self.window = window
+        self.first: float | None = None
+
+    def on_signal(self, now: float) -> str:
+        """ "graceful", "duplicate" (ignore it) or "now"."""
+        if self.first is None:
+            self.first = now
+            return "graceful"
+        return "duplicate" if now - self.first < self.window else "now"
+
+
 def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
-    """Run ``main(shutdown)`` under trio; SIGINT/SIGTERM set ``shutdown``."""
+    """Run ``main(shutdown)`` under trio; SIGINT/SIGTERM set ``shutdown`` (SignalRule)."""
     import trio
 
     async def runner() -> None:
         shutdown = trio.Event()
+        rule = SignalRule()
+        log = logging.getLogger("tq")
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
-                        if shutdown.is_set():
-                            logging.getLogger("tq").warning("second signal: stopping now")
+                        name = signal.Signals(signum).name
+                        verdict = rule.on_signal(trio.current_time())
+                        if verdict == "graceful":
+                            log.info("%s received: shutting down", name)
+                            shutdown.set()
+                        elif verdict == "duplicate":
+                            log.info(
+                                "%s again within %gs of the first: the same request, ignored "
+                                "(send it again later to stop at once)",
+                                name,
+                                rule.window,
+                            )
+                        else:
+                            log.warning("second signal: stopping now")
                             nursery.cancel_scope.cancel()
-                        logging.getLogger("tq").info(
-                            "%s received: shutting down", signal.Signals(signum).name
-                        )
-                        shutdown.set()
 
             nursery.start_soon(watch)
             await main(shutdown)
@@ -393,6 +425,10 @@ def up(
 ) -> None:
     """Run a broker and a local worker in one process: the quickest start.
 
+    Ctrl-C or SIGTERM: the worker stops claiming and its running tasks get --grace
+    seconds to finish and report; then the broker stops. A second signal (more than
+    1 s after the first) stops at once.
+
     Then, in another shell: tq submit echo --payload '{"x": 1}'
     """
     setup_logging(log_level, log_format)
@@ -413,28 +449,32 @@ def up(
         execs_ = _exec_handlers(execs, registry)
 
         async def main(shutdown: trio.Event) -> None:
-            worker_stop = trio.Event()
+            # on shutdown the local worker drains first (its running tasks finish within
+            # the grace and report their results); only then does the broker stop
+            worker_stop, broker_stop = trio.Event(), trio.Event()
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(
                     lambda task_status: serve_broker(
-                        conf, shutdown=shutdown, task_status=task_status
+                        conf, shutdown=broker_stop, task_status=task_status
                     )
                 )
                 _announce(info, conf.insecure)
                 local = _local_settings(conf, info)
-                worker_id = await nursery.start(
-                    lambda task_status: serve_worker(
-                        local, registry, execs_, shutdown=worker_stop, task_status=task_status
+                async with trio.open_nursery() as local_worker:
+                    worker_id = await local_worker.start(
+                        lambda task_status: serve_worker(
+                            local, registry, execs_, shutdown=worker_stop, task_status=task_status
+                        )
                     )
-                )
-                print(
-                    f"  local worker {worker_id} runs: {', '.join(registry.names())}",
-                    file=sys.stderr,
-                )
-                print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
-                settle_heap()
-                await shutdown.wait()
-                worker_stop.set()
+                    print(
+                        f"  local worker {worker_id} runs: {', '.join(registry.names())}",
+                        file=sys.stderr,
+                    )
+                    print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
+                    settle_heap()
+                    await shutdown.wait()
+                    worker_stop.set()
+                broker_stop.set()
 
         run_service(main)
 

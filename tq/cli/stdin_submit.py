@@ -212,12 +212,16 @@ def submit_stdin(conf: Settings, listed: bool = False) -> Outcome:
     in_flight: list[Any] = []
 
     async def signals() -> None:
+        from tq.cli.services import SignalRule  # one keypress may arrive twice
+
+        rule = SignalRule()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
             async for signum in received:
-                if outcome.interrupted is None:
+                verdict = rule.on_signal(trio.current_time())
+                if verdict == "graceful":
                     outcome.interrupted = signal.Signals(signum).name
                     reading.cancel()
-                else:  # a second signal: give up on the answers
+                elif verdict == "now":  # a second signal: give up on the answers
                     outcome.abandoned = len(in_flight)
                     requests.cancel()
                     return
