@@ -499,3 +499,22 @@ def test_one_ctrl_c_delivered_twice_still_drains(tmp_path: Path) -> None:
     assert "stopping now" not in text and "the same request, ignored" in text
     with BrokerProcess(data) as again:  # the task finished during the graceful stop
         assert json.loads(ok(again, "status", task_id, "-o", "json"))["state"] == "succeeded"
+
+
+# -- export and import in one pipe --------------------------------------------------------
+
+
+def test_listed_tasks_resubmit_with_from_list(broker: BrokerProcess) -> None:
+    for n in range(3):
+        ok(broker, "submit", "sleep", "-p", str(60 + n), "-q", "export", "--priority", "high")
+    exported = ok(broker, "list", "-q", "export", "--output", "jsonl")
+    refused = tq(broker, "submit", "-", stdin=exported)  # the listed fields are not a submit
+    assert refused.returncode == 2
+    out = ok(broker, "submit", "-", "--from-list", stdin=exported.replace('"export"', '"import"'))
+    new_ids = [json.loads(line)["id"] for line in out.splitlines()]
+    imported = listed(broker, "import")
+    assert sorted(t["id"] for t in imported) == sorted(new_ids) and len(new_ids) == 3
+    assert sorted(t["payload"] for t in imported) == [60, 61, 62]
+    assert {(t["type"], t["priority"], t["state"]) for t in imported} == {("sleep", 200, "pending")}
+    ok(broker, "cancel", "--queue", "export", "--yes")
+    ok(broker, "cancel", "--queue", "import", "--yes")
