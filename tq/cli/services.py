@@ -426,8 +426,8 @@ def up(
     """Run a broker and a local worker in one process: the quickest start.
 
     Ctrl-C or SIGTERM: the worker stops claiming and its running tasks get the grace
-    period (TQ_GRACE, default 30 s) to finish and report; then the broker stops. A second signal (more than
-    1 s after the first) stops at once.
+    period (TQ_GRACE, default 30 s) to finish and report; then the broker stops. A
+    second signal (more than 1 s after the first) stops at once.
 
     Then, in another shell: tq submit echo --payload '{"x": 1}'
     """
