@@ -81,6 +81,11 @@ def test_wait_on_many_counts_tasks_not_states(broker: BrokerProcess) -> None:
     out = tq(broker, "wait", *good, bad, "--timeout", "30")
     assert out.returncode == 5
     assert "1 of 3 task(s) did not succeed" in out.stderr
+    parked = ok(broker, "submit", "sleep", "-p", "60", "-q", "parked-wait").strip()
+    for ids in ([parked], [parked, good[0]]):
+        late = tq(broker, "wait", *ids, "--timeout", "1")
+        assert late.returncode == 6 and "still pending after 1s;" in late.stderr, late.stderr
+    ok(broker, "cancel", parked)
 
 
 # -- tq submit -: timer flush, ids for every stored task, Ctrl-C ------------------------

@@ -76,7 +76,10 @@ def from_list(item: Any) -> Any:
 async def _chunks() -> AsyncIterator[bytes]:
     """stdin as it arrives: a regular file in large reads, a pipe or terminal via trio."""
     fd = sys.stdin.fileno()
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # never blocks for long; epoll refuses files
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)):
+        # a file or a device like /dev/null: reads never block for long, and epoll
+        # (trio's wait for input) refuses them
         while chunk := os.read(fd, 1 << 20):
             yield chunk
             await trio.sleep(0)

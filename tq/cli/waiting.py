@@ -101,6 +101,17 @@ class Reconnect:
         return pause
 
 
+def _said_timeout(exc: TQError, timeout: float | None) -> TQError:
+    """A Timeout from a wait given the remaining seconds, told with the --timeout given."""
+    import re
+
+    from tq.core.errors import Timeout
+
+    if not isinstance(exc, Timeout) or timeout is None:
+        return exc
+    return Timeout(re.sub(r"after [0-9.e+-]+s", f"after {timeout:g}s", exc.message, count=1))
+
+
 def with_reconnect(conf: Settings, timeout: float | None, body: Callable[..., T]) -> T:
     """``body(client, remaining_seconds)`` on a blocking client, again on a new
     connection after the broker went away, until it returns."""
@@ -158,7 +169,12 @@ def wait(
 def _wait_one(task_id: str, timeout: float | None, conf: Settings, mode: Output) -> None:
     def body() -> dict[str, Any]:
         def one(client: BlockingClient, remaining: float | None) -> dict[str, Any]:
-            return client.wait(task_id, timeout=remaining).to_dict()
+            from tq.core.errors import Timeout
+
+            try:
+                return client.wait(task_id, timeout=remaining).to_dict()
+            except Timeout as exc:
+                raise _said_timeout(exc, timeout) from None
 
         return with_reconnect(conf, timeout, one)
 
@@ -185,8 +201,13 @@ def _wait_many(ids: list[str], timeout: float | None, conf: Settings, mode: Outp
     lines = mode is Output.jsonl and not interactive()
 
     async def one(client: Client, limit: trio.Semaphore, task_id: str, bar: Any) -> None:
+        from tq.core.errors import Timeout
+
         async with limit:
-            task = (await client.wait(task_id, timeout=again.remaining())).to_dict()
+            try:
+                task = (await client.wait(task_id, timeout=again.remaining())).to_dict()
+            except Timeout as exc:
+                raise _said_timeout(exc, timeout) from None
         pending.pop(task_id, None)
         ended[task["state"]] = ended.get(task["state"], 0) + 1
         row = {"id": task_id, "state": task["state"], "result": task["result"]}
