@@ -28,7 +28,7 @@ def test_every_state_event_pair_is_in_the_table_or_refused(state: State, event: 
         assert next_state(state, event) is TRANSITIONS[(state, event)]
         assert state in sources(event)
     else:
-        with pytest.raises(InvalidTransition, match=f"{state.value} task cannot {event.value}"):
+        with pytest.raises(InvalidTransition, match=f"^a {state.value} task cannot "):
             next_state(state, event)
         assert state not in sources(event)
 

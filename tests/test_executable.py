@@ -145,9 +145,9 @@ async def test_exit_75_asks_for_a_retry() -> None:
 
 
 @pytest.mark.trio
-async def test_other_exit_status_rejects_with_the_stderr_tail() -> None:
+async def test_other_exit_status_is_an_ordinary_retried_failure_with_the_stderr_tail() -> None:
     out = await run(prog("exit", "3", "100", "THE END"))
-    assert out.status == "reject"
+    assert out.status == "retry"
     assert out.error is not None
     assert out.error.type == "ExitStatus"
     assert out.error.message == "program exited with status 3"
@@ -156,11 +156,20 @@ async def test_other_exit_status_rejects_with_the_stderr_tail() -> None:
 
 
 @pytest.mark.trio
-async def test_death_by_signal_rejects() -> None:
+async def test_death_by_signal_is_an_ordinary_retried_failure() -> None:
     out = await run(prog("signal", "SIGUSR1"))
-    assert out.status == "reject"
+    assert out.status == "retry"
     assert out.error is not None
     assert out.error.message == "killed by signal SIGUSR1"
+
+
+@pytest.mark.trio
+async def test_exit_65_means_do_not_retry() -> None:
+    out = await run(prog("exit", str(executable.EXIT_NO_RETRY), "0", "no such image"))
+    assert out.status == "reject"
+    assert out.error is not None
+    assert (out.error.type, out.error.traceback) == ("DoNotRetry", "no such image")
+    assert "do not retry" in out.error.message
 
 
 @pytest.mark.trio

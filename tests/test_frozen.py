@@ -222,3 +222,38 @@ def test_bench_runs_from_the_executable(exe: Path, home: dict[str, str]) -> None
     assert results["submit"]["stdin"]["tasks"] == 300
     assert results["latency"]["idle"]["samples"] == 10
     assert results["latency"]["under_load"]["samples"] > 0
+
+
+def test_one_ctrl_c_at_a_terminal_is_a_graceful_stop(exe: Path, home: dict[str, str]) -> None:
+    """Ctrl-C signals the terminal's whole process group: the bootloader (which also
+    forwards it) and the tq process. One keypress must still drain, not stop at once."""
+    data = Path(home["HOME"]) / "up"
+    data.mkdir(parents=True)
+    log_path = data / "up.log"
+    command = [str(exe), "up", "--data", str(data), "--listen", "127.0.0.1:0", "--http", "off"]
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(command, stdout=log, stderr=log, env=home, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "try: tq submit" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = log_path.read_text().split("listening on ")[1].split()[0]
+        client = ["--broker", address, "--data", str(data)]
+        env = {**home, "TQ_DATA": str(data)}
+        task_id = run(exe, env, "submit", "sleep", "-p", "6", "--broker", address).stdout.strip()
+        while True:
+            status = run(exe, env, "status", task_id, "-o", "json", "--broker", address)
+            if json.loads(status.stdout)["state"] == "running":
+                break
+            time.sleep(0.05)
+        os.killpg(up.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert up.wait(60) == 0, log_path.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+    text = log_path.read_text()
+    assert "stopping now" not in text and "1 running task(s) get" in text, text
+    with BrokerProcess(data, env=home, executable=exe).start(timeout=60) as again:
+        out = run(exe, env, "status", task_id, "-o", "json", *again.client_args())
+        assert json.loads(out.stdout)["state"] == "succeeded", client

@@ -6,8 +6,12 @@ and tq/cli read files and the environment; everything else receives a
 ``Settings``.
 
 The config file is ``$TQ_CONFIG`` if set, else ``config.toml`` in the
-platform config directory (``tq config-path`` prints it). Keys are the field
-names of ``Settings``; unknown keys are refused so a typo is noticed.
+platform config directory. Keys are the field names of ``Settings``; unknown
+keys are refused so a typo is noticed. ``ALIASES`` adds names matching the
+command-line flag (``TQ_GRACE`` / ``grace`` for ``--grace``, which is
+``shutdown_grace``). A bad value from any source is a ConfigError naming that
+source: ``TQ_GRACE=abc: not a number of seconds``, ``config file F: lease_ttl
+= -1: must be > 0``, ``--synchronous fast: expected full or normal``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     name: str = ""  # worker name; empty: host-pid
     log_level: str = "info"
+    log_format: str = "human"  # services' log lines: human or json
     # -- security (issue 4) --
     key: str | None = None  # API key; None: <data>/admin.key (the local broker's) if readable
     join: str | None = None  # join token: broker addresses, CA and key in one string
@@ -141,11 +146,87 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 SECRET_SETTINGS = frozenset({"key", "join"})  # credentials: never passed on (--exec programs)
 ZERO_DISABLES = frozenset({"submit_rate"})  # settings where 0 means "no limit"
+# names matching a command-line flag that differs from the field's name
+ALIASES = {"grace": "shutdown_grace"}  # env TQ_GRACE, config key grace
+SECONDS = frozenset(
+    {"lease_ttl", "shutdown_grace", "handshake_timeout", "hello_timeout", "idle_timeout"}
+)
+CHOICES = {
+    "synchronous": ("full", "normal"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "log_format": ("human", "json"),
+}
+# the command-line flag of each setting that has one (tq/cli/settings_table.py checks
+# these against every command's options)
+FLAGS = {
+    "data": "--data",
+    "listen": "--listen",
+    "http": "--http",
+    "broker": "--broker",
+    "ca": "--ca",
+    "insecure": "--insecure",
+    "tls_san": "--tls-san",
+    "synchronous": "--synchronous",
+    "lease_ttl": "--lease-ttl",
+    "concurrency": "--concurrency",
+    "queues": "--queues",
+    "shutdown_grace": "--grace",
+    "name": "--name",
+    "log_level": "--log-level",
+    "log_format": "--log-format",
+    "key": "--key",
+    "join": "--join",
+    "client_cert": "--client-cert",
+    "client_key": "--client-key",
+    "auth": "--no-auth",
+    "require_client_cert": "--require-client-cert",
+    "max_connections": "--max-connections",
+    "submit_rate": "--submit-rate",
+    "store": "--store",
+}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Turn a file/env/flag value into the field's type, or explain."""
+def env_name(key: str) -> str:
+    """The documented environment variable of setting ``key`` (TQ_GRACE for --grace)."""
+    alias = next((a for a, k in ALIASES.items() if k == key), key)
+    return f"TQ_{alias.upper()}"
+
+
+def config_key(key: str) -> str:
+    """The documented config-file key of setting ``key``."""
+    return next((a for a, k in ALIASES.items() if k == key), key)
+
+
+def _coerce(key: str, value: Any, source: str | None = None) -> Any:
+    """Turn a file/env/flag value into the field's type, or say what is wrong with it
+    and where it came from (``source``: "TQ_GRACE=abc", "--grace abc", ...)."""
+    try:
+        return _convert(key, value)
+    except (TypeError, ValueError) as exc:
+        where = source or f"setting {key!r}: {value!r}"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _convert(key: str, value: Any) -> Any:
     kind = FIELDS[key].type
+    if key in CHOICES:
+        text = str(value).strip().lower()
+        if text not in CHOICES[key]:
+            raise ValueError(f"expected {' or '.join(CHOICES[key])}")
+        return text
+    if kind in ("float", "int"):
+        noun = "a number of seconds" if key in SECONDS else "a number"
+        if isinstance(value, bool):
+            raise ValueError(f"not {noun}")
+        try:
+            number = float(value) if kind == "float" else int(str(value).strip())
+        except (TypeError, ValueError):
+            raise ValueError(f"not {'a whole number' if kind == 'int' else noun}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"not {noun}")
+        if number < 0 or (number == 0 and key not in ZERO_DISABLES):
+            raise ValueError("must be > 0")
+        return number
     try:
         if kind in ("Path", "Path | None"):
             return None if value in (None, "") else Path(os.path.expanduser(str(value)))
@@ -157,17 +238,7 @@ def _coerce(key: str, value: Any) -> Any:
                 return True
             if text in ("0", "false", "no", "off", ""):
                 return False
-            raise ValueError("expected true or false")
-        if kind == "float":
-            number = float(value)
-            if number < 0 or (number == 0 and key not in ZERO_DISABLES):
-                raise ValueError("must be > 0")
-            return number
-        if kind == "int":
-            whole = int(value)
-            if whole <= 0:
-                raise ValueError("must be > 0")
-            return whole
+            raise ValueError("not true or false")
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
@@ -176,11 +247,9 @@ def _coerce(key: str, value: Any) -> Any:
 
             parse_store_url(str(value))  # ConfigError naming the accepted forms
             return str(value).strip()
-        if key == "synchronous" and str(value).lower() not in ("full", "normal"):
-            raise ValueError("expected full or normal")
-        return str(value).lower() if key == "synchronous" else str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {key!r}: {value!r} is not valid ({exc})") from None
+        return str(value)
+    except TypeError:
+        raise ValueError(f"expected {kind}") from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -194,6 +263,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path} is not valid TOML ({exc}); fix it or point TQ_CONFIG elsewhere"
         ) from None
+    for alias, key in ALIASES.items():
+        if alias in data:
+            if key in data:
+                raise ConfigError(f"config file {path}: give {alias} or {key}, not both")
+            data[key] = data.pop(alias)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(
@@ -213,19 +287,23 @@ def load_settings(
     ``flags`` holds only the options the user gave (None values are ignored).
     """
     env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
+    merged: dict[str, tuple[Any, str]] = {}  # key -> (value, where it came from)
     path = config_file or default_config_file(env)
-    merged.update(read_config_file(path))
+    for key, value in read_config_file(path).items():
+        merged[key] = (value, f"config file {path}: {config_key(key)} = {value!r}")
     for key in FIELDS:
-        value = env.get(f"TQ_{key.upper()}")
-        if value is not None and value != "":
-            merged[key] = value
+        for name in dict.fromkeys((f"TQ_{key.upper()}", env_name(key))):  # alias wins
+            value = env.get(name)
+            if value is not None and value != "":
+                merged[key] = (value, f"{name}={value}")
     for key, value in (flags or {}).items():
         if value is not None:
             if key not in FIELDS:
                 raise ConfigError(f"unknown setting {key!r}")
-            merged[key] = value
-    return Settings(**{k: _coerce(k, v) for k, v in merged.items()})
+            flag = FLAGS.get(key, f"--{key.replace('_', '-')}")
+            shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+            merged[key] = (value, f"{flag} {shown}")
+    return Settings(**{k: _coerce(k, v, where) for k, (v, where) in merged.items()})
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

@@ -65,6 +65,7 @@ from tq.protocol.frames import INLINE_DECODE
 from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
 from tq.store import open_store
+from tq.store.dirlock import data_dir_lock
 
 log = logging.getLogger("tq.broker")
 
@@ -576,8 +577,19 @@ async def serve_broker(
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[BrokerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a broker until ``shutdown`` is set (or the caller cancels)."""
+    """Run a broker until ``shutdown`` is set (or the caller cancels); it holds its data
+    directory's lock (tq/store/dirlock.py) all along: one broker per directory."""
     _prepare_data_dir(settings.data)
+    with data_dir_lock(settings.data):
+        await _serve_broker(settings, shutdown=shutdown, task_status=task_status)
+
+
+async def _serve_broker(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None,
+    task_status: trio.TaskStatus[BrokerInfo],
+) -> None:
     host, port = parse_address(settings.listen)
     _check_limits(settings)
     check_open_files(settings.max_connections)

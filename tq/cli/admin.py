@@ -32,11 +32,9 @@ from tq.cli.common import (
     Output,
     OutputOpt,
     cell,
-    dumps,
     emit,
     fail,
     fmt_time,
-    interactive,
     kv_table,
     output_mode,
     progress,
@@ -100,7 +98,12 @@ def queue_depth(
         str | None, typer.Option("--queue", "-q", help="Only this queue.", show_default=False)
     ] = None,
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C (jsonl: one line each).")
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Refresh until Ctrl-C (jsonl: one line each); reconnects if the broker restarts.",
+        ),
     ] = False,
     interval: Annotated[
         float, typer.Option("--interval", min=0.2, help="Seconds between refreshes.")
@@ -122,21 +125,32 @@ def queue_depth(
         return data
 
     def body() -> None:
-        with _client(broker, ca, insecure, api_key) as client:
-            if not watch:
+        if not watch:
+            with _client(broker, ca, insecure, api_key) as client:
                 emit(fetch(client), mode, _depth_table)
-                return
-            if mode is Output.table:
-                from rich.live import Live
+            return
+        from tq.cli.waiting import with_reconnect  # the broker may restart while we watch
 
-                with Live(_depth_table(fetch(client)), auto_refresh=False) as live:
+        conf = settings(broker=broker, ca=ca, insecure=insecure, key=api_key)
+        if mode is Output.table:
+            from rich.live import Live
+
+            with Live("connecting to the broker...", auto_refresh=False) as live:
+
+                def redraw(client: BlockingClient, _: float | None) -> None:
                     while True:
-                        time.sleep(interval)
                         live.update(_depth_table(fetch(client)), refresh=True)
+                        time.sleep(interval)
+
+                with_reconnect(conf, None, redraw)
+
+        def lines(client: BlockingClient, _: float | None) -> None:
             while True:
-                emit(fetch(client), Output.jsonl if mode is Output.table else mode)
+                emit(fetch(client), mode)
                 sys.stdout.flush()
                 time.sleep(interval)
+
+        with_reconnect(conf, None, lines)
 
     try:
         run_guarded(body)
@@ -365,7 +379,9 @@ def _retry_stdin(
             except TQError as exc:
                 failures += 1
                 worst = max(worst, exits.for_code(exc.code))
-                say(f"tq: error: {task_id}: {exc.message or exc}", err=True)
+                from tq.cli.bulk import error_line
+
+                say(f"tq: error: {error_line(task_id, exc)}", err=True)
             bar.advance()
     if mode is Output.table:
         typer.echo(f"retried {len(rows)} task(s)")
@@ -373,105 +389,3 @@ def _retry_stdin(
         emit(rows, mode)
     if failures:
         fail(f"{failures} of {len(ids)} task(s) were not retried (see above)", worst)
-
-
-# -- wait: one task, or many ------------------------------------------------------------
-
-
-def wait(
-    task_ids: Annotated[list[str], typer.Argument(help="Task id(s), or - to read ids from stdin.")],
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--timeout",
-            "-t",
-            min=0,
-            help="Give up after this many seconds (exit 6) (default: wait forever).",
-            show_default=False,
-        ),
-    ] = None,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Wait for tasks to finish; print the result (exit 5 if one ended dead or cancelled).
-
-    One task: its result. Several (or - for ids on stdin): one JSON line per
-    task as it ends (a progress bar on a terminal).
-    """
-    ids = list(_stdin_ids()) if task_ids == ["-"] else task_ids
-    if len(ids) == 1 and task_ids != ["-"]:
-        _wait_one(ids[0], timeout, broker, ca, insecure, api_key, as_json)
-        return
-    run_guarded(lambda: _wait_many(ids, timeout, broker, ca, insecure, api_key))
-
-
-def _wait_one(
-    task_id: str,
-    timeout: float | None,
-    broker: str | None,
-    ca: Path | None,
-    insecure: bool | None,
-    key: str | None,
-    as_json: bool,
-) -> None:
-    def body() -> dict[str, Any]:
-        with _client(broker, ca, insecure, key) as client:
-            return client.wait(task_id, timeout=timeout).to_dict()
-
-    task = run_guarded(body)
-    if as_json:
-        typer.echo(dumps(task))
-    elif task["state"] == "succeeded":
-        typer.echo(dumps(task["result"]))
-    if task["state"] != "succeeded":
-        error = task.get("error") or {}
-        detail = f": {error.get('type')}: {error.get('message')}" if error else ""
-        fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
-
-
-def _wait_many(
-    ids: list[str],
-    timeout: float | None,
-    broker: str | None,
-    ca: Path | None,
-    insecure: bool | None,
-    key: str | None,
-) -> None:
-    """Pipelined waits on one trio connection; a line per task in the order they end."""
-    import trio
-
-    from tq.client import Client
-
-    conf = settings(broker=broker, ca=ca, insecure=insecure, key=key)
-    ended: dict[str, int] = {}
-
-    async def main() -> None:
-        async with Client.from_settings(conf) as client, trio.open_nursery() as nursery:
-            with progress("waiting", len(ids)) as bar:
-                limit = trio.Semaphore(256)
-
-                async def one(task_id: str) -> None:
-                    async with limit:
-                        task = (await client.wait(task_id, timeout=timeout)).to_dict()
-                    ended[task["state"]] = ended.get(task["state"], 0) + 1
-                    row = {"id": task_id, "state": task["state"], "result": task["result"]}
-                    if task["error"]:
-                        row["error"] = task["error"]
-                    if interactive():
-                        bar.advance()
-                    else:
-                        sys.stdout.write(dumps(row) + "\n")
-                        sys.stdout.flush()
-
-                for task_id in dict.fromkeys(ids):
-                    nursery.start_soon(one, task_id)
-
-    trio.run(main)
-    failed = sum(n for state, n in ended.items() if state != "succeeded")
-    if interactive():
-        typer.echo(", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing")
-    if failed:
-        fail(f"{failed} of {len(ended)} task(s) did not succeed", exits.TASK_FAILED)

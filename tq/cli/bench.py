@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tq.cli import exits
-from tq.cli.common import dumps, fail
+from tq.cli.common import Output, emit_text, fail, text_mode
 
 
 def bench(
@@ -57,6 +57,15 @@ def bench(
         ),
     ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    output: Annotated[
+        Output | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="table (the progress lines only, default), json, jsonl or yaml: the figures.",
+            show_default=False,
+        ),
+    ] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary data dirs.")] = False,
 ) -> None:
     """Benchmark a broker on loopback: submit rate, end-to-end rate, latency, backlog,
@@ -115,8 +124,9 @@ def bench(
         while isinstance(first, BaseExceptionGroup):  # nurseries nest the groups
             first = first.exceptions[0]
         fail(f"bench: {first}", exits.ERROR)
-    if as_json:
-        typer.echo(dumps({"setup": report.setup, "results": report.results}))
+    mode = text_mode(output, as_json)
+    if mode is not Output.table:
+        emit_text({"setup": report.setup, "results": report.results}, mode, None)
 
 
 def bench_probe(ctx: typer.Context) -> None:

@@ -98,6 +98,26 @@ def output_mode(output: Output | None, as_json: bool) -> Output:
     return Output.table if sys.stdout.isatty() else Output.jsonl
 
 
+def text_mode(output: Output | None, as_json: bool) -> Output:
+    """For commands whose default is a line of text (submit, wait, cancel, version...):
+    ``table`` (that text) unless --output or --json says otherwise, terminal or not."""
+    if as_json:
+        return Output.json
+    return output if output is not None else Output.table
+
+
+def emit_text(data: Any, mode: Output, text: str | None) -> None:
+    """``text`` (a line or lines, inert) in table mode, else ``data`` as ``emit`` prints it.
+    json is one line here, as the --json of these commands always printed."""
+    if mode is Output.table:
+        if text is not None:
+            say(text)
+    elif mode is Output.json:
+        typer.echo(dumps(data))
+    else:
+        emit(data, mode)
+
+
 def fail(message: str, status: int = exits.ERROR) -> NoReturn:
     typer.echo(f"tq: error: {inert(message)}", err=True)
     raise typer.Exit(status)

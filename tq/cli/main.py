@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
 
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import admin, bench, migrate, ops, security, services, tasks, tui
+from tq.cli import admin, bench, bulk, migrate, ops, security, services, tasks, tui, waiting
+from tq.cli.common import JsonOpt, Output, OutputOpt, emit_text, text_mode
 
 app = typer.Typer(
     name="tq",
@@ -27,9 +27,10 @@ app.command(rich_help_panel="Services")(services.broker)
 app.command(rich_help_panel="Services")(services.worker)
 app.command(rich_help_panel="Tasks")(tasks.submit)
 app.command(rich_help_panel="Tasks")(tasks.status)
-app.command(rich_help_panel="Tasks")(admin.wait)  # one id, several, or - (stdin)
+app.command(rich_help_panel="Tasks")(waiting.wait)  # one id, several, or - (stdin)
 app.command("list", rich_help_panel="Tasks")(tasks.list_)
-app.command(rich_help_panel="Tasks")(tasks.cancel)
+app.command(rich_help_panel="Tasks")(bulk.cancel)  # an id, - (stdin) or --state/--queue/--type
+app.command(rich_help_panel="Tasks")(bulk.priority)  # an id or - (stdin)
 app.command(rich_help_panel="Tasks")(admin.retry)  # an id, - (stdin) or --state
 app.command(rich_help_panel="Operations")(tasks.stats)
 app.command(rich_help_panel="Operations")(tasks.workers)
@@ -52,10 +53,10 @@ security.register(app)  # keys, ca, token, audit
 
 @app.command(rich_help_panel="Operations")
 def version(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Print tq's version, protocol version, Python, SQLite and platform."""
-    import json
     import platform
 
     try:
@@ -65,7 +66,8 @@ def version(
     except ImportError:  # pragma: no cover - apsw is a dependency
         sqlite = "unavailable"
     frozen = bool(getattr(sys, "frozen", False))  # the one-file executable (PyInstaller)
-    if as_json:
+    mode = text_mode(output, as_json)
+    if mode is not Output.table:
         info = {
             "tq": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -75,7 +77,7 @@ def version(
             "executable": sys.executable,
             "frozen": frozen,
         }
-        typer.echo(json.dumps(info))
+        emit_text(info, mode, None)
         return
     typer.echo(f"tq {__version__} (protocol {PROTOCOL_VERSION}){' executable' if frozen else ''}")
     typer.echo(f"python {platform.python_version()}, sqlite {sqlite}, {platform.platform()}")

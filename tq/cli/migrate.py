@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tq.cli.common import JsonOpt, dumps, run_guarded
+from tq.cli.common import JsonOpt, Output, OutputOpt, emit_text, run_guarded, text_mode
 
 FromOpt = Annotated[
     str,
@@ -32,7 +32,12 @@ ToOpt = Annotated[
 ]
 
 
-def migrate(source: FromOpt, destination: ToOpt, as_json: JsonOpt = False) -> None:
+def migrate(
+    source: FromOpt,
+    destination: ToOpt,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Copy a store (tasks, API keys, audit log) to another store, then verify it.
 
     Stop every broker using either store first: tq migrate refuses while one
@@ -51,19 +56,18 @@ def migrate(source: FromOpt, destination: ToOpt, as_json: JsonOpt = False) -> No
             sys.stderr.write(f"\r{table}: {copied} rows copied")
             sys.stderr.flush()
 
-        tty = sys.stderr.isatty() and not as_json
+        mode = text_mode(output, as_json)
+        tty = sys.stderr.isatty() and mode is Output.table
         result = copy_store(source, destination, progress if tty else None)
         if tty:
             sys.stderr.write("\n")
-        if as_json:
-            typer.echo(dumps(result.to_dict()))
-            return
         total = sum(result.tasks.values())
         by_state = ", ".join(f"{state} {n}" for state, n in sorted(result.tasks.items()))
-        typer.echo(
+        text = (
             f"copied {result.source} to {result.destination}: {total} tasks"
             f"{f' ({by_state})' if by_state else ''}, {result.keys} API keys, "
             f"{result.audit} audit entries; counts verified ({result.seconds:.2f} s)"
         )
+        emit_text(result.to_dict(), mode, text)
 
     run_guarded(body)

@@ -22,11 +22,14 @@ from tq.cli.common import (
     InsecureOpt,
     JsonOpt,
     KeyOpt,
-    dumps,
+    Output,
+    OutputOpt,
+    emit_text,
     fmt_time,
     run_guarded,
     say,
     settings,
+    text_mode,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ def backup(
     data: DataOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Back up the task store while the broker runs (SQLite online backup).
 
@@ -61,12 +65,14 @@ def backup(
         from tq.store.backup import backup_sqlite
 
         conf = settings(data=data)
-        progress = _progress_printer() if sys.stderr.isatty() and not as_json else None
+        mode = text_mode(output, as_json)
+        shown = sys.stderr.isatty() and mode is Output.table
+        progress = _progress_printer() if shown else None
         result = backup_sqlite(conf.db_path, file, overwrite=force, progress=progress)
         if progress is not None:
             sys.stderr.write("\n")
-        if as_json:
-            typer.echo(dumps(result.to_dict()))
+        if mode is not Output.table:
+            emit_text(result.to_dict(), mode, None)
             return
         size = result.bytes / (1024 * 1024)
         snapshot = fmt_time(result.started_at)
@@ -104,6 +110,7 @@ def doctor(
         bool, typer.Option("--offline", help="Skip the check that connects to the broker.")
     ] = False,
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Check this host's tq set-up and say what to fix.
 
@@ -119,11 +126,12 @@ def doctor(
     flags = {"data": data, "broker": broker, "ca": ca, "insecure": insecure, "key": api_key}
     checks = run_checks(flags, offline=offline)
     failed = [c for c in checks if c.status == "fail"]
-    if as_json:
+    mode = text_mode(output, as_json)
+    if mode is not Output.table:
         rows = [
             {"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix} for c in checks
         ]
-        typer.echo(dumps({"ok": not failed, "checks": rows}))
+        emit_text({"ok": not failed, "checks": rows}, mode, None)
     else:
         _print_checks(checks)
     if failed:

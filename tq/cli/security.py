@@ -24,16 +24,18 @@ from tq.cli.common import (
     InsecureOpt,
     JsonOpt,
     KeyOpt,
+    Output,
     OutputOpt,
     cell,
     emit,
+    emit_text,
     fail,
     fmt_time,
     kv_table,
     output_mode,
     run_guarded,
-    say,
     settings,
+    text_mode,
 )
 
 if TYPE_CHECKING:
@@ -154,6 +156,7 @@ def keys_create(
     insecure: InsecureOpt = None,
     api_key: KeyOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Create a key and print it. It is shown this once: only a hash is stored."""
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
@@ -162,8 +165,9 @@ def keys_create(
     def body() -> None:
         conn = _conn(broker, ca, insecure, api_key)
         reply = _create(conn, data, role=role, name=name, queues=queue_list, expires_at=expires_at)
-        if as_json:
-            emit({"key": reply["key"], **reply["info"]}, output_mode(None, True))
+        mode = text_mode(output, as_json)
+        if mode is not Output.table:
+            emit_text({"key": reply["key"], **reply["info"]}, mode, None)
             return
         typer.echo(reply["key"])
         info = reply["info"]
@@ -224,6 +228,7 @@ def keys_revoke(
     insecure: InsecureOpt = None,
     api_key: KeyOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Revoke a key: refused on its next request, without a broker restart."""
     if key_id.startswith("tq_"):
@@ -232,10 +237,8 @@ def keys_revoke(
     def body() -> None:
         msg = {"t": "keys", "op": "revoke", "key_id": key_id}
         info = _call(_conn(broker, ca, insecure, api_key), data, msg)["info"]
-        if as_json:
-            emit(info, output_mode(None, True))
-        else:
-            say(f"{info['id']} revoked ({info['name']}, {info['role']})")
+        text = f"{info['id']} revoked ({info['name']}, {info['role']})"
+        emit_text(info, text_mode(output, as_json), text)
 
     run_guarded(body)
 
@@ -334,6 +337,7 @@ def token_create(
 def token_inspect(
     token: Annotated[str, typer.Argument(help="A join token (tqj1_...).")],
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Show what a join token holds (addresses, CA fingerprint, key id; not the secret)."""
 
@@ -346,7 +350,13 @@ def token_inspect(
             "ca_fingerprint": decoded.ca_fingerprint,
             "key_id": decoded.key_id,
         }
-        emit(info, output_mode(None, as_json), lambda d: kv_table(d.items()))
+        emit(
+            info,
+            text_mode(output, as_json),
+            lambda d: kv_table(
+                (k, ", ".join(v) if isinstance(v, list) else v) for k, v in d.items()
+            ),
+        )
 
     run_guarded(body)
 

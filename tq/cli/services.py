@@ -97,8 +97,9 @@ ExecOpt = Annotated[
         "--exec",
         "-e",
         help="TYPE=PROGRAM [ARGS]: run PROGRAM for tasks of TYPE: "
-        "payload JSON on stdin, result JSON on stdout, exit 0 success, 75 retry "
-        "later, other failure (repeatable).",
+        "payload JSON on stdin, result JSON on stdout; exit 0 success, 65 bad input "
+        "(do not retry), 75 retry later, other statuses fail and are retried while "
+        "retries are left (repeatable).",
         show_default=False,
     ),
 ]
@@ -115,17 +116,25 @@ GraceOpt = Annotated[
     typer.Option(
         "--grace",
         help="Seconds running tasks get to finish on SIGTERM before they "
-        "are released back to the queue (default 30).",
+        "are released back to the queue (env TQ_GRACE; default 30).",
         show_default=False,
     ),
 ]
-LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level",
+        help="debug, info (default), warning or error (env TQ_LOG_LEVEL).",
+        show_default=False,
+    ),
+]
 LogFormatOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--log-format",
-        envvar="TQ_LOG_FORMAT",
-        help="human (default) or json: one JSON object per line, for log shippers.",
+        help="human (default) or json: one JSON object per line, for log shippers "
+        "(env TQ_LOG_FORMAT).",
+        show_default=False,
     ),
 ]
 HttpOpt = Annotated[
@@ -140,36 +149,67 @@ HttpOpt = Annotated[
 ]
 
 
-def setup_logging(level: str, fmt: str = "human") -> None:
-    from tq.cli.logfmt import FORMATS, formatter
+def setup_logging(level: str | None, fmt: str | None = None) -> None:
+    """Log to stderr as the flags, TQ_LOG_LEVEL/TQ_LOG_FORMAT or the config file say
+    (a bad value from any of them: an error naming it, exit 2)."""
+    from tq.cli.logfmt import formatter
 
-    if fmt not in FORMATS:
-        from tq.cli.common import fail
-
-        fail(f"--log-format must be one of {', '.join(FORMATS)}, not {fmt!r}", 2)
+    conf = run_guarded(lambda: settings(log_level=level, log_format=fmt))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(fmt))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    handler.setFormatter(formatter(conf.log_format))
+    logging.basicConfig(level=getattr(logging, conf.log_level.upper()), handlers=[handler])
+
+
+DUPLICATE_WINDOW = 1.0  # seconds: a second signal sooner than this is the same keypress
+
+
+class SignalRule:
+    """What a SIGINT/SIGTERM means: the first asks for a graceful stop; a second one
+    stops at once, unless it comes within ``DUPLICATE_WINDOW`` of the first. One
+    Ctrl-C can arrive twice: from the terminal (to the whole process group) and
+    forwarded by a parent such as the one-file executable's bootloader, which
+    also gets it from the terminal; that is still one request for a graceful stop."""
+
+    def __init__(self, window: float = DUPLICATE_WINDOW) -> None:
+        self.window = window
+        self.first: float | None = None
+
+    def on_signal(self, now: float) -> str:
+        """ "graceful", "duplicate" (ignore it) or "now"."""
+        if self.first is None:
+            self.first = now
+            return "graceful"
+        return "duplicate" if now - self.first < self.window else "now"
 
 
 def run_service(main: Callable[[trio.Event], Awaitable[None]]) -> None:
-    """Run ``main(shutdown)`` under trio; SIGINT/SIGTERM set ``shutdown``."""
+    """Run ``main(shutdown)`` under trio; SIGINT/SIGTERM set ``shutdown`` (SignalRule)."""
     import trio
 
     async def runner() -> None:
         shutdown = trio.Event()
+        rule = SignalRule()
+        log = logging.getLogger("tq")
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
-                        if shutdown.is_set():
-                            logging.getLogger("tq").warning("second signal: stopping now")
+                        name = signal.Signals(signum).name
+                        verdict = rule.on_signal(trio.current_time())
+                        if verdict == "graceful":
+                            log.info("%s received: shutting down", name)
+                            shutdown.set()
+                        elif verdict == "duplicate":
+                            log.info(
+                                "%s again within %gs of the first: the same request, ignored "
+                                "(send it again later to stop at once)",
+                                name,
+                                rule.window,
+                            )
+                        else:
+                            log.warning("second signal: stopping now")
                             nursery.cancel_scope.cancel()
-                        logging.getLogger("tq").info(
-                            "%s received: shutting down", signal.Signals(signum).name
-                        )
-                        shutdown.set()
 
             nursery.start_soon(watch)
             await main(shutdown)
@@ -206,11 +246,26 @@ def _registry(imports: list[str] | None) -> HandlerRegistry:
     return registry
 
 
-def _exec_handlers(specs: list[str] | None) -> dict[str, ExecHandler]:
+def _exec_handlers(
+    specs: list[str] | None, registry: HandlerRegistry | None = None
+) -> dict[str, ExecHandler]:
+    """``--exec`` handlers by type. One that shadows a Python handler (built-in or
+    imported) of the same type wins: say so at start, once per type."""
     from tq.worker.executable import parse_exec_spec
 
     handlers = [parse_exec_spec(spec) for spec in specs or []]
-    return {h.type: h for h in handlers}
+    by_type = {h.type: h for h in handlers}
+    for name in sorted(by_type):
+        if registry is not None and registry.get(name) is not None:
+            logging.getLogger("tq.worker").warning(
+                "--exec %s=%s replaces the Python handler %r (built-in or --import): "
+                "tasks of type %r run the program",
+                name,
+                " ".join(by_type[name].argv),
+                name,
+                name,
+            )
+    return by_type
 
 
 def _broker_flags(
@@ -246,8 +301,8 @@ def broker(
     submit_rate: sec.SubmitRateOpt = None,
     max_connections: sec.MaxConnectionsOpt = None,
     http: HttpOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a broker: store tasks durably and lease them to workers.
 
@@ -319,8 +374,8 @@ def worker(
     execs: ExecOpt = None,
     name: NameOpt = None,
     grace: GraceOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a worker: claim tasks from the broker and run their handlers.
 
@@ -339,7 +394,8 @@ def worker(
             **_worker_flags(broker, ca, insecure, concurrency, queues, name, grace),
             **sec.client_flags(key, join, client_cert, client_key),
         )
-        registry, execs_ = _registry(imports), _exec_handlers(execs)
+        registry = _registry(imports)
+        execs_ = _exec_handlers(execs, registry)
 
         async def main(shutdown: trio.Event) -> None:
             await serve_worker(conf, registry, execs_, shutdown=shutdown)
@@ -360,10 +416,14 @@ def up(
     imports: ImportOpt = None,
     execs: ExecOpt = None,
     http: HttpOpt = None,
-    log_level: LogOpt = "info",
-    log_format: LogFormatOpt = "human",
+    log_level: LogOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run a broker and a local worker in one process: the quickest start.
+
+    Ctrl-C or SIGTERM: the worker stops claiming and its running tasks get the grace
+    period (TQ_GRACE, default 30 s) to finish and report; then the broker stops. A
+    second signal (more than 1 s after the first) stops at once.
 
     Then, in another shell: tq submit echo --payload '{"x": 1}'
     """
@@ -381,30 +441,35 @@ def up(
             queues=queues,
             http=http,
         )
-        registry, execs_ = _registry(imports), _exec_handlers(execs)
+        registry = _registry(imports)
+        execs_ = _exec_handlers(execs, registry)
 
         async def main(shutdown: trio.Event) -> None:
-            worker_stop = trio.Event()
+            # on shutdown the local worker drains first (its running tasks finish within
+            # the grace and report their results); only then does the broker stop
+            worker_stop, broker_stop = trio.Event(), trio.Event()
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(
                     lambda task_status: serve_broker(
-                        conf, shutdown=shutdown, task_status=task_status
+                        conf, shutdown=broker_stop, task_status=task_status
                     )
                 )
                 _announce(info, conf.insecure)
                 local = _local_settings(conf, info)
-                worker_id = await nursery.start(
-                    lambda task_status: serve_worker(
-                        local, registry, execs_, shutdown=worker_stop, task_status=task_status
+                async with trio.open_nursery() as local_worker:
+                    worker_id = await local_worker.start(
+                        lambda task_status: serve_worker(
+                            local, registry, execs_, shutdown=worker_stop, task_status=task_status
+                        )
                     )
-                )
-                print(
-                    f"  local worker {worker_id} runs: {', '.join(registry.names())}",
-                    file=sys.stderr,
-                )
-                print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
-                await shutdown.wait()
-                worker_stop.set()
+                    print(
+                        f"  local worker {worker_id} runs: {', '.join(registry.names())}",
+                        file=sys.stderr,
+                    )
+                    print("  try: tq submit echo --payload '{\"x\": 1}'", file=sys.stderr)
+                    await shutdown.wait()
+                    worker_stop.set()
+                broker_stop.set()
 
         run_service(main)
 

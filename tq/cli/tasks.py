@@ -7,7 +7,6 @@ Each one-shot command uses the blocking client (no trio start-up cost);
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,27 +23,26 @@ from tq.cli.common import (
     OutputOpt,
     cell,
     compact,
-    dumps,
     emit,
+    emit_text,
     fail,
     fmt_time,
     interactive,
     kv_table,
     output_mode,
     parse_json,
-    progress,
     run_guarded,
     say,
     settings,
     task_rows,
+    text_mode,
 )
-from tq.core.text import inert
+
+# the states a task can be in today (scheduled and blocked are reserved: nothing enters them)
+LISTED_STATES = ("pending", "running", "succeeded", "failed", "dead", "cancelled")
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
-
-STDIN_BATCH = 250  # tasks per request: one request is one transaction (see OPERATIONS.md)
-STDIN_IN_FLIGHT = 8
 
 
 def _client(
@@ -55,15 +53,47 @@ def _client(
     return BlockingClient.from_settings(settings(broker=broker, ca=ca, insecure=insecure, key=key))
 
 
-def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
+SHORT_ID = 13  # "…" and the id's last 12 characters (its random part)
+
+
+def short_id(task_id: str) -> str:
+    return task_id if len(task_id) <= SHORT_ID else "…" + task_id[-(SHORT_ID - 1) :]
+
+
+def _width_needed(tasks: list[dict[str, Any]], errors: bool) -> int:
+    """Columns a table with whole ids needs: ids, the short columns at their width (at
+    most 20), some payload (and error) text, 3 per column for borders and padding."""
+    short = sum(min(20, max((len(str(t[k])) for t in tasks), default=0)) for k in LABELS)
+    columns = 8 + errors
+    return 36 + short + 4 + 3 + 19 + 12 + (24 if errors else 0) + 3 * columns + 1
+
+
+LABELS = ("type", "queue", "state")
+
+
+def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
+    """Ids on one line, never wrapped: whole ones with --wide or on a wide terminal,
+    else shortened (say so in the caption). An error column for failed and dead tasks."""
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table()
-    for column in ("id", "type", "queue", "state", "prio", "att", "created", "payload"):
-        table.add_column(column, overflow="fold" if column == "id" else "ellipsis")
+    errors = any(t.get("error") for t in tasks)
+    whole = wide if wide is not None else Console().width >= _width_needed(tasks, errors)
+    table = Table(
+        caption=None if whole else "ids shortened: --wide or --output jsonl for whole ids"
+    )
+    table.add_column("id", no_wrap=True, min_width=36 if whole else SHORT_ID)
+    for column in ("type", "queue", "state"):
+        table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=20)
+    table.add_column("prio", justify="right")
+    table.add_column("att", justify="right")
+    table.add_column("created", no_wrap=True)
+    table.add_column("payload", overflow="ellipsis", no_wrap=True, ratio=1)
+    if errors:
+        table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=2)
     for t in tasks:
-        table.add_row(
-            cell(t["id"]),
+        row = [
+            cell(t["id"] if whole else short_id(t["id"])),
             cell(t["type"]),
             cell(t["queue"]),
             cell(t["state"]),
@@ -71,7 +101,11 @@ def _tasks_table(tasks: list[dict[str, Any]]) -> Any:
             str(t["attempts"]),
             fmt_time(t["created_at"]),
             cell(compact(t["payload"], 30)),
-        )
+        ]
+        if errors:
+            error = t.get("error") or {}
+            row.append(cell(f"{error['type']}: {error['message']}" if error else ""))
+        table.add_row(*row)
     return table
 
 
@@ -130,11 +164,20 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    listed: Annotated[
+        bool,
+        typer.Option(
+            "--from-list",
+            help="With -: lines may be tasks as `tq list --output jsonl` prints them; "
+            "read-only fields (id, state, attempts, times, result, error...) are dropped.",
+        ),
+    ] = False,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
     api_key: KeyOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = None,
 ) -> None:
     """Submit a task; print its id once the broker has stored it durably.
 
@@ -143,14 +186,20 @@ def submit(
       tq submit echo --payload '{"x": 1}'
 
       cat jobs.jsonl | tq submit - | jq -r .id
+
+    With -, one JSON line out per input line (whatever --output says); a batch goes
+    out at 250 lines or 0.2 s after its first line; Ctrl-C prints the ids of every
+    stored task and the input line it stopped after (exit 130).
     """
+    if listed and type != "-":
+        fail("--from-list goes with `tq submit -` (task lines on stdin)", exits.USAGE)
     if type == "-":
         if payload is not None or payload_file is not None:
             fail(
                 "with `tq submit -` each stdin line is a whole task map; put the payload inside it",
                 exits.USAGE,
             )
-        run_guarded(lambda: _submit_stdin(broker, ca, insecure, api_key))
+        run_guarded(lambda: _submit_stdin(broker, ca, insecure, api_key, listed))
         return
     if payload is not None and payload_file is not None:
         fail("give --payload or --payload-file, not both", exits.USAGE)
@@ -175,10 +224,7 @@ def submit(
         task_id = answer["id"]
         if "warning" in answer:
             say(f"tq: warning: {answer['warning']}", err=True)
-        if as_json:
-            typer.echo(dumps({"id": task_id}))
-        else:
-            typer.echo(task_id)
+        emit_text({"id": task_id}, text_mode(output, as_json), task_id)
 
     run_guarded(body)
 
@@ -193,110 +239,32 @@ def _read_payload_file(path: Path) -> Any:
     return parse_json(text, f"payload file {path}")
 
 
-def _stdin_batches() -> Iterator[list[tuple[int, Any]]]:
-    """(line number, parsed JSON or a string error) in batches."""
-    import json
-
-    batch: list[tuple[int, Any]] = []
-    for number, line in enumerate(sys.stdin, start=1):
-        if not line.strip():
-            continue
-        try:
-            batch.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            batch.append((number, f"line {number} is not valid JSON: {exc.msg}"))
-        if len(batch) >= STDIN_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _submit_stdin(
-    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None
+    broker: str | None, ca: Path | None, insecure: bool | None, key: str | None, listed: bool
 ) -> None:
-    """Pipeline batches from stdin; one JSON line out per input line, in order.
-
-    On a terminal: a progress bar and a summary instead of the JSON lines.
-    """
-    import trio
-
-    from tq.client import Client
-    from tq.core.errors import TQError
-    from tq.core.task import TaskSpec
+    """`tq submit -` (tq/cli/stdin_submit.py); the summary and the exit status here."""
+    from tq.cli.stdin_submit import submit_stdin
 
     conf = settings(broker=broker, ca=ca, insecure=insecure, key=key)
-    failures = submitted = 0
-    out = sys.stdout
-    show = interactive()  # stdout and stderr are terminals: progress bar, not JSON lines
-
-    warned: set[str] = set()
-
-    async def send(client: Client, batch: list[tuple[int, Any]]) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = [{}] * len(batch)
-        good: list[int] = []
-        for i, (number, item) in enumerate(batch):
-            if isinstance(item, str):
-                rows[i] = {"line": number, "error": item}
-                continue
-            try:
-                TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
-            except TQError as exc:
-                rows[i] = {"line": number, "error": f"line {number}: {exc.message}"}
-                continue
-            good.append(i)
-        if good:
-            answers = await client.submit_items([batch[i][1] for i in good])
-            for i, answer in zip(good, answers, strict=True):
-                rows[i] = {"line": batch[i][0], "id": answer["id"]}
-                warning = answer.get("warning")
-                if warning and warning not in warned:  # once per task type, on stderr
-                    warned.add(warning)
-                    print(f"tq: warning: {inert(warning)}", file=sys.stderr)
-        return rows
-
-    async def main() -> None:
-        nonlocal failures
-        with progress("submitting") as bar:
-            async with Client.from_settings(conf) as client, trio.open_nursery() as nursery:
-                results: list[trio.MemoryReceiveChannel[list[dict[str, Any]]]] = []
-                limit = trio.Semaphore(STDIN_IN_FLIGHT)
-                send_order, recv_order = trio.open_memory_channel[Any](STDIN_IN_FLIGHT)
-
-                async def one(batch: list[tuple[int, Any]], done: Any) -> None:
-                    try:
-                        done.send_nowait(await send(client, batch))
-                    finally:
-                        limit.release()
-
-                async def printer() -> None:
-                    nonlocal failures, submitted
-                    async for channel in recv_order:
-                        rows = await channel.receive()
-                        for row in rows:
-                            failures += "error" in row
-                            submitted += "id" in row
-                            if "error" in row:
-                                print(f"tq: error: {inert(row['error'])}", file=sys.stderr)
-                            if not show:
-                                out.write(dumps(row) + "\n")
-                        bar.advance(len(rows))
-                        out.flush()
-
-                nursery.start_soon(printer)
-                async with send_order:
-                    for batch in _stdin_batches():
-                        await limit.acquire()
-                        done_send, done_recv = trio.open_memory_channel[list[dict[str, Any]]](1)
-                        results.append(done_recv)
-                        await send_order.send(done_recv)
-                        nursery.start_soon(one, batch, done_send)
-
-    trio.run(main)
-    if show:
-        typer.echo(f"submitted {submitted} task(s)")
-    if failures:
-        fail(f"{failures} line(s) were not submitted (see the error lines above)", exits.USAGE)
+    done = submit_stdin(conf, listed)
+    if done.interrupted:
+        lost = (
+            f"; {done.abandoned} request(s) in flight were abandoned by a second signal: "
+            "their tasks may be stored without their ids printed"
+            if done.abandoned
+            else ""
+        )
+        typer.echo(
+            f"tq: interrupted ({done.interrupted}): {done.submitted} task(s) submitted, "
+            f"{done.refused} line(s) refused; stopped after input line {done.last_line} "
+            f"(resume from line {done.last_line + 1}: tail -n +{done.last_line + 1}){lost}",
+            err=True,
+        )
+        raise typer.Exit(130)
+    if interactive():
+        typer.echo(f"submitted {done.submitted} task(s)", err=True)
+    if done.refused:
+        fail(f"{done.refused} line(s) were not submitted (see the error lines above)", exits.USAGE)
 
 
 def status(
@@ -324,7 +292,7 @@ def list_(
         typer.Option(
             "--state",
             "-s",
-            help="pending, running, succeeded, failed, dead, cancelled.",
+            help=f"{', '.join(LISTED_STATES)}.",
             show_default=False,
         ),
     ] = None,
@@ -346,6 +314,15 @@ def list_(
     newest: Annotated[
         bool, typer.Option("--newest", help="Newest first (default: oldest first).")
     ] = False,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            "-W",
+            help="Table: whole ids even on a terminal too narrow for them (there they are "
+            "shortened to their last 12 characters).",
+        ),
+    ] = False,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
@@ -354,10 +331,8 @@ def list_(
     output: OutputOpt = None,
 ) -> None:
     """List tasks, oldest (or --newest) first, filtered by state, type and queue."""
-    from tq.core.states import State
-
-    if state is not None and state not in {s.value for s in State}:
-        fail(f"unknown state {state!r}; one of: {', '.join(s.value for s in State)}", exits.USAGE)
+    if state is not None and state not in LISTED_STATES:
+        fail(f"unknown state {state!r}; one of: {', '.join(LISTED_STATES)}", exits.USAGE)
 
     def body() -> None:
         with _client(broker, ca, insecure, api_key) as client:
@@ -365,28 +340,11 @@ def list_(
                 state=state, type=type, queue=queue, limit=limit, after=after, newest_first=newest
             )
         mode = output_mode(output, as_json)
-        emit([t.to_dict() for t in page.tasks], mode, _tasks_table)
+        rows = [t.to_dict() for t in page.tasks]
+        emit(rows, mode, lambda data: _tasks_table(data, True if wide else None))
         if page.next and mode is Output.table:
             again = " --newest" if newest else ""
             typer.echo(f"more: tq list{again} --after {page.next}", err=True)
-
-    run_guarded(body)
-
-
-def cancel(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Cancel a task that has not finished (a running one is stopped on its worker)."""
-
-    def body() -> None:
-        with _client(broker, ca, insecure, api_key) as client:
-            task = client.cancel(task_id).to_dict()
-        typer.echo(dumps(task) if as_json else f"{task_id} {task['state']}")
 
     run_guarded(body)
 

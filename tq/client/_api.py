@@ -244,6 +244,26 @@ def wait_timed_out(task: Task, timeout: float | None) -> Timeout:
     )
 
 
+HANDSHAKE_CLOSED = ("eof occurred", "unexpected eof", "connection reset")
+
+
+def closed_in_handshake(exc: BaseException) -> bool:
+    """The broker closed the connection during the TLS handshake (EOF or reset)."""
+    if isinstance(exc, ConnectionResetError | EOFError):
+        return True
+    text = " ".join(str(p) for p in (getattr(exc, "reason", None), exc) if p).lower()
+    return any(n in text for n in HANDSHAKE_CLOSED)
+
+
+def shutting_down(address: str) -> ConnectionFailed:
+    """A broker that dropped a handshake and then refused a new connection is going
+    away: say that, not a TLS problem (the worker's log says the same)."""
+    return ConnectionFailed(
+        f"the broker at {address} is shutting down (it closed the connection during the "
+        "TLS handshake and no longer accepts connections); try again once it is back"
+    )
+
+
 def connection_lost(address: str) -> ConnectionFailed:
     return ConnectionFailed(f"connection to the broker at {address} was lost; is it still running?")
 

@@ -331,10 +331,23 @@ async def open_stream(
     except (ssl.SSLError, trio.BrokenResourceError) as exc:
         await trio.aclose_forcefully(tcp)
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        if (cause is None or api.closed_in_handshake(cause)) and await _refuses(host, where):
+            raise api.shutting_down(where) from None
         if isinstance(cause, ssl.SSLError | OSError):
             raise TLSFailure(describe_tls_error(cause, where, ca_name(ca, ca_data))) from None
         raise api.connection_lost(where) from None
     return tls
+
+
+async def _refuses(host: str, where: str) -> bool:
+    """After a dropped handshake: does the broker now refuse connections (going away)?"""
+    try:
+        with trio.fail_after(2.0):
+            stream = await trio.open_tcp_stream(host, parse_address(where)[1])
+    except (OSError, trio.TooSlowError):
+        return True
+    await trio.aclose_forcefully(stream)
+    return False
 
 
 async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, str, str]:

@@ -290,7 +290,18 @@ def _open_socket(
         return context.wrap_socket(sock, server_hostname=host)
     except (ssl.SSLError, OSError) as exc:
         sock.close()
+        if api.closed_in_handshake(exc) and _refuses(host, where):
+            raise api.shutting_down(where) from None
         raise TLSFailure(describe_tls_error(exc, where, ca)) from None
+
+
+def _refuses(host: str, where: str) -> bool:
+    """After a dropped handshake: does the broker now refuse connections (going away)?"""
+    try:
+        socket.create_connection((host, parse_address(where)[1]), timeout=2.0).close()
+    except OSError:
+        return True
+    return False
 
 
 def _open_tcp(address: str, timeout: float) -> tuple[socket.socket, str, str]:

@@ -69,13 +69,24 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
+_CANNOT = {  # what an operator reads when a request does not apply
+    Event.CANCEL: "cannot be cancelled: only pending, failed or running tasks can",
+    Event.RETRY: "cannot be retried: only failed, dead or cancelled tasks can",
+    Event.SUCCEED: "cannot succeed: it is not running",
+    Event.FAIL_RETRY: "cannot fail: it is not running",
+    Event.FAIL_FINAL: "cannot fail: it is not running",
+    Event.RELEASE: "cannot be released: it is not running",
+}
+
+
 def next_state(state: State | str, event: Event) -> State:
     """The state after ``event`` in ``state``; InvalidTransition if illegal."""
     current = State(state)
     try:
         return TRANSITIONS[(current, event)]
     except KeyError:
-        raise InvalidTransition(f"a {current.value} task cannot {event.value}") from None
+        cannot = _CANNOT.get(event, f"cannot {event.value}")
+        raise InvalidTransition(f"a {current.value} task {cannot}") from None
 
 
 def sources(event: Event) -> frozenset[State]:

@@ -88,7 +88,15 @@ async def authenticate(request: Request, action: str) -> Principal | None:
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
         key = value.strip()
-    return await _service(request).authorize(key, action)
+    try:
+        return await _service(request).authorize(key, action)
+    except Unauthorized:
+        if key is not None:
+            raise
+        raise Unauthorized(  # the keys' own message speaks to tq's command line (--key)
+            "this broker requires an API key: send it as 'Authorization: Bearer <key>'; "
+            "an admin creates one with `tq keys create`"
+        ) from None
 
 
 async def _body(request: Request) -> Any:

@@ -48,11 +48,15 @@ Standard output
 Exit status
     - ``0``: success; standard output is the result. Output that is not JSON
       fails the task without retry (``BadOutput``).
+    - ``65`` (``EX_DATAERR``): "do not retry": the input is wrong and another
+      attempt cannot help; the task goes dead at once, whatever its retries
+      (``DoNotRetry``).
     - ``75`` (``EX_TEMPFAIL``): a temporary failure; the task is retried with
       backoff while it has retries left (``RetryLater``).
-    - any other status, or death by a signal: the task fails without retry
-      (``ExitStatus``: "program exited with status 3", "killed by signal
-      SIGSEGV").
+    - any other non-zero status, or death by a signal: an ordinary failure,
+      retried with backoff while the task has retries left, like a Python
+      handler's exception (``ExitStatus``: "program exited with status 3",
+      "killed by signal SIGSEGV").
     - more than 10 MiB on standard output: the program is stopped and the
       task fails without retry (``OutputTooLarge``).
     - the program cannot be started (removed, not executable, bad ``#!``
@@ -112,6 +116,7 @@ log = logging.getLogger(__name__)
 
 EXIT_RETRY = 75  # EX_TEMPFAIL from sysexits.h: "retry later"
 SECRET_ENV = frozenset(f"TQ_{name.upper()}" for name in SECRET_SETTINGS)  # never passed on
+EXIT_NO_RETRY = 65  # EX_DATAERR from sysexits.h: bad input, "do not retry"
 
 MAX_STDOUT_BYTES = 10 * 1024 * 1024  # a larger result is rejected
 STDERR_TAIL_BYTES = 8 * 1024  # the end of stderr kept for the task's error
@@ -436,6 +441,15 @@ def _outcome(returncode: int | None, capture: _Capture, timeout: float) -> ExecO
                 "RetryLater", f"program asked to retry later (exit {EXIT_RETRY})", tail
             ),
         )
+    return exit_status_outcome(returncode, tail)
+
+
+def exit_status_outcome(returncode: int, tail: str) -> ExecOutcome:
+    """A failed run's outcome by its exit status (not 0, not 75): 65 (EX_DATAERR) means
+    "do not retry"; any other status or a signal is an ordinary, retried failure."""
+    if returncode == EXIT_NO_RETRY:
+        message = f"program exited with status {EXIT_NO_RETRY}: bad input, do not retry"
+        return ExecOutcome("reject", error=TaskError("DoNotRetry", message, tail))
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -444,4 +458,4 @@ def _outcome(returncode: int | None, capture: _Capture, timeout: float) -> ExecO
         message = f"killed by signal {name}"
     else:
         message = f"program exited with status {returncode}"
-    return ExecOutcome("reject", error=TaskError("ExitStatus", message, tail))
+    return ExecOutcome("retry", error=TaskError("ExitStatus", message, tail))
