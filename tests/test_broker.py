@@ -285,3 +285,26 @@ async def test_cancel_running_task_stops_it_on_the_worker(tmp_path: Path) -> Non
                 while (await client.workers())[0]["running"]:
                     await trio.sleep(0.05)
             assert (await client.get(task_id)).state == "cancelled"
+
+
+@pytest.mark.trio
+async def test_open_connections_are_told_the_broker_is_shutting_down(tmp_path: Path) -> None:
+    from tq.core.errors import Unavailable
+
+    seen: dict[str, BaseException] = {}
+    async with running_broker(tmp_path) as broker, broker.client() as client:
+        task_id = await client.submit("echo", 1)  # no worker: a wait on it stays in flight
+
+        async def waiting() -> None:
+            try:
+                await client.wait(task_id, timeout=30)
+            except Exception as exc:
+                seen["error"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting)
+            await trio.sleep(0.2)  # the wait is in flight at the broker
+            broker.shutdown.set()
+    error = seen["error"]
+    assert isinstance(error, Unavailable), repr(error)
+    assert "the broker is shutting down" in str(error)

@@ -31,6 +31,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import trio
 
@@ -60,6 +61,7 @@ class ConnectionGate:
         self.open = 0
         self.refusing = 0
         self.evicted = 0
+        self.sessions: set[Any] = set()  # open sessions (server.Session), for a farewell
         self._unproven: dict[object, trio.CancelScope] = {}  # oldest first
 
     @contextmanager

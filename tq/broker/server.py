@@ -55,6 +55,7 @@ from tq.core.errors import (
     Timeout,
     TQError,
     Unauthorized,
+    Unavailable,
 )
 from tq.core.heap import settle_heap
 from tq.core.task import MAX_PAYLOAD_BYTES
@@ -74,6 +75,7 @@ HELLO_MAX_FRAME = 64 * 1024  # frames before an accepted hello: unauthenticated 
 SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or results (reader)
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
+FAREWELL_SECONDS = 0.5  # to send every open session "the broker is shutting down"
 HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
 _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
 HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
@@ -134,6 +136,24 @@ def _check_limits(settings: Settings) -> None:
         )
     if settings.require_client_cert and settings.insecure:
         raise ConfigError("--require-client-cert needs TLS: drop --insecure")
+
+
+async def _say_goodbye(sessions: set[Session]) -> None:
+    """Tell every open session the broker is stopping (a NACK with id 0, code
+    ``unavailable``) and give the writers up to FAREWELL_SECONDS to send it, so clients
+    say "the broker is shutting down" rather than "connection lost"."""
+    frame = Connection().send(
+        Connection.nack(
+            0,
+            Unavailable(
+                "the broker is shutting down: reconnect once it is back (or to another broker)"
+            ),
+        )
+    )
+    told = [s for s in list(sessions) if s.farewell(frame)]
+    with trio.move_on_after(FAREWELL_SECONDS):
+        while not all(s.flushed for s in told):
+            await trio.sleep(0.01)
 
 
 def _is_disconnect(exc: BaseException) -> bool:
@@ -216,6 +236,22 @@ class Session:
             self._queued -= len(data)
             self._written.set()
             self._written = trio.Event()
+
+    def farewell(self, frame: bytes) -> bool:
+        """Queue a last frame (the broker is stopping) if the session is open; True if
+        queued. Never waits: a peer that reads nothing gets no farewell."""
+        if not self.hello_done:
+            return False
+        try:
+            self._send.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self._queued += len(frame)
+        return True
+
+    @property
+    def flushed(self) -> bool:
+        return self._queued <= 0
 
     async def _reply_event(self, message: dict[str, Any]) -> None:
         """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
@@ -553,7 +589,11 @@ async def _serve_connection(
                 return
             session = Session(service, wrapped, settings, peer)
             session.on_hello = lambda: gate.proven(scope)
-            await session.run()
+            gate.sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                gate.sessions.discard(session)
             with trio.move_on_after(1.0):
                 await wrapped.aclose()  # a TLS close_notify, so the peer sees a clean end
         if scope.cancelled_caught:
@@ -702,6 +742,7 @@ async def _serve_broker(
                 with trio.move_on_after(DRAIN_SECONDS):
                     while service.in_flight:
                         await trio.sleep(0.02)
+                await _say_goodbye(gate.sessions)
                 sessions.cancel_scope.cancel()
             if http_url is not None:  # in-flight HTTP requests and event streams end cleanly
                 with trio.move_on_after(HTTP_DRAIN_SECONDS):
