@@ -55,12 +55,12 @@ def parse_priority(value: object) -> int:
         named = PRIORITY_NAMES.get(value.strip().lower())
         if named is not None:
             return named
-        try:
-            value = int(value)
-        except ValueError:
+        if not (value.isascii() and value.isdigit() and len(value) <= 3):
+            # int() alone would take "1_0", " 7" and non-ASCII digits: not a decimal string
             raise InvalidRequest(
                 f"priority {value!r} is not a number 0..255 or one of high, normal, low"
-            ) from None
+            )
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
         raise InvalidRequest(f"priority {value!r} must be 0..255 (255 highest) or high/normal/low")
     return value
