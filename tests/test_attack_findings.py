@@ -338,3 +338,15 @@ def test_console_times_beyond_any_date_are_shown_not_raised() -> None:
 
     assert when(8.9e299) == "8.9e+299"
     assert when(8.9e299, date=True) == "8.9e+299"
+
+
+def test_audit_cursor_beyond_sqlite_integers_is_invalid(broker: BrokerProcess) -> None:
+    """An audit ``before`` of 2**64-1 (a valid msgpack uint) reached SQLite, which
+    cannot bind it: the answer was an internal error with a traceback in the log."""
+    admin = _hello(broker)
+    for before in (2**64 - 1, 2**63, -1):
+        answer = _ask(admin, {"t": "audit", "before": before})
+        assert answer["t"] == "nack" and answer["code"] == "invalid", (before, answer)
+        assert "before" in answer["message"], answer
+    assert _ask(admin, {"t": "audit", "before": 2**63 - 1})["t"] == "ack"
+    assert "Traceback" not in broker.log.read_text(errors="replace")

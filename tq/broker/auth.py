@@ -415,8 +415,10 @@ class Auth:
             or not 1 <= limit <= MAX_AUDIT_PAGE
         ):
             raise InvalidRequest(f"audit limit must be 1..{MAX_AUDIT_PAGE}")
-        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
-            raise InvalidRequest("audit before must be an entry's seq (integer)")
+        if before is not None and (
+            isinstance(before, bool) or not isinstance(before, int) or not 0 <= before < 2**63
+        ):  # SQLite integers are 64-bit signed: a larger one cannot even be bound
+            raise InvalidRequest("audit before must be an entry's seq (an integer 0..2^63-1)")
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None
         return {"entries": [e.to_dict() for e in entries], "next": cursor}
