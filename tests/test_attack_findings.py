@@ -350,3 +350,36 @@ def test_audit_cursor_beyond_sqlite_integers_is_invalid(broker: BrokerProcess) -
         assert "before" in answer["message"], answer
     assert _ask(admin, {"t": "audit", "before": 2**63 - 1})["t"] == "ack"
     assert "Traceback" not in broker.log.read_text(errors="replace")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="each subscriber that does not read holds up to the outbox limit (16 MiB) of "
+    "encoded counts events plus its event queue: 100 reader connections took 2 GB",
+)
+def test_slow_counts_subscribers_stay_bounded(broker: BrokerProcess) -> None:
+    """Ten reader connections subscribe to `counts` and never read, on a broker with
+    10,000 queues (each counts event ~1.6 MB). Only the latest counts matter to a
+    subscriber; measured with 100 such connections for 40 s: 82 MB -> 2,055 MB."""
+    admin = _hello(broker)
+    rid = 10
+    for batch in range(40):
+        specs = [{"type": "t", "queue": f"q{batch}-{i}-" + "x" * 150} for i in range(250)]
+        rid += 1
+        admin.sendall(_frame({"t": "submit", "id": rid, "tasks": specs}))
+    for _ in range(40):
+        assert _read(admin)["t"] == "ack"
+    key = _create_key(admin, "reader")
+    subscribers = []
+    for _ in range(10):
+        sock = _hello(broker, key)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(_frame({"t": "subscribe", "id": 5, "topics": ["counts"]}))
+        subscribers.append(sock)
+    with _PeakRss(broker) as rss:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:  # a change, so counts are recounted and sent
+            spec = {"type": "t", "queue": "q0-0-" + "x" * 150}
+            assert _ask(admin, {"t": "submit", "tasks": [spec]}, rid=99)["t"] == "ack"
+            time.sleep(0.3)
+    assert rss.growth < 100 * MiB, f"broker RSS grew {rss.growth / MiB:.0f} MiB"
