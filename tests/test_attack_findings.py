@@ -383,3 +383,36 @@ def test_slow_counts_subscribers_stay_bounded(broker: BrokerProcess) -> None:
             assert _ask(admin, {"t": "submit", "tasks": [spec]}, rid=99)["t"] == "ack"
             time.sleep(0.3)
     assert rss.growth < 100 * MiB, f"broker RSS grew {rss.growth / MiB:.0f} MiB"
+
+
+def test_submit_stdin_refuses_hostile_lines_one_by_one(broker: BrokerProcess) -> None:
+    """`tq submit -` with lines JSON can parse but msgpack cannot carry (a lone
+    surrogate, bytes that are not UTF-8), or JSON Python cannot parse (5,000 levels
+    deep, a 5,000-digit number): each such line is an error naming it, and every
+    other line is submitted. Before: a traceback (RecursionError, ValueError), or the
+    whole batch refused with no line number (surrogates)."""
+    lines = [
+        b'{"type": "a"}',
+        b'{"type": "a", "payload": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"type": "a", "priority": ' + b"9" * 5000 + b"}",
+        b'{"type": "a\\ud800"}',
+        b'{"type": "a\xff"}',
+        b'{"type": "a", "payload": ' + str(2**100).encode() + b"}",
+        b'{"type": "a"}',
+    ]
+    done = subprocess.run(
+        tq_command("submit", "-", *broker.client_args()),
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        timeout=120,
+    )
+    err = done.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err[-2000:]
+    assert done.returncode == 2, err
+    for number in (2, 3, 4, 5, 6):
+        assert f"line {number}" in err, (number, err)
+    rows = done.stdout.splitlines()  # one JSON line out per line in
+    assert len(rows) == len(lines), done.stdout
+    admin = _hello(broker)
+    counts = _ask(admin, {"t": "query", "q": "stats"})["stats"]["queues"]
+    assert counts == {"default": {"pending": 2}}, counts

@@ -197,14 +197,24 @@ def _stdin_batches() -> Iterator[list[tuple[int, Any]]]:
     """(line number, parsed JSON or a string error) in batches."""
     import json
 
+    from tq.core.errors import ProtocolError
+    from tq.protocol.frames import pack
+
     batch: list[tuple[int, Any]] = []
     for number, line in enumerate(sys.stdin, start=1):
         if not line.strip():
             continue
         try:
-            batch.append((number, json.loads(line)))
+            item = json.loads(line)
+            pack(item)  # what cannot be sent (a lone surrogate, a 100-bit int) fails this line only
         except json.JSONDecodeError as exc:
             batch.append((number, f"line {number} is not valid JSON: {exc.msg}"))
+        except (ValueError, RecursionError) as exc:  # e.g. 5000 digits, nesting too deep
+            batch.append((number, f"line {number} is not valid JSON: {exc}"))
+        except ProtocolError as exc:
+            batch.append((number, f"line {number}: {exc}"))
+        else:
+            batch.append((number, item))
         if len(batch) >= STDIN_BATCH:
             yield batch
             batch = []
