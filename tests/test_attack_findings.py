@@ -303,14 +303,21 @@ def test_status_shows_a_task_whose_next_run_is_far_away(broker: BrokerProcess) -
 # -- REST bodies ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JSON allows lone surrogates (\\ud800) in strings; in a task type they reach "
-    "SQLite and the REST submit answers 500 with a traceback in the log",
-)
 def test_rest_submit_with_a_lone_surrogate_is_a_clear_400(broker: BrokerProcess) -> None:
+    """JSON allows lone surrogates (\\ud800) in strings; in a task type they reached
+    SQLite and the REST submit answered 500, with a traceback in the log."""
     with broker.http_client() as http:
-        for body in (b'{"type": "a\\ud800"}', b'{"type": "a", "queue": "q\\udfff"}'):
+        pair = b'{"type": "smile\\ud83d\\ude00"}'  # a valid pair is text: accepted
+        r = http.post("/api/v1/tasks", content=pair, headers={"content-type": "application/json"})
+        assert r.status_code == 201, r.text
+        for body in (
+            b'{"type": "a\\ud800"}',
+            b'{"type": "a", "queue": "q\\udfff"}',
+            b'{"type": "a", "idempotency_key": "k\\uDBFF"}',
+            b'{"type": "a", "trace": {"traceparent": "\\ud800"}}',
+            '{"type": "a\\ud800"}'.encode("utf-16"),
+            b'{"type": "a\xed\xa0\x80"}',  # a surrogate encoded as UTF-8 bytes
+        ):
             r = http.post(
                 "/api/v1/tasks", content=body, headers={"content-type": "application/json"}
             )
