@@ -423,3 +423,23 @@ def test_submit_stdin_refuses_hostile_lines_one_by_one(broker: BrokerProcess) ->
     admin = _hello(broker)
     counts = _ask(admin, {"t": "query", "q": "stats"})["stats"]["queues"]
     assert counts == {"default": {"pending": 2}}, counts
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker key registers many workers with ~64 KiB hellos (queues, host are "
+    "informational and unbounded but for the hello frame); `query workers` then exceeds "
+    "the frame limit and fails for every key until they expire",
+)
+def test_ghost_workers_cannot_break_query_workers(broker: BrokerProcess) -> None:
+    admin = _hello(broker)
+    key = _create_key(admin, "worker")
+    queues = [f"q{j}-" + "x" * 40 for j in range(1300)]  # ~60 KiB: under the hello frame limit
+    for i in range(320):
+        sock = _connect(broker)
+        hello = {"t": "hello", "id": 1, "v": 1, "kind": "worker", "key": key}
+        sock.sendall(_frame({**hello, "worker_id": f"ghost{i}", "queues": queues}))
+        assert _read(sock)["t"] == "ack"
+        sock.close()
+    answer = _ask(admin, {"t": "query", "q": "workers"})
+    assert answer["t"] == "ack", answer
