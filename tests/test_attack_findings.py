@@ -550,3 +550,49 @@ def test_protocol_document_matches_the_broker(
     Passes once the text says what the broker does (or the broker what it says)."""
     assert _observe(broker, case) == observed, "the broker changed: update this test"
     assert stale not in _doc(), f"docs/PROTOCOL.md still says: {stale!r}"
+
+
+# -- a task's trace reaches an --exec handler's environment ----------------------------
+
+
+def test_trace_with_control_characters_is_refused_at_submit(broker: BrokerProcess) -> None:
+    """A trace value with a NUL was accepted; every --exec worker that claimed the task
+    died (ValueError: embedded null byte) and the task went on to the next worker."""
+    admin = _hello(broker)
+    for trace in ({"traceparent": "00-\x00-x"}, {"tracestate": "k=v\nX=1"}, {"tr\x1b": "v"}):
+        answer = _ask(admin, {"t": "submit", "tasks": [{"type": "t", "trace": trace}]})
+        assert answer["t"] == "nack" and answer["code"] == "invalid", (trace, answer)
+        assert "printable ASCII" in answer["message"], answer
+    good = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    assert _ask(admin, {"t": "submit", "tasks": [{"type": "t", "trace": good}]})["t"] == "ack"
+
+
+def test_exec_worker_survives_a_stored_trace_with_a_nul(tmp_path: Path) -> None:
+    """A task stored before the submit rule (or by another broker) with a NUL in its
+    trace: the --exec worker runs it without that variable and keeps working."""
+    import trio
+
+    from tq.core.task import TaskSpec
+    from tq.store.sqlite import open_sqlite_store
+
+    data = tmp_path / "broker"
+    data.mkdir(mode=0o700)
+
+    async def store_poisoned() -> list[str]:
+        async with open_sqlite_store(str(data / "tq.db")) as store:
+            specs = [
+                TaskSpec(type="t", payload={"n": 1}, trace={"traceparent": "00-\x00-x"}),
+                TaskSpec(type="t", payload={"n": 2}),
+            ]
+            return [r.id for r in await store.submit(specs, now=time.time())]
+
+    ids = trio.run(store_poisoned)
+    with BrokerProcess(data) as broker:
+        worker = broker.start_worker("--exec", "t=cat")
+        admin = _hello(broker)
+        states = []
+        for task_id in ids:
+            answer = _ask(admin, {"t": "wait", "task": task_id, "timeout": 30})
+            states.append(answer["task"]["state"])
+        assert worker.poll() is None, (data / "worker0.log").read_text()[-3000:]
+    assert states == ["succeeded", "succeeded"], states

@@ -92,6 +92,9 @@ def _plain_name(spec: dict[str, Any], key: str, default: str | None) -> str:
 
 MAX_TRACE_FIELDS = 4
 MAX_TRACE_VALUE = 1024  # characters; W3C traceparent is 55, tracestate at most 512
+# W3C trace context is printable ASCII; the values become a handler's environment
+# (a NUL there cannot even start the program)
+_TRACE_TEXT = re.compile(r"[\x20-\x7e]*")
 
 
 def parse_trace(value: object) -> dict[str, str] | None:
@@ -106,12 +109,14 @@ def parse_trace(value: object) -> dict[str, str] | None:
             and isinstance(v, str)
             and 0 < len(k) <= 64
             and len(v) <= MAX_TRACE_VALUE
+            and _TRACE_TEXT.fullmatch(k + v) is not None
             for k, v in value.items()
         )
     ):
         raise InvalidRequest(
             f"task trace must be a map of at most {MAX_TRACE_FIELDS} string fields "
-            f"(e.g. traceparent) with values of at most {MAX_TRACE_VALUE} characters"
+            f"(e.g. traceparent) with values of at most {MAX_TRACE_VALUE} characters "
+            "of printable ASCII"
         )
     return dict(value) or None
 
