@@ -76,4 +76,8 @@ def exec_environment(trace: Mapping[str, str] | None) -> dict[str, str]:
     """``TRACEPARENT`` / ``TRACESTATE`` for a program run as a handler."""
     if not trace:
         return {}
-    return {key.upper(): value for key, value in trace.items() if key in TRACE_FIELDS}
+    return {
+        key.upper(): value
+        for key, value in trace.items()
+        if key in TRACE_FIELDS and "\x00" not in value  # a NUL cannot be in an environment
+    }

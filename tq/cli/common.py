@@ -253,7 +253,10 @@ def fmt_time(ts: float | None) -> str:
         return ""
     import datetime as dt
 
-    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    try:
+        return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # e.g. a retry ~1e300 s away
+        return f"{ts:.6g} (beyond any date)"
 
 
 def compact(value: Any, width: int = 60) -> str:

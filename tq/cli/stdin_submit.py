@@ -110,12 +110,24 @@ async def _lines(send: trio.MemorySendChannel[list[tuple[int, Any]]], listed: bo
 
 
 def _parse(number: int, raw: bytes, listed: bool) -> Any:
+    """A line's task map, or a string saying why the line cannot be one: what JSON or
+    msgpack cannot carry (a lone surrogate, 5000 digits or levels, an int beyond 64
+    bits) fails that line only, never the batch."""
+    from tq.core.errors import ProtocolError
+    from tq.protocol.frames import pack
+
     try:
         item = json.loads(raw)
+        item = from_list(item) if listed else item
+        pack(item)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         return f"line {number} is not valid JSON: {reason}"
-    return from_list(item) if listed else item
+    except (ValueError, RecursionError) as exc:
+        return f"line {number} is not valid JSON: {exc}"
+    except ProtocolError as exc:
+        return f"line {number}: {exc}"
+    return item
 
 
 async def _batches(

@@ -55,12 +55,12 @@ def parse_priority(value: object) -> int:
         named = PRIORITY_NAMES.get(value.strip().lower())
         if named is not None:
             return named
-        try:
-            value = int(value)
-        except ValueError:
+        if not (value.isascii() and value.isdigit() and len(value) <= 3):
+            # int() alone would take "1_0", " 7" and non-ASCII digits: not a decimal string
             raise InvalidRequest(
                 f"priority {value!r} is not a number 0..255 or one of high, normal, low"
-            ) from None
+            )
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
         raise InvalidRequest(f"priority {value!r} must be 0..255 (255 highest) or high/normal/low")
     return value
@@ -92,6 +92,9 @@ def _plain_name(spec: dict[str, Any], key: str, default: str | None) -> str:
 
 MAX_TRACE_FIELDS = 4
 MAX_TRACE_VALUE = 1024  # characters; W3C traceparent is 55, tracestate at most 512
+# W3C trace context is printable ASCII; the values become a handler's environment
+# (a NUL there cannot even start the program)
+_TRACE_TEXT = re.compile(r"[\x20-\x7e]*")
 
 
 def parse_trace(value: object) -> dict[str, str] | None:
@@ -106,12 +109,14 @@ def parse_trace(value: object) -> dict[str, str] | None:
             and isinstance(v, str)
             and 0 < len(k) <= 64
             and len(v) <= MAX_TRACE_VALUE
+            and _TRACE_TEXT.fullmatch(k + v) is not None
             for k, v in value.items()
         )
     ):
         raise InvalidRequest(
             f"task trace must be a map of at most {MAX_TRACE_FIELDS} string fields "
-            f"(e.g. traceparent) with values of at most {MAX_TRACE_VALUE} characters"
+            f"(e.g. traceparent) with values of at most {MAX_TRACE_VALUE} characters "
+            "of printable ASCII"
         )
     return dict(value) or None
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,20 @@ async def _body(request: Request) -> Any:
 
 def _parse_json(data: bytes) -> Any:
     # the Python hook per object hands the interpreter to the event loop between objects
-    return json.loads(data, parse_constant=_no_constant, object_pairs_hook=_object)
+    text = data.decode(json.detect_encoding(data), "surrogatepass")  # as json.loads does
+    value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_object)
+    if _SURROGATE.search(text):  # a \uD800-\uDFFF escape (or raw UTF-16) can make a lone one
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
+                "which is not text"
+            ) from None
+    return value
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -55,7 +55,10 @@ def when(ts: float | None, tz: dt.tzinfo | None = None, *, date: bool = False) -
     """A broker timestamp as local (or ``tz``) time: 14:03:07, with the date if asked."""
     if ts is None:
         return "-"
-    moment = dt.datetime.fromtimestamp(ts, tz)
+    try:
+        moment = dt.datetime.fromtimestamp(ts, tz)
+    except (OverflowError, OSError, ValueError):  # e.g. a retry ~1e300 s away
+        return f"{ts:.6g}"
     return moment.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
 
 

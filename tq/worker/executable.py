@@ -277,8 +277,8 @@ async def run_executable(
             env=env,
             start_new_session=True,
         )
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL in an argument or env value
+        reason = getattr(exc, "strerror", None) or str(exc)
         return ExecOutcome(
             "reject",
             error=TaskError("StartFailed", f"could not start {handler.argv[0]!r}: {reason}"),
