@@ -149,11 +149,6 @@ def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
 # -- memory: what one connection can make the broker hold ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="large frames decode one at a time, but each decoded submit then waits for the "
-    "writer holding ~30x its size: memory grows with the connections sending them",
-)
 def test_large_submits_from_several_connections_stay_bounded(broker: BrokerProcess) -> None:
     """Six producer connections each send two valid 2 MiB submits whose payload is an
     array of short strings. One such frame decodes to ~60 MB; decoding is one at a
@@ -183,11 +178,6 @@ def test_large_submits_from_several_connections_stay_bounded(broker: BrokerProce
     assert rss.growth < 250 * MiB, f"broker RSS grew {rss.growth / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each pipelined wait/get of a large task decodes its payload and holds the "
-    "answer while the peer does not read: a reader key makes the broker hold GBs",
-)
 def test_unread_answers_of_a_large_task_stay_bounded(broker: BrokerProcess) -> None:
     """A reader pipelines waits (timeout 0) on one finished task whose 2 MiB payload
     is an array of short strings, and reads none of the answers. Each answer is
@@ -212,11 +202,6 @@ def test_unread_answers_of_a_large_task_stay_bounded(broker: BrokerProcess) -> N
 # -- connection slots ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connections that never say hello count against max_connections: anyone who "
-    "can reach the port (no key needed) locks every client and worker out",
-)
 def test_unauthenticated_connections_cannot_take_every_slot(tmp_path: Path) -> None:
     with BrokerProcess(tmp_path / "broker", "--max-connections", "16") as broker:
         squatters = [_connect(broker, timeout=10) for _ in range(20)]  # TLS, then silence
@@ -236,11 +221,6 @@ def test_unauthenticated_connections_cannot_take_every_slot(tmp_path: Path) -> N
 # -- queue-limited keys ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an idempotency_key that matches a task in another queue answers that task's "
-    "id (created: false) to a key limited to other queues, and creates nothing",
-)
 def test_idempotency_key_does_not_cross_a_keys_queues(broker: BrokerProcess) -> None:
     admin = _hello(broker)
     foreign = _ask(
@@ -359,11 +339,6 @@ def test_audit_cursor_beyond_sqlite_integers_is_invalid(broker: BrokerProcess) -
     assert "Traceback" not in broker.log.read_text(errors="replace")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each subscriber that does not read holds up to the outbox limit (16 MiB) of "
-    "encoded counts events plus its event queue: 100 reader connections took 2 GB",
-)
 def test_slow_counts_subscribers_stay_bounded(broker: BrokerProcess) -> None:
     """Ten reader connections subscribe to `counts` and never read, on a broker with
     10,000 queues (each counts event ~1.6 MB). Only the latest counts matter to a
@@ -492,9 +467,6 @@ def _observe(broker: BrokerProcess, case: str) -> Any:
     raise AssertionError(case)
 
 
-_XFAIL_DOC = pytest.mark.xfail(strict=True, reason="docs/PROTOCOL.md says otherwise")
-
-
 @pytest.mark.parametrize(
     ("case", "observed", "stale"),
     [
@@ -502,42 +474,36 @@ _XFAIL_DOC = pytest.mark.xfail(strict=True, reason="docs/PROTOCOL.md says otherw
             "claim_wait_0",
             2,
             "but the tasks it picked stay leased",
-            marks=_XFAIL_DOC,
             id="claim-wait-0-leases-and-answers",
         ),
         pytest.param(
             "release",
             "pending",
             "the store treats it like `reject`, i.e. `dead`",
-            marks=_XFAIL_DOC,
             id="release-is-pending-not-dead",
         ),
         pytest.param(
             "result_session",
             "nack",
             "Any session may send it (no worker `hello` needed)",
-            marks=_XFAIL_DOC,
             id="result-needs-a-worker-hello",
         ),
         pytest.param(
             "hello_pid",
             "nack",
             "makes the broker drop the connection without a NACK",
-            marks=_XFAIL_DOC,
             id="hello-bad-pid-is-nacked",
         ),
         pytest.param(
             "behind_malformed",
             [5, 6],
             "frames already received on that connection wait until more bytes arrive",
-            marks=_XFAIL_DOC,
             id="frames-behind-a-bad-one-are-answered",
         ),
         pytest.param(
             "nil_fields",
             ["ack", "ack", "ack", "ack"],
             "nil refused",
-            marks=_XFAIL_DOC,
             id="nil-queue-priority-retries-wait-timeout-accepted",
         ),
     ],

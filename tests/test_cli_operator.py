@@ -271,6 +271,7 @@ def test_wait_and_watch_reconnect_across_a_broker_restart(tmp_path: Path) -> Non
         ):
             assert watcher.stdout is not None
             assert read_lines(watcher.stdout, 1, 30), "queue-depth --watch printed nothing"
+            _wait_for_socket(waiter.pid)  # tq wait is connected (not still starting)
             address = broker.address
             assert broker.stop() == 0
             broker.start(listen=address)

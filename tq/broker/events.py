@@ -25,6 +25,10 @@ Invariants:
   (with the number dropped) is queued where the gap is, so the client knows
   to resynchronise with queries. Markers are retried at least every
   COUNTS_INTERVAL even when nothing else is published.
+* **A subscriber holds at most one counts event.** Only the newest counts
+  matter: a counts event waits in the subscriber's queue as a slot that is
+  filled with the newest counts when its turn comes, and a newer one replaces
+  the one not yet sent (with 10,000 queues an event is ~1.6 MB).
 * **Counts are recounted, not dead-reckoned.** ``counts`` events carry the
   store's per-queue, per-state counts (the same query as ``query stats``),
   taken at most every COUNTS_INTERVAL, only while someone subscribes to
@@ -69,6 +73,8 @@ FLUSH_INTERVAL = 0.1  # seconds: at most one tasks event per interval
 COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
 COUNTS_REFRESH = 10.0  # seconds: ... and at least this often (changes no hook saw)
 
+COUNTS_SLOT: dict[str, Any] = {"topic": "counts"}  # queued in place of a counts event
+
 # (task id, type, queue, from state, to state); None where unknown
 Change = tuple[str, str | None, str | None, str | None, str | None]
 Event = dict[str, Any]
@@ -85,9 +91,19 @@ class Subscriber:
         self.dropped = 0  # events lost since the last lagged marker was queued
         self.dropped_total = 0
         self.needs_counts = "counts" in topics  # a first counts event is owed
+        self.latest_counts: Event | None = None  # the newest counts event not yet sent
+        self.counts_queued = False  # a COUNTS_SLOT for it waits in the queue
 
     def offer(self, event: Event) -> None:
-        """Queue ``event`` without waiting; drop it (and remember) if the queue is full."""
+        """Queue ``event`` without waiting; drop it (and remember) if the queue is full.
+
+        Counts events coalesce: only the newest matters, so a subscriber holds at most
+        one (a slot in the queue, filled when its turn comes) however slowly it reads."""
+        if event.get("topic") == "counts":
+            self.latest_counts = event
+            if self.counts_queued:
+                return
+            event = COUNTS_SLOT
         if self.dropped and not self.queue_marker():
             self._drop()
             return
@@ -97,6 +113,16 @@ class Subscriber:
             self._drop()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection is going away; unsubscribe follows
+        else:
+            self.counts_queued |= event is COUNTS_SLOT
+
+    def take(self, event: Event) -> Event | None:
+        """The event to send for what came out of the queue (a slot: the newest counts)."""
+        if event is not COUNTS_SLOT:
+            return event
+        self.counts_queued = False
+        latest, self.latest_counts = self.latest_counts, None
+        return latest
 
     def _drop(self) -> None:
         self.dropped += 1
@@ -434,7 +460,10 @@ class SessionEvents:
         with trio.CancelScope() as scope:
             self._scope = scope
             try:
-                async for event in sub.receive:
+                async for queued in sub.receive:
+                    event = sub.take(queued)
+                    if event is None:
+                        continue
                     seq += 1
                     await self._reply({**event, "t": "event", "id": sub.id, "seq": seq})
             finally:
