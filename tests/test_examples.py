@@ -160,7 +160,7 @@ def test_exec_handler_in_bash(broker: BrokerProcess) -> None:
         done, dead = client.wait(flaky, timeout=60), client.wait(broken, timeout=60)
     assert done.state is State.SUCCEEDED and done.attempts == 2  # exit 75 asked for a retry
     assert done.result == {"greeting": "Hello, Ada!", "attempt": 2}
-    assert dead.state is State.DEAD and dead.attempts == 1  # exit 2: failed without retry
+    assert dead.state is State.DEAD and dead.attempts == 1  # exit 65: bad input, no retry
     assert dead.error is not None and "the payload needs a name" in dead.error.traceback
 
 

@@ -14,7 +14,7 @@ process.stdin.on("end", () => {
   const payload = JSON.parse(input);
   if (typeof payload?.text !== "string") {
     process.stderr.write(`the payload needs a "text" string, got ${input}`);
-    process.exit(2); // failed, not retried
+    process.exit(65); // EX_DATAERR: bad input, not retried
   }
   const counts = new Map();
   for (const word of payload.text.toLowerCase().match(/[\p{L}\p{N}']+/gu) ?? []) {

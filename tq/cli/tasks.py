@@ -83,8 +83,10 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
         caption=None if whole else "ids shortened: --wide or --output jsonl for whole ids"
     )
     table.add_column("id", no_wrap=True, min_width=36 if whole else SHORT_ID)
+    # names are cut (with an ellipsis) only when the terminal is too narrow for them
+    names = None if wide or Console().width >= 160 else 20
     for column in ("type", "queue", "state"):
-        table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=20)
+        table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=names)
     table.add_column("prio", justify="right")
     table.add_column("att", justify="right")
     table.add_column("created", no_wrap=True)
