@@ -52,7 +52,14 @@ from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
 MAX_CLAIM = 1000
-LARGE_FRAMES_BYTES = 32 * 1024 * 1024  # see BrokerService.large_frames
+LARGE_FRAMES_BYTES = 8 * 1024 * 1024  # see BrokerService.large_frames
+# what one worker registers (its hello): what a `workers` answer lists of it stays small
+MAX_WORKER_QUEUES = 256
+MAX_WORKER_TYPES = 1024
+MAX_WORKER_TEXT = 255  # name, host
+MAX_WORKERS_PER_KEY = 1000  # registered worker ids one API key may hold at once
+MAX_LISTED_WORKERS = 1000  # workers in a `workers` answer (most recently seen first)
+LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
 # A submit answer's size, bounded before the tasks are stored: per task {"id": <36-char
 # id>, "created": bool} is 50 bytes of msgpack; the base covers the envelope and up to
 # MAX_WARNINGS warnings (a type of <= 200 characters and a message of <= 450 bytes).
@@ -173,16 +180,30 @@ class TaskScan:
 def worker_info(worker_id: str, msg: dict[str, Any], key_id: str | None = None) -> WorkerInfo:
     """The registry entry a worker's hello (with the key ``key_id``) describes."""
     types = msg.get("types")
+    queues = _strings(msg.get("queues") or ["default"], "queues")
+    if len(queues) > MAX_WORKER_QUEUES or (types is not None and len(types) > MAX_WORKER_TYPES):
+        raise InvalidRequest(
+            f"hello: a worker serves at most {MAX_WORKER_QUEUES} queues and "
+            f"{MAX_WORKER_TYPES} task types"
+        )
     return WorkerInfo(
         key_id=key_id,
         id=worker_id,
-        name=str(msg.get("name") or worker_id),
-        host=str(msg.get("host") or ""),
+        name=_short(msg.get("name") or worker_id, "name"),
+        host=_short(msg.get("host") or "", "host"),
         pid=_count(msg.get("pid"), "pid"),
-        queues=_strings(msg.get("queues") or ["default"], "queues"),
+        queues=queues,
         types=None if types is None else _strings(types, "types"),
         concurrency=_count(msg.get("concurrency"), "concurrency"),
     )
+
+
+def _short(value: object, what: str) -> str:
+    """A worker's informational text: at most MAX_WORKER_TEXT characters."""
+    text = str(value)
+    if len(text) > MAX_WORKER_TEXT:
+        raise InvalidRequest(f"hello {what} is longer than {MAX_WORKER_TEXT} characters")
+    return text
 
 
 def submit_answer_bound(n: int) -> int:
@@ -300,6 +321,14 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         _check_version(msg)
         if worker_id is not None:  # Forbidden if another key registered this worker id
             info = worker_info(worker_id, msg, key_id)
+            if key_id is not None and info.id not in self.workers:
+                held = sum(1 for w in self.workers.all() if w.key_id == key_id)
+                if held >= MAX_WORKERS_PER_KEY:
+                    raise Forbidden(
+                        f"key {key_id} already holds {held} registered workers (at most "
+                        f"{MAX_WORKERS_PER_KEY}); reuse worker ids (--name) or give "
+                        "more workers their own key"
+                    )
             info = self.workers.connect(info, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
         return {
@@ -615,10 +644,23 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         }
 
     def list_workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
-        """Known workers; for a queue-limited key only those serving its queues."""
+        """Known workers sorted by id (the MAX_LISTED_WORKERS most recently seen); for a
+        queue-limited key only those serving its queues. Each lists at most
+        LISTED_NAMES queues and types (``queues_total``/``types_total`` say how many
+        when more), so the answer stays a few MB whatever workers registered."""
         now = self.clock()
         may_use = visible_queues(principal)
-        return [w.to_dict(now, may_use) for w in self.workers.visible(may_use)]
+        known = sorted(self.workers.visible(may_use), key=lambda w: -w.last_seen)
+        out = []
+        for worker in sorted(known[:MAX_LISTED_WORKERS], key=lambda w: w.id):
+            entry = worker.to_dict(now, may_use)
+            for listing in ("queues", "types"):
+                names = entry[listing]
+                if names is not None and len(names) > LISTED_NAMES:
+                    entry[listing] = names[:LISTED_NAMES]
+                    entry[f"{listing}_total"] = len(names)
+            out.append(entry)
+        return out
 
     def worker_disconnected(self, worker_id: str) -> None:
         """A worker's connection closed (it stays registered until it expires)."""

@@ -28,6 +28,18 @@ to exit statuses in one place (tq/cli/exits.py).
 
 from __future__ import annotations
 
+MAX_MESSAGE = 2000  # characters: an error quoting what a peer sent stays a line, not 16 MiB
+
+
+def _bounded(message: str) -> str:
+    """``message``, its middle cut if it is longer than MAX_MESSAGE (values a remote
+    party chose are quoted in errors, and errors go into answers and the log)."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    cut = len(message) - MAX_MESSAGE
+    half = MAX_MESSAGE // 2
+    return f"{message[:half]}... ({cut} characters left out) ...{message[-half:]}"
+
 
 class TQError(Exception):
     """Base of every tq error. ``code`` is stable and travels in NACKs."""
@@ -35,6 +47,7 @@ class TQError(Exception):
     code = "error"
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
