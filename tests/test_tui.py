@@ -41,6 +41,7 @@ from tq.testing import BrokerProcess  # noqa: E402
 from tq.tui import fmt  # noqa: E402
 from tq.tui.app import ConsoleApp  # noqa: E402
 from tq.tui.link import Page, Snapshot  # noqa: E402
+from tq.tui.model import Pending  # noqa: E402
 from tq.tui.screens.detail import TaskScreen  # noqa: E402
 from tq.tui.screens.dialogs import (  # noqa: E402
     ConfirmScreen,
@@ -79,9 +80,13 @@ def task_table(app: ConsoleApp) -> DataTable[Any] | None:
     return next(iter(tables), None)
 
 
+QUEUE_COLUMN = {"pending": "Pending", "running": "Running", "failed": "Failed", "dead": "Dead"}
+
+
 def queue_cells(app: ConsoleApp, queue: str) -> list[str]:
     table = app.screen.query_one("#queues", DataTable)
-    return [str(cell) for cell in table.get_row(queue)[1 : 1 + len(COUNTED)]]
+    columns = [QUEUE_COLUMN.get(state, "Done") for state in COUNTED]
+    return [str(table.get_cell(queue, column)) for column in columns]
 
 
 def expected_cells(counts: dict[str, int]) -> list[str]:
@@ -205,7 +210,7 @@ def test_cancel_retry_and_priority_change_the_task_in_the_broker(live: BrokerPro
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
             await pilot.press("y")
             await until(pilot, lambda: state_now[0][0] == "cancelled", "cancelled")
-            cell = lambda: str(table.get_row(task_id)[3])  # noqa: E731
+            cell = lambda: str(table.get_row(task_id)[3]).split()[0]  # noqa: E731
             await until(pilot, lambda: cell() == "cancelled", "the row to say so")
 
             await pilot.press("r")  # retry does not ask
@@ -406,7 +411,15 @@ def fill(app: ConsoleApp) -> None:
             },
         )
     )
-    app.state.note_error(task(5, "dead").id, "ValueError: image too large (12000x9000)")
+    app.state.note_error(
+        task(5, "dead").id, "ValueError: image too large (12000x9000)", "out of retries"
+    )
+    oldest = {  # each queue's oldest pending task: its age shows under Wait
+        "default": Pending("a", "resize", NOW - 4000),
+        "mail": Pending("b", "email", NOW - 75),
+        "reports": Pending("c", "report", NOW - 905),
+    }
+    app.state.set_oldest(oldest)
     history = [40.0, 42.5, 38.0, 51.0, 60.5, 58.0, 47.0, 30.0, 12.0, 0.0, 5.5, 22.0]
     app.state.history = {"default": deque(history * 5, maxlen=60)}
 

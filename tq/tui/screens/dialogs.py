@@ -15,6 +15,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Markdown, Static, Te
 from tq.core.errors import InvalidRequest
 from tq.core.task import TaskSpec, parse_priority
 from tq.tui import fmt
+from tq.tui.widgets import MarkedCheckbox
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -206,7 +207,7 @@ class PurgeScreen(ModalScreen[dict[str, Any] | None]):
             )
             with Horizontal(classes="checks"):
                 for state in PURGEABLE:
-                    yield Checkbox(state, state in self.states, id=f"s-{state}")
+                    yield MarkedCheckbox(state, state in self.states, id=f"s-{state}")
             yield Input("7d", id="age", placeholder="older than: 90s, 15m, 2h, 7d")
             yield Static("", id="problem")
             with Horizontal(classes="buttons"):
