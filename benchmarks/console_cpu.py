@@ -12,7 +12,8 @@ psutil over each phase, after a warm-up:
 * **idle**: nothing happens;
 * **failures**: 100 dead tasks were just listed in the Failures panel, then
   nothing happens;
-* **load**: a producer submits ``echo`` tasks (one in 50 a ``fail`` task that
+* **load** (``--repeat`` windows one after another, to see whether the
+  cost grows with time): a producer submits ``echo`` tasks (one in 50 a ``fail`` task that
   dies at once) so that the broker publishes about ``--rate`` task changes
   (events) a second: each task is three changes (submitted, claimed,
   finished).
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--size", default="80x24", help="terminal COLSxROWS")
     parser.add_argument("--phases", default="idle,failures,load")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="load windows measured one after another"
+    )
+    parser.add_argument(
         "--screen", choices=("dashboard", "tasks"), default="dashboard", help="the screen shown"
     )
     args = parser.parse_args()
@@ -162,14 +166,18 @@ def main() -> None:
                     )
                     producer.start()
                     time.sleep(args.warmup)
-                    start = submitted[0]
-                    t0 = time.monotonic()
-                    cpu, rss = measure(console, args.seconds)
-                    changes = (submitted[0] - start) * CHANGES_PER_TASK / (time.monotonic() - t0)
-                    print(
-                        f"load      : {cpu:5.1f} % of a core, rss {rss / 2**20:.0f} MiB, "
-                        f"{changes:,.0f} task changes/s"
-                    )
+                    for window in range(args.repeat):
+                        start = submitted[0]
+                        t0 = time.monotonic()
+                        cpu, rss = measure(console, args.seconds)
+                        elapsed = time.monotonic() - t0
+                        changes = (submitted[0] - start) * CHANGES_PER_TASK / elapsed
+                        name = "load" if args.repeat == 1 else f"load {window + 1:>3}"
+                        print(
+                            f"{name:<10}: {cpu:5.1f} % of a core, rss {rss / 2**20:.0f} MiB, "
+                            f"{changes:,.0f} task changes/s",
+                            flush=True,
+                        )
             finally:
                 stop.set()
                 if proc.poll() is None:

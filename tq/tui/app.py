@@ -4,10 +4,13 @@
 
 Data flow: the link's events thread calls ``_link_up`` / ``_event`` /
 ``_link_down`` through ``call_from_thread``; they update ``self.state``
-(model.py) and mark it dirty; a 0.25 s timer bumps ``revision``, which the
-screen in sight watches to redraw, so a burst of events costs one redraw;
-screens out of sight redraw when they come back, and tables change only the
-cells that changed (widgets.KeyedTable). A 1 s tick redraws too (ages move). Requests
+(model.py); a 1 s tick bumps ``revision``, which the screen in sight
+watches to redraw, so any number of events costs one redraw a second (ages
+move on too); screens out of sight redraw when they come back, and tables
+change only the cells that changed (widgets.KeyedTable): a table re-renders
+all its visible cells when any of them changes, so fewer redraws are what
+keeps the console light under load. Connection changes and the operator's
+own actions redraw at once. Requests
 (lists, actions) run in thread workers via ``request`` and report back the
 same way. Screens that show tasks register in ``task_listeners`` to hear
 about task changes. Without a ``connect`` function the app is offline (the
@@ -55,7 +58,7 @@ from tq.tui.screens.tasks import TasksScreen
 
 T = TypeVar("T")
 POLL_SECONDS = 5.0  # stats (store size, uptime) and workers (CPU, memory): a safety net
-REDRAW_SECONDS = 0.25
+REDRAW_SECONDS = 1.0  # one redraw a second, however fast events come
 DARK, LIGHT = "textual-dark", "textual-light"
 
 
@@ -98,7 +101,6 @@ class ConsoleApp(App[None]):
         )
         self.poll_seconds = poll_seconds
         self.task_listeners: set[Any] = set()
-        self._dirty = False
         self._explaining = False
         self._polling = False
         self._rereading = False
@@ -108,8 +110,7 @@ class ConsoleApp(App[None]):
 
     # -- life ----------------------------------------------------------
     def on_mount(self) -> None:
-        self.set_interval(REDRAW_SECONDS, self._redraw_if_dirty)
-        self.set_interval(1.0, self.redraw)  # ages and uptimes move on
+        self.set_interval(REDRAW_SECONDS, self.redraw)  # events, and ages moving on
         self.set_interval(SAMPLE_SECONDS, self._sample)
         if self.link is not None:
             self.run_worker(self._run_link, thread=True, group="link", exit_on_error=False)
@@ -120,15 +121,10 @@ class ConsoleApp(App[None]):
             self.link.stop()  # closes the sockets: the blocked threads end at once
 
     def redraw(self) -> None:
-        self._dirty = False
         self.revision += 1
 
     def _changed(self) -> None:
-        self._dirty = True
-
-    def _redraw_if_dirty(self) -> None:
-        if self._dirty:
-            self.redraw()
+        """The state changed: the next tick shows it."""
 
     def _sample(self) -> None:
         self.state.sample(self.clock())

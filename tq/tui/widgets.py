@@ -133,15 +133,17 @@ class KeyedTable(DataTable[Any]):
         self.title = title
         self._show_title()
 
-    def _show_title(self) -> None:
+    def _show_title(self, focused: bool | None = None) -> None:
+        if focused is None:
+            focused = self.has_focus
         if self.title:
-            self.border_title = f"▶ {self.title}" if self.has_focus else self.title
+            self.border_title = f"▶ {self.title}" if focused else self.title
 
     def on_focus(self, _: events.Focus) -> None:
-        self._show_title()
+        self._show_title(True)  # runs before Widget's handler sets has_focus
 
     def on_blur(self, _: events.Blur) -> None:
-        self._show_title()
+        self._show_title(False)
 
     # -- rows --------------------------------------------------------------------
     def clear(self, columns: bool = False) -> Any:

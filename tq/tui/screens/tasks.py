@@ -36,7 +36,7 @@ SORTS: dict[str, tuple[Any, bool]] = {
     "Queue": (lambda t: (t.queue, t.created_at), False),
     "Runs": (lambda t: (t.attempts, t.created_at), True),
 }
-RELOAD_DELAY = 1.0  # seconds: live changes are folded into one reload
+RELOAD_DELAY = 2.0  # seconds: live changes are folded into one reload
 
 
 class TasksScreen(ConsoleScreen):
