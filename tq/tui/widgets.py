@@ -158,6 +158,7 @@ class KeyedTable(DataTable[Any]):
         keys = [key for key, _ in new]
         if keys == self._keys and len(self._keys) == self.row_count:
             columns = list(self.columns)
+            changed = False
             for key, cells in new:
                 shown = self._shown[key]
                 signatures = tuple(_signature(c) for c in cells)
@@ -166,7 +167,13 @@ class KeyedTable(DataTable[Any]):
                 for i, cell in enumerate(cells):
                     if i >= len(shown) or signatures[i] != shown[i]:
                         self.update_cell(key, columns[i], cell, update_width=True)
+                        changed = True
                 self._shown[key] = signatures
+            if changed:
+                # every cached render is keyed by the table's update count, so none can be
+                # used again: drop them now rather than let them fill Textual's LRU caches
+                # (thousands of entries per table, memory growing for hours)
+                self._clear_caches()
             return
         current = self.current_key()
         self.rebuilds += 1
