@@ -207,9 +207,9 @@ class TasksScreen(ConsoleScreen):
     def _state_cell(self, task: Task) -> Text:
         text = state_text(self.console, task.state.value)
         if task.state.value == "dead" and why_dead(task) == "not retried":
-            text.append(" not retried", style="dim")
-        elif task.state.value == "pending" and self._unserved(task):
-            text.append(" ⚠", style=f"bold {self.console.current_theme.warning}")
+            return Text.assemble(text, (" not retried", "dim"))
+        if task.state.value == "pending" and self._unserved(task):
+            return Text.assemble(text, (" ⚠", f"bold {self.console.current_theme.warning}"))
         return text
 
     def _unserved(self, task: Task) -> bool:
