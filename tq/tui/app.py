@@ -57,7 +57,7 @@ from tq.tui.screens.dialogs import (
 from tq.tui.screens.tasks import TasksScreen
 
 T = TypeVar("T")
-POLL_SECONDS = 5.0  # stats (store size, uptime) and workers (CPU, memory): a safety net
+POLL_SECONDS = 5.0  # stats, workers (CPU, memory) and oldest pending tasks: a safety net
 REDRAW_SECONDS = 1.0  # one redraw a second, however fast events come
 DARK, LIGHT = "textual-dark", "textual-light"
 
