@@ -38,7 +38,7 @@ TOPICS = ("tasks", "workers", "counts")
 PAGE_SIZE = 100
 FAILED_SEED = 50  # failed (awaiting a retry) and dead tasks read at each (re)connection
 OLDEST_QUEUES = 50  # queues whose oldest pending task is read per refresh
-EXPLAIN_SCAN = 500  # tasks per state read in one request to find failures' errors
+EXPLAIN_SCAN = 500  # at most, tasks per state read in one request to find failures' errors
 EXPLAIN_GETS = 25  # failures read one by one per round (those the scan did not find)
 SCAN_PAGE = 1000  # tasks read per request while searching
 SEARCH_BUDGET = 10_000  # tasks scanned per search page before giving up
@@ -183,7 +183,8 @@ def read_oldest(client: BlockingClient, queues: list[str]) -> dict[str, Pending 
 def read_failures(client: BlockingClient, ids: list[str]) -> dict[str, Task | None]:
     """The tasks behind failures shown without their error, in a few requests.
 
-    One ``list`` per state (dead, then failed; newest first) finds the
+    One ``list`` per state (dead, then failed; newest first; about twice as
+    many tasks as ids, so the cost follows the need, not the store) finds the
     recent ones; those it misses are read one by one, at most EXPLAIN_GETS
     (the caller asks again for the rest). A task that is gone maps to None.
     """
@@ -192,7 +193,8 @@ def read_failures(client: BlockingClient, ids: list[str]) -> dict[str, Task | No
     for state in ("dead", "failed"):
         if not wanted - found.keys():
             break
-        page = client.list(state=state, limit=EXPLAIN_SCAN, newest_first=True)
+        limit = min(EXPLAIN_SCAN, 2 * len(ids) + 10)  # the cost follows the need
+        page = client.list(state=state, limit=limit, newest_first=True)
         found.update((t.id, t) for t in page.tasks if t.id in wanted)
     for task_id in [i for i in ids if i not in found][:EXPLAIN_GETS]:
         try:
