@@ -21,6 +21,7 @@ import difflib
 import io
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -40,7 +41,8 @@ from tq.core.task import Task  # noqa: E402
 from tq.testing import BrokerProcess  # noqa: E402
 from tq.tui import fmt  # noqa: E402
 from tq.tui.app import ConsoleApp  # noqa: E402
-from tq.tui.link import Page, Snapshot  # noqa: E402
+from tq.tui.link import Page, Snapshot, TaskFilter  # noqa: E402
+from tq.tui.model import Pending  # noqa: E402
 from tq.tui.screens.detail import TaskScreen  # noqa: E402
 from tq.tui.screens.dialogs import (  # noqa: E402
     ConfirmScreen,
@@ -79,9 +81,13 @@ def task_table(app: ConsoleApp) -> DataTable[Any] | None:
     return next(iter(tables), None)
 
 
+QUEUE_COLUMN = {"pending": "Pending", "running": "Running", "failed": "Failed", "dead": "Dead"}
+
+
 def queue_cells(app: ConsoleApp, queue: str) -> list[str]:
     table = app.screen.query_one("#queues", DataTable)
-    return [str(cell) for cell in table.get_row(queue)[1 : 1 + len(COUNTED)]]
+    columns = [QUEUE_COLUMN.get(state, "Done") for state in COUNTED]
+    return [str(table.get_cell(queue, column)) for column in columns]
 
 
 def expected_cells(counts: dict[str, int]) -> list[str]:
@@ -205,7 +211,7 @@ def test_cancel_retry_and_priority_change_the_task_in_the_broker(live: BrokerPro
             await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
             await pilot.press("y")
             await until(pilot, lambda: state_now[0][0] == "cancelled", "cancelled")
-            cell = lambda: str(table.get_row(task_id)[3])  # noqa: E731
+            cell = lambda: str(table.get_row(task_id)[3]).split()[0]  # noqa: E731
             await until(pilot, lambda: cell() == "cancelled", "the row to say so")
 
             await pilot.press("r")  # retry does not ask
@@ -406,7 +412,15 @@ def fill(app: ConsoleApp) -> None:
             },
         )
     )
-    app.state.note_error(task(5, "dead").id, "ValueError: image too large (12000x9000)")
+    app.state.note_error(
+        task(5, "dead").id, "ValueError: image too large (12000x9000)", "out of retries"
+    )
+    oldest = {  # each queue's oldest pending task: its age shows under Wait
+        "default": Pending("a", "resize", NOW - 4000),
+        "mail": Pending("b", "email", NOW - 75),
+        "reports": Pending("c", "report", NOW - 905),
+    }
+    app.state.set_oldest(oldest)
     history = [40.0, 42.5, 38.0, 51.0, 60.5, 58.0, 47.0, 30.0, 12.0, 0.0, 5.5, 22.0]
     app.state.history = {"default": deque(history * 5, maxlen=60)}
 
@@ -620,3 +634,342 @@ def test_the_console_shows_hostile_text_literally() -> None:
         "[link=http://evil]x[/link]\\x1b]8;;http://evil\\x07 / [red]q\\x1b[2J",
         "Evil: boom \\x1b[31m[red]red[/red]\\x9b2J",
     )
+
+
+# -- staying light -------------------------------------------------------------------
+
+
+def table_updates(app: ConsoleApp) -> dict[str, int]:
+    """How often each table of the screen was changed (Textual counts every change)."""
+    return {str(t.id): t._update_count for t in app.screen.query(DataTable)}
+
+
+def test_a_redraw_that_changes_nothing_touches_no_table() -> None:
+    """Tables are updated in place: an idle tick costs no rendering, a change costs
+    one cell, and the cursor stays on its row."""
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            app.redraw()
+            await pilot.pause()
+            queues = app.screen.query_one("#queues", DataTable)
+            queues.move_cursor(row=2)
+            before = table_updates(app)
+            for _ in range(3):
+                app.redraw()
+                await pilot.pause()
+            assert table_updates(app) == before, "an idle redraw changed a table"
+            key = queues.coordinate_to_cell_key(queues.cursor_coordinate).row_key
+            app.state.counts["default"]["running"] += 1
+            app.redraw()
+            await pilot.pause()
+            after = table_updates(app)
+            assert after["queues"] - before["queues"] in (1, 2), "more than the changed cells"
+            assert {k: v for k, v in after.items() if k != "queues"} == {
+                k: v for k, v in before.items() if k != "queues"
+            }
+            assert queues.coordinate_to_cell_key(queues.cursor_coordinate).row_key == key
+            for _ in range(30):  # renders that can never be used again are not kept
+                app.state.counts["default"]["running"] += 1
+                app.redraw()
+                await pilot.pause()
+            cells = (queues.row_count + 1) * len(queues.columns)
+            assert len(queues._cell_render_cache) <= cells, "stale renders pile up"
+
+    run(scenario)
+
+
+def test_a_hidden_screen_is_not_redrawn_and_state_is_bounded() -> None:
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            app.redraw()
+            await pilot.pause()
+            dashboard = app.screen
+            before = {str(t.id): t._update_count for t in dashboard.query(DataTable)}
+            app.switch_mode("tasks")
+            await pilot.pause()
+            for n in range(500):  # a long busy spell: failures and samples pile up
+                change = {"id": f"t{n:05d}", "type": "x", "queue": "q", "from": "running"}
+                app._event(Event("tasks", n, NOW + n, {"changes": [{**change, "to": "dead"}]}))
+                app.state.counts["q"] = {"dead": n}
+                app.state.sample(NOW + n * 5)
+                app.redraw()
+            await pilot.pause()
+            after = {str(t.id): t._update_count for t in dashboard.query(DataTable)}
+            assert after == before, "the dashboard was redrawn behind the tasks screen"
+            assert len(app.state.failures) == 100
+            assert all(len(series) <= 60 for series in app.state.history.values())
+            app.switch_mode("dashboard")
+            await pilot.pause()
+            failures = app.screen.query_one("#failures", DataTable)
+            assert failures.row_count == 100 and "t00499" in failures.rows
+
+    run(scenario)
+
+
+# -- failures: every one with its error, across reconnections ------------------------
+
+
+def failure_errors(app: ConsoleApp) -> dict[str, str]:
+    table = app.screen.query_one("#failures", DataTable)
+    return {str(key.value): str(table.get_cell(key, "Error")) for key in table.rows}
+
+
+@pytest.mark.slow
+def test_every_failure_of_a_burst_gets_its_error_even_across_a_reconnection(
+    tmp_path: Path,
+) -> None:
+    with BrokerProcess(tmp_path / "broker") as broker:
+        broker.start_worker("--concurrency", "8", "--queues", "burst")
+        broker.wait_for_workers(1)
+        gate = threading.Event()
+        gate.set()
+
+        def connect() -> Any:
+            gate.wait(60)  # closed: the console cannot reconnect yet
+            return broker.client()
+
+        def burst(message: str, n: int = 12) -> list[str]:
+            with broker.client() as client:
+                spec = {"type": "fail", "queue": "burst", "max_retries": 0}
+                ids = client.submit_many([{**spec, "payload": {"message": message}}] * n)
+                for task_id in ids:
+                    client.wait(task_id, timeout=30)
+                return ids
+
+        async def scenario() -> None:
+            app = ConsoleApp(connect, address=broker.address, backoff=(0.1, 0.5))
+            async with app.run_test(size=(160, 48)) as pilot:
+                await until(pilot, lambda: app.state.link.connected, "the connection")
+                ids = await in_thread(burst, "while watched")
+                await until(
+                    pilot,
+                    lambda: all(
+                        failure_errors(app).get(i, "").endswith("RuntimeError: while watched")
+                        for i in ids
+                    ),
+                    "12 errors, not 5",
+                )
+                assert failure_errors(app)[ids[0]].startswith("out of retries: ")
+                gate.clear()  # the console goes away and cannot come back yet
+                app.action_reconnect()
+                await until(pilot, lambda: not app.state.link.connected, "the disconnection")
+                away = await in_thread(burst, "while away")
+                gate.set()
+                await until(pilot, lambda: app.state.link.connected, "the reconnection")
+                await until(
+                    pilot,
+                    lambda: all(
+                        failure_errors(app).get(i, "").endswith("RuntimeError: while away")
+                        for i in away
+                    ),
+                    "the failures from while it was away",
+                )
+
+        run(scenario)
+
+
+# -- order: newest first -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_task_list_shows_the_newest_first(live: BrokerProcess) -> None:
+    with live.client() as client:
+        ids = [client.submit("echo", i, queue="tui-order") for i in range(3)]
+
+    async def scenario() -> None:
+        app = console(live)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.state.link.connected, "the connection")
+            app.show_tasks(queue="tui-order")
+            await until(pilot, lambda: (t := task_table(app)) and t.row_count == 3, "3 tasks")
+            table = task_table(app)
+            assert table is not None
+            shown = [str(table.coordinate_to_cell_key((r, 0)).row_key.value) for r in range(3)]
+            assert shown == ids[::-1]
+
+    run(scenario)
+
+
+def test_failures_in_one_burst_show_the_newest_first() -> None:
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            burst = [task(n, "dead").id for n in (40, 41, 42)]
+            changes = [  # the broker may list a burst in any order
+                {"id": i, "type": "email", "queue": "mail", "from": "running", "to": "dead"}
+                for i in reversed(burst)
+            ]
+            app._event(Event("tasks", 2, NOW + 5, {"changes": changes, "more": 0}))
+            app.redraw()
+            await pilot.pause()
+            table = app.screen.query_one("#failures", DataTable)
+            top = [str(table.coordinate_to_cell_key((r, 0)).row_key.value) for r in range(3)]
+            assert top == burst[::-1]
+
+    run(scenario)
+
+
+# -- stuck work and throughput from before --------------------------------------------
+
+
+@pytest.mark.slow
+def test_stuck_queues_show_their_wait_and_why_and_throughput_from_before(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "broker") as broker:
+        broker.start_worker("--queues", "busy")  # the built-in handlers: echo, sleep, fail
+        broker.wait_for_workers(1)
+        with broker.client() as client:
+            for task_id in client.submit_many([{"type": "echo", "queue": "busy"}] * 30):
+                client.wait(task_id, timeout=30)
+            client.submit("echo", 1, queue="nobody")  # no worker takes this queue
+            client.submit("resize", 1, queue="busy")  # no worker has this type
+
+        async def scenario() -> None:
+            app = console(broker)
+            async with app.run_test(size=(120, 30)) as pilot:
+                await until(pilot, lambda: app.state.link.connected, "the connection")
+                table = app.screen.query_one("#queues", DataTable)
+                # before any sample of its own (every 5 s), from the broker's last minute
+                await until(
+                    pilot,
+                    lambda: "busy" in table.rows and str(table.get_cell("busy", "Done/s")) != "-",
+                    "the throughput of the last minute",
+                    seconds=4,
+                )
+                await until(
+                    pilot,
+                    lambda: (
+                        "nobody" in table.rows
+                        and str(table.get_cell("nobody", "Wait")) not in ("", "-")
+                    ),
+                    "the oldest pending task's age",
+                )
+                assert str(table.get_cell("nobody", "Queue")) == "nobody ⚠"
+                assert str(table.get_cell("busy", "Queue")) == "busy ⚠"
+                title = str(table.border_title)
+                assert "nobody: no worker" in title, title
+                assert "busy: no worker for resize" in title, title
+
+        run(scenario)
+
+
+# -- readable without colour, filters you can see and clear ----------------------------
+
+
+def test_filters_are_spelled_out_and_clear_and_the_palette_has_any_state() -> None:
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            app.show_tasks(queue="mail", state="dead")  # as a drill-down does
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, TasksScreen)
+            screen._loading = False
+            screen.show_page(page())
+            await pilot.pause()
+            assert "Tasks · state dead, queue mail, backspace clears" in screen_text(app)
+            await pilot.press("backspace")
+            await pilot.pause()
+            assert screen.filter == TaskFilter()
+            assert screen.query_one("#queue", Input).value == ""
+            titles = [c.title for c in app.get_system_commands(screen)]
+            assert "Tasks: any state" in titles and "Tasks: all" in titles
+
+    run(scenario)
+
+
+def test_focus_and_checkboxes_read_without_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    texts: list[str] = []
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            app.redraw()
+            await pilot.pause()
+            texts.append(screen_text(app))
+            await pilot.press("tab")
+            await pilot.pause()
+            texts.append(screen_text(app))
+            app.action_purge(state="dead")
+            await pilot.pause()
+            await pilot.pause()
+            texts.append(screen_text(app))
+
+    run(scenario)
+    first, tabbed, purge = texts
+    assert "▶ Queues" in first and "▶ Workers" not in first
+    assert "▶ Workers" in tabbed and "▶ Queues" not in tabbed
+    assert "[ ] succeeded" in purge and "[x] dead" in purge and "[ ] cancelled" in purge
+
+
+# -- many queues at 80x24 ---------------------------------------------------------------
+
+
+def test_many_queues_fit_at_80x24_those_in_trouble_first() -> None:
+    text: list[str] = []
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            fill(app)
+            # nine queues (with "default", which still has a throughput history)
+            queues = {f"q{n}": {"pending": 3, "succeeded": 10 * n} for n in range(1, 9)}
+            queues["q5"]["dead"] = 301
+            queues["q3"]["failed"] = 2
+            app.state.apply_stats({**app.state.stats, "queues": queues}, NOW)
+            app.state.set_oldest({"q7": Pending("x", "echo", NOW - 600)})
+            app.redraw()
+            await pilot.pause()
+            text.append(screen_text(app))
+
+    run(scenario)
+    lines = [line.split()[0] for line in text[0].splitlines()[4:14]]
+    expected = ["(all)", "q5", "q3", "q7", "default", "q1", "q2", "q4", "q6", "q8"]
+    assert lines == expected, text[0]
+
+
+# -- attempts and why a task is dead ------------------------------------------------------
+
+
+def test_attempts_and_why_a_task_is_dead_are_unambiguous() -> None:
+    texts: list[str] = []
+    error = {"type": "ExitStatus", "message": "exit status 3", "traceback": None}
+    refused = task(7, "dead", attempts=1, max_retries=1, error=error)
+    spent = task(8, "dead", attempts=2, max_retries=1, error=error)
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(80, 24)) as pilot:
+            for one in (refused, spent):
+                app.push_screen(TaskScreen(one.id, one))
+                await pilot.pause()
+                await pilot.pause()
+                texts.append(screen_text(app))
+                app.pop_screen()
+            app.switch_mode("tasks")
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, TasksScreen)
+            screen._loading = False
+            screen.show_page(Page([refused, spent], None, None))
+            await pilot.pause()
+            texts.append(screen_text(app))
+
+    run(scenario)
+    refused_text, spent_text, listed = texts
+    assert "dead: not retried (ExitStatus)" in refused_text
+    assert "1 of 2 runs allowed (max_retries 1)" in refused_text
+    assert "dead: out of retries" in spent_text
+    assert "2 of 2 runs allowed (max_retries 1)" in spent_text
+    assert "Runs" in listed and "Att" not in listed
+    rows = {line.split()[0]: line for line in listed.splitlines() if "…0000000000" in line}
+    assert "dead not retried" in rows["…000000000007"] and "1 of 2" in rows["…000000000007"]
+    assert "not retried" not in rows["…000000000008"] and "2 of 2" in rows["…000000000008"]

@@ -4,8 +4,13 @@
 
 Data flow: the link's events thread calls ``_link_up`` / ``_event`` /
 ``_link_down`` through ``call_from_thread``; they update ``self.state``
-(model.py) and mark it dirty; a 0.25 s timer bumps ``revision``, which the
-screens watch to redraw, so a burst of events costs one redraw. Requests
+(model.py); a 1 s tick bumps ``revision``, which the screen in sight
+watches to redraw, so any number of events costs one redraw a second (ages
+move on too); screens out of sight redraw when they come back, and tables
+change only the cells that changed (widgets.KeyedTable): a table re-renders
+all its visible cells when any of them changes, so fewer redraws are what
+keeps the console light under load. Connection changes and the operator's
+own actions redraw at once. Requests
 (lists, actions) run in thread workers via ``request`` and report back the
 same way. Screens that show tasks register in ``task_listeners`` to hear
 about task changes. Without a ``connect`` function the app is offline (the
@@ -28,8 +33,18 @@ from tq.client import BlockingClient, Event
 from tq.core.errors import TQError
 from tq.core.task import Task
 from tq.tui import fmt
-from tq.tui.link import BrokerLink, Connect, Page, Snapshot, TaskFilter, fetch_page
-from tq.tui.model import SAMPLE_SECONDS, ConsoleState
+from tq.tui.link import (
+    FAILED_SEED,
+    BrokerLink,
+    Connect,
+    Page,
+    Snapshot,
+    TaskFilter,
+    fetch_page,
+    read_failures,
+    read_oldest,
+)
+from tq.tui.model import SAMPLE_SECONDS, ConsoleState, Pending
 from tq.tui.screens.dashboard import DashboardScreen
 from tq.tui.screens.detail import TaskScreen
 from tq.tui.screens.dialogs import (
@@ -42,9 +57,8 @@ from tq.tui.screens.dialogs import (
 from tq.tui.screens.tasks import TasksScreen
 
 T = TypeVar("T")
-POLL_SECONDS = 5.0  # stats (store size, uptime) and workers (CPU, memory): a safety net
-REDRAW_SECONDS = 0.25
-EXPLAIN_FAILURES = 5  # newest failures whose error message is fetched
+POLL_SECONDS = 5.0  # stats, workers (CPU, memory) and oldest pending tasks: a safety net
+REDRAW_SECONDS = 1.0  # one redraw a second, however fast events come
 DARK, LIGHT = "textual-dark", "textual-light"
 
 
@@ -87,16 +101,16 @@ class ConsoleApp(App[None]):
         )
         self.poll_seconds = poll_seconds
         self.task_listeners: set[Any] = set()
-        self._dirty = False
         self._explaining = False
+        self._polling = False
+        self._rereading = False
         if theme:
             self.theme = theme
         self.sub_title = address
 
     # -- life ----------------------------------------------------------
     def on_mount(self) -> None:
-        self.set_interval(REDRAW_SECONDS, self._redraw_if_dirty)
-        self.set_interval(1.0, self.redraw)  # ages and uptimes move on
+        self.set_interval(REDRAW_SECONDS, self.redraw)  # events, and ages moving on
         self.set_interval(SAMPLE_SECONDS, self._sample)
         if self.link is not None:
             self.run_worker(self._run_link, thread=True, group="link", exit_on_error=False)
@@ -107,15 +121,10 @@ class ConsoleApp(App[None]):
             self.link.stop()  # closes the sockets: the blocked threads end at once
 
     def redraw(self) -> None:
-        self._dirty = False
         self.revision += 1
 
     def _changed(self) -> None:
-        self._dirty = True
-
-    def _redraw_if_dirty(self) -> None:
-        if self._dirty:
-            self.redraw()
+        """The state changed: the next tick shows it."""
 
     def _sample(self) -> None:
         self.state.sample(self.clock())
@@ -150,6 +159,8 @@ class ConsoleApp(App[None]):
             self.notify(f"reconnected to {self.state.address}", title="broker")
         for listener in list(self.task_listeners):
             listener.reload()
+        self._explain_failures()
+        self.poll()  # the oldest pending tasks
         self.redraw()
 
     def _link_down(self, reason: str, retry_in: float, attempt: int) -> None:
@@ -164,6 +175,10 @@ class ConsoleApp(App[None]):
                 listener.task_changes(event)
             if any(c.get("to") in ("failed", "dead") for c in event.data.get("changes") or ()):
                 self._explain_failures()
+            elif event.data.get("more") and any(
+                t.get("to") in ("failed", "dead") for t in event.data.get("totals") or ()
+            ):
+                self._read_failures()  # too many changes to list: read the newest failures
         elif event.topic == "lagged":
             self.notify(
                 f"the broker dropped {event.data.get('dropped')} events for this console; "
@@ -176,45 +191,87 @@ class ConsoleApp(App[None]):
         self._changed()
 
     def poll(self) -> None:
-        """Refresh stats and workers (uptime, store size, CPU/memory between events)."""
-        if self.link is None or not self.state.link.connected:
+        """Refresh stats, workers (uptime, store size, CPU/memory between events) and
+        each queue's oldest pending task."""
+        if self.link is None or not self.state.link.connected or self._polling:
             return
+        self._polling = True
 
-        def done(result: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+        def read(
+            client: BlockingClient,
+        ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Pending | None]]:
+            stats = client.stats()
+            queues = stats.get("queues") or {}
+            waiting = sorted(
+                (q for q, c in queues.items() if c.get("pending")),
+                key=lambda q: -int(queues[q].get("pending") or 0),
+            )
+            return stats, client.workers(), read_oldest(client, waiting)
+
+        def done(
+            result: tuple[dict[str, Any], list[dict[str, Any]], dict[str, Pending | None]],
+        ) -> None:
+            self._polling = False
             now = self.clock()
             self.state.apply_stats(result[0], now)
             self.state.apply_workers(result[1], now)
+            self.state.set_oldest(result[2])
             self._changed()
 
-        self.request("refresh", lambda c: (c.stats(), c.workers()), done, quiet=True)
+        self.request("refresh", read, done, quiet=True, failed=self._poll_failed)
+
+    def _poll_failed(self) -> None:
+        self._polling = False
+
+    def _read_failures(self) -> None:
+        """Read the newest failed and dead tasks (when an event could not list them)."""
+        if self._rereading or self.link is None:
+            return
+        self._rereading = True
+
+        def read(client: BlockingClient) -> list[Task]:
+            return [
+                task
+                for state in ("failed", "dead")
+                for task in client.list(state=state, limit=FAILED_SEED, newest_first=True).tasks
+            ]
+
+        def done(tasks: list[Task]) -> None:
+            self._rereading = False
+            self.state.merge_failures(tasks)
+            self._changed()
+
+        self.request("failures", read, done, quiet=True, failed=self._reread_failed)
+
+    def _reread_failed(self) -> None:
+        self._rereading = False
 
     def _explain_failures(self) -> None:
-        """Fetch the error messages of the newest failures (one request at a time)."""
-        ids = self.state.unexplained_failures(EXPLAIN_FAILURES)
+        """Fetch the error message of every failure shown without one (a round at a
+        time, a few requests per round; another round while some are left)."""
+        ids = self.state.unexplained_failures()
         if self._explaining or not ids or self.link is None:
             return
         self._explaining = True
 
-        def fetch(client: BlockingClient) -> list[Task]:
-            tasks = []
-            for task_id in ids:
-                try:
-                    tasks.append(client.get(task_id))
-                except TQError:
-                    continue
-            return tasks
-
-        def done(tasks: list[Task]) -> None:
+        def done(tasks: dict[str, Task | None]) -> None:
             self._explaining = False
-            for task in tasks:
-                error = task.error
-                text = f"{error.type}: {error.message}" if error else "(no error recorded)"
-                self.state.note_error(task.id, text)
+            for task_id, task in tasks.items():
+                if task is None:
+                    self.state.note_error(task_id, "(the task no longer exists)")
+                else:
+                    self.state.note_task(task)
             self._changed()
-            if self.state.unexplained_failures(EXPLAIN_FAILURES) != ids:
+            if tasks:  # progress: go on with whatever is left (or arrived meanwhile)
                 self._explain_failures()
 
-        self.request("error details", fetch, done, quiet=True, failed=self._unexplained)
+        self.request(
+            "error details",
+            lambda c: read_failures(c, ids),
+            done,
+            quiet=True,
+            failed=self._unexplained,
+        )
 
     def _unexplained(self) -> None:
         self._explaining = False
@@ -412,7 +469,15 @@ class ConsoleApp(App[None]):
     # -- command palette ---------------------------------------------------
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield SystemCommand("Dashboard", "Queues, workers, failures", self._palette_show_dash)
-        yield SystemCommand("Tasks", "The task list", lambda: self.show_tasks())
+        yield SystemCommand("Tasks", "The task list, filters as they are", self._palette_tasks)
+        yield SystemCommand(
+            "Tasks: all",
+            "Every task: clear the state, queue, type and search filters",
+            lambda: self.show_tasks(state=None, queue=None, type=None, search=""),
+        )
+        yield SystemCommand(
+            "Tasks: any state", "Clear the state filter", lambda: self.show_tasks(state=None)
+        )
         for state in ("pending", "running", "failed", "dead", "succeeded", "cancelled"):
             yield SystemCommand(
                 f"Tasks: {state}",
@@ -430,3 +495,6 @@ class ConsoleApp(App[None]):
 
     def _palette_show_dash(self) -> None:
         self.action_show("dashboard")
+
+    def _palette_tasks(self) -> None:
+        self.action_show("tasks")

@@ -8,7 +8,8 @@ console talks through ``BlockingClient``s from Textual thread workers:
 * the **requests** client serves queries and actions (``BrokerLink.call``),
   from short-lived threads; its lock makes one request at a time.
 
-``run`` connects both, takes a snapshot (hello ACK, stats, workers), reports
+``run`` connects both, takes a snapshot (hello ACK, stats, workers, the
+newest failed and dead tasks), reports
 ``on_up``, forwards events until the connection fails, reports ``on_down``
 with the delay before the next attempt (``tq.core.retry``'s exponential
 backoff with jitter from ``backoff_min``, never above ``backoff_max``; the
@@ -29,14 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tq.client import BlockingClient, Event
-from tq.core.errors import ConnectionFailed, TQError
+from tq.core.errors import ConnectionFailed, NotFound, TQError
 from tq.core.retry import RetryPolicy
 from tq.core.task import Task
+from tq.tui.model import Pending
 
 T = TypeVar("T")
 TOPICS = ("tasks", "workers", "counts")
 PAGE_SIZE = 100
-FAILED_SEED = 50  # failed tasks (awaiting a retry) shown at connect, before any event
+FAILED_SEED = 50  # failed (awaiting a retry) and dead tasks read at each (re)connection
+OLDEST_QUEUES = 50  # queues whose oldest pending task is read per refresh
+EXPLAIN_SCAN = 500  # at most, tasks per state read in one request to find failures' errors
+EXPLAIN_GETS = 25  # failures read one by one per round (those the scan did not find)
 SCAN_PAGE = 1000  # tasks read per request while searching
 SEARCH_BUDGET = 10_000  # tasks scanned per search page before giving up
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -49,7 +54,7 @@ class Snapshot:
     server: dict[str, Any]
     stats: dict[str, Any]
     workers: list[dict[str, Any]]
-    failed: list[Task] = field(default_factory=list)  # tasks failing right now (a first page)
+    failed: list[Task] = field(default_factory=list)  # newest failed and dead tasks
 
 
 class BrokerLink:
@@ -106,7 +111,11 @@ class BrokerLink:
         requests = self._connect()
         with self._lock:
             self._requests = requests
-        failed = requests.list(state="failed", limit=FAILED_SEED, newest_first=True).tasks
+        failed = [
+            task
+            for state in ("failed", "dead")
+            for task in requests.list(state=state, limit=FAILED_SEED, newest_first=True).tasks
+        ]
         snapshot = Snapshot(dict(requests.server), requests.stats(), requests.workers(), failed)
         return snapshot, events.subscribe(TOPICS)
 
@@ -158,6 +167,42 @@ class BrokerLink:
         self._stop.set()
         self._wake.set()
         self._drop()
+
+
+# -- reads for the dashboard --------------------------------------------------------
+
+
+def read_oldest(client: BlockingClient, queues: list[str]) -> dict[str, Pending | None]:
+    """Each queue's oldest pending task (one ``list`` of limit 1 per queue)."""
+    out: dict[str, Pending | None] = {}
+    for queue in queues[:OLDEST_QUEUES]:
+        tasks = client.list(queue=queue, state="pending", limit=1).tasks
+        out[queue] = Pending(tasks[0].id, tasks[0].type, tasks[0].created_at) if tasks else None
+    return out
+
+
+def read_failures(client: BlockingClient, ids: list[str]) -> dict[str, Task | None]:
+    """The tasks behind failures shown without their error, in a few requests.
+
+    One ``list`` per state (dead, then failed; newest first; about twice as
+    many tasks as ids, so the cost follows the need, not the store) finds the
+    recent ones; those it misses are read one by one, at most EXPLAIN_GETS
+    (the caller asks again for the rest). A task that is gone maps to None.
+    """
+    wanted = set(ids)
+    found: dict[str, Task | None] = {}
+    for state in ("dead", "failed"):
+        if not wanted - found.keys():
+            break
+        limit = min(EXPLAIN_SCAN, 2 * len(ids) + 10)  # the cost follows the need
+        page = client.list(state=state, limit=limit, newest_first=True)
+        found.update((t.id, t) for t in page.tasks if t.id in wanted)
+    for task_id in [i for i in ids if i not in found][:EXPLAIN_GETS]:
+        try:
+            found[task_id] = client.get(task_id)
+        except NotFound:
+            found[task_id] = None
+    return found
 
 
 # -- task pages ----------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""The dashboard: queues (counts and throughput), workers, broker health, failures."""
+"""The dashboard: queues (counts and throughput), workers, broker health, failures.
+
+Queues come by what needs attention (model.queue_names) under the ``(all)``
+row, so the ones in trouble are in sight at 80x24; *Wait* is the age of a
+queue's oldest pending task and ``⚠`` marks a queue no connected worker
+takes (or whose oldest pending task's type none handles), spelled out in
+the panel's title.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,18 @@ from tq.tui.widgets import BrokerLine, ConsoleScreen, KeyedTable, state_text
 
 WIDE = 120  # columns from which the failures go to their own column
 
-QUEUE_COLUMNS = ("Queue", "Pending", "Running", "Failed", "Dead", "Done", "Cancel", "Done/s")
+QUEUE_COLUMNS = (
+    "Queue",
+    "Pending",
+    "Wait",
+    "Running",
+    "Failed",
+    "Dead",
+    "Done",
+    "Cancel",
+    "Done/s",
+)
+ALL = "(all)"
 WORKER_COLUMNS = ("Worker", "Host", "Busy", "CPU", "Memory", "Beat", "Queues")
 FAILURE_COLUMNS = ("Time", "Task", "Type", "Queue", "State", "Error")
 
@@ -28,16 +46,13 @@ class DashboardScreen(ConsoleScreen):
         yield from self.compose_frame_top()
         yield BrokerLine(id="broker")
         with Vertical(id="dash"):
-            yield KeyedTable(id="queues", cursor_type="row")
+            yield KeyedTable(id="queues", cursor_type="row", title="Queues")
             with Container(id="lower"):  # stacked; side by side on a wide terminal
-                yield KeyedTable(id="workers", cursor_type="row")
-                yield KeyedTable(id="failures", cursor_type="row")
+                yield KeyedTable(id="workers", cursor_type="row", title="Workers")
+                yield KeyedTable(id="failures", cursor_type="row", title="Failures")
         yield from self.compose_frame_bottom()
 
     def on_mount(self) -> None:
-        self.query_one("#queues", DataTable).border_title = "Queues"
-        self.query_one("#workers", DataTable).border_title = "Workers"
-        self.query_one("#failures", DataTable).border_title = "Failures"
         self._layout(self.size.width)
         super().on_mount()
 
@@ -68,19 +83,26 @@ class DashboardScreen(ConsoleScreen):
     def _queues(self) -> None:
         table = self.query_one("#queues", KeyedTable)
         state = self.console.state
+        now = self.console.clock()
         names = QUEUE_COLUMNS if self.wide else tuple(c for c in QUEUE_COLUMNS if c != "Cancel")
         rows: list[tuple[str, list[Any], list[float]]] = []
         queues = state.queue_names()
         totals = state.totals()
-        for queue in [*queues, *(["(all)"] if len(queues) > 1 else [])]:
-            counts = totals if queue == "(all)" else state.counts.get(queue, {})
-            cells: list[Any] = [fmt.plain(queue, style="bold" if queue == "(all)" else "")]
+        unserved = {q: why for q in queues if (why := state.unserved(q))}
+        for queue in [*([ALL] if len(queues) > 1 else []), *queues]:
+            counts = totals if queue == ALL else state.counts.get(queue, {})
+            label = fmt.plain(fmt.one_line(queue, 20), style="bold" if queue == ALL else "")
+            if queue in unserved:
+                label.append(" ⚠", style=f"bold {self.console.current_theme.warning}")
+            cells: list[Any] = [label]
             for s in STATES:
                 if s == "cancelled" and not self.wide:
                     continue
                 n = counts.get(s, 0)
                 cells.append(Text(fmt.count(n), justify="right", style=self._count_style(s, n)))
-            if queue == "(all)":
+                if s == "pending":
+                    cells.append(Text(fmt.age(state.pending_age(queue, now)), justify="right"))
+            if queue == ALL:
                 rates = [r for q in queues if (r := state.rate(q)) is not None]
                 cells.append(Text(fmt.rate(sum(rates) if rates else None), justify="right"))
                 series = self._sum_series([list(state.history.get(q, ())) for q in queues])
@@ -98,6 +120,12 @@ class DashboardScreen(ConsoleScreen):
             (queue, [*cells, Text(fmt.sparkline(series, spark), style=self._accent())])
             for queue, cells, series in rows
         )
+        title = "Queues"
+        if unserved:
+            title += " · ⚠ " + "; ".join(
+                f"{fmt.one_line(q, 20)}: {fmt.one_line(why, 40)}" for q, why in unserved.items()
+            )
+        table.set_title(title)
 
     @staticmethod
     def _sum_series(series: list[list[float]]) -> list[float]:
@@ -163,7 +191,8 @@ class DashboardScreen(ConsoleScreen):
                 fmt.one_line(failure.queue or "?", 12),
                 state_text(app, failure.state),
             ]
-            rows.append((failure.id, cells, failure.message or "…"))
+            text = failure.message or "…"
+            rows.append((failure.id, cells, f"{failure.why}: {text}" if failure.why else text))
         # the error message gets the width the other columns leave: no sideways scrolling
         used = sum(
             2 + max([len(name), *(len(str(r[1][i])) for r in rows)])
@@ -176,7 +205,7 @@ class DashboardScreen(ConsoleScreen):
     @on(DataTable.RowSelected, "#queues")
     def _open_queue(self, event: DataTable.RowSelected) -> None:
         queue = str(event.row_key.value)
-        self.console.show_tasks(queue=None if queue == "(all)" else queue)
+        self.console.show_tasks(queue=None if queue == ALL else queue)
 
     @on(DataTable.RowSelected, "#failures")
     def _open_failure(self, event: DataTable.RowSelected) -> None:

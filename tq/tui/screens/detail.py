@@ -13,6 +13,7 @@ from textual.widgets import Static
 from tq.client import Event
 from tq.core.task import Task
 from tq.tui import fmt
+from tq.tui.model import why_dead
 from tq.tui.widgets import ConsoleScreen, state_text
 
 
@@ -91,10 +92,19 @@ class TaskScreen(ConsoleScreen):
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
         grid.add_row("id", fmt.plain(task.id))
-        grid.add_row("state", state_text(app, task.state.value))
+        state = state_text(app, task.state.value)
+        if why := why_dead(task):
+            state.append(f": {why}")
+            if why == "not retried" and task.error is not None:
+                state.append(f" ({fmt.one_line(task.error.type, 40)})")
+        grid.add_row("state", state)
         grid.add_row("type / queue", fmt.plain(f"{task.type} / {task.queue}"))
         grid.add_row("priority", str(task.priority))
-        grid.add_row("attempts", f"{task.attempts} of {task.max_retries + 1}")
+        grid.add_row(
+            "attempts",
+            f"{task.attempts} of {task.max_retries + 1} run{'s' if task.max_retries else ''} "
+            f"allowed (max_retries {task.max_retries})",
+        )
         grid.add_row("timeout", f"{task.timeout:g}s")
         grid.add_row("created", fmt.when(task.created_at, tz, date=True))
         grid.add_row("started", fmt.when(task.started_at, tz, date=True))

@@ -15,6 +15,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Markdown, Static, Te
 from tq.core.errors import InvalidRequest
 from tq.core.task import TaskSpec, parse_priority
 from tq.tui import fmt
+from tq.tui.widgets import MarkedCheckbox
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -206,7 +207,7 @@ class PurgeScreen(ModalScreen[dict[str, Any] | None]):
             )
             with Horizontal(classes="checks"):
                 for state in PURGEABLE:
-                    yield Checkbox(state, state in self.states, id=f"s-{state}")
+                    yield MarkedCheckbox(state, state in self.states, id=f"s-{state}")
             yield Input("7d", id="age", placeholder="older than: 90s, 15m, 2h, 7d")
             yield Static("", id="problem")
             with Horizontal(classes="buttons"):
@@ -248,7 +249,8 @@ Anywhere: `d` dashboard · `t` tasks · `s` submit a task · `ctrl+p` command
 palette (every action by name) · `?` or `f1` this help · `ctrl+t` light/dark ·
 `ctrl+r` reconnect now · `q` quit.
 
-In a table: `enter` opens the task, queue or failure under the cursor.
+In a table: `enter` opens the task, queue or failure under the cursor; `tab`
+moves between tables.
 
 On tasks and a task: `c` cancel (asks first) · `r` retry a failed, dead or
 cancelled task · `p` priority of a waiting task · `escape` back.
@@ -259,13 +261,21 @@ On tasks: `/` search ids and types (scans at most 10,000 tasks per page) ·
 
 ## Reading the dashboard
 
-* **Queues**: tasks per state now; *Done/s* is the rate of finished tasks
-  over the last 5 s; the sparkline shows that rate over the last minutes.
+* **Queues**: `(all)` first, then the queues needing attention first
+  (dead + failed, then the longest wait); *Wait* is how long the oldest
+  pending task has waited; `⚠` means no connected worker takes the queue
+  (or the type of its oldest pending task), the title says which;
+  *Done/s* is the rate of finished tasks over the last 5 s (the broker's
+  last minute until then); the sparkline shows it over the last minutes.
 * **Workers**: *Busy* is running/concurrency; *Beat* is the time since the
   last heartbeat, **stale** when a beat is overdue, **off** when the
   worker's connection is closed (its leases expire after the lease TTL).
-* **Recent failures**: tasks that failed (will retry) or died while the
-  console watched.
+* **Failures**: the newest failed (will retry) and dead tasks, newest first,
+  with the error; a dead one says *out of retries* or *not retried*.
+
+On tasks: *Runs* is attempts made of the runs allowed (`1 of 3`); the title
+shows the filters, `backspace` clears them. The focused table's title starts
+with `▶`.
 
 When the broker goes away a red banner says so and the console reconnects
 by itself (backing off up to 5 s); the last known figures stay on screen.

@@ -1,4 +1,12 @@
-"""The task list: filters (state, queue, type, search), sorting, paging, actions."""
+"""The task list: filters (state, queue, type, search), sorting, paging, actions.
+
+Newest submitted first, as the broker pages them. The filters in force are
+spelled out in the pager line (a queue chosen on the dashboard stays until
+cleared: ``backspace`` on the table, or *Tasks: all* in the palette). A
+pending task that no connected worker would take (its queue or its type) is
+marked ``⚠``; *Runs* is attempts made of the runs allowed (max_retries + 1),
+and a dead task that did not use them all says "not retried".
+"""
 
 from __future__ import annotations
 
@@ -15,19 +23,20 @@ from tq.client import Event
 from tq.core.task import Task
 from tq.tui import fmt
 from tq.tui.link import Page, TaskFilter
+from tq.tui.model import why_dead
 from tq.tui.widgets import ConsoleScreen, KeyedTable, state_text
 
 STATE_CHOICES = ("pending", "running", "failed", "dead", "succeeded", "cancelled")
 # column -> (sort key, newest/highest first?)
 SORTS: dict[str, tuple[Any, bool]] = {
-    "Created": (lambda t: t.created_at, False),
+    "Created": (lambda t: (t.created_at, t.id), True),
     "Priority": (lambda t: (t.priority, -t.created_at), True),
     "State": (lambda t: (t.state.value, t.created_at), False),
     "Type": (lambda t: (t.type, t.created_at), False),
     "Queue": (lambda t: (t.queue, t.created_at), False),
-    "Att": (lambda t: (t.attempts, t.created_at), True),
+    "Runs": (lambda t: (t.attempts, t.created_at), True),
 }
-RELOAD_DELAY = 1.0  # seconds: live changes are folded into one reload
+RELOAD_DELAY = 2.0  # seconds: live changes are folded into one reload
 
 
 class TasksScreen(ConsoleScreen):
@@ -41,6 +50,7 @@ class TasksScreen(ConsoleScreen):
         Binding("o", "sort", "Sort", show=False),
         Binding("x", "purge", "Purge", show=False),
         Binding("escape", "focus_table", "Table", show=False),
+        Binding("backspace", "clear_filters", "Clear filters", show=False),
         # the app's keys work here too; these keep them out of an 80-column footer
         Binding("t", "app.show('tasks')", show=False),
         Binding("q", "app.quit", show=False),
@@ -65,7 +75,7 @@ class TasksScreen(ConsoleScreen):
             yield Input(placeholder="queue", id="queue", compact=True)
             yield Input(placeholder="type", id="type", compact=True)
             yield Input(placeholder="search id/type  (/)", id="search", compact=True)
-        yield KeyedTable(id="tasks", cursor_type="row", zebra_stripes=True)
+        yield KeyedTable(id="tasks", cursor_type="row", zebra_stripes=True, title="Tasks")
         yield Static(id="pager")
         yield from self.compose_frame_bottom()
 
@@ -165,7 +175,7 @@ class TasksScreen(ConsoleScreen):
             "Queue",
             "State",
             "Priority",
-            "Att",
+            "Runs",
             "Created",
             "Worker",
         )
@@ -182,16 +192,45 @@ class TasksScreen(ConsoleScreen):
                 fmt.short_id(task.id, 13) if narrow else task.id,
                 fmt.one_line(task.type, 20),
                 fmt.one_line(task.queue, 14),
-                state_text(app, task.state.value),
+                self._state_cell(task),
                 Text(str(task.priority), justify="right"),
-                Text(f"{task.attempts}/{task.max_retries + 1}", justify="right"),
+                Text(f"{task.attempts} of {task.max_retries + 1}", justify="right"),
                 fmt.when(task.created_at, app.tz, date=not narrow),
             ]
             if not narrow:
                 cells.append(fmt.one_line(task.worker or "", 24))
             rows.append((task.id, cells))
         table.set_rows(rows)
+        table.set_title(f"Tasks · {self._filters()}")
         self._pager(self._describe(len(tasks)))
+
+    def _state_cell(self, task: Task) -> Text:
+        text = state_text(self.console, task.state.value)
+        if task.state.value == "dead" and why_dead(task) == "not retried":
+            return Text.assemble(text, (" not retried", "dim"))
+        if task.state.value == "pending" and self._unserved(task):
+            return Text.assemble(text, (" ⚠", f"bold {self.console.current_theme.warning}"))
+        return text
+
+    def _unserved(self, task: Task) -> bool:
+        """No connected worker takes this pending task's queue or type."""
+        if not self.console.state.link.connected:
+            return False  # not known
+        types = self.console.state.worker_types(task.queue)
+        return types is not None and task.type not in types
+
+    def _filters(self) -> str:
+        flt = self.filter
+        parts = [f"state {flt.state or 'any'}"]
+        if flt.queue:
+            parts.append(f"queue {fmt.one_line(flt.queue, 20)}")
+        if flt.type:
+            parts.append(f"type {fmt.one_line(flt.type, 20)}")
+        if flt.search:
+            parts.append(f"search {fmt.one_line(flt.search, 20)!r}")
+        if flt != TaskFilter():
+            parts.append("backspace clears")
+        return ", ".join(parts)
 
     def _label(self, column: str) -> str:
         if column != self.sort:
@@ -209,6 +248,8 @@ class TasksScreen(ConsoleScreen):
         if page_no > 1:
             parts.append("[ previous")
         parts.append(f"sorted by {self.sort.lower()} (o)")
+        if any(t.state.value == "pending" and self._unserved(t) for t in self.page.tasks):
+            parts.append("⚠ no worker takes its queue or type")
         return " · ".join(parts)
 
     def _pager(self, text: str) -> None:
@@ -226,8 +267,8 @@ class TasksScreen(ConsoleScreen):
             if task_id in shown and isinstance(change.get("to"), str):
                 self._patch_state(task_id, change["to"])
                 affected = True
-            elif change.get("from") is None and self.page.next is None:
-                affected = True  # a new task may belong at the end of the last page
+            elif change.get("from") is None and len(self.cursors) == 1:
+                affected = True  # a new task belongs at the top of the first page
         if affected:
             self._schedule_reload()
 
@@ -281,6 +322,11 @@ class TasksScreen(ConsoleScreen):
 
     def action_focus_table(self) -> None:
         self.query_one("#tasks").focus()
+
+    def action_clear_filters(self) -> None:
+        if self.filter != TaskFilter():
+            self.set_filter(state=None, queue=None, type=None, search="")
+            self.notify("filters cleared: every task", title="tasks")
 
     def action_page(self, step: int) -> None:
         if self.page is None:
