@@ -152,8 +152,8 @@ async def _say_goodbye(sessions: set[Session]) -> None:
     )
     told = [s for s in list(sessions) if s.farewell(frame)]
     with trio.move_on_after(FAREWELL_SECONDS):
-        while not all(s.flushed for s in told):
-            await trio.sleep(0.01)
+        for session in told:
+            await session.wait_flushed()
 
 
 def _is_disconnect(exc: BaseException) -> bool:
@@ -181,6 +181,7 @@ class Session:
         self.on_hello: Callable[[], None] = lambda: None  # the gate: no longer evictable
         self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
         self._queued = 0  # bytes of answers queued and not yet written to the peer
+        self._writer_done = False
         self._written = trio.Event()  # set (and replaced) whenever the writer sent some
         self._heavy = trio.Lock()  # expensive reads: one at a time per connection
         self._slots = trio.Semaphore(settings.max_in_flight)
@@ -224,18 +225,22 @@ class Session:
             self.events.close()
 
     async def _writer(self) -> None:
-        async for first in self._outbox:
-            chunks = [first]
-            while True:
-                try:
-                    chunks.append(self._outbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            data = b"".join(chunks)
-            await self.stream.send_all(data)
-            self._queued -= len(data)
-            self._written.set()
-            self._written = trio.Event()
+        try:
+            async for first in self._outbox:
+                chunks = [first]
+                while True:
+                    try:
+                        chunks.append(self._outbox.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                data = b"".join(chunks)
+                await self.stream.send_all(data)
+                self._queued -= len(data)
+                self._written.set()
+                self._written = trio.Event()
+        finally:
+            self._writer_done = True
+            self._written.set()  # nobody waits for room or a flush that will not come
 
     def farewell(self, frame: bytes) -> bool:
         """Queue a last frame (the broker is stopping) if the session is open; True if
@@ -249,9 +254,10 @@ class Session:
         self._queued += len(frame)
         return True
 
-    @property
-    def flushed(self) -> bool:
-        return self._queued <= 0
+    async def wait_flushed(self) -> None:
+        """Until every queued frame was written (or the writer ended)."""
+        while self._queued > 0 and not self._writer_done:
+            await self._written.wait()
 
     async def _reply_event(self, message: dict[str, Any]) -> None:
         """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
@@ -265,7 +271,7 @@ class Session:
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
-        while self._queued > 0 and self._queued + len(frame) > budget:
+        while self._queued > 0 and self._queued + len(frame) > budget and not self._writer_done:
             await self._written.wait()
         self._queued += len(frame)
         await self._send.send(frame)
