@@ -431,3 +431,37 @@ async def test_a_peer_that_does_not_read_holds_bounded_answers(tmp_path: Path) -
                     seen.add(answer["id"])
         finally:
             service_module.BrokerService.list_tasks = original  # type: ignore[method-assign]
+
+
+@pytest.mark.trio
+async def test_a_large_submit_is_decoded_and_checked_off_the_event_loop(tmp_path: Path) -> None:
+    """A large frame's decoding and its tasks' checks walk every value it holds: they run
+    in a thread (which gives the interpreter back to the event loop as it goes)."""
+    import threading
+
+    from tq.broker import service as service_module
+    from tq.protocol import connection as connection_module
+
+    where: dict[str, str] = {}
+    real_specs, real_parse = service_module._specs_of, connection_module.Connection.parse
+
+    def specs_of(*args: Any) -> Any:
+        where.setdefault("specs", threading.current_thread().name)
+        return real_specs(*args)
+
+    def parse(self: Any, body: bytes) -> Any:
+        if len(body) > 64 * 1024:
+            where.setdefault("parse", threading.current_thread().name)
+        return real_parse(self, body)
+
+    service_module._specs_of = specs_of  # type: ignore[assignment]
+    connection_module.Connection.parse = parse  # type: ignore[method-assign]
+    try:
+        async with running_broker(tmp_path) as broker, broker.client() as client:
+            payload = ["ab"] * 100_000  # ~300 KB of short strings
+            await client.submit("echo", payload)
+    finally:
+        service_module._specs_of = real_specs  # type: ignore[assignment]
+        connection_module.Connection.parse = real_parse  # type: ignore[method-assign]
+    main = threading.main_thread().name
+    assert where["parse"] != main and where["specs"] != main, where

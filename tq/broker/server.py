@@ -76,6 +76,7 @@ SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or resu
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
 FAREWELL_SECONDS = 0.5  # to send every open session "the broker is shutting down"
+LARGE_FRAME = "_large"  # set on a message decoded from a frame over INLINE_DECODE
 HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
 _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
 HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
@@ -367,12 +368,15 @@ class Session:
     async def _parse(self, body: bytes) -> dict[str, Any]:
         """Decode one frame body. A large one is decoded in a thread, one at a time per
         broker (``service.decode_limiter``), its maps and arrays counted, so it neither
-        stalls the event loop nor lets several connections multiply its memory."""
+        stalls the event loop nor lets several connections multiply its memory; it is
+        marked so that what walks it later (a submit's checks) runs off the loop too."""
         if len(body) <= INLINE_DECODE:
             return self.conn.parse(body)
-        return await trio.to_thread.run_sync(
+        msg = await trio.to_thread.run_sync(
             self.conn.parse, body, limiter=self.service.decode_limiter
         )
+        msg[LARGE_FRAME] = True
+        return msg
 
     async def _hello(self, msg: dict[str, Any]) -> bool:
         """Answer the first message; False if its credentials were refused (then close)."""
@@ -477,7 +481,10 @@ class Session:
     # -- handlers: decode, call one service method, encode --------------
     async def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.submit(
-            msg["tasks"], self.principal, answer_limit=self.conn.max_frame
+            msg["tasks"],
+            self.principal,
+            answer_limit=self.conn.max_frame,
+            large=bool(msg.get(LARGE_FRAME)),
         )
 
     async def _claim(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -206,6 +206,18 @@ def _short(value: object, what: str) -> str:
     return text
 
 
+def _specs_of(raw_tasks: Sequence[Any], first: int = 0) -> list[TaskSpec]:
+    """The validated specs of a submit (InvalidRequest naming the index, nothing kept)."""
+    specs = []
+    for index, raw in enumerate(raw_tasks, start=first):
+        try:
+            specs.append(TaskSpec.from_mapping(raw))
+        except TQError as exc:
+            prefix = f"task {index}: " if len(raw_tasks) > 1 or first else ""
+            raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
+    return specs
+
+
 def submit_answer_bound(n: int) -> int:
     """The most bytes the answer to a submit of ``n`` tasks can take once encoded."""
     return ANSWER_BASE + n * ANSWER_PER_TASK
@@ -344,6 +356,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         principal: Principal | None = None,
         *,
         answer_limit: int | None = None,
+        large: bool = False,
     ) -> dict[str, Any]:
         """Store every task or none; the answer: ``tasks`` (id, created per task) and
         ``warnings`` (once per task type no connected worker handles, at most
@@ -367,15 +380,14 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
                 "tasks per request; nothing was submitted"
             )
         self.auth.take_submit(principal, len(raw_tasks))
-        specs = []
-        for index, raw in enumerate(raw_tasks):
-            if index and not index % YIELD_EVERY:
-                await trio.lowlevel.checkpoint()  # a bulk submit must not stall other requests
-            try:
-                specs.append(TaskSpec.from_mapping(raw))
-            except TQError as exc:
-                prefix = f"task {index}: " if len(raw_tasks) > 1 else ""
-                raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
+        if large:  # a long walk over big payloads: in a thread, which yields the GIL
+            specs = await trio.to_thread.run_sync(_specs_of, raw_tasks, limiter=self.decode_limiter)
+        else:
+            specs = []
+            for start in range(0, len(raw_tasks), YIELD_EVERY):
+                if start:
+                    await trio.lowlevel.checkpoint()  # a bulk submit must not stall the loop
+                specs += _specs_of(raw_tasks[start : start + YIELD_EVERY], start)
         if principal is not None:
             principal.check_queues({spec.queue for spec in specs})
             await self._check_keys_queues(specs, principal)

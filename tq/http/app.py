@@ -213,11 +213,13 @@ async def openapi(request: Request) -> Response:
 async def submit(request: Request) -> Response:
     principal = await authenticate(request, "submit")
     body = await _body(request)
+    declared = request.headers.get("content-length", "")
+    large = declared.isdigit() and int(declared) > INLINE_DECODE  # checks run off the loop
     if isinstance(body, list):
-        return _json(await _service(request).submit(body, principal), 201)
+        return _json(await _service(request).submit(body, principal, large=large), 201)
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a task object or an array of task objects")
-    answer = await _service(request).submit([body], principal)
+    answer = await _service(request).submit([body], principal, large=large)
     [result] = answer["tasks"]
     if answer["warnings"]:
         result["warning"] = answer["warnings"][0]["message"]
