@@ -808,7 +808,7 @@ async def test_audit_is_newest_first_with_a_cursor(store: Any) -> None:
         await store.list_audit(limit=0)
 
 
-# -- operator surface (issue 5): queue depth, purge, bulk retry, probe ----------------
+# -- operator surface: queue depth, purge, bulk retry, probe --------------------------
 
 
 async def finish(store: Any, status: str = "ok", now: float = NOW, **fields: Any) -> str:

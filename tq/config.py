@@ -36,8 +36,8 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNCHRONOUS = "full"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
-DEFAULT_HTTP = "127.0.0.1:7471"  # broker: REST API, /metrics, /health (issue 5); "off" disables
-# security limits (issue 4; docs/SECURITY.md)
+DEFAULT_HTTP = "127.0.0.1:7471"  # broker: REST API, /metrics, /health; "off" disables
+# security limits (docs/SECURITY.md)
 DEFAULT_MAX_CONNECTIONS = 1024  # per broker; more are refused at once
 DEFAULT_MAX_IN_FLIGHT = 1024  # unanswered requests per connection, then back-pressure
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # TCP accept -> TLS handshake done
@@ -78,7 +78,7 @@ class Settings:
     name: str = ""  # worker name; empty: host-pid
     log_level: str = "info"
     log_format: str = "human"  # services' log lines: human or json
-    # -- security (issue 4) --
+    # -- security --
     key: str | None = None  # API key; None: <data>/admin.key (the local broker's) if readable
     join: str | None = None  # join token: broker addresses, CA and key in one string
     client_cert: Path | None = None  # mutual TLS: this client's certificate ...

@@ -1,4 +1,4 @@
-"""The SQL of the operator surface (issue 5): queue depth, purge, bulk retry, probe.
+"""The SQL of the operator surface: queue depth, purge, bulk retry, probe.
 
 Same rules as ``tq.store.schema``: constant statement texts, plain synchronous
 operations of one APSW connection (writes inside the writer's transaction,
