@@ -162,6 +162,7 @@ class BrokerProcess:
         self.data = data
         self.args = args
         self.command = [os.fspath(executable)] if executable else tq_command()
+        self.frozen = executable is not None or bool(getattr(sys, "frozen", False))
         self.env = {**os.environ, **(env or {})}
         self.log = data / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -256,6 +257,12 @@ class BrokerProcess:
 
     def close(self) -> None:
         for proc in [*self.workers, *([self.proc] if self.proc else [])]:
+            if proc.poll() is None and self.frozen:
+                # a one-file executable is a bootloader and a child: SIGKILL to the
+                # bootloader would orphan the child, SIGTERM is forwarded to it
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(20)
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
