@@ -62,12 +62,11 @@ from tq.store.schema import (
     _judge,
     _lease_tokens,
     _next_value,
-    _trace,
     pack,
     pack_error,
+    row_to_lease,
     row_to_task,
     state_is,
-    unpack_readable,
 )
 
 COUNT_SLOTS = 16
@@ -431,22 +430,7 @@ def claim(
     else:
         found = rows(conn, CLAIM_TYPE, (queues, types, n, *take))
     found.sort(key=lambda row: row[0])  # the pick order: priority, then age
-    return [
-        Lease(
-            id=row[1],
-            type=row[2],
-            queue=row[3],
-            payload=unpack_readable(row[4], "payload"),
-            priority=row[5],
-            attempt=row[6],
-            max_retries=row[7],
-            timeout=row[8],
-            token=row[9],
-            expires_at=expires,
-            trace=_trace(row[10]),
-        )
-        for row in found
-    ]
+    return [row_to_lease(row, expires) for row in found]
 
 
 def complete(

@@ -601,22 +601,25 @@ def claim(
     params = (_CLAIMED.value, now, worker, expires, json.dumps(chosen))
     order = {seq: position for position, (seq, _) in enumerate(chosen)}
     rows = sorted(_rows(conn, CLAIM_TAKE, params), key=lambda row: order[row[0]])
-    return [
-        Lease(
-            id=row[1],
-            type=row[2],
-            queue=row[3],
-            payload=unpack_readable(row[4], "payload"),
-            priority=row[5],
-            attempt=row[6],
-            max_retries=row[7],
-            timeout=row[8],
-            token=row[9],
-            expires_at=expires,
-            trace=_trace(row[10]),
-        )
-        for row in rows
-    ]
+    return [row_to_lease(row, expires) for row in rows]
+
+
+def row_to_lease(row: Sequence[Any], expires: float) -> Lease:
+    """A claimed row (seq, id, type, queue, payload, priority, attempts, max_retries,
+    timeout, lease_token, trace) as the Lease handed to the worker; both stores."""
+    return Lease(
+        id=row[1],
+        type=row[2],
+        queue=row[3],
+        payload=unpack_readable(row[4], "payload"),
+        priority=row[5],
+        attempt=row[6],
+        max_retries=row[7],
+        timeout=row[8],
+        token=row[9],
+        expires_at=expires,
+        trace=_trace(row[10]),
+    )
 
 
 def _lease_tokens(n: int) -> list[int]:

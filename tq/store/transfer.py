@@ -50,6 +50,9 @@ TABLES = (
 Progress = Callable[[str, int], None]  # (table, rows copied so far)
 
 
+BROKER_GONE_SECONDS = 2.0  # a just-stopped broker's connections may linger this long
+
+
 @dataclass(frozen=True)
 class CopyResult:
     source: str
@@ -189,6 +192,17 @@ class _Postgres:
         "AND application_name = %s AND pid <> pg_backend_pid()"
     )
 
+    def _broker_connections(self) -> int:
+        """Open broker connections to this database; those of a broker that just
+        stopped leave the server's list a moment after it closed them: wait a little."""
+        deadline = time.monotonic() + BROKER_GONE_SECONDS
+        while True:
+            row = self.conn.execute(self.BROKERS, (APPLICATION_NAME,)).fetchone()
+            count = int(row[0]) if row and row[0] else 0
+            if not count or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.05)
+
     def __init__(self, url: StoreURL, role: str) -> None:
         self.url = url
         where = url.shown
@@ -202,10 +216,10 @@ class _Postgres:
             if role == "source" and pg_schema.schema_version(self.conn, where) == 0:
                 raise ConfigError(f"the source {where} holds no tq store")
             pg_schema.migrate(self.conn, where)
-            brokers = self.conn.execute(self.BROKERS, (APPLICATION_NAME,)).fetchone()
-            if brokers and brokers[0]:
+            brokers = self._broker_connections()
+            if brokers:
                 raise StoreError(
-                    f"{where} is in use by {brokers[0]} broker connection(s); stop every "
+                    f"{where} is in use by {brokers} broker connection(s); stop every "
                     "broker using it, then run tq migrate again"
                 )
         except BaseException:
