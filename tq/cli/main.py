@@ -8,7 +8,19 @@ import sys
 import typer
 
 from tq import PROTOCOL_VERSION, __version__
-from tq.cli import admin, bench, bulk, migrate, ops, security, services, tasks, tui, waiting
+from tq.cli import (
+    admin,
+    bench,
+    bulk,
+    migrate,
+    ops,
+    security,
+    services,
+    tasks,
+    tui,
+    waiting,
+    watch,
+)
 from tq.cli.common import JsonOpt, Output, OutputOpt, emit_text, text_mode
 
 app = typer.Typer(
@@ -32,6 +44,7 @@ app.command("list", rich_help_panel="Tasks")(tasks.list_)
 app.command(rich_help_panel="Tasks")(bulk.cancel)  # an id, - (stdin) or --state/--queue/--type
 app.command(rich_help_panel="Tasks")(bulk.priority)  # an id or - (stdin)
 app.command(rich_help_panel="Tasks")(admin.retry)  # an id, - (stdin) or --state
+app.command(rich_help_panel="Tasks")(watch.watch)  # the event stream as JSON lines
 app.command(rich_help_panel="Operations")(tasks.stats)
 app.command(rich_help_panel="Operations")(tasks.workers)
 app.command("queue-depth", rich_help_panel="Operations")(admin.queue_depth)

@@ -29,7 +29,7 @@ COMMAND_OPTIONS = frozenset(
         "--max-retries", "--newest", "--offline", "--older-than", "--out", "--output",
         "--payload", "--payload-bytes", "--payload-file", "--priority", "--queue", "--role",
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
-        "--type", "--watch",
+        "--topic", "--type", "--watch", "--count",
         "--wide", "--workers", "--yes",
     }
 )  # fmt: skip
