@@ -84,6 +84,13 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
     ("query:workers", const({"t": "query", "q": "workers"}), "client", "worker", "reader"),
     ("query:depth", const({"t": "query", "q": "depth"}), "client", "worker", "reader"),
     ("query:health", const({"t": "query", "q": "health"}), "client", "worker", "reader"),
+    (
+        "query:explain",
+        lambda fx: _with_task(fx, "query", None, q="explain"),
+        "client",
+        "worker",
+        "reader",
+    ),
     ("wait", lambda fx: _with_task(fx, "wait", None, timeout=0), "client", "worker", "reader"),
     ("cancel", lambda fx: _with_task(fx, "cancel", None), "client", "reader", "producer"),
     (

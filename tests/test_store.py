@@ -839,6 +839,28 @@ async def test_queue_depth_counts_unfinished_tasks_by_queue_priority_and_state(
     ]
 
 
+async def test_ahead_counts_what_a_claim_takes_first_in_the_queue(store: Any) -> None:
+    """explain's "waiting behind": higher priority, then older of the same priority,
+    pending, same queue only; up to the limit; None once the task is not pending."""
+    for _ in range(3):
+        await submit(store, priority=200)
+    first = await submit(store, priority=100)
+    await submit(store, priority=100, queue="other")  # another queue: not ahead
+    mine = await submit(store, priority=100)
+    await submit(store, priority=100)  # younger: behind it
+    await submit(store, priority=50)
+    assert await store.ahead(first, 10_000) == (3, 0)
+    assert await store.ahead(mine, 10_000) == (3, 1)
+    assert await store.ahead(mine, 2) == (2, 1)  # counted up to the limit
+    await claim_one(store)  # a priority-200 task starts running: no longer ahead
+    assert await store.ahead(mine, 10_000) == (2, 1)
+    running = await claim(store, n=10)
+    assert mine in {lease.id for lease in running}
+    assert await store.ahead(mine, 10_000) is None
+    with pytest.raises(NotFound):
+        await store.ahead("no-such-task", 10)
+
+
 async def test_purge_deletes_old_finished_tasks_in_chunks(store: Any) -> None:
     old = [await finish(store, "ok", NOW + i) for i in range(5)]
     dead = await finish(store, "reject", NOW + 5)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
 BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
 BULK_MAX = 10_000
+EXPLAIN_AHEAD_LIMIT = 10_000  # tasks ahead counted up to this ("at least" beyond)
 
 
 def _bulk_limit(value: object) -> int:
@@ -70,6 +71,7 @@ class OperatorOps:
     closing: bool
     name: str
     started_at: float
+    lease_ttl: float
     counters: dict[str, int]
     activity: Activity
     events: EventBus
@@ -78,6 +80,19 @@ class OperatorOps:
     _store_depth: Coalesced[list[QueueDepth]]
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
     addresses: Mapping[str, str | None] = MappingProxyType({})
+
+    async def explain(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
+        """Why the task is not running right now (tq/broker/explain.py): its reasons."""
+        from tq.broker.explain import explain
+
+        task = await self.store.get(task_id)
+        if principal is not None:
+            principal.check_queue(task.queue)
+        ahead = None
+        if task.state == "pending":
+            ahead = await self.store.ahead(task_id, EXPLAIN_AHEAD_LIMIT)
+        now = self.clock()
+        return explain(task, ahead, EXPLAIN_AHEAD_LIMIT, self.workers.all(), now, self.lease_ttl)
 
     async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
         """Unfinished tasks per queue: totals per state and rows per priority and state."""

@@ -513,8 +513,10 @@ class Session:
             return {"depth": await self.service.queue_depth(self.principal)}
         if q == "health":
             return {"health": await self.service.cluster_status(self.principal)}
+        if q == "explain":
+            return {"explain": await self.service.explain(_task_id(msg), self.principal)}
         raise InvalidRequest(
-            f"unknown query {q!r}; known: get, list, stats, workers, depth, health"
+            f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain"
         )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -574,7 +576,7 @@ def _not_a_request(kind: str) -> str:
 def _task_id(msg: dict[str, Any]) -> str:
     task_id = msg.get("task")
     if not isinstance(task_id, str):
-        raise InvalidRequest("query get needs 'task' (a task id string)")
+        raise InvalidRequest(f"query {msg.get('q')} needs 'task' (a task id string)")
     return task_id
 
 

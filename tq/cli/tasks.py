@@ -288,6 +288,37 @@ def status(
     run_guarded(body)
 
 
+def explain(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    broker: BrokerOpt = None,
+    ca: CaOpt = None,
+    insecure: InsecureOpt = None,
+    api_key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = None,
+) -> None:
+    """Say why a task is not running right now, in words (--json: reasons with codes).
+
+    For example: scheduled for later, a retry due after a failed attempt, no
+    connected worker takes its queue or handles its type, every worker that could
+    run it busy, waiting behind N tasks of higher priority, leased to a worker
+    (with its last heartbeat), or finished.
+    """
+
+    def body() -> None:
+        with _client(broker, ca, insecure, api_key) as client:
+            answer = client.explain(task_id)
+        mode = text_mode(output, as_json)
+        if mode is not Output.table:
+            emit_text(answer, mode, None)
+            return
+        say(f"task {answer['task']} is {answer['state']}")  # each line inert text
+        for reason in answer["reasons"]:
+            say(f"  - {reason['message']}")
+
+    run_guarded(body)
+
+
 def list_(
     state: Annotated[
         str | None,

@@ -150,6 +150,10 @@ def list_tasks(
     return Call(msg, lambda r: TaskPage([Task.from_dict(t) for t in r["tasks"]], r.get("next")))
 
 
+def explain(task_id: str) -> Call[dict[str, Any]]:
+    return Call({"t": "query", "q": "explain", "task": task_id}, lambda r: dict(r["explain"]))
+
+
 def stats() -> Call[dict[str, Any]]:
     return Call({"t": "query", "q": "stats"}, lambda r: dict(r["stats"]))
 

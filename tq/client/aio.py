@@ -232,6 +232,10 @@ class Client:
     async def get(self, task_id: str) -> Task:
         return await self._call(api.get(task_id))
 
+    async def explain(self, task_id: str) -> dict[str, Any]:
+        """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
+        return await self._call(api.explain(task_id))
+
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:

@@ -171,6 +171,10 @@ class BlockingClient:
     def get(self, task_id: str) -> Task:
         return self._call(api.get(task_id))
 
+    def explain(self, task_id: str) -> dict[str, Any]:
+        """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
+        return self._call(api.explain(task_id))
+
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -9,6 +9,7 @@
     GET    /api/v1/tasks/{id}           one task
     DELETE /api/v1/tasks/{id}           cancel
     POST   /api/v1/tasks/{id}/retry     back to pending
+    GET    /api/v1/tasks/{id}/explain   why it is not running right now
     POST   /api/v1/tasks/{id}/priority  {"priority"}: change a waiting task's priority
     POST   /api/v1/purge                delete finished tasks (states, older_than, limit)
     POST   /api/v1/retry-many           failed/dead/cancelled tasks back to pending
@@ -239,6 +240,11 @@ async def get_task(request: Request) -> Response:
     return _json(_task(task.to_dict()))
 
 
+async def explain_task(request: Request) -> Response:
+    principal = await authenticate(request, "query:explain")
+    return _json(await _service(request).explain(request.path_params["task_id"], principal))
+
+
 async def cancel_task(request: Request) -> Response:
     principal = await authenticate(request, "cancel")
     task = await _service(request).cancel(request.path_params["task_id"], principal)
@@ -390,6 +396,7 @@ def build_app(service: BrokerService) -> Starlette:
         _resource(f"{API}/tasks", GET=list_tasks, POST=submit),
         _resource(f"{API}/tasks/{{task_id}}", GET=get_task, DELETE=cancel_task),
         Route(f"{API}/tasks/{{task_id}}/retry", retry_task, methods=["POST"]),
+        Route(f"{API}/tasks/{{task_id}}/explain", explain_task, methods=["GET"]),
         Route(f"{API}/tasks/{{task_id}}/priority", set_priority, methods=["POST"]),
         Route(f"{API}/purge", purge, methods=["POST"]),
         Route(f"{API}/retry-many", retry_many, methods=["POST"]),

@@ -536,6 +536,40 @@ def _paths() -> dict[str, Any]:
                 {"200": task, **_problems(*_AUTH, 404, 409, 503)},
             ),
         },
+        "/api/v1/tasks/{task_id}/explain": {
+            "parameters": [_TASK_ID],
+            "get": _op(
+                "Why the task is not running right now: reasons with a code and a message, "
+                "most telling first (scheduled, retry_due, blocked, no_worker, no_handler, "
+                "workers_busy, behind, next, running, worker_silent, finished).",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["task", "state", "reasons"],
+                            "properties": {
+                                "task": {"type": "string"},
+                                "state": {"type": "string"},
+                                "reasons": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["code", "message"],
+                                        "properties": {
+                                            "code": {"type": "string"},
+                                            "message": {"type": "string"},
+                                        },
+                                        "additionalProperties": True,
+                                    },
+                                },
+                            },
+                        },
+                        "The task's state and the reasons it is not running.",
+                    ),
+                    **_problems(*_AUTH, 404, 503),
+                },
+            ),
+        },
         "/api/v1/tasks/{task_id}/priority": {
             "parameters": [_TASK_ID],
             "post": _op(

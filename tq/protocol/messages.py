@@ -71,7 +71,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP)},
     "query": {
         "q": req(STR),
-        "task": opt(STR),  # get: required (checked by the handler)
+        "task": opt(STR),  # get, explain: required (checked by the handler)
         "state": opt(STR),
         "type": opt(STR),
         "queue": opt(STR),

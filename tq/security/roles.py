@@ -39,6 +39,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "query:workers": _READ,
     "query:depth": _READ,  # operator surface
     "query:health": _READ,
+    "query:explain": _READ,  # why a task is not running (tq/broker/explain.py)
     "wait": _READ,
     "subscribe": _READ,  # live events (tq/broker/events.py)
     "unsubscribe": _READ,

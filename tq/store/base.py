@@ -160,6 +160,11 @@ class Store(Protocol):
         """Unfinished tasks by queue, priority and state; cost grows with the backlog only."""
         ...
 
+    async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
+        """For a pending task: (pending tasks of higher priority, older pending tasks of its
+        priority) in its queue, each counted up to ``limit``; None if it is not pending."""
+        ...
+
     async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
         """Delete up to ``limit`` finished tasks (``states`` must be terminal) that
         finished more than ``older_than`` seconds before ``now``, oldest first; how many.

@@ -222,3 +222,30 @@ def list_audit(conn: psycopg.Connection[Any], limit: int, before: int | None) ->
     else:
         found = rows(conn, LIST_AUDIT_BEFORE, (before, limit))
     return [_row_to_entry(row) for row in found]
+
+
+# -- explain: how many pending tasks of its queue a claim takes first ------------------
+
+_PLACE = "SELECT queue, priority, seq, state FROM tasks WHERE id = %s"
+_AHEAD_HIGHER = (
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending' AND queue = %s "
+    "AND priority > %s LIMIT %s) AS ahead"
+)
+_AHEAD_OLDER = (
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending' AND queue = %s "
+    "AND priority = %s AND seq < %s LIMIT %s) AS ahead"
+)
+
+
+def ahead(conn: psycopg.Connection[Any], task_id: str, limit: int) -> tuple[int, int] | None:
+    """As ``tq.store.schema_ops.ahead``: two range reads of ``tasks_claim``."""
+    check_text(task_id, "task id")
+    found = rows(conn, _PLACE, (task_id,))
+    if not found:
+        raise NotFound(f"no task with id {task_id}")
+    queue, priority, seq, state = found[0]
+    if state != State.PENDING:
+        return None
+    higher = rows(conn, _AHEAD_HIGHER, (queue, priority, limit))[0][0]
+    older = rows(conn, _AHEAD_OLDER, (queue, priority, seq, limit))[0][0]
+    return int(higher), int(older)

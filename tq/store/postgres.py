@@ -383,6 +383,9 @@ class PostgresStore:
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         return await self._read(pg_ops.queue_depth)
 
+    async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
+        return await self._read(pg_ops.ahead, task_id, limit)
+
     async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
         checked = schema_ops.purge_states(states)
         _check_bulk(older_than, limit)

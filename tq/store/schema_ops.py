@@ -153,3 +153,35 @@ PROBE = "SELECT count(*) FROM sqlite_schema"
 
 def probe(conn: apsw.Connection) -> int:
     return int(_rows(conn, PROBE)[0][0])
+
+
+# -- explain: how many pending tasks of its queue a claim takes first ------------------
+
+AHEAD_LIMIT = 10_000  # counted up to this; more is reported as "at least"
+_PLACE = "SELECT queue, priority, seq, state FROM tasks WHERE id = ?"
+_AHEAD_HIGHER = (
+    "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_claim "
+    "WHERE state = 'pending' AND queue = ? AND priority > ? LIMIT ?)"
+)
+_AHEAD_OLDER = (
+    "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_claim "
+    "WHERE state = 'pending' AND queue = ? AND priority = ? AND seq < ? LIMIT ?)"
+)
+
+
+def ahead(conn: apsw.Connection, task_id: str, limit: int = AHEAD_LIMIT) -> tuple[int, int] | None:
+    """For a pending task: (tasks of higher priority, older tasks of its priority) in its
+    queue that a claim takes before it, each counted up to ``limit`` (two range reads
+    of ``tasks_claim``: the cost is the count, never the backlog). None if the task is
+    not pending; NotFound if there is no such task."""
+    from tq.core.errors import NotFound
+
+    found = _rows(conn, _PLACE, (task_id,))
+    if not found:
+        raise NotFound(f"no task with id {task_id}")
+    queue, priority, seq, state = found[0]
+    if state != State.PENDING:
+        return None
+    higher = _rows(conn, _AHEAD_HIGHER, (queue, priority, limit))[0][0]
+    older = _rows(conn, _AHEAD_OLDER, (queue, priority, seq, limit))[0][0]
+    return int(higher), int(older)

@@ -352,6 +352,9 @@ class SQLiteStore:
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         return await self._read(schema_ops.queue_depth)
 
+    async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
+        return await self._read(schema_ops.ahead, task_id, limit)
+
     async def purge(self, states: Sequence[str], older_than: float, now: float, limit: int) -> int:
         checked = schema_ops.purge_states(states)
         _check_bulk(older_than, limit)
