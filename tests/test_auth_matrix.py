@@ -103,6 +103,20 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
     ("retry", lambda fx: _with_task(fx, "retry", "cancel"), "client", "producer", "admin"),
     ("retry_many", const({"t": "retry_many", "state": "dead"}), "client", "producer", "admin"),
     (
+        "queue:pause",
+        const({"t": "queue", "op": "pause", "queue": "matrix"}),
+        "client",
+        "producer",
+        "admin",
+    ),
+    (
+        "queue:resume",
+        const({"t": "queue", "op": "resume", "queue": "matrix"}),
+        "client",
+        "producer",
+        "admin",
+    ),
+    (
         "purge",
         const({"t": "purge", "states": ["succeeded"], "older_than": 60, "dry_run": True}),
         "client",

@@ -160,6 +160,7 @@ async def test_health_ready_stats_workers_queues_cluster(tmp_path: Path) -> None
                         {"priority": 100, "state": "pending", "count": 1},
                         {"priority": 100, "state": "running", "count": 2},
                     ],
+                    "paused": False,
                 }
             ]
             stats = (await http.get(f"{API}/stats")).json()

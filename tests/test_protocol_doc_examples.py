@@ -139,6 +139,7 @@ PREPARE: dict[str, Prepare] = {
     "keys": _as_is,
     "audit": _as_is,
     "set_priority": _on_fresh,
+    "queue": _as_is,
     "subscribe": _as_is,
 }
 WORKER_REQUESTS = {"claim", "result", "heartbeat"}
@@ -268,7 +269,8 @@ def test_role_table_is_the_role_table() -> None:
             seen.add(action)
             for role, mark in zip(roles, row[1:], strict=True):
                 assert allowed(role, action) == (mark == "✓"), f"{action} for {role}"
-    assert seen == set(ALLOWED) - {"keys:create", "keys:list", "keys:revoke"} | {"keys"}
+    per_op = {"keys:create", "keys:list", "keys:revoke", "queue:pause", "queue:resume"}
+    assert seen == set(ALLOWED) - per_op | {"keys", "queue"}
 
 
 # -- maps described in prose: their keys ---------------------------------------------------

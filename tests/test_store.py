@@ -861,6 +861,20 @@ async def test_ahead_counts_what_a_claim_takes_first_in_the_queue(store: Any) ->
         await store.ahead("no-such-task", 10)
 
 
+async def test_pausing_a_queue_is_stored_and_says_whether_it_changed(store: Any) -> None:
+    assert await store.paused_queues() == {}
+    assert await store.set_paused("mail", True, NOW) is True
+    assert await store.set_paused("mail", True, NOW + 5) is False  # already: keeps its time
+    assert await store.set_paused("other", False, NOW) is False  # never paused
+    assert await store.set_paused("zzz", True, NOW + 1) is True
+    assert await store.paused_queues() == {"mail": NOW, "zzz": NOW + 1}
+    assert await store.set_paused("mail", False, NOW + 2) is True
+    assert await store.set_paused("mail", False, NOW + 3) is False
+    assert await store.paused_queues() == {"zzz": NOW + 1}
+    assert await store.set_paused("mail", True, NOW + 4) is True  # paused again: new time
+    assert (await store.paused_queues())["mail"] == NOW + 4
+
+
 async def test_purge_deletes_old_finished_tasks_in_chunks(store: Any) -> None:
     old = [await finish(store, "ok", NOW + i) for i in range(5)]
     dead = await finish(store, "reject", NOW + 5)

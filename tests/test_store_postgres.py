@@ -295,6 +295,7 @@ async def test_migrate_copies_sqlite_to_postgresql_and_verifies(
             "0123456789ab", "ci", "producer", ("a",), NOW, None, None, "scrypt", b"s", b"h"
         )
         await store.create_key(key)
+        await store.set_paused("held", True, NOW)
         expected = await store.list(ListFilter(limit=1000))
         expected_counts = (await store.stats()).counts
     result = await trio.to_thread.run_sync(copy_store, f"sqlite://{source}", pg_url)
@@ -306,6 +307,7 @@ async def test_migrate_copies_sqlite_to_postgresql_and_verifies(
         [audit] = await pg.list_audit()
         assert (audit.action, audit.target, audit.detail) == ("key.create", "k1", {"n": 1})
         assert await pg.list_keys() == [key]
+        assert await pg.paused_queues() == {"held": NOW}  # queue settings came along
         [again] = await pg.submit([TaskSpec(type="k", idempotency_key="once")], NOW)
         assert not again.created  # idempotency keys came along
         new = await pg.submit([TaskSpec(type="t")], NOW + 1)
@@ -321,6 +323,7 @@ async def test_migrate_copies_sqlite_to_postgresql_and_verifies(
         assert await store.list(ListFilter(limit=1000)) == copied
         assert (await store.stats()).counts == (await _stats_of(pg_url)).counts
         assert len(await store.list_keys()) == 1
+        assert await store.paused_queues() == {"held": NOW}
 
 
 async def _stats_of(url: str) -> Any:

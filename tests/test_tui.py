@@ -936,6 +936,25 @@ def test_many_queues_fit_at_80x24_those_in_trouble_first() -> None:
     assert lines == expected, text[0]
 
 
+def test_a_paused_queue_is_marked_on_the_dashboard() -> None:
+    text: list[str] = []
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(100, 30)) as pilot:
+            fill(app)
+            queues = {"held": {"pending": 4}, "busy": {"pending": 1}}
+            app.state.apply_stats({**app.state.stats, "queues": queues, "paused": ["held"]}, NOW)
+            app.redraw()
+            await pilot.pause()
+            text.append(screen_text(app))
+
+    run(scenario)
+    rows = {line.split()[0]: line for line in text[0].splitlines() if line.split()}
+    assert "held paused" in rows["held"], text[0]
+    assert "paused" not in rows["busy"], text[0]
+
+
 # -- attempts and why a task is dead ------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ code                when
 ``scheduled``       waits until ``due`` (a delayed task)
 ``retry_due``       attempt ``attempts`` failed; pending again at ``due``
 ``blocked``         waits for other tasks to finish first
+``paused``          its queue is paused (``queue``, ``since``): nothing in it
+                    is handed out until it is resumed
 ``no_worker``       no connected worker takes its queue
 ``no_handler``      workers take its queue, none handles its type
 ``workers_busy``    every worker that could run it is running as many tasks
@@ -69,10 +71,22 @@ def explain(
     workers: Sequence[WorkerInfo],
     now: float,
     lease_ttl: float,
+    paused_at: float | None = None,
 ) -> dict[str, Any]:
-    """The answer of ``query explain``: ``{"task", "state", "reasons": [...]}``."""
+    """The answer of ``query explain``: ``{"task", "state", "reasons": [...]}``;
+    ``paused_at``: when the task's queue was paused (None: it is not)."""
     reasons: list[dict[str, Any]] = []
     state = str(task.state)
+    if paused_at is not None and state in ("pending", "scheduled", "failed", "blocked"):
+        reasons.append(
+            {
+                "code": "paused",
+                "message": f"queue {task.queue!r} is paused (since {_when(paused_at, now)}): "
+                f"nothing in it is handed out until `tq queue resume {task.queue}`",
+                "queue": task.queue,
+                "since": paused_at,
+            }
+        )
     if state in ("succeeded", "dead", "cancelled"):
         verb = "ended " if state != "succeeded" else ""
         ended = f"it {verb}{state} {_when(task.finished_at, now)}"

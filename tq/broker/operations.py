@@ -18,7 +18,7 @@ Health has two levels, for two audiences:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +76,32 @@ class OperatorOps:
     activity: Activity
     events: EventBus
     notify_work: Callable[[], None]
+    paused: Callable[[], Awaitable[dict[str, float]]]
+    forget_paused: Callable[[], None]
     fire: Callable[[Sequence[str]], None]
     _store_depth: Coalesced[list[QueueDepth]]
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
     addresses: Mapping[str, str | None] = MappingProxyType({})
+
+    async def pause_queue(
+        self, queue: object, paused: bool, principal: Principal | None = None
+    ) -> dict[str, Any]:
+        """Pause (``paused``) or resume a queue, durably and for every broker on the store:
+        a paused queue accepts submits and hands nothing out. Audited when it changed."""
+        from tq.broker.auth import actor_of
+        from tq.core.task import _name
+
+        name = _name({"queue": queue}, "queue", None)
+        if principal is not None:
+            principal.check_queue(name)
+        changed = await self.store.set_paused(name, paused, self.clock())
+        self.forget_paused()
+        if changed:
+            if not paused:
+                self.notify_work()  # claims waiting on other queues look again
+            action = "queue.pause" if paused else "queue.resume"
+            await self.auth.record(actor_of(principal), action, name, {})
+        return {"queue": name, "paused": paused, "changed": changed}
 
     async def explain(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
         """Why the task is not running right now (tq/broker/explain.py): its reasons."""
@@ -92,7 +114,10 @@ class OperatorOps:
         if task.state == "pending":
             ahead = await self.store.ahead(task_id, EXPLAIN_AHEAD_LIMIT)
         now = self.clock()
-        return explain(task, ahead, EXPLAIN_AHEAD_LIMIT, self.workers.all(), now, self.lease_ttl)
+        paused = (await self.paused()).get(task.queue)
+        return explain(
+            task, ahead, EXPLAIN_AHEAD_LIMIT, self.workers.all(), now, self.lease_ttl, paused
+        )
 
     async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
         """Unfinished tasks per queue: totals per state and rows per priority and state."""
@@ -109,8 +134,13 @@ class OperatorOps:
             entry["priorities"].append(
                 {"priority": row.priority, "state": row.state, "count": row.count}
             )
+        for name in await self.paused():  # a paused queue is shown, even when empty
+            if visible is None or visible(name):
+                queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
+        paused = await self.paused()
         for entry in queues.values():
             entry["priorities"].sort(key=lambda p: (-p["priority"], p["state"]))
+            entry["paused"] = entry["queue"] in paused
         return {"queues": [queues[name] for name in sorted(queues)]}
 
     async def purge(

@@ -201,6 +201,7 @@ class Session:
             "retry": self._retry,
             "wait": self._wait,
             "set_priority": self._set_priority,
+            "queue": self._queue,
             "keys": self._keys,
             "audit": self._audit,
             "purge": self._purge,
@@ -541,6 +542,12 @@ class Session:
             self._heavy.release()
             raise
         return {"task": task.to_dict(), "timed_out": timed_out, HOLDS_HEAVY: True}
+
+    async def _queue(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg["op"]
+        if op not in ("pause", "resume"):
+            raise InvalidRequest(f"unknown queue op {op!r}; known: pause, resume")
+        return await self.service.pause_queue(msg["queue"], op == "pause", self.principal)
 
     async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)

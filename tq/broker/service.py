@@ -12,6 +12,7 @@ waiters wake ``wait`` calls when a task changes state.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
 MAX_CLAIM = 1000
+PAUSED_REFRESH = 1.0  # seconds a broker trusts its copy of the paused queues
 LARGE_FRAMES_BYTES = 8 * 1024 * 1024  # see BrokerService.large_frames
 # what one worker registers (its hello): what a `workers` answer lists of it stays small
 MAX_WORKER_QUEUES = 256
@@ -284,6 +286,9 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         self.large_frames = ByteBudget(LARGE_FRAMES_BYTES)
         self._store_stats = Coalesced(store.stats)
         self._store_depth = Coalesced(store.queue_depth)
+        self._store_paused = Coalesced(store.paused_queues)
+        self._paused: dict[str, float] = {}
+        self._paused_until = -math.inf  # trio time when the paused queues are read again
         self._waiters: dict[str, _Waiter] = {}
         self.counters: dict[str, int] = {
             "submitted": 0,
@@ -294,6 +299,19 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             "refused_results": 0,
         }
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
+
+    async def paused(self) -> dict[str, float]:
+        """Paused queues (name -> since), read from the store at most every
+        ``PAUSED_REFRESH`` seconds (at once after a pause or resume through this broker):
+        another broker on the same store may pause a queue too."""
+        now = trio.current_time()
+        if now >= self._paused_until:
+            self._paused = await self._store_paused.get()
+            self._paused_until = now + PAUSED_REFRESH
+        return self._paused
+
+    def forget_paused(self) -> None:
+        self._paused_until = -math.inf
 
     # -- notifications -------------------------------------------------
     def notify_work(self) -> None:
@@ -436,17 +454,26 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         deadline = trio.current_time() + wait
         while not self.closing:
             work = self._work  # taken before the query: no lost wake-up
-            # never cancelled mid-write: a claim that committed must reach the worker
-            leases = await self.store.claim(
-                worker_id, queues, type_list, n, self.clock(), self.lease_ttl
-            )
+            paused = await self.paused()
+            open_queues = [q for q in queues if q not in paused] if paused else queues
+            leases = []
+            if open_queues:
+                # never cancelled mid-write: a claim that committed must reach the worker
+                leases = await self.store.claim(
+                    worker_id, open_queues, type_list, n, self.clock(), self.lease_ttl
+                )
             if leases:
                 self.workers.seen(worker_id, self.clock())
                 self.events.claimed(leases)
                 return [lease.to_dict() for lease in leases]
-            if trio.current_time() >= deadline:
+            now = trio.current_time()
+            if now >= deadline:
                 break
-            with trio.move_on_at(deadline):
+            # a queue paused through another broker is resumed there: look again now and then
+            again = (
+                min(deadline, now + PAUSED_REFRESH) if len(open_queues) < len(queues) else deadline
+            )
+            with trio.move_on_at(again):
                 await work.wait()
         return []
 
@@ -648,6 +675,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             "version": __version__,
             "uptime": now - self.started_at,
             "queues": counts,
+            "paused": sorted(q for q in await self.paused() if may_use is None or may_use(q)),
             "store": store,
             "workers": len(self.workers.visible(may_use)),
             "counters": counters,

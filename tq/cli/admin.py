@@ -76,6 +76,7 @@ def _depth_table(data: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    paused = {q["queue"] for q in data["queues"] if q.get("paused")}
     rows = [(q["queue"], p) for q in data["queues"] for p in q["priorities"]]
     widest = max((p["count"] for _, p in rows), default=0)
     table = Table(title=f"queue depth at {fmt_time(time.time())}")
@@ -87,8 +88,11 @@ def _depth_table(data: dict[str, Any]) -> Any:
     for queue, p in rows:
         width = 0 if not widest else max(1, round(40 * p["count"] / widest))
         bar = Text("█" * width, style=colours.get(p["state"], "magenta"))
-        table.add_row(cell(queue), str(p["priority"]), cell(p["state"]), str(p["count"]), bar)
-    if not rows:
+        name = cell(f"{queue} (paused)" if queue in paused else queue)
+        table.add_row(name, str(p["priority"]), cell(p["state"]), str(p["count"]), bar)
+    for queue in sorted(paused - {queue for queue, _ in rows}):
+        table.add_row(cell(f"{queue} (paused)"), "", "", "0", "")
+    if not rows and not paused:
         table.add_row("(no unfinished tasks)", "", "", "", "")
     return table
 

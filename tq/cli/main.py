@@ -14,6 +14,7 @@ from tq.cli import (
     bulk,
     migrate,
     ops,
+    queues,
     security,
     services,
     tasks,
@@ -63,6 +64,7 @@ app.command(rich_help_panel="Operations")(ops.backup)
 app.command(rich_help_panel="Operations")(ops.doctor)
 app.command(rich_help_panel="Operations")(migrate.migrate)  # copy a store (tq.store.transfer)
 security.register(app)  # keys, ca, token, audit
+queues.register(app)  # queue pause, resume, list
 
 
 @app.command(rich_help_panel="Operations")

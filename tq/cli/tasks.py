@@ -409,11 +409,13 @@ def stats(
             t.add_column(s, justify="right")
         t.add_column("done/min", justify="right")
         t.add_column("fail %", justify="right")
+        paused = set(data.get("paused") or ())
         for queue, counts in sorted(data["queues"].items()):
             row = (recent.get("queues") or {}).get(queue) or {}
             done = row.get("succeeded", 0) + row.get("failed", 0)
             rate = f"{100 * row.get('failed', 0) / done:.1f}" if done else ""
-            t.add_row(cell(queue), *(str(counts.get(s, 0)) for s in states), str(done), rate)
+            name = cell(f"{queue} (paused)" if queue in paused else queue)
+            t.add_row(name, *(str(counts.get(s, 0)) for s in states), str(done), rate)
         return t
 
     def body() -> None:

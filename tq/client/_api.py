@@ -195,6 +195,11 @@ def set_priority(task_id: str, priority: int | str) -> Call[Task]:
     return Call({"t": "set_priority", "task": task_id, "priority": priority}, _task)
 
 
+def pause_queue(queue: str, paused: bool = True) -> Call[dict[str, Any]]:
+    message = {"t": "queue", "op": "pause" if paused else "resume", "queue": queue}
+    return Call(message, lambda r: {k: r[k] for k in ("queue", "paused", "changed")})
+
+
 # -- live events (docs/PROTOCOL.md: subscribe, event) ---------------------------------
 
 TOPICS = ("tasks", "workers", "counts")

@@ -267,6 +267,14 @@ class Client:
     async def queue_depth(self) -> dict[str, Any]:
         return await self._call(api.queue_depth())
 
+    async def pause_queue(self, queue: str) -> dict[str, Any]:
+        """Pause a queue (admin): it accepts submits, hands nothing out. ``changed``
+        False: it was paused already."""
+        return await self._call(api.pause_queue(queue, True))
+
+    async def resume_queue(self, queue: str) -> dict[str, Any]:
+        return await self._call(api.pause_queue(queue, False))
+
     async def cluster_status(self) -> dict[str, Any]:
         return await self._call(api.cluster_status())
 

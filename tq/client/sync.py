@@ -206,6 +206,14 @@ class BlockingClient:
     def queue_depth(self) -> dict[str, Any]:
         return self._call(api.queue_depth())
 
+    def pause_queue(self, queue: str) -> dict[str, Any]:
+        """Pause a queue (admin): it accepts submits, hands nothing out. ``changed``
+        False: it was paused already."""
+        return self._call(api.pause_queue(queue, True))
+
+    def resume_queue(self, queue: str) -> dict[str, Any]:
+        return self._call(api.pause_queue(queue, False))
+
     def cluster_status(self) -> dict[str, Any]:
         return self._call(api.cluster_status())
 

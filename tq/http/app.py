@@ -14,6 +14,7 @@
     POST   /api/v1/purge                delete finished tasks (states, older_than, limit)
     POST   /api/v1/retry-many           failed/dead/cancelled tasks back to pending
     GET    /api/v1/stats | workers | queues | cluster
+    POST   /api/v1/queues/{queue}/pause | resume   stop or restart handing a queue out
     GET    /api/v1/keys | audit         API keys, the audit log (admin)
     GET    /api/v1/events               live events as server-sent events (web.py)
     GET    /  and  /ui/...              the web dashboard (web.py)
@@ -317,6 +318,17 @@ async def queues(request: Request) -> Response:
     return _json(await _service(request).queue_depth(principal))
 
 
+async def pause_queue(request: Request) -> Response:
+    principal = await authenticate(request, "queue:pause")
+    return _json(await _service(request).pause_queue(request.path_params["queue"], True, principal))
+
+
+async def resume_queue(request: Request) -> Response:
+    principal = await authenticate(request, "queue:resume")
+    answer = await _service(request).pause_queue(request.path_params["queue"], False, principal)
+    return _json(answer)
+
+
 async def cluster(request: Request) -> Response:
     principal = await authenticate(request, "query:health")
     return _json(await _service(request).cluster_status(principal))
@@ -403,6 +415,8 @@ def build_app(service: BrokerService) -> Starlette:
         Route(f"{API}/stats", stats, methods=["GET"]),
         Route(f"{API}/workers", workers, methods=["GET"]),
         Route(f"{API}/queues", queues, methods=["GET"]),
+        Route(f"{API}/queues/{{queue}}/pause", pause_queue, methods=["POST"]),
+        Route(f"{API}/queues/{{queue}}/resume", resume_queue, methods=["POST"]),
         Route(f"{API}/cluster", cluster, methods=["GET"]),
         Route(f"{API}/keys", keys, methods=["GET"]),
         Route(f"{API}/audit", audit, methods=["GET"]),

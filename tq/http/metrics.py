@@ -12,6 +12,7 @@ counts the history.
 
     tq_tasks_{submitted,succeeded,failed,retried,dead}_total{queue,type}
     tq_queue_depth{queue,state}       unfinished tasks (pending, running, failed, ...)
+    tq_queue_paused{queue}            1 for a paused queue (paused queues only)
     tq_tasks_running                  tasks leased to workers now
     tq_workers_connected / tq_workers_known
     tq_lease_expiries_total, tq_refused_results_total
@@ -71,6 +72,7 @@ class _Snapshot:
     run_time: list[tuple[str, str, Histogram]] = field(default_factory=list)
     submit_latency: Histogram = field(default_factory=lambda: Histogram(()))
     depth: list[tuple[str, str, int]] = field(default_factory=list)  # queue, state, n
+    paused: list[str] = field(default_factory=list)
     workers_connected: int = 0
     workers_known: int = 0
     lease_expiries: int = 0
@@ -97,6 +99,7 @@ def take_snapshot(
         return visible is None or (queue != OTHER and visible(queue))
 
     folded: dict[tuple[str, str], int] = {}
+    paused = sorted({labels.queue(e["queue"]) for e in gauges["queues"] if e.get("paused")})
     for entry in sorted(gauges["queues"], key=lambda e: str(e["queue"])):
         queue = labels.queue(entry["queue"])
         for state, n in entry["states"].items():
@@ -107,6 +110,7 @@ def take_snapshot(
         run_time=[(q, t, _copy(h)) for (q, t), h in activity.run_time.items() if show(q)],
         submit_latency=_copy(activity.submit_latency),
         depth=[(q, state, n) for (q, state), n in folded.items()],
+        paused=paused,
         workers_connected=sum(1 for w in known if w.connections > 0),
         workers_known=len(known),
         lease_expiries=service.counters.get("lease_expired", 0),
@@ -142,6 +146,12 @@ class _TQCollector(Collector):
             depth.add_metric([queue, state], n)
             running += n if state == "running" else 0
         yield depth
+        paused = GaugeMetricFamily(
+            "tq_queue_paused", "1 for a paused queue: it hands nothing out.", labels=["queue"]
+        )
+        for queue in snap.paused:
+            paused.add_metric([queue], 1)
+        yield paused
         yield GaugeMetricFamily("tq_tasks_running", "Tasks leased to workers now.", value=running)
         yield GaugeMetricFamily(
             "tq_workers_connected", "Workers with an open connection.", value=snap.workers_connected

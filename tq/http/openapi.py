@@ -78,6 +78,14 @@ _TASK_ID = {
     "schema": {"type": "string"},
 }
 
+_QUEUE = {
+    "name": "queue",
+    "in": "path",
+    "required": True,
+    "description": "A queue name (no spaces or commas, at most 200 characters).",
+    "schema": {"type": "string"},
+}
+
 SCHEMAS: dict[str, Any] = {
     "TaskSpec": {
         "type": "object",
@@ -199,6 +207,11 @@ SCHEMAS: dict[str, Any] = {
                     "type": "object",
                     "additionalProperties": {"type": "integer", "minimum": 0},
                 },
+            },
+            "paused": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "paused queues, sorted",
             },
             "store": {
                 "type": ["object", "null"],
@@ -328,9 +341,10 @@ SCHEMAS: dict[str, Any] = {
     },
     "QueueDepth": {
         "type": "object",
-        "required": ["queue", "total", "states", "priorities"],
+        "required": ["queue", "total", "states", "priorities", "paused"],
         "properties": {
             "queue": {"type": "string"},
+            "paused": {"type": "boolean", "description": "hands nothing out until resumed"},
             "total": {"type": "integer", "minimum": 0},
             "states": {"type": "object", "additionalProperties": {"type": "integer"}},
             "priorities": {
@@ -345,6 +359,15 @@ SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
+        },
+    },
+    "QueueSwitch": {
+        "type": "object",
+        "required": ["queue", "paused", "changed"],
+        "properties": {
+            "queue": {"type": "string"},
+            "paused": {"type": "boolean"},
+            "changed": {"type": "boolean", "description": "false: it already was"},
         },
     },
     "ClusterStatus": {
@@ -796,6 +819,27 @@ def _paths() -> dict[str, Any]:
                     **_problems(*_AUTH, 503),
                 },
             )
+        },
+        "/api/v1/queues/{queue}/pause": {
+            "parameters": [_QUEUE],
+            "post": _op(
+                "Pause a queue (admin): it accepts submits and hands nothing out, on every "
+                "broker of the store, until resumed; stored, so it survives restarts.",
+                {
+                    "200": _json(_ref("QueueSwitch"), "The queue's state."),
+                    **_problems(400, *_AUTH, 503),
+                },
+            ),
+        },
+        "/api/v1/queues/{queue}/resume": {
+            "parameters": [_QUEUE],
+            "post": _op(
+                "Resume a paused queue (admin): its tasks are handed out again.",
+                {
+                    "200": _json(_ref("QueueSwitch"), "The queue's state."),
+                    **_problems(400, *_AUTH, 503),
+                },
+            ),
         },
         "/api/v1/cluster": {
             "get": _op(

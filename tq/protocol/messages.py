@@ -99,6 +99,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     },
     "audit": {"limit": opt(INT), "before": opt(INT)},
     "set_priority": {"task": req(STR), "priority": req((int, str))},
+    "queue": {"op": req(STR), "queue": req(STR)},  # pause / resume
     "subscribe": {"topics": req(ARRAY)},  # live events on this connection (tq/broker/events.py)
     "unsubscribe": {},
     "ack": {},

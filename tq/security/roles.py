@@ -47,6 +47,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "set_priority": frozenset({"admin", "producer"}),
     "retry": _ADMIN,
     "retry_many": _ADMIN,  # operator bulk actions
+    "queue:pause": _ADMIN,  # a paused queue hands nothing out
+    "queue:resume": _ADMIN,
     "purge": _ADMIN,
     "keys:create": _ADMIN,
     "keys:list": _ADMIN,
@@ -64,8 +66,8 @@ def action_of(msg: Mapping[str, Any]) -> str:
     kind = str(msg.get("t"))
     if kind == "query":
         return f"query:{msg.get('q')}"
-    if kind == "keys":
-        return f"keys:{msg.get('op')}"
+    if kind in ("keys", "queue"):
+        return f"{kind}:{msg.get('op')}"
     if kind == "hello":
         return "hello:worker" if msg.get("kind") == "worker" else "hello"
     return kind

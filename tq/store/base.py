@@ -160,6 +160,14 @@ class Store(Protocol):
         """Unfinished tasks by queue, priority and state; cost grows with the backlog only."""
         ...
 
+    async def set_paused(self, queue: str, paused: bool, now: float) -> bool:
+        """Pause (or resume) a queue, durably; True if that changed it."""
+        ...
+
+    async def paused_queues(self) -> dict[str, float]:
+        """Paused queue -> when it was paused (Unix time)."""
+        ...
+
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
         """For a pending task: (pending tasks of higher priority, older pending tasks of its
         priority) in its queue, each counted up to ``limit``; None if it is not pending."""

@@ -249,3 +249,25 @@ def ahead(conn: psycopg.Connection[Any], task_id: str, limit: int) -> tuple[int,
     higher = rows(conn, _AHEAD_HIGHER, (queue, priority, limit))[0][0]
     older = rows(conn, _AHEAD_OLDER, (queue, priority, seq, limit))[0][0]
     return int(higher), int(older)
+
+
+# -- queue settings: pause and resume ---------------------------------------------------
+
+_PAUSE = (
+    "INSERT INTO queues (name, paused_at) VALUES (%s, %s) "
+    "ON CONFLICT (name) DO UPDATE SET paused_at = excluded.paused_at "
+    "WHERE queues.paused_at IS NULL"
+)
+_RESUME = "UPDATE queues SET paused_at = NULL WHERE name = %s AND paused_at IS NOT NULL"
+_PAUSED = "SELECT name, paused_at FROM queues WHERE paused_at IS NOT NULL ORDER BY name"
+
+
+def set_paused(conn: psycopg.Connection[Any], queue: str, paused: bool, now: float) -> bool:
+    """As ``tq.store.schema_ops.set_paused``."""
+    check_text(queue, "queue")
+    statement, params = (_PAUSE, (queue, now)) if paused else (_RESUME, (queue,))
+    return conn.execute(statement, params).rowcount > 0
+
+
+def paused_queues(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    return {name: float(at) for name, at in rows(conn, _PAUSED)}

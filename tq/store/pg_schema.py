@@ -166,6 +166,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER tasks_finished_delete AFTER DELETE ON tasks FOR EACH ROW
         WHEN ({_OLD_FINISHED}) EXECUTE FUNCTION tq_count_finished();
     """,
+    # 2: queue settings: a paused queue accepts submits and hands nothing out.
+    """
+    CREATE TABLE queues (
+        name      text PRIMARY KEY,
+        paused_at double precision
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

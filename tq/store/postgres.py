@@ -383,6 +383,12 @@ class PostgresStore:
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         return await self._read(pg_ops.queue_depth)
 
+    async def set_paused(self, queue: str, paused: bool, now: float) -> bool:
+        return await self._write(pg_ops.set_paused, queue, paused, now)
+
+    async def paused_queues(self) -> dict[str, float]:
+        return await self._read(pg_ops.paused_queues)
+
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
         return await self._read(pg_ops.ahead, task_id, limit)
 

@@ -151,6 +151,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN trace TEXT;
     """,
+    # 5: queue settings: a paused queue accepts submits and hands nothing out.
+    """
+    CREATE TABLE queues (
+        name      TEXT PRIMARY KEY,
+        paused_at REAL
+    ) STRICT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

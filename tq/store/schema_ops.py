@@ -185,3 +185,28 @@ def ahead(conn: apsw.Connection, task_id: str, limit: int = AHEAD_LIMIT) -> tupl
     higher = _rows(conn, _AHEAD_HIGHER, (queue, priority, limit))[0][0]
     older = _rows(conn, _AHEAD_OLDER, (queue, priority, seq, limit))[0][0]
     return int(higher), int(older)
+
+
+# -- queue settings: pause and resume ---------------------------------------------------
+
+_PAUSE = (
+    "INSERT INTO queues (name, paused_at) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET paused_at = excluded.paused_at "
+    "WHERE queues.paused_at IS NULL"
+)
+_RESUME = "UPDATE queues SET paused_at = NULL WHERE name = ? AND paused_at IS NOT NULL"
+_PAUSED = "SELECT name, paused_at FROM queues WHERE paused_at IS NOT NULL ORDER BY name"
+
+
+def set_paused(conn: apsw.Connection, queue: str, paused: bool, now: float) -> bool:
+    """Pause (or resume) ``queue``; True if that changed it (False: it already was)."""
+    if paused:
+        conn.execute(_PAUSE, (queue, now)).fetchall()
+    else:
+        conn.execute(_RESUME, (queue,)).fetchall()
+    return bool(conn.changes())
+
+
+def paused_queues(conn: apsw.Connection) -> dict[str, float]:
+    """Paused queue -> when it was paused."""
+    return {name: float(at) for name, at in _rows(conn, _PAUSED)}

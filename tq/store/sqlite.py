@@ -352,6 +352,12 @@ class SQLiteStore:
     async def queue_depth(self) -> builtins.list[QueueDepth]:
         return await self._read(schema_ops.queue_depth)
 
+    async def set_paused(self, queue: str, paused: bool, now: float) -> bool:
+        return await self._write(schema_ops.set_paused, queue, paused, now)
+
+    async def paused_queues(self) -> dict[str, float]:
+        return await self._read(schema_ops.paused_queues)
+
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
         return await self._read(schema_ops.ahead, task_id, limit)
 

@@ -1,4 +1,5 @@
-"""Copy a whole store to another (``tq migrate``): tasks, API keys and the audit log.
+"""Copy a whole store to another (``tq migrate``): tasks, API keys, the audit log and
+queue settings (which queues are paused).
 
     result = copy_store("sqlite:///var/lib/tq/tq.db", "postgresql://tq@db/tq")
 
@@ -45,6 +46,7 @@ TABLES = (
     ("tasks", TASK_COLUMNS, "seq"),
     ("api_keys", KEY_COLUMNS, "id"),
     ("audit", AUDIT_COLUMNS, "seq"),
+    ("queues", "name, paused_at", "name"),  # paused queues stay paused
 )
 
 Progress = Callable[[str, int], None]  # (table, rows copied so far)

@@ -293,6 +293,10 @@ class ConsoleState:
         ]
         return max(0.0, now - min(found)) if found else None
 
+    def paused(self, queue: str) -> bool:
+        """The queue hands nothing out (``tq queue pause``), as of the last stats poll."""
+        return queue in (self.stats.get("paused") or ())
+
     def unserved(self, queue: str) -> str:
         """ "" when a connected worker takes ``queue`` (and its oldest pending task's type);
         else what is missing: "no worker" or "no worker for <type>"."""

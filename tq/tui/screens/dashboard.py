@@ -2,7 +2,8 @@
 
 Queues come by what needs attention (model.queue_names) under the ``(all)``
 row, so the ones in trouble are in sight at 80x24; *Wait* is the age of a
-queue's oldest pending task and ``⚠`` marks a queue no connected worker
+queue's oldest pending task, "paused" marks a paused queue (``tq queue
+pause``) and ``⚠`` marks a queue no connected worker
 takes (or whose oldest pending task's type none handles), spelled out in
 the panel's title.
 """
@@ -92,7 +93,9 @@ class DashboardScreen(ConsoleScreen):
         for queue in [*([ALL] if len(queues) > 1 else []), *queues]:
             counts = totals if queue == ALL else state.counts.get(queue, {})
             label = fmt.plain(fmt.one_line(queue, 20), style="bold" if queue == ALL else "")
-            if queue in unserved:
+            if queue != ALL and state.paused(queue):
+                label.append(" paused", style=f"bold {self.console.current_theme.warning}")
+            elif queue in unserved:
                 label.append(" ⚠", style=f"bold {self.console.current_theme.warning}")
             cells: list[Any] = [label]
             for s in STATES:
