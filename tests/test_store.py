@@ -36,6 +36,7 @@ from tq.core.errors import (
     Unavailable,
 )
 from tq.core.retry import RetryPolicy
+from tq.core.schedule import Schedule, check_schedule
 from tq.core.states import State
 from tq.core.task import MAX_PAYLOAD_BYTES, Lease, ListFilter, Outcome, TaskError, TaskSpec
 from tq.store import schema, sqlite
@@ -873,6 +874,87 @@ async def test_pausing_a_queue_is_stored_and_says_whether_it_changed(store: Any)
     assert await store.paused_queues() == {"zzz": NOW + 1}
     assert await store.set_paused("mail", True, NOW + 4) is True  # paused again: new time
     assert (await store.paused_queues())["mail"] == NOW + 4
+
+
+def _schedule(cron: str = "0 * * * *", missed: str = "skip", **task: Any) -> Schedule:
+    return check_schedule("hourly", cron, "UTC", {"type": "report", **task}, missed, NOW)
+
+
+async def test_a_schedule_fires_each_tick_once_with_its_task(store: Any) -> None:
+    stored, created = await store.put_schedule(_schedule(queue="reports", payload={"a": 1}))
+    assert created and stored.next_at == NOW + 3600 - NOW % 3600
+    assert await store.next_schedule_at() == stored.next_at
+    assert await store.fire_schedules(stored.next_at - 1) == []  # not due yet
+    [fired] = await store.fire_schedules(stored.next_at + 2)
+    assert (fired.schedule, fired.queue, fired.skipped) == ("hourly", "reports", 0)
+    [task_id] = fired.task_ids
+    task = await store.get(task_id)
+    assert (task.type, task.queue, task.payload, task.state) == (
+        "report",
+        "reports",
+        {"a": 1},
+        "pending",
+    )
+    assert task.idempotency_key == f"tq-schedule:hourly:{stored.next_at:.0f}"
+    assert await store.fire_schedules(stored.next_at + 3) == []  # the tick is spent
+    after = await store.get_schedule("hourly")
+    assert (after.next_at, after.last_task, after.fired) == (stored.next_at + 3600, task_id, 1)
+
+
+async def test_redeclaring_a_schedule_keeps_its_history_and_next_tick(store: Any) -> None:
+    first, _ = await store.put_schedule(_schedule())
+    await store.fire_schedules(first.next_at + 1)
+    again, created = await store.put_schedule(_schedule(payload="new"))
+    assert not created and again.task["payload"] == "new"
+    assert (again.fired, again.next_at) == (1, first.next_at + 3600)  # same cron: kept
+    changed, _ = await store.put_schedule(_schedule("30 * * * *"))
+    assert changed.next_at == NOW + 1800 - NOW % 3600 + (3600 if NOW % 3600 >= 1800 else 0)
+    assert changed.fired == 1
+    assert [s.name for s in await store.list_schedules()] == ["hourly"]
+    assert await store.remove_schedule("hourly") is True
+    assert await store.remove_schedule("hourly") is False
+    with pytest.raises(NotFound, match="no schedule named 'hourly'"):
+        await store.get_schedule("hourly")
+
+
+async def test_a_paused_schedule_does_not_fire_and_resumes_from_now(store: Any) -> None:
+    stored, _ = await store.put_schedule(_schedule())
+    paused, changed = await store.pause_schedule("hourly", True, NOW + 1)
+    assert changed and paused.paused_at == NOW + 1
+    assert (await store.pause_schedule("hourly", True, NOW + 2))[1] is False
+    assert await store.next_schedule_at() is None
+    assert await store.fire_schedules(stored.next_at + 7200) == []
+    resumed, changed = await store.pause_schedule("hourly", False, stored.next_at + 7200)
+    assert changed and resumed.paused_at is None
+    assert resumed.next_at == stored.next_at + 3 * 3600  # ticks while paused are not owed
+
+
+@pytest.mark.parametrize(
+    ("missed", "fired"),
+    [("skip", 0), ("once", 1), ("all", 5)],
+)
+async def test_missed_ticks_across_a_restart_follow_the_policy(
+    backend: str, tmp_path: Path, missed: str, fired: int
+) -> None:
+    async with open_backend(backend, tmp_path) as store:
+        stored, _ = await store.put_schedule(_schedule(missed=missed))
+    # the broker was down for five ticks; it comes back 30 minutes after the fifth
+    back = stored.next_at + 4 * 3600 + 1800
+    async with open_backend(backend, tmp_path) as store:
+        [result] = await store.fire_schedules(back)
+        assert len(result.task_ids) == fired
+        assert result.skipped == 5 - fired
+        assert (await store.get_schedule("hourly")).next_at == stored.next_at + 5 * 3600
+        assert await store.fire_schedules(back + 60) == []
+
+
+async def test_run_now_submits_once_and_keeps_the_next_tick(store: Any) -> None:
+    stored, _ = await store.put_schedule(_schedule())
+    ran, task_id = await store.run_schedule("hourly", NOW + 5)
+    assert (await store.get(task_id)).type == "report"
+    assert (ran.fired, ran.last_task, ran.next_at) == (1, task_id, stored.next_at)
+    with pytest.raises(NotFound):
+        await store.run_schedule("nope", NOW)
 
 
 async def test_purge_deletes_old_finished_tasks_in_chunks(store: Any) -> None:

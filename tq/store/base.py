@@ -19,10 +19,14 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
+
+if TYPE_CHECKING:
+    from tq.core.schedule import Schedule
+    from tq.store.schedule_sql import Fired
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,38 @@ class Store(Protocol):
 
     async def paused_queues(self) -> dict[str, float]:
         """Paused queue -> when it was paused (Unix time)."""
+        ...
+
+    # -- recurring schedules (tq.store.schedule_sql, tq.core.schedule) -------------
+    async def put_schedule(self, schedule: Schedule) -> tuple[Schedule, bool]:
+        """Add or redeclare by name (history kept; the next tick too unless the cron
+        expression or time zone changed); (stored schedule, created?)."""
+        ...
+
+    async def get_schedule(self, name: str) -> Schedule:
+        """NotFound if there is none by that name."""
+        ...
+
+    async def list_schedules(self) -> builtins.list[Schedule]:
+        """By name, at most schedule_sql.MAX_LISTED."""
+        ...
+
+    async def remove_schedule(self, name: str) -> bool: ...
+
+    async def pause_schedule(self, name: str, paused: bool, now: float) -> tuple[Schedule, bool]:
+        """Pause, or resume from the first tick after ``now``; (schedule, changed?)."""
+        ...
+
+    async def fire_schedules(self, now: float) -> builtins.list[Fired]:
+        """Fire due schedules: their tasks and next ticks committed together."""
+        ...
+
+    async def run_schedule(self, name: str, now: float) -> tuple[Schedule, str]:
+        """Submit the schedule's task once now; (schedule, task id)."""
+        ...
+
+    async def next_schedule_at(self) -> float | None:
+        """The earliest next tick of a schedule not paused."""
         ...
 
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:

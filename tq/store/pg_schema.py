@@ -166,12 +166,28 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER tasks_finished_delete AFTER DELETE ON tasks FOR EACH ROW
         WHEN ({_OLD_FINISHED}) EXECUTE FUNCTION tq_count_finished();
     """,
-    # 2: queue settings: a paused queue accepts submits and hands nothing out.
+    # 2: queue settings (a paused queue accepts submits and hands nothing out) and
+    # recurring schedules (tq.store.schedule_sql; due ones found through schedules_due).
     """
     CREATE TABLE queues (
         name      text PRIMARY KEY,
         paused_at double precision
     );
+    CREATE TABLE schedules (
+        name          text PRIMARY KEY,
+        cron          text NOT NULL,
+        timezone      text NOT NULL,
+        task          bytea NOT NULL,
+        missed        text NOT NULL,
+        next_at       double precision NOT NULL,
+        paused_at     double precision,
+        last_fired_at double precision,
+        last_task     text,
+        fired         bigint NOT NULL DEFAULT 0,
+        created_at    double precision NOT NULL,
+        updated_at    double precision NOT NULL
+    );
+    CREATE INDEX schedules_due ON schedules (next_at) WHERE paused_at IS NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -151,12 +151,28 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN trace TEXT;
     """,
-    # 5: queue settings: a paused queue accepts submits and hands nothing out.
+    # 5: queue settings (a paused queue accepts submits and hands nothing out) and
+    # recurring schedules (tq.store.schedule_sql; due ones found through schedules_due).
     """
     CREATE TABLE queues (
         name      TEXT PRIMARY KEY,
         paused_at REAL
     ) STRICT;
+    CREATE TABLE schedules (
+        name          TEXT PRIMARY KEY,
+        cron          TEXT NOT NULL,
+        timezone      TEXT NOT NULL,
+        task          BLOB NOT NULL,
+        missed        TEXT NOT NULL,
+        next_at       REAL NOT NULL,
+        paused_at     REAL,
+        last_fired_at REAL,
+        last_task     TEXT,
+        fired         INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX schedules_due ON schedules (next_at) WHERE paused_at IS NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
