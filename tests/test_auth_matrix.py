@@ -53,6 +53,18 @@ async def _with_task(fx: Fixture, t: str, then: str | None, **extra: Any) -> dic
     return {"t": t, "task": await fx.task(then), **extra}
 
 
+async def _with_schedule(fx: Fixture, op: str) -> dict[str, Any]:
+    """A ``schedule`` request on a schedule that exists (made, or made again, by admin)."""
+    name = f"matrix-{op}"
+    add = {"op": "add", "name": name, "cron": "0 0 * * *", "task": {"type": "echo"}}
+    await fx.admin({"t": "schedule", **add})
+    return {"t": "schedule", "op": op, "name": name}
+
+
+def _schedule_row(op: str, forbidden: str, allowed: str) -> tuple[str, Build, str, str, str]:
+    return (f"schedule:{op}", lambda fx: _with_schedule(fx, op), "client", forbidden, allowed)
+
+
 async def _revoke_target(fx: Fixture) -> dict[str, Any]:
     reply = await fx.admin({"t": "keys", "op": "create", "role": "reader", "name": "victim"})
     return {"t": "keys", "op": "revoke", "key_id": reply["info"]["id"]}
@@ -109,6 +121,27 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
         "producer",
         "admin",
     ),
+    ("schedule:list", const({"t": "schedule", "op": "list"}), "client", "worker", "reader"),
+    (
+        "schedule:add",
+        const(
+            {
+                "t": "schedule",
+                "op": "add",
+                "name": "matrix",
+                "cron": "0 0 * * *",
+                "task": {"type": "echo"},
+            }
+        ),
+        "client",
+        "producer",
+        "admin",
+    ),
+    _schedule_row("get", "worker", "reader"),
+    _schedule_row("pause", "producer", "admin"),
+    _schedule_row("resume", "producer", "admin"),
+    _schedule_row("run_now", "producer", "admin"),
+    _schedule_row("remove", "producer", "admin"),
     (
         "queue:resume",
         const({"t": "queue", "op": "resume", "queue": "matrix"}),

@@ -140,6 +140,7 @@ PREPARE: dict[str, Prepare] = {
     "audit": _as_is,
     "set_priority": _on_fresh,
     "queue": _as_is,
+    "schedule": _as_is,
     "subscribe": _as_is,
 }
 WORKER_REQUESTS = {"claim", "result", "heartbeat"}
@@ -255,8 +256,13 @@ def _actions(cell: str) -> list[str]:
     if cell.startswith('`hello` with `kind: "worker"`'):
         return ["hello:worker"]
     out = []
-    for name in ticked(cell):
-        out.append(f"query:{name}" if f"query:{name}" in ALLOWED else name)
+    for part in cell.split(";"):  # "`schedule` `list`, `get`": the ops of one request
+        names = ticked(part)
+        if names and names[0] == "schedule":
+            out += [f"schedule:{name}" for name in names[1:]]
+            continue
+        for name in names:
+            out.append(f"query:{name}" if f"query:{name}" in ALLOWED else name)
     return [a for a in out if a != "query"]
 
 

@@ -1,4 +1,4 @@
-"""The broker's timers: lease reaper and retry promoter.
+"""The broker's timers: lease reaper, retry promoter and scheduler.
 
 Each is a plain loop run in the broker's nursery; a store error is logged
 and the loop carries on at its next tick (the store may recover, e.g. once
@@ -42,3 +42,22 @@ async def promoter_loop(service: BrokerService, max_sleep: float = 1.0) -> None:
         delay = max_sleep if due is None else min(max_sleep, max(0.0, due - service.clock()))
         with trio.move_on_after(delay):
             await service.wait_due_changed()
+
+
+async def scheduler_loop(service: BrokerService) -> None:
+    """Fire recurring schedules when their ticks come (tq/broker/schedules.py): sleep until
+    the earliest next tick, at most SCHEDULER_MAX_SLEEP, or until a schedule changes."""
+    from tq.broker.schedules import SCHEDULER_MAX_SLEEP
+
+    while True:
+        try:
+            await service.fire_due()
+            due = await service.store.next_schedule_at()
+        except TQError as exc:
+            log.error("scheduler: %s", exc)
+            due = None
+        delay = SCHEDULER_MAX_SLEEP
+        if due is not None:
+            delay = min(delay, max(0.0, due - service.clock()))
+        with trio.move_on_after(delay):
+            await service.wait_schedules_changed()

@@ -43,7 +43,7 @@ import trio
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
-from tq.broker.loops import promoter_loop, reaper_loop
+from tq.broker.loops import promoter_loop, reaper_loop, scheduler_loop
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.config import Settings, parse_address
@@ -202,6 +202,7 @@ class Session:
             "wait": self._wait,
             "set_priority": self._set_priority,
             "queue": self._queue,
+            "schedule": self._schedule,
             "keys": self._keys,
             "audit": self._audit,
             "purge": self._purge,
@@ -549,6 +550,9 @@ class Session:
             raise InvalidRequest(f"unknown queue op {op!r}; known: pause, resume")
         return await self.service.pause_queue(msg["queue"], op == "pause", self.principal)
 
+    async def _schedule(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.schedule_request(msg, self.principal)
+
     async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)
 
@@ -680,6 +684,7 @@ async def _serve_broker(
                 reaper_loop, service, min(1.0, settings.lease_ttl / 4), settings.lease_ttl
             )
             timers.start_soon(promoter_loop, service)
+            timers.start_soon(scheduler_loop, service)
             timers.start_soon(service.events.run, store)
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)

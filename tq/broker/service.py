@@ -27,6 +27,7 @@ from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
 from tq.broker.registry import WorkerInfo, WorkerRegistry
+from tq.broker.schedules import ScheduleOps
 from tq.core.errors import (
     Forbidden,
     FrameTooLarge,
@@ -254,7 +255,7 @@ def parse_outcome(item: object) -> Outcome:
     )
 
 
-class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: operations.py
+class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
     def __init__(
         self,
         store: Store,
@@ -279,6 +280,7 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         self.in_flight = 0  # requests being handled, for a graceful drain
         self._work = trio.Event()
         self._due_changed = trio.Event()
+        self._schedules_changed = trio.Event()
         # large frames and REST bodies are decoded in a thread, one at a time per broker
         self.decode_limiter = trio.CapacityLimiter(1)
         # bytes of frames over 64 KiB between their decoding and their answer, broker-wide:

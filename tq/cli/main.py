@@ -15,6 +15,7 @@ from tq.cli import (
     migrate,
     ops,
     queues,
+    schedules,
     security,
     services,
     tasks,
@@ -65,6 +66,7 @@ app.command(rich_help_panel="Operations")(ops.doctor)
 app.command(rich_help_panel="Operations")(migrate.migrate)  # copy a store (tq.store.transfer)
 security.register(app)  # keys, ca, token, audit
 queues.register(app)  # queue pause, resume, list
+schedules.register(app)  # recurring schedules
 
 
 @app.command(rich_help_panel="Operations")

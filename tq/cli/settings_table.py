@@ -29,7 +29,7 @@ COMMAND_OPTIONS = frozenset(
         "--max-retries", "--newest", "--offline", "--older-than", "--out", "--output",
         "--payload", "--payload-bytes", "--payload-file", "--priority", "--queue", "--role",
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
-        "--topic", "--type", "--watch", "--count",
+        "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
         "--wide", "--workers", "--yes",
     }
 )  # fmt: skip

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tq.client._api import Event, TaskPage
+    from tq.client._api import Event, TaskPage, schedule_task
     from tq.client.aio import Client
     from tq.client.sync import BlockingClient
 
-__all__ = ["BlockingClient", "Client", "Event", "TaskPage"]
+__all__ = ["BlockingClient", "Client", "Event", "TaskPage", "schedule_task"]
 
 # Imported on first use (PEP 562), so a one-shot command that needs only the
 # blocking client does not pay for trio (~50 ms of `tq submit`'s start-up).
@@ -24,6 +24,7 @@ _LAZY = {
     "Client": "tq.client.aio",
     "TaskPage": "tq.client._api",
     "Event": "tq.client._api",
+    "schedule_task": "tq.client._api",
 }
 
 

@@ -195,6 +195,28 @@ def set_priority(task_id: str, priority: int | str) -> Call[Task]:
     return Call({"t": "set_priority", "task": task_id, "priority": priority}, _task)
 
 
+def schedule(op: str, **fields: Any) -> Call[dict[str, Any]]:
+    """A ``schedule`` request (op: add, list, get, remove, pause, resume, run_now); the
+    ACK's fields as they are (``schedule``, ``schedules``, ``created``, ``changed``...)."""
+    message = {"t": "schedule", "op": op, **{k: v for k, v in fields.items() if v is not None}}
+    return Call(message, lambda r: {k: v for k, v in r.items() if k not in ("t", "id")})
+
+
+def schedule_task(
+    task_type: str,
+    payload: Any = None,
+    *,
+    queue: str | None = None,
+    priority: int | str | None = None,
+    max_retries: int | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """The task map of a schedule (what each tick submits)."""
+    task = {"type": task_type, "payload": payload, "queue": queue, "priority": priority}
+    task.update(max_retries=max_retries, timeout=timeout)
+    return {k: v for k, v in task.items() if v is not None}
+
+
 def pause_queue(queue: str, paused: bool = True) -> Call[dict[str, Any]]:
     message = {"t": "queue", "op": "pause" if paused else "resume", "queue": queue}
     return Call(message, lambda r: {k: r[k] for k in ("queue", "paused", "changed")})

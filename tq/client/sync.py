@@ -214,6 +214,12 @@ class BlockingClient:
     def resume_queue(self, queue: str) -> dict[str, Any]:
         return self._call(api.pause_queue(queue, False))
 
+    def schedule(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A ``schedule`` request: ``add`` (name, cron, task, timezone, missed), ``list``,
+        ``get``/``remove``/``pause``/``resume``/``run_now`` (name). See
+        ``tq.client.schedule_task`` for the task map."""
+        return self._call(api.schedule(op, **fields))
+
     def cluster_status(self) -> dict[str, Any]:
         return self._call(api.cluster_status())
 

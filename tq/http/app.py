@@ -15,6 +15,9 @@
     POST   /api/v1/retry-many           failed/dead/cancelled tasks back to pending
     GET    /api/v1/stats | workers | queues | cluster
     POST   /api/v1/queues/{queue}/pause | resume   stop or restart handing a queue out
+    GET    /api/v1/schedules            recurring schedules
+    PUT    /api/v1/schedules/{name}     add or redeclare {"cron", "task", "timezone"?, "missed"?}
+    GET | DELETE /api/v1/schedules/{name}, POST .../pause | resume | run-now
     GET    /api/v1/keys | audit         API keys, the audit log (admin)
     GET    /api/v1/events               live events as server-sent events (web.py)
     GET    /  and  /ui/...              the web dashboard (web.py)
@@ -329,13 +332,37 @@ async def resume_queue(request: Request) -> Response:
     return _json(answer)
 
 
+async def list_schedules(request: Request) -> Response:
+    principal = await authenticate(request, "schedule:list")
+    return _json(_task(await _service(request).schedule_request({"op": "list"}, principal)))
+
+
+async def put_schedule(request: Request) -> Response:
+    principal = await authenticate(request, "schedule:add")
+    body = await _object_body(request)
+    fields = {key: body.get(key) for key in ("cron", "timezone", "task", "missed")}
+    msg = {"op": "add", "name": request.path_params["name"], **fields}
+    answer = await _service(request).schedule_request(msg, principal)
+    return _json(_task(answer), status=201 if answer["created"] else 200)
+
+
+def _schedule_op(op: str, action: str) -> Handler:
+    async def handler(request: Request) -> Response:
+        principal = await authenticate(request, action)
+        msg = {"op": op, "name": request.path_params["name"]}
+        return _json(_task(await _service(request).schedule_request(msg, principal)))
+
+    return handler
+
+
 async def cluster(request: Request) -> Response:
     principal = await authenticate(request, "query:health")
     return _json(await _service(request).cluster_status(principal))
 
 
 def _task(data: dict[str, Any]) -> dict[str, Any]:
-    """A Task map as JSON can carry it: bytes (msgpack bin) become base64 text."""
+    """A Task map (or any answer with payloads) as JSON can carry it: bytes (msgpack
+    bin) become base64 text."""
     return json.loads(json.dumps(data, default=_bytes))
 
 
@@ -416,6 +443,28 @@ def build_app(service: BrokerService) -> Starlette:
         Route(f"{API}/workers", workers, methods=["GET"]),
         Route(f"{API}/queues", queues, methods=["GET"]),
         Route(f"{API}/queues/{{queue}}/pause", pause_queue, methods=["POST"]),
+        Route(f"{API}/schedules", list_schedules, methods=["GET"]),
+        _resource(
+            f"{API}/schedules/{{name}}",
+            GET=_schedule_op("get", "schedule:get"),
+            PUT=put_schedule,
+            DELETE=_schedule_op("remove", "schedule:remove"),
+        ),
+        Route(
+            f"{API}/schedules/{{name}}/pause",
+            _schedule_op("pause", "schedule:pause"),
+            methods=["POST"],
+        ),
+        Route(
+            f"{API}/schedules/{{name}}/resume",
+            _schedule_op("resume", "schedule:resume"),
+            methods=["POST"],
+        ),
+        Route(
+            f"{API}/schedules/{{name}}/run-now",
+            _schedule_op("run_now", "schedule:run_now"),
+            methods=["POST"],
+        ),
         Route(f"{API}/queues/{{queue}}/resume", resume_queue, methods=["POST"]),
         Route(f"{API}/cluster", cluster, methods=["GET"]),
         Route(f"{API}/keys", keys, methods=["GET"]),

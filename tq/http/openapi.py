@@ -361,6 +361,27 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Schedule": {
+        "type": "object",
+        "required": ["name", "cron", "timezone", "task", "missed", "paused", "next_at", "fired"],
+        "properties": {
+            "name": {"type": "string"},
+            "cron": {"type": "string", "description": "five fields, Debian cron's rules"},
+            "timezone": {"type": "string"},
+            "task": {"type": "object", "description": "what each tick submits"},
+            "missed": {"enum": ["skip", "once", "all"]},
+            "paused": {"type": "boolean"},
+            "paused_at": {"type": ["number", "null"]},
+            "next_at": {"type": ["number", "null"], "description": "null while paused"},
+            "last_fired_at": {"type": ["number", "null"]},
+            "last_task": {"type": ["string", "null"]},
+            "fired": {"type": "integer", "minimum": 0},
+            "created_at": {"type": "number"},
+            "updated_at": {"type": "number"},
+            "description": {"type": "string", "description": "the expression in words"},
+            "next_runs": {"type": "array", "items": {"type": "number"}},
+        },
+    },
     "QueueSwitch": {
         "type": "object",
         "required": ["queue", "paused", "changed"],
@@ -395,6 +416,24 @@ SCHEMAS: dict[str, Any] = {
 
 
 _BULK_LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000, "default": 1000}
+
+
+_SCHEDULE = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "A schedule's name.",
+    "schema": {"type": "string"},
+}
+
+
+def _schedule_answer(extra: str | None = None) -> dict[str, Any]:
+    """``{"schedule": ...}`` and one more field: created or changed (bool), task (id)."""
+    properties: dict[str, Any] = {"schedule": _ref("Schedule")}
+    if extra is not None:
+        properties[extra] = {"type": "string" if extra == "task" else "boolean"}
+    required = ["schedule"] if extra is None else ["schedule", extra]
+    return {"type": "object", "required": required, "properties": properties}
 
 
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -838,6 +877,103 @@ def _paths() -> dict[str, Any]:
                 {
                     "200": _json(_ref("QueueSwitch"), "The queue's state."),
                     **_problems(400, *_AUTH, 503),
+                },
+            ),
+        },
+        "/api/v1/schedules": {
+            "get": _op(
+                "Every recurring schedule, by name.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["schedules"],
+                            "properties": {
+                                "schedules": {"type": "array", "items": _ref("Schedule")}
+                            },
+                        },
+                        "The schedules.",
+                    ),
+                    **_problems(*_AUTH, 503),
+                },
+            )
+        },
+        "/api/v1/schedules/{name}": {
+            "parameters": [_SCHEDULE],
+            "get": _op(
+                "One schedule, with its next five runs.",
+                {
+                    "200": _json(_schedule_answer(), "The schedule."),
+                    **_problems(400, *_AUTH, 404, 503),
+                },
+            ),
+            "put": _op(
+                "Add a schedule, or redeclare it (admin): history kept, and the next tick "
+                "unless cron or timezone changed.",
+                {
+                    "200": _json(_schedule_answer("created"), "Redeclared."),
+                    "201": _json(_schedule_answer("created"), "Added."),
+                    **_problems(400, *_AUTH, 415, 503),
+                },
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["cron", "task"],
+                        "properties": {
+                            "cron": {"type": "string"},
+                            "timezone": {"type": "string"},
+                            "task": {
+                                "type": "object",
+                                "required": ["type"],
+                                "properties": {"type": {"type": "string"}},
+                            },
+                            "missed": {"enum": ["skip", "once", "all"]},
+                        },
+                    }
+                ),
+            ),
+            "delete": _op(
+                "Remove a schedule (admin); the tasks it submitted stay.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["removed"],
+                            "properties": {"removed": {"type": "boolean"}},
+                        },
+                        "Whether it existed.",
+                    ),
+                    **_problems(400, *_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/schedules/{name}/pause": {
+            "parameters": [_SCHEDULE],
+            "post": _op(
+                "Pause a schedule (admin): no tick fires until it is resumed.",
+                {
+                    "200": _json(_schedule_answer("changed"), "Paused."),
+                    **_problems(400, *_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/schedules/{name}/resume": {
+            "parameters": [_SCHEDULE],
+            "post": _op(
+                "Resume a schedule (admin) from its next tick.",
+                {
+                    "200": _json(_schedule_answer("changed"), "Resumed."),
+                    **_problems(400, *_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/schedules/{name}/run-now": {
+            "parameters": [_SCHEDULE],
+            "post": _op(
+                "Submit the schedule's task once now (admin); its ticks go on.",
+                {
+                    "200": _json(_schedule_answer("task"), "Submitted."),
+                    **_problems(400, *_AUTH, 404, 503),
                 },
             ),
         },

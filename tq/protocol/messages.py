@@ -100,6 +100,14 @@ FIELDS: dict[str, dict[str, Field]] = {
     "audit": {"limit": opt(INT), "before": opt(INT)},
     "set_priority": {"task": req(STR), "priority": req((int, str))},
     "queue": {"op": req(STR), "queue": req(STR)},  # pause / resume
+    "schedule": {  # add, list, get, remove, pause, resume, run_now (tq/broker/schedules.py)
+        "op": req(STR),
+        "name": opt(STR),
+        "cron": opt(STR),
+        "timezone": opt(STR),
+        "task": opt(MAP),
+        "missed": opt(STR),
+    },
     "subscribe": {"topics": req(ARRAY)},  # live events on this connection (tq/broker/events.py)
     "unsubscribe": {},
     "ack": {},

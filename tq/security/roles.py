@@ -49,6 +49,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "retry_many": _ADMIN,  # operator bulk actions
     "queue:pause": _ADMIN,  # a paused queue hands nothing out
     "queue:resume": _ADMIN,
+    "schedule:list": _READ,  # recurring schedules (tq/broker/schedules.py)
+    "schedule:get": _READ,
+    "schedule:add": _ADMIN,
+    "schedule:remove": _ADMIN,
+    "schedule:pause": _ADMIN,
+    "schedule:resume": _ADMIN,
+    "schedule:run_now": _ADMIN,
     "purge": _ADMIN,
     "keys:create": _ADMIN,
     "keys:list": _ADMIN,
@@ -66,7 +73,7 @@ def action_of(msg: Mapping[str, Any]) -> str:
     kind = str(msg.get("t"))
     if kind == "query":
         return f"query:{msg.get('q')}"
-    if kind in ("keys", "queue"):
+    if kind in ("keys", "queue", "schedule"):
         return f"{kind}:{msg.get('op')}"
     if kind == "hello":
         return "hello:worker" if msg.get("kind") == "worker" else "hello"

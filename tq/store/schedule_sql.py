@@ -162,6 +162,7 @@ class Fired:
     schedule: str
     task_ids: list[str]
     queue: str
+    type: str
     skipped: int | None  # past ticks not fired (None: too many to count)
 
 
@@ -182,7 +183,8 @@ def fire_due(conn: Any, d: Dialect, now: float, limit: int = FIRE_BATCH) -> list
         last = ids[-1] if ids else schedule.last_task
         fired_at = now if ids else schedule.last_fired_at
         d.run(conn, _FIRED, (decided.next_at, fired_at, last, len(ids), schedule.name))
-        out.append(Fired(schedule.name, ids, str(schedule.task.get("queue")), decided.skipped))
+        queue, kind = str(schedule.task.get("queue")), str(schedule.task.get("type"))
+        out.append(Fired(schedule.name, ids, queue, kind, decided.skipped))
     return out
 
 

@@ -1,0 +1,149 @@
+"""Recurring schedules in the service layer: the ``schedule`` request and firing.
+
+``ScheduleOps`` is a mixin of ``BrokerService`` (like ``OperatorOps``). The
+wire, REST and the CLI all call ``schedule_request``; the broker's
+``scheduler_loop`` (tq/broker/loops.py) calls ``fire_due`` and sleeps until
+``next_schedule_at`` (at most ``SCHEDULER_MAX_SLEEP``, so a schedule another
+broker added to a shared PostgreSQL store is seen within that), woken early
+when a schedule changes through this broker.
+
+Who may do what: ``list`` and ``get`` are reads (reader, producer, admin);
+everything that changes a schedule or submits from it is admin only. A key
+limited to some queues sees and acts on the schedules whose task goes to one
+of its queues. Changes are audited (``schedule.add``, ``schedule.remove``,
+``schedule.pause``, ``schedule.resume``, ``schedule.run_now``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tq.core.errors import Forbidden, InvalidRequest
+from tq.core.schedule import Schedule, check_name, check_schedule
+from tq.core.task import TaskSpec
+from tq.store.base import SubmitResult
+from tq.store.schedule_sql import FIRE_BATCH
+
+if TYPE_CHECKING:
+    from tq.broker.auth import Auth
+    from tq.broker.events import EventBus
+    from tq.security.roles import Principal
+    from tq.store.base import Store
+
+log = logging.getLogger("tq.broker")
+
+OPS = ("add", "list", "get", "remove", "pause", "resume", "run_now")
+SCHEDULER_MAX_SLEEP = 1.0  # seconds between looks at the schedules when none is due sooner
+
+
+class ScheduleOps:
+    # provided by BrokerService
+    store: Store
+    auth: Auth
+    clock: Callable[[], float]
+    counters: dict[str, int]
+    events: EventBus
+    notify_work: Callable[[], None]
+    _schedules_changed: trio.Event
+
+    def notify_schedules(self) -> None:
+        self._schedules_changed.set()
+        self._schedules_changed = trio.Event()
+
+    async def wait_schedules_changed(self) -> None:
+        await self._schedules_changed.wait()
+
+    async def schedule_request(
+        self, msg: Mapping[str, Any], principal: Principal | None = None
+    ) -> dict[str, Any]:
+        """One ``schedule`` request (op: add, list, get, remove, pause, resume, run_now)."""
+        op = msg.get("op")
+        if op not in OPS:
+            raise InvalidRequest(f"unknown schedule op {op!r}; known: {', '.join(OPS)}")
+        now = self.clock()
+        if op == "list":
+            found = [s for s in await self.store.list_schedules() if _sees(principal, s)]
+            return {"schedules": [s.to_dict(now) for s in found]}
+        if op == "add":
+            schedule = check_schedule(
+                msg.get("name"),
+                msg.get("cron"),
+                msg.get("timezone"),
+                msg.get("task"),
+                msg.get("missed"),
+                now,
+            )
+            if principal is not None:
+                principal.check_queue(str(schedule.task["queue"]))
+            stored, created = await self.store.put_schedule(schedule)
+            self.notify_schedules()
+            await self._record(principal, "schedule.add", stored.name, {"cron": stored.cron})
+            return {"schedule": stored.to_dict(now), "created": created}
+        name = check_name(msg.get("name"))
+        current = await self.store.get_schedule(name)
+        if not _sees(principal, current):
+            raise Forbidden(f"this key may not use the queue of schedule {name!r}")
+        if op == "get":
+            return {"schedule": current.to_dict(now)}
+        if op == "remove":
+            removed = await self.store.remove_schedule(name)
+            self.notify_schedules()
+            if removed:
+                await self._record(principal, "schedule.remove", name, {})
+            return {"removed": removed}
+        if op in ("pause", "resume"):
+            schedule, changed = await self.store.pause_schedule(name, op == "pause", now)
+            self.notify_schedules()
+            if changed:
+                await self._record(principal, f"schedule.{op}", name, {})
+            return {"schedule": schedule.to_dict(now), "changed": changed}
+        schedule, task_id = await self.store.run_schedule(name, now)  # run_now
+        self._submitted(schedule, [task_id])
+        await self._record(principal, "schedule.run_now", name, {"task": task_id})
+        return {"schedule": schedule.to_dict(now), "task": task_id}
+
+    async def fire_due(self) -> int:
+        """Fire every due schedule (in batches); the number of tasks submitted."""
+        total = 0
+        while True:
+            fired = await self.store.fire_schedules(self.clock())
+            for one in fired:
+                if one.task_ids:
+                    spec = TaskSpec(type=one.type, queue=one.queue)
+                    self._submitted_specs([spec] * len(one.task_ids), one.task_ids)
+                    total += len(one.task_ids)
+                if one.skipped:
+                    log.info("schedule %s: %d missed tick(s) not fired", one.schedule, one.skipped)
+                elif one.skipped is None:
+                    log.info("schedule %s: many missed ticks not fired", one.schedule)
+            if len(fired) < FIRE_BATCH:
+                return total
+
+    def _submitted(self, schedule: Schedule, ids: list[str]) -> None:
+        task = schedule.task
+        spec = TaskSpec(type=str(task["type"]), queue=str(task["queue"]))
+        self._submitted_specs([spec] * len(ids), ids)
+
+    def _submitted_specs(self, specs: list[TaskSpec], ids: list[str]) -> None:
+        self.counters["submitted"] += len(ids)
+        self.events.submitted(specs, [SubmitResult(i, True) for i in ids])
+        self.notify_work()
+
+    async def _record(
+        self, principal: Principal | None, action: str, target: str, detail: dict[str, Any]
+    ) -> None:
+        from tq.broker.auth import actor_of
+
+        await self.auth.record(actor_of(principal), action, target, detail)
+
+
+def _sees(principal: Principal | None, schedule: Schedule) -> bool:
+    return (
+        principal is None
+        or principal.queues is None
+        or principal.may_use(str(schedule.task.get("queue")))
+    )
