@@ -254,9 +254,11 @@ def purge(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Delete finished tasks older than --older-than, in batches (never the newest task).
+    """Delete finished tasks older than --older-than, in batches, oldest first.
 
-    Example: tq purge --state succeeded --older-than 7d
+    An SQLite store keeps its newest task back (so list cursors stay valid);
+    a PostgreSQL store needs no such rule. Example:
+    tq purge --state succeeded --older-than 7d
     """
     age = parse_duration(older_than)
     mode = output_mode(output, as_json)
