@@ -199,6 +199,8 @@ async def test_cluster_status_shows_a_postgres_store(pg_url: str, tmp_path: Path
 
         table = await trio.to_thread.run_sync(status, "-o", "table")
         data = json.loads(await trio.to_thread.run_sync(status, "--json"))
+        live = await trio.to_thread.run_sync(inspect_store, pg_url)
+    assert live.facts["broker_connections"] >= 2  # writer and reader, named "tq broker"
     assert "PostgreSQL" in table and "database size" in table
     assert "WAL size" not in table and "store path" not in table
     assert data["store"]["backend"] == "postgresql"
