@@ -401,3 +401,34 @@ def test_promtool_accepts_the_scrape_config() -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "SUCCESS" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+# -- the cluster chapter of docs/OPERATIONS.md ----------------------------------------------
+
+
+def chapter_commands() -> list[Invocation]:
+    """The `tq ...` commands the cluster chapter quotes (inline code and code blocks)."""
+    text = (PACKAGING.parent / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    start = text.index("## Cluster: several brokers on one PostgreSQL")
+    chapter = text[start : text.index("\n## ", start + 1)]
+    quoted = re.findall(r"`([^`]+)`", chapter.replace("```", "\n"))
+    found = []
+    for code in quoted:
+        code = " ".join(code.split())  # inline code may wrap
+        if code.startswith("tq ") and "..." not in code:
+            found += list(shell_commands(code, "OPERATIONS.md"))
+    return found
+
+
+def test_the_cluster_chapter_quotes_only_commands_and_options_that_exist() -> None:
+    runs = chapter_commands()
+    assert {" ".join(resolve(inv.argv)[0]) for inv in runs} >= {"migrate", "doctor"}
+    runner = CliRunner()
+    for inv in runs:
+        path, _, args = resolve(inv.argv)
+        shown = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}, color=False)
+        assert shown.exit_code == 0, inv
+        for option in options_used(args):
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", shown.output), (
+                f"OPERATIONS.md: tq {' '.join(inv.argv)}: {option} is not in --help"
+            )
