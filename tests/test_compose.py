@@ -26,12 +26,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import trio
 import typer.main
 import yaml
+from cryptography import x509
 from typer.testing import CliRunner
 
+from tq.cli.doctor import run_checks
 from tq.cli.main import app
+from tq.client import Client
 from tq.config import Settings, env_name
+from tq.testing import running_broker, running_worker
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 COMPOSE = PACKAGING / "compose.yaml"
@@ -432,3 +437,63 @@ def test_the_cluster_chapter_quotes_only_commands_and_options_that_exist() -> No
             assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", shown.output), (
                 f"OPERATIONS.md: tq {' '.join(inv.argv)}: {option} is not in --help"
             )
+
+
+# -- the bootstrap the file performs, rehearsed on loopback ---------------------------------
+
+
+@pytest.mark.trio
+async def test_the_bootstrap_works_with_real_brokers_on_one_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """What compose.yaml does, without Docker: the first broker makes the CA (naming
+    every broker) and the admin key; `tq keys create` through it makes the worker and
+    reader keys; a second broker on the same database and the same TLS directory
+    (tq-tls) re-issues nothing, has no admin key, passes its health check (`tq doctor`
+    with the reader key), and serves a worker holding the worker key."""
+    names = tuple(brokers(yaml_services()))
+    sans = tuple(option(yaml_services()[names[0]]["command"], "--tls-san"))
+    first, second = tmp_path / "broker1", tmp_path / "broker2"
+    async with running_broker(first, store=pg_url, tls_san=sans) as b1:
+        tls = first / "tls"
+        cert = x509.load_pem_x509_certificate((tls / "server.pem").read_bytes())
+        named = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        assert set(names) <= set(named.value.get_values_for_type(x509.DNSName))
+        issued = {p.name: p.read_bytes() for p in tls.iterdir()}
+
+        def create(role: str, name: str) -> str:  # the keys service: tq keys create > FILE
+            conn = ["--broker", b1.settings.broker, "--ca", str(tls / "ca.pem")]
+            args = ["keys", "create", *conn, "--role", role, "--name", name]
+            made = CliRunner().invoke(app, args, env={"TQ_KEY": str(b1.key)})
+            assert made.exit_code == 0, made.output
+            return made.stdout.strip()
+
+        worker_key = await trio.to_thread.run_sync(create, "worker", "compose-workers")
+        reader_key = await trio.to_thread.run_sync(create, "reader", "prometheus")
+
+        second.mkdir(mode=0o700)
+        (second / "tls").symlink_to(tls)  # one tq-tls volume for every broker
+        async with running_broker(second, store=pg_url, tls_san=sans) as b2:
+            assert {p.name: p.read_bytes() for p in tls.iterdir()} == issued
+            assert not b2.info.admin_key_created and not (second / "admin.key").exists()
+            flags = {"data": second, "store": pg_url, "broker": b2.settings.broker}
+            checks = await trio.to_thread.run_sync(lambda: run_checks({**flags, "key": reader_key}))
+            failed = {c.name for c in checks if c.status == "fail"}
+            assert failed <= {"pg settings"}, checks  # the test cluster runs fsync = off
+            assert next(c for c in checks if c.name == "broker").status == "ok"
+
+            async with b1.client() as producer:  # submitted through the first broker
+                task_id = await producer.submit("echo", {"via": "broker1"})
+            # run by a worker of the second, and waited for there (a wait on one broker
+            # hears of a task another broker finishes only when it starts, for now)
+            reader = dataclasses.replace(b2.settings, key=reader_key, ca=tls / "ca.pem")
+            async with Client.from_settings(reader) as watcher:
+                async with running_worker(b2, key=worker_key, ca=tls / "ca.pem"):
+                    done = await watcher.wait(task_id, timeout=30)
+    assert done.state == "succeeded" and done.result == {"via": "broker1"}
+
+
+def yaml_services() -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    services: dict[str, dict[str, Any]] = interpolate(doc["services"])
+    return services
