@@ -9,7 +9,11 @@ ports and addresses must agree: one tq image for every tq service, each broker
 its own data volume and all of them one TLS volume, the workers' --broker lists
 exactly the brokers' listen addresses, the store URL names the PostgreSQL
 service, Prometheus scrapes exactly the brokers' HTTP ports with files the
-`keys` service writes, every TQ_* variable is a setting tq reads.
+`keys` service writes, every TQ_* variable is a setting tq reads. The bootstrap
+the file performs (one CA for every broker, keys made through the first broker,
+health checks with `tq doctor`) is rehearsed with real brokers on a real
+PostgreSQL, and the commands the cluster chapter of docs/OPERATIONS.md quotes
+must exist too.
 """
 
 from __future__ import annotations
