@@ -102,6 +102,7 @@ def test_doctor_reports_an_unreachable_and_a_newer_postgres_store(
     gone = "postgresql://tq@127.0.0.1:1/tq"
     store = by_name(run_checks({"data": tmp_path, "store": gone}, offline=True))["store"]
     assert store.status == "fail" and "PGPASSWORD" in store.fix
+    assert "127.0.0.1:1" in store.detail and "\n" not in store.detail  # one line
 
     trio.run(_make_store, pg_url, 0)
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -78,7 +78,7 @@ def backup(
                 f"tq backup copies SQLite stores only; {where.shown} is PostgreSQL: back it "
                 "up with PostgreSQL's tools, e.g. pg_dump --format=custom --file=tq.dump "
                 "DATABASE (consistent while brokers run), or base backups with WAL archiving "
-                "for point-in-time recovery (docs/OPERATIONS.md, Backup and restore)",
+                "for point-in-time recovery (docs/OPERATIONS.md: Cluster, Backups)",
                 exits.USAGE,
             )
         mode = text_mode(output, as_json)

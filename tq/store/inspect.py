@@ -158,8 +158,8 @@ def _inspect_postgres(url: str, shown: str) -> StoreReport:
             if report.exists:
                 row = conn.execute("SELECT max(created_at) FROM tasks").fetchone()
                 report.newest = None if row is None or row[0] is None else float(row[0])
-    except psycopg.Error as exc:
-        raise store_error(exc, "read", shown) from exc
+    except psycopg.Error as exc:  # libpq's message spans lines: one line here
+        raise StoreError(" ".join(store_error(exc, "read", shown).message.split())) from exc
     report.size = int(size)
     report.clock = None if clock is None else float(clock)
     report.measured_at = (before + after) / 2
