@@ -178,14 +178,31 @@ def _status_rows(data: dict[str, Any]) -> Any:
         ("uptime", f"{data['uptime']:.0f} s (since {fmt_time(data.get('started_at'))})"),
         ("accepting work", "yes" if checks["accepting"]["ok"] else "no: shutting down"),
         ("store", f"{store_check} ({checks['store']['latency'] * 1000:.1f} ms)"),
-        ("store path", store.get("path")),
-        ("store size", human_bytes(store.get("size"))),
-        ("WAL size", human_bytes(store.get("wal"))),
+        *_store_rows(store),
         ("workers", f"{data['workers']['connected']} connected, {data['workers']['known']} known"),
     ]
     for name, address in (data.get("listen") or {}).items():
         rows.append((f"listen ({name})", address or "off"))
     return kv_table(rows)
+
+
+def _store_rows(store: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Where the store is and how big, in the backend's own terms."""
+    backend = store.get("backend")
+    if backend == "postgresql":
+        server = store.get("server_version")
+        kind = f"PostgreSQL{f' (server {server})' if server else ''}"
+        return [
+            ("store kind", kind),
+            ("store location", store.get("location")),
+            ("database size", human_bytes(store.get("size"))),
+        ]
+    return [
+        ("store kind", "SQLite" if backend == "sqlite" else (backend or "?")),
+        ("store path", store.get("path") or store.get("location")),
+        ("store size", human_bytes(store.get("size"))),
+        ("WAL size", human_bytes(store.get("wal"))),
+    ]
 
 
 def cluster_status(
@@ -196,7 +213,7 @@ def cluster_status(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Broker health, store path and sizes, uptime, version, workers.
+    """Broker health, store (kind, path or database, sizes), uptime, version, workers.
 
     Exit 0 when healthy, 1 when unhealthy (store unreachable, shutting down),
     4 when the broker cannot be reached: usable from scripts and probes.
@@ -241,9 +258,11 @@ def purge(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Delete finished tasks older than --older-than, in batches (never the newest task).
+    """Delete finished tasks older than --older-than, in batches, oldest first.
 
-    Example: tq purge --state succeeded --older-than 7d
+    An SQLite store keeps its newest task back (so list cursors stay valid);
+    a PostgreSQL store needs no such rule. Example:
+    tq purge --state succeeded --older-than 7d
     """
     age = parse_duration(older_than)
     mode = output_mode(output, as_json)

@@ -2,7 +2,8 @@
 
 Each check returns a ``Check``: a status (ok, warn, fail, skip), what was
 found, and the remedy when it is not ok. Checks look, never change: the
-store is opened read-only, the data directory is probed with a temporary
+store the settings name (an SQLite file or a PostgreSQL database, through
+tq.store.inspect) is opened read-only, the data directory is probed with a temporary
 file that is removed at once. Time is an argument (``now``) so expiry is
 testable. Imported only by the `tq doctor` command.
 """
@@ -42,14 +43,14 @@ def run_checks(
     conf, config_check = _check_config(flags)
     checks = [config_check]
     checks += _check_data_dir(conf.data)
-    store_check, newest = _check_store(conf)
-    checks.append(store_check)
+    store_checks, newest, store_clock = _check_store(conf)
+    checks += store_checks
     checks += _check_keys(conf)
     checks += _check_broker_tls(conf, now)
     checks.append(_check_client_ca(conf, now))
     broker_check, broker_time = _check_broker(conf, offline)
     checks.append(broker_check)
-    checks.append(_check_clock(conf, now, newest, broker_time))
+    checks.append(_check_clock(now, newest, broker_time, store_clock))
     return checks
 
 
@@ -152,59 +153,124 @@ def _writable(directory: Path) -> bool:
     return True
 
 
-def _check_store(conf: Settings) -> tuple[Check, float | None]:
-    import apsw
+def _check_store(conf: Settings) -> tuple[list[Check], float | None, float | None]:
+    """The store the broker's settings name (SQLite file or PostgreSQL database): it
+    opens, its schema version, and its own facts. Also the newest task's time and
+    the database server's clock (as of now), for the clock check."""
+    from tq.core.errors import TQError
+    from tq.store.inspect import inspect_store
 
-    from tq.store.schema import SCHEMA_VERSION
-
-    path = conf.db_path
-    if not path.exists():
-        return Check(
-            "store", "skip", f"no store at {path} (a broker creates it; workers need none)"
-        ), None
     try:
-        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
-        try:
-            conn.set_busy_timeout(2000)
-            conn.execute("PRAGMA query_only = 1").fetchall()
-            row: Any = conn.execute("PRAGMA user_version").fetchall()[0]
-            version = int(row[0])
-            mode = str(conn.execute("PRAGMA journal_mode").fetchall()[0][0])
-            newest = _newest_timestamp(conn)
-        finally:
-            conn.close()
-    except apsw.Error as exc:
+        report = inspect_store(conf.store_url)
+    except TQError as exc:
+        postgres = conf.store_url.split("://", 1)[0].lower() in ("postgresql", "postgres")
+        fix = (
+            "check that PostgreSQL runs and accepts this host, and the store URL's host, "
+            "port, database and user (password: PGPASSWORD or ~/.pgpass)"
+            if postgres
+            else "check the file's permissions; if it is corrupt, restore the last backup"
+        )
+        return [Check("store", "fail", exc.message or str(exc), fix)], None, None
+    clock = None
+    if report.clock is not None:
+        clock = report.clock - (report.measured_at - time.time())  # the server's, as of now
+    if report.backend == "postgresql":
+        return _postgres_checks(report), report.newest, clock
+    if not report.exists:
+        detail = f"no store at {report.location} (a broker creates it; workers need none)"
+        return [Check("store", "skip", detail)], None, None
+    mode = report.facts.get("journal_mode", "?")
+    detail = (
+        f"{report.location}: schema version {report.schema_version}, {mode} journal, "
+        f"{report.size / 2**20:.1f} MiB"
+    )
+    return (
+        [_version_check(report, detail, "take a backup first: tq backup FILE")],
+        report.newest,
+        clock,
+    )
+
+
+def _version_check(report: Any, detail: str, before_upgrade: str) -> Check:
+    version, known = report.schema_version, report.known_version
+    if version > known:
         return Check(
             "store",
             "fail",
-            f"cannot read {path}: {type(exc).__name__}: {exc}",
-            "check the file's permissions; if it is corrupt, restore the last backup",
-        ), None
-    size = path.stat().st_size / 2**20
-    detail = f"{path}: schema version {version}, {mode} journal, {size:.1f} MiB"
-    if version > SCHEMA_VERSION:
-        return Check(
-            "store",
-            "fail",
-            f"{detail}, newer than this tq understands ({SCHEMA_VERSION})",
+            f"{detail}, newer than this tq understands ({known})",
             "upgrade tq on this host to the version that wrote it",
-        ), newest
-    if version < SCHEMA_VERSION:
+        )
+    if version < known:
         return Check(
             "store",
             "warn",
-            f"{detail}; the next broker start migrates it to {SCHEMA_VERSION}",
-            "take a backup first: tq backup FILE",
-        ), newest
-    return Check("store", "ok", detail), newest
+            f"{detail}; the next broker start migrates it to {known}",
+            before_upgrade,
+        )
+    return Check("store", "ok", detail)
 
 
-def _newest_timestamp(conn: Any) -> float | None:
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema").fetchall()}
-    if "tasks" not in tables:
-        return None
-    row = conn.execute("SELECT max(created_at) FROM tasks").fetchall()[0]
-    return float(row[0]) if row[0] is not None else None
+PG_BUSY = 0.8  # warn when this share of max_connections is in use
+
+
+def _postgres_checks(report: Any) -> list[Check]:
+    """The database answers, its schema, and the server settings tq depends on."""
+    facts = report.facts
+    server = f"PostgreSQL {facts.get('server_version', '?')}"
+    if not report.exists:
+        detail = (
+            f"{report.location} ({server}) answers; no tq tables yet (the first broker "
+            "start creates them)"
+        )
+        checks = [Check("store", "ok", detail)]
+    else:
+        detail = (
+            f"{report.location} ({server}): schema version {report.schema_version}, "
+            f"{report.size / 2**20:.1f} MiB"
+        )
+        backup = "take a backup first (pg_dump, or a base backup)"
+        checks = [_version_check(report, detail, backup)]
+    used, limit = facts.get("connections", 0), facts.get("max_connections", 0)
+    brokers = facts.get("broker_connections", 0)
+    settings = (
+        f"synchronous_commit {facts.get('synchronous_commit', '?')}, fsync "
+        f"{facts.get('fsync', '?')}, max_connections {limit} ({used} in use, {brokers} by "
+        f"tq brokers), shared_buffers {facts.get('shared_buffers', '?')}"
+    )
+    if facts.get("fsync") == "off":
+        checks.append(
+            Check(
+                "pg settings",
+                "fail",
+                f"{settings}: with fsync off an operating-system crash or power cut can "
+                "corrupt the database and lose acknowledged tasks",
+                "set fsync = on in postgresql.conf and reload PostgreSQL",
+            )
+        )
+    elif facts.get("synchronous_commit") == "off":
+        checks.append(
+            Check(
+                "pg settings",
+                "warn",
+                f"{settings}: with synchronous_commit off a crash of the database server "
+                "loses the last commits (acknowledged tasks)",
+                "set synchronous_commit = on (tq's --synchronous normal does this per broker "
+                "when you accept that loss)",
+            )
+        )
+    elif isinstance(limit, int) and limit and used >= PG_BUSY * limit:
+        checks.append(
+            Check(
+                "pg settings",
+                "warn",
+                f"{settings}: {used} of {limit} connections in use",
+                "raise max_connections (each broker uses a few; see docs/OPERATIONS.md, "
+                "cluster) or put a connection pooler in front for other clients",
+            )
+        )
+    else:
+        checks.append(Check("pg settings", "ok", settings))
+    return checks
 
 
 def _check_keys(conf: Settings) -> list[Check]:
@@ -367,19 +433,20 @@ def _check_broker(conf: Settings, offline: bool) -> tuple[Check, float | None]:
 
 
 def _check_clock(
-    conf: Settings, now: datetime, newest: float | None, broker_time: float | None
+    now: datetime, newest: float | None, broker_time: float | None, store_time: float | None
 ) -> Check:
-    """Evidence that the clock is wrong: a broker or a store ahead of it."""
+    """Evidence that the clock is wrong: a broker, a database server or a store ahead of it."""
     ts = now.timestamp()
-    if broker_time is not None and abs(broker_time - ts) > CLOCK_TOLERANCE:
-        skew = ts - broker_time
-        return Check(
-            "clock",
-            "fail",
-            f"this host's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} "
-            "the broker's",
-            "enable time sync (NTP, e.g. systemd-timesyncd or chrony) on both hosts",
-        )
+    for whose, known in (("the broker's", broker_time), ("the database server's", store_time)):
+        if known is not None and abs(known - ts) > CLOCK_TOLERANCE:
+            skew = ts - known
+            return Check(
+                "clock",
+                "fail",
+                f"this host's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} "
+                f"{whose}",
+                "enable time sync (NTP, e.g. systemd-timesyncd or chrony) on both hosts",
+            )
     if newest is not None and newest - ts > CLOCK_TOLERANCE:
         return Check(
             "clock",
@@ -389,7 +456,11 @@ def _check_clock(
         )
     seen = [
         name
-        for name, known in (("the broker's clock", broker_time), ("the store", newest))
+        for name, known in (
+            ("the broker's clock", broker_time),
+            ("the database server's clock", store_time),
+            ("the store", newest),
+        )
         if known is not None
     ]
     against = f"agrees with {' and '.join(seen)}" if seen else "no other clock to compare with"

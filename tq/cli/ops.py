@@ -1,7 +1,8 @@
 """Operations commands: `tq backup FILE` and `tq doctor`.
 
-`tq backup` copies a consistent snapshot of the live store (tq/store/backup.py)
-while the broker runs. `tq doctor` checks this host's configuration and says
+`tq backup` copies a consistent snapshot of the live SQLite store
+(tq/store/backup.py) while the broker runs, and refuses a PostgreSQL store,
+naming PostgreSQL's own tools. `tq doctor` checks this host's configuration and says
 what to fix: one line per check, exit 1 if any failed. Both import their heavy
 parts (apsw, cryptography, the client) inside the command.
 """
@@ -25,12 +26,14 @@ from tq.cli.common import (
     Output,
     OutputOpt,
     emit_text,
+    fail,
     fmt_time,
     run_guarded,
     say,
     settings,
     text_mode,
 )
+from tq.cli.services import StoreOpt
 
 if TYPE_CHECKING:
     from tq.cli.doctor import Check
@@ -49,26 +52,39 @@ def backup(
         ),
     ],
     data: DataOpt = None,
+    store: StoreOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
     """Back up the task store while the broker runs (SQLite online backup).
 
-    Run it on the broker's host, with the broker's --data. The copy is one
-    consistent snapshot: every task acknowledged before the backup started is
-    in it. Restore: stop the broker, copy FILE to DATA/tq.db, delete
-    DATA/tq.db-wal and DATA/tq.db-shm, start the broker (docs/OPERATIONS.md).
+    Run it on the broker's host, with the broker's --data (and --store if it
+    sets one). The copy is one consistent snapshot: every task acknowledged
+    before the backup started is in it. Restore: stop the broker, copy FILE
+    to DATA/tq.db, delete DATA/tq.db-wal and DATA/tq.db-shm, start the
+    broker (docs/OPERATIONS.md). A PostgreSQL store is backed up with
+    PostgreSQL's own tools (pg_dump, or base backups with WAL archiving).
     """
 
     def body() -> None:
+        from tq.store import SQLITE, parse_store_url
         from tq.store.backup import backup_sqlite
 
-        conf = settings(data=data)
+        conf = settings(data=data, store=store)
+        where = parse_store_url(conf.store_url)
+        if where.backend != SQLITE:
+            fail(
+                f"tq backup copies SQLite stores only; {where.shown} is PostgreSQL: back it "
+                "up with PostgreSQL's tools, e.g. pg_dump --format=custom --file=tq.dump "
+                "DATABASE (consistent while brokers run), or base backups with WAL archiving "
+                "for point-in-time recovery (docs/OPERATIONS.md: Cluster, Backups)",
+                exits.USAGE,
+            )
         mode = text_mode(output, as_json)
         shown = sys.stderr.isatty() and mode is Output.table
         progress = _progress_printer() if shown else None
-        result = backup_sqlite(conf.db_path, file, overwrite=force, progress=progress)
+        result = backup_sqlite(Path(where.target), file, overwrite=force, progress=progress)
         if progress is not None:
             sys.stderr.write("\n")
         if mode is not Output.table:
@@ -102,6 +118,7 @@ ASCII_MARKS = {"ok": "ok", "warn": "!!", "fail": "XX", "skip": "--"}
 
 def doctor(
     data: DataOpt = None,
+    store: StoreOpt = None,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
@@ -115,7 +132,8 @@ def doctor(
     """Check this host's tq set-up and say what to fix.
 
     Checks the configuration file, that the data directory is writable (and
-    its free space), the store and its schema version, the broker's TLS files
+    its free space), the store and its schema version (a PostgreSQL store:
+    that it answers, and the server settings tq depends on), the broker's TLS files
     (present, valid, signed by the CA, not expiring within 30 days, keys
     private), the CA clients use, that the broker answers (connect and hello
     with the configured CA and key), and that the clock is sane. One line per
@@ -123,7 +141,14 @@ def doctor(
     """
     from tq.cli.doctor import run_checks
 
-    flags = {"data": data, "broker": broker, "ca": ca, "insecure": insecure, "key": api_key}
+    flags = {
+        "data": data,
+        "store": store,
+        "broker": broker,
+        "ca": ca,
+        "insecure": insecure,
+        "key": api_key,
+    }
     checks = run_checks(flags, offline=offline)
     failed = [c for c in checks if c.status == "fail"]
     mode = text_mode(output, as_json)

@@ -50,8 +50,9 @@ OfflineOpt = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Work on the broker's data directory directly instead of over the network "
-        "(on the broker's machine; no key needed).",
+        help="Work on the broker's store directly instead of over the network (on the "
+        "broker's machine; no key needed): DATA/tq.db, or the store TQ_STORE or the config "
+        "file names.",
         show_default=False,
     ),
 ]
@@ -110,24 +111,47 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
 
 
 def _offline(data: Path, fn: Callable[[Auth], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """``fn(auth)`` on the broker store in ``data``, as the broker would run it."""
+    """``fn(auth)`` on the broker's store, as the broker would run it: the store its
+    settings name (``store``: TQ_STORE or the config file), else DATA/tq.db."""
     import trio
 
     from tq.broker.auth import Auth
-    from tq.store.sqlite import open_sqlite_store
+    from tq.store import open_store, parse_store_url
+    from tq.store.inspect import inspect_store
 
-    db = settings(data=data).db_path
-    if not db.exists():
-        fail(f"no broker store at {db}: pass the broker's --data directory", exits.USAGE)
+    url = settings(data=data).store_url
+    where = parse_store_url(url)
+    if not inspect_store(url).exists:
+        if where.backend == "sqlite":
+            fail(
+                f"no broker store at {where.target}: pass the broker's --data directory",
+                exits.USAGE,
+            )
+        fail(
+            f"no tq store in {where.shown} yet: start a broker on it first (it creates the "
+            "tables), or point TQ_STORE at the broker's store",
+            exits.USAGE,
+        )
 
     async def main() -> dict[str, Any]:
-        async with open_sqlite_store(db) as store:
+        async with open_store(url) as store:
             auth = Auth(store)
             await auth.load()
             return await fn(auth)
 
     result: dict[str, Any] = trio.run(main)
     return result
+
+
+def _has_store(url: str) -> bool:
+    """Whether the broker's store exists yet (False, not an error, when it cannot be read)."""
+    from tq.core.errors import TQError
+    from tq.store.inspect import inspect_store
+
+    try:
+        return inspect_store(url).exists
+    except TQError:
+        return False
 
 
 def _conn(broker: str | None, ca: Path | None, insecure: bool | None, key: str | None) -> Any:
@@ -274,7 +298,7 @@ def ca_issue(
         if not files.ca_key.exists():
             fail(f"no CA in {conf.tls_dir}: pass the broker's --data directory", exits.USAGE)
         cert, key = issue_client_cert(files, name, out or conf.data / "clients")
-        if conf.db_path.exists():
+        if _has_store(conf.store_url):
             _offline(conf.data, lambda auth: _recorded(auth, "cert.issue", name, str(cert)))
         typer.echo(f"certificate: {cert}\nkey:         {key}")
         typer.echo(f"client flags: --client-cert {cert} --client-key {key}", err=True)

@@ -97,7 +97,7 @@ class BrokerLine(Static):
             f"{stats.get('broker') or state.server.get('broker') or 'broker'}"
             f"@{state.address or '?'}",
             f"up {fmt.age(state.uptime(now))}",
-            f"store {fmt.size(store.get('size'))} (wal {fmt.size(store.get('wal'))})",
+            _store_text(store),
             f"{len(state.workers)} worker{'s' if len(state.workers) != 1 else ''}",
             f"tq {stats.get('version', '?')}",
         ]
@@ -105,6 +105,14 @@ class BrokerLine(Static):
             parts.append(f"events dropped {state.lagged}")
         line = Text.assemble(status, "  ", fmt.plain(" · ".join(parts)))
         self.update(line)
+
+
+def _store_text(store: dict[str, Any]) -> str:
+    """The store in a few words: its kind and size (SQLite: and its WAL's)."""
+    if store.get("backend") == "postgresql":
+        return f"store postgresql {fmt.size(store.get('size'))}"
+    kind = "sqlite " if store.get("backend") == "sqlite" else ""
+    return f"store {kind}{fmt.size(store.get('size'))} (wal {fmt.size(store.get('wal'))})"
 
 
 def _signature(cell: Any) -> Any:
