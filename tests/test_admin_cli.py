@@ -66,6 +66,7 @@ def parsed(broker: BrokerProcess, *args: str) -> dict[str, Any]:
 def _stable(data: Any) -> Any:
     """Drop what changes between two calls (clocks)."""
     volatile = {"uptime", "heartbeat_age", "last_seen", "latency", "size", "wal", "cpu", "memory"}
+    volatile |= {"history"}  # per-minute rows: a minute may turn between two calls
     if isinstance(data, dict):
         return {k: _stable(v) for k, v in data.items() if k not in volatile}
     if isinstance(data, list):
