@@ -59,6 +59,7 @@ class Client:
         self._error: TQError | None = None
         # failover: set by connect(); a connection's reader and writer carry its generation
         self._generation = 0
+        self._established = -1  # the generation whose hello was answered
         self._nursery: trio.Nursery | None = None
         self._rotation = fo.Rotation([address])
         self._window = 0.0
@@ -174,6 +175,7 @@ class Client:
         try:
             with trio.fail_after(self._timeout):
                 self.server = await self._request_with_id(self._hello, next(self._ids))
+            self._established = gen
         except trio.TooSlowError:
             await self._drop()
             raise ConnectionFailed(
@@ -233,12 +235,17 @@ class Client:
         except TQError as exc:
             self._fail(exc, gen)
         except ssl.SSLError as exc:
-            self._fail(TLSFailure(describe_tls_error(exc, self.address, None)), gen)
+            self._tls_failed(exc, gen)
         except trio.BrokenResourceError as exc:
             if isinstance(exc.__cause__, ssl.SSLError):  # e.g. mutual TLS refused our cert
-                self._fail(TLSFailure(describe_tls_error(exc.__cause__, self.address, None)), gen)
+                self._tls_failed(exc.__cause__, gen)
             else:
                 raise
+
+    def _tls_failed(self, exc: ssl.SSLError, gen: int) -> None:
+        if gen == self._established and api.closed_in_handshake(exc):
+            return  # an EOF after the hello was answered: the connection was lost
+        self._fail(TLSFailure(describe_tls_error(exc, self.address, None)), gen)
 
     def _deliver(self, msg: dict[str, Any], gen: int) -> None:
         rid = msg["id"]

@@ -113,8 +113,10 @@ class BlockingClient:
         self._sock.settimeout(None)
         self.address = one
         self._conn = Connection(self._max_frame)
+        self._established = False  # until the hello is answered
         try:
             self.server = self._request_once(self._hello, self._timeout)
+            self._established = True
         except BaseException:
             self.close()
             raise
@@ -199,6 +201,8 @@ class BlockingClient:
             try:
                 self._sock.sendall(self._conn.send({**message, "id": rid}))
             except ssl.SSLError as exc:
+                if self._established and api.closed_in_handshake(exc):
+                    raise api.connection_lost(self.address) from None  # not (all) sent
                 raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
             except (OSError, ValueError):  # ValueError: a socket closed meanwhile
                 raise api.connection_lost(self.address) from None  # not (all) sent
@@ -219,6 +223,8 @@ class BlockingClient:
                     f"the broker at {self.address} did not answer within {timeout:g}s"
                 ) from None
             except ssl.SSLError as exc:
+                if self._established and api.closed_in_handshake(exc):
+                    raise fo.Unanswered(api.connection_lost(self.address)) from None
                 raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
             except (OSError, ValueError):
                 raise fo.Unanswered(api.connection_lost(self.address)) from None
