@@ -142,6 +142,16 @@ def test_missing_idempotency_keys_are_attached_and_given_ones_kept() -> None:
     assert fo.with_idempotency_keys(query) is query
 
 
+def test_a_resent_submit_reports_the_tasks_under_its_own_keys_as_created() -> None:
+    auto = fo.auto_key()
+    message = {"t": "submit", "tasks": [{"idempotency_key": auto}, {"idempotency_key": "mine"}]}
+    reply = {"tasks": [{"id": "1", "created": False}, {"id": "2", "created": False}]}
+    fixed = fo.resent_answer(message, reply)
+    assert [i["created"] for i in fixed["tasks"]] == [True, False]
+    query = {"t": "query", "q": "get"}
+    assert fo.resent_answer(query, reply) is reply
+
+
 def test_an_unknown_outcome_says_what_to_do() -> None:
     error = fo.outcome_unknown("b1:7470", {"t": "cancel", "task": "T1"})
     assert isinstance(error, ConnectionFailed)

@@ -109,15 +109,19 @@ async def test_a_submit_cut_off_before_its_answer_is_resent_and_stored_once(
                 task_id = await client.submit("echo", {"n": 1})  # no key given
                 assert relay.cuts == 1 and relay.connections == 2  # cut, reconnected, resent
                 relay.cut()
-                [again] = await client.submit_many(
-                    [{"type": "echo", "payload": 2, "idempotency_key": "mine"}]
+                [again, third] = await client.submit_items(
+                    [{"type": "echo", "payload": 2, "idempotency_key": "mine"}, {"type": "echo"}]
                 )
                 assert relay.cuts == 2
+                # made by the first attempt: under the caller's key that is all the broker
+                # can say; under the key the client made, the task is this request's own
+                assert (again["created"], third["created"]) == (False, True)
+                again, third = again["id"], third["id"]
                 relay.cut()
                 task = await client.get(task_id)  # a read: asked again
                 assert relay.cuts == 3
                 tasks = await _all_tasks(client)
-    assert sorted(t.id for t in tasks) == sorted([task_id, again])  # nothing twice
+    assert sorted(t.id for t in tasks) == sorted([task_id, again, third])  # nothing twice
     assert task.idempotency_key is not None and task.idempotency_key.startswith(AUTO_KEY_PREFIX)
     assert {t.id: t.idempotency_key for t in tasks}[again] == "mine"
 

@@ -290,7 +290,8 @@ class Client:
         while True:
             seen = self._generation
             try:
-                return await self._exchange(message, next(self._ids))
+                reply = await self._exchange(message, next(self._ids))
+                return reply if deadline is None else fo.resent_answer(message, reply)
             except fo.Unanswered as lost:
                 if not fo.resend_safe(message):
                     raise fo.outcome_unknown(self.address, message) from None

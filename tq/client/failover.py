@@ -18,7 +18,8 @@ wait, and what may be sent again after a lost connection. Pure: no I/O, no clock
   is unknown and ``OutcomeUnknown`` says so.
 * ``with_idempotency_keys(message)``: a ``submit`` whose tasks without a key get one
   (``tq-auto-`` + 32 hex digits). A client with failover on attaches them before the
-  first send, so that the resend after a lost connection is safe.
+  first send, so that the resend after a lost connection is safe; ``resent_answer``
+  then reports those tasks as ``created`` (the first attempt made them).
 
 A request answered with a NACK of its own id committed nothing (docs/PROTOCOL.md,
 "Errors"): after an ``unavailable`` one (the broker is going away) any request may go
@@ -183,6 +184,21 @@ def with_idempotency_keys(message: dict[str, Any]) -> dict[str, Any]:
         for t in tasks
     ]
     return {**message, "tasks": keyed}
+
+
+def resent_answer(message: Mapping[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a submit that was sent again: a task under a key this client made
+    (``tq-auto-``, unique to this request) that answers ``created: false`` was created by
+    the first attempt, i.e. by this request: say ``created: true``."""
+    tasks, items = message.get("tasks"), reply.get("tasks")
+    if message.get("t") != "submit" or not isinstance(tasks, list) or not isinstance(items, list):
+        return reply
+    fixed = []
+    for spec, item in zip(tasks, items, strict=False):
+        key = spec.get("idempotency_key") if isinstance(spec, Mapping) else None
+        auto = isinstance(key, str) and key.startswith(AUTO_KEY_PREFIX)
+        fixed.append({**item, "created": True} if auto and isinstance(item, dict) else item)
+    return {**reply, "tasks": fixed}
 
 
 class OutcomeUnknown(ConnectionFailed):

@@ -169,7 +169,8 @@ class BlockingClient:
             deadline: float | None = None
             while True:
                 try:
-                    return self._exchange(message, timeout)
+                    reply = self._exchange(message, timeout)
+                    return reply if deadline is None else fo.resent_answer(message, reply)
                 except fo.Unanswered as lost:
                     if not fo.resend_safe(message):
                         raise fo.outcome_unknown(self.address, message) from None
