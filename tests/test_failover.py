@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import random
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
+import trio
+import trio.testing
 
 from tq.client import failover as fo
-from tq.config import load_settings
+from tq.config import Settings, load_settings
 from tq.core.errors import ConfigError, ConnectionFailed, TLSFailure, Unauthorized, Unavailable
 from tq.core.retry import RetryPolicy
 from tq.security.keys import new_key
@@ -194,3 +197,37 @@ def test_tokens_made_before_still_work_and_a_damaged_address_is_named(tmp_path: 
     assert decode_join_token(token(["a:1,b:2"])).addresses == ("a:1", "b:2")
     with pytest.raises(ConfigError, match=r"broker addresses are damaged .*port must be"):
         decode_join_token(token(["a:1", "b:x"]))
+
+
+# -- the worker on a new session ---------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_a_new_session_renews_the_leases_it_holds_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Moved to another broker (or the same one back) after an outage that ate most of a
+    lease: the first heartbeat goes out at once, not a third of a lease later."""
+    from tests.worker_helpers import make_lease
+    from tq.worker.handlers import HandlerRegistry
+    from tq.worker.runner import Running, Worker
+
+    sent: list[tuple[float, list[Any]]] = []
+
+    class Session:  # records what the heartbeater sends; the broker keeps every lease
+        async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+            sent.append((trio.current_time() - start, message["leases"]))
+            return {"lost": []}
+
+    worker = Worker(Settings(data=tmp_path, lease_ttl=30.0), HandlerRegistry())
+    start = trio.current_time()
+    with trio.move_on_after(25):
+        await worker._heartbeater(Session())  # type: ignore[arg-type]
+    assert [t for t, _ in sent] == [10.0, 20.0]  # nothing held: every lease_ttl / 3
+    worker.running[("A", 1)] = Running(make_lease("A", 1))
+    sent.clear()
+    start = trio.current_time()
+    with trio.move_on_after(25):
+        await worker._heartbeater(Session())  # type: ignore[arg-type]
+    assert [t for t, _ in sent] == [0.0, 10.0, 20.0]
+    assert sent[0][1] == [["A", 1]]

@@ -264,7 +264,18 @@ async def test_a_client_given_two_brokers_carries_on_when_one_stops(
                 async with _connect(a, both) as client:  # failover on: two brokers
                     assert client.address == a.info.address
                     ids = [await client.submit("echo", i) for i in range(5)]
+                    generation = client._generation
                     await first.stop()  # broker A stops (its sessions are told, then closed)
+                    got: list[Any] = []
+
+                    async def get(task_id: str) -> None:
+                        got.append((await client.get(task_id)).id)
+
+                    async with trio.open_nursery() as requests:  # together: one reconnect
+                        for task_id in ids:
+                            requests.start_soon(get, task_id)
+                    assert sorted(got) == sorted(ids)
+                    assert client._generation == generation + 1
                     ids += [await client.submit("echo", i) for i in range(5, 10)]
                     assert client.address == b.info.address
                     assert (await client.get(ids[0])).payload == 0

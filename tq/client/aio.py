@@ -140,6 +140,8 @@ class Client:
         async with self._redialing:
             if self._generation != seen:
                 return  # another request reconnected meanwhile
+            if deadline is not None:
+                self._rotation.failed(self.address)  # lost: try the next broker first
             backoff = fo.Backoff(deadline)
             while True:
                 error: TQError | None = None
@@ -302,7 +304,6 @@ class Client:
                 error = exc
             if deadline is None:
                 deadline = trio.current_time() + self._window
-            self._rotation.failed(self.address)
             try:
                 await self._redial(seen, deadline)
             except TQError as exc:

@@ -181,7 +181,7 @@ class BlockingClient:
                     error = exc
                 if deadline is None:
                     deadline = time.monotonic() + self._window
-                self._rotation.failed(self.address)
+                self._rotation.failed(self.address)  # lost: try the next broker first
                 try:
                     self._redial(deadline)
                 except TQError as exc:
