@@ -335,3 +335,30 @@ async def test_a_worker_keeps_its_lease_when_it_moves_to_another_broker(
                     stop.set()
     assert task.state == "succeeded" and task.result == "x"
     assert task.attempts == 1 and starts == ["x"]
+
+
+@pytest.mark.trio
+async def test_client_sockets_notice_a_silent_broker_host(tmp_path: Path) -> None:
+    """Keepalive probes and a bound on unacknowledged data: a broker host that vanishes
+    without a reset is noticed in about 30 s, not after minutes of retransmissions."""
+    import socket
+
+    def check(sock: socket.socket) -> None:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+
+    async with running_broker(tmp_path, http="off") as broker:
+        async with broker.client() as client:
+            stream = client._stream
+            assert isinstance(stream, trio.SSLStream)
+            transport = stream.transport_stream
+            assert isinstance(transport, trio.SocketStream)
+            check(transport.socket)  # type: ignore[arg-type]
+
+        def blocking() -> None:
+            with broker.blocking_client() as client:
+                check(client._sock)
+
+        await trio.to_thread.run_sync(blocking)

@@ -495,7 +495,10 @@ async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, st
         host, port = parse_address(one)
         try:
             with trio.fail_after(timeout):
-                return await trio.open_tcp_stream(host, port), host, one
+                stream = await trio.open_tcp_stream(host, port)
+            for level, option, value in fo.socket_options():
+                stream.setsockopt(level, option, value)
+            return stream, host, one
         except trio.TooSlowError:
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:

@@ -139,6 +139,31 @@ def retriable(error: TQError) -> bool:
     return isinstance(error, ConnectionFailed | Unavailable) and not isinstance(error, TLSFailure)
 
 
+# A broker host that vanishes (power, network) sends no reset: without these a request
+# in flight would wait for the kernel's retransmission timeout (many minutes).
+KEEPALIVE_IDLE = 10  # seconds of silence before the first probe
+KEEPALIVE_INTERVAL = 5  # seconds between probes
+KEEPALIVE_COUNT = 3  # unanswered probes before the connection is dropped
+UNACKED_LIMIT_MS = 30_000  # sent data not acknowledged for this long: dropped
+
+
+def socket_options() -> list[tuple[int, int, int]]:
+    """(level, option, value) for a client's TCP socket: keepalive probes and a bound
+    on unacknowledged data, so a silent broker host is noticed within about 30 s
+    (each only where the platform has it)."""
+    import socket
+
+    tcp = socket.IPPROTO_TCP
+    wanted = [
+        (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+        (tcp, "TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        (tcp, "TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        (tcp, "TCP_KEEPCNT", KEEPALIVE_COUNT),
+        (tcp, "TCP_USER_TIMEOUT", UNACKED_LIMIT_MS),
+    ]
+    return [(level, getattr(socket, name), v) for level, name, v in wanted if hasattr(socket, name)]
+
+
 class Resend(enum.Enum):
     READ = "read"  # changes nothing: send again
     KEYED = "keyed"  # a submit whose every task has an idempotency key: send again

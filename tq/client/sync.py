@@ -384,6 +384,8 @@ def _open_socket(
     """TCP (+TLS) to the first broker in ``address`` that accepts."""
     sock, host, where = _open_tcp(address, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for level, option, value in fo.socket_options():  # a silent broker host is noticed
+        sock.setsockopt(level, option, value)
     if context is None:
         return sock
     try:
