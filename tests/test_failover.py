@@ -58,6 +58,8 @@ def test_settings_check_the_broker_list_wherever_it_comes_from(tmp_path: Path) -
     config = tmp_path / "tq.toml"
     config.write_text('broker = "a:1,b:2,c:3"\n')
     assert load_settings(config_file=config).broker == "a:1,b:2,c:3"
+    config.write_text('broker = ["a:1", "b:2"]\n')  # a TOML array works too
+    assert load_settings(config_file=config).broker == "a:1,b:2"
     with pytest.raises(ConfigError, match=r"TQ_BROKER=a:1,,b:2: .*entry 2 of 3 is empty"):
         load_settings(env={"TQ_BROKER": "a:1,,b:2"})
     with pytest.raises(ConfigError, match=r"--broker a:1,b:x: .*port must be a number"):

@@ -245,6 +245,8 @@ def _convert(key: str, value: Any) -> Any:
         if key == "broker":
             from tq.client.failover import parse_brokers
 
+            if isinstance(value, list | tuple):  # the config file may list them
+                value = ",".join(str(v) for v in value)
             try:
                 return ",".join(parse_brokers(str(value)))
             except ConfigError as exc:  # the entry that is wrong, and how to write a list

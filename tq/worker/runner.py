@@ -30,7 +30,8 @@ still holds that lease (not one it adopted since).
 
 Reconnecting: after a failed connection attempt or a lost session the worker
 waits ``RECONNECT.delay(n)`` (tq.core.retry: exponential with equal jitter,
-never above the cap) for the n-th failure in a row; a successful hello
+never above the cap; tq.client.failover.Backoff without a deadline) for the
+n-th failure in a row; a successful hello
 resets n, so every outage starts again from the shortest delay. With several
 brokers (``--broker b1,b2``, a join token) each attempt tries them in turn,
 starting after the one whose session was lost (tq.client.failover.Rotation).
@@ -190,7 +191,7 @@ class Worker:
         self.draining = False
         self.completed = 0
         self._changed = trio.Event()  # a slot freed, an outcome queued or sent, a claim answered
-        self._failures = 0  # connection failures in a row (reset by a successful hello)
+        self._backoff = fo.Backoff(None, RECONNECT)  # reset by a successful hello
         self.connected = False  # a session with the broker is up
         self._process = psutil.Process()
         self._process.cpu_percent(None)
@@ -379,7 +380,7 @@ class Worker:
             failover=0,  # the worker recovers itself: new session, outbox, heartbeats
         ) as client:
             self._rotation.connected(client.address)
-            self._failures = 0  # the broker is back: the next outage starts from the start
+            self._backoff.reset()  # the broker is back: the next outage starts from the start
             self._lease_ttl = float(client.server.get("lease_ttl", self._lease_ttl))
             connected()
             self.connected = True
@@ -426,8 +427,8 @@ class Worker:
                         raise
                     if not _retriable(error) and (not started or _refused(error)):
                         raise error from None
-                    self._failures += 1
-                    delay = RECONNECT.delay(self._failures)
+                    delay = self._backoff.next_delay(trio.current_time())
+                    assert delay is not None  # no deadline: a worker tries until stopped
                     log.warning("%s; reconnecting in %.1fs", error, delay)
                     await trio.sleep(delay)
             tasks.cancel_scope.cancel()
