@@ -362,3 +362,33 @@ async def test_client_sockets_notice_a_silent_broker_host(tmp_path: Path) -> Non
                 check(client._sock)
 
         await trio.to_thread.run_sync(blocking)
+
+
+@pytest.mark.trio
+async def test_a_blocking_client_closed_by_its_owner_does_not_reconnect(tmp_path: Path) -> None:
+    """close() from another thread wakes a blocked read, which fails: failover is for
+    brokers that go away, not for a client its owner stopped."""
+    with trio.fail_after(60):
+        async with running_broker(tmp_path, http="off") as broker, relayed(broker) as relay:
+            client = await trio.to_thread.run_sync(
+                lambda: BlockingClient(
+                    relay.address, ca=broker.info.ca_file, key=broker.key, failover=30
+                )
+            )
+            task_id = await trio.to_thread.run_sync(client.submit, "nobody-runs-this")
+            outcome: list[BaseException] = []
+
+            def waiting() -> None:
+                try:
+                    client.wait(task_id, timeout=50)  # blocks: no worker for this type
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, waiting)
+                await trio.sleep(0.5)
+                started = trio.current_time()
+                client.close()
+            assert trio.current_time() - started < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionFailed), outcome
+    assert relay.connections == 1

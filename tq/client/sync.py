@@ -60,6 +60,7 @@ class BlockingClient:
     ) -> None:
         brokers = split_addresses(address)
         self.address = brokers[0]  # the broker this client talks to now
+        self._closed = False  # close() was called: no reconnecting
         self.server: dict[str, Any] = {}
         self._max_frame = max_frame
         self._conn = Connection(max_frame)
@@ -108,7 +109,7 @@ class BlockingClient:
     def _dial(self, one: str) -> None:
         """A new connection to ``one`` (the old one closed) and its hello."""
         if hasattr(self, "_sock"):
-            self.close()
+            self._close_socket()
         self._sock = _open_socket(one, self._context, self._ca, self._timeout)
         self._sock.settimeout(None)
         self.address = one
@@ -118,7 +119,7 @@ class BlockingClient:
             self.server = self._request_once(self._hello, self._timeout)
             self._established = True
         except BaseException:
-            self.close()
+            self._close_socket()
             raise
 
     @classmethod
@@ -127,7 +128,12 @@ class BlockingClient:
         return cls(**{**settings_options(settings), **kwargs})
 
     def close(self) -> None:
-        """Close the connection; safe from another thread (wakes a blocked read)."""
+        """Close the connection; safe from another thread (wakes a blocked read, which
+        then fails: a closed client never reconnects)."""
+        self._closed = True
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # not SSLSocket's: see events
         with contextlib.suppress(OSError):
@@ -179,6 +185,8 @@ class BlockingClient:
                     if not fo.retriable(exc):
                         raise
                     error = exc
+                if self._closed:  # closed by its owner (maybe from another thread)
+                    raise error
                 if deadline is None:
                     deadline = time.monotonic() + self._window
                 self._rotation.failed(self.address)  # lost: try the next broker first
