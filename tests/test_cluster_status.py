@@ -89,3 +89,24 @@ def test_a_silent_broker_shows_what_the_others_last_heard_of_it() -> None:
     assert silent["last_seen"] == 100.0 and silent["reported_by"] == "b:2"
     assert silent["broker"] == "A" and silent["version"] == "9.9"
     assert never["last_seen"] is None and "reported_by" not in never
+
+
+def test_a_join_token_for_a_cluster_lists_every_broker(broker_proc: BrokerProcess) -> None:
+    def tq(*args: str) -> subprocess.CompletedProcess[str]:
+        command = tq_command(*args, *broker_proc.client_args())
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    keys_before = len(json.loads(tq("keys", "list", "-o", "json").stdout))
+    made = tq("token", "create", "--address", "b1:7470,b2:7470", "-a", "b3:7470")
+    assert made.returncode == 0, made.stderr
+    shown = subprocess.run(
+        tq_command("token", "inspect", made.stdout.strip(), "--json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(shown.stdout)["addresses"] == ["b1:7470", "b2:7470", "b3:7470"]
+    bad = tq("token", "create", "--address", "b1:7470,,b2:7470")
+    assert bad.returncode == 2 and "entry 2 of 3 is empty" in bad.stderr
+    keys_after = len(json.loads(tq("keys", "list", "-o", "json").stdout))
+    assert keys_after == keys_before + 1  # the refused token made no key
