@@ -242,6 +242,15 @@ def _convert(key: str, value: Any) -> Any:
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
+        if key == "broker":
+            from tq.client.failover import parse_brokers
+
+            if isinstance(value, list | tuple):  # the config file may list them
+                value = ",".join(str(v) for v in value)
+            try:
+                return ",".join(parse_brokers(str(value)))
+            except ConfigError as exc:  # the entry that is wrong, and how to write a list
+                raise ValueError(str(exc)) from None
         if key == "store" and str(value).strip():
             from tq.store import parse_store_url
 

@@ -217,7 +217,17 @@ def cluster_status(
 
     Exit 0 when healthy, 1 when unhealthy (store unreachable, shutting down),
     4 when the broker cannot be reached: usable from scripts and probes.
+
+    With several brokers (--broker b1:7470,b2:7470 or a join token) each one is
+    asked: its status, role, version, uptime and last sign of life, one row each;
+    exit 0 when all answer healthy, 1 when some do not, 4 when none answers.
     """
+    from tq.cli import cluster
+
+    conf = run_guarded(lambda: settings(broker=broker, ca=ca, insecure=insecure, key=api_key))
+    if len(run_guarded(lambda: cluster.addresses(conf))) > 1:
+        run_guarded(lambda: cluster.show(conf, output_mode(output, as_json)))
+        return
 
     def body() -> dict[str, Any]:
         with _client(broker, ca, insecure, api_key) as client:

@@ -35,7 +35,11 @@ class Output(StrEnum):
 BrokerOpt = Annotated[
     str | None,
     typer.Option(
-        "--broker", "-b", help="Broker address HOST:PORT (env TQ_BROKER).", show_default=False
+        "--broker",
+        "-b",
+        help="Broker address HOST:PORT, or several comma-separated (HOST1:PORT,HOST2:PORT: "
+        "tried in turn, failover) (env TQ_BROKER).",
+        show_default=False,
     ),
 ]
 CaOpt = Annotated[

@@ -422,7 +422,7 @@ def _check_broker(conf: Settings, offline: bool) -> tuple[Check, float | None]:
         return Check("broker", "fail", f"{conf.broker}: {exc.message or exc}"), None
     received = time.time()
     name = server.get("broker") or "?"
-    text = f"{conf.broker} answered: {server.get('server', '?')} (broker {name}, protocol "
+    text = f"{client.address} answered: {server.get('server', '?')} (broker {name}, protocol "
     text += f"{server.get('v', '?')}) in {1000 * (received - sent):.0f} ms"
     broker_time = server.get("time")
     if isinstance(broker_time, int | float):

@@ -317,7 +317,8 @@ def token_create(
         typer.Option(
             "--address",
             "-a",
-            help="Broker address for the token (repeatable) (default: --broker).",
+            help="Broker address(es) for the token: repeat it or separate with commas "
+            "to list every broker of a cluster, tried in turn (default: --broker).",
             show_default=False,
         ),
     ] = None,
@@ -331,11 +332,16 @@ def token_create(
 
     The token holds the broker address(es), the broker's CA certificate and
     the new key: treat it as a secret; revoke it with `tq keys revoke ID`.
+    For a cluster, list every broker (`-a b1:7470,b2:7470`): workers and
+    clients with the token fail over between them.
     """
 
     def body() -> None:
+        from tq.client.failover import parse_brokers
         from tq.security.tokens import encode_join_token
 
+        for entry in address or ():
+            parse_brokers(entry)  # a bad address fails before a key is made
         conn = _conn(broker, ca, insecure, api_key)
         conf = settings(**conn, data=data)  # offline: the CA in DATA/tls
         ca_file = conf.ca_file()
@@ -350,7 +356,7 @@ def token_create(
             queues=queue_list,
             expires_at=parse_expiry(expires, time.time()),
         )
-        addresses = address or [conf.broker]
+        addresses = address or [conf.broker]  # each may list brokers: host1:7470,host2:7470
         typer.echo(encode_join_token(addresses, ca_file.read_bytes(), reply["key"]))
         typer.echo(f"token holds {role} key {reply['info']['id']}", err=True)
 

@@ -7,6 +7,15 @@
 Requests get increasing ids; a reader task matches answers to waiting
 callers by id, so any number of coroutines may share one client. A writer
 task coalesces queued frames into one ``send_all``.
+
+Failover (tq/client/failover.py): ``address`` may list several brokers; connect
+tries them in turn, once each. When a connection is lost later, a request that
+is safe to send again (reads; submits, which carry idempotency keys, attached
+automatically) reconnects, to the next broker first, with backoff, for up to
+``failover`` seconds (default: 15 with several brokers, 0 with one), then is
+sent again; other writes raise ``OutcomeUnknown``. ``_redial`` is the one
+reconnect point: a new stream, reader and writer (older ones are ignored by
+their generation number) and a new hello.
 """
 
 from __future__ import annotations
@@ -15,13 +24,14 @@ import builtins
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
 from tq.client import _api as api
+from tq.client import failover as fo
 from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import Settings, parse_address
@@ -36,16 +46,27 @@ CONNECT_TIMEOUT = 10.0
 
 
 class Client:
-    def __init__(self, stream: trio.abc.Stream, address: str, max_frame: int) -> None:
-        self.address = address
+    def __init__(self, stream: trio.abc.Stream | None, address: str, max_frame: int) -> None:
+        self.address = address  # the broker this client talks to now
         self.server: dict[str, Any] = {}
         self._stream = stream
+        self._max_frame = max_frame
         self._conn = Connection(max_frame)
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._events: dict[int, EventSink] = {}  # subscription id -> its buffer (events.py)
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
         self._error: TQError | None = None
+        # failover: set by connect(); a connection's reader and writer carry its generation
+        self._generation = 0
+        self._established = -1  # the generation whose hello was answered
+        self._nursery: trio.Nursery | None = None
+        self._rotation = fo.Rotation([address])
+        self._window = 0.0
+        self._dialer: Any = None  # one address -> a stream (open_stream with our TLS)
+        self._hello: dict[str, Any] = {}
+        self._timeout = CONNECT_TIMEOUT
+        self._redialing = trio.Lock()
 
     # -- connection ----------------------------------------------------
     @classmethod
@@ -65,104 +86,186 @@ class Client:
         ca_data: str | None = None,
         client_cert: Path | None = None,
         client_key: Path | None = None,
+        failover: float | None = None,
     ) -> AsyncIterator[Client]:
         """Connect (``address`` may list brokers, comma-separated) and say hello.
 
         ``key`` is the API key; ``ca_data`` the CA as PEM text instead of a
-        file; ``client_cert``/``client_key`` a certificate for mutual TLS.
+        file; ``client_cert``/``client_key`` a certificate for mutual TLS;
+        ``failover`` the seconds to keep reconnecting after a lost connection
+        (None: 15 with several brokers, 0 with one; see the module docstring).
         """
-        stream = await open_stream(
-            address,
-            ca=ca,
-            insecure=insecure,
-            timeout=timeout,
-            ca_data=ca_data,
-            client_cert=client_cert,
-            client_key=client_key,
-        )
-        hello = with_key(dict(hello or {}), key)
-        client = cls(stream, address, max_frame)
+        brokers = split_addresses(address)
+        tls_context(address, ca=ca, insecure=insecure, ca_data=ca_data)  # a missing CA: now
+
+        async def dial(one: str) -> trio.abc.Stream:
+            return await open_stream(
+                one,
+                ca=ca,
+                insecure=insecure,
+                timeout=timeout,
+                ca_data=ca_data,
+                client_cert=client_cert,
+                client_key=client_key,
+            )
+
+        client = cls(None, brokers[0], max_frame)
+        client._rotation = fo.Rotation(brokers)
+        client._window = fo.window(brokers, failover)
+        client._dialer = dial
+        client._hello = api.hello(kind, name, with_key(dict(hello or {}), key))
+        client._timeout = timeout
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._reader)
-                nursery.start_soon(client._writer)
-                try:
-                    with trio.fail_after(timeout):
-                        client.server = await client.request(api.hello(kind, name, hello))
-                except trio.TooSlowError:
-                    raise ConnectionFailed(
-                        f"the broker at {address} did not answer hello within {timeout:g}s"
-                    ) from None
+                client._nursery = nursery
+                await client._redial(client._generation, None)
                 yield client
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise single_exception(group) from None
         finally:
-            await trio.aclose_forcefully(stream)
+            if client._stream is not None:
+                await trio.aclose_forcefully(client._stream)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Any:
         """Connect as the settings say: address, CA, key (or a join token), mutual TLS."""
         return cls.connect(**{**settings_options(settings), **kwargs})
 
-    async def _writer(self) -> None:
+    # -- (re)connecting: the one place failover happens --------------------
+    async def _redial(self, seen: int, deadline: float | None) -> None:
+        """Connect to the next broker that accepts, unless another task already did
+        since generation ``seen``. ``deadline`` None: one round through the brokers
+        (the first connect); else rounds with backoff until the deadline."""
+        async with self._redialing:
+            if self._generation != seen:
+                return  # another request reconnected meanwhile
+            if deadline is not None:
+                self._rotation.failed(self.address)  # lost: try the next broker first
+            backoff = fo.Backoff(deadline)
+            while True:
+                error: TQError | None = None
+                for one in self._rotation.order():
+                    try:
+                        await self._dial(one)
+                    except TQError as exc:
+                        if not fo.retriable(exc):
+                            raise
+                        self._rotation.failed(one)
+                        error = exc
+                        continue
+                    self._rotation.connected(one)
+                    return
+                assert error is not None  # the rotation is never empty
+                delay = None if deadline is None else backoff.next_delay(trio.current_time())
+                if delay is None:
+                    raise error
+                await trio.sleep(delay)
+
+    async def _dial(self, one: str) -> None:
+        """A new connection to ``one`` (the old one dropped) and its hello."""
+        assert self._nursery is not None and self._dialer is not None
+        await self._drop()
+        stream = await self._dialer(one)
+        self._generation += 1
+        gen = self._generation
+        self._stream, self.address, self._error = stream, one, None
+        self._conn = Connection(self._max_frame)
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
+        self._nursery.start_soon(self._reader, stream, self._conn, gen)
+        self._nursery.start_soon(self._writer, stream, self._out_recv, gen)
         try:
-            async for first in self._out_recv:
+            with trio.fail_after(self._timeout):
+                self.server = await self._request_with_id(self._hello, next(self._ids))
+            self._established = gen
+        except trio.TooSlowError:
+            await self._drop()
+            raise ConnectionFailed(
+                f"the broker at {one} did not answer hello within {self._timeout:g}s"
+            ) from None
+        except TQError:
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        """Give up the current connection (its reader and writer end on their own)."""
+        if self._stream is None:
+            return
+        self._fail(api.connection_lost(self.address))
+        self._out_send.close()
+        stream, self._stream = self._stream, None
+        await trio.aclose_forcefully(stream)
+
+    async def _writer(
+        self, stream: trio.abc.Stream, out: trio.MemoryReceiveChannel[bytes], gen: int
+    ) -> None:
+        try:
+            async for first in out:
                 chunks = [first]
                 while True:
                     try:
-                        chunks.append(self._out_recv.receive_nowait())
+                        chunks.append(out.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await self._stream.send_all(b"".join(chunks))
+                await stream.send_all(b"".join(chunks))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-            self._fail(api.connection_lost(self.address))
+            self._fail(api.connection_lost(self.address), gen)
 
-    async def _reader(self) -> None:
+    async def _reader(self, stream: trio.abc.Stream, conn: Connection, gen: int) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._read(stream, conn, gen)
+        self._fail(api.connection_lost(self.address), gen)
+
+    async def _read(self, stream: trio.abc.Stream, conn: Connection, gen: int) -> None:
         try:
             while True:
-                data = bytes(await self._stream.receive_some(256 * 1024))
+                data = bytes(await stream.receive_some(256 * 1024))
                 if not data:
                     break
-                self._conn.receive_data(data)
-                while (msg := self._conn.next_message()) is not None:
+                conn.receive_data(data)
+                while (msg := conn.next_message()) is not None:
+                    if gen != self._generation:
+                        return
                     if msg["t"] == "event":
                         sink = self._events.get(msg["id"])
                         if sink is not None:
                             sink.offer(msg)
                         continue
-                    self._deliver(msg)
+                    self._deliver(msg, gen)
         except MessageError as exc:
-            self._fail(exc.cause)
-            return
+            self._fail(exc.cause, gen)
         except TQError as exc:
-            self._fail(exc)
-            return
+            self._fail(exc, gen)
         except ssl.SSLError as exc:
-            self._fail(TLSFailure(describe_tls_error(exc, self.address, None)))
-            return
+            self._tls_failed(exc, gen)
         except trio.BrokenResourceError as exc:
             if isinstance(exc.__cause__, ssl.SSLError):  # e.g. mutual TLS refused our cert
-                self._fail(TLSFailure(describe_tls_error(exc.__cause__, self.address, None)))
-                return
-        except (trio.ClosedResourceError, OSError):
-            pass
-        self._fail(api.connection_lost(self.address))
+                self._tls_failed(exc.__cause__, gen)
+            else:
+                raise
 
-    def _deliver(self, msg: dict[str, Any]) -> None:
+    def _tls_failed(self, exc: ssl.SSLError, gen: int) -> None:
+        if gen == self._established and api.closed_in_handshake(exc):
+            return  # an EOF after the hello was answered: the connection was lost
+        self._fail(TLSFailure(describe_tls_error(exc, self.address, None)), gen)
+
+    def _deliver(self, msg: dict[str, Any], gen: int) -> None:
         rid = msg["id"]
         if rid == 0 and msg["t"] == "nack":
             try:
                 api.raise_for_nack(msg)
             except TQError as exc:
-                self._fail(exc)
+                self._fail(exc, gen)
             return
         channel = self._pending.pop(rid, None)
         if channel is not None:
             channel.send_nowait(msg)
 
-    def _fail(self, exc: TQError) -> None:
-        """The connection is unusable: fail every waiting request with ``exc``."""
+    def _fail(self, exc: TQError, gen: int | None = None) -> None:
+        """The connection is unusable: fail every waiting request with ``exc``
+        (unless ``gen`` names an older connection than the current one)."""
+        if gen is not None and gen != self._generation:
+            return
         if self._error is None:
             self._error = exc
         for channel in self._pending.values():
@@ -178,10 +281,43 @@ class Client:
         return self._error
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its answer (NACKs raise)."""
-        return await self._request_with_id(message, next(self._ids))
+        """Send one request and wait for its answer (NACKs raise).
+
+        With failover on, a lost connection reconnects and sends the request again
+        if that is safe (tq.client.failover); else ``OutcomeUnknown``."""
+        if self._window <= 0:
+            return await self._request_with_id(message, next(self._ids))
+        message = fo.with_idempotency_keys(message)  # a resent submit never duplicates
+        deadline: float | None = None
+        while True:
+            seen = self._generation
+            try:
+                reply = await self._exchange(message, next(self._ids))
+                return reply if deadline is None else fo.resent_answer(message, reply)
+            except fo.Unanswered as lost:
+                if not fo.resend_safe(message):
+                    raise fo.outcome_unknown(self.address, message) from None
+                error = lost.error
+            except TQError as exc:  # refused before it was sent, or a NACK of its own id
+                if not fo.retriable(exc):
+                    raise
+                error = exc
+            if deadline is None:
+                deadline = trio.current_time() + self._window
+            try:
+                await self._redial(seen, deadline)
+            except TQError as exc:
+                raise exc from error
 
     async def _request_with_id(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
+        try:
+            return await self._exchange(message, rid)
+        except fo.Unanswered as lost:
+            raise lost.error from None
+
+    async def _exchange(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
+        """One request and its answer; ``Unanswered`` if the connection broke after it
+        was handed to the writer (its outcome is unknown); TQError otherwise."""
         if self._error is not None:
             raise self._error
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
@@ -191,7 +327,9 @@ class Client:
             try:
                 reply = await recv.receive()
             except trio.EndOfChannel:
-                raise self._error or api.connection_lost(self.address) from None
+                raise fo.Unanswered(self._error or api.connection_lost(self.address)) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise self._error or api.connection_lost(self.address) from None  # not sent
         finally:
             self._pending.pop(rid, None)
         return api.raise_for_nack(reply)
@@ -375,7 +513,10 @@ async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, st
         host, port = parse_address(one)
         try:
             with trio.fail_after(timeout):
-                return await trio.open_tcp_stream(host, port), host, one
+                stream = await trio.open_tcp_stream(host, port)
+            for level, option, value in fo.socket_options():
+                stream.setsockopt(level, option, value)
+            return stream, host, one
         except trio.TooSlowError:
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:

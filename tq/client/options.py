@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tq.client import _api as api
+from tq.client.failover import parse_brokers
 from tq.config import Settings
-from tq.core.errors import ConfigError
 from tq.security.tls import client_ssl_context
 from tq.security.tokens import decode_join_token
 
@@ -27,10 +27,8 @@ JOIN_CA = "the CA in the join token"
 
 
 def split_addresses(address: str) -> list[str]:
-    addresses = [a.strip() for a in address.split(",") if a.strip()]
-    if not addresses:
-        raise ConfigError("no broker address; pass --broker HOST:PORT (or --join TOKEN)")
-    return addresses
+    """The brokers of ``address`` (tq.client.failover.parse_brokers: checked one by one)."""
+    return list(parse_brokers(address))
 
 
 def tls_context(

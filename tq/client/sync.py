@@ -4,6 +4,12 @@ For scripts, threads (the Textual console's workers) and any code without a
 trio loop. One request at a time per client (a lock makes it safe to share
 between threads); batch with ``submit_many`` for throughput. Messages and
 parsing come from ``_api.py``, exactly as in the trio client.
+
+Failover as in the trio client (tq/client/failover.py): ``address`` may list
+several brokers, tried in turn; after a lost connection a request that is safe
+to send again reconnects (``_redial``, the one reconnect point) with backoff for
+up to ``failover`` seconds and is sent again; other writes raise
+``OutcomeUnknown``. The pauses are ``time.sleep`` (Ctrl-C interrupts them).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from tq.client import _api as api
+from tq.client import failover as fo
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import Settings, parse_address
 from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
@@ -49,13 +56,18 @@ class BlockingClient:
         ca_data: str | None = None,
         client_cert: Path | None = None,
         client_key: Path | None = None,
+        failover: float | None = None,
     ) -> None:
-        self.address = address
+        brokers = split_addresses(address)
+        self.address = brokers[0]  # the broker this client talks to now
+        self._closed = False  # close() was called: no reconnecting
+        self.server: dict[str, Any] = {}
+        self._max_frame = max_frame
         self._conn = Connection(max_frame)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._subscription: BlockingSubscription | None = None  # subscription mode
-        context = tls_context(
+        self._context = tls_context(
             address,
             ca=ca,
             insecure=insecure,
@@ -63,13 +75,51 @@ class BlockingClient:
             client_cert=client_cert,
             client_key=client_key,
         )
-        self._sock = _open_socket(address, context, ca_name(ca, ca_data), timeout)
+        self._ca = ca_name(ca, ca_data)
+        self._timeout = timeout
+        self._hello = api.hello(kind, name, with_key(dict(hello or {}), key))
+        self._rotation = fo.Rotation(brokers)
+        self._window = fo.window(brokers, failover)
+        self._redial(None)
+
+    # -- (re)connecting: the one place failover happens --------------------
+    def _redial(self, deadline: float | None) -> None:
+        """Connect to the next broker that accepts. ``deadline`` None: one round
+        through the brokers (the first connect); else rounds with backoff until then."""
+        backoff = fo.Backoff(deadline)
+        while True:
+            error: TQError | None = None
+            for one in self._rotation.order():
+                try:
+                    self._dial(one)
+                except TQError as exc:
+                    if not fo.retriable(exc):
+                        raise
+                    self._rotation.failed(one)
+                    error = exc
+                    continue
+                self._rotation.connected(one)
+                return
+            assert error is not None  # the rotation is never empty
+            delay = None if deadline is None else backoff.next_delay(time.monotonic())
+            if delay is None:
+                raise error
+            time.sleep(delay)
+
+    def _dial(self, one: str) -> None:
+        """A new connection to ``one`` (the old one closed) and its hello."""
+        if hasattr(self, "_sock"):
+            self._close_socket()
+        self._sock = _open_socket(one, self._context, self._ca, self._timeout)
         self._sock.settimeout(None)
+        self.address = one
+        self._conn = Connection(self._max_frame)
+        self._established = False  # until the hello is answered
         try:
-            hello = with_key(dict(hello or {}), key)
-            self.server = self._request(api.hello(kind, name, hello), timeout)
+            self.server = self._request_once(self._hello, self._timeout)
+            self._established = True
         except BaseException:
-            self.close()
+            self._close_socket()
             raise
 
     @classmethod
@@ -78,7 +128,12 @@ class BlockingClient:
         return cls(**{**settings_options(settings), **kwargs})
 
     def close(self) -> None:
-        """Close the connection; safe from another thread (wakes a blocked read)."""
+        """Close the connection; safe from another thread (wakes a blocked read, which
+        then fails: a closed client never reconnects)."""
+        self._closed = True
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # not SSLSocket's: see events
         with contextlib.suppress(OSError):
@@ -114,14 +169,62 @@ class BlockingClient:
                 "this client is reading events (subscribe): use another client for requests"
             )
         with self._lock:
-            rid = next(self._ids)
-            self._sock.settimeout(timeout)
+            if self._window <= 0 or message.get("t") in ("subscribe", "unsubscribe"):
+                return self._request_once(message, timeout)
+            message = fo.with_idempotency_keys(message)  # a resent submit never duplicates
+            deadline: float | None = None
+            while True:
+                try:
+                    reply = self._exchange(message, timeout)
+                    return reply if deadline is None else fo.resent_answer(message, reply)
+                except fo.Unanswered as lost:
+                    if not fo.resend_safe(message):
+                        raise fo.outcome_unknown(self.address, message) from None
+                    error = lost.error
+                except TQError as exc:  # not sent, or a NACK of its own id: nothing done
+                    if not fo.retriable(exc):
+                        raise
+                    error = exc
+                if self._closed:  # closed by its owner (maybe from another thread)
+                    raise error
+                if deadline is None:
+                    deadline = time.monotonic() + self._window
+                self._rotation.failed(self.address)  # lost: try the next broker first
+                try:
+                    self._redial(deadline)
+                except TQError as exc:
+                    raise exc from error
+
+    def _request_once(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        try:
+            return self._exchange(message, timeout)
+        except fo.Unanswered as lost:
+            raise lost.error from None
+
+    def _exchange(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request and its answer (the caller holds the lock); ``Unanswered`` if
+        the connection broke after it was sent (its outcome is unknown)."""
+        rid = next(self._ids)
+        self._sock.settimeout(timeout)
+        try:
             try:
                 self._sock.sendall(self._conn.send({**message, "id": rid}))
+            except ssl.SSLError as exc:
+                if self._established and api.closed_in_handshake(exc):
+                    raise api.connection_lost(self.address) from None  # not (all) sent
+                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
+            except (OSError, ValueError):  # ValueError: a socket closed meanwhile
+                raise api.connection_lost(self.address) from None  # not (all) sent
+            try:
                 while True:
                     msg = self._read_message()
-                    if msg["id"] == rid or (msg["id"] == 0 and msg["t"] == "nack"):
+                    if msg["id"] == rid:
                         return api.raise_for_nack(msg)
+                    if msg["id"] == 0 and msg["t"] == "nack":
+                        try:
+                            api.raise_for_nack(msg)
+                        except TQError as exc:  # the connection ends: the outcome is unknown
+                            raise fo.Unanswered(exc) from None
             except MessageError as exc:
                 raise exc.cause from None
             except TimeoutError:
@@ -129,10 +232,15 @@ class BlockingClient:
                     f"the broker at {self.address} did not answer within {timeout:g}s"
                 ) from None
             except ssl.SSLError as exc:
+                if self._established and api.closed_in_handshake(exc):
+                    raise fo.Unanswered(api.connection_lost(self.address)) from None
                 raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except OSError:
-                raise api.connection_lost(self.address) from None
-            finally:
+            except (OSError, ValueError):
+                raise fo.Unanswered(api.connection_lost(self.address)) from None
+            except ConnectionFailed as exc:  # the broker closed the connection
+                raise fo.Unanswered(exc) from None
+        finally:
+            with contextlib.suppress(OSError, ValueError):
                 self._sock.settimeout(None)
 
     def _read_message(self) -> dict[str, Any]:
@@ -302,6 +410,8 @@ def _open_socket(
     """TCP (+TLS) to the first broker in ``address`` that accepts."""
     sock, host, where = _open_tcp(address, timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for level, option, value in fo.socket_options():  # a silent broker host is noticed
+        sock.setsockopt(level, option, value)
     if context is None:
         return sock
     try:

@@ -5,6 +5,10 @@
 
 Format: ``tqj1_`` + unpadded base64url of a msgpack map
 ``{"a": [address, ...], "ca": <CA certificate, DER>, "k": <API key>}``.
+Several addresses are several brokers of one cluster (same CA), tried in turn
+(tq.client.failover). Every token made so far stays valid: the format has held
+a list from the start; an entry that itself lists brokers ("b1:7470,b2:7470")
+counts as those brokers.
 
 What the token pins: it carries the broker's CA *certificate* (~400 bytes
 of DER), not only its fingerprint. The client trusts exactly that CA and
@@ -61,9 +65,17 @@ class JoinToken:
         return ",".join(self.addresses)
 
 
+def _brokers(addresses: Sequence[str]) -> list[str]:
+    """Each entry split at commas and checked (ConfigError naming the bad one)."""
+    from tq.client.failover import parse_brokers
+
+    return list(dict.fromkeys(a for entry in addresses for a in parse_brokers(entry)))
+
+
 def encode_join_token(addresses: Sequence[str], ca_pem: str | bytes, key: str) -> str:
     if not addresses:
         raise ConfigError("a join token needs at least one broker address")
+    addresses = _brokers(addresses)
     parse_key(key)
     from cryptography import x509  # the broker and admin commands only: ~50 ms to import
     from cryptography.hazmat.primitives import serialization
@@ -101,6 +113,10 @@ def decode_join_token(text: str) -> JoinToken:
         or not isinstance(key, str)
     ):
         raise ConfigError(f"the join token lacks its addresses, CA or key; {_HINT}")
+    try:
+        addresses = _brokers(addresses)
+    except ConfigError as exc:
+        raise ConfigError(f"the join token's broker addresses are damaged ({exc})") from None
     try:
         # OpenSSL parses the CA (the standard library's ssl: no cryptography on the client path)
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)

@@ -30,8 +30,15 @@ still holds that lease (not one it adopted since).
 
 Reconnecting: after a failed connection attempt or a lost session the worker
 waits ``RECONNECT.delay(n)`` (tq.core.retry: exponential with equal jitter,
-never above the cap) for the n-th failure in a row; a successful hello
-resets n, so every outage starts again from the shortest delay.
+never above the cap; tq.client.failover.Backoff without a deadline) for the
+n-th failure in a row; a successful hello
+resets n, so every outage starts again from the shortest delay. With several
+brokers (``--broker b1,b2``, a join token) each attempt tries them in turn,
+starting after the one whose session was lost (tq.client.failover.Rotation).
+The leases survive the move: they are the worker's (by worker id) in the
+store, and the first thing a new session sends is a heartbeat for every lease
+still running, so they are extended at once on the new broker; outcomes
+finished meanwhile go out from the outbox as usual.
 
 Shutdown (``shutdown`` set): stop claiming at once. A claim already sent is
 not abandoned: its answer (at most ``CLAIM_WAIT`` seconds away) is awaited
@@ -58,15 +65,14 @@ from typing import Any
 import psutil
 import trio
 
+from tq.client import failover as fo
 from tq.client.aio import Client
+from tq.client.options import settings_options, split_addresses
 from tq.config import Settings
 from tq.core.errors import (
-    ConnectionFailed,
     Forbidden,
-    TLSFailure,
     TQError,
     Unauthorized,
-    Unavailable,
 )
 from tq.core.heap import settle_heap
 from tq.core.retry import RetryPolicy
@@ -185,11 +191,12 @@ class Worker:
         self.draining = False
         self.completed = 0
         self._changed = trio.Event()  # a slot freed, an outcome queued or sent, a claim answered
-        self._failures = 0  # connection failures in a row (reset by a successful hello)
+        self._backoff = fo.Backoff(None, RECONNECT)  # reset by a successful hello
         self.connected = False  # a session with the broker is up
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._lease_ttl = settings.lease_ttl
+        self._rotation = fo.Rotation(split_addresses(settings_options(settings)["address"]))
 
     @property
     def types(self) -> list[str]:
@@ -328,13 +335,20 @@ class Worker:
                     log.warning("broker refused the result of %s: %s", item["id"], item["reason"])
 
     async def _heartbeater(self, client: Client) -> None:
-        while True:
+        if self.running:  # a new session: extend the leases we hold at once, ...
+            await _settle(6)  # the claimer sends its first claim meanwhile
+            with trio.move_on_after(2 * CLAIM_WAIT):
+                while self._claiming:  # ... once the first claim has been answered (it may
+                    await self._changed.wait()  # re-lease a task running here: adopted)
+        else:
             await trio.sleep(self._lease_ttl / 3)
+        while True:
             sent = list(self.running)
             reply = await client.request(
                 {"t": "heartbeat", "leases": [list(k) for k in sent], "stats": self.stats()}
             )
             self.lost(sent, reply["lost"])
+            await trio.sleep(self._lease_ttl / 3)
 
     def stats(self) -> dict[str, Any]:
         with self._process.oneshot():
@@ -358,9 +372,15 @@ class Worker:
 
     async def _session(self, tasks: trio.Nursery, connected: Callable[[], None]) -> None:
         async with Client.from_settings(
-            self.settings, kind="worker", name=self.id, hello=self.hello()
+            self.settings,
+            address=",".join(self._rotation.order()),
+            kind="worker",
+            name=self.id,
+            hello=self.hello(),
+            failover=0,  # the worker recovers itself: new session, outbox, heartbeats
         ) as client:
-            self._failures = 0  # the broker is back: the next outage starts from the start
+            self._rotation.connected(client.address)
+            self._backoff.reset()  # the broker is back: the next outage starts from the start
             self._lease_ttl = float(client.server.get("lease_ttl", self._lease_ttl))
             connected()
             self.connected = True
@@ -381,6 +401,7 @@ class Worker:
                     loops.cancel_scope.cancel()
             finally:
                 self.connected = False
+                self._rotation.failed(client.address)  # lost: try the next broker first
 
     async def run(
         self,
@@ -406,8 +427,8 @@ class Worker:
                         raise
                     if not _retriable(error) and (not started or _refused(error)):
                         raise error from None
-                    self._failures += 1
-                    delay = RECONNECT.delay(self._failures)
+                    delay = self._backoff.next_delay(trio.current_time())
+                    assert delay is not None  # no deadline: a worker tries until stopped
                     log.warning("%s; reconnecting in %.1fs", error, delay)
                     await trio.sleep(delay)
             tasks.cancel_scope.cancel()
@@ -448,7 +469,7 @@ async def _settle(rounds: int = 3) -> None:
 
 def _retriable(error: TQError) -> bool:
     """Worth reconnecting for: the broker is away, not misconfigured."""
-    return isinstance(error, ConnectionFailed | Unavailable) and not isinstance(error, TLSFailure)
+    return fo.retriable(error)
 
 
 def _refused(error: TQError) -> bool:

@@ -1,0 +1,216 @@
+"""Workers and producers across a broker killed with kill -9, as separate processes.
+
+One broker on SQLite, killed and started again on the same address; and two
+brokers on one PostgreSQL database, one of them killed for good, with a worker
+and a producer given both addresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tq.client import BlockingClient
+from tq.client.failover import AUTO_KEY_PREFIX
+from tq.core.task import Task
+from tq.testing import BrokerProcess, tq_command
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_states(client: BlockingClient, ids: list[str], timeout: float = 60) -> list[Task]:
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = [client.get(i) for i in ids]
+        if all(t.state in ("succeeded", "dead", "cancelled") for t in tasks):
+            return tasks
+        if time.monotonic() > deadline:
+            raise AssertionError([(t.id, t.state) for t in tasks])
+        time.sleep(0.1)
+
+
+def _wait_running(client: BlockingClient, ids: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(client.get(i).state == "running" for i in ids):
+        assert time.monotonic() < deadline, "the tasks did not start"
+        time.sleep(0.05)
+
+
+def test_a_worker_carries_on_across_a_kill_and_restart_of_its_only_broker(
+    tmp_path: Path,
+) -> None:
+    """kill -9 while tasks run (their leases outlast the outage): the broker comes back on
+    the same address, the worker reconnects and reports what finished meanwhile; every
+    task succeeds on its first attempt, and new work runs."""
+    with BrokerProcess(tmp_path / "broker", "--lease-ttl", "6", "--http", "off") as broker:
+        broker.start_worker("--concurrency", "4")
+        broker.wait_for_workers()
+        with broker.client() as client:
+            ids = [client.submit("sleep", 1.5) for _ in range(4)]
+            _wait_running(client, ids)
+        broker.kill()
+        time.sleep(0.5)
+        broker.start(broker.address)  # the same address; the tasks finish meanwhile
+        with BlockingClient(broker.address, ca=broker.ca, key=broker.key) as client:
+            tasks = _wait_states(client, ids)
+            after = client.submit("echo", "after")
+            [again] = _wait_states(client, [after])
+        log = (tmp_path / "broker" / "worker0.log").read_text()
+    assert [(t.state, t.attempts) for t in tasks] == [("succeeded", 1)] * 4, log
+    assert again.state == "succeeded" and again.result == "after"
+    assert "reconnecting in" in log
+
+
+def _cluster_broker(data: Path, store: str, tls_from: Path | None) -> BrokerProcess:
+    if tls_from is not None:  # the brokers of a cluster share one CA
+        data.mkdir(mode=0o700)
+        shutil.copytree(tls_from / "tls", data / "tls")
+    return BrokerProcess(data, "--store", store, "--lease-ttl", "2", "--http", "off").start()
+
+
+def test_workers_and_producers_fail_over_when_one_of_two_brokers_is_killed(
+    tmp_path: Path, pg_url: str
+) -> None:
+    a = _cluster_broker(tmp_path / "a", pg_url, None)
+    b = _cluster_broker(tmp_path / "b", pg_url, tmp_path / "a")
+    both = f"{a.address},{b.address}"
+    key = a.key
+    assert key is not None
+    worker_log = tmp_path / "worker.log"
+    try:
+        with open(worker_log, "ab") as log:
+            worker = subprocess.Popen(
+                tq_command("worker", "--broker", both, "--ca", str(a.ca), "--key", key, "-c", "4"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        a.wait_for_workers()  # on A, the first of its list
+        submitted: list[str] = []
+        errors: list[BaseException] = []
+        halfway = threading.Event()
+
+        def produce() -> None:
+            try:
+                with BlockingClient(both, ca=a.ca, key=key) as producer:
+                    for i in range(300):
+                        submitted.append(producer.submit("echo", i))
+                        if i == 100:
+                            halfway.set()
+            except BaseException as exc:
+                errors.append(exc)
+                halfway.set()
+
+        with BlockingClient(both, ca=a.ca, key=key) as client:
+            long = client.submit("sleep", 4)  # outlives a lease: kept by heartbeats to B
+            _wait_running(client, [long])
+            thread = threading.Thread(target=produce)
+            thread.start()
+            halfway.wait(60)
+            a.kill()  # kill -9 mid-run
+            thread.join(120)
+            assert not errors, errors
+            tasks = _wait_states(client, [long, *submitted], timeout=90)
+            total = len(client.list(limit=1000).tasks)
+            assert client.address == b.address
+        worker.terminate()
+        worker.wait(30)
+    finally:
+        for broker in (a, b):
+            broker.close()
+        if worker.poll() is None:
+            worker.kill()
+    text = worker_log.read_text()
+    assert len(submitted) == 300 and len(set(submitted)) == 300
+    assert total == 301  # every submit stored once: resends were deduplicated
+    assert all(t.state == "succeeded" for t in tasks), [(t.id, t.state) for t in tasks]
+    assert sorted(t.result for t in tasks[1:]) == list(range(300))
+    assert tasks[0].attempts == 1, text  # the lease moved with the worker to broker B
+    assert all((t.idempotency_key or "").startswith(AUTO_KEY_PREFIX) for t in tasks)
+    assert f"connected to {b.address}" in text
+
+
+@pytest.mark.trio
+async def test_three_brokers_lose_two_to_kill_9_and_nothing_is_lost_or_run_twice_at_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Three brokers on one database; two workers and a producer given all three. The
+    producer submits tasks with idempotency keys while the brokers are killed (kill -9)
+    one after the other until one is left: every task is stored once and succeeds, no
+    task runs in two workers at once, and the work goes on after each kill."""
+    import trio
+
+    from tq.client import Client
+    from tq.config import Settings
+    from tq.worker.handlers import HandlerRegistry
+    from tq.worker.runner import Worker
+
+    total = 3000
+    brokers: list[BrokerProcess] = []
+    for name in "abc":
+        tls_from = None if not brokers else tmp_path / "a"
+        brokers.append(
+            await trio.to_thread.run_sync(_cluster_broker, tmp_path / name, pg_url, tls_from)
+        )
+    a = brokers[0]
+    every = ",".join(b.address for b in brokers)
+    running: set[int] = set()
+    overlaps: list[int] = []
+    finished: list[float] = []  # trio times of finished runs
+
+    async def work(payload: dict[str, int]) -> int:
+        n = payload["n"]
+        if n in running:
+            overlaps.append(n)
+        running.add(n)
+        try:
+            await trio.sleep(0.005 * (n % 5))
+        finally:
+            running.discard(n)
+        finished.append(trio.current_time())
+        return n
+
+    registry = HandlerRegistry()
+    registry.register("work", work)
+    settings = Settings(data=tmp_path / "w", broker=every, ca=a.ca, key=a.key, concurrency=16)
+    workers = [Worker(dataclasses.replace(settings, name=f"w{i}"), registry) for i in range(2)]
+    stop = trio.Event()
+    kills: list[float] = []
+    backlogs: list[int] = []
+    try:
+        with trio.fail_after(180):
+            async with trio.open_nursery() as nursery:
+                for worker in workers:
+                    await nursery.start(worker.run, stop)
+                async with Client.connect(every, ca=a.ca, key=a.key) as producer:
+                    for start in range(0, total, 100):
+                        if start in (total // 3, 2 * total // 3):  # kill -9 the one in use
+                            victim = brokers[len(kills)]
+                            await trio.to_thread.run_sync(victim.kill)
+                            kills.append(trio.current_time())
+                            backlogs.append(start - len(finished))  # work left at the kill
+                        specs = [
+                            {"type": "work", "payload": {"n": n}, "idempotency_key": f"job-{n}"}
+                            for n in range(start, min(start + 100, total))
+                        ]
+                        await producer.submit_many(specs)
+                    assert producer.address == brokers[2].address
+                    while (await producer.stats())["queues"]["default"].get("succeeded", 0) < total:
+                        await trio.sleep(0.2)
+                    page = await producer.list(limit=10000)
+                stop.set()
+    finally:
+        for broker in brokers:
+            await trio.to_thread.run_sync(broker.close)
+    assert overlaps == []
+    assert all(n > 0 for n in backlogs), backlogs  # each kill came mid-run
+    assert len(page.tasks) == total  # every task stored once
+    assert sorted(t.result for t in page.tasks) == list(range(total))
+    assert all(t.state == "succeeded" for t in page.tasks)
+    for killed_at in kills:  # the workers carried on within seconds of each kill
+        assert any(killed_at < t < killed_at + 10 for t in finished), (killed_at, finished[-5:])
