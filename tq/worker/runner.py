@@ -59,7 +59,7 @@ import psutil
 import trio
 
 from tq.client.aio import Client
-from tq.config import Settings
+from tq.config import WorkerSettings
 from tq.core.errors import (
     ConnectionFailed,
     Forbidden,
@@ -167,7 +167,7 @@ async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, An
 class Worker:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         registry: HandlerRegistry,
         exec_handlers: dict[str, ExecHandler] | None = None,
         clock: Callable[[], float] = time.time,
@@ -468,7 +468,7 @@ def _session_error(exc: BaseException) -> TQError | None:
 
 
 async def serve_worker(
-    settings: Settings,
+    settings: WorkerSettings,
     registry: HandlerRegistry,
     exec_handlers: dict[str, ExecHandler] | None = None,
     *,
