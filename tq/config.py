@@ -1,28 +1,59 @@
-"""Settings: frozen, resolved once at the edge.
+"""Settings: frozen, typed per role, resolved once at the edge.
+
+Each process reads the settings of its role, and only those:
+
+* ``CommonSettings``: every process (data directory, logging, frame cap, plaintext);
+* ``ConnectionSettings``: how to reach a broker (address, CA, key, join token, client
+  certificate); shared by ``ClientSettings`` (the CLI, the console, the Python API)
+  and ``WorkerSettings`` (which adds queues, concurrency, name, grace);
+* ``BrokerSettings``: listen and HTTP addresses, store, durability, auth and limits.
+
+``Settings`` holds every field of every role: what one config file may hold, and what
+``tq up`` (a broker and a worker in one process) and ``tq doctor`` use. Each role type
+is a base of ``Settings``, so full settings can be passed wherever a role's are taken.
 
 Precedence, lowest first: defaults (the named constants below) < config file
 (TOML) < environment (``TQ_<KEY>``) < command-line flags. Only this module
-and tq/cli read files and the environment; everything else receives a
-``Settings``.
+and tq/cli read files and the environment; everything else receives settings.
 
-The config file is ``$TQ_CONFIG`` if set, else ``config.toml`` in the
-platform config directory. Keys are the field names of ``Settings``; unknown
-keys are refused so a typo is noticed. ``ALIASES`` adds names matching the
+Values are converted by the field's declared type (``typing.get_type_hints``):
+``bool``, ``int``, ``float``, ``str``, ``Path``, ``X | None``, ``tuple[str, ...]``,
+``Literal[...]`` (the accepted choices), with ``Annotated`` marks for ranges
+(``Bounds``), validation (``Check``) and an off switch (``OFF``). A bad value from any
+source is a ConfigError naming that source: ``TQ_GRACE=abc: not a number of seconds``,
+``config file F: lease_ttl = -1: must be > 0``, ``--synchronous fast: expected full or
+normal``.
+
+The config file is ``$TQ_CONFIG`` if set, else ``config.toml`` in the platform
+config directory. One file serves every role; keys are the field names of
+``Settings`` (a role ignores the others' keys). An unknown key is refused, naming
+the nearest known one, so a typo is noticed. ``ALIASES`` adds names matching the
 command-line flag (``TQ_GRACE`` / ``grace`` for ``--grace``, which is
-``shutdown_grace``). A bad value from any source is a ConfigError naming that
-source: ``TQ_GRACE=abc: not a number of seconds``, ``config file F: lease_ttl
-= -1: must be > 0``, ``--synchronous fast: expected full or normal``.
+``shutdown_grace``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import platformdirs
 
@@ -46,6 +77,72 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # no request for this long (and none in flight): c
 DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no limit
 DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
+MAX_FRAME_LIMIT = 2**32 - 1  # a frame's length prefix is 4 bytes (docs/PROTOCOL.md)
+
+
+# -- what a field's type may carry besides the type itself ---------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A number's range; ``unit`` names it in errors ("not a number of seconds")."""
+
+    gt: float | None = None
+    ge: float | None = None
+    le: float | None = None
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A text value's own check: returns the value to keep, raises ConfigError/ValueError."""
+
+    check: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Listable:
+    """A text setting the config file may also give as an array (joined with commas)."""
+
+
+LISTABLE = Listable()
+
+
+@dataclass(frozen=True)
+class Off:
+    """A text setting a TOML ``false`` turns off (stored as ``"off"``)."""
+
+
+OFF = Off()
+
+
+def _store_url(text: str) -> str:
+    text = text.strip()
+    if text:
+        from tq.store import parse_store_url
+
+        parse_store_url(text)  # ConfigError naming the accepted forms
+    return text
+
+
+def _brokers(text: str) -> str:
+    """One broker address or several, comma-separated, each checked (the entry that is
+    wrong is named, with how to write a list)."""
+    from tq.client.failover import parse_brokers
+
+    return ",".join(parse_brokers(text))
+
+
+Seconds = Annotated[float, Bounds(gt=0, unit="seconds")]
+Count = Annotated[int, Bounds(gt=0)]
+Rate = Annotated[float, Bounds(ge=0)]  # 0: no limit
+Amount = Annotated[float, Bounds(gt=0)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["human", "json"]
+Synchronous = Literal["full", "normal"]
+StoreURL = Annotated[str, Check(_store_url)]
+Brokers = Annotated[str, LISTABLE, Check(_brokers)]
+Switchable = Annotated[str, OFF]
 
 
 def default_data_dir() -> Path:
@@ -59,44 +156,20 @@ def default_config_file(env: Mapping[str, str] | None = None) -> Path:
     return Path(platformdirs.user_config_dir(APP)) / "config.toml"
 
 
-@dataclass(frozen=True)
-class Settings:
-    data: Path = field(default_factory=default_data_dir)
-    listen: str = DEFAULT_LISTEN  # broker: where to accept connections
-    http: str = DEFAULT_HTTP  # broker: where to serve HTTP (REST, metrics), or "off"
-    broker: str = DEFAULT_LISTEN  # clients and workers: where the broker is
-    ca: Path | None = None  # None: <data>/tls/ca.pem if it exists
-    insecure: bool = False
-    tls_san: tuple[str, ...] = ()
-    store: str = ""  # broker: the store URL (tq.store); empty: sqlite://<data>/tq.db
-    synchronous: str = DEFAULT_SYNCHRONOUS
-    lease_ttl: float = DEFAULT_LEASE_TTL
-    max_frame: int = DEFAULT_MAX_FRAME
-    concurrency: int = DEFAULT_CONCURRENCY
-    queues: tuple[str, ...] = ("default",)
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
-    name: str = ""  # worker name; empty: host-pid
-    log_level: str = "info"
-    log_format: str = "human"  # services' log lines: human or json
-    # -- security --
-    key: str | None = None  # API key; None: <data>/admin.key (the local broker's) if readable
-    join: str | None = None  # join token: broker addresses, CA and key in one string
-    client_cert: Path | None = None  # mutual TLS: this client's certificate ...
-    client_key: Path | None = None  # ... and its private key (`tq ca issue NAME`)
-    auth: bool = True  # broker: require API keys (--no-auth turns this off)
-    require_client_cert: bool = False  # broker: mutual TLS
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    submit_rate: float = DEFAULT_SUBMIT_RATE
-    submit_burst: float = DEFAULT_SUBMIT_BURST
-    max_payload: int = DEFAULT_MAX_PAYLOAD
+# -- the settings of each role ------------------------------------------------------------
 
-    @property
-    def http_enabled(self) -> bool:
-        return self.http.strip().lower() not in ("off", "no", "false", "none", "")
+
+@dataclass(frozen=True, kw_only=True)
+class CommonSettings:
+    """What every process reads."""
+
+    role: ClassVar[str] = "every role"
+
+    data: Path = field(default_factory=default_data_dir)
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "human"  # services' log lines: human or json
+    max_frame: Annotated[int, Bounds(gt=0, le=MAX_FRAME_LIMIT)] = DEFAULT_MAX_FRAME
+    insecure: bool = False  # broker: listen without TLS; others: connect without it
 
     @property
     def tls_dir(self) -> Path:
@@ -107,18 +180,6 @@ class Settings:
         return self.data / "tq.db"
 
     @property
-    def store_url(self) -> str:
-        """Where the broker keeps its tasks: ``store``, else the SQLite file in ``data``."""
-        return self.store or f"sqlite://{self.db_path}"
-
-    def ca_file(self) -> Path | None:
-        """The CA to verify the broker with: --ca, else the local broker's."""
-        if self.ca is not None:
-            return self.ca
-        local = self.tls_dir / "ca.pem"
-        return local if local.exists() else None
-
-    @property
     def admin_key_file(self) -> Path:
         """Where a broker writes the admin key it creates on first start (0600)."""
         return self.data / "admin.key"
@@ -127,6 +188,27 @@ class Settings:
     def join_key_file(self) -> Path:
         """Where a broker keeps the worker key its printed join token carries (0600)."""
         return self.data / "join.key"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionSettings(CommonSettings):
+    """How a client or a worker reaches the broker and proves who it is."""
+
+    role: ClassVar[str] = "workers and clients"
+
+    broker: Brokers = DEFAULT_LISTEN  # where the broker is: one address or several
+    ca: Path | None = None  # None: <data>/tls/ca.pem if it exists
+    key: str | None = None  # API key; None: <data>/admin.key (the local broker's) if readable
+    join: str | None = None  # join token: broker addresses, CA and key in one string
+    client_cert: Path | None = None  # mutual TLS: this client's certificate ...
+    client_key: Path | None = None  # ... and its private key (`tq ca issue NAME`)
+
+    def ca_file(self) -> Path | None:
+        """The CA to verify the broker with: --ca, else the local broker's."""
+        if self.ca is not None:
+            return self.ca
+        local = self.tls_dir / "ca.pem"
+        return local if local.exists() else None
 
     def api_key(self) -> str | None:
         """The key to present: --key / TQ_KEY / config, else the local broker's admin key."""
@@ -143,19 +225,78 @@ class Settings:
             ) from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings(ConnectionSettings):
+    """The CLI's client commands, the console and the Python API: the connection only."""
+
+    role: ClassVar[str] = "clients"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(ConnectionSettings):
+    """A worker: the connection, and what it runs."""
+
+    role: ClassVar[str] = "workers"
+
+    concurrency: Count = DEFAULT_CONCURRENCY
+    queues: tuple[str, ...] = ("default",)
+    name: str = ""  # worker name; empty: host-pid
+    shutdown_grace: Seconds = DEFAULT_SHUTDOWN_GRACE
+    lease_ttl: Seconds = DEFAULT_LEASE_TTL  # until the broker's hello answer says
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings(CommonSettings):
+    """A broker: where it listens, where it keeps tasks, and its limits."""
+
+    role: ClassVar[str] = "brokers"
+
+    listen: str = DEFAULT_LISTEN  # where to accept connections
+    http: Switchable = DEFAULT_HTTP  # where to serve HTTP (REST, metrics), or "off"
+    tls_san: tuple[str, ...] = ()
+    store: StoreURL = ""  # the store URL (tq.store); empty: sqlite://<data>/tq.db
+    synchronous: Synchronous = "full"
+    lease_ttl: Seconds = DEFAULT_LEASE_TTL
+    # -- security --
+    auth: bool = True  # require API keys (--no-auth turns this off)
+    require_client_cert: bool = False  # mutual TLS
+    max_connections: Count = DEFAULT_MAX_CONNECTIONS
+    max_in_flight: Count = DEFAULT_MAX_IN_FLIGHT
+    handshake_timeout: Seconds = DEFAULT_HANDSHAKE_TIMEOUT
+    hello_timeout: Seconds = DEFAULT_HELLO_TIMEOUT
+    idle_timeout: Seconds = DEFAULT_IDLE_TIMEOUT
+    submit_rate: Rate = DEFAULT_SUBMIT_RATE
+    submit_burst: Amount = DEFAULT_SUBMIT_BURST
+    max_payload: Count = DEFAULT_MAX_PAYLOAD
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.http.strip().lower() not in ("off", "no", "false", "none", "")
+
+    @property
+    def store_url(self) -> str:
+        """Where the broker keeps its tasks: ``store``, else the SQLite file in ``data``."""
+        return self.store or f"sqlite://{self.db_path}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(BrokerSettings, WorkerSettings, ClientSettings):
+    """Every setting of every role: the config file's keys; ``tq up`` and ``tq doctor``."""
+
+    role: ClassVar[str] = "every role"
+
+
+R = TypeVar("R", bound=CommonSettings)
+ROLES: dict[str, type[CommonSettings]] = {
+    "broker": BrokerSettings,
+    "worker": WorkerSettings,
+    "client": ClientSettings,
+}
+
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 SECRET_SETTINGS = frozenset({"key", "join"})  # credentials: never passed on (--exec programs)
-ZERO_DISABLES = frozenset({"submit_rate"})  # settings where 0 means "no limit"
 # names matching a command-line flag that differs from the field's name
 ALIASES = {"grace": "shutdown_grace"}  # env TQ_GRACE, config key grace
-SECONDS = frozenset(
-    {"lease_ttl", "shutdown_grace", "handshake_timeout", "hello_timeout", "idle_timeout"}
-)
-CHOICES = {
-    "synchronous": ("full", "normal"),
-    "log_level": ("debug", "info", "warning", "error"),
-    "log_format": ("human", "json"),
-}
 # the command-line flag of each setting that has one (tq/cli/settings_table.py checks
 # these against every command's options)
 FLAGS = {
@@ -197,71 +338,139 @@ def config_key(key: str) -> str:
     return next((a for a, k in ALIASES.items() if k == key), key)
 
 
-def _coerce(key: str, value: Any, source: str | None = None) -> Any:
-    """Turn a file/env/flag value into the field's type, or say what is wrong with it
-    and where it came from (``source``: "TQ_GRACE=abc", "--grace abc", ...)."""
+def roles_of(key: str) -> list[str]:
+    """The roles that read setting ``key``: "broker", "worker", "client"."""
+    return [name for name, cls in ROLES.items() if key in field_types(cls)]
+
+
+def as_role(settings: CommonSettings, role: type[R]) -> R:
+    """The part of ``settings`` that ``role`` reads, as that type."""
+    return role(**{name: getattr(settings, name) for name in field_types(role)})
+
+
+# -- conversion by type -------------------------------------------------------------------
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(role: type[CommonSettings]) -> dict[str, Any]:
+    """Field name -> its resolved type (``Annotated`` marks kept), for ``role``."""
+    if role not in _FIELD_TYPES:
+        hints = get_type_hints(role, include_extras=True)
+        _FIELD_TYPES[role] = {f.name: hints[f.name] for f in dataclasses.fields(role)}
+    return _FIELD_TYPES[role]
+
+
+def convert(kind: Any, value: Any) -> Any:
+    """``value`` (flag, environment text or TOML value) as type ``kind``; ValueError
+    (or ConfigError from a ``Check``) says what is wrong with it."""
+    marks: tuple[Any, ...] = ()
+    if get_origin(kind) is Annotated:
+        kind, *rest = get_args(kind)
+        marks = tuple(rest)
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if value is None or value == "":
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return convert(kind, value)
+    if origin is Literal:
+        if not isinstance(value, str) or value.strip().lower() not in args:
+            raise ValueError(f"expected {' or '.join(args)}")
+        return value.strip().lower()
+    if kind is bool:
+        return _boolean(value)
+    if kind in (int, float):
+        bounds = next((m for m in marks if isinstance(m, Bounds)), Bounds())
+        return _number(kind, value, bounds)
+    if origin is tuple:
+        return _names(value)
+    if kind is Path:
+        if not isinstance(value, str | Path):
+            raise ValueError("expected a path (in quotes in the config file)")
+        return Path(os.path.expanduser(str(value)))
+    if kind is str:
+        if value is False and OFF in marks:
+            return "off"
+        if LISTABLE in marks and isinstance(value, list | tuple):  # a TOML array
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError('expected text or a list of texts (["a:7470", "b:7470"])')
+            value = ",".join(value)
+        if not isinstance(value, str):
+            raise ValueError("expected text (in quotes in the config file)")
+        for mark in marks:
+            if isinstance(mark, Check):
+                value = mark.check(value)
+        return value
+    raise TypeError(f"no conversion to {kind!r}")  # a new field type: teach convert
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("not true or false")
+
+
+def _number(kind: type[int] | type[float], value: Any, bounds: Bounds) -> int | float:
+    noun = f"a number of {bounds.unit}" if bounds.unit else "a number"
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"not {noun}")
+    number: int | float
     try:
-        return _convert(key, value)
-    except (TypeError, ValueError) as exc:
-        where = source or f"setting {key!r}: {value!r}"
+        number = int(str(value).strip()) if kind is int else float(value)
+    except ValueError:
+        raise ValueError(f"not {'a whole number' if kind is int else noun}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"not {noun}")
+    if bounds.gt is not None and not number > bounds.gt:
+        raise ValueError(f"must be > {_shown(bounds.gt)}")
+    if bounds.ge is not None and not number >= bounds.ge:
+        raise ValueError(f"must be >= {_shown(bounds.ge)}")
+    if bounds.le is not None and not number <= bounds.le:
+        raise ValueError(f"must be <= {_shown(bounds.le)}")
+    return number
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError('expected a list of names (["a", "b"]) or a comma-separated string')
+    return tuple(i.strip() for i in items if i.strip())
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    """``convert``, with any error naming where the value came from (``where``:
+    "TQ_GRACE=abc", "--grace abc", "config file F: grace = 'abc'")."""
+    try:
+        return convert(kind, value)
+    except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
 
 
-def _convert(key: str, value: Any) -> Any:
-    kind = FIELDS[key].type
-    if key in CHOICES:
-        text = str(value).strip().lower()
-        if text not in CHOICES[key]:
-            raise ValueError(f"expected {' or '.join(CHOICES[key])}")
-        return text
-    if kind in ("float", "int"):
-        noun = "a number of seconds" if key in SECONDS else "a number"
-        if isinstance(value, bool):
-            raise ValueError(f"not {noun}")
-        try:
-            number = float(value) if kind == "float" else int(str(value).strip())
-        except (TypeError, ValueError):
-            raise ValueError(f"not {'a whole number' if kind == 'int' else noun}") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"not {noun}")
-        if number < 0 or (number == 0 and key not in ZERO_DISABLES):
-            raise ValueError("must be > 0")
-        return number
-    try:
-        if kind in ("Path", "Path | None"):
-            return None if value in (None, "") else Path(os.path.expanduser(str(value)))
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError("not true or false")
-        if kind == "tuple[str, ...]":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        if key == "broker":
-            from tq.client.failover import parse_brokers
+# -- sources ------------------------------------------------------------------------------
 
-            if isinstance(value, list | tuple):  # the config file may list them
-                value = ",".join(str(v) for v in value)
-            try:
-                return ",".join(parse_brokers(str(value)))
-            except ConfigError as exc:  # the entry that is wrong, and how to write a list
-                raise ValueError(str(exc)) from None
-        if key == "store" and str(value).strip():
-            from tq.store import parse_store_url
 
-            parse_store_url(str(value))  # ConfigError naming the accepted forms
-            return str(value).strip()
-        return str(value)
-    except TypeError:
-        raise ValueError(f"expected {kind}") from None
+def _nearest(key: str) -> str:
+    names = sorted({*FIELDS, *ALIASES})
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's settings by field name (aliases resolved), unchecked values; {} if
+    there is no file. Invalid TOML or an unknown key: a ConfigError naming the file."""
     if not path.exists():
         return {}
     try:
@@ -279,11 +488,45 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data[key] = data.pop(alias)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
+        named = ", ".join(f"{key}{_nearest(key)}" for key in unknown)
         raise ConfigError(
-            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
-            f"known keys: {', '.join(sorted(FIELDS))}"
+            f"config file {path}: unknown key(s) {named}; known keys: {', '.join(sorted(FIELDS))}"
         )
     return data
+
+
+def load(
+    role: type[R],
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> R:
+    """Resolve ``role``'s settings: defaults < config file < TQ_* environment < flags.
+
+    Only ``role``'s fields are read (a worker ignores the broker's keys); the config
+    file's keys are all checked to be known. ``flags`` holds only the options the
+    user gave (None values are ignored).
+    """
+    env = os.environ if env is None else env
+    kinds = field_types(role)
+    merged: dict[str, tuple[Any, str]] = {}  # key -> (value, where it came from)
+    path = config_file or default_config_file(env)
+    for key, value in read_config_file(path).items():
+        if key in kinds:
+            merged[key] = (value, f"config file {path}: {config_key(key)} = {value!r}")
+    for key in kinds:
+        for name in dict.fromkeys((f"TQ_{key.upper()}", env_name(key))):  # alias wins
+            value = env.get(name)
+            if value is not None and value != "":
+                merged[key] = (value, f"{name}={value}")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            flag = FLAGS.get(key, f"--{key.replace('_', '-')}")
+            if key not in kinds:
+                raise ConfigError(f"unknown setting {key!r} ({flag}) for {role.role}")
+            shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
+            merged[key] = (value, f"{flag} {shown}")
+    return role(**{k: _coerce(kinds[k], v, where) for k, (v, where) in merged.items()})
 
 
 def load_settings(
@@ -291,28 +534,8 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
 ) -> Settings:
-    """Resolve settings: defaults < config file < TQ_* environment < flags.
-
-    ``flags`` holds only the options the user gave (None values are ignored).
-    """
-    env = os.environ if env is None else env
-    merged: dict[str, tuple[Any, str]] = {}  # key -> (value, where it came from)
-    path = config_file or default_config_file(env)
-    for key, value in read_config_file(path).items():
-        merged[key] = (value, f"config file {path}: {config_key(key)} = {value!r}")
-    for key in FIELDS:
-        for name in dict.fromkeys((f"TQ_{key.upper()}", env_name(key))):  # alias wins
-            value = env.get(name)
-            if value is not None and value != "":
-                merged[key] = (value, f"{name}={value}")
-    for key, value in (flags or {}).items():
-        if value is not None:
-            if key not in FIELDS:
-                raise ConfigError(f"unknown setting {key!r}")
-            flag = FLAGS.get(key, f"--{key.replace('_', '-')}")
-            shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else value
-            merged[key] = (value, f"{flag} {shown}")
-    return Settings(**{k: _coerce(k, v, where) for k, (v, where) in merged.items()})
+    """Every role's settings (``load(Settings, ...)``): for ``tq up`` and ``tq doctor``."""
+    return load(Settings, flags, env, config_file)
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

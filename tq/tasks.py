@@ -69,7 +69,7 @@ from tq.core.task import TaskSpec
 if TYPE_CHECKING:
     from tq.client.aio import Client
     from tq.client.sync import BlockingClient
-    from tq.config import Settings
+    from tq.config import ClientSettings, ConnectionSettings
     from tq.core.task import Task
 
 P = ParamSpec("P")
@@ -425,14 +425,14 @@ def task(
 
 _CLIENT_FLAGS = ("broker", "ca", "key", "join", "insecure", "client_cert", "client_key")
 _config_lock = threading.Lock()
-_settings: Settings | None = None
+_settings: ConnectionSettings | None = None
 _generation = 0  # bumped by configure(): clients opened before are stale
 _local = threading.local()
 _opened: list[BlockingClient] = []
 _current: contextvars.ContextVar[Client | None] = contextvars.ContextVar("tq_client", default=None)
 
 
-def configure(settings: Settings | None = None, **flags: Any) -> None:
+def configure(settings: ConnectionSettings | None = None, **flags: Any) -> None:
     """Where tasks are submitted: ``broker``, ``ca``, ``key`` (or ``join``), ``insecure``,
     ``client_cert``, ``client_key``; unset ones come from ``TQ_*`` and the config file.
 
@@ -453,13 +453,13 @@ def configure(settings: Settings | None = None, **flags: Any) -> None:
     close()
 
 
-def _load(flags: Mapping[str, Any]) -> Settings:
-    from tq.config import load_settings
+def _load(flags: Mapping[str, Any]) -> ClientSettings:
+    from tq.config import ClientSettings, load
 
-    return load_settings({k: v for k, v in flags.items() if v is not None})
+    return load(ClientSettings, {k: v for k, v in flags.items() if v is not None})
 
 
-def default_settings() -> Settings:
+def default_settings() -> ConnectionSettings:
     """The settings default clients connect with (``configure``, else TQ_* and the file)."""
     global _settings
     with _config_lock:
@@ -514,7 +514,9 @@ def current_client() -> Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(settings: Settings | None = None, **flags: Any) -> AsyncIterator[Client]:
+async def connect(
+    settings: ConnectionSettings | None = None, **flags: Any
+) -> AsyncIterator[Client]:
     """A trio client for this block; ``await task.submit(...)`` inside it uses it.
 
     Arguments as ``configure`` (default: the configured settings). Tasks that the

@@ -52,7 +52,7 @@ from typing import Any
 
 import trio
 
-from tq.config import Settings, parse_address
+from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
 from tq.core.values import number
@@ -445,7 +445,7 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-async def open_auth(store: Store, settings: Settings) -> tuple[Auth, bool]:
+async def open_auth(store: Store, settings: BrokerSettings) -> tuple[Auth, bool]:
     """The broker's Auth with its key table loaded; True if an admin key was just created."""
     auth = Auth(
         store,
@@ -462,7 +462,7 @@ async def open_auth(store: Store, settings: Settings) -> tuple[Auth, bool]:
 
 
 async def broker_join_token(
-    auth: Auth, settings: Settings, port: int, ca_file: Path | None
+    auth: Auth, settings: BrokerSettings, port: int, ca_file: Path | None
 ) -> str | None:
     """The join token a broker prints at start (None without auth or TLS)."""
     if not auth.enabled or ca_file is None:

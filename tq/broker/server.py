@@ -46,7 +46,7 @@ from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_o
 from tq.broker.loops import promoter_loop, reaper_loop, scheduler_loop
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
-from tq.config import Settings, parse_address
+from tq.config import BrokerSettings, parse_address
 from tq.core.errors import (
     ConfigError,
     Forbidden,
@@ -129,7 +129,7 @@ def _prepare_data_dir(path: Path) -> None:
         ) from None
 
 
-def _check_limits(settings: Settings) -> None:
+def _check_limits(settings: BrokerSettings) -> None:
     if settings.max_payload > MAX_PAYLOAD_BYTES:
         raise ConfigError(
             f"max_payload {settings.max_payload} is above the store's limit of "
@@ -168,7 +168,11 @@ def _is_disconnect(exc: BaseException) -> bool:
 
 class Session:
     def __init__(
-        self, service: BrokerService, stream: trio.abc.Stream, settings: Settings, peer: str = "?"
+        self,
+        service: BrokerService,
+        stream: trio.abc.Stream,
+        settings: BrokerSettings,
+        peer: str = "?",
     ) -> None:
         self.service = service
         self.stream = stream
@@ -594,7 +598,7 @@ def _task_id(msg: dict[str, Any]) -> str:
 async def _serve_connection(
     stream: trio.SocketStream,
     service: BrokerService,
-    settings: Settings,
+    settings: BrokerSettings,
     ssl_context: ssl.SSLContext | None,
     gate: ConnectionGate,
 ) -> None:
@@ -638,7 +642,7 @@ async def _serve_connection(
 
 
 async def serve_broker(
-    settings: Settings,
+    settings: BrokerSettings,
     *,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[BrokerInfo] = trio.TASK_STATUS_IGNORED,
@@ -651,7 +655,7 @@ async def serve_broker(
 
 
 async def _serve_broker(
-    settings: Settings,
+    settings: BrokerSettings,
     *,
     shutdown: trio.Event | None,
     task_status: trio.TaskStatus[BrokerInfo],

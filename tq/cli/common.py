@@ -20,7 +20,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from tq.cli import exits
-from tq.config import Settings, load_settings
+from tq.config import ClientSettings, CommonSettings, R, load
 from tq.core.errors import TQError
 from tq.core.text import inert
 
@@ -90,8 +90,19 @@ OutputOpt = Annotated[
 ]
 
 
-def settings(**flags: Any) -> Settings:
-    return load_settings(flags)
+def settings(**flags: Any) -> ClientSettings:
+    """A client command's settings: ``flags`` (the options given) over TQ_* and the file."""
+    return load(ClientSettings, flags)
+
+
+def role_settings(role: type[R], **flags: Any) -> R:
+    """The settings of ``role`` (``tq.config.BrokerSettings``, ...) for a service command."""
+    return load(role, flags)
+
+
+def log_settings(**flags: Any) -> CommonSettings:
+    """Only what every process reads (log level and format), before the role's own."""
+    return load(CommonSettings, flags)
 
 
 def output_mode(output: Output | None, as_json: bool) -> Output:

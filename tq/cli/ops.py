@@ -28,9 +28,9 @@ from tq.cli.common import (
     emit_text,
     fail,
     fmt_time,
+    role_settings,
     run_guarded,
     say,
-    settings,
     text_mode,
 )
 from tq.cli.services import StoreOpt
@@ -71,7 +71,7 @@ def backup(
         from tq.store import SQLITE, parse_store_url
         from tq.store.backup import backup_sqlite
 
-        conf = settings(data=data, store=store)
+        conf = _store_settings(data=data, store=store)
         where = parse_store_url(conf.store_url)
         if where.backend != SQLITE:
             fail(
@@ -182,3 +182,10 @@ def _can_print(text: str) -> bool:
     except (UnicodeEncodeError, LookupError):
         return False
     return True
+
+
+def _store_settings(**flags: Any) -> Any:
+    """A command that opens the store itself reads what a broker reads (data, store)."""
+    from tq.config import BrokerSettings
+
+    return role_settings(BrokerSettings, **flags)

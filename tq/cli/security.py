@@ -33,10 +33,19 @@ from tq.cli.common import (
     fmt_time,
     kv_table,
     output_mode,
+    role_settings,
     run_guarded,
     settings,
     text_mode,
 )
+
+
+def _store_settings(**flags: Any) -> Any:
+    """A command that opens the store itself reads what a broker reads (data, store)."""
+    from tq.config import BrokerSettings
+
+    return role_settings(BrokerSettings, **flags)
+
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
@@ -119,7 +128,7 @@ def _offline(data: Path, fn: Callable[[Auth], Awaitable[dict[str, Any]]]) -> dic
     from tq.store import open_store, parse_store_url
     from tq.store.inspect import inspect_store
 
-    url = settings(data=data).store_url
+    url = _store_settings(data=data).store_url
     where = parse_store_url(url)
     if not inspect_store(url).exists:
         if where.backend == "sqlite":
@@ -293,7 +302,7 @@ def ca_issue(
     def body() -> None:
         from tq.security.tls import TLSFiles, issue_client_cert
 
-        conf = settings(data=data)
+        conf = _store_settings(data=data)
         files = TLSFiles.in_dir(conf.tls_dir)
         if not files.ca_key.exists():
             fail(f"no CA in {conf.tls_dir}: pass the broker's --data directory", exits.USAGE)

@@ -12,13 +12,22 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from tq.cli import security_options as sec
-from tq.cli.common import BrokerOpt, CaOpt, DataOpt, InsecureOpt, KeyOpt, run_guarded, settings
+from tq.cli.common import (
+    BrokerOpt,
+    CaOpt,
+    DataOpt,
+    InsecureOpt,
+    KeyOpt,
+    log_settings,
+    role_settings,
+    run_guarded,
+)
 
 if TYPE_CHECKING:
     import trio
 
     from tq.broker.server import BrokerInfo
-    from tq.config import Settings
+    from tq.config import Settings, WorkerSettings
     from tq.worker.executable import ExecHandler
     from tq.worker.handlers import HandlerRegistry
 
@@ -154,7 +163,7 @@ def setup_logging(level: str | None, fmt: str | None = None) -> None:
     (a bad value from any of them: an error naming it, exit 2)."""
     from tq.cli.logfmt import formatter
 
-    conf = run_guarded(lambda: settings(log_level=level, log_format=fmt))
+    conf = run_guarded(lambda: log_settings(log_level=level, log_format=fmt))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(conf.log_format))
     logging.basicConfig(level=getattr(logging, conf.log_level.upper()), handlers=[handler])
@@ -317,8 +326,10 @@ def broker(
 
     def body() -> None:
         from tq.broker.server import serve_broker
+        from tq.config import BrokerSettings
 
-        conf = settings(
+        conf = role_settings(
+            BrokerSettings,
             **_broker_flags(data, listen, insecure, synchronous, lease_ttl, tls_san, store),
             **sec.broker_flags(no_auth, require_client_cert, submit_rate, max_connections),
             http=http,
@@ -388,9 +399,11 @@ def worker(
     setup_logging(log_level, log_format)
 
     def body() -> None:
+        from tq.config import WorkerSettings
         from tq.worker.runner import serve_worker
 
-        conf = settings(
+        conf = role_settings(
+            WorkerSettings,
             **_worker_flags(broker, ca, insecure, concurrency, queues, name, grace),
             **sec.client_flags(key, join, client_cert, client_key),
         )
@@ -433,9 +446,11 @@ def up(
         import trio
 
         from tq.broker.server import serve_broker
+        from tq.config import Settings
         from tq.worker.runner import serve_worker
 
-        conf = settings(
+        conf = role_settings(  # a broker and a worker: every role's settings
+            Settings,
             **_broker_flags(data, listen, insecure, synchronous, lease_ttl, None),
             concurrency=concurrency,
             queues=queues,
@@ -476,8 +491,12 @@ def up(
     run_guarded(body)
 
 
-def _local_settings(conf: Settings, info: BrokerInfo) -> Settings:
+def _local_settings(conf: Settings, info: BrokerInfo) -> WorkerSettings:
+    """The local worker's settings: ``conf``'s worker part, reaching the broker just started."""
     import dataclasses
 
+    from tq.config import WorkerSettings, as_role
+
     local = dataclasses.replace(conf, broker=info.address, ca=info.ca_file)
-    return dataclasses.replace(local, key=sec.local_worker_key(info) or conf.key)
+    local = dataclasses.replace(local, key=sec.local_worker_key(info) or conf.key)
+    return as_role(local, WorkerSettings)

@@ -1,6 +1,6 @@
-"""The settings table: each setting's flag, environment variable and config key,
-generated from the code (``tq.config``: ``Settings``, ``FLAGS``, ``ALIASES``) and
-the commands' options (the typer app).
+"""The settings table: each setting's flag, environment variable, config key and the
+roles that read it, generated from the code (``tq.config``: ``Settings`` and the role
+types, ``FLAGS``, ``ALIASES``) and the commands' options (the typer app).
 
 ``problems()`` checks the flags against every command: each option is either a
 setting's flag (``tq.config.FLAGS``) or an option of that command alone
@@ -124,15 +124,16 @@ def _who(names: list[str]) -> str:
 
 
 def markdown() -> str:
-    """The table for docs/OPERATIONS.md, between BEGIN and END."""
-    from tq.config import ALIASES, FLAGS, Settings, config_key, env_name
+    """The table for docs/OPERATIONS.md, between BEGIN and END: every field of
+    ``Settings``, grouped by the roles that read it."""
+    from tq.config import ALIASES, FLAGS, Settings, config_key, env_name, roles_of
 
     used = where_used()
     lines = [
         BEGIN,
         "",
-        "| config key | environment | flag | default | commands |",
-        "|---|---|---|---|---|",
+        "| config key | environment | flag | default | read by | commands |",
+        "|---|---|---|---|---|---|",
     ]
     for field in dataclasses.fields(Settings):
         flag = FLAGS.get(field.name)
@@ -142,7 +143,8 @@ def markdown() -> str:
             env += f" (or `TQ_{field.name.upper()}`)"
         who = _who(used[flag]) if flag else "config file and environment only"
         shown = f"`{flag}`" if flag else ""
-        lines.append(f"| {key} | {env} | {shown} | {_default(field)} | {who} |")
+        roles = ", ".join(roles_of(field.name))
+        lines.append(f"| {key} | {env} | {shown} | {_default(field)} | {roles} | {who} |")
     assert set(ALIASES.values()) <= {f.name for f in dataclasses.fields(Settings)}
     lines += ["", END]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from tq.cli.common import dumps
-from tq.config import Settings
+from tq.config import ClientSettings
 from tq.core.text import inert
 
 STDIN_BATCH = 250  # tasks per request: one request is one transaction (see OPERATIONS.md)
@@ -180,7 +180,7 @@ def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int
     return rows, good
 
 
-def submit_stdin(conf: Settings, listed: bool = False) -> Outcome:
+def submit_stdin(conf: ClientSettings, listed: bool = False) -> Outcome:
     """Run `tq submit -`. A request that fails (connection lost, refused key) stops the
     reading; the answers of the others are still printed, then its error is raised."""
     from tq.client import Client

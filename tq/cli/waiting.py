@@ -43,7 +43,7 @@ from tq.cli.common import (
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
-    from tq.config import Settings
+    from tq.config import ClientSettings
     from tq.core.errors import TQError
 
 T = TypeVar("T")
@@ -112,7 +112,7 @@ def _said_timeout(exc: TQError, timeout: float | None) -> TQError:
     return Timeout(re.sub(r"after [0-9.e+-]+s", f"after {timeout:g}s", exc.message, count=1))
 
 
-def with_reconnect(conf: Settings, timeout: float | None, body: Callable[..., T]) -> T:
+def with_reconnect(conf: ClientSettings, timeout: float | None, body: Callable[..., T]) -> T:
     """``body(client, remaining_seconds)`` on a blocking client, again on a new
     connection after the broker went away, until it returns."""
     from tq.client import BlockingClient
@@ -166,7 +166,7 @@ def wait(
     run_guarded(lambda: _wait_many(ids, timeout, conf, mode))
 
 
-def _wait_one(task_id: str, timeout: float | None, conf: Settings, mode: Output) -> None:
+def _wait_one(task_id: str, timeout: float | None, conf: ClientSettings, mode: Output) -> None:
     def body() -> dict[str, Any]:
         def one(client: BlockingClient, remaining: float | None) -> dict[str, Any]:
             from tq.core.errors import Timeout
@@ -187,7 +187,7 @@ def _wait_one(task_id: str, timeout: float | None, conf: Settings, mode: Output)
         fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
 
 
-def _wait_many(ids: list[str], timeout: float | None, conf: Settings, mode: Output) -> None:
+def _wait_many(ids: list[str], timeout: float | None, conf: ClientSettings, mode: Output) -> None:
     """Pipelined waits on one trio connection; a line per task in the order they end.
     After a lost connection, the tasks not yet ended are waited on over a new one."""
     import trio

@@ -34,7 +34,7 @@ from tq.client import _api as api
 from tq.client import failover as fo
 from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
-from tq.config import Settings, parse_address
+from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
 from tq.core.task import Task
 from tq.protocol import Connection
@@ -128,7 +128,7 @@ class Client:
                 await trio.aclose_forcefully(client._stream)
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> Any:
+    def from_settings(cls, settings: ConnectionSettings, **kwargs: Any) -> Any:
         """Connect as the settings say: address, CA, key (or a join token), mutual TLS."""
         return cls.connect(**{**settings_options(settings), **kwargs})
 

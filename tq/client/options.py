@@ -7,7 +7,7 @@ Shared by ``Client`` (trio) and ``BlockingClient`` (sockets):
   TCP connection (a join token lists its addresses that way).
 * ``tls_context`` builds the client side of TLS: the broker's CA (a file,
   or PEM text from a join token), optionally a client certificate.
-* ``settings_options`` turns ``Settings`` into connect arguments; a join
+* ``settings_options`` turns ``ConnectionSettings`` into connect arguments; a join
   token (``--join``) supplies the addresses, the CA and the key at once.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from tq.client import _api as api
 from tq.client.failover import parse_brokers
-from tq.config import Settings
+from tq.config import ConnectionSettings
 from tq.security.tls import client_ssl_context
 from tq.security.tokens import decode_join_token
 
@@ -61,7 +61,7 @@ def with_key(hello: dict[str, Any] | None, key: str | None) -> dict[str, Any]:
     return extra
 
 
-def settings_options(settings: Settings) -> dict[str, Any]:
+def settings_options(settings: ConnectionSettings) -> dict[str, Any]:
     """``connect`` arguments from settings: address, TLS, key (or all three from --join)."""
     options: dict[str, Any] = {
         "address": settings.broker,

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from tq.client import _api as api
 from tq.client import failover as fo
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
-from tq.config import Settings, parse_address
+from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
 from tq.core.task import Task
 from tq.protocol import Connection
@@ -123,7 +123,7 @@ class BlockingClient:
             raise
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> BlockingClient:
+    def from_settings(cls, settings: ConnectionSettings, **kwargs: Any) -> BlockingClient:
         """Connect as the settings say: address, CA, key (or a join token), mutual TLS."""
         return cls(**{**settings_options(settings), **kwargs})
 

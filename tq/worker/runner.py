@@ -68,7 +68,7 @@ import trio
 from tq.client import failover as fo
 from tq.client.aio import Client
 from tq.client.options import settings_options, split_addresses
-from tq.config import Settings
+from tq.config import WorkerSettings
 from tq.core.errors import (
     Forbidden,
     TQError,
@@ -173,7 +173,7 @@ async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, An
 class Worker:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         registry: HandlerRegistry,
         exec_handlers: dict[str, ExecHandler] | None = None,
         clock: Callable[[], float] = time.time,
@@ -489,7 +489,7 @@ def _session_error(exc: BaseException) -> TQError | None:
 
 
 async def serve_worker(
-    settings: Settings,
+    settings: WorkerSettings,
     registry: HandlerRegistry,
     exec_handlers: dict[str, ExecHandler] | None = None,
     *,
