@@ -10,6 +10,7 @@ key; `list` and `show` a reader's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -278,60 +279,35 @@ def _switch(op: str, name: str, args: tuple[Any, ...]) -> None:
     run_guarded(body)
 
 
-@schedule_app.command("pause")
-def pause(
-    name: NameArg,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-    output: OutputOpt = None,
-) -> None:
-    """Stop firing the schedule (admin); ticks while paused are not fired later."""
-    _switch("pause", name, (broker, ca, insecure, api_key, as_json, output))
+def _command(op: str, summary: str) -> Callable[..., None]:
+    """One of the commands that only name a schedule: the same options, one request."""
+
+    def command(
+        name: NameArg,
+        broker: BrokerOpt = None,
+        ca: CaOpt = None,
+        insecure: InsecureOpt = None,
+        api_key: KeyOpt = None,
+        as_json: JsonOpt = False,
+        output: OutputOpt = None,
+    ) -> None:
+        _switch(op, name, (broker, ca, insecure, api_key, as_json, output))
+
+    command.__doc__ = summary
+    return command
 
 
-@schedule_app.command("resume")
-def resume(
-    name: NameArg,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-    output: OutputOpt = None,
-) -> None:
-    """Fire the schedule again from its next tick (admin)."""
-    _switch("resume", name, (broker, ca, insecure, api_key, as_json, output))
-
-
-@schedule_app.command("remove")
-def remove(
-    name: NameArg,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-    output: OutputOpt = None,
-) -> None:
-    """Delete the schedule (admin); tasks it already submitted stay."""
-    _switch("remove", name, (broker, ca, insecure, api_key, as_json, output))
-
-
-@schedule_app.command("run-now")
-def run_now(
-    name: NameArg,
-    broker: BrokerOpt = None,
-    ca: CaOpt = None,
-    insecure: InsecureOpt = None,
-    api_key: KeyOpt = None,
-    as_json: JsonOpt = False,
-    output: OutputOpt = None,
-) -> None:
-    """Submit the schedule's task once now (admin); prints its id. Its ticks go on."""
-    _switch("run_now", name, (broker, ca, insecure, api_key, as_json, output))
+for _op, _name, _help in (
+    ("pause", "pause", "Stop firing the schedule (admin); ticks while paused are not fired later."),
+    ("resume", "resume", "Fire the schedule again from its next tick (admin)."),
+    ("remove", "remove", "Delete the schedule (admin); tasks it already submitted stay."),
+    (
+        "run_now",
+        "run-now",
+        "Submit the schedule's task once now (admin); prints its id. Its ticks go on.",
+    ),
+):
+    schedule_app.command(_name)(_command(_op, _help))
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -195,3 +195,43 @@ def run_now(conn: Any, d: Dialect, name: str, now: float) -> tuple[Schedule, str
     d.run(conn, _RAN, (now, result.id, name))
     ran = replace(schedule, last_fired_at=now, last_task=result.id, fired=schedule.fired + 1)
     return ran, result.id
+
+
+T = TypeVar("T")
+
+
+class ScheduleVerbs:
+    """The store verbs of schedules (the Store protocol's), for a store class that has
+    ``_read``/``_write`` (its reader and writer) and names its ``_dialect``."""
+
+    _dialect: Dialect
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
+        raise NotImplementedError
+
+    async def put_schedule(self, schedule: Schedule) -> tuple[Schedule, bool]:
+        return await self._write(put, self._dialect, schedule)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        return await self._read(get, self._dialect, name)
+
+    async def list_schedules(self) -> list[Schedule]:
+        return await self._read(listing, self._dialect)
+
+    async def remove_schedule(self, name: str) -> bool:
+        return await self._write(remove, self._dialect, name)
+
+    async def pause_schedule(self, name: str, paused: bool, now: float) -> tuple[Schedule, bool]:
+        return await self._write(set_paused, self._dialect, name, paused, now)
+
+    async def fire_schedules(self, now: float) -> list[Fired]:
+        return await self._write(fire_due, self._dialect, now)
+
+    async def run_schedule(self, name: str, now: float) -> tuple[Schedule, str]:
+        return await self._write(run_now, self._dialect, name, now)
+
+    async def next_schedule_at(self) -> float | None:
+        return await self._read(next_at, self._dialect)

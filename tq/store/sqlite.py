@@ -64,7 +64,6 @@ import trio
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
-from tq.core.schedule import Schedule
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 from tq.store import schedule_sql, schema, schema_auth, schema_ops
@@ -160,8 +159,10 @@ class _Op:
 _Batch = list[_Op]
 
 
-class SQLiteStore:
+class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     """The Store over one SQLite file. Create it with ``open_sqlite_store``."""
+
+    _dialect = _DIALECT
 
     def __init__(
         self,
@@ -365,32 +366,6 @@ class SQLiteStore:
 
     async def paused_queues(self) -> dict[str, float]:
         return await self._read(schema_ops.paused_queues)
-
-    # -- recurring schedules (SQL in tq.store.schedule_sql) ----------------------------
-
-    async def put_schedule(self, schedule: Schedule) -> tuple[Schedule, bool]:
-        return await self._write(schedule_sql.put, _DIALECT, schedule)
-
-    async def get_schedule(self, name: str) -> Schedule:
-        return await self._read(schedule_sql.get, _DIALECT, name)
-
-    async def list_schedules(self) -> builtins.list[Schedule]:
-        return await self._read(schedule_sql.listing, _DIALECT)
-
-    async def remove_schedule(self, name: str) -> bool:
-        return await self._write(schedule_sql.remove, _DIALECT, name)
-
-    async def pause_schedule(self, name: str, paused: bool, now: float) -> tuple[Schedule, bool]:
-        return await self._write(schedule_sql.set_paused, _DIALECT, name, paused, now)
-
-    async def fire_schedules(self, now: float) -> builtins.list[schedule_sql.Fired]:
-        return await self._write(schedule_sql.fire_due, _DIALECT, now)
-
-    async def run_schedule(self, name: str, now: float) -> tuple[Schedule, str]:
-        return await self._write(schedule_sql.run_now, _DIALECT, name, now)
-
-    async def next_schedule_at(self) -> float | None:
-        return await self._read(schedule_sql.next_at, _DIALECT)
 
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
         return await self._read(schema_ops.ahead, task_id, limit)
