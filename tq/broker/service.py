@@ -5,8 +5,14 @@ method here and encode the answer. Methods raise TQError subclasses; the
 edges turn them into NACKs or problem documents.
 
 Notifications are trio Events replaced on every fire ("generation events"):
-``_work`` wakes long-polling claims when tasks become pending; per-task
+``_work`` wakes long-polling claims when tasks become pending (here, or on
+another broker of the cluster: the store's ``cluster.on_work``); per-task
 waiters wake ``wait`` calls when a task changes state.
+
+Several brokers on one database (``store.cluster`` set): the upkeep that must
+run once per cluster (``reap``, ``promote``) runs only while this broker is the
+cluster's leader, and a worker is lost when no broker heard from it (the
+store's workers rows), not when this broker stopped hearing from it.
 """
 
 from __future__ import annotations
@@ -294,6 +300,15 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
             "refused_results": 0,
         }
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
+        self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
+        if self.cluster is not None:
+            self.cluster.on_work = self.notify_work
+            self.cluster.beats = self.workers.take_beats
+
+    @property
+    def runs_upkeep(self) -> bool:
+        """Whether this broker runs the once-per-cluster upkeep (reaper, promoter) now."""
+        return self.cluster is None or self.cluster.leader
 
     # -- notifications -------------------------------------------------
     def notify_work(self) -> None:
@@ -682,10 +697,17 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
     # -- timers (called by loops.py) -----------------------------------
     async def reap(self, worker_timeout: float) -> list[str]:
         now = self.clock()
-        released = list(await self.store.release_expired(now))
-        for worker_id in self.workers.expire(now, worker_timeout):
+        lost = self.workers.expire(now, worker_timeout)
+        for worker_id in lost:
             self.events.worker("lost", worker_id, self.workers)
-            released += await self.store.release_worker(worker_id, now)
+        if not self.runs_upkeep:  # another broker leads: it releases (see the docstring)
+            return []
+        released = list(await self.store.release_expired(now))
+        if self.cluster is not None:  # lost: silent to every broker (the workers rows)
+            released += await self.cluster.release_lost_workers(worker_timeout)
+        else:
+            for worker_id in lost:
+                released += await self.store.release_worker(worker_id, now)
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
@@ -694,6 +716,8 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         return released
 
     async def promote(self) -> int:
+        if not self.runs_upkeep:
+            return 0
         count = await self.store.promote_due(self.clock())
         if count:
             self.notify_work()

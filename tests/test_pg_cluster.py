@@ -1,0 +1,223 @@
+"""PostgreSQL only: several brokers on one database, as real processes on loopback TLS.
+
+Two brokers racing claims on one backlog, a worker that moves from one broker
+to another keeping its leases, the leader killed with SIGKILL and another
+broker taking the upkeep over, a submit on one broker waking a claim parked
+on another, and the database's clock for leases. Each test gets a schema of
+its own in the session's throwaway cluster (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from tq.client import Client
+from tq.core.task import Outcome, TaskSpec
+from tq.store.base import BrokerSelf
+from tq.store.postgres import open_postgres_store
+from tq.testing import BrokerProcess, running_broker
+
+TTL = "2"  # seconds of lease: short, so that expiry and worker loss show within a test
+
+
+@contextlib.contextmanager
+def brokers(tmp_path: Path, pg_url: str, *names: str) -> Iterator[list[BrokerProcess]]:
+    """Broker processes on one PostgreSQL store, started in order (the first one
+    started leads the cluster)."""
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for name in names:
+            proc = BrokerProcess(tmp_path / name, "--store", pg_url, "--lease-ttl", TTL)
+            procs.append(stack.enter_context(proc))
+        yield procs
+
+
+def key_of(procs: list[BrokerProcess]) -> str | None:
+    """The admin key (the first broker on the empty store wrote it; all share it)."""
+    return procs[0].key
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    broker: BrokerProcess, key: str | None, worker: str | None = None
+) -> AsyncIterator[Client]:
+    options: dict[str, Any] = {"ca": broker.ca, "key": key}
+    if worker is not None:
+        options.update(kind="worker", hello={"worker_id": worker, "queues": ["default"]})
+    async with Client.connect(broker.address, **options) as client:
+        yield client
+
+
+async def claim(client: Client, n: int = 1, wait: float = 0) -> list[dict[str, Any]]:
+    reply = await client.request({"t": "claim", "n": n, "queues": ["default"], "wait": wait})
+    tasks: list[dict[str, Any]] = reply["tasks"]
+    return tasks
+
+
+async def report(client: Client, lease: dict[str, Any], **result: Any) -> dict[str, Any]:
+    item = {"id": lease["id"], "token": lease["token"], "status": "ok", **result}
+    reply = await client.request({"t": "result", "results": [item]})
+    answer: dict[str, Any] = reply["results"][0]
+    return answer
+
+
+async def health(client: Client) -> dict[str, Any]:
+    return await client.cluster_status()
+
+
+@pytest.mark.trio
+async def test_two_brokers_race_claims_and_never_lease_a_task_twice(
+    tmp_path: Path, pg_url: str
+) -> None:
+    with brokers(tmp_path, pg_url, "a", "b") as (a, b):
+        key = key_of([a, b])
+        async with connect(a, key) as producer:
+            ids = await producer.submit_many([{"type": "t", "payload": i} for i in range(400)])
+        leased: list[tuple[str, int]] = []
+
+        async def worker(broker: BrokerProcess, name: str) -> None:
+            async with connect(broker, key, name) as client:
+                while leases := await claim(client, n=7):
+                    for lease in leases:
+                        leased.append((lease["id"], lease["token"]))
+                        assert (await report(client, lease, result=name))["accepted"]
+
+        async with trio.open_nursery() as nursery:
+            for i, broker in enumerate((a, b, a, b)):
+                nursery.start_soon(worker, broker, f"w{i}")
+        async with connect(b, key) as client:
+            states = {(await client.get(task_id)).state for task_id in ids[::37]}
+            stats = await client.stats()
+    assert sorted(task_id for task_id, _ in leased) == sorted(ids)  # each exactly once
+    assert states == {"succeeded"}
+    assert stats["queues"]["default"]["succeeded"] == 400
+
+
+@pytest.mark.trio
+async def test_a_worker_that_moves_to_another_broker_keeps_its_leases(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The worker claims on the leader, leaves it and heartbeats to the other broker
+    for three lease lifetimes: the leader, which runs the upkeep and no longer hears
+    from the worker, releases nothing; the worker reports with its token there."""
+    with brokers(tmp_path, pg_url, "leader", "other") as (leader, other):
+        key = key_of([leader, other])
+        async with connect(leader, key) as producer:
+            task_id = await producer.submit("t", 1, max_retries=5)
+            assert (await health(producer))["role"] == "leader"
+        async with connect(leader, key, "mover") as first:
+            [lease] = await claim(first)
+        assert lease["id"] == task_id
+        async with connect(other, key, "mover") as second:
+            assert (await health(second))["role"] == "follower"
+            end = trio.current_time() + 3 * float(TTL)
+            while trio.current_time() < end:
+                beat = await second.request(
+                    {"t": "heartbeat", "leases": [[task_id, lease["token"]]], "stats": {}}
+                )
+                assert beat["lost"] == []
+                await trio.sleep(float(TTL) / 4)
+            task = await second.get(task_id)
+            assert task.state == "running" and task.attempts == 1
+            assert (await report(second, lease, result="kept"))["accepted"]
+            task = await second.get(task_id)
+    assert task.state == "succeeded" and task.result == "kept" and task.attempts == 1
+
+
+@pytest.mark.trio
+async def test_when_the_leader_is_killed_another_broker_takes_the_upkeep_over(
+    tmp_path: Path, pg_url: str
+) -> None:
+    with brokers(tmp_path, pg_url, "first", "second") as (first, second):
+        key = key_of([first, second])
+        async with connect(second, key) as client:
+            status = await health(client)
+            assert status["role"] == "follower"
+            roles = {entry["address"]: entry["role"] for entry in status["brokers"]}
+            assert roles == {first.address: "leader", second.address: "follower"}
+            first.kill()  # kill -9: its database session, and with it the lock, ends
+            expiring = await client.submit("t", 1, max_retries=3)
+            retrying = await client.submit("t", 2, max_retries=3, retry_base=0.5, retry_cap=0.5)
+            async with connect(second, key, "silent") as worker:
+                leases = {lease["id"]: lease for lease in await claim(worker, n=2)}
+                failed = {**leases[retrying], "status": "retry"}
+                failed["error"] = {"type": "E", "message": "again", "traceback": ""}
+                reply = await worker.request({"t": "result", "results": [failed]})
+                assert reply["results"][0]["state"] == "failed"
+            # nobody heartbeats the first lease, and the retry falls due: only a leader
+            # releases and promotes them
+            with trio.fail_after(30):
+                while True:
+                    states = [(await client.get(i)).state for i in (expiring, retrying)]
+                    if states == ["pending", "pending"]:
+                        break
+                    await trio.sleep(0.1)
+            status = await health(client)
+    assert status["role"] == "leader"
+    mine = [entry for entry in status["brokers"] if entry["self"]]
+    assert [entry["role"] for entry in mine] == ["leader"]
+    assert [e["role"] for e in status["brokers"] if e["address"] == first.address] == ["follower"]
+
+
+@pytest.mark.trio
+async def test_a_submit_on_one_broker_wakes_a_claim_parked_on_another(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The claim waits up to 30 s and nothing on its broker polls: only the other
+    broker's notification can hand it the task before its wait ends."""
+    with brokers(tmp_path, pg_url, "a", "b") as (a, b):
+        key = key_of([a, b])
+        got: list[dict[str, Any]] = []
+        async with connect(b, key, "parked") as worker, connect(a, key) as producer:
+            async with trio.open_nursery() as nursery:
+
+                async def parked() -> None:
+                    started = trio.current_time()
+                    got.extend(await claim(worker, wait=30))
+                    got.append({"waited": trio.current_time() - started})
+
+                nursery.start_soon(parked)
+                await trio.sleep(1.0)  # the claim found nothing and waits
+                task_id = await producer.submit("t", "wake up")
+    assert [lease["id"] for lease in got[:-1]] == [task_id]
+    assert got[-1]["waited"] < 30
+
+
+@pytest.mark.trio
+async def test_a_cluster_members_leases_use_the_database_clock(pg_url: str) -> None:
+    """A broker whose clock is an hour behind still leases for lease_ttl from the
+    database's now, and its extension and report are judged on that clock too."""
+    me = BrokerSelf("clock-test", "0")
+    async with open_postgres_store(pg_url, broker=me) as store:
+        [res] = await store.submit([TaskSpec(type="t")], time.time())
+        behind = time.time() - 3600
+        [lease] = await store.claim("w", ["default"], None, 1, behind, 30.0)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT lease_expires_at - extract(epoch from now())::float8 FROM tasks"
+            ).fetchone()
+        assert row is not None and 20 < row[0] <= 30, row
+        assert abs(lease.expires_at - time.time() - 30) < 10
+        assert await store.extend_leases("w", [(res.id, lease.token)], behind, 30.0) == []
+        ahead = time.time() + 3600  # a clock an hour ahead expires nothing either
+        assert await store.release_expired(ahead) == []
+        [done] = await store.complete([Outcome(res.id, lease.token, "ok")], ahead)
+    assert done.accepted and done.state == "succeeded"
+
+
+@pytest.mark.trio
+async def test_a_single_broker_is_its_own_leader(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, broker.client() as client:
+        status = await client.cluster_status()
+    assert status["role"] == "leader"
+    [me] = status["brokers"]
+    assert me["self"] and me["alive"] and me["role"] == "leader"
+    assert me["address"] == status["listen"]["wire"]
