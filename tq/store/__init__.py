@@ -35,7 +35,7 @@ __all__ = ["BrokerSelf", "Store", "StoreStats", "StoreURL", "open_store", "parse
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
-INSTALL_HINT = "pip install 'psycopg[binary]>=3.1'"
+INSTALL_HINT = "pip install 'psycopg[binary]>=3.2'"
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,9 +219,12 @@ class PgClusterState:
         self._leader = False
 
     def _leave(self) -> None:
+        """Delete this broker's row on the beat connection, if it still has one (a
+        broker stopping while the database is away does not wait to reconnect)."""
         try:
-            conn = self._beat_conn.get()
-            conn.execute(LEAVE, (self.broker.id,))
+            conn = self._beat_conn.conn
+            if conn is not None and not (conn.broken or conn.closed):
+                conn.execute(LEAVE, (self.broker.id,))
         except (psycopg.Error, TQError) as exc:
             log.warning("could not remove this broker from the brokers table: %s", exc)
         finally:
