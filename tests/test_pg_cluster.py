@@ -133,6 +133,37 @@ async def test_a_worker_that_moves_to_another_broker_keeps_its_leases(
 
 
 @pytest.mark.trio
+async def test_a_worker_whose_broker_dies_keeps_its_leases_on_another(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The worker claims on the leader, which is then killed: it goes on with the
+    other broker (which takes the upkeep over), heartbeats and reports there."""
+    with brokers(tmp_path, pg_url, "leader", "other") as (leader, other):
+        key = key_of([leader, other])
+        async with connect(other, key) as producer:
+            task_id = await producer.submit("t", 1, max_retries=5)
+        async with connect(leader, key, "survivor") as first:
+            [lease] = await claim(first)
+            with trio.fail_after(10):  # the leader's beat wrote the worker's row
+                while not worker_row(pg_url, "survivor"):
+                    await trio.sleep(0.05)
+            leader.kill()
+        async with connect(other, key, "survivor") as second:
+            end = trio.current_time() + 3 * float(TTL)
+            while trio.current_time() < end:
+                beat = await second.request(
+                    {"t": "heartbeat", "leases": [[task_id, lease["token"]]], "stats": {}}
+                )
+                assert beat["lost"] == []
+                await trio.sleep(float(TTL) / 4)
+            assert (await health(second))["role"] == "leader"
+            assert (await report(second, lease, result="kept"))["accepted"]
+            task = await second.get(task_id)
+    assert task.state == "succeeded" and task.result == "kept" and task.attempts == 1
+    assert worker_row(pg_url, "survivor") is not None
+
+
+@pytest.mark.trio
 async def test_when_the_leader_is_killed_another_broker_takes_the_upkeep_over(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -185,10 +216,24 @@ async def test_a_submit_on_one_broker_wakes_a_claim_parked_on_another(
                     got.append({"waited": trio.current_time() - started})
 
                 nursery.start_soon(parked)
-                await trio.sleep(1.0)  # the claim found nothing and waits
-                task_id = await producer.submit("t", "wake up")
-    assert [lease["id"] for lease in got[:-1]] == [task_id]
+                with trio.fail_after(10):  # its broker's beat wrote the worker's row
+                    while not worker_row(pg_url, "parked"):
+                        await trio.sleep(0.05)
+                await trio.sleep(0.5)  # the claim found nothing and waits
+                reply = await producer.request(
+                    {"t": "submit", "tasks": [{"type": "t", "payload": "wake up"}]}
+                )
+    [task] = reply["tasks"]
+    assert [lease["id"] for lease in got[:-1]] == [task["id"]]
     assert got[-1]["waited"] < 30
+    # no worker is connected to the producer's broker, but one of the cluster takes
+    # any type: no "no connected worker handles" warning
+    assert reply["warnings"] == []
+
+
+def worker_row(url: str, worker_id: str) -> Any:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT broker FROM workers WHERE id = %s", (worker_id,)).fetchone()
 
 
 @pytest.mark.trio

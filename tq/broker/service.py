@@ -416,13 +416,28 @@ class BrokerService(OperatorOps):  # queue depth, purge, bulk retry, health: ope
         )
         self.events.submitted(specs, results)
         self.notify_work()
-        unhandled = sorted(self.unhandled_types({spec.type for spec in specs}))
+        unhandled = sorted(await self._unhandled({spec.type for spec in specs}))
         return {
             "tasks": [{"id": r.id, "created": r.created} for r in results],
             "warnings": [
                 {"type": t, "message": unhandled_warning(t)} for t in unhandled[:MAX_WARNINGS]
             ],
         }
+
+    async def _unhandled(self, types: set[str]) -> set[str]:
+        """``unhandled_types``, and with several brokers those no worker of the cluster
+        handles either (advisory: a store error leaves this broker's answer)."""
+        unhandled = self.unhandled_types(types)
+        if not unhandled or self.cluster is None:
+            return unhandled
+        # the tasks are committed: the answer must not be cancelled away, nor wait long
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                handled = await self.cluster.worker_types()
+            except TQError:
+                return unhandled
+            return set() if handled is None else unhandled - handled
+        return unhandled
 
     def unhandled_types(self, types: set[str]) -> set[str]:
         """The task types no connected worker has a handler for."""

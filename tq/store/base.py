@@ -174,6 +174,11 @@ class ClusterState(Protocol):
         """Every broker of the cluster the database knows, oldest first."""
         ...
 
+    async def worker_types(self) -> set[str] | None:
+        """The task types the cluster's known workers handle (None: one of them takes
+        any type); read at most once per BEAT_INTERVAL, cached in between."""
+        ...
+
 
 class Store(Protocol):
     cluster: ClusterState | None  # None: one broker only (see the module docstring)

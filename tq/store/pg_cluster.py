@@ -54,7 +54,8 @@ import trio
 from psycopg import sql
 
 from tq.core.errors import TQError
-from tq.store import pg_schema
+from tq.core.states import Event
+from tq.store import pg_ops, pg_schema
 from tq.store.base import BrokerRecord, BrokerSelf, ClusterState, WorkerBeat
 
 if TYPE_CHECKING:
@@ -67,31 +68,70 @@ LISTEN_POLL = 0.5  # seconds the listener waits for a notification before checki
 RECONNECT_DELAY = 1.0  # seconds between attempts to reconnect a lost listener
 FORGET_BROKERS = 3600.0  # a broker silent this long is dropped from the brokers table
 
-DB_NOW = "extract(epoch from now())::float8"  # the database's clock, seconds since the epoch
+DB_EPOCH = "extract(epoch from now())::float8"  # the database's clock, seconds since the epoch
 LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtext('tq leader ' || current_schema()))"
 CURRENT_SCHEMA = "SELECT current_schema()"
 UPSERT_BROKER = (
     "INSERT INTO brokers (id, address, http, version, started_at, last_seen, leader) "
-    f"VALUES (%s, %s, %s, %s, {DB_NOW}, {DB_NOW}, %s) ON CONFLICT (id) DO UPDATE SET "
+    f"VALUES (%s, %s, %s, %s, {DB_EPOCH}, {DB_EPOCH}, %s) ON CONFLICT (id) DO UPDATE SET "
     "address = EXCLUDED.address, http = EXCLUDED.http, version = EXCLUDED.version, "
     "last_seen = EXCLUDED.last_seen, leader = EXCLUDED.leader"
 )
 DEPOSE_OTHERS = "UPDATE brokers SET leader = false WHERE leader AND id <> %s"
-FORGET_SILENT_BROKERS = f"DELETE FROM brokers WHERE last_seen < {DB_NOW} - %s"
+FORGET_SILENT_BROKERS = f"DELETE FROM brokers WHERE last_seen < {DB_EPOCH} - %s"
 LEAVE = "DELETE FROM brokers WHERE id = %s"
 LIST_BROKERS = (
-    f"SELECT id, address, http, version, started_at, last_seen, leader, {DB_NOW} "
+    f"SELECT id, address, http, version, started_at, last_seen, leader, {DB_EPOCH} "
     "FROM brokers ORDER BY started_at, id"
 )
 UPSERT_WORKERS = (  # sorted by id: two brokers upserting one worker never deadlock
     "INSERT INTO workers (id, broker, key_id, info, joined_at, last_seen) "
-    f"SELECT w.id, %s, w.key_id, w.info, {DB_NOW}, {DB_NOW} "
+    f"SELECT w.id, %s, w.key_id, w.info, {DB_EPOCH}, {DB_EPOCH} "
     "FROM unnest(%s::text[], %s::text[], %s::text[]) AS w(id, key_id, info) ORDER BY w.id "
     "ON CONFLICT (id) DO UPDATE SET broker = EXCLUDED.broker, key_id = EXCLUDED.key_id, "
     "info = EXCLUDED.info, last_seen = EXCLUDED.last_seen"
 )
 LOST_WORKERS = "DELETE FROM workers WHERE last_seen < %s RETURNING id"
 NOTIFY = "SELECT pg_notify(%s, %s)"
+WORKER_TYPES = "SELECT DISTINCT (info::json -> 'types')::text FROM workers"
+
+
+DB_CLOCK = f"SELECT {DB_EPOCH}"
+
+
+class _DbNow:
+    """Stands for ``now`` in a write's arguments: the transaction's database clock."""
+
+    def __repr__(self) -> str:
+        return "DB_NOW"
+
+
+DB_NOW: Any = _DbNow()
+
+
+def resolve(conn: psycopg.Connection[Any], args: tuple[Any, ...], clock: list[float]) -> Any:
+    """``args`` with DB_NOW replaced by the transaction's database clock (read into
+    ``clock`` by the first write of the transaction that needs it)."""
+    if not any(arg is DB_NOW for arg in args):
+        return args
+    if not clock:
+        clock.append(float(pg_schema._one(conn, DB_CLOCK)))
+    return tuple(clock[0] if arg is DB_NOW else arg for arg in args)
+
+
+def made_work(op: Any) -> bool:
+    """Whether a write (a ``_Op`` of the writer's batch) that succeeded left tasks
+    pending: the batch then notifies the other brokers."""
+    if op.error is not None:
+        return False
+    fn, result = op.fn, op.result
+    if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
+        return any(r.created for r in result)
+    if fn is pg_schema.complete:
+        return any(r.accepted and r.state == "pending" for r in result)
+    if fn is pg_schema.change_one:
+        return bool(op.args[1] is Event.RETRY)
+    return fn in _WORK_MAKERS and bool(result)
 
 
 def channel_of(schema: str) -> str:
@@ -129,6 +169,7 @@ class PgClusterState:
         self._stopping = False
         self._soon = trio.Event()  # beat now (an announcement, or a stop)
         self._done = trio.Event()
+        self._types: tuple[float, set[str] | None] = (-BEAT_INTERVAL, set())
 
     @property
     def leader(self) -> bool:
@@ -144,6 +185,18 @@ class PgClusterState:
     async def brokers(self) -> builtins.list[BrokerRecord]:
         found = await self._store._read(pg_schema.rows, LIST_BROKERS)
         return [BrokerRecord(*row) for row in found]
+
+    async def worker_types(self) -> set[str] | None:
+        read_at, types = self._types
+        if trio.current_time() - read_at < BEAT_INTERVAL:
+            return types
+        found = await self._store._read(pg_schema.rows, WORKER_TYPES)
+        lists: list[Any] = [None if text is None else json.loads(text) for (text,) in found]
+        handled: set[str] | None = None  # a worker with no type list takes any type
+        if all(isinstance(listed, list) for listed in lists):
+            handled = {str(t) for listed in lists for t in listed}
+        self._types = (trio.current_time(), handled)
+        return handled
 
     # -- running ----------------------------------------------------------------------
 
@@ -267,3 +320,12 @@ if TYPE_CHECKING:  # mypy proves here that PgClusterState implements ClusterStat
 
     def _implements_cluster(state: PgClusterState) -> ClusterState:
         return state
+
+
+_WORK_MAKERS = (
+    pg_schema.promote_due,
+    pg_schema.release_expired,
+    pg_schema.release_worker,
+    pg_ops.retry_many,
+    release_lost,
+)

@@ -106,17 +106,6 @@ CONNECTION_DEFAULTS = {
 }
 RETRIES = 3  # reruns of a batch after a deadlock or serialization failure
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-DB_CLOCK = "SELECT extract(epoch from now())::float8"
-
-
-class _DbNow:
-    """Stands for ``now`` in a write's arguments: the transaction's database clock."""
-
-    def __repr__(self) -> str:
-        return "DB_NOW"
-
-
-DB_NOW: Any = _DbNow()
 
 __all__ = ["APPLICATION_NAME", "PostgresStore", "open_postgres_store", "redact"]
 
@@ -346,14 +335,15 @@ class PostgresStore:
 
     async def release_lost_workers(self, timeout: float) -> list[str]:
         """The cluster's lost workers' leases released (``PgClusterState``)."""
-        return await self._write(pg_cluster.release_lost, timeout, DB_NOW)
+        return await self._write(pg_cluster.release_lost, timeout, pg_cluster.DB_NOW)
 
     async def promote_due(self, now: float) -> int:
         return await self._write(pg_schema.promote_due, self._now(now))
 
     def _now(self, now: float) -> float:
-        """``now``, or DB_NOW for a cluster member's lease operations."""
-        return DB_NOW if self._db_clock else now
+        """``now``, or DB_NOW (the database clock) for a cluster member's lease operations."""
+        db_now: float = pg_cluster.DB_NOW
+        return db_now if self._db_clock else now
 
     async def cancel(self, task_id: str, now: float) -> Task:
         return await self._write(pg_schema.change_one, task_id, Event.CANCEL, now)
@@ -559,7 +549,11 @@ class PostgresStore:
                 if not self._attempt(conn, batch):
                     return  # a batch of one that failed: rolled back, nothing to commit
                 cluster = self._cluster
-                if cluster is not None and cluster.channel and any(map(_made_work, batch)):
+                if (
+                    cluster is not None
+                    and cluster.channel
+                    and any(map(pg_cluster.made_work, batch))
+                ):
                     conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
                 doing = "commit to"
                 conn.commit()
@@ -673,7 +667,7 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
                 for op, result in zip(ops, merged, strict=True):
                     op.result, op.error = result, None
             else:
-                ops[0].result = ops[0].fn(conn, *_resolve(conn, ops[0].args, clock))
+                ops[0].result = ops[0].fn(conn, *pg_cluster.resolve(conn, ops[0].args, clock))
                 ops[0].error = None
         except Exception as exc:
             if isinstance(exc, psycopg.Error) and (conn.broken or isinstance(exc, _RETRYABLE)):
@@ -688,40 +682,6 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
             if savepoints:
                 conn.execute("RELEASE SAVEPOINT op")
     return False
-
-
-def _made_work(op: _Op) -> bool:
-    """Whether a write that succeeded left tasks pending (other brokers' claims wake)."""
-    if op.error is not None:
-        return False
-    fn, result = op.fn, op.result
-    if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
-        return any(r.created for r in result)
-    if fn is pg_schema.complete:
-        return any(r.accepted and r.state == "pending" for r in result)
-    if fn is pg_schema.change_one:
-        return bool(op.args[1] is Event.RETRY)
-    if fn in _WORK_MAKERS:
-        return bool(result)
-    return False
-
-
-_WORK_MAKERS = (
-    pg_schema.promote_due,
-    pg_schema.release_expired,
-    pg_schema.release_worker,
-    pg_ops.retry_many,
-    pg_cluster.release_lost,
-)
-
-
-def _resolve(conn: psycopg.Connection[Any], args: tuple[Any, ...], clock: list[float]) -> Any:
-    """``args`` with DB_NOW replaced by the transaction's database clock."""
-    if not any(arg is DB_NOW for arg in args):
-        return args
-    if not clock:
-        clock.append(float(pg_schema._one(conn, DB_CLOCK)))
-    return tuple(clock[0] if arg is DB_NOW else arg for arg in args)
 
 
 def _mergeable(op: _Op) -> bool:
