@@ -23,7 +23,7 @@ from tq.client import Client
 from tq.core.task import Outcome, TaskSpec
 from tq.store.base import BrokerSelf
 from tq.store.postgres import open_postgres_store
-from tq.testing import BrokerProcess, running_broker
+from tq.testing import BrokerProcess, running_broker, running_worker
 
 TTL = "2"  # seconds of lease: short, so that expiry and worker loss show within a test
 
@@ -256,6 +256,18 @@ async def test_a_cluster_members_leases_use_the_database_clock(pg_url: str) -> N
         assert await store.release_expired(ahead) == []
         [done] = await store.complete([Outcome(res.id, lease.token, "ok")], ahead)
     assert done.accepted and done.state == "succeeded"
+
+
+@pytest.mark.trio
+async def test_heartbeats_keep_a_long_task_leased_with_a_short_lease(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A lease of 0.5 s, shorter than a beat: the worker's row lags its heartbeats,
+    and the leader must not call it lost for that."""
+    async with running_broker(tmp_path, store=pg_url, lease_ttl=0.5) as broker:
+        async with running_worker(broker), broker.client() as client:
+            task = await client.wait(await client.submit("sleep", 3.0), timeout=30)
+    assert task.state == "succeeded" and task.attempts == 1
 
 
 @pytest.mark.trio

@@ -35,8 +35,9 @@ not yet found dead) release and promote each task once.
 Workers: a broker's beat upserts the rows of the workers that said something
 to it (hello, heartbeat, claim, report) since its previous beat, stamped with
 the database's clock. The leader releases the leases of workers no broker
-heard from for the worker timeout (``release_lost_workers``): a worker that
-moved to another broker keeps its leases as long as it heartbeats anywhere.
+heard from for the worker timeout plus LOST_MARGIN (a row lags the worker's
+last word by up to one beat) (``release_lost_workers``): a worker that moved
+to another broker keeps its leases as long as it heartbeats anywhere.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ BEAT_INTERVAL = 1.0  # seconds between a broker's beats (and leadership attempts
 LISTEN_POLL = 0.5  # seconds the listener waits for a notification before checking for a stop
 RECONNECT_DELAY = 1.0  # seconds between attempts to reconnect a lost listener
 FORGET_BROKERS = 3600.0  # a broker silent this long is dropped from the brokers table
+LOST_MARGIN = 2 * BEAT_INTERVAL  # added to the worker timeout (release_lost_workers)
+LOG_EVERY = 60.0  # seconds between log lines of a beat that keeps failing the same way
 
 DB_EPOCH = "extract(epoch from now())::float8"  # the database's clock, seconds since the epoch
 LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtext('tq leader ' || current_schema()))"
@@ -170,6 +173,7 @@ class PgClusterState:
         self._soon = trio.Event()  # beat now (an announcement, or a stop)
         self._done = trio.Event()
         self._types: tuple[float, set[str] | None] = (-BEAT_INTERVAL, set())
+        self._failed = ("", 0.0)  # the last beat failure logged, and when
 
     @property
     def leader(self) -> bool:
@@ -180,7 +184,9 @@ class PgClusterState:
         self._soon.set()  # written at once, not at the next tick
 
     async def release_lost_workers(self, timeout: float) -> builtins.list[str]:
-        return await self._store.release_lost_workers(timeout)
+        # a worker's row lags its last word to a broker by up to one beat (and the
+        # beat's own time): without the margin a short timeout would lose live workers
+        return await self._store.release_lost_workers(timeout + LOST_MARGIN)
 
     async def brokers(self) -> builtins.list[BrokerRecord]:
         found = await self._store._read(pg_schema.rows, LIST_BROKERS)
@@ -233,7 +239,14 @@ class PgClusterState:
         try:
             await trio.to_thread.run_sync(self._beat, beats, limiter=self._beat_limiter)
         except TQError as exc:
-            log.warning("cluster beat: %s", exc)
+            text, now = str(exc), trio.current_time()
+            if text != self._failed[0] or now - self._failed[1] >= LOG_EVERY:
+                log.warning("cluster beat: %s", text)
+                self._failed = (text, now)
+        else:
+            if self._failed[0]:
+                log.info("cluster beat: the database answers again")
+            self._failed = ("", 0.0)
 
     def _beat(self, beats: builtins.list[WorkerBeat]) -> None:
         """In a thread, on the beat connection (see the module docstring)."""
