@@ -258,6 +258,69 @@ async def test_a_cluster_members_leases_use_the_database_clock(pg_url: str) -> N
     assert done.accepted and done.state == "succeeded"
 
 
+def kill_sessions(url: str) -> None:
+    """Terminate every store session (as a server restart would), and wait until they
+    are gone."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        query = "SELECT pid FROM pg_stat_activity WHERE application_name = 'tq broker'"
+        pids = [pid for (pid,) in admin.execute(query).fetchall()]
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS p(pid)", (pids,))
+        for _ in range(500):
+            left = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            ).fetchone()
+            if left == (0,):
+                return
+            time.sleep(0.01)
+    raise AssertionError("the server did not end the sessions")
+
+
+def lock_holder(url: str) -> int | None:
+    """The backend pid holding the leader's advisory lock, if any."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+            "objid = hashtext('tq leader ' || current_schema())::oid"
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+@pytest.mark.trio
+async def test_leadership_and_wake_ups_come_back_after_the_sessions_are_cut(
+    pg_url: str,
+) -> None:
+    async with (
+        open_postgres_store(pg_url, broker=BrokerSelf("one", "0")) as one,
+        open_postgres_store(pg_url, broker=BrokerSelf("two", "0")) as two,
+    ):
+        assert one.cluster is not None and two.cluster is not None
+        assert (one.cluster.leader, two.cluster.leader) == (True, False)
+        woken = trio.Event()
+        two.cluster.on_work = woken.set
+        await one.submit([TaskSpec(type="t")], time.time())
+        with trio.fail_after(10):
+            await woken.wait()
+        woken = trio.Event()
+        two.cluster.on_work = woken.set
+        kill_sessions(pg_url)
+        with trio.fail_after(10):  # the listener's reconnection wakes once (what it missed)
+            await woken.wait()
+        with trio.fail_after(10):  # a new session holds the lock, and its broker knows it
+            while (holder := lock_holder(pg_url)) is None or [
+                store.cluster._beat_conn.conn.info.backend_pid  # type: ignore[union-attr]
+                for store in (one, two)
+                if store.cluster.leader  # type: ignore[union-attr]
+            ] != [holder]:
+                await trio.sleep(0.05)
+        woken = trio.Event()
+        two.cluster.on_work = woken.set
+        await one.submit([TaskSpec(type="t")], time.time())
+        with trio.fail_after(10):
+            await woken.wait()
+        leaders = [r.id for r in await two.cluster.brokers() if r.leader and r.alive]
+    assert len(leaders) == 1
+
+
 @pytest.mark.trio
 async def test_heartbeats_keep_a_long_task_leased_with_a_short_lease(
     tmp_path: Path, pg_url: str
