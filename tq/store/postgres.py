@@ -549,14 +549,17 @@ class PostgresStore:
                 if not self._attempt(conn, batch):
                     return  # a batch of one that failed: rolled back, nothing to commit
                 cluster = self._cluster
+                doing = "commit to"
                 if (
                     cluster is not None
                     and cluster.channel
                     and any(map(pg_cluster.made_work, batch))
                 ):
-                    conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
-                doing = "commit to"
-                conn.commit()
+                    with conn.pipeline():  # one round trip: the notification and COMMIT
+                        conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
+                        conn.commit()
+                else:
+                    conn.commit()
             except (psycopg.Error, TQError) as exc:
                 conn_now = conn_of(self._writer)
                 broken = conn_now is not None and (conn_now.broken or conn_now.closed)
