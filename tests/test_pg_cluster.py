@@ -322,6 +322,62 @@ async def test_leadership_and_wake_ups_come_back_after_the_sessions_are_cut(
 
 
 @pytest.mark.trio
+async def test_only_writes_that_make_work_wake_the_other_brokers(pg_url: str) -> None:
+    """Claims, heartbeats and successes (the hot path) notify nobody; a submit and a
+    released lease do. Notifications arrive in commit order, so once the last
+    submit's has arrived, every earlier one has too."""
+    async with (
+        open_postgres_store(pg_url, broker=BrokerSelf("one", "0")) as one,
+        open_postgres_store(pg_url, broker=BrokerSelf("two", "0")) as two,
+    ):
+        assert two.cluster is not None
+        wakes = [0]
+        arrived = trio.Event()
+
+        def woken() -> None:
+            wakes[0] += 1
+            arrived.set()
+
+        two.cluster.on_work = woken
+        with trio.fail_after(10):  # two listens; its first wake (for what it missed) ran
+            while not listening(pg_url):
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        baseline = wakes[0]
+        arrived = trio.Event()
+        now = time.time()
+        await one.submit([TaskSpec(type="t"), TaskSpec(type="t")], now)
+        with trio.fail_after(10):
+            await arrived.wait()
+        assert wakes[0] == baseline + 1
+        a, b = await one.claim("w", ["default"], None, 2, now, 30.0)
+        assert await one.extend_leases("w", [(a.id, a.token)], now, 30.0) == []
+        [ok] = await one.complete([Outcome(a.id, a.token, "ok")], now)
+        assert ok.state == "succeeded"
+        arrived = trio.Event()
+        await one.submit([TaskSpec(type="t")], now)
+        with trio.fail_after(10):
+            await arrived.wait()
+        assert wakes[0] == baseline + 2
+        arrived = trio.Event()
+        [released] = await one.complete([Outcome(b.id, b.token, "release")], now)
+        assert released.state == "pending"
+        with trio.fail_after(10):
+            await arrived.wait()
+        assert wakes[0] == baseline + 3
+
+
+def listening(url: str) -> bool:
+    """Whether a broker's listener session has run its LISTEN."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tq broker' "
+            "AND query LIKE 'LISTEN%%'"
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+@pytest.mark.trio
 async def test_heartbeats_keep_a_long_task_leased_with_a_short_lease(
     tmp_path: Path, pg_url: str
 ) -> None:

@@ -123,18 +123,24 @@ def resolve(conn: psycopg.Connection[Any], args: tuple[Any, ...], clock: list[fl
 
 
 def made_work(op: Any) -> bool:
-    """Whether a write (a ``_Op`` of the writer's batch) that succeeded left tasks
-    pending: the batch then notifies the other brokers."""
+    """Whether a write (a ``_Op`` of the writer's batch) that succeeded may have left
+    tasks claimable: the batch then notifies the other brokers. A write this module
+    does not list is taken to have (a spurious wake-up costs a claim query; a
+    missed one leaves a claim parked until its wait ends)."""
     if op.error is not None:
         return False
     fn, result = op.fn, op.result
+    if fn in _NO_WORK:
+        return False
     if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
         return any(r.created for r in result)
     if fn is pg_schema.complete:
         return any(r.accepted and r.state == "pending" for r in result)
     if fn is pg_schema.change_one:
         return bool(op.args[1] is Event.RETRY)
-    return fn in _WORK_MAKERS and bool(result)
+    if fn in _WORK_IF_ANY:
+        return bool(result)
+    return True
 
 
 def channel_of(schema: str) -> str:
@@ -335,10 +341,20 @@ if TYPE_CHECKING:  # mypy proves here that PgClusterState implements ClusterStat
         return state
 
 
-_WORK_MAKERS = (
+_WORK_IF_ANY = (  # a non-empty result (ids, a count) is work made
     pg_schema.promote_due,
     pg_schema.release_expired,
     pg_schema.release_worker,
     pg_ops.retry_many,
     release_lost,
+)
+_NO_WORK = (  # writes that never make a task claimable
+    pg_schema.claim,
+    pg_schema.extend_leases,
+    pg_schema.set_priority,
+    pg_ops.purge,
+    pg_ops.create_key,
+    pg_ops.revoke_key,
+    pg_ops.rehash_key,
+    pg_ops.record_audit,
 )
