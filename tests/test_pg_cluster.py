@@ -397,3 +397,72 @@ async def test_a_single_broker_is_its_own_leader(tmp_path: Path) -> None:
     [me] = status["brokers"]
     assert me["self"] and me["alive"] and me["role"] == "leader"
     assert me["address"] == status["listen"]["wire"]
+
+
+@pytest.mark.trio
+async def test_three_brokers_lose_one_to_kill_9_and_every_task_succeeds_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Three brokers, two workers that each know every address, 1,000 tasks: the
+    leader is killed with SIGKILL a third of the way through. A worker that loses
+    its broker moves on to the next and reports what it holds there with its lease
+    tokens; a lease whose claim answer was lost with the broker expires and is
+    claimed again. Every task succeeds, and exactly one report per task is
+    accepted (fencing), so no task ran on two leases at once to completion."""
+    from tq.core.errors import ConnectionFailed
+
+    total = 1000
+    with brokers(tmp_path, pg_url, "a", "b", "c") as procs:
+        key = key_of(procs)
+        async with connect(procs[2], key) as producer:
+            specs = [{"type": "t", "payload": i, "idempotency_key": f"k{i}"} for i in range(total)]
+            ids = []
+            for start in range(0, total, 250):
+                ids += await producer.submit_many(specs[start : start + 250])
+        accepted: dict[str, int] = {}
+        done = trio.Event()
+        killed = trio.Event()
+
+        async def worker(name: str, order: list[BrokerProcess]) -> None:
+            held: list[dict[str, Any]] = []  # leases claimed, not yet reported
+            turn = 0
+            while not done.is_set():
+                broker = order[turn % len(order)]
+                turn += 1
+                if broker.proc is not None and broker.proc.poll() is not None:
+                    continue  # the dead one
+                try:
+                    async with connect(broker, key, name) as client:
+                        while not done.is_set():
+                            if not held:
+                                held = await claim(client, n=10, wait=0.5)
+                            while held:
+                                reply = await report(client, held[0], result=name)
+                                if reply["accepted"]:
+                                    accepted[held[0]["id"]] = accepted.get(held[0]["id"], 0) + 1
+                                held.pop(0)
+                            if len(accepted) >= total // 3 and not killed.is_set():
+                                killed.set()
+                                procs[0].kill()
+                            if sum(accepted.values()) >= total:
+                                done.set()
+                except ConnectionFailed:
+                    continue
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker, "w1", [procs[0], procs[1], procs[2]])
+                nursery.start_soon(worker, "w2", [procs[0], procs[2], procs[1]])
+        async with connect(procs[1], key) as client:
+            stats = await client.stats()
+            with trio.fail_after(20):  # one of the survivors leads
+                while True:
+                    listed = (await health(client))["brokers"]
+                    leaders = [e["address"] for e in listed if e["role"] == "leader"]
+                    if leaders and leaders[0] != procs[0].address:
+                        break
+                    await trio.sleep(0.1)
+    assert killed.is_set()
+    assert sorted(accepted) == sorted(ids) and set(accepted.values()) == {1}
+    assert stats["queues"]["default"] == {"succeeded": total}
+    assert leaders in ([procs[1].address], [procs[2].address])
