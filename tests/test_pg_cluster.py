@@ -10,6 +10,8 @@ its own in the session's throwaway cluster (tests/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from tq.client import Client
 from tq.core.task import Outcome, TaskSpec
 from tq.store.base import BrokerSelf
 from tq.store.postgres import open_postgres_store
-from tq.testing import BrokerProcess, running_broker, running_worker
+from tq.testing import BrokerProcess, running_broker, running_worker, tq_command
 
 TTL = "2"  # seconds of lease: short, so that expiry and worker loss show within a test
 
@@ -192,7 +194,18 @@ async def test_when_the_leader_is_killed_another_broker_takes_the_upkeep_over(
                         break
                     await trio.sleep(0.1)
             status = await health(client)
+        args = ["-o", "table", "--broker", second.address, "--ca", str(second.ca)]
+        args += ["--key", key or ""]
+        shown = subprocess.run(
+            tq_command("cluster-status", *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "250"},  # one line per broker, whatever its id
+        )
     assert status["role"] == "leader"
+    assert shown.returncode == 0, shown.stderr
+    assert f"leader at {second.address}" in shown.stdout, shown.stdout
     mine = [entry for entry in status["brokers"] if entry["self"]]
     assert [entry["role"] for entry in mine] == ["leader"]
     assert [e["role"] for e in status["brokers"] if e["address"] == first.address] == ["follower"]
