@@ -316,9 +316,11 @@ class PgClusterState:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     listening = True
                     trio.from_thread.run_sync(self._woken)  # what was missed meanwhile
-                for note in conn.notifies(timeout=LISTEN_POLL):
-                    if note.payload != self.broker.id:
-                        trio.from_thread.run_sync(self._woken)
+                notes = list(conn.notifies(timeout=LISTEN_POLL, stop_after=1))
+                if notes:  # what arrived meanwhile was committed too: one wake covers all
+                    notes += conn.notifies(timeout=0)
+                if any(note.payload != self.broker.id for note in notes):
+                    trio.from_thread.run_sync(self._woken)
             except (psycopg.Error, TQError) as exc:
                 if self._stopping:
                     return
