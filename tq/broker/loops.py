@@ -2,7 +2,10 @@
 
 Each is a plain loop run in the broker's nursery; a store error is logged
 and the loop carries on at its next tick (the store may recover, e.g. once
-disk space is freed).
+disk space is freed). With several brokers on one database the loops run
+on every broker, but only the cluster's leader does the work
+(``BrokerService.runs_upkeep``): a follower ticks idle, ready to take over as
+soon as the store's election makes it the leader.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ async def reaper_loop(service: BrokerService, interval: float, worker_timeout: f
 async def promoter_loop(service: BrokerService, max_sleep: float = 1.0) -> None:
     """Move failed (retry due) and scheduled tasks to pending when their time comes."""
     while True:
+        if not service.runs_upkeep:
+            await trio.sleep(max_sleep)
+            continue
         try:
             await service.promote()
             due = await service.store.next_due()
@@ -50,6 +56,9 @@ async def scheduler_loop(service: BrokerService) -> None:
     from tq.broker.schedules import SCHEDULER_MAX_SLEEP
 
     while True:
+        if not service.runs_upkeep:  # the leader fires (any broker could: it is transactional)
+            await trio.sleep(SCHEDULER_MAX_SLEEP)
+            continue
         try:
             await service.fire_due()
             due = await service.store.next_schedule_at()

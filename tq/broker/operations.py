@@ -14,6 +14,9 @@ Health has two levels, for two audiences:
   within READY_TIMEOUT; ``Unavailable`` otherwise.
 * ``cluster_status()``: both, plus what an operator wants on one screen;
   never raises for an unhealthy broker, it says so (``healthy: false``).
+  ``role`` says whether this broker runs the once-per-cluster upkeep
+  (``leader``) or not (``follower``), and ``brokers`` lists every broker of
+  the cluster the store knows (one, this broker, on a single-broker store).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from tq.broker.events import EventBus
     from tq.broker.registry import WorkerRegistry
     from tq.security.roles import Principal
-    from tq.store.base import QueueDepth, Store, StoreStats
+    from tq.store.base import ClusterState, QueueDepth, Store, StoreStats
 
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
 BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
@@ -75,6 +78,7 @@ class OperatorOps:
     counters: dict[str, int]
     activity: Activity
     events: EventBus
+    cluster: ClusterState | None
     notify_work: Callable[[], None]
     paused: Callable[[], Awaitable[dict[str, float]]]
     forget_paused: Callable[[], None]
@@ -264,4 +268,48 @@ class OperatorOps:
                 "known": len(known),
                 "connected": sum(1 for w in known if w.connections > 0),
             },
+            "role": "leader" if self.cluster is None or self.cluster.leader else "follower",
+            **await self._brokers(now),
+        }
+
+    async def _brokers(self, now: float) -> dict[str, Any]:
+        """``brokers``: every broker of the cluster, this one marked ``self``, and
+        ``brokers_error`` None; on a store error, None and the error (cluster_status
+        never raises)."""
+        cluster = self.cluster
+        if cluster is None:
+            one = {
+                "id": self.name,
+                "address": self.addresses.get("wire"),
+                "http": self.addresses.get("http"),
+                "version": __version__,
+                "started_at": self.started_at,
+                "last_seen": now,
+                "age": 0.0,
+                "alive": True,
+                "role": "leader",
+                "self": True,
+            }
+            return {"brokers": [one], "brokers_error": None}
+        try:
+            records = await cluster.brokers()
+        except TQError as exc:
+            return {"brokers": None, "brokers_error": exc.message or str(exc)}
+        return {
+            "brokers": [
+                {
+                    "id": r.id,
+                    "address": r.address,
+                    "http": r.http,
+                    "version": r.version,
+                    "started_at": r.started_at,
+                    "last_seen": r.last_seen,
+                    "age": r.age,
+                    "alive": r.alive,
+                    "role": "leader" if r.leader and r.alive else "follower",
+                    "self": r.id == cluster.broker.id,
+                }
+                for r in records
+            ],
+            "brokers_error": None,
         }

@@ -8,6 +8,14 @@ long enough to be forgotten (``expire``), or when its key is no longer
 active (revoked, expired: ``connect``'s ``active`` says), so rotating a
 worker's key needs no wait once the old key is revoked.
 
+Several brokers (a store with a ``cluster``): this registry is what this
+broker knows, not the cluster's truth. The workers that said something to
+this broker (hello, heartbeat, claim, report) since the last beat are handed
+to the store (``take_beats``), which writes them as rows with the database's
+clock; only the cluster's leader decides from those rows that a worker is
+lost and releases its leases. ``expire`` here then only forgets a worker this
+broker no longer hears from (it may heartbeat to another broker).
+
 Who sees what: ``visible(may_use)`` and ``to_dict(now, may_use)`` narrow the
 list to the workers serving a queue a key may use, and each worker's queues
 to those queues.
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tq.core.errors import Forbidden
+from tq.store.base import WorkerBeat
 
 QueueFilter = Callable[[str], bool] | None  # a key's queue predicate; None: every queue
 
@@ -64,6 +73,19 @@ class WorkerInfo:
         }
 
 
+def _beat(info: WorkerInfo) -> WorkerBeat:
+    facts = {
+        "name": info.name,
+        "host": info.host,
+        "pid": info.pid,
+        "queues": list(info.queues),
+        "types": None if info.types is None else list(info.types),
+        "concurrency": info.concurrency,
+        "running": info.running,
+    }
+    return WorkerBeat(info.id, info.key_id, facts)
+
+
 def _in_range(value: object, lo: float, hi: float) -> bool:
     """A finite int or float (never a bool) within [lo, hi]."""
     return not isinstance(value, bool) and isinstance(value, int | float) and lo <= value <= hi
@@ -72,6 +94,12 @@ def _in_range(value: object, lo: float, hi: float) -> bool:
 class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
+        self._heard: set[str] = set()  # ids heard from since the last take_beats
+
+    def take_beats(self) -> list[WorkerBeat]:
+        """The workers heard from since the last call (for the cluster's workers rows)."""
+        heard, self._heard = self._heard, set()
+        return [_beat(self._workers[i]) for i in sorted(heard) if i in self._workers]
 
     def connect(
         self, info: WorkerInfo, now: float, active: Callable[[str], bool] | None = None
@@ -94,6 +122,7 @@ class WorkerRegistry:
         info.connections += 1
         info.connected_at = info.last_seen = now
         self._workers[info.id] = info
+        self._heard.add(info.id)
         return info
 
     def disconnect(self, worker_id: str) -> None:
@@ -106,6 +135,7 @@ class WorkerRegistry:
         if info is None:
             return
         info.last_seen = now
+        self._heard.add(worker_id)
         if stats:
             # host facts a worker reports: kept only when finite and in range, so a
             # NaN or a huge value never reaches a reader (JSON has no NaN)

@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from tq import __version__
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
@@ -65,7 +66,7 @@ from tq.protocol.connection import MessageError
 from tq.protocol.frames import INLINE_DECODE
 from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
-from tq.store import open_store
+from tq.store import BrokerSelf, open_store
 from tq.store.dirlock import data_dir_lock
 
 log = logging.getLogger("tq.broker")
@@ -674,7 +675,8 @@ async def _serve_broker(
         ca_file, ca_print = files.ca_cert, fingerprint(files.ca_cert)
     shutdown = trio.Event() if shutdown is None else shutdown
     gate = ConnectionGate(settings.max_connections)
-    async with open_store(settings.store_url, synchronous=settings.synchronous) as store:
+    me = BrokerSelf.new(__version__)
+    async with open_store(settings.store_url, synchronous=settings.synchronous, broker=me) as store:
         auth, admin_created = await open_auth(store, settings)
         if not auth.enabled:
             log.warning("authentication is OFF (--no-auth): anyone who can connect may do anything")
@@ -731,6 +733,8 @@ async def _serve_broker(
                     raise
             wire = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
             service.addresses = {"wire": wire, "http": http_url}
+            if store.cluster is not None:
+                store.cluster.announce(wire, http_url)
             async with trio.open_nursery() as sessions:
                 accept = trio.CancelScope()
 

@@ -5,8 +5,14 @@ method here and encode the answer. Methods raise TQError subclasses; the
 edges turn them into NACKs or problem documents.
 
 Notifications are trio Events replaced on every fire ("generation events"):
-``_work`` wakes long-polling claims when tasks become pending; per-task
+``_work`` wakes long-polling claims when tasks become pending (here, or on
+another broker of the cluster: the store's ``cluster.on_work``); per-task
 waiters wake ``wait`` calls when a task changes state.
+
+Several brokers on one database (``store.cluster`` set): the upkeep that must
+run once per cluster (``reap``, ``promote``) runs only while this broker is the
+cluster's leader, and a worker is lost when no broker heard from it (the
+store's workers rows), not when this broker stopped hearing from it.
 """
 
 from __future__ import annotations
@@ -301,6 +307,15 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             "refused_results": 0,
         }
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
+        self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
+        if self.cluster is not None:
+            self.cluster.on_work = self.notify_work
+            self.cluster.beats = self.workers.take_beats
+
+    @property
+    def runs_upkeep(self) -> bool:
+        """Whether this broker runs the once-per-cluster upkeep (reaper, promoter) now."""
+        return self.cluster is None or self.cluster.leader
 
     async def paused(self) -> dict[str, float]:
         """Paused queues (name -> since), read from the store at most every
@@ -421,13 +436,28 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         )
         self.events.submitted(specs, results)
         self.notify_work()
-        unhandled = sorted(self.unhandled_types({spec.type for spec in specs}))
+        unhandled = sorted(await self._unhandled({spec.type for spec in specs}))
         return {
             "tasks": [{"id": r.id, "created": r.created} for r in results],
             "warnings": [
                 {"type": t, "message": unhandled_warning(t)} for t in unhandled[:MAX_WARNINGS]
             ],
         }
+
+    async def _unhandled(self, types: set[str]) -> set[str]:
+        """``unhandled_types``, and with several brokers those no worker of the cluster
+        handles either (advisory: a store error leaves this broker's answer)."""
+        unhandled = self.unhandled_types(types)
+        if not unhandled or self.cluster is None:
+            return unhandled
+        # the tasks are committed: the answer must not be cancelled away, nor wait long
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                handled = await self.cluster.worker_types()
+            except TQError:
+                return unhandled
+            return set() if handled is None else unhandled - handled
+        return unhandled
 
     def unhandled_types(self, types: set[str]) -> set[str]:
         """The task types no connected worker has a handler for."""
@@ -712,10 +742,17 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
     # -- timers (called by loops.py) -----------------------------------
     async def reap(self, worker_timeout: float) -> list[str]:
         now = self.clock()
-        released = list(await self.store.release_expired(now))
-        for worker_id in self.workers.expire(now, worker_timeout):
+        lost = self.workers.expire(now, worker_timeout)
+        for worker_id in lost:
             self.events.worker("lost", worker_id, self.workers)
-            released += await self.store.release_worker(worker_id, now)
+        if not self.runs_upkeep:  # another broker leads: it releases (see the docstring)
+            return []
+        released = list(await self.store.release_expired(now))
+        if self.cluster is not None:  # lost: silent to every broker (the workers rows)
+            released += await self.cluster.release_lost_workers(worker_timeout)
+        else:
+            for worker_id in lost:
+                released += await self.store.release_worker(worker_id, now)
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
@@ -724,6 +761,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         return released
 
     async def promote(self) -> int:
+        if not self.runs_upkeep:
+            return 0
         count = await self.store.promote_due(self.clock())
         if count:
             self.notify_work()

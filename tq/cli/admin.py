@@ -183,6 +183,20 @@ def _status_rows(data: dict[str, Any]) -> Any:
     ]
     for name, address in (data.get("listen") or {}).items():
         rows.append((f"listen ({name})", address or "off"))
+    if data.get("role"):
+        rows.append(("role", data["role"]))
+    for entry in data.get("brokers") or ():
+        life = "alive" if entry["alive"] else "GONE"
+        me = ", this one" if entry["self"] else ""
+        rows.append(
+            (
+                f"broker {entry['id']}",
+                f"{entry['role']} at {entry['address'] or '-'} (tq {entry['version']}, "
+                f"{life}, last seen {entry['age']:.0f} s ago{me})",
+            )
+        )
+    if data.get("brokers_error"):
+        rows.append(("brokers", f"unknown: {data['brokers_error']}"))
     return kv_table(rows)
 
 
@@ -213,7 +227,8 @@ def cluster_status(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Broker health, store (kind, path or database, sizes), uptime, version, workers.
+    """Broker health, store (kind, path or database, sizes), uptime, version, workers, and
+    every broker sharing the store with its role (leader or follower) and last sign of life.
 
     Exit 0 when healthy, 1 when unhealthy (store unreachable, shutting down),
     4 when the broker cannot be reached: usable from scripts and probes.

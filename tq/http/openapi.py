@@ -405,6 +405,33 @@ SCHEMAS: dict[str, Any] = {
             "listen": {"type": "object"},
             "store": {"type": ["object", "null"]},
             "workers": {"type": "object"},
+            "role": {
+                "type": "string",
+                "enum": ["leader", "follower"],
+                "description": "Whether this broker runs the once-per-cluster upkeep.",
+            },
+            "brokers": {
+                "type": ["array", "null"],
+                "items": _ref("Broker"),
+                "description": "Every broker sharing the store (null: brokers_error says why).",
+            },
+            "brokers_error": {"type": ["string", "null"]},
+        },
+    },
+    "Broker": {
+        "type": "object",
+        "required": ["id", "version", "last_seen", "alive", "role", "self"],
+        "properties": {
+            "id": {"type": "string"},
+            "address": {"type": ["string", "null"]},
+            "http": {"type": ["string", "null"]},
+            "version": {"type": "string"},
+            "started_at": {"type": "number"},
+            "last_seen": {"type": "number", "description": "Unix seconds, database clock."},
+            "age": {"type": "number", "description": "Seconds since its last beat."},
+            "alive": {"type": "boolean", "description": "Beat within the last 10 s."},
+            "role": {"type": "string", "enum": ["leader", "follower"]},
+            "self": {"type": "boolean", "description": "The broker that answered."},
         },
     },
     "Health": {

@@ -29,13 +29,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from tq.core.errors import ConfigError
-from tq.store.base import Store, StoreStats
+from tq.store.base import BrokerSelf, Store, StoreStats
 
-__all__ = ["Store", "StoreStats", "StoreURL", "open_store", "parse_store_url"]
+__all__ = ["BrokerSelf", "Store", "StoreStats", "StoreURL", "open_store", "parse_store_url"]
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
-INSTALL_HINT = "pip install 'psycopg[binary]>=3.1'"
+INSTALL_HINT = "pip install 'psycopg[binary]>=3.2'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +80,15 @@ def _bad(url: str, why: str) -> str:
 
 
 @asynccontextmanager
-async def open_store(url: str, *, synchronous: str = "full") -> AsyncIterator[Store]:
-    """Open (creating and migrating if needed) the store ``url`` names; close it on exit."""
+async def open_store(
+    url: str, *, synchronous: str = "full", broker: BrokerSelf | None = None
+) -> AsyncIterator[Store]:
+    """Open (creating and migrating if needed) the store ``url`` names; close it on exit.
+
+    ``broker``: the broker opening it, as a member of a cluster of brokers sharing
+    the database (``Store.cluster``); a backend only one broker can use (SQLite)
+    ignores it.
+    """
     parsed = parse_store_url(url)
     if parsed.backend == SQLITE:
         from tq.store.sqlite import open_sqlite_store
@@ -96,5 +103,5 @@ async def open_store(url: str, *, synchronous: str = "full") -> AsyncIterator[St
             f"a PostgreSQL store needs psycopg, which cannot be imported ({exc}); "
             f"install it: {INSTALL_HINT}"
         ) from None
-    async with open_postgres_store(parsed.target, synchronous=synchronous) as pg:
+    async with open_postgres_store(parsed.target, synchronous=synchronous, broker=broker) as pg:
         yield pg

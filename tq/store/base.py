@@ -11,13 +11,25 @@ returns, the change is committed (and fsynced as the backend's documented
 Time is an argument: every method that depends on the clock takes ``now``
 (seconds since the epoch, float), and every backend uses exactly the ``now``
 it is given (lease expiry is ``now + lease_ttl``): the conformance suite
-(tests/test_store.py) proves the backends answer alike.
+(tests/test_store.py) proves the backends answer alike. The one exception is
+a store a broker opens as a member of a cluster (``open_store(...,
+broker=BrokerSelf(...))`` on PostgreSQL): its lease operations use the
+database's clock instead (see ``ClusterState``).
+
+Several brokers: ``Store.cluster`` is None for a backend only one broker can
+use (SQLite: that broker is the whole cluster and runs every upkeep itself).
+Otherwise it is the ``ClusterState`` the brokers share through the database:
+workers and their heartbeats as rows, one elected leader for the upkeep that
+must run once per cluster, wake-ups across brokers, and the list of brokers.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+import os
+import secrets
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,6 +70,7 @@ class QueueDepth:
     count: int
 
 
+BROKER_SILENT_AFTER = 10.0  # seconds without a beat before a broker shows as gone
 BRIEF_DETAILS = ("backend", "location", "path", "size", "wal")
 
 
@@ -85,7 +98,95 @@ class StoreStats:
         return {key: self.details[key] for key in BRIEF_DETAILS if key in self.details}
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerSelf:
+    """Who opens a store as a broker of a cluster: its id (unique while it runs) and
+    version; its addresses are announced once it listens (``ClusterState.announce``)."""
+
+    id: str
+    version: str
+
+    @classmethod
+    def new(cls, version: str) -> BrokerSelf:
+        """A broker starting now: ``host-pid-random``, unique while it runs."""
+        return cls(f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}", version)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerRecord:
+    """One broker of a cluster, as the database last heard of it (database clock)."""
+
+    id: str
+    address: str | None  # its wire address (host:port), None until it listens
+    http: str | None  # its REST API's URL, None when it serves none
+    version: str
+    started_at: float
+    last_seen: float
+    leader: bool  # it held the leadership at its last sign of life
+    now: float  # the database's clock when this was read
+
+    @property
+    def age(self) -> float:
+        """Seconds since its last sign of life."""
+        return max(0.0, self.now - self.last_seen)
+
+    @property
+    def alive(self) -> bool:
+        """Whether it beat within BROKER_SILENT_AFTER seconds."""
+        return self.age <= BROKER_SILENT_AFTER
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    """A worker this broker heard from since its last beat: written to the workers rows."""
+
+    id: str
+    key_id: str | None
+    info: dict[str, Any]  # name, host, pid, queues, types, concurrency (JSON-able)
+
+
+class ClusterState(Protocol):
+    """What brokers sharing one database share besides the tasks (PostgreSQL).
+
+    The store runs it on its own connections and threads once opened with a
+    ``BrokerSelf``: every BEAT_INTERVAL seconds it writes this broker's row and
+    the workers the broker heard from (``beats``), and tries to become (or checks
+    it still is) the leader. Only the leader releases expired leases and lost
+    workers' tasks, and promotes due retries. A submit (or anything else that
+    makes tasks pending) on any broker calls ``on_work`` on every other one.
+    """
+
+    broker: BrokerSelf
+    on_work: Callable[[], None] | None  # called (in trio) when another broker made work
+    beats: Callable[[], builtins.list[WorkerBeat]] | None  # workers heard from since last call
+
+    @property
+    def leader(self) -> bool:
+        """Whether this broker runs the once-per-cluster upkeep now."""
+        ...
+
+    def announce(self, address: str | None, http: str | None) -> None:
+        """Where this broker listens (written with its next beat)."""
+        ...
+
+    async def release_lost_workers(self, timeout: float) -> builtins.list[str]:
+        """Forget workers no broker heard from for ``timeout`` seconds (database clock)
+        and release their leases; the released task ids. The leader calls it."""
+        ...
+
+    async def brokers(self) -> builtins.list[BrokerRecord]:
+        """Every broker of the cluster the database knows, oldest first."""
+        ...
+
+    async def worker_types(self) -> set[str] | None:
+        """The task types the cluster's known workers handle (None: one of them takes
+        any type); read at most once per BEAT_INTERVAL, cached in between."""
+        ...
+
+
 class Store(Protocol):
+    cluster: ClusterState | None  # None: one broker only (see the module docstring)
+
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         """Insert tasks as pending; durable when it returns. Idempotency keys dedupe."""
         ...

@@ -29,8 +29,10 @@ tasks of one queue at once do not queue up behind one counter row.
 
 Time: every operation uses the ``now`` its caller passes, as the SQLite
 backend does; lease expiry is ``now + lease_ttl`` and fencing compares with
-``now``. Brokers sharing a database must therefore keep their clocks
-synchronised (NTP); docs/ARCHITECTURE.md says what drifts cost.
+``now``. A store a broker opens as a cluster member passes the database's
+clock as ``now`` to the lease operations (claim, report, heartbeat, release,
+promotion: see ``tq.store.postgres``), so brokers whose clocks drift never
+disagree about whether a lease has expired.
 """
 
 from __future__ import annotations
@@ -166,7 +168,30 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER tasks_finished_delete AFTER DELETE ON tasks FOR EACH ROW
         WHEN ({_OLD_FINISHED}) EXECUTE FUNCTION tq_count_finished();
     """,
-    # 2: queue settings (a paused queue accepts submits and hands nothing out) and
+    # 2: the cluster's shared state (tq.store.pg_cluster): the workers brokers heard
+    # from, with their last heartbeat on the database's clock, and the brokers
+    # themselves, with their last sign of life and which one leads.
+    """
+    CREATE TABLE workers (
+        id         text PRIMARY KEY,
+        broker     text NOT NULL,
+        key_id     text,
+        info       text NOT NULL,
+        joined_at  double precision NOT NULL,
+        last_seen  double precision NOT NULL
+    );
+    CREATE INDEX workers_last_seen ON workers (last_seen);
+    CREATE TABLE brokers (
+        id          text PRIMARY KEY,
+        address     text,
+        http        text,
+        version     text NOT NULL,
+        started_at  double precision NOT NULL,
+        last_seen   double precision NOT NULL,
+        leader      boolean NOT NULL DEFAULT false
+    );
+    """,
+    # 3: queue settings (a paused queue accepts submits and hands nothing out) and
     # recurring schedules (tq.store.schedule_sql; due ones found through schedules_due).
     """
     CREATE TABLE queues (

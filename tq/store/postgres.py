@@ -6,8 +6,8 @@
 Contract: implements ``tq.store.base.Store`` with the same answers as the
 SQLite store (one conformance suite runs against both). When a write method
 returns, its transaction is committed. All SQL lives in ``tq.store.pg_schema``
-(tasks, migrations) and ``tq.store.pg_ops`` (listings, counts, operator
-surface, keys, audit).
+(tasks, migrations), ``tq.store.pg_ops`` (listings, counts, operator
+surface, keys, audit) and ``tq.store.pg_cluster`` (workers, brokers, leader).
 
 Durability (``synchronous``):
     "full"    (default) the server's own ``synchronous_commit`` (normally on: a
@@ -44,7 +44,20 @@ serialization failure (possible with several brokers) reruns the batch.
 If COMMIT fails every caller of the batch gets a StoreError.
 
 Several brokers may share one database: see ``tq.store.pg_schema`` for the
-locking (SKIP LOCKED claims) and for what ``now`` means across brokers.
+locking (SKIP LOCKED claims). A broker opens the store with ``broker=``
+(a ``BrokerSelf``); the store then
+  * runs the cluster state (``self.cluster``, ``tq.store.pg_cluster``): beats,
+    leader election, wake-ups from the other brokers;
+  * uses the database's clock for leases: claim, complete, extend_leases,
+    release_expired, release_worker and promote_due ignore the ``now`` they
+    are given and use the transaction's ``now()`` (read once per write batch),
+    so lease expiry, fencing and retry times never depend on which broker's
+    clock asked;
+  * ends every write batch that made tasks pending (a submit, a release, a
+    promotion, a retry) with ``pg_notify`` on the schema's channel, inside the
+    transaction: the other brokers hear of it once it committed.
+Without ``broker=`` (the conformance suite, ``tq migrate``) none of this runs
+and every method uses exactly the ``now`` it is given.
 """
 
 from __future__ import annotations
@@ -65,8 +78,16 @@ from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import pg_ops, pg_schema, schedule_sql, schema_ops
-from tq.store.base import OutcomeResult, QueueDepth, Store, StoreStats, SubmitResult
+from tq.store import pg_cluster, pg_ops, pg_schema, schedule_sql, schema_ops
+from tq.store.base import (
+    BrokerSelf,
+    ClusterState,
+    OutcomeResult,
+    QueueDepth,
+    Store,
+    StoreStats,
+    SubmitResult,
+)
 from tq.store.sqlite import MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
 
 
@@ -113,9 +134,10 @@ def redact(url: str) -> str:
 
 @asynccontextmanager
 async def open_postgres_store(
-    url: str, *, synchronous: str = "full"
+    url: str, *, synchronous: str = "full", broker: BrokerSelf | None = None
 ) -> AsyncIterator[PostgresStore]:
-    """Open (migrating if needed) the store at ``url``; close it on exit."""
+    """Open (migrating if needed) the store at ``url``; close it on exit. With
+    ``broker``, as that broker's store in a cluster (see the module docstring)."""
     key = str(synchronous).lower()
     if key not in SYNCHRONOUS:
         raise ConfigError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
@@ -126,7 +148,7 @@ async def open_postgres_store(
             f"the store URL is not a valid PostgreSQL URL ({exc}); use "
             "postgresql://user[:password]@host[:port]/database[?param=value]"
         ) from None
-    store = PostgresStore(url, key)
+    store = PostgresStore(url, key, db_clock=broker is not None)
     with trio.CancelScope(shield=True):  # a cancelled open must not leak connections
         await trio.to_thread.run_sync(store._open)
     body_error: BaseException | None = None
@@ -134,6 +156,10 @@ async def open_postgres_store(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer_loop)
             try:
+                if broker is not None:
+                    cluster = pg_cluster.PgClusterState(store, broker)
+                    store.cluster = store._cluster = cluster
+                    await nursery.start(cluster.run)
                 yield store
             except BaseException as exc:
                 body_error = exc
@@ -200,8 +226,11 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     _dialect = _DIALECT
 
-    def __init__(self, url: str, synchronous: str) -> None:
+    def __init__(self, url: str, synchronous: str, *, db_clock: bool = False) -> None:
         self.url = url
+        self.cluster: ClusterState | None = None
+        self._cluster: pg_cluster.PgClusterState | None = None
+        self._db_clock = db_clock
         self.location = redact(url)
         self.synchronous = synchronous
         self.server_version = ""
@@ -272,7 +301,7 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         for name in (*queues, *(types or ())):
             pg_schema.check_text(name, "a queue or type name")
         return await self._write(
-            pg_schema.claim, worker, queues, types, n, now, lease_ttl, weight=n
+            pg_schema.claim, worker, queues, types, n, self._now(now), lease_ttl, weight=n
         )
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
@@ -285,7 +314,9 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             pg_schema.check_text(outcome.id, "task id")
         if not outcomes:
             return []
-        return await self._write(pg_schema.complete, list(outcomes), now, weight=len(outcomes))
+        return await self._write(
+            pg_schema.complete, list(outcomes), self._now(now), weight=len(outcomes)
+        )
 
     async def extend_leases(
         self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
@@ -296,18 +327,32 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         for task_id, _ in leases:
             pg_schema.check_text(task_id, "task id")
         return await self._write(
-            pg_schema.extend_leases, worker, list(leases), now, lease_ttl, weight=len(leases)
+            pg_schema.extend_leases,
+            worker,
+            list(leases),
+            self._now(now),
+            lease_ttl,
+            weight=len(leases),
         )
 
     async def release_expired(self, now: float) -> list[str]:
-        return await self._write(pg_schema.release_expired, now)
+        return await self._write(pg_schema.release_expired, self._now(now))
 
     async def release_worker(self, worker: str, now: float) -> list[str]:
         pg_schema.check_text(worker, "worker name")
-        return await self._write(pg_schema.release_worker, worker, now)
+        return await self._write(pg_schema.release_worker, worker, self._now(now))
+
+    async def release_lost_workers(self, timeout: float) -> list[str]:
+        """The cluster's lost workers' leases released (``PgClusterState``)."""
+        return await self._write(pg_cluster.release_lost, timeout, pg_cluster.DB_NOW)
 
     async def promote_due(self, now: float) -> int:
-        return await self._write(pg_schema.promote_due, now)
+        return await self._write(pg_schema.promote_due, self._now(now))
+
+    def _now(self, now: float) -> float:
+        """``now``, or DB_NOW (the database clock) for a cluster member's lease operations."""
+        db_now: float = pg_cluster.DB_NOW
+        return db_now if self._db_clock else now
 
     async def cancel(self, task_id: str, now: float) -> Task:
         return await self._write(pg_schema.change_one, task_id, Event.CANCEL, now)
@@ -428,12 +473,17 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     # -- closing ----------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Finish queued writes, stop the writer, close the connections."""
+        """Stop the cluster state, finish queued writes, stop the writer, close the
+        connections."""
         if self._close_started:
             with trio.CancelScope(shield=True):
                 await self._closed.wait()
             return
-        self._close_started = self._closing = True
+        self._close_started = True
+        if self._cluster is not None:
+            with trio.CancelScope(shield=True):
+                await self._cluster.aclose()
+        self._closing = True
         self._wake.set()
         with trio.CancelScope(shield=True):
             await self._writer_done.wait()
@@ -516,8 +566,18 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                 doing = "write to"
                 if not self._attempt(conn, batch):
                     return  # a batch of one that failed: rolled back, nothing to commit
+                cluster = self._cluster
                 doing = "commit to"
-                conn.commit()
+                if (
+                    cluster is not None
+                    and cluster.channel
+                    and any(map(pg_cluster.made_work, batch))
+                ):
+                    with conn.pipeline():  # one round trip: the notification and COMMIT
+                        conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
+                        conn.commit()
+                else:
+                    conn.commit()
             except (psycopg.Error, TQError) as exc:
                 conn_now = conn_of(self._writer)
                 broken = conn_now is not None and (conn_now.broken or conn_now.closed)
@@ -611,6 +671,7 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
     the connection, or a deadlock, leaves for the caller: the batch as a whole
     has failed (or is run again).
     """
+    clock: list[float] = []  # the transaction's database clock, read once if needed
     i = 0
     while i < len(batch):
         run = 1
@@ -627,7 +688,7 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
                 for op, result in zip(ops, merged, strict=True):
                     op.result, op.error = result, None
             else:
-                ops[0].result = ops[0].fn(conn, *ops[0].args)
+                ops[0].result = ops[0].fn(conn, *pg_cluster.resolve(conn, ops[0].args, clock))
                 ops[0].error = None
         except Exception as exc:
             if isinstance(exc, psycopg.Error) and (conn.broken or isinstance(exc, _RETRYABLE)):

@@ -67,7 +67,14 @@ from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Una
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 from tq.store import schedule_sql, schema, schema_auth, schema_ops
-from tq.store.base import OutcomeResult, QueueDepth, Store, StoreStats, SubmitResult
+from tq.store.base import (
+    ClusterState,
+    OutcomeResult,
+    QueueDepth,
+    Store,
+    StoreStats,
+    SubmitResult,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,6 +168,8 @@ _Batch = list[_Op]
 
 class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     """The Store over one SQLite file. Create it with ``open_sqlite_store``."""
+
+    cluster: ClusterState | None = None  # one broker per file: it is the whole cluster
 
     _dialect = _DIALECT
 

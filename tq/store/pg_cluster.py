@@ -1,0 +1,362 @@
+"""Several brokers on one PostgreSQL database: the state they share besides the tasks.
+
+    async with open_postgres_store(url, broker=BrokerSelf("b1", "1.0")) as store:
+        store.cluster.leader          # does this broker run the cluster's upkeep now?
+
+Contract: implements ``tq.store.base.ClusterState`` for the PostgreSQL store,
+which starts it when a broker opens the store (``open_postgres_store(...,
+broker=...)``); a store opened without a broker (tests, ``tq migrate``) has
+none. The SQL of the workers and brokers tables (migration 2 of
+``tq.store.pg_schema``) lives here.
+
+Two connections of its own per broker, each used from one thread at a time:
+
+    beat      every BEAT_INTERVAL seconds: try to take the leadership if this
+              broker does not hold it (``pg_try_advisory_lock``, a session lock
+              keyed by the schema), write this broker's row (its last sign of
+              life, on the database's clock) and the workers it heard from
+              since the last beat. The lock lives as long as this session: a
+              broker that dies (kill -9, a crash, a network cut the server
+              notices) loses it with its session, and another broker's next
+              beat takes it, within about BEAT_INTERVAL of the server noticing.
+    listener  ``LISTEN`` on the schema's channel: another broker's transaction
+              that made tasks pending ends with ``pg_notify`` (see
+              ``tq.store.postgres``); the notification arrives once that
+              transaction committed, and the listener thread calls ``on_work``
+              in trio (``trio.from_thread``), which wakes the broker's idle
+              claims. Its own notifications (payload: its id) are skipped: it
+              woke its claims itself.
+
+Leadership is an optimisation, never a condition of correctness: every upkeep
+statement locks the rows it changes (``FOR UPDATE SKIP LOCKED``), so two
+brokers that both believe they lead for a moment (a session the server has
+not yet found dead) release and promote each task once.
+
+Workers: a broker's beat upserts the rows of the workers that said something
+to it (hello, heartbeat, claim, report) since its previous beat, stamped with
+the database's clock. The leader releases the leases of workers no broker
+heard from for the worker timeout plus LOST_MARGIN (a row lags the worker's
+last word by up to one beat) (``release_lost_workers``): a worker that moved
+to another broker keeps its leases as long as it heartbeats anywhere.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import trio
+from psycopg import sql
+
+from tq.core.errors import TQError
+from tq.core.states import Event
+from tq.store import pg_ops, pg_schema
+from tq.store.base import BrokerRecord, BrokerSelf, ClusterState, WorkerBeat
+
+if TYPE_CHECKING:
+    from tq.store.postgres import PostgresStore
+
+log = logging.getLogger("tq.store.cluster")
+
+BEAT_INTERVAL = 1.0  # seconds between a broker's beats (and leadership attempts)
+LISTEN_POLL = 0.5  # seconds the listener waits for a notification before checking for a stop
+RECONNECT_DELAY = 1.0  # seconds between attempts to reconnect a lost listener
+FORGET_BROKERS = 3600.0  # a broker silent this long is dropped from the brokers table
+LOST_MARGIN = 2 * BEAT_INTERVAL  # added to the worker timeout (release_lost_workers)
+LOG_EVERY = 60.0  # seconds between log lines of a beat that keeps failing the same way
+
+DB_EPOCH = "extract(epoch from now())::float8"  # the database's clock, seconds since the epoch
+LEADER_LOCK = "SELECT pg_try_advisory_lock(hashtext('tq leader ' || current_schema()))"
+CURRENT_SCHEMA = "SELECT current_schema()"
+UPSERT_BROKER = (
+    "INSERT INTO brokers (id, address, http, version, started_at, last_seen, leader) "
+    f"VALUES (%s, %s, %s, %s, {DB_EPOCH}, {DB_EPOCH}, %s) ON CONFLICT (id) DO UPDATE SET "
+    "address = EXCLUDED.address, http = EXCLUDED.http, version = EXCLUDED.version, "
+    "last_seen = EXCLUDED.last_seen, leader = EXCLUDED.leader"
+)
+DEPOSE_OTHERS = "UPDATE brokers SET leader = false WHERE leader AND id <> %s"
+FORGET_SILENT_BROKERS = f"DELETE FROM brokers WHERE last_seen < {DB_EPOCH} - %s"
+LEAVE = "DELETE FROM brokers WHERE id = %s"
+LIST_BROKERS = (
+    f"SELECT id, address, http, version, started_at, last_seen, leader, {DB_EPOCH} "
+    "FROM brokers ORDER BY started_at, id"
+)
+UPSERT_WORKERS = (  # sorted by id: two brokers upserting one worker never deadlock
+    "INSERT INTO workers (id, broker, key_id, info, joined_at, last_seen) "
+    f"SELECT w.id, %s, w.key_id, w.info, {DB_EPOCH}, {DB_EPOCH} "
+    "FROM unnest(%s::text[], %s::text[], %s::text[]) AS w(id, key_id, info) ORDER BY w.id "
+    "ON CONFLICT (id) DO UPDATE SET broker = EXCLUDED.broker, key_id = EXCLUDED.key_id, "
+    "info = EXCLUDED.info, last_seen = EXCLUDED.last_seen"
+)
+LOST_WORKERS = "DELETE FROM workers WHERE last_seen < %s RETURNING id"
+NOTIFY = "SELECT pg_notify(%s, %s)"
+WORKER_TYPES = "SELECT DISTINCT (info::json -> 'types')::text FROM workers"
+
+
+DB_CLOCK = f"SELECT {DB_EPOCH}"
+
+
+class _DbNow:
+    """Stands for ``now`` in a write's arguments: the transaction's database clock."""
+
+    def __repr__(self) -> str:
+        return "DB_NOW"
+
+
+DB_NOW: Any = _DbNow()
+
+
+def resolve(conn: psycopg.Connection[Any], args: tuple[Any, ...], clock: list[float]) -> Any:
+    """``args`` with DB_NOW replaced by the transaction's database clock (read into
+    ``clock`` by the first write of the transaction that needs it)."""
+    if not any(arg is DB_NOW for arg in args):
+        return args
+    if not clock:
+        clock.append(float(pg_schema._one(conn, DB_CLOCK)))
+    return tuple(clock[0] if arg is DB_NOW else arg for arg in args)
+
+
+def made_work(op: Any) -> bool:
+    """Whether a write (a ``_Op`` of the writer's batch) that succeeded may have left
+    tasks claimable: the batch then notifies the other brokers. A write this module
+    does not list is taken to have (a spurious wake-up costs a claim query; a
+    missed one leaves a claim parked until its wait ends)."""
+    if op.error is not None:
+        return False
+    fn, result = op.fn, op.result
+    if fn in _NO_WORK:
+        return False
+    if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
+        return any(r.created for r in result)
+    if fn is pg_schema.complete:
+        return any(r.accepted and r.state == "pending" for r in result)
+    if fn is pg_schema.change_one:
+        return bool(op.args[1] is Event.RETRY)
+    if fn in _WORK_IF_ANY:
+        return bool(result)
+    return True
+
+
+def channel_of(schema: str) -> str:
+    """The notification channel of one schema (channels are database-wide)."""
+    return "tq_work_" + hashlib.sha1(schema.encode()).hexdigest()[:16]
+
+
+def release_lost(conn: psycopg.Connection[Any], timeout: float, now: float) -> list[str]:
+    """In the writer's transaction: forget workers silent since ``now - timeout`` and
+    release their leases (as ``release_worker``); the released task ids."""
+    released: list[str] = []
+    for (worker_id,) in pg_schema.rows(conn, LOST_WORKERS, (now - timeout,)):
+        released += pg_schema.release_worker(conn, worker_id, now)
+    return released
+
+
+class PgClusterState:
+    """This broker's part of the cluster (see the module docstring)."""
+
+    def __init__(self, store: PostgresStore, broker: BrokerSelf) -> None:
+        from tq.store.postgres import _Connection
+
+        self.broker = broker
+        self.on_work: Callable[[], None] | None = None
+        self.beats: Callable[[], builtins.list[WorkerBeat]] | None = None
+        self.channel = ""  # learnt from the database (the schema's channel)
+        self._store = store
+        self._leader = False
+        self._address: str | None = None
+        self._http: str | None = None
+        self._beat_conn = _Connection(store.url, store.location, autocommit=True)
+        self._listen_conn = _Connection(store.url, store.location, autocommit=True)
+        self._beat_limiter = trio.CapacityLimiter(1)
+        self._listen_limiter = trio.CapacityLimiter(1)
+        self._stopping = False
+        self._soon = trio.Event()  # beat now (an announcement, or a stop)
+        self._done = trio.Event()
+        self._types: tuple[float, set[str] | None] = (-BEAT_INTERVAL, set())
+        self._failed = ("", 0.0)  # the last beat failure logged, and when
+
+    @property
+    def leader(self) -> bool:
+        return self._leader
+
+    def announce(self, address: str | None, http: str | None) -> None:
+        self._address, self._http = address, http
+        self._soon.set()  # written at once, not at the next tick
+
+    async def release_lost_workers(self, timeout: float) -> builtins.list[str]:
+        # a worker's row lags its last word to a broker by up to one beat (and the
+        # beat's own time): without the margin a short timeout would lose live workers
+        return await self._store.release_lost_workers(timeout + LOST_MARGIN)
+
+    async def brokers(self) -> builtins.list[BrokerRecord]:
+        found = await self._store._read(pg_schema.rows, LIST_BROKERS)
+        return [BrokerRecord(*row) for row in found]
+
+    async def worker_types(self) -> set[str] | None:
+        read_at, types = self._types
+        if trio.current_time() - read_at < BEAT_INTERVAL:
+            return types
+        found = await self._store._read(pg_schema.rows, WORKER_TYPES)
+        lists: list[Any] = [None if text is None else json.loads(text) for (text,) in found]
+        handled: set[str] | None = None  # a worker with no type list takes any type
+        if all(isinstance(listed, list) for listed in lists):
+            handled = {str(t) for listed in lists for t in listed}
+        self._types = (trio.current_time(), handled)
+        return handled
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Beat (the first beat before ``started``) and listen until ``aclose``."""
+        try:
+            schema = await self._store._read(pg_schema._one, CURRENT_SCHEMA)
+            self.channel = channel_of(str(schema))
+            await self._beat_once()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen_loop)
+                task_status.started()
+                while not self._stopping:
+                    with trio.move_on_after(BEAT_INTERVAL):
+                        await self._soon.wait()
+                    self._soon = trio.Event()
+                    if not self._stopping:
+                        await self._beat_once()
+        finally:
+            self._done.set()
+
+    async def aclose(self) -> None:
+        """Stop beating and listening; leave the brokers table; close the connections
+        (which gives the leadership up at once)."""
+        self._stopping = True
+        self._soon.set()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+            await trio.to_thread.run_sync(self._leave, limiter=self._beat_limiter)
+            await trio.to_thread.run_sync(self._listen_conn.close, limiter=self._listen_limiter)
+
+    async def _beat_once(self) -> None:
+        beats = self.beats() if self.beats is not None else []
+        try:
+            await trio.to_thread.run_sync(self._beat, beats, limiter=self._beat_limiter)
+        except TQError as exc:
+            text, now = str(exc), trio.current_time()
+            if text != self._failed[0] or now - self._failed[1] >= LOG_EVERY:
+                log.warning("cluster beat: %s", text)
+                self._failed = (text, now)
+        else:
+            if self._failed[0]:
+                log.info("cluster beat: the database answers again")
+            self._failed = ("", 0.0)
+
+    def _beat(self, beats: builtins.list[WorkerBeat]) -> None:
+        """In a thread, on the beat connection (see the module docstring)."""
+        from tq.store.postgres import store_error
+
+        me = self.broker
+        try:
+            conn = self._beat_conn.get()
+            if not self._leader and pg_schema._one(conn, LEADER_LOCK):
+                self._leader = True
+                conn.execute(DEPOSE_OTHERS, (me.id,))
+                log.info("this broker (%s) now runs the cluster's upkeep", me.id)
+            params = (me.id, self._address, self._http, me.version, self._leader)
+            conn.execute(UPSERT_BROKER, params)
+            if beats:
+                beats = sorted(beats, key=lambda beat: beat.id)
+                ids = [beat.id for beat in beats]
+                keys = [beat.key_id for beat in beats]
+                infos = [json.dumps(beat.info, default=str) for beat in beats]
+                conn.execute(UPSERT_WORKERS, (me.id, ids, keys, infos))
+            if self._leader:
+                conn.execute(FORGET_SILENT_BROKERS, (FORGET_BROKERS,))
+        except psycopg.Error as exc:
+            conn_now = self._beat_conn.conn
+            if conn_now is None or conn_now.broken or conn_now.closed:
+                self._lost_session()
+            raise store_error(exc, "beat to", self._store.location) from exc
+        except TQError:
+            self._lost_session()
+            raise
+
+    def _lost_session(self) -> None:
+        self._beat_conn.drop()
+        if self._leader:
+            log.warning("this broker lost the cluster's leadership (its session ended)")
+        self._leader = False
+
+    def _leave(self) -> None:
+        """Delete this broker's row on the beat connection, if it still has one (a
+        broker stopping while the database is away does not wait to reconnect)."""
+        try:
+            conn = self._beat_conn.conn
+            if conn is not None and not (conn.broken or conn.closed):
+                conn.execute(LEAVE, (self.broker.id,))
+        except (psycopg.Error, TQError) as exc:
+            log.warning("could not remove this broker from the brokers table: %s", exc)
+        finally:
+            self._leader = False
+            self._beat_conn.close()
+
+    async def _listen_loop(self) -> None:
+        await trio.to_thread.run_sync(self._listen, limiter=self._listen_limiter)
+
+    def _listen(self) -> None:
+        """In a thread: wait for notifications until ``aclose``; reconnect when lost."""
+        listening = False
+        while not self._stopping:
+            try:
+                conn = self._listen_conn.get()
+                if not listening:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    listening = True
+                    trio.from_thread.run_sync(self._woken)  # what was missed meanwhile
+                notes = list(conn.notifies(timeout=LISTEN_POLL, stop_after=1))
+                if notes:  # what arrived meanwhile was committed too: one wake covers all
+                    notes += conn.notifies(timeout=0)
+                if any(note.payload != self.broker.id for note in notes):
+                    trio.from_thread.run_sync(self._woken)
+            except (psycopg.Error, TQError) as exc:
+                if self._stopping:
+                    return
+                log.warning("cluster wake-ups: lost the listening connection: %s", exc)
+                listening = False
+                self._listen_conn.drop()
+                for _ in range(int(RECONNECT_DELAY / 0.1)):
+                    if self._stopping:
+                        return
+                    time.sleep(0.1)
+
+    def _woken(self) -> None:
+        if self.on_work is not None:
+            self.on_work()
+
+
+if TYPE_CHECKING:  # mypy proves here that PgClusterState implements ClusterState
+
+    def _implements_cluster(state: PgClusterState) -> ClusterState:
+        return state
+
+
+_WORK_IF_ANY = (  # a non-empty result (ids, a count) is work made
+    pg_schema.promote_due,
+    pg_schema.release_expired,
+    pg_schema.release_worker,
+    pg_ops.retry_many,
+    release_lost,
+)
+_NO_WORK = (  # writes that never make a task claimable
+    pg_schema.claim,
+    pg_schema.extend_leases,
+    pg_schema.set_priority,
+    pg_ops.purge,
+    pg_ops.create_key,
+    pg_ops.revoke_key,
+    pg_ops.rehash_key,
+    pg_ops.record_audit,
+)
