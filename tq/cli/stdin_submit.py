@@ -162,7 +162,7 @@ async def _batches(
 
 def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows with errors for bad lines; indexes of the good ones."""
-    from tq.core.errors import TQError
+    from tq.core.errors import InvalidRequest, TQError
     from tq.core.task import TaskSpec
 
     rows: list[dict[str, Any]] = [{} for _ in batch]
@@ -172,7 +172,13 @@ def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int
             rows[i] = {"line": number, "error": item}
             continue
         try:
-            TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
+            spec = TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
+            if any(dep.startswith("#") for dep in spec.depends_on):
+                raise InvalidRequest(
+                    'depends_on "#N" names a task of the same request, and tq submit - '
+                    "cuts its requests by time: name task ids (each line's id is printed "
+                    "once stored), or submit a workflow (tq submit --workflow)"
+                )
         except TQError as exc:
             rows[i] = {"line": number, "error": f"line {number}: {exc.message}"}
             continue
