@@ -173,7 +173,7 @@ def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int
             continue
         try:
             spec = TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
-            if any(dep.startswith("#") for dep in spec.depends_on):
+            if any(dep.startswith("#") for dep in spec.depends_on or ()):
                 raise InvalidRequest(
                     'depends_on "#N" names a task of the same request, and tq submit - '
                     "cuts its requests by time: name task ids (each line's id is printed "

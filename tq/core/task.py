@@ -162,7 +162,7 @@ class TaskSpec:
     trace: dict[str, str] | None = None  # W3C trace context of the submitter (tq.tracing)
     # ids of tasks this one waits for, or "#N": the N-th task (from 0) of the same submit,
     # which must come before this one (so one submit cannot form a cycle)
-    depends_on: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] | None = None
     on_dependency_failure: str = "cancel"  # one of DEPENDENCY_POLICIES
     input: str | None = None  # one of INPUTS: dependencies' results become the payload
     result_key: str | None = None  # with input: take this key of each (map) result
@@ -255,7 +255,7 @@ def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
     if key is not None and (not isinstance(key, str) or not key or given is None):
         raise InvalidRequest("task result_key must be a non-empty string, and needs input")
     return {
-        "depends_on": tuple(deps),
+        "depends_on": tuple(deps) or None,
         "on_dependency_failure": policy,
         "input": given,
         "result_key": key,

@@ -173,7 +173,7 @@ def _resolve(specs: Sequence[TaskSpec]) -> list[list[str | int]]:
     out: list[list[str | int]] = []
     for index, spec in enumerate(specs):
         deps: list[str | int] = []
-        for dep in spec.depends_on:
+        for dep in spec.depends_on or ():
             if dep.startswith("#"):
                 number = dep[1:]
                 if not (number.isascii() and number.isdigit()) or int(number) >= index:

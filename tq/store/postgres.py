@@ -267,7 +267,7 @@ class PostgresStore:
             return []
         if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
             for spec in specs:
-                for dep in spec.depends_on:
+                for dep in spec.depends_on or ():
                     pg_schema.check_text(dep, "a dependency's task id")
             pg_schema.prepare_rows(specs, now)  # every limit checked before the transaction
             return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
