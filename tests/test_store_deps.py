@@ -268,3 +268,24 @@ async def test_random_dags_run_in_dependency_order(
             outcomes += [report(lease, "release") for lease in leases[len(finish) :]]
             await s.complete(outcomes, NOW)
             succeeded |= {index[lease.id] for lease in finish}
+
+
+async def test_migrate_copies_dependencies(tmp_path: Any, pg_url: str) -> None:
+    import trio
+
+    from tq.store.postgres import open_postgres_store
+    from tq.store.sqlite import open_sqlite_store
+    from tq.store.transfer import copy_store
+
+    source = tmp_path / "src.db"
+    async with open_sqlite_store(source) as s:
+        results = await s.submit(
+            [spec(), spec(depends_on=["#0"], input="result", on_dependency_failure="wait")], NOW
+        )
+        a, b = (r.id for r in results)
+    await trio.to_thread.run_sync(copy_store, f"sqlite://{source}", pg_url)
+    async with open_postgres_store(pg_url) as pg:
+        assert await pg.dependencies(b) == [(a, "pending", False)]
+        r = await run(pg, a, result=7)
+        assert r.dependents == (b,)
+        assert (await pg.get(b)).payload == 7

@@ -138,6 +138,69 @@ async def test_depends_on_through_the_client(tmp_path: Path) -> None:
             assert (await client.wait(ran, timeout=30)).state.value == "succeeded"
 
 
+@pytest.mark.trio
+async def test_retrying_a_dead_step_resumes_the_workflow(tmp_path: Path) -> None:
+    attempts: list[Any] = []
+    registry = builtin_registry()
+
+    async def flaky(payload: Any) -> Any:
+        attempts.append(payload)
+        if len(attempts) == 1:
+            raise RuntimeError("first time fails")
+        return payload + 1
+
+    registry.register("flaky", flaky)
+    async with (
+        running_broker(tmp_path) as broker,
+        running_worker(broker, registry),
+        broker.client() as client,
+    ):
+        ids = await client.submit_workflow(
+            {
+                "chain": [
+                    {"type": "echo", "payload": 1},
+                    {"type": "flaky", "max_retries": 0},
+                    {"type": "echo"},
+                ]
+            }
+        )
+        assert (await client.wait(ids[1], timeout=30)).state.value == "dead"
+        assert (await client.get(ids[2])).state.value == "blocked"  # waits, not cancelled
+        explained = await client.explain(ids[2])
+        assert explained["reasons"][0]["waiting_for"] == [ids[1]]
+        await client.retry(ids[1])
+        done = await client.wait(ids[2], timeout=30)
+        assert (done.state.value, done.result) == ("succeeded", 2)
+        assert attempts == [1, 1]
+
+
+@pytest.mark.trio
+async def test_rest_workflow_submit_and_graph(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        document = {"chord": [{"type": "echo", "payload": 1}], "callback": {"type": "echo"}}
+        made = await http.post("/api/v1/workflows", json=document)
+        assert made.status_code == 201, made.text
+        body = made.json()
+        assert len(body["tasks"]) == 2 and body["id"] == body["tasks"][1]["id"]
+        graph = await http.get(f"/api/v1/tasks/{body['id']}/workflow")
+        assert graph.status_code == 200
+        assert graph.json()["edges"] == [[body["id"], body["tasks"][0]["id"]]]
+        states = {t["id"]: t["state"] for t in graph.json()["tasks"]}
+        assert states[body["id"]] == "blocked"
+        bad = await http.post("/api/v1/workflows", json={"chain": []})
+        assert bad.status_code == 400 and "non-empty" in bad.text
+        missing = await http.get("/api/v1/tasks/nope/workflow")
+        assert missing.status_code == 404
+
+
+def test_stdin_lines_cannot_use_batch_references() -> None:
+    from tq.cli.stdin_submit import _check
+
+    rows, good = _check([(1, {"type": "a"}), (2, {"type": "b", "depends_on": ["#0"]})])
+    assert good == [0]
+    assert "tq submit --workflow" in rows[1]["error"]
+
+
 # -- processes: the CLI, and kill -9 of the broker mid-workflow ------------------------------
 
 

@@ -500,6 +500,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         if released or dependents:
             self.notify_work()
         self.events.reported(results)
+        await self.events.released(self.store, dependents, before="blocked")
         self.activity.reported(results, self.clock())
         self.fire([r.id for r in results if r.accepted] + dependents)
         return [
