@@ -54,6 +54,24 @@ def test_compile_refuses_naming_the_node(document: Any, says: str) -> None:
         compile_workflow(document)
 
 
+def test_tree_runs_a_chain_at_one_level_and_expands_a_callback_once() -> None:
+    from rich.console import Console
+
+    from tq.cli.workflows import render
+
+    states = ["succeeded"] * 4 + ["blocked"] * 3
+    tasks = [{"id": f"t{i}", "type": "s", "state": state} for i, state in enumerate(states)]
+    edges = [["t1", "t0"], ["t2", "t1"], ["t3", "t2"], ["t4", "t2"], ["t5", "t2"]]
+    edges += [["t6", "t3"], ["t6", "t4"], ["t6", "t5"]]
+    console = Console(width=100, record=True)
+    console.print(render({"tasks": tasks, "edges": edges, "truncated": False}))
+    lines = console.export_text().splitlines()
+    assert lines[0] == "workflow of 7 task(s): 3 blocked, 4 succeeded"
+    assert [line.index("succeeded") for line in lines[1:4]] == [4, 4, 4]  # the chain
+    assert sum("t6" in line for line in lines) == 3
+    assert sum("shown above" in line for line in lines) == 2
+
+
 # -- in-process broker and worker ---------------------------------------------------------
 
 

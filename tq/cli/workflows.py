@@ -57,8 +57,8 @@ def show(
 ) -> None:
     """Draw the workflow around a task: every task linked to it by dependencies, with states.
 
-    A tree on a terminal; JSON ({"tasks", "edges": [[task, depends_on]], "truncated"})
-    in a pipe or with --json.
+    A tree on a terminal; JSON in a pipe or with --json: "tasks" (task maps), "edges"
+    (pairs: a task's id, the id of a task it depends on) and "truncated".
     """
 
     def body() -> None:
