@@ -289,3 +289,29 @@ async def test_migrate_copies_dependencies(tmp_path: Any, pg_url: str) -> None:
         r = await run(pg, a, result=7)
         assert r.dependents == (b,)
         assert (await pg.get(b)).payload == 7
+
+
+async def test_two_brokers_finishing_two_dependencies_at_once_release_once(pg_url: str) -> None:
+    import trio
+
+    from tq.store.postgres import open_postgres_store
+
+    async with open_postgres_store(pg_url) as one_, open_postgres_store(pg_url) as two:
+        for _ in range(20):
+            results = await one_.submit([spec(), spec(), spec(depends_on=["#0", "#1"])], NOW)
+            a, b, c = (r.id for r in results)
+            leases = {lease.id: lease for lease in await claim(one_, n=2)}
+            released: list[str] = []
+
+            async def finish(store: Any, lease: Any, released: list[str]) -> None:
+                [r] = await store.complete([Outcome(lease.id, lease.token, "ok")], NOW + 1)
+                assert r.accepted
+                released.extend(r.dependents)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(finish, one_, leases[a], released)
+                nursery.start_soon(finish, two, leases[b], released)
+            assert released == [c]
+            [lease] = await claim(two, n=5)
+            assert lease.id == c
+            await two.complete([Outcome(lease.id, lease.token, "ok")], NOW + 2)
