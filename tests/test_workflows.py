@@ -283,3 +283,32 @@ def test_cli_workflow_and_kill_9_leaves_nothing_stuck(tmp_path: Path) -> None:
         table = tq(broker, "workflow", "show", last, "--output", "table")
         assert table.returncode == 0, table.stderr
         assert "succeeded" in table.stdout and last in table.stdout
+
+
+def test_stdin_line_with_an_unknown_dependency_is_refused_alone(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "broker") as broker:
+        with broker.client() as client:
+            known = client.submit("echo", 0)
+        lines = [
+            {"type": "echo", "payload": 1},
+            {"type": "echo", "depends_on": ["no-such-task"]},
+            {"type": "echo", "depends_on": [known]},
+        ]
+        stdin = "".join(json.dumps(line) + "\n" for line in lines)
+        out = subprocess.run(
+            tq_command("submit", "-", *broker.client_args()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            input=stdin,
+        )
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert out.returncode == 2, out.stderr
+        assert [("id" in row, "error" in row) for row in rows] == [
+            (True, False),
+            (False, True),
+            (True, False),
+        ]
+        assert "no-such-task" in rows[1]["error"]
+        with broker.client() as client:
+            assert client.get(rows[2]["id"]).state == "blocked"
