@@ -247,12 +247,16 @@ def _stuck(graph: dict[str, Any]) -> list[str]:
     ]
 
 
-def test_cli_workflow_and_kill_9_leaves_nothing_stuck(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_cli_workflow_and_kill_9_leaves_nothing_stuck(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    extra = ["--store", request.getfixturevalue("pg_url")] if store == "postgresql" else []
     steps = 40
     document = {"chain": [{"type": "echo", "payload": {"step": 0}}] + [{"type": "echo"}] * steps}
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(document))
-    with BrokerProcess(tmp_path / "broker", "--lease-ttl", "3") as broker:
+    with BrokerProcess(tmp_path / "broker", "--lease-ttl", "3", *extra) as broker:
         bad = tq(broker, "submit", "--workflow", str(path), "echo")
         assert bad.returncode != 0 and "--workflow" in bad.stderr
         out = tq(broker, "submit", "--workflow", str(path), "--json")
