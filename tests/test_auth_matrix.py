@@ -103,6 +103,13 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
         "worker",
         "reader",
     ),
+    (
+        "query:workflow",
+        lambda fx: _with_task(fx, "query", None, q="workflow"),
+        "client",
+        "worker",
+        "reader",
+    ),
     ("wait", lambda fx: _with_task(fx, "wait", None, timeout=0), "client", "worker", "reader"),
     ("cancel", lambda fx: _with_task(fx, "cancel", None), "client", "reader", "producer"),
     (

@@ -203,7 +203,8 @@ class EventBus:
         if not (self._want_tasks or self._want_counts):
             return
         self._add(
-            (r.id, s.type, s.queue, None, "pending")
+            # with dependencies: blocked (pending at once if they had all succeeded)
+            (r.id, s.type, s.queue, None, "blocked" if s.depends_on else "pending")
             for s, r in zip(specs, results, strict=True)
             if r.created
         )
@@ -259,12 +260,15 @@ class EventBus:
         except TQError:
             return None  # unknown id: the change itself will say so
 
-    async def released(self, store: Store, task_ids: Sequence[str]) -> None:
-        """Leases returned by the reaper: read where they went (rare path, listeners only)."""
+    async def released(
+        self, store: Store, task_ids: Sequence[str], before: str = "running"
+    ) -> None:
+        """Leases returned by the reaper, or blocked tasks their dependencies released or
+        cancelled (``before="blocked"``): read where they went (listeners only)."""
         if not (self._want_tasks or self._want_counts) or not task_ids:
             return
         if not self._want_tasks or len(task_ids) > DETAIL_LIMIT:
-            self._add((task_id, None, None, "running", None) for task_id in task_ids)
+            self._add((task_id, None, None, before, None) for task_id in task_ids)
             return
         changes: list[Change] = []
         for task_id in task_ids:
@@ -272,7 +276,7 @@ class EventBus:
                 task = await store.get(task_id)
             except NotFound:
                 continue
-            changes.append((task.id, task.type, task.queue, "running", task.state.value))
+            changes.append((task.id, task.type, task.queue, before, task.state.value))
         self._add(changes)
 
     def worker(self, kind: str, worker: WorkerInfo | str, registry: WorkerRegistry) -> None:

@@ -17,7 +17,8 @@ code                when
                     half a lease: its lease may expire and the task be retried
 ``scheduled``       waits until ``due`` (a delayed task)
 ``retry_due``       attempt ``attempts`` failed; pending again at ``due``
-``blocked``         waits for other tasks to finish first
+``blocked``         waits for other tasks to finish first (``waiting_for``:
+                    the ids of its dependencies not met yet)
 ``paused``          its queue is paused (``queue``, ``since``): nothing in it
                     is handed out until it is resumed
 ``no_worker``       no connected worker takes its queue
@@ -72,9 +73,11 @@ def explain(
     now: float,
     lease_ttl: float,
     paused_at: float | None = None,
+    unmet: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The answer of ``query explain``: ``{"task", "state", "reasons": [...]}``;
-    ``paused_at``: when the task's queue was paused (None: it is not)."""
+    ``paused_at``: when the task's queue was paused (None: it is not); ``unmet``: a
+    blocked task's dependencies not met yet."""
     reasons: list[dict[str, Any]] = []
     state = str(task.state)
     if paused_at is not None and state in ("pending", "scheduled", "failed", "blocked"):
@@ -123,7 +126,11 @@ def explain(
             }
         )
     elif state == "blocked":
-        reasons.append({"code": "blocked", "message": "it waits for other tasks to finish first"})
+        waiting = list(unmet or ())
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        shown = ", ".join(waiting[:5]) + more
+        message = "it waits for other tasks to finish first" + (f": {shown}" if waiting else "")
+        reasons.append({"code": "blocked", "message": message, "waiting_for": waiting})
     elif state == "pending":
         reasons.extend(_pending(task, ahead, ahead_limit, workers))
     return {"task": task.id, "state": state, "reasons": reasons}

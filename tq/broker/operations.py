@@ -117,11 +117,38 @@ class OperatorOps:
         ahead = None
         if task.state == "pending":
             ahead = await self.store.ahead(task_id, EXPLAIN_AHEAD_LIMIT)
+        unmet = None
+        if task.state == "blocked":
+            deps = await self.store.dependencies(task_id)
+            unmet = [dep for dep, _, met in deps if not met]
         now = self.clock()
         paused = (await self.paused()).get(task.queue)
         return explain(
-            task, ahead, EXPLAIN_AHEAD_LIMIT, self.workers.all(), now, self.lease_ttl, paused
+            task,
+            ahead,
+            EXPLAIN_AHEAD_LIMIT,
+            self.workers.all(),
+            now,
+            self.lease_ttl,
+            paused,
+            unmet,
         )
+
+    async def workflow(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
+        """The tasks linked to ``task_id`` by dependencies, either way, and the edges:
+        ``{"tasks": [task maps], "edges": [[task, depends_on], ...], "truncated"}``. A
+        queue-limited key sees the tasks of its queues only (edges to others stay)."""
+        task = await self.store.get(task_id)
+        if principal is not None:
+            principal.check_queue(task.queue)
+        tasks, edges, cut = await self.store.graph(task_id)
+        if principal is not None:
+            tasks = [t for t in tasks if principal.may_use(t.queue)]
+        return {
+            "tasks": [t.to_dict() for t in tasks],
+            "edges": [list(edge) for edge in edges],
+            "truncated": cut,
+        }
 
     async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
         """Unfinished tasks per queue: totals per state and rows per priority and state."""

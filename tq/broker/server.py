@@ -522,8 +522,11 @@ class Session:
             return {"health": await self.service.cluster_status(self.principal)}
         if q == "explain":
             return {"explain": await self.service.explain(_task_id(msg), self.principal)}
+        if q == "workflow":
+            return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
         raise InvalidRequest(
-            f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain"
+            f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain, "
+            "workflow"
         )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -515,7 +515,9 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         if worker_id is not None:
             self.workers.seen(worker_id, self.clock())
         retried = released = False
+        dependents: list[str] = []
         for r in results:
+            dependents += r.dependents  # released (pending now) or cancelled with it
             if not r.accepted:
                 self.counters["refused_results"] += 1
             elif r.state in ("succeeded", "failed", "dead"):
@@ -525,11 +527,12 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
                 released |= r.state == "pending"  # "release": claimable again at once
         if retried:
             self.notify_due()
-        if released:
+        if released or dependents:
             self.notify_work()
         self.events.reported(results)
+        await self.events.released(self.store, dependents, before="blocked")
         self.activity.reported(results, self.clock())
-        self.fire([r.id for r in results if r.accepted])
+        self.fire([r.id for r in results if r.accepted] + dependents)
         return [
             {"id": r.id, "accepted": r.accepted, "state": r.state, "reason": r.reason}
             for r in results
@@ -617,6 +620,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         before = await self.events.state_before(self.store, task_id)
         task = await self.store.cancel(task_id, self.clock())
         self.events.changed(task, before)
+        self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task

@@ -22,6 +22,7 @@ from tq.cli import (
     tui,
     waiting,
     watch,
+    workflows,
 )
 from tq.cli.common import JsonOpt, Output, OutputOpt, emit_text, text_mode
 
@@ -67,6 +68,7 @@ app.command(rich_help_panel="Operations")(migrate.migrate)  # copy a store (tq.s
 security.register(app)  # keys, ca, token, audit
 queues.register(app)  # queue pause, resume, list
 schedules.register(app)  # recurring schedules
+workflows.register(app)  # workflow show
 
 
 @app.command(rich_help_panel="Operations")

@@ -30,7 +30,7 @@ COMMAND_OPTIONS = frozenset(
         "--payload", "--payload-bytes", "--payload-file", "--priority", "--queue", "--role",
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
         "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
-        "--wide", "--workers", "--yes",
+        "--wide", "--workers", "--yes", "--depends-on", "--on-dependency-failure", "--workflow",
     }
 )  # fmt: skip
 # a setting's flag name used by a command for something else

@@ -15,6 +15,10 @@ Contract:
   and after which input line it stopped; exit status 130. A second signal
   while requests are in flight stops at once and says how many answers were
   not awaited.
+- A line may name ``depends_on`` ids (of tasks already stored, e.g. ids this
+  command printed); a batch refused because one of them does not exist is
+  sent again line by line, so only that line is refused. ``"#N"`` references
+  are refused: batches are cut by time.
 - ``--from-list``: lines may be tasks as `tq list --output jsonl` prints them;
   the fields a submission cannot carry (id, state, attempts, times, result,
   error, worker...) are dropped, so ``tq list ... | tq submit - --from-list``
@@ -162,7 +166,7 @@ async def _batches(
 
 def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows with errors for bad lines; indexes of the good ones."""
-    from tq.core.errors import TQError
+    from tq.core.errors import InvalidRequest, TQError
     from tq.core.task import TaskSpec
 
     rows: list[dict[str, Any]] = [{} for _ in batch]
@@ -172,7 +176,13 @@ def _check(batch: list[tuple[int, Any]]) -> tuple[list[dict[str, Any]], list[int
             rows[i] = {"line": number, "error": item}
             continue
         try:
-            TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
+            spec = TaskSpec.from_mapping(item)  # name the bad line instead of failing the batch
+            if any(dep.startswith("#") for dep in spec.depends_on or ()):
+                raise InvalidRequest(
+                    'depends_on "#N" names a task of the same request, and tq submit - '
+                    "cuts its requests by time: name task ids (each line's id is printed "
+                    "once stored), or submit a workflow (tq submit --workflow)"
+                )
         except TQError as exc:
             rows[i] = {"line": number, "error": f"line {number}: {exc.message}"}
             continue
@@ -184,7 +194,7 @@ def submit_stdin(conf: ClientSettings, listed: bool = False) -> Outcome:
     """Run `tq submit -`. A request that fails (connection lost, refused key) stops the
     reading; the answers of the others are still printed, then its error is raised."""
     from tq.client import Client
-    from tq.core.errors import TQError
+    from tq.core.errors import NotFound, TQError
 
     outcome = Outcome()
     warned: set[str] = set()
@@ -210,16 +220,36 @@ def submit_stdin(conf: ClientSettings, listed: bool = False) -> Outcome:
             outcome.last_line = batch[-1][0]
         sys.stdout.flush()
 
+    def accepted(rows: list[dict[str, Any]], line: int, index: int, answer: Any) -> None:
+        rows[index] = {"line": line, "id": answer["id"]}
+        warning = answer.get("warning")
+        if warning and warning not in warned:  # once per task type, on stderr
+            warned.add(warning)
+            print(f"tq: warning: {inert(warning)}", file=sys.stderr)
+
     async def send(client: Client, batch: list[tuple[int, Any]]) -> list[dict[str, Any]]:
         rows, good = _check(batch)
-        if good:
-            answers = await client.submit_items([batch[i][1] for i in good])
-            for i, answer in zip(good, answers, strict=True):
-                rows[i] = {"line": batch[i][0], "id": answer["id"]}
-                warning = answer.get("warning")
-                if warning and warning not in warned:  # once per task type, on stderr
-                    warned.add(warning)
-                    print(f"tq: warning: {inert(warning)}", file=sys.stderr)
+        if not good:
+            return rows
+        items = [batch[i][1] for i in good]
+        try:
+            answers = await client.submit_items(items)
+        except NotFound:
+            if not any(isinstance(item, dict) and item.get("depends_on") for item in items):
+                raise
+            # a line depends on a task that does not exist, and the request stored
+            # nothing: send the lines one by one, so only that line is refused
+            for i in good:
+                line, item = batch[i]
+                try:
+                    [answer] = await client.submit_items([item])
+                except NotFound as exc:
+                    rows[i] = {"line": line, "error": f"line {line}: {exc.message}"}
+                    continue
+                accepted(rows, line, i, answer)
+            return rows
+        for i, answer in zip(good, answers, strict=True):
+            accepted(rows, batch[i][0], i, answer)
         return rows
 
     requests = trio.CancelScope()  # the requests in flight: cancelled by a second signal only

@@ -113,12 +113,13 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
 
 def submit(
     type: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="Task type (handler name), or - to read JSON "
-            "lines from stdin, one task map per line."
+            "lines from stdin, one task map per line (not with --workflow).",
+            show_default=False,
         ),
-    ],
+    ] = None,
     payload: Annotated[
         str | None, typer.Option("--payload", "-p", help="Payload as JSON.", show_default=False)
     ] = None,
@@ -166,6 +167,35 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    depends_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--depends-on",
+            help="Id of a task this one waits for (repeatable): it stays blocked until "
+            "every one succeeded.",
+            show_default=False,
+        ),
+    ] = None,
+    on_dependency_failure: Annotated[
+        str | None,
+        typer.Option(
+            "--on-dependency-failure",
+            help="When a dependency ends dead or cancelled: cancel (this task too, the "
+            "default), run (once all have finished) or wait (stay blocked until it is "
+            "retried and succeeds).",
+            show_default=False,
+        ),
+    ] = None,
+    workflow: Annotated[
+        Path | None,
+        typer.Option(
+            "--workflow",
+            "-w",
+            help="Submit a workflow: a JSON document of chains, groups and chords "
+            "(docs/CLI.md), all its tasks or none; - reads stdin. Prints every task's id.",
+            show_default=False,
+        ),
+    ] = None,
     listed: Annotated[
         bool,
         typer.Option(
@@ -189,10 +219,26 @@ def submit(
 
       cat jobs.jsonl | tq submit - | jq -r .id
 
+      tq submit notify --depends-on ID1 --depends-on ID2
+
+      tq submit --workflow thumbnails.json
+
     With -, one JSON line out per input line (whatever --output says); a batch goes
     out at 250 lines or 0.2 s after its first line; Ctrl-C prints the ids of every
     stored task and the input line it stopped after (exit 130).
     """
+    if workflow is not None:
+        if type is not None or payload is not None or payload_file is not None or depends_on:
+            fail(
+                "--workflow takes the whole workflow from its file: give no task type, "
+                "payload or --depends-on with it",
+                exits.USAGE,
+            )
+        file = workflow
+        run_guarded(lambda: _submit_workflow(file, broker, ca, insecure, api_key, output, as_json))
+        return
+    if type is None:
+        fail("give a task type (or - for task lines on stdin, or --workflow FILE)", exits.USAGE)
     if listed and type != "-":
         fail("--from-list goes with `tq submit -` (task lines on stdin)", exits.USAGE)
     if type == "-":
@@ -216,6 +262,8 @@ def submit(
         "max_retries": max_retries,
         "timeout": timeout,
         "idempotency_key": key,
+        "depends_on": depends_on or None,
+        "on_dependency_failure": on_dependency_failure,
     }
 
     def body() -> None:
@@ -229,6 +277,35 @@ def submit(
         emit_text({"id": task_id}, text_mode(output, as_json), task_id)
 
     run_guarded(body)
+
+
+def _submit_workflow(
+    path: Path,
+    broker: str | None,
+    ca: Path | None,
+    insecure: bool | None,
+    api_key: str | None,
+    output: Any,
+    as_json: bool,
+) -> None:
+    """`tq submit --workflow FILE`: one submit of the document's tasks; their ids."""
+    from tq.core.workflow import compile_workflow
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot read workflow file {path}: {exc.strerror}", exits.USAGE)
+    except UnicodeDecodeError:
+        fail(f"workflow file {path} is not UTF-8 text", exits.USAGE)
+    tasks = compile_workflow(parse_json(text, f"workflow file {path}"))
+    with _client(broker, ca, insecure, api_key) as client:
+        answers = client.submit_items(tasks)
+    ids = [answer["id"] for answer in answers]
+    for message in dict.fromkeys(a["warning"] for a in answers if "warning" in a):
+        say(f"tq: warning: {message}", err=True)
+    data = {"id": ids[-1], "tasks": ids}
+    text = "\n".join(ids) + f"\n(tq workflow show {ids[-1]} draws it)"
+    emit_text(data, text_mode(output, as_json), text)
 
 
 def _read_payload_file(path: Path) -> Any:

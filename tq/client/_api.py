@@ -66,8 +66,12 @@ def task_spec(
     retry_base: float | None = None,
     retry_cap: float | None = None,
     trace: Mapping[str, str] | None = None,
+    depends_on: Sequence[str] | None = None,
+    on_dependency_failure: str | None = None,
 ) -> dict[str, Any]:
-    """A submission map with only the fields given (the broker fills defaults)."""
+    """A submission map with only the fields given (the broker fills defaults).
+    ``depends_on``: ids of tasks this one waits for (it is blocked until they all
+    succeeded); ``on_dependency_failure``: cancel (default), run or wait."""
     spec: dict[str, Any] = {"type": type, "payload": payload}
     optional = {
         "queue": queue,
@@ -78,6 +82,8 @@ def task_spec(
         "retry_base": retry_base,
         "retry_cap": retry_cap,
         "trace": None if trace is None else dict(trace),
+        "depends_on": None if depends_on is None else list(depends_on),
+        "on_dependency_failure": on_dependency_failure,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
@@ -114,6 +120,19 @@ def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]
 def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
     items = submit_items(specs)
     return Call(items.message, lambda r: [item["id"] for item in items.parse(r)])
+
+
+def submit_workflow(document: Mapping[str, Any]) -> Call[list[str]]:
+    """Submit a workflow document (tq.core.workflow) as one submit; the ids of its
+    tasks in the document's order (every task after the ones it depends on)."""
+    from tq.core.workflow import compile_workflow
+
+    return submit_many(compile_workflow(document))
+
+
+def workflow(task_id: str) -> Call[dict[str, Any]]:
+    """The tasks linked to ``task_id`` by dependencies and the edges between them."""
+    return Call({"t": "query", "q": "workflow", "task": task_id}, lambda r: dict(r["workflow"]))
 
 
 def _task(reply: dict[str, Any]) -> Task:

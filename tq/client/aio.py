@@ -370,6 +370,16 @@ class Client:
     async def get(self, task_id: str) -> Task:
         return await self._call(api.get(task_id))
 
+    async def submit_workflow(self, document: Mapping[str, Any]) -> list[str]:
+        """Submit a workflow (chains, groups, chords: tq.core.workflow) atomically; the
+        ids of its tasks in the document's order."""
+        return await self._call(api.submit_workflow(document))
+
+    async def workflow(self, task_id: str) -> dict[str, Any]:
+        """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
+        "truncated"}``."""
+        return await self._call(api.workflow(task_id))
+
     async def explain(self, task_id: str) -> dict[str, Any]:
         """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
         return await self._call(api.explain(task_id))

@@ -279,6 +279,16 @@ class BlockingClient:
     def get(self, task_id: str) -> Task:
         return self._call(api.get(task_id))
 
+    def submit_workflow(self, document: Mapping[str, Any]) -> list[str]:
+        """Submit a workflow (chains, groups, chords: tq.core.workflow) atomically; the
+        ids of its tasks in the document's order."""
+        return self._call(api.submit_workflow(document))
+
+    def workflow(self, task_id: str) -> dict[str, Any]:
+        """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
+        "truncated"}``."""
+        return self._call(api.workflow(task_id))
+
     def explain(self, task_id: str) -> dict[str, Any]:
         """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
         return self._call(api.explain(task_id))

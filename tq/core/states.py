@@ -70,7 +70,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 
 
 _CANNOT = {  # what an operator reads when a request does not apply
-    Event.CANCEL: "cannot be cancelled: only pending, failed or running tasks can",
+    Event.CANCEL: "cannot be cancelled: only pending, blocked, scheduled, failed or running "
+    "tasks can",
     Event.RETRY: "cannot be retried: only failed, dead or cancelled tasks can",
     Event.SUCCEED: "cannot succeed: it is not running",
     Event.FAIL_RETRY: "cannot fail: it is not running",

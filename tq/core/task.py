@@ -40,7 +40,19 @@ _SPEC_FIELDS = {
     "retry_cap",
     "idempotency_key",
     "trace",
+    "depends_on",
+    "on_dependency_failure",
+    "input",
+    "result_key",
 }
+# What a task whose dependency ended dead or cancelled does: "cancel" (it is cancelled
+# too, naming the dependency), "run" (it runs once every dependency finished, however),
+# "wait" (it stays blocked: a retried dependency that then succeeds releases it).
+DEPENDENCY_POLICIES = ("cancel", "run", "wait")
+# How a released task receives its dependencies' results: "result" (its first
+# dependency's), "results" (a list of all of them, in depends_on order).
+INPUTS = ("result", "results")
+MAX_DEPENDENCIES = MAX_SUBMIT  # dependencies one task may name
 
 
 _BAD_NAME_CHAR = re.compile(r"[\s,]")  # a queue or type name is one shell/CSV-safe word
@@ -148,6 +160,12 @@ class TaskSpec:
     retry_cap: float = DEFAULT_CAP
     idempotency_key: str | None = None
     trace: dict[str, str] | None = None  # W3C trace context of the submitter (tq.tracing)
+    # ids of tasks this one waits for, or "#N": the N-th task (from 0) of the same submit,
+    # which must come before this one (so one submit cannot form a cycle)
+    depends_on: tuple[str, ...] | None = None
+    on_dependency_failure: str = "cancel"  # one of DEPENDENCY_POLICIES
+    input: str | None = None  # one of INPUTS: dependencies' results become the payload
+    result_key: str | None = None  # with input: take this key of each (map) result
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
@@ -196,7 +214,52 @@ class TaskSpec:
             retry_cap=_number(spec, "retry_cap", DEFAULT_CAP, lo=0.0),
             idempotency_key=key,
             trace=parse_trace(spec.get("trace")),
+            **_dependency_fields(spec, payload),
         )
+
+
+def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
+    """depends_on, on_dependency_failure, input and result_key, checked together."""
+    deps = spec.get("depends_on")
+    policy = spec.get("on_dependency_failure")
+    given = spec.get("input")
+    key = spec.get("result_key")
+    if deps is None and policy is None and given is None and key is None:
+        return {}
+    deps = [] if deps is None else deps
+    if not isinstance(deps, list | tuple) or len(deps) > MAX_DEPENDENCIES:
+        raise InvalidRequest(
+            f"task depends_on must be a list of at most {MAX_DEPENDENCIES} task ids "
+            '(or "#N" for the N-th task of the same submit)'
+        )
+    for dep in deps:
+        if not isinstance(dep, str) or not dep or len(dep) > MAX_NAME_LENGTH or "\x00" in dep:
+            raise InvalidRequest(f"task depends_on holds {dep!r}, which is not a task id")
+    if len(set(deps)) < len(deps):
+        raise InvalidRequest("task depends_on names a task twice")
+    policy = "cancel" if policy is None else policy
+    if policy not in DEPENDENCY_POLICIES:
+        raise InvalidRequest(
+            f"task on_dependency_failure must be one of {', '.join(DEPENDENCY_POLICIES)}, "
+            f"not {policy!r}"
+        )
+    if given is not None and given not in INPUTS:
+        raise InvalidRequest(f"task input must be one of {', '.join(INPUTS)}, not {given!r}")
+    if given is not None and not deps:
+        raise InvalidRequest("task input needs depends_on: the results come from dependencies")
+    if given is not None and payload is not None and not isinstance(payload, dict):
+        raise InvalidRequest(
+            "a task with input takes no payload (the input becomes it) or a map payload "
+            '(the input goes under its key "input")'
+        )
+    if key is not None and (not isinstance(key, str) or not key or given is None):
+        raise InvalidRequest("task result_key must be a non-empty string, and needs input")
+    return {
+        "depends_on": tuple(deps) or None,
+        "on_dependency_failure": policy,
+        "input": given,
+        "result_key": key,
+    }
 
 
 @dataclass(frozen=True, slots=True)

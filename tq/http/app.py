@@ -10,6 +10,8 @@
     DELETE /api/v1/tasks/{id}           cancel
     POST   /api/v1/tasks/{id}/retry     back to pending
     GET    /api/v1/tasks/{id}/explain   why it is not running right now
+    GET    /api/v1/tasks/{id}/workflow  the tasks linked to it by dependencies, and the edges
+    POST   /api/v1/workflows            submit a workflow document (chains, groups, chords)
     POST   /api/v1/tasks/{id}/priority  {"priority"}: change a waiting task's priority
     POST   /api/v1/purge                delete finished tasks (states, older_than, limit)
     POST   /api/v1/retry-many           failed/dead/cancelled tasks back to pending
@@ -232,6 +234,22 @@ async def submit(request: Request) -> Response:
     return _json(result, 201 if result["created"] else 200, headers)
 
 
+async def submit_workflow(request: Request) -> Response:
+    """A workflow document (tq.core.workflow) as one submit: every task or none."""
+    from tq.core.workflow import compile_workflow
+
+    principal = await authenticate(request, "submit")
+    tasks = compile_workflow(await _body(request))
+    answer = await _service(request).submit(tasks, principal)
+    ids = [t["id"] for t in answer["tasks"]]
+    return _json({"id": ids[-1], **answer}, 201, {"Location": f"{API}/tasks/{ids[-1]}/workflow"})
+
+
+async def workflow_of(request: Request) -> Response:
+    principal = await authenticate(request, "query:workflow")
+    return _json(_task(await _service(request).workflow(request.path_params["task_id"], principal)))
+
+
 async def list_tasks(request: Request) -> Response:
     principal = await authenticate(request, "query:list")
     tasks, cursor = await _service(request).list_tasks(_query(request), principal)
@@ -436,6 +454,8 @@ def build_app(service: BrokerService) -> Starlette:
         _resource(f"{API}/tasks/{{task_id}}", GET=get_task, DELETE=cancel_task),
         Route(f"{API}/tasks/{{task_id}}/retry", retry_task, methods=["POST"]),
         Route(f"{API}/tasks/{{task_id}}/explain", explain_task, methods=["GET"]),
+        Route(f"{API}/tasks/{{task_id}}/workflow", workflow_of, methods=["GET"]),
+        Route(f"{API}/workflows", submit_workflow, methods=["POST"]),
         Route(f"{API}/tasks/{{task_id}}/priority", set_priority, methods=["POST"]),
         Route(f"{API}/purge", purge, methods=["POST"]),
         Route(f"{API}/retry-many", retry_many, methods=["POST"]),

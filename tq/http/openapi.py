@@ -116,7 +116,40 @@ SCHEMAS: dict[str, Any] = {
             "retry_cap": {**_SECONDS, "default": 300.0},
             "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
             "trace": _TRACE,
+            "depends_on": {
+                "type": ["array", "null"],
+                "items": {"type": "string"},
+                "maxItems": MAX_SUBMIT,
+                "description": "Ids of tasks this one waits for (blocked until all succeeded); "
+                '"#N": the N-th task (from 0) of the same request, an earlier one.',
+            },
+            "on_dependency_failure": {
+                "type": ["string", "null"],
+                "enum": ["cancel", "run", "wait", None],
+                "default": "cancel",
+                "description": "When a dependency ends dead or cancelled: cancel this task too, "
+                "run it once all finished, or wait (blocked until the dependency is retried "
+                "and succeeds).",
+            },
+            "input": {
+                "type": ["string", "null"],
+                "enum": ["result", "results", None],
+                "description": "With depends_on: the first dependency's result, or the list of "
+                'all their results, becomes the payload (a map payload gets it under "input").',
+            },
+            "result_key": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "description": "With input: take this key of each dependency's result.",
+            },
         },
+    },
+    "Workflow": {
+        "type": "object",
+        "description": "A workflow node: a task (TaskSpec without depends_on and input), "
+        '{"chain": [node, ...]}, {"group": [node, ...]} or {"chord": [node, ...], '
+        '"callback": node}; nested freely, at most 10,000 tasks (docs/CLI.md).',
+        "additionalProperties": True,
     },
     "SubmitResult": {
         "type": "object",
@@ -657,6 +690,61 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(*_AUTH, 404, 503),
                 },
+            ),
+        },
+        "/api/v1/tasks/{task_id}/workflow": {
+            "parameters": [_TASK_ID],
+            "get": _op(
+                "The tasks linked to this one by dependencies (either way, at most 20,000) "
+                "and the edges between them.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["tasks", "edges", "truncated"],
+                            "properties": {
+                                "tasks": {"type": "array", "items": _ref("Task")},
+                                "edges": {
+                                    "type": "array",
+                                    "description": "[task id, id of a task it depends on]",
+                                    "items": {
+                                        "type": "array",
+                                        "items": {"type": "string"},
+                                        "minItems": 2,
+                                        "maxItems": 2,
+                                    },
+                                },
+                                "truncated": {"type": "boolean"},
+                            },
+                        },
+                        "The workflow around the task.",
+                    ),
+                    **_problems(*_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/workflows": {
+            "post": _op(
+                "Submit a workflow document (chains, groups, chords): every task or none.",
+                {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["id", "tasks", "warnings"],
+                            "properties": {
+                                "id": {
+                                    "type": "string",
+                                    "description": "The last task of the document.",
+                                },
+                                "tasks": {"type": "array", "items": _ref("SubmitResult")},
+                                "warnings": {"type": "array"},
+                            },
+                        },
+                        "Stored durably; the tasks in the document's order.",
+                    ),
+                    **_problems(400, *_AUTH, 404, 413, 415, 429, 503),
+                },
+                requestBody=_body(_ref("Workflow")),
             ),
         },
         "/api/v1/tasks/{task_id}/priority": {

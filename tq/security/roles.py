@@ -40,6 +40,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "query:depth": _READ,  # operator surface
     "query:health": _READ,
     "query:explain": _READ,  # why a task is not running (tq/broker/explain.py)
+    "query:workflow": _READ,  # the tasks linked to one by dependencies
     "wait": _READ,
     "subscribe": _READ,  # live events (tq/broker/events.py)
     "unsubscribe": _READ,

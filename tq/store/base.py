@@ -58,6 +58,8 @@ class OutcomeResult:
     queue: str | None = None  # the task's queue and type (None if unknown id); for events
     type: str | None = None
     started_at: float | None = None  # when the reported attempt was claimed (run-time metric)
+    # tasks waiting on this one that the report released (now pending) or cancelled
+    dependents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -248,6 +250,18 @@ class Store(Protocol):
 
     async def get(self, task_id: str) -> Task:
         """NotFound if there is no such task."""
+        ...
+
+    async def dependencies(self, task_id: str) -> builtins.list[tuple[str, str | None, bool]]:
+        """The task's dependencies in depends_on order: (id, state, or None once purged,
+        met). NotFound if there is no such task (tq.store.deps_sql)."""
+        ...
+
+    async def graph(
+        self, task_id: str
+    ) -> tuple[builtins.list[Task], builtins.list[tuple[str, str]], bool]:
+        """The workflow around a task: the tasks linked to it by dependencies either way,
+        the edges (task, depends_on), and whether it was cut at deps_sql.MAX_GRAPH tasks."""
         ...
 
     async def list(self, flt: ListFilter) -> list[Task]:

@@ -214,6 +214,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX schedules_due ON schedules (next_at) WHERE paused_at IS NULL;
     """,
+    # 4: task dependencies (tq.store.deps_sql): the edges, indexed both ways, and what
+    # a blocked task waits for (deps_left), does when one fails, and receives.
+    """
+    CREATE TABLE task_deps (
+        task       text NOT NULL,
+        depends_on text NOT NULL,
+        pos        integer NOT NULL,
+        done       integer NOT NULL DEFAULT 0,
+        PRIMARY KEY (task, depends_on)
+    );
+    CREATE INDEX task_deps_dependents ON task_deps (depends_on, task);
+    ALTER TABLE tasks ADD COLUMN deps_left bigint;
+    ALTER TABLE tasks ADD COLUMN dep_policy text;
+    ALTER TABLE tasks ADD COLUMN dep_input text;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

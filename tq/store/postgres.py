@@ -78,7 +78,7 @@ from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import pg_cluster, pg_ops, pg_schema, schedule_sql, schema_ops
+from tq.store import deps_sql, pg_cluster, pg_ops, pg_schema, schedule_sql, schema_ops
 from tq.store.base import (
     BrokerSelf,
     ClusterState,
@@ -96,6 +96,31 @@ def _pg_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitR
 
 
 _DIALECT = schedule_sql.Dialect("postgresql", _pg_insert)
+
+
+# Writes that may finish a task settle its dependents in the same transaction.
+def _complete(conn: Any, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
+    return deps_sql.after_complete(conn, _DIALECT, pg_schema.complete(conn, outcomes, now), now)
+
+
+def _release_expired(conn: Any, now: float) -> list[str]:
+    return deps_sql.after_release(conn, _DIALECT, pg_schema.release_expired(conn, now), now)
+
+
+def _release_worker(conn: Any, worker: str, now: float) -> list[str]:
+    ids = pg_schema.release_worker(conn, worker, now)
+    return deps_sql.after_release(conn, _DIALECT, ids, now)
+
+
+def _release_lost(conn: Any, timeout: float, now: float) -> list[str]:
+    ids = pg_cluster.release_lost(conn, timeout, now)
+    return deps_sql.after_release(conn, _DIALECT, ids, now)
+
+
+def _cancel(conn: Any, task_id: str, now: float) -> Task:
+    task = pg_schema.change_one(conn, task_id, Event.CANCEL, now)
+    return deps_sql.after_cancel(conn, _DIALECT, task, now)
+
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -275,6 +300,12 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
+        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
+            for spec in specs:
+                for dep in spec.depends_on or ():
+                    pg_schema.check_text(dep, "a dependency's task id")
+            pg_schema.prepare_rows(specs, now)  # every limit checked before the transaction
+            return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
         rows: list[list[Any]] = []
         for start in range(0, len(specs), PREPARE_CHUNK):
             if start:
@@ -314,9 +345,7 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             pg_schema.check_text(outcome.id, "task id")
         if not outcomes:
             return []
-        return await self._write(
-            pg_schema.complete, list(outcomes), self._now(now), weight=len(outcomes)
-        )
+        return await self._write(_complete, list(outcomes), self._now(now), weight=len(outcomes))
 
     async def extend_leases(
         self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
@@ -336,15 +365,15 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         )
 
     async def release_expired(self, now: float) -> list[str]:
-        return await self._write(pg_schema.release_expired, self._now(now))
+        return await self._write(_release_expired, self._now(now))
 
     async def release_worker(self, worker: str, now: float) -> list[str]:
         pg_schema.check_text(worker, "worker name")
-        return await self._write(pg_schema.release_worker, worker, self._now(now))
+        return await self._write(_release_worker, worker, self._now(now))
 
     async def release_lost_workers(self, timeout: float) -> list[str]:
         """The cluster's lost workers' leases released (``PgClusterState``)."""
-        return await self._write(pg_cluster.release_lost, timeout, pg_cluster.DB_NOW)
+        return await self._write(_release_lost, timeout, pg_cluster.DB_NOW)
 
     async def promote_due(self, now: float) -> int:
         return await self._write(pg_schema.promote_due, self._now(now))
@@ -355,7 +384,7 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         return db_now if self._db_clock else now
 
     async def cancel(self, task_id: str, now: float) -> Task:
-        return await self._write(pg_schema.change_one, task_id, Event.CANCEL, now)
+        return await self._write(_cancel, task_id, now)
 
     async def retry(self, task_id: str, now: float) -> Task:
         return await self._write(pg_schema.change_one, task_id, Event.RETRY, now)
@@ -369,6 +398,14 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     async def get(self, task_id: str) -> Task:
         return await self._read(pg_schema.get, task_id)
+
+    async def dependencies(self, task_id: str) -> builtins.list[tuple[str, str | None, bool]]:
+        return await self._read(deps_sql.dependencies, _DIALECT, task_id)
+
+    async def graph(
+        self, task_id: str
+    ) -> tuple[builtins.list[Task], builtins.list[tuple[str, str]], bool]:
+        return await self._read(deps_sql.graph, _DIALECT, task_id)
 
     async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:
         return await self._read(pg_schema.queues_of_keys, list(keys))

@@ -174,6 +174,21 @@ MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX schedules_due ON schedules (next_at) WHERE paused_at IS NULL;
     """,
+    # 6: task dependencies (tq.store.deps_sql): the edges, indexed both ways, and what
+    # a blocked task waits for (deps_left), does when one fails, and receives.
+    """
+    CREATE TABLE task_deps (
+        task       TEXT NOT NULL,
+        depends_on TEXT NOT NULL,
+        pos        INTEGER NOT NULL,
+        done       INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task, depends_on)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX task_deps_dependents ON task_deps (depends_on, task);
+    ALTER TABLE tasks ADD COLUMN deps_left INTEGER;
+    ALTER TABLE tasks ADD COLUMN dep_policy TEXT;
+    ALTER TABLE tasks ADD COLUMN dep_input TEXT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -66,7 +66,7 @@ from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import schedule_sql, schema, schema_auth, schema_ops
+from tq.store import deps_sql, schedule_sql, schema, schema_auth, schema_ops
 from tq.store.base import (
     ClusterState,
     OutcomeResult,
@@ -87,6 +87,27 @@ def _sqlite_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[Sub
 
 
 _DIALECT = schedule_sql.Dialect("sqlite", _sqlite_insert)
+
+
+# Writes that may finish a task settle its dependents in the same transaction.
+def _complete(conn: Any, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
+    return deps_sql.after_complete(conn, _DIALECT, schema.complete(conn, outcomes, now), now)
+
+
+def _release_expired(conn: Any, now: float) -> list[str]:
+    return deps_sql.after_release(conn, _DIALECT, schema.release_expired(conn, now), now)
+
+
+def _release_worker(conn: Any, worker: str, now: float) -> list[str]:
+    ids = schema.release_worker(conn, worker, now)
+    return deps_sql.after_release(conn, _DIALECT, ids, now)
+
+
+def _cancel(conn: Any, task_id: str, now: float) -> Task:
+    task = schema.change_one(conn, task_id, Event.CANCEL, now)
+    return deps_sql.after_cancel(conn, _DIALECT, task, now)
+
+
 MIN_SQLITE = (3, 45)  # what the SQL in schema.py needs; apsw>=3.45 bundles at least this
 # Rows per transaction (an operation's weight is its row count). Any write that
 # arrives meanwhile waits for the transaction in progress, ~5 us per row: 250 rows
@@ -215,6 +236,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
+        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
+            return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
         rows: list[list[Any]] = []
         for start in range(0, len(specs), PREPARE_CHUNK):
             if start:
@@ -249,7 +272,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                 )
         if not outcomes:
             return []
-        return await self._write(schema.complete, list(outcomes), now, weight=len(outcomes))
+        return await self._write(_complete, list(outcomes), now, weight=len(outcomes))
 
     async def extend_leases(
         self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
@@ -262,16 +285,16 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         )
 
     async def release_expired(self, now: float) -> list[str]:
-        return await self._write(schema.release_expired, now)
+        return await self._write(_release_expired, now)
 
     async def release_worker(self, worker: str, now: float) -> list[str]:
-        return await self._write(schema.release_worker, worker, now)
+        return await self._write(_release_worker, worker, now)
 
     async def promote_due(self, now: float) -> int:
         return await self._write(schema.promote_due, now)
 
     async def cancel(self, task_id: str, now: float) -> Task:
-        return await self._write(schema.change_one, task_id, Event.CANCEL, now)
+        return await self._write(_cancel, task_id, now)
 
     async def retry(self, task_id: str, now: float) -> Task:
         return await self._write(schema.change_one, task_id, Event.RETRY, now)
@@ -312,6 +335,14 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             known = ", ".join(s.value for s in State)
             raise InvalidRequest(f"unknown state {flt.state!r}; known states: {known}")
         return await self._read(schema.list_tasks, flt)
+
+    async def dependencies(self, task_id: str) -> builtins.list[tuple[str, str | None, bool]]:
+        return await self._read(deps_sql.dependencies, _DIALECT, task_id)
+
+    async def graph(
+        self, task_id: str
+    ) -> tuple[builtins.list[Task], builtins.list[tuple[str, str]], bool]:
+        return await self._read(deps_sql.graph, _DIALECT, task_id)
 
     async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:
         return await self._read(schema.queues_of_keys, list(keys))
