@@ -130,12 +130,13 @@ def made_work(op: Any) -> bool:
     if op.error is not None:
         return False
     fn, result = op.fn, op.result
+    fn = SAME_AS.get(fn, fn)
     if fn in _NO_WORK:
         return False
     if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
         return any(r.created for r in result)
-    if fn is pg_schema.complete:
-        return any(r.accepted and r.state == "pending" for r in result)
+    if fn is pg_schema.complete:  # a retry, or a success that released dependents
+        return any(r.accepted and (r.state == "pending" or r.dependents) for r in result)
     if fn is pg_schema.change_one:
         return bool(op.args[1] is Event.RETRY)
     if fn in _WORK_IF_ANY:
@@ -343,6 +344,9 @@ if TYPE_CHECKING:  # mypy proves here that PgClusterState implements ClusterStat
         return state
 
 
+# the store's wrappers of a statement (dependencies settled in the same transaction)
+# -> the statement whose rule above they follow; filled in by tq.store.postgres
+SAME_AS: dict[Any, Any] = {}
 _WORK_IF_ANY = (  # a non-empty result (ids, a count) is work made
     pg_schema.promote_due,
     pg_schema.release_expired,

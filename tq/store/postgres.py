@@ -122,6 +122,15 @@ def _cancel(conn: Any, task_id: str, now: float) -> Task:
     return deps_sql.after_cancel(conn, _DIALECT, task, now)
 
 
+pg_cluster.SAME_AS.update(
+    {
+        _complete: pg_schema.complete,
+        _release_expired: pg_schema.release_expired,
+        _release_worker: pg_schema.release_worker,
+        _release_lost: pg_cluster.release_lost,
+    }
+)
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
