@@ -578,7 +578,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "Stored durably (an object for an object, {tasks} for an array).",
                     ),
-                    **_problems(400, *_AUTH, 413, 415, 429, 503),
+                    **_problems(400, *_AUTH, 404, 413, 415, 429, 503),
                 },
                 requestBody={
                     "required": True,
