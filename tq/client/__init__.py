@@ -1,9 +1,12 @@
 """Clients: ``Client`` (trio, pipelined) and ``BlockingClient`` (plain sockets).
 
-Contract: both speak the sans-IO protocol of tq.protocol; the messages they
-build and the answers they parse live once in ``_api.py``, so the two
-differ only in how bytes move. The same test suite runs against both.
-May import: tq.core, tq.protocol, tq.security, trio (aio.py only).
+Contract: every client is a thin shell over one core (``core.py``: the
+session rules of tq.protocol.session, request ids, answers matched to
+requests, id-0 farewells); the messages they build and the answers they
+parse live once in ``_api.py``, and the methods once in ``_methods.py``
+(``_methods_sync.py`` is generated from it). The shells differ only in how
+bytes move. May import: tq.core, tq.protocol, tq.security, trio (aio.py and
+events.py only).
 """
 
 from __future__ import annotations

@@ -4,15 +4,15 @@
         task_id = await client.submit("echo", {"x": 1})
         task = await client.wait(task_id, timeout=30)
 
-Requests get increasing ids; a reader task matches answers to waiting
-callers by id, so any number of coroutines may share one client. A writer
-task coalesces queued frames into one ``send_all``.
+A thin shell over the client core (core.py: session rules, ids, answers
+matched to requests) with the API of ``_methods.py``. A reader task hands
+each answer to the coroutine waiting for its id, so any number of coroutines
+may share one client. A writer task coalesces queued frames into one
+``send_all``.
 """
 
 from __future__ import annotations
 
-import builtins
-import itertools
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,30 +22,38 @@ from typing import Any, TypeVar
 import trio
 
 from tq.client import _api as api
+from tq.client._methods import AsyncMethods
+from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
 from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
-from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
+from tq.client.options import ca_name, settings_options, tls_context, with_key
 from tq.config import Settings, parse_address
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
-from tq.core.task import Task
-from tq.protocol import Connection
-from tq.protocol.connection import MessageError
+from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
 
 
-class Client:
-    def __init__(self, stream: trio.abc.Stream, address: str, max_frame: int) -> None:
+class Client(AsyncMethods):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        address: str,
+        max_frame: int,
+        hello: Mapping[str, Any] | None = None,
+    ) -> None:
         self.address = address
-        self.server: dict[str, Any] = {}
         self._stream = stream
-        self._conn = Connection(max_frame)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._core = ClientCore(address, max_frame, hello or api.hello("client", ""))
+        self._pending: dict[int, trio.MemorySendChannel[Answer]] = {}
         self._events: dict[int, EventSink] = {}  # subscription id -> its buffer (events.py)
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
-        self._error: TQError | None = None
+
+    @property
+    def server(self) -> dict[str, Any]:
+        """The broker's hello ACK."""
+        return self._core.server
 
     # -- connection ----------------------------------------------------
     @classmethod
@@ -80,15 +88,15 @@ class Client:
             client_cert=client_cert,
             client_key=client_key,
         )
-        hello = with_key(dict(hello or {}), key)
-        client = cls(stream, address, max_frame)
+        message = api.hello(kind, name, with_key(dict(hello or {}), key))
+        client = cls(stream, address, max_frame, message)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
                 nursery.start_soon(client._writer)
                 try:
                     with trio.fail_after(timeout):
-                        client.server = await client.request(api.hello(kind, name, hello))
+                        await client._exchange(*client._core.hello_frame())
                 except trio.TooSlowError:
                     raise ConnectionFailed(
                         f"the broker at {address} did not answer hello within {timeout:g}s"
@@ -119,52 +127,29 @@ class Client:
             self._fail(api.connection_lost(self.address))
 
     async def _reader(self) -> None:
+        core = self._core
         try:
             while True:
-                data = bytes(await self._stream.receive_some(256 * 1024))
-                if not data:
-                    break
-                self._conn.receive_data(data)
-                while (msg := self._conn.next_message()) is not None:
-                    if msg["t"] == "event":
-                        sink = self._events.get(msg["id"])
+                core.receive_data(bytes(await self._stream.receive_some(RECEIVE_SIZE)))
+                while (item := core.next_received()) is not None:
+                    if isinstance(item, EventReceived):
+                        sink = self._events.get(item.message["id"])
                         if sink is not None:
-                            sink.offer(msg)
-                        continue
-                    self._deliver(msg)
-        except MessageError as exc:
-            self._fail(exc.cause)
-            return
-        except TQError as exc:
-            self._fail(exc)
-            return
-        except ssl.SSLError as exc:
-            self._fail(TLSFailure(describe_tls_error(exc, self.address, None)))
-            return
-        except trio.BrokenResourceError as exc:
-            if isinstance(exc.__cause__, ssl.SSLError):  # e.g. mutual TLS refused our cert
-                self._fail(TLSFailure(describe_tls_error(exc.__cause__, self.address, None)))
-                return
+                            sink.offer(item.message)
+                    elif isinstance(item, Answer):
+                        channel = self._pending.pop(item.rid, None)
+                        if channel is not None:
+                            channel.send_nowait(item)
+                    elif isinstance(item, Farewell):  # the broker ends the session
+                        self._fail(item.error)
+        except (TQError, ssl.SSLError, trio.BrokenResourceError) as exc:
+            self._fail(core.io_error(exc))
         except (trio.ClosedResourceError, OSError):
-            pass
-        self._fail(api.connection_lost(self.address))
-
-    def _deliver(self, msg: dict[str, Any]) -> None:
-        rid = msg["id"]
-        if rid == 0 and msg["t"] == "nack":
-            try:
-                api.raise_for_nack(msg)
-            except TQError as exc:
-                self._fail(exc)
-            return
-        channel = self._pending.pop(rid, None)
-        if channel is not None:
-            channel.send_nowait(msg)
+            self._fail(api.connection_lost(self.address))
 
     def _fail(self, exc: TQError) -> None:
         """The connection is unusable: fail every waiting request with ``exc``."""
-        if self._error is None:
-            self._error = exc
+        self._core.fail(exc)
         for channel in self._pending.values():
             channel.close()
         self._pending.clear()
@@ -175,104 +160,45 @@ class Client:
     @property
     def error(self) -> TQError | None:
         """Why the connection is unusable, or None while it is fine."""
-        return self._error
+        return self._core.error
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
-        return await self._request_with_id(message, next(self._ids))
+        return await self._exchange(*self._core.send(message))
 
-    async def _request_with_id(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
-        if self._error is not None:
-            raise self._error
-        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+    def _start(self, message: Mapping[str, Any]) -> tuple[int, bytes]:
+        """The id and frame of a request (rules checked); ``_exchange`` sends it."""
+        return self._core.send(message)
+
+    async def _exchange(self, rid: int, frame: bytes) -> dict[str, Any]:
+        send, recv = trio.open_memory_channel[Answer](1)
         self._pending[rid] = send
         try:
-            await self._out_send.send(self._conn.send({**message, "id": rid}))
+            await self._out_send.send(frame)
             try:
-                reply = await recv.receive()
+                answer = await recv.receive()
             except trio.EndOfChannel:
-                raise self._error or api.connection_lost(self.address) from None
+                raise self.error or api.connection_lost(self.address) from None
         finally:
             self._pending.pop(rid, None)
-        return api.raise_for_nack(reply)
+        return self._core.result(answer)
 
     async def _call(self, call: api.Call[T]) -> T:
         return call.parse(await self.request(call.message))
 
-    def _open_events(self, buffer: int) -> tuple[int, trio.MemoryReceiveChannel[dict[str, Any]]]:
-        """A request id for a subscribe and the channel its events will arrive on."""
-        rid = next(self._ids)
+    def _clock(self) -> float:
+        return trio.current_time()
+
+    def _open_events(self, rid: int, buffer: int) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """The channel the events of the subscribe ``rid`` will arrive on."""
         send, recv = trio.open_memory_channel[dict[str, Any]](buffer)
         self._events[rid] = EventSink(send)
-        return rid, recv
+        return recv
 
     def _close_events(self, rid: int) -> None:
         sink = self._events.pop(rid, None)
         if sink is not None:
             sink.send.close()
-
-    # -- the client API (same names and arguments as BlockingClient) -----
-    async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
-        ids = await self.submit_many([api.task_spec(type, payload, **options)])
-        return ids[0]
-
-    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
-
-        Keep a request to about 250 tasks and pipeline several (the trio client
-        from concurrent tasks): a larger one holds the broker's writer longer and
-        every other client's write waits for it (docs/PROTOCOL.md, "Size").
-        """
-        return await self._call(api.submit_many(specs))
-
-    async def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
-        return await self._call(api.submit_items(specs))
-
-    async def get(self, task_id: str) -> Task:
-        return await self._call(api.get(task_id))
-
-    async def wait(self, task_id: str, timeout: float | None = None) -> Task:
-        deadline = None if timeout is None else trio.current_time() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - trio.current_time()
-            task, timed_out = await self._call(api.wait_step(task_id, remaining))
-            if not timed_out:
-                return task
-            if deadline is not None and trio.current_time() >= deadline:
-                raise api.wait_timed_out(task, timeout)
-
-    async def list(self, **filters: Any) -> api.TaskPage:
-        return await self._call(api.list_tasks(**filters))
-
-    async def cancel(self, task_id: str) -> Task:
-        return await self._call(api.cancel(task_id))
-
-    async def retry(self, task_id: str) -> Task:
-        return await self._call(api.retry(task_id))
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._call(api.stats())
-
-    async def workers(self) -> builtins.list[dict[str, Any]]:
-        return await self._call(api.workers())
-
-    async def set_priority(self, task_id: str, priority: int | str) -> Task:
-        return await self._call(api.set_priority(task_id, priority))
-
-    async def queue_depth(self) -> dict[str, Any]:
-        return await self._call(api.queue_depth())
-
-    async def cluster_status(self) -> dict[str, Any]:
-        return await self._call(api.cluster_status())
-
-    async def purge(
-        self, states: Sequence[str], older_than: float, **options: Any
-    ) -> dict[str, Any]:
-        return await self._call(api.purge(states, older_than, **options))
-
-    async def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
-        return await self._call(api.retry_many(state, **options))
 
     def subscribe(
         self, topics: Sequence[str] = api.TOPICS, *, buffer: int = DEFAULT_BUFFER
@@ -353,8 +279,7 @@ async def _refuses(host: str, where: str) -> bool:
 async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, str, str]:
     """(stream, host, the address used): the first of the listed brokers that accepts."""
     error: ConnectionFailed | None = None
-    for one in split_addresses(address):
-        host, port = parse_address(one)
+    for host, port, one in connect_targets(address):
         try:
             with trio.fail_after(timeout):
                 return await trio.open_tcp_stream(host, port), host, one
@@ -362,5 +287,5 @@ async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, st
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:
             error = api.connect_failed(one, exc)
-    assert error is not None  # split_addresses never returns an empty list
+    assert error is not None  # connect_targets never returns an empty list
     raise error

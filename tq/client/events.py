@@ -115,11 +115,12 @@ class Subscription:
         if self._closed:
             raise TQError("this subscription is closed; subscribe again")
         call = api.subscribe(self.topics)
-        self._rid, self._recv = self._client._open_events(self._buffer)
+        rid, frame = self._client._start(call.message)  # refused here if already subscribed
+        self._rid, self._recv = rid, self._client._open_events(rid, self._buffer)
         try:
-            self.topics = call.parse(await self._client._request_with_id(call.message, self._rid))
+            self.topics = call.parse(await self._client._exchange(rid, frame))
         except BaseException:
-            self._client._close_events(self._rid)
+            self._client._close_events(rid)
             raise
 
     async def aclose(self) -> None:

@@ -1,16 +1,14 @@
 """The blocking client: the same API as ``Client``, over a plain socket.
 
-For scripts, threads (the Textual console's workers) and any code without a
-trio loop. One request at a time per client (a lock makes it safe to share
-between threads); batch with ``submit_many`` for throughput. Messages and
-parsing come from ``_api.py``, exactly as in the trio client.
+For scripts, threads and any code without an event loop. One request at a
+time per client (a lock makes it safe to share between threads); batch with
+``submit_many`` for throughput. A thin shell over the client core (core.py)
+with the API of ``_methods_sync.py``, generated from the async clients' own.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import itertools
 import select
 import socket
 import ssl
@@ -22,18 +20,18 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from tq.client import _api as api
-from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
+from tq.client._methods_sync import SyncMethods
+from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
+from tq.client.options import ca_name, settings_options, tls_context, with_key
 from tq.config import Settings, parse_address
 from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
-from tq.core.task import Task
-from tq.protocol import Connection
-from tq.protocol.connection import MessageError
+from tq.protocol.session import Answer, EventReceived, Farewell, Received
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 
 
-class BlockingClient:
+class BlockingClient(SyncMethods):
     def __init__(
         self,
         address: str,
@@ -51,8 +49,9 @@ class BlockingClient:
         client_key: Path | None = None,
     ) -> None:
         self.address = address
-        self._conn = Connection(max_frame)
-        self._ids = itertools.count(1)
+        self._core = ClientCore(
+            address, max_frame, api.hello(kind, name, with_key(dict(hello or {}), key))
+        )
         self._lock = threading.Lock()
         self._subscription: BlockingSubscription | None = None  # subscription mode
         context = tls_context(
@@ -66,11 +65,15 @@ class BlockingClient:
         self._sock = _open_socket(address, context, ca_name(ca, ca_data), timeout)
         self._sock.settimeout(None)
         try:
-            hello = with_key(dict(hello or {}), key)
-            self.server = self._request(api.hello(kind, name, hello), timeout)
+            self._exchange(self._core.hello, timeout)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def server(self) -> dict[str, Any]:
+        """The broker's hello ACK."""
+        return self._core.server
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> BlockingClient:
@@ -108,108 +111,64 @@ class BlockingClient:
     ) -> None:
         self.close()
 
-    def _request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def _exchange(self, message: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and read until its answer (events meanwhile are dropped:
+        a subscribed blocking client only sends ``unsubscribe``)."""
         if self._subscription is not None and message.get("t") != "unsubscribe":
             raise InvalidRequest(
                 "this client is reading events (subscribe): use another client for requests"
             )
         with self._lock:
-            rid = next(self._ids)
+            rid, frame = self._core.send(message)
             self._sock.settimeout(timeout)
             try:
-                self._sock.sendall(self._conn.send({**message, "id": rid}))
+                self._sock.sendall(frame)
                 while True:
-                    msg = self._read_message()
-                    if msg["id"] == rid or (msg["id"] == 0 and msg["t"] == "nack"):
-                        return api.raise_for_nack(msg)
-            except MessageError as exc:
-                raise exc.cause from None
+                    item = self._next_received()
+                    if isinstance(item, Answer) and item.rid == rid:
+                        return self._core.result(item)
             except TimeoutError:
-                raise ConnectionFailed(
-                    f"the broker at {self.address} did not answer within {timeout:g}s"
+                raise self._broken(
+                    ConnectionFailed(
+                        f"the broker at {self.address} did not answer within {timeout:g}s"
+                    )
                 ) from None
-            except ssl.SSLError as exc:
-                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except OSError:
-                raise api.connection_lost(self.address) from None
+            except (OSError, ValueError) as exc:  # ValueError: a socket closed meanwhile
+                raise self._broken(self._core.io_error(exc)) from None
             finally:
-                self._sock.settimeout(None)
+                with contextlib.suppress(OSError):
+                    self._sock.settimeout(None)
 
-    def _read_message(self) -> dict[str, Any]:
-        """The next message from the socket (the caller holds the lock)."""
-        while (msg := self._conn.next_message()) is None:
-            data = self._sock.recv(256 * 1024)
-            if not data:
-                raise api.connection_lost(self.address)
-            self._conn.receive_data(data)
-        return msg
+    def _next_received(self) -> Received:
+        """The next message from the socket (the caller holds the lock); raises the
+        broker's reason for a farewell (id 0) and whatever breaks the stream."""
+        while True:
+            try:
+                item = self._core.next_received()
+            except TQError as exc:
+                raise self._broken(exc) from None
+            if isinstance(item, Farewell):
+                raise self._broken(item.error)
+            if item is not None:
+                return item
+            try:
+                self._core.receive_data(self._sock.recv(RECEIVE_SIZE))
+            except TQError as exc:
+                raise self._broken(exc) from None
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        return self._request(message)
+    def _broken(self, exc: TQError) -> TQError:
+        self._core.fail(exc)
+        return exc
+
+    def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its answer (NACKs raise)."""
+        return self._exchange(message)
 
     def _call(self, call: api.Call[T], timeout: float | None = None) -> T:
-        return call.parse(self._request(call.message, timeout))
+        return call.parse(self._exchange(call.message, timeout))
 
-    # -- the client API (same names and arguments as Client) ------------
-    def submit(self, type: str, payload: Any = None, **options: Any) -> str:
-        return self.submit_many([api.task_spec(type, payload, **options)])[0]
-
-    def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
-
-        Keep a request to about 250 tasks and send several: a larger one holds the
-        broker's writer longer and every other client's write waits for it
-        (docs/PROTOCOL.md, "Size"). For the highest rates use the trio ``Client``,
-        which pipelines requests.
-        """
-        return self._call(api.submit_many(specs))
-
-    def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
-        return self._call(api.submit_items(specs))
-
-    def get(self, task_id: str) -> Task:
-        return self._call(api.get(task_id))
-
-    def wait(self, task_id: str, timeout: float | None = None) -> Task:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            task, timed_out = self._call(api.wait_step(task_id, remaining))
-            if not timed_out:
-                return task
-            if deadline is not None and time.monotonic() >= deadline:
-                raise api.wait_timed_out(task, timeout)
-
-    def list(self, **filters: Any) -> api.TaskPage:
-        return self._call(api.list_tasks(**filters))
-
-    def cancel(self, task_id: str) -> Task:
-        return self._call(api.cancel(task_id))
-
-    def retry(self, task_id: str) -> Task:
-        return self._call(api.retry(task_id))
-
-    def stats(self) -> dict[str, Any]:
-        return self._call(api.stats())
-
-    def workers(self) -> builtins.list[dict[str, Any]]:
-        return self._call(api.workers())
-
-    def set_priority(self, task_id: str, priority: int | str) -> Task:
-        return self._call(api.set_priority(task_id, priority))
-
-    def queue_depth(self) -> dict[str, Any]:
-        return self._call(api.queue_depth())
-
-    def cluster_status(self) -> dict[str, Any]:
-        return self._call(api.cluster_status())
-
-    def purge(self, states: Sequence[str], older_than: float, **options: Any) -> dict[str, Any]:
-        return self._call(api.purge(states, older_than, **options))
-
-    def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
-        return self._call(api.retry_many(state, **options))
+    def _clock(self) -> float:
+        return time.monotonic()
 
     def subscribe(self, topics: Sequence[str] = api.TOPICS) -> BlockingSubscription:
         """Subscribe and return the iterator of events (tq/client/events.py).
@@ -224,17 +183,11 @@ class BlockingClient:
         with self._lock:
             try:
                 while True:
-                    msg = self._read_message()
-                    if msg["t"] == "event":
-                        return msg
-                    if msg["id"] == 0 and msg["t"] == "nack":
-                        api.raise_for_nack(msg)
-            except MessageError as exc:
-                raise exc.cause from None
-            except ssl.SSLError as exc:
-                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except (OSError, ValueError):  # ValueError: read on a socket closed meanwhile
-                raise api.connection_lost(self.address) from None
+                    item = self._next_received()
+                    if isinstance(item, EventReceived):
+                        return item.message
+            except (OSError, ValueError) as exc:  # ValueError: read on a socket closed meanwhile
+                raise self._broken(self._core.io_error(exc)) from None
 
 
 _UNSUBSCRIBE_TIMEOUT = 5.0  # seconds to wait for the unsubscribe ACK
@@ -246,7 +199,7 @@ class BlockingSubscription:
     def __init__(self, client: BlockingClient, topics: Sequence[str]) -> None:
         self._client = client
         call = api.subscribe(topics)
-        self.topics = call.parse(client._request(call.message))
+        self.topics = call.parse(client._exchange(call.message))
         client._subscription = self
         self._closed = False
 
@@ -273,7 +226,7 @@ class BlockingSubscription:
         self._closed = True
         self._client._subscription = None
         try:
-            self._client._request(api.unsubscribe().message, _UNSUBSCRIBE_TIMEOUT)
+            self._client._exchange(api.unsubscribe().message, _UNSUBSCRIBE_TIMEOUT)
         except TQError:
             self._client.close()
 
@@ -306,15 +259,14 @@ def _refuses(host: str, where: str) -> bool:
 
 def _open_tcp(address: str, timeout: float) -> tuple[socket.socket, str, str]:
     error: ConnectionFailed | None = None
-    for one in split_addresses(address):
-        host, port = parse_address(one)
+    for host, port, one in connect_targets(address):
         try:
             return socket.create_connection((host, port), timeout=timeout), host, one
         except TimeoutError:
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:
             error = api.connect_failed(one, exc)
-    assert error is not None  # split_addresses never returns an empty list
+    assert error is not None  # connect_targets never returns an empty list
     raise error
 
 

@@ -31,8 +31,10 @@ States, as this side sees the session:
 What may happen next is checked on both sides: an illegal send raises
 ``LocalProtocolError`` before a byte is written (a request before hello, a
 second subscribe, anything after closing, a worker request on a client
-session); a peer's illegal message raises ``InvalidRequest`` on the broker (it
-NACKs it and goes on: the texts are those docs/PROTOCOL.md quotes) or
+session; a type this side does not know goes to the broker, which may be newer
+and otherwise answers ``unknown_message``); a peer's illegal message raises
+``InvalidRequest`` on the broker (it NACKs it and goes on: the texts are those
+docs/PROTOCOL.md quotes) or
 ``ProtocolError`` on a client (a broker that sends a request is broken).
 
 What the client side gets back from ``receive``: ``Answer`` (the ACK or NACK
@@ -69,6 +71,7 @@ from tq.protocol.messages import REQUEST_TYPES, Message
 
 WORKER_REQUESTS = frozenset({"claim", "result", "heartbeat"})
 ANSWERS = frozenset({"ack", "nack"})
+BROKER_SENDS = frozenset({"ack", "nack", "event"})
 # a hello NACKed with one of these codes is followed by the broker closing the connection
 HELLO_CLOSES = frozenset({Unauthorized.code, Forbidden.code, Timeout.code})
 
@@ -180,7 +183,7 @@ class Session:
         if self.role is Role.BROKER:
             return self._broker_send(dict(message))
         kind = message.get("t")
-        if kind not in REQUEST_TYPES:
+        if not isinstance(kind, str) or kind in BROKER_SENDS:
             raise LocalProtocolError(broker_only(str(kind)))
         self._check_client_send(kind, message)
         rid = next(self._ids)
