@@ -1,4 +1,5 @@
-"""Clients: ``Client`` (trio, pipelined) and ``BlockingClient`` (plain sockets).
+"""Clients: ``Client`` (trio, pipelined), ``AsyncioClient`` (asyncio, pipelined) and
+``BlockingClient`` (plain sockets).
 
 Contract: every client is a thin shell over one core (``core.py``: the
 session rules of tq.protocol.session, request ids, answers matched to
@@ -6,7 +7,7 @@ requests, id-0 farewells); the messages they build and the answers they
 parse live once in ``_api.py``, and the methods once in ``_methods.py``
 (``_methods_sync.py`` is generated from it). The shells differ only in how
 bytes move. May import: tq.core, tq.protocol, tq.security, trio (aio.py and
-events.py only).
+events.py only), asyncio (asyncio_client.py only).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tq.client._api import Event, TaskPage
     from tq.client.aio import Client
+    from tq.client.asyncio_client import AsyncioClient
     from tq.client.sync import BlockingClient
 
-__all__ = ["BlockingClient", "Client", "Event", "TaskPage"]
+__all__ = ["AsyncioClient", "BlockingClient", "Client", "Event", "TaskPage"]
 
 # Imported on first use (PEP 562), so a one-shot command that needs only the
 # blocking client does not pay for trio (~50 ms of `tq submit`'s start-up).
 _LAZY = {
+    "AsyncioClient": "tq.client.asyncio_client",
     "BlockingClient": "tq.client.sync",
     "Client": "tq.client.aio",
     "TaskPage": "tq.client._api",

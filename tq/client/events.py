@@ -47,16 +47,7 @@ class EventSink:
 
     def offer(self, msg: dict[str, Any]) -> None:
         if self.dropped:
-            marker = {
-                "t": "event",
-                "id": msg.get("id", 0),
-                "seq": 0,
-                "topic": "lagged",
-                "time": msg.get("time", 0.0),
-                "dropped": self.dropped,
-                "local": True,
-            }
-            if not self._put(marker):
+            if not self._put(api.lagged_marker(msg, self.dropped)):
                 self.dropped += 1
                 return
             self.dropped = 0
