@@ -21,7 +21,6 @@ import difflib
 import io
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -107,7 +106,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
 
 
 def console(broker: BrokerProcess, **kwargs: Any) -> ConsoleApp:
-    return ConsoleApp(broker.client, address=broker.address, backoff=(0.1, 0.5), **kwargs)
+    return ConsoleApp(broker.asyncio_client, address=broker.address, backoff=(0.1, 0.5), **kwargs)
 
 
 @pytest.mark.slow
@@ -726,12 +725,12 @@ def test_every_failure_of_a_burst_gets_its_error_even_across_a_reconnection(
     with BrokerProcess(tmp_path / "broker") as broker:
         broker.start_worker("--concurrency", "8", "--queues", "burst")
         broker.wait_for_workers(1)
-        gate = threading.Event()
+        gate = asyncio.Event()
         gate.set()
 
-        def connect() -> Any:
-            gate.wait(60)  # closed: the console cannot reconnect yet
-            return broker.client()
+        async def connect() -> Any:
+            await gate.wait()  # closed: the console cannot reconnect yet
+            return await broker.asyncio_client()
 
         def burst(message: str, n: int = 12) -> list[str]:
             with broker.client() as client:

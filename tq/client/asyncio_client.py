@@ -135,15 +135,20 @@ class AsyncioClient(AsyncMethods):
     async def open_from_settings(cls, settings: Settings, **kwargs: Any) -> AsyncioClient:
         return await cls.open(**{**settings_options(settings), **kwargs})
 
-    async def aclose(self) -> None:
-        """Close the connection; waiting requests and subscriptions end with an error."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    def close(self) -> None:
+        """Close now, without waiting (e.g. from a UI callback): waiting requests and
+        subscriptions end with an error. ``aclose`` also waits for the TLS goodbye."""
+        if self._task is not None:
+            self._task.cancel()
         self._fail(ConnectionFailed(f"the connection to {self.address} was closed"))
         self._writer.close()
+
+    async def aclose(self) -> None:
+        """Close the connection; waiting requests and subscriptions end with an error."""
+        self.close()
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.wait([task], timeout=CLOSE_TIMEOUT)  # never raises its error
         with contextlib.suppress(Exception):  # a peer that is gone cannot say goodbye
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
 
