@@ -64,7 +64,7 @@ def test_every_client_has_the_api_written_once() -> None:
 
 def test_answers_reach_their_request_and_nacks_raise() -> None:
     core = ready_core()
-    assert core.server == {"lease_ttl": 30.0}
+    assert core.server == {"t": "ack", "id": 1, "lease_ttl": 30.0}
     first, frame = core.send(api.get("a").message)
     second, _ = core.send(api.stats().message)
     assert decode(frame) == {"t": "query", "q": "get", "task": "a", "id": first}

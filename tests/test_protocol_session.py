@@ -55,7 +55,7 @@ def test_a_hello_accepted_makes_the_session_ready_and_keeps_the_answer() -> None
     assert hello["id"] == 1 and session.outstanding == {1: "hello"}
     answer = session.receive(ack(1, lease_ttl=30))
     assert answer == Answer(1, "hello", ack(1, lease_ttl=30))
-    assert session.state is State.READY and session.server == {"lease_ttl": 30}
+    assert session.state is State.READY and session.server == ack(1, lease_ttl=30)
     assert session.send({"t": "query", "q": "stats"})["id"] == 2
 
 

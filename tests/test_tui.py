@@ -21,6 +21,7 @@ import difflib
 import io
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -125,6 +126,9 @@ def test_dashboard_counts_follow_the_store(live: BrokerProcess) -> None:
         app = console(live)
         async with app.run_test(size=(80, 24)) as pilot:
             await until(pilot, lambda: app.state.link.connected, "the first connection")
+            await pilot.pause(0.2)  # the snapshot and the first poll are read meanwhile
+            others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+            assert others == [], "the console reads the broker without threads"
             # tasks run while the console watches: the counts arrive as events
             counts = await in_thread(submit_and_finish)
             assert counts == {"succeeded": 25, "dead": 3}

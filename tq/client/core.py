@@ -52,7 +52,7 @@ class ClientCore:
 
     @property
     def server(self) -> dict[str, Any]:
-        """The broker's hello ACK (without ``t`` and ``id``); empty before it."""
+        """The broker's hello ACK; empty before it."""
         return self.session.server
 
     @property

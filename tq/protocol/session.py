@@ -156,7 +156,7 @@ class Session:
     error: TQError | None = None  # why the session closed, if the broker said so
     subscription: int | None = None  # the id of the subscribe whose events arrive
     hello_accepted: bool = False  # stays True once closing
-    server: dict[str, Any] = field(default_factory=dict)  # the hello ACK (client side)
+    server: dict[str, Any] = field(default_factory=dict)  # the hello ACK, whole (client side)
     _outstanding: dict[int, str] = field(default_factory=dict)  # rid -> request type
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -244,7 +244,7 @@ class Session:
         if request == "hello" and self.state is State.AWAITING_HELLO:
             if ok:
                 self.state, self.hello_accepted = State.READY, True
-                self.server = {k: v for k, v in message.items() if k not in ("t", "id")}
+                self.server = dict(message)
             elif message.get("code") in HELLO_CLOSES:
                 self.state = State.CLOSING  # the broker closes after such a refusal
         elif request == "subscribe" and ok and self.state is State.READY:
