@@ -91,8 +91,6 @@ def test_a_request_the_session_forbids_is_refused_before_a_byte_is_sent() -> Non
     sub, _ = core.send(api.subscribe(["tasks"]).message)
     with pytest.raises(LocalProtocolError, match="already has a subscription"):
         core.send(api.subscribe(["counts"]).message)
-    with pytest.raises(LocalProtocolError, match="claim is for workers"):
-        core.send({"t": "claim", "n": 1, "queues": ["default"]})
     assert ready_core("worker").send({"t": "claim", "n": 1, "queues": ["q"]})[0] == 2
     core.receive_data(WIRE.send({"t": "ack", "id": sub, "topics": ["tasks"]}))
     assert isinstance(core.next_received(), Answer) and core.subscribed

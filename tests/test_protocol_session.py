@@ -118,12 +118,15 @@ def test_events_of_the_subscription_only() -> None:
     assert isinstance(session.receive({**early, "id": sub + 100}), Ignored)
 
 
-def test_worker_requests_need_a_worker_session() -> None:
-    with pytest.raises(LocalProtocolError, match="claim is for workers"):
-        ready().send({"t": "claim", "n": 1, "queues": ["default"]})
+def test_the_hello_kind_follows_the_role_and_the_broker_judges_the_rest() -> None:
+    # a client session may send claim: the broker answers by the key's role first
+    # (forbidden) or says it is for workers; the client cannot know its role yet
+    assert ready().send({"t": "claim", "n": 1, "queues": ["default"]})["id"] == 2
     assert ready(Role.WORKER).send({"t": "claim", "n": 1, "queues": ["default"]})["id"] == 2
     with pytest.raises(LocalProtocolError, match="kind worker"):
         Session(Role.WORKER).send(HELLO)
+    with pytest.raises(LocalProtocolError, match="kind client"):
+        Session(Role.CLIENT).send({**HELLO, "kind": "worker"})
     assert session_for("worker").role is Role.WORKER
     assert session_for("client").role is Role.CLIENT
 

@@ -178,6 +178,11 @@ class AsyncioClient(AsyncMethods):
                         self._fail(item.error)
         except (TQError, OSError) as exc:  # ssl.SSLError is an OSError
             self._fail(core.io_error(exc))
+        except Exception as exc:  # never leave the waiting requests hanging
+            self._fail(
+                ConnectionFailed(f"reading from the broker at {self.address} failed: {exc!r}")
+            )
+            raise
 
     def _fail(self, exc: TQError) -> None:
         """The connection is unusable: every waiting request and subscription ends."""

@@ -1,6 +1,6 @@
-"""Event subscriptions for both clients (docs/PROTOCOL.md: ``subscribe``, ``event``).
+"""Event subscriptions for the clients (docs/PROTOCOL.md: ``subscribe``, ``event``).
 
-    async with client.subscribe(["tasks", "counts"]) as events:   # trio Client
+    async with client.subscribe(["tasks", "counts"]) as events:   # Client, AsyncioClient
         async for event in events:
             print(event.topic, event.data)
 
@@ -17,7 +17,8 @@ marker: on ``lagged``, re-read what you display. A blocking client in
 subscription mode can only read events (its one socket is busy); use a
 second client for requests. Leaving the ``with`` block unsubscribes, after
 which the client can make requests again. (``BlockingSubscription`` lives in
-sync.py, so that the blocking client never imports trio.)
+sync.py and ``AsyncioSubscription``, which behaves as the trio one, in
+asyncio_client.py, so that neither of those clients imports trio.)
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ it only says whether a message is allowed now and what it means:
     answer = session.receive(ack)          # Answer(rid=1, request="hello", reply=ack)
     assert session.state is State.READY
 
-Roles: ``CLIENT`` and ``WORKER`` (a client whose hello says ``kind: "worker"``;
-only it sends ``claim``, ``result``, ``heartbeat``) send requests and allocate
-their ids (1, 2, ...); ``BROKER`` receives them and answers.
+Roles: ``CLIENT`` and ``WORKER`` (a client whose hello says ``kind: "worker"``)
+send requests and allocate their ids (1, 2, ...); ``BROKER`` receives them and
+answers. Whether a request is allowed to this session's key (its role, a
+worker session for ``claim``) is the broker's to judge: the client does not
+know its key's role before the hello.
 
 States, as this side sees the session:
 
@@ -30,9 +32,9 @@ States, as this side sees the session:
 
 What may happen next is checked on both sides: an illegal send raises
 ``LocalProtocolError`` before a byte is written (a request before hello, a
-second subscribe, anything after closing, a worker request on a client
-session; a type this side does not know goes to the broker, which may be newer
-and otherwise answers ``unknown_message``); a peer's illegal message raises
+second subscribe, anything after closing; a type this side does not know goes
+to the broker, which may be newer and otherwise answers ``unknown_message``); a
+peer's illegal message raises
 ``InvalidRequest`` on the broker (it NACKs it and goes on: the texts are those
 docs/PROTOCOL.md quotes) or
 ``ProtocolError`` on a client (a broker that sends a request is broken).
@@ -69,7 +71,6 @@ from tq.core.errors import (
 )
 from tq.protocol.messages import REQUEST_TYPES, Message
 
-WORKER_REQUESTS = frozenset({"claim", "result", "heartbeat"})
 ANSWERS = frozenset({"ack", "nack"})
 BROKER_SENDS = frozenset({"ack", "nack", "event"})
 # a hello NACKed with one of these codes is followed by the broker closing the connection
@@ -145,10 +146,6 @@ def broker_only(kind: str) -> str:
     return f"{kind} is sent by the broker only, never to it"
 
 
-def workers_only(kind: str) -> str:
-    return f"{kind} is for workers: say hello with kind 'worker' first"
-
-
 @dataclass
 class Session:
     role: Role
@@ -212,8 +209,6 @@ class Session:
             return
         if kind == "hello":
             raise LocalProtocolError(SECOND_HELLO)
-        if kind in WORKER_REQUESTS and self.role is not Role.WORKER:
-            raise LocalProtocolError(workers_only(kind))
         if kind == "subscribe" and (
             self.state is State.SUBSCRIBED or self._pending("subscribe") is not None
         ):
