@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tq.client import _api as api
 from tq.client._methods import AsyncMethods
@@ -142,3 +144,28 @@ def test_connect_targets_lists_every_address_in_order() -> None:
     ]
     with pytest.raises(ConfigError, match="no broker address"):
         connect_targets(" , ")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=12),
+    data=st.data(),
+)
+def test_answers_in_any_order_and_any_pieces_reach_their_requests(
+    n: int, data: st.DataObject
+) -> None:
+    core = ready_core()
+    sent = {core.send(api.get(f"task-{i}").message)[0]: f"task-{i}" for i in range(n)}
+    order = data.draw(st.permutations(sorted(sent)))
+    wire = b"".join(WIRE.send({"t": "ack", "id": rid, "for": sent[rid]}) for rid in order)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    got: list[Answer] = []
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        if start < end:
+            core.receive_data(wire[start:end])
+        while (item := core.next_received()) is not None:
+            assert isinstance(item, Answer)
+            got.append(item)
+    assert [a.rid for a in got] == list(order)
+    assert all(core.result(a)["for"] == sent[a.rid] for a in got)
+    assert not core.session.outstanding
