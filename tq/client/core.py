@@ -22,6 +22,11 @@ translation of a transport failure into an error an operator can act on
 ``_methods.py`` over a shell's ``_call``.
 
 Where a shell connects is ``connect_targets``: the addresses to try in order.
+A core lives as long as one connection: reconnecting (to the same broker or
+another) is a new stream and a new ``ClientCore`` (a new session: hello first
+again). What the old one leaves behind is exact: ``fail()`` and a
+``Farewell`` name the requests sent and never answered (their outcome is
+unknown), while a request the core refused to send raised before any byte.
 """
 
 from __future__ import annotations
