@@ -4,6 +4,7 @@ loopback with TLS, driven by ``asyncio.run`` (no trio in these tests' clients)."
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,18 @@ def test_typed_tasks_under_asyncio_use_the_asyncio_client(broker_proc: BrokerPro
             assert (await handles[0].status()).state is State.SUCCEEDED
 
     asyncio.run(main())
+
+
+def test_closing_without_waiting_leaves_no_socket_behind(broker_proc: BrokerProcess) -> None:
+    """``close()`` (from a UI callback, no await) and the loop ending right after: the
+    socket is closed, not left to the garbage collector (a ResourceWarning)."""
+
+    async def main() -> None:
+        client = await broker_proc.asyncio_client()
+        await client.stats()
+        client.close()
+        with pytest.raises(ConnectionFailed, match="was closed"):
+            await client.stats()
+
+    asyncio.run(main())
+    gc.collect()  # an unclosed socket would warn here, and warnings are errors

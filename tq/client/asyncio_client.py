@@ -136,21 +136,29 @@ class AsyncioClient(AsyncMethods):
         return await cls.open(**{**settings_options(settings), **kwargs})
 
     def close(self) -> None:
-        """Close now, without waiting (e.g. from a UI callback): waiting requests and
-        subscriptions end with an error. ``aclose`` also waits for the TLS goodbye."""
-        if self._task is not None:
-            self._task.cancel()
-        self._fail(ConnectionFailed(f"the connection to {self.address} was closed"))
-        self._writer.close()
+        """Close now, without waiting (e.g. from a UI callback): the socket is dropped
+        without a TLS goodbye; waiting requests and subscriptions end with an error."""
+        self._shutdown()
+        self._writer.transport.abort()
 
     async def aclose(self) -> None:
-        """Close the connection; waiting requests and subscriptions end with an error."""
-        self.close()
-        task, self._task = self._task, None
+        """Close the connection (with a TLS goodbye, for at most a second); waiting
+        requests and subscriptions end with an error."""
+        task = self._task
+        self._shutdown()
         if task is not None:
             await asyncio.wait([task], timeout=CLOSE_TIMEOUT)  # never raises its error
-        with contextlib.suppress(Exception):  # a peer that is gone cannot say goodbye
+        self._writer.close()
+        try:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except Exception:  # a peer that is gone cannot say goodbye
+            self._writer.transport.abort()
+
+    def _shutdown(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        self._fail(ConnectionFailed(f"the connection to {self.address} was closed"))
 
     async def __aenter__(self) -> AsyncioClient:
         return self
