@@ -5,6 +5,7 @@ has the same methods."""
 from __future__ import annotations
 
 import inspect
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tq.client import _api as api
+from tq.client import failover as fo
 from tq.client._methods import AsyncMethods
 from tq.client._methods_sync import SyncMethods
 from tq.client.aio import Client
@@ -25,6 +27,7 @@ from tq.core.errors import (
     ConnectionFailed,
     NotFound,
     ProtocolError,
+    TLSFailure,
     Unavailable,
 )
 from tq.protocol import Connection
@@ -141,6 +144,17 @@ def test_a_broken_stream_and_a_closed_connection() -> None:
     with pytest.raises(ConnectionFailed, match="gone"):
         core.send(api.stats().message)
     assert isinstance(core.io_error(OSError("reset")), ConnectionFailed)
+
+
+def test_an_eof_after_the_hello_is_a_lost_connection_failover_may_retry() -> None:
+    """Mutual TLS refusing our certificate shows as a TLS error before the hello's
+    answer; the same EOF once the hello was answered is a broker that went away."""
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    before = ClientCore("127.0.0.1:7470", 1 << 20, api.hello("client", "t"))
+    assert isinstance(before.io_error(eof), TLSFailure)
+    after = ready_core().io_error(eof)
+    assert not isinstance(after, TLSFailure) and fo.retriable(after)
+    assert "was lost" in str(after)
 
 
 def test_connect_targets_lists_every_address_in_order() -> None:

@@ -108,13 +108,18 @@ class ClientCore:
 
     def io_error(self, exc: BaseException) -> TQError:
         """What a failed read or write means to the user (the shell's own stream
-        errors wrap these as ``__cause__``)."""
+        errors wrap these as ``__cause__``). A TLS error is a TLS failure (mutual TLS
+        refused our certificate) unless the hello was answered and the broker just
+        closed the connection: then it is a lost connection, which failover may
+        retry (``failover.retriable``)."""
         if isinstance(exc, TQError):
             return exc
         if isinstance(exc, MessageError):
             return exc.cause
         cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
         if isinstance(cause, ssl.SSLError):  # e.g. mutual TLS refused our certificate
+            if self.session.hello_accepted and api.closed_in_handshake(cause):
+                return api.connection_lost(self.address)  # an EOF after the hello: lost
             return TLSFailure(describe_tls_error(cause, self.address, None))
         return api.connection_lost(self.address)
 
