@@ -115,7 +115,8 @@ class Subscription:
         try:
             self.topics = call.parse(await self._client._exchange_once(rid, frame))
         except BaseException:
-            self._client._close_events(rid)
+            if self._client._core is self._core:  # (a new connection reuses ids)
+                self._client._close_events(rid)
             raise
 
     async def aclose(self) -> None:
@@ -123,8 +124,8 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        if self._rid is None:
-            return
+        if self._rid is None or self._client._core is not self._core:
+            return  # never started, or its connection is gone (failover): so is it
         self._client._close_events(self._rid)
         if self._client.error is None:
             try:
