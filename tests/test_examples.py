@@ -105,12 +105,18 @@ def test_asyncio_web_app_submits_and_awaits(broker: BrokerProcess) -> None:
 
         async def requests() -> tuple[httpx.Response, httpx.Response, list[httpx.Response]]:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            async with (
+                app.router.lifespan_context(app),  # closes the app's client at the end
+                httpx.AsyncClient(transport=transport, base_url="http://app") as http,
+            ):
                 one = await http.post("/slugs", json={"title": "Hello, World!"})
                 bad = await http.post("/slugs", json={"title": 7})
                 many = await asyncio.gather(
                     *(http.post("/slugs", json={"title": f"Post number {i}"}) for i in range(8))
                 )
+                shared = importlib.import_module("app").broker.client  # one AsyncioClient
+                assert shared is not None and shared.error is None
+            assert importlib.import_module("app").broker.client is None, "closed at shutdown"
             return one, bad, many
 
         one, bad, many = asyncio.run(requests())

@@ -162,6 +162,31 @@ async def test_without_failover_a_lost_connection_fails_at_once_as_before(
 
 
 @pytest.mark.trio
+async def test_a_subscription_ends_with_its_connection_and_leaves_the_next_one_alone(
+    tmp_path: Path,
+) -> None:
+    """A reconnect is a new session whose ids start again: the old subscription (id 3)
+    ends with an error, and closing it later must not touch the new one (id 3 too)."""
+    with trio.fail_after(60):
+        async with running_broker(tmp_path, http="off") as broker, relayed(broker) as relay:
+            async with _connect(broker, relay.address, failover=10) as client:
+                task_id = await client.submit("echo", 1)  # id 2 (the hello is 1)
+                old = client.subscribe(["tasks"])
+                await old.start()  # id 3
+                relay.cut()
+                with pytest.raises(OutcomeUnknown):
+                    await client.cancel(task_id)  # cut: not resent, nothing reconnects
+                with pytest.raises(ConnectionFailed):
+                    await old.__anext__()
+                await client.stats()  # reconnects: hello 1, stats 2
+                async with client.subscribe(["tasks"]) as new:  # id 3 again
+                    await old.aclose()  # its connection is gone: nothing to undo
+                    await client.submit("echo", 2)
+                    event = await new.__anext__()
+    assert event.topic == "tasks" and relay.connections == 2
+
+
+@pytest.mark.trio
 async def test_the_blocking_client_resends_only_what_is_safe(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with running_broker(tmp_path, http="off") as broker, relayed(broker) as relay:

@@ -107,7 +107,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
 
 
 def console(broker: BrokerProcess, **kwargs: Any) -> ConsoleApp:
-    return ConsoleApp(broker.client, address=broker.address, backoff=(0.1, 0.5), **kwargs)
+    return ConsoleApp(broker.asyncio_client, address=broker.address, backoff=(0.1, 0.5), **kwargs)
 
 
 @pytest.mark.slow
@@ -124,8 +124,12 @@ def test_dashboard_counts_follow_the_store(live: BrokerProcess) -> None:
 
     async def scenario() -> None:
         app = console(live)
+        before = set(threading.enumerate())  # earlier tests may leave idle pool threads
         async with app.run_test(size=(80, 24)) as pilot:
             await until(pilot, lambda: app.state.link.connected, "the first connection")
+            await pilot.pause(0.2)  # the snapshot and the first poll are read meanwhile
+            started = [t.name for t in set(threading.enumerate()) - before]
+            assert started == [], "the console reads the broker without threads"
             # tasks run while the console watches: the counts arrive as events
             counts = await in_thread(submit_and_finish)
             assert counts == {"succeeded": 25, "dead": 3}
@@ -726,12 +730,12 @@ def test_every_failure_of_a_burst_gets_its_error_even_across_a_reconnection(
     with BrokerProcess(tmp_path / "broker") as broker:
         broker.start_worker("--concurrency", "8", "--queues", "burst")
         broker.wait_for_workers(1)
-        gate = threading.Event()
+        gate = asyncio.Event()
         gate.set()
 
-        def connect() -> Any:
-            gate.wait(60)  # closed: the console cannot reconnect yet
-            return broker.client()
+        async def connect() -> Any:
+            await gate.wait()  # closed: the console cannot reconnect yet
+            return await broker.asyncio_client()
 
         def burst(message: str, n: int = 12) -> list[str]:
             with broker.client() as client:

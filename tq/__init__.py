@@ -3,7 +3,7 @@
 One package runs as broker, worker, console or CLI. See docs/ARCHITECTURE.md.
 The Python API for applications (docs/PYTHON.md) is here too, loaded on
 first use so that ``import tq`` stays light: ``tq.task`` declares a task,
-``tq.configure`` says where to submit, ``tq.connect`` opens a trio client.
+``tq.configure`` says where to submit, ``tq.connect`` opens a client (trio or asyncio).
 """
 
 from __future__ import annotations

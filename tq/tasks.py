@@ -38,8 +38,9 @@ Contract:
 * Clients: ``submit_sync`` uses this thread's default ``BlockingClient``,
   opened on first use from ``configure(...)`` (else from the ``TQ_*``
   environment and the config file, as the CLI does) and reopened when the
-  broker has closed it; ``await submit`` uses the trio ``Client`` of the
-  enclosing ``async with tq.connect()`` block. ``with_options(client=c)``
+  broker has closed it; ``await submit`` uses the client of the enclosing
+  ``async with tq.connect()`` block (a trio ``Client`` under trio, an
+  ``AsyncioClient`` under asyncio). ``with_options(client=c)``
   uses ``c`` instead. Handles use the client their task was submitted with.
 * Workers find tasks from the same declarations: ``tq worker --import
   myapp.tasks`` registers every task declared while importing that module
@@ -68,6 +69,7 @@ from tq.core.task import TaskSpec
 
 if TYPE_CHECKING:
     from tq.client.aio import Client
+    from tq.client.asyncio_client import AsyncioClient
     from tq.client.sync import BlockingClient
     from tq.config import ClientSettings, ConnectionSettings
     from tq.core.task import Task
@@ -151,7 +153,7 @@ class TaskDef(Generic[P, R]):
     def with_options(
         self,
         *,
-        client: Client | BlockingClient | None = None,
+        client: Client | AsyncioClient | BlockingClient | None = None,
         idempotency_key: str | None = None,
         **options: Any,
     ) -> TaskDef[P, R]:
@@ -237,13 +239,14 @@ def _require(client: Any, *, blocking: bool) -> None:
         from tq.client.sync import BlockingClient as wanted
 
         method, other = "submit_sync", "await submit(...)"
-    else:
-        from tq.client.aio import Client as wanted
+    else:  # the trio Client or the AsyncioClient: both have the async methods
+        from tq.client._methods import AsyncMethods as wanted
 
         method, other = "submit", "submit_sync(...)"
     if not isinstance(client, wanted):
+        needs = "BlockingClient" if blocking else "Client or tq.client.AsyncioClient"
         raise ConfigError(
-            f"{method} needs a tq.client.{wanted.__name__}, got {type(client).__name__}; "
+            f"{method} needs a tq.client.{needs}, got {type(client).__name__}; "
             f"use {other} with that client"
         )
 
@@ -298,7 +301,7 @@ class AsyncTaskHandle(Generic[R]):
         self,
         task: TaskDef[Any, R],
         id: str,
-        client: Client | None = None,
+        client: Client | AsyncioClient | None = None,
         warning: str | None = None,
     ) -> None:
         self.task, self.id, self.warning = task, id, warning
@@ -307,7 +310,7 @@ class AsyncTaskHandle(Generic[R]):
     def __repr__(self) -> str:
         return f"<AsyncTaskHandle {self.task.name} {self.id}>"
 
-    def _c(self) -> Client:
+    def _c(self) -> Client | AsyncioClient:
         return self._client if self._client is not None else current_client()
 
     async def status(self) -> Task:
@@ -429,7 +432,9 @@ _settings: ConnectionSettings | None = None
 _generation = 0  # bumped by configure(): clients opened before are stale
 _local = threading.local()
 _opened: list[BlockingClient] = []
-_current: contextvars.ContextVar[Client | None] = contextvars.ContextVar("tq_client", default=None)
+_current: contextvars.ContextVar[Client | AsyncioClient | None] = contextvars.ContextVar(
+    "tq_client", default=None
+)
 
 
 def configure(settings: ConnectionSettings | None = None, **flags: Any) -> None:
@@ -502,12 +507,12 @@ def close() -> None:
         client.close()
 
 
-def current_client() -> Client:
-    """The trio client of the enclosing ``async with tq.connect()``."""
+def current_client() -> Client | AsyncioClient:
+    """The client of the enclosing ``async with tq.connect()``."""
     client = _current.get()
     if client is None:
         raise ConfigError(
-            "await submit() needs a trio client: run it inside `async with tq.connect():` "
+            "await submit() needs a client: run it inside `async with tq.connect():` "
             "or pass one with task.with_options(client=client)"
         )
     return client
@@ -516,13 +521,13 @@ def current_client() -> Client:
 @contextlib.asynccontextmanager
 async def connect(
     settings: ConnectionSettings | None = None, **flags: Any
-) -> AsyncIterator[Client]:
-    """A trio client for this block; ``await task.submit(...)`` inside it uses it.
+) -> AsyncIterator[Client | AsyncioClient]:
+    """A client for this block; ``await task.submit(...)`` inside it uses it.
 
-    Arguments as ``configure`` (default: the configured settings). Tasks that the
-    block's nursery starts inherit the client.
+    Arguments as ``configure`` (default: the configured settings). Under trio a
+    trio ``Client`` (tasks that the block's nursery starts inherit it); under
+    asyncio an ``AsyncioClient`` (tasks created inside the block inherit it).
     """
-    from tq.client.aio import Client
 
     unknown = sorted(set(flags) - set(_CLIENT_FLAGS))
     if unknown:
@@ -533,12 +538,28 @@ async def connect(
         raise ConfigError("connect takes settings or separate settings, not both")
     if settings is None:
         settings = _load(flags) if flags else default_settings()
-    async with Client.from_settings(settings) as client:
+    if _on_asyncio():
+        from tq.client.asyncio_client import AsyncioClient as chosen
+    else:
+        from tq.client.aio import Client as chosen  # type: ignore[assignment]
+    async with chosen.from_settings(settings) as client:
         token = _current.set(client)
         try:
             yield client
         finally:
             _current.reset(token)
+
+
+def _on_asyncio() -> bool:
+    """Is the caller running under asyncio (not trio)? Without importing either."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def register(registry: Any, tasks: Iterable[TaskDef[Any, Any]] | None = None) -> None:

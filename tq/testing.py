@@ -32,6 +32,7 @@ import trio
 
 from tq.broker.server import BrokerInfo, serve_broker
 from tq.client import BlockingClient, Client
+from tq.client.asyncio_client import AsyncioClient
 from tq.config import Settings
 from tq.worker.executable import ExecHandler
 from tq.worker.handlers import HandlerRegistry, builtin_registry
@@ -216,6 +217,10 @@ class BrokerProcess:
 
     def client(self) -> BlockingClient:
         return BlockingClient(self.address, ca=self.ca, **self.client_kwargs())
+
+    async def asyncio_client(self, **kwargs: Any) -> AsyncioClient:
+        """An ``AsyncioClient`` connected to this broker (close it with ``aclose``)."""
+        return await AsyncioClient.open(self.address, ca=self.ca, **self.client_kwargs(), **kwargs)
 
     def http_client(self, **kwargs: Any) -> Any:
         """An ``httpx.Client`` for the broker's REST API (CA and admin key set)."""

@@ -447,11 +447,8 @@ class SessionEvents:
     def _subscribe(self, rid: int, msg: dict[str, Any], closing: bool) -> dict[str, Any]:
         if closing:
             raise Unavailable("the broker is shutting down; subscribe again once it is back")
-        if self.subscriber is not None:
-            raise InvalidRequest(
-                "this connection already has a subscription: unsubscribe first, "
-                "or open another connection"
-            )
+        # a second subscribe never gets here: the session's rules refuse it
+        # (tq/protocol/session.py); the bus refuses bad topics
         self.subscriber = self.bus.subscribe(rid, msg.get("topics"))
         return {"topics": sorted(self.subscriber.topics)}
 

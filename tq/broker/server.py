@@ -64,6 +64,8 @@ from tq.core.values import number
 from tq.protocol import REQUEST_TYPES, Connection
 from tq.protocol.connection import MessageError
 from tq.protocol.frames import INLINE_DECODE
+from tq.protocol.session import Role, broker_only
+from tq.protocol.session import Session as SessionRules
 from tq.security.roles import Principal, action_of
 from tq.security.tls import ensure_broker_tls, fingerprint, server_ssl_context
 from tq.store import BrokerSelf, open_store
@@ -183,7 +185,7 @@ class Session:
         self.worker_id: str | None = None
         self.worker: WorkerInfo | None = None
         self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
-        self.hello_done = False
+        self.rules = SessionRules(Role.BROKER)  # hello first, one hello, one subscription
         self.on_hello: Callable[[], None] = lambda: None  # the gate: no longer evictable
         self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
         self._queued = 0  # bytes of answers queued and not yet written to the peer
@@ -214,7 +216,11 @@ class Session:
             "retry_many": self._retry_many,
         }
         # subscribe/unsubscribe: handled in reading order, like hello (tq/broker/events.py)
-        self.events = SessionEvents(service.events, self._reply_event, Connection.nack)
+        self.events = SessionEvents(service.events, self._reply_subscription, Connection.nack)
+
+    @property
+    def hello_done(self) -> bool:
+        return self.rules.hello_accepted
 
     async def run(self) -> None:
         try:
@@ -255,6 +261,7 @@ class Session:
         queued. Never waits: a peer that reads nothing gets no farewell."""
         if not self.hello_done:
             return False
+        self.rules.close()  # what arrives from now on is refused: the broker is stopping
         try:
             self._send.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -266,6 +273,12 @@ class Session:
         """Until every queued frame was written (or the writer ended)."""
         while self._queued > 0 and not self._writer_done:
             await self._written.wait()
+
+    async def _reply_subscription(self, message: dict[str, Any]) -> None:
+        """The answers to subscribe/unsubscribe (which change the session), and events."""
+        if message["t"] != "event":
+            self.rules.send(message)
+        await self._reply_event(message)
 
     async def _reply_event(self, message: dict[str, Any]) -> None:
         """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
@@ -362,6 +375,11 @@ class Session:
             if self._refused is not None:  # a dead key: say so once more, close
                 return self.conn.send(Connection.nack(0, self._refused))
             return None
+        try:
+            self.rules.receive(msg)  # a second hello or subscription, a broker-only type
+        except TQError as exc:
+            await self._reply(Connection.nack(msg["id"], exc))
+            return None
         if msg["t"] in SUBSCRIPTION_REQUESTS:
             await self.events.handle(msg, nursery, self.service.closing)
             return None
@@ -389,8 +407,7 @@ class Session:
         """Answer the first message; False if its credentials were refused (then close)."""
         rid = msg["id"]
         try:
-            if msg["t"] != "hello":
-                raise InvalidRequest(f"the first message must be hello, not {msg['t']}")
+            self.rules.receive(msg)  # the first message must be hello
             with trio.move_on_at(self._hello_by) as login:  # the hello deadline covers the login
                 principal = await self.service.login(msg)
             if login.cancelled_caught:
@@ -403,16 +420,16 @@ class Session:
             body = self.service.hello(msg, worker_id, key_id)
         except (Unauthorized, Forbidden, Timeout) as exc:
             log.warning("%s: hello refused (%s): %s", self.peer, exc.code, exc)
+            self.rules.close()
             await self._reply(Connection.nack(rid, exc))
             return False
         except TQError as exc:
-            await self._reply(Connection.nack(rid, exc))
+            await self._reply(self.rules.send(Connection.nack(rid, exc)))
             return True
         self.principal = principal
         self.worker_id = worker_id
         if worker_id is not None:
             self.worker = worker_info(worker_id, msg, key_id)
-        self.hello_done = True
         self.on_hello()
         self.conn.set_max_frame(self.settings.max_frame)
         if principal is not None and principal.role not in LARGE_FRAME_ROLES:
@@ -420,7 +437,9 @@ class Session:
         who: dict[str, str | None] = {"key_id": None, "role": None}
         if principal is not None:
             who = {"key_id": principal.key_id, "role": principal.role}
-        await self._reply({"t": "ack", "id": rid, **body, "worker_id": worker_id, **who})
+        await self._reply(
+            self.rules.send({"t": "ack", "id": rid, **body, "worker_id": worker_id, **who})
+        )
         return True
 
     async def _admit(self, msg: dict[str, Any]) -> bool:
@@ -449,7 +468,7 @@ class Session:
         try:
             handler = self._handlers.get(msg["t"])
             if handler is None:
-                raise InvalidRequest(_not_a_request(msg["t"]))
+                raise InvalidRequest(broker_only(msg["t"]))
             self.service.in_flight += 1
             self._busy += 1
             try:
@@ -581,15 +600,6 @@ def _is_heavy(msg: dict[str, Any]) -> bool:
     """A read whose cost or answer can be large: at most one at a time per connection."""
     kind = msg["t"]
     return kind == "audit" or kind == "keys" or (kind == "query" and msg.get("q") in HEAVY_QUERIES)
-
-
-def _not_a_request(kind: str) -> str:
-    if kind == "hello":
-        return (
-            "this connection already said hello; a session has one hello: "
-            "open a new connection to use another key or kind"
-        )
-    return f"{kind} is sent by the broker only, never to it"
 
 
 def _task_id(msg: dict[str, Any]) -> str:

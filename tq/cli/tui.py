@@ -38,18 +38,18 @@ def tui(
             "the console needs Textual, an optional dependency of tq: "
             "pip install 'tq[console]' (the one-file executable includes it)"
         )
-    from tq.client import BlockingClient
+    from tq.client import AsyncioClient, BlockingClient
     from tq.core.errors import ConnectionFailed, TLSFailure
 
     conf = settings(broker=broker, ca=ca, insecure=insecure, key=api_key)
 
-    def connect() -> BlockingClient:
-        return BlockingClient.from_settings(conf, name="tq-tui")
+    async def connect() -> AsyncioClient:
+        return await AsyncioClient.open_from_settings(conf, name="tq-tui")
 
     def check() -> None:
         """Fail now on what retrying cannot fix (TLS, keys, settings); not on a down broker."""
         try:
-            connect().close()
+            BlockingClient.from_settings(conf, name="tq-tui").close()
         except TLSFailure:
             raise
         except ConnectionFailed as exc:

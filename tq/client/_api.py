@@ -269,6 +269,20 @@ def parse_event(msg: Mapping[str, Any]) -> Event:
     )
 
 
+def lagged_marker(msg: Mapping[str, Any], dropped: int) -> dict[str, Any]:
+    """The client's own ``lagged`` event: ``dropped`` events were lost before ``msg``
+    because the consumer fell behind (the broker's marker has the same shape)."""
+    return {
+        "t": "event",
+        "id": msg.get("id", 0),
+        "seq": 0,
+        "topic": "lagged",
+        "time": msg.get("time", 0.0),
+        "dropped": dropped,
+        "local": True,
+    }
+
+
 def subscribe(topics: Sequence[str]) -> Call[list[str]]:
     wanted = list(topics)
     return Call({"t": "subscribe", "topics": wanted}, lambda r: list(r.get("topics", wanted)))

@@ -4,9 +4,11 @@
         task_id = await client.submit("echo", {"x": 1})
         task = await client.wait(task_id, timeout=30)
 
-Requests get increasing ids; a reader task matches answers to waiting
-callers by id, so any number of coroutines may share one client. A writer
-task coalesces queued frames into one ``send_all``.
+A thin shell over the client core (core.py: session rules, ids, answers
+matched to requests) with the API of ``_methods.py``. A reader task hands
+each answer to the coroutine waiting for its id, so any number of coroutines
+may share one client. A writer task coalesces queued frames into one
+``send_all``.
 
 Failover (tq/client/failover.py): ``address`` may list several brokers; connect
 tries them in turn, once each. When a connection is lost later, a request that
@@ -14,17 +16,19 @@ is safe to send again (reads; submits, which carry idempotency keys, attached
 automatically) reconnects, to the next broker first, with backoff, for up to
 ``failover`` seconds (default: 15 with several brokers, 0 with one), then is
 sent again; other writes raise ``OutcomeUnknown``. ``_redial`` is the one
-reconnect point: a new stream, reader and writer (older ones are ignored by
-their generation number) and a new hello.
+reconnect point: a new stream, a new ``ClientCore`` (a new session), its reader
+and writer (older ones are ignored by their generation number) and a new hello.
+Which requests were sent and never answered is the old core's to say
+(``fail()``, a farewell's ``failed``): those raise ``Unanswered`` inside the
+client, and only they can have an unknown outcome; a request the core refused
+before any byte was sent is simply sent again on the new connection.
 """
 
 from __future__ import annotations
 
-import builtins
-import itertools
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,41 +36,48 @@ import trio
 
 from tq.client import _api as api
 from tq.client import failover as fo
+from tq.client._methods import AsyncMethods
+from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
 from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
-from tq.core.task import Task
-from tq.protocol import Connection
-from tq.protocol.connection import MessageError
+from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
 
 
-class Client:
-    def __init__(self, stream: trio.abc.Stream | None, address: str, max_frame: int) -> None:
+class Client(AsyncMethods):
+    def __init__(
+        self,
+        stream: trio.abc.Stream | None,
+        address: str,
+        max_frame: int,
+        hello: Mapping[str, Any] | None = None,
+    ) -> None:
         self.address = address  # the broker this client talks to now
-        self.server: dict[str, Any] = {}
         self._stream = stream
         self._max_frame = max_frame
-        self._conn = Connection(max_frame)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._hello = dict(hello or api.hello("client", ""))
+        self._core = ClientCore(address, max_frame, self._hello)
+        self._pending: dict[int, trio.MemorySendChannel[Answer]] = {}
         self._events: dict[int, EventSink] = {}  # subscription id -> its buffer (events.py)
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
-        self._error: TQError | None = None
         # failover: set by connect(); a connection's reader and writer carry its generation
         self._generation = 0
-        self._established = -1  # the generation whose hello was answered
         self._nursery: trio.Nursery | None = None
         self._rotation = fo.Rotation([address])
         self._window = 0.0
         self._dialer: Any = None  # one address -> a stream (open_stream with our TLS)
-        self._hello: dict[str, Any] = {}
         self._timeout = CONNECT_TIMEOUT
         self._redialing = trio.Lock()
+
+    @property
+    def server(self) -> dict[str, Any]:
+        """The broker's hello ACK (of the current connection)."""
+        return self._core.server
 
     # -- connection ----------------------------------------------------
     @classmethod
@@ -109,11 +120,11 @@ class Client:
                 client_key=client_key,
             )
 
-        client = cls(None, brokers[0], max_frame)
+        message = api.hello(kind, name, with_key(dict(hello or {}), key))
+        client = cls(None, brokers[0], max_frame, message)
         client._rotation = fo.Rotation(brokers)
         client._window = fo.window(brokers, failover)
         client._dialer = dial
-        client._hello = api.hello(kind, name, with_key(dict(hello or {}), key))
         client._timeout = timeout
         try:
             async with trio.open_nursery() as nursery:
@@ -163,21 +174,21 @@ class Client:
                 await trio.sleep(delay)
 
     async def _dial(self, one: str) -> None:
-        """A new connection to ``one`` (the old one dropped) and its hello."""
+        """A new connection to ``one`` (the old one dropped): a new stream, a new core
+        (a new session), its reader and writer, and the hello."""
         assert self._nursery is not None and self._dialer is not None
         await self._drop()
         stream = await self._dialer(one)
         self._generation += 1
         gen = self._generation
-        self._stream, self.address, self._error = stream, one, None
-        self._conn = Connection(self._max_frame)
+        self._stream, self.address = stream, one
+        self._core = core = ClientCore(one, self._max_frame, self._hello)
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](1024)
-        self._nursery.start_soon(self._reader, stream, self._conn, gen)
+        self._nursery.start_soon(self._reader, stream, core, gen)
         self._nursery.start_soon(self._writer, stream, self._out_recv, gen)
         try:
             with trio.fail_after(self._timeout):
-                self.server = await self._request_with_id(self._hello, next(self._ids))
-            self._established = gen
+                await self._exchange_once(*core.hello_frame())
         except trio.TooSlowError:
             await self._drop()
             raise ConnectionFailed(
@@ -211,64 +222,41 @@ class Client:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             self._fail(api.connection_lost(self.address), gen)
 
-    async def _reader(self, stream: trio.abc.Stream, conn: Connection, gen: int) -> None:
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self._read(stream, conn, gen)
-        self._fail(api.connection_lost(self.address), gen)
-
-    async def _read(self, stream: trio.abc.Stream, conn: Connection, gen: int) -> None:
+    async def _reader(self, stream: trio.abc.Stream, core: ClientCore, gen: int) -> None:
         try:
             while True:
-                data = bytes(await stream.receive_some(256 * 1024))
-                if not data:
-                    break
-                conn.receive_data(data)
-                while (msg := conn.next_message()) is not None:
+                core.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+                while (item := core.next_received()) is not None:
                     if gen != self._generation:
-                        return
-                    if msg["t"] == "event":
-                        sink = self._events.get(msg["id"])
+                        return  # a connection given up: its core says nothing any more
+                    if isinstance(item, EventReceived):
+                        sink = self._events.get(item.message["id"])
                         if sink is not None:
-                            sink.offer(msg)
-                        continue
-                    self._deliver(msg, gen)
-        except MessageError as exc:
-            self._fail(exc.cause, gen)
-        except TQError as exc:
-            self._fail(exc, gen)
-        except ssl.SSLError as exc:
-            self._tls_failed(exc, gen)
-        except trio.BrokenResourceError as exc:
-            if isinstance(exc.__cause__, ssl.SSLError):  # e.g. mutual TLS refused our cert
-                self._tls_failed(exc.__cause__, gen)
-            else:
-                raise
+                            sink.offer(item.message)
+                    elif isinstance(item, Answer):
+                        channel = self._pending.pop(item.rid, None)
+                        if channel is not None:
+                            channel.send_nowait(item)
+                    elif isinstance(item, Farewell):  # the broker ends the session
+                        self._fail(item.error, gen, item.failed)
+        except (TQError, ssl.SSLError, trio.BrokenResourceError) as exc:
+            self._fail(core.io_error(exc), gen)
+        except (trio.ClosedResourceError, OSError):
+            self._fail(api.connection_lost(self.address), gen)
 
-    def _tls_failed(self, exc: ssl.SSLError, gen: int) -> None:
-        if gen == self._established and api.closed_in_handshake(exc):
-            return  # an EOF after the hello was answered: the connection was lost
-        self._fail(TLSFailure(describe_tls_error(exc, self.address, None)), gen)
-
-    def _deliver(self, msg: dict[str, Any], gen: int) -> None:
-        rid = msg["id"]
-        if rid == 0 and msg["t"] == "nack":
-            try:
-                api.raise_for_nack(msg)
-            except TQError as exc:
-                self._fail(exc, gen)
-            return
-        channel = self._pending.pop(rid, None)
-        if channel is not None:
-            channel.send_nowait(msg)
-
-    def _fail(self, exc: TQError, gen: int | None = None) -> None:
-        """The connection is unusable: fail every waiting request with ``exc``
-        (unless ``gen`` names an older connection than the current one)."""
+    def _fail(self, exc: TQError, gen: int | None = None, failed: tuple[int, ...] = ()) -> None:
+        """The connection is unusable: every waiting request fails with ``exc`` (unless
+        ``gen`` names an older connection than the current one). The requests the
+        core names as sent and never answered (``fail()``, a farewell's ``failed``)
+        raise ``Unanswered`` in ``_exchange``: their outcome is unknown."""
         if gen is not None and gen != self._generation:
             return
-        if self._error is None:
-            self._error = exc
-        for channel in self._pending.values():
+        unanswered = (*failed, *self._core.fail(exc))
+        for rid in unanswered:
+            channel = self._pending.pop(rid, None)
+            if channel is not None:
+                channel.close()
+        for channel in self._pending.values():  # none: every waiter's id was sent
             channel.close()
         self._pending.clear()
         for sink in self._events.values():
@@ -278,21 +266,21 @@ class Client:
     @property
     def error(self) -> TQError | None:
         """Why the connection is unusable, or None while it is fine."""
-        return self._error
+        return self._core.error
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise).
 
         With failover on, a lost connection reconnects and sends the request again
         if that is safe (tq.client.failover); else ``OutcomeUnknown``."""
         if self._window <= 0:
-            return await self._request_with_id(message, next(self._ids))
-        message = fo.with_idempotency_keys(message)  # a resent submit never duplicates
+            return await self._exchange_once(*self._core.send(message))
+        message = fo.with_idempotency_keys(dict(message))  # a resent submit never duplicates
         deadline: float | None = None
         while True:
             seen = self._generation
             try:
-                reply = await self._exchange(message, next(self._ids))
+                reply = await self._exchange(*self._core.send(message))
                 return reply if deadline is None else fo.resent_answer(message, reply)
             except fo.Unanswered as lost:
                 if not fo.resend_safe(message):
@@ -309,143 +297,62 @@ class Client:
             except TQError as exc:
                 raise exc from error
 
-    async def _request_with_id(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
+    def _start(self, message: Mapping[str, Any]) -> tuple[int, bytes]:
+        """The id and frame of a request (rules checked); ``_exchange`` sends it."""
+        return self._core.send(message)
+
+    async def _exchange_once(self, rid: int, frame: bytes) -> dict[str, Any]:
+        """``_exchange`` without failover: a lost answer raises the connection's error."""
         try:
-            return await self._exchange(message, rid)
+            return await self._exchange(rid, frame)
         except fo.Unanswered as lost:
             raise lost.error from None
 
-    async def _exchange(self, message: dict[str, Any], rid: int) -> dict[str, Any]:
-        """One request and its answer; ``Unanswered`` if the connection broke after it
-        was handed to the writer (its outcome is unknown); TQError otherwise."""
-        if self._error is not None:
-            raise self._error
-        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+    async def _exchange(self, rid: int, frame: bytes) -> dict[str, Any]:
+        """Send a frame from ``_start`` and wait for its answer; ``Unanswered`` if the
+        connection broke after it was handed to the writer (its outcome is unknown),
+        TQError if it was never sent."""
+        send, recv = trio.open_memory_channel[Answer](1)
         self._pending[rid] = send
         try:
-            await self._out_send.send(self._conn.send({**message, "id": rid}))
             try:
-                reply = await recv.receive()
+                await self._out_send.send(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self.error or api.connection_lost(self.address) from None  # not sent
+            try:
+                answer = await recv.receive()
             except trio.EndOfChannel:
-                raise fo.Unanswered(self._error or api.connection_lost(self.address)) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise self._error or api.connection_lost(self.address) from None  # not sent
+                raise fo.Unanswered(self.error or api.connection_lost(self.address)) from None
         finally:
-            self._pending.pop(rid, None)
-        return api.raise_for_nack(reply)
+            if self._pending.get(rid) is send:  # (a new connection reuses ids)
+                del self._pending[rid]
+        return self._core.result(answer)
 
     async def _call(self, call: api.Call[T]) -> T:
         return call.parse(await self.request(call.message))
 
-    def _open_events(self, buffer: int) -> tuple[int, trio.MemoryReceiveChannel[dict[str, Any]]]:
-        """A request id for a subscribe and the channel its events will arrive on."""
-        rid = next(self._ids)
+    def _clock(self) -> float:
+        return trio.current_time()
+
+    def _open_events(self, rid: int, buffer: int) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """The channel the events of the subscribe ``rid`` will arrive on."""
         send, recv = trio.open_memory_channel[dict[str, Any]](buffer)
         self._events[rid] = EventSink(send)
-        return rid, recv
+        return recv
 
     def _close_events(self, rid: int) -> None:
         sink = self._events.pop(rid, None)
         if sink is not None:
             sink.send.close()
 
-    # -- the client API (same names and arguments as BlockingClient) -----
-    async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
-        ids = await self.submit_many([api.task_spec(type, payload, **options)])
-        return ids[0]
-
-    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
-
-        Keep a request to about 250 tasks and pipeline several (the trio client
-        from concurrent tasks): a larger one holds the broker's writer longer and
-        every other client's write waits for it (docs/PROTOCOL.md, "Size").
-        """
-        return await self._call(api.submit_many(specs))
-
-    async def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
-        return await self._call(api.submit_items(specs))
-
-    async def get(self, task_id: str) -> Task:
-        return await self._call(api.get(task_id))
-
-    async def submit_workflow(self, document: Mapping[str, Any]) -> list[str]:
-        """Submit a workflow (chains, groups, chords: tq.core.workflow) atomically; the
-        ids of its tasks in the document's order."""
-        return await self._call(api.submit_workflow(document))
-
-    async def workflow(self, task_id: str) -> dict[str, Any]:
-        """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
-        "truncated"}``."""
-        return await self._call(api.workflow(task_id))
-
-    async def explain(self, task_id: str) -> dict[str, Any]:
-        """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
-        return await self._call(api.explain(task_id))
-
-    async def wait(self, task_id: str, timeout: float | None = None) -> Task:
-        deadline = None if timeout is None else trio.current_time() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - trio.current_time()
-            task, timed_out = await self._call(api.wait_step(task_id, remaining))
-            if not timed_out:
-                return task
-            if deadline is not None and trio.current_time() >= deadline:
-                raise api.wait_timed_out(task, timeout)
-
-    async def list(self, **filters: Any) -> api.TaskPage:
-        return await self._call(api.list_tasks(**filters))
-
-    async def cancel(self, task_id: str) -> Task:
-        return await self._call(api.cancel(task_id))
-
-    async def retry(self, task_id: str) -> Task:
-        return await self._call(api.retry(task_id))
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._call(api.stats())
-
-    async def workers(self) -> builtins.list[dict[str, Any]]:
-        return await self._call(api.workers())
-
-    async def set_priority(self, task_id: str, priority: int | str) -> Task:
-        return await self._call(api.set_priority(task_id, priority))
-
-    async def queue_depth(self) -> dict[str, Any]:
-        return await self._call(api.queue_depth())
-
-    async def pause_queue(self, queue: str) -> dict[str, Any]:
-        """Pause a queue (admin): it accepts submits, hands nothing out. ``changed``
-        False: it was paused already."""
-        return await self._call(api.pause_queue(queue, True))
-
-    async def resume_queue(self, queue: str) -> dict[str, Any]:
-        return await self._call(api.pause_queue(queue, False))
-
-    async def schedule(self, op: str, **fields: Any) -> dict[str, Any]:
-        """A ``schedule`` request: ``add`` (name, cron, task, timezone, missed), ``list``,
-        ``get``/``remove``/``pause``/``resume``/``run_now`` (name). See
-        ``tq.client.schedule_task`` for the task map."""
-        return await self._call(api.schedule(op, **fields))
-
-    async def cluster_status(self) -> dict[str, Any]:
-        return await self._call(api.cluster_status())
-
-    async def purge(
-        self, states: Sequence[str], older_than: float, **options: Any
-    ) -> dict[str, Any]:
-        return await self._call(api.purge(states, older_than, **options))
-
-    async def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
-        return await self._call(api.retry_many(state, **options))
-
     def subscribe(
         self, topics: Sequence[str] = api.TOPICS, *, buffer: int = DEFAULT_BUFFER
     ) -> Subscription:
         """Live events: ``async with client.subscribe(["tasks"]) as events: async for ...``
 
-        See tq/client/events.py; the client stays usable for requests meanwhile.
+        See tq/client/events.py; the client stays usable for requests meanwhile. A
+        subscription does not move to another broker: after a lost connection its
+        iteration raises the connection's error; subscribe again.
         """
         return Subscription(self, topics, buffer)
 
@@ -519,17 +426,16 @@ async def _refuses(host: str, where: str) -> bool:
 async def _open_tcp(address: str, timeout: float) -> tuple[trio.SocketStream, str, str]:
     """(stream, host, the address used): the first of the listed brokers that accepts."""
     error: ConnectionFailed | None = None
-    for one in split_addresses(address):
-        host, port = parse_address(one)
+    for host, port, one in connect_targets(address):
         try:
             with trio.fail_after(timeout):
                 stream = await trio.open_tcp_stream(host, port)
-            for level, option, value in fo.socket_options():
+            for level, option, value in fo.socket_options():  # a silent broker host is noticed
                 stream.setsockopt(level, option, value)
             return stream, host, one
         except trio.TooSlowError:
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:
             error = api.connect_failed(one, exc)
-    assert error is not None  # split_addresses never returns an empty list
+    assert error is not None  # connect_targets never returns an empty list
     raise error

@@ -1,6 +1,6 @@
-"""Event subscriptions for both clients (docs/PROTOCOL.md: ``subscribe``, ``event``).
+"""Event subscriptions for the clients (docs/PROTOCOL.md: ``subscribe``, ``event``).
 
-    async with client.subscribe(["tasks", "counts"]) as events:   # trio Client
+    async with client.subscribe(["tasks", "counts"]) as events:   # Client, AsyncioClient
         async for event in events:
             print(event.topic, event.data)
 
@@ -17,7 +17,8 @@ marker: on ``lagged``, re-read what you display. A blocking client in
 subscription mode can only read events (its one socket is busy); use a
 second client for requests. Leaving the ``with`` block unsubscribes, after
 which the client can make requests again. (``BlockingSubscription`` lives in
-sync.py, so that the blocking client never imports trio.)
+sync.py and ``AsyncioSubscription``, which behaves as the trio one, in
+asyncio_client.py, so that neither of those clients imports trio.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tq.core.errors import TQError
 
 if TYPE_CHECKING:
     from tq.client.aio import Client
+    from tq.client.core import ClientCore
 
 DEFAULT_BUFFER = 1024  # events buffered by the trio client before it drops (and says lagged)
 UNSUBSCRIBE_TIMEOUT = 5.0  # seconds to wait for the unsubscribe ACK
@@ -47,16 +49,7 @@ class EventSink:
 
     def offer(self, msg: dict[str, Any]) -> None:
         if self.dropped:
-            marker = {
-                "t": "event",
-                "id": msg.get("id", 0),
-                "seq": 0,
-                "topic": "lagged",
-                "time": msg.get("time", 0.0),
-                "dropped": self.dropped,
-                "local": True,
-            }
-            if not self._put(marker):
+            if not self._put(api.lagged_marker(msg, self.dropped)):
                 self.dropped += 1
                 return
             self.dropped = 0
@@ -82,6 +75,7 @@ class Subscription:
         self._buffer = buffer
         self._rid: int | None = None
         self._recv: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+        self._core: ClientCore | None = None
         self._closed = False
 
     async def __aenter__(self) -> Subscription:
@@ -115,11 +109,14 @@ class Subscription:
         if self._closed:
             raise TQError("this subscription is closed; subscribe again")
         call = api.subscribe(self.topics)
-        self._rid, self._recv = self._client._open_events(self._buffer)
+        rid, frame = self._client._start(call.message)  # refused here if already subscribed
+        self._rid, self._recv = rid, self._client._open_events(rid, self._buffer)
+        self._core = self._client._core  # the connection it lives on
         try:
-            self.topics = call.parse(await self._client._request_with_id(call.message, self._rid))
+            self.topics = call.parse(await self._client._exchange_once(rid, frame))
         except BaseException:
-            self._client._close_events(self._rid)
+            if self._client._core is self._core:  # (a new connection reuses ids)
+                self._client._close_events(rid)
             raise
 
     async def aclose(self) -> None:
@@ -127,12 +124,14 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        if self._rid is None:
-            return
+        if self._rid is None or self._client._core is not self._core:
+            return  # never started, or its connection is gone (failover): so is it
         self._client._close_events(self._rid)
         if self._client.error is None:
             try:
                 with trio.move_on_after(UNSUBSCRIBE_TIMEOUT):
-                    await self._client.request(api.unsubscribe().message)
+                    await self._client._exchange_once(
+                        *self._client._start(api.unsubscribe().message)
+                    )
             except TQError:
                 pass  # the connection is gone: so is the subscription

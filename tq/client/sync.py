@@ -1,22 +1,22 @@
 """The blocking client: the same API as ``Client``, over a plain socket.
 
-For scripts, threads (the Textual console's workers) and any code without a
-trio loop. One request at a time per client (a lock makes it safe to share
-between threads); batch with ``submit_many`` for throughput. Messages and
-parsing come from ``_api.py``, exactly as in the trio client.
+For scripts, threads and any code without an event loop. One request at a
+time per client (a lock makes it safe to share between threads); batch with
+``submit_many`` for throughput. A thin shell over the client core (core.py)
+with the API of ``_methods_sync.py``, generated from the async clients' own.
 
 Failover as in the trio client (tq/client/failover.py): ``address`` may list
 several brokers, tried in turn; after a lost connection a request that is safe
-to send again reconnects (``_redial``, the one reconnect point) with backoff for
-up to ``failover`` seconds and is sent again; other writes raise
-``OutcomeUnknown``. The pauses are ``time.sleep`` (Ctrl-C interrupts them).
+to send again reconnects (``_redial``, the one reconnect point: a new socket, a
+new ``ClientCore``, hello again) with backoff for up to ``failover`` seconds and
+is sent again; other writes whose answer the old core names as never received
+raise ``OutcomeUnknown``. The pauses are ``time.sleep`` (Ctrl-C interrupts
+them); a client closed by its owner never reconnects.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import itertools
 import select
 import socket
 import ssl
@@ -29,18 +29,18 @@ from typing import Any, TypeVar
 
 from tq.client import _api as api
 from tq.client import failover as fo
+from tq.client._methods_sync import SyncMethods
+from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
-from tq.core.task import Task
-from tq.protocol import Connection
-from tq.protocol.connection import MessageError
+from tq.protocol.session import Answer, EventReceived, Farewell, Received
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
 
 
-class BlockingClient:
+class BlockingClient(SyncMethods):
     def __init__(
         self,
         address: str,
@@ -61,10 +61,9 @@ class BlockingClient:
         brokers = split_addresses(address)
         self.address = brokers[0]  # the broker this client talks to now
         self._closed = False  # close() was called: no reconnecting
-        self.server: dict[str, Any] = {}
         self._max_frame = max_frame
-        self._conn = Connection(max_frame)
-        self._ids = itertools.count(1)
+        self._hello = api.hello(kind, name, with_key(dict(hello or {}), key))
+        self._core = ClientCore(self.address, max_frame, self._hello)
         self._lock = threading.Lock()
         self._subscription: BlockingSubscription | None = None  # subscription mode
         self._context = tls_context(
@@ -77,10 +76,19 @@ class BlockingClient:
         )
         self._ca = ca_name(ca, ca_data)
         self._timeout = timeout
-        self._hello = api.hello(kind, name, with_key(dict(hello or {}), key))
         self._rotation = fo.Rotation(brokers)
         self._window = fo.window(brokers, failover)
         self._redial(None)
+
+    @property
+    def server(self) -> dict[str, Any]:
+        """The broker's hello ACK (of the current connection)."""
+        return self._core.server
+
+    @property
+    def error(self) -> TQError | None:
+        """Why the current connection is unusable, or None while it is fine."""
+        return self._core.error
 
     # -- (re)connecting: the one place failover happens --------------------
     def _redial(self, deadline: float | None) -> None:
@@ -107,17 +115,16 @@ class BlockingClient:
             time.sleep(delay)
 
     def _dial(self, one: str) -> None:
-        """A new connection to ``one`` (the old one closed) and its hello."""
+        """A new connection to ``one`` (the old one closed): a new socket, a new core
+        (a new session) and its hello."""
         if hasattr(self, "_sock"):
             self._close_socket()
         self._sock = _open_socket(one, self._context, self._ca, self._timeout)
         self._sock.settimeout(None)
         self.address = one
-        self._conn = Connection(self._max_frame)
-        self._established = False  # until the hello is answered
+        self._core = ClientCore(one, self._max_frame, self._hello)
         try:
-            self.server = self._request_once(self._hello, self._timeout)
-            self._established = True
+            self._exchange_once(self._core.hello, self._timeout)
         except BaseException:
             self._close_socket()
             raise
@@ -163,15 +170,17 @@ class BlockingClient:
     ) -> None:
         self.close()
 
-    def _request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def _request(self, message: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and wait for its answer, with failover if it is on (events
+        meanwhile are dropped: a subscribed blocking client only sends ``unsubscribe``)."""
         if self._subscription is not None and message.get("t") != "unsubscribe":
             raise InvalidRequest(
                 "this client is reading events (subscribe): use another client for requests"
             )
         with self._lock:
             if self._window <= 0 or message.get("t") in ("subscribe", "unsubscribe"):
-                return self._request_once(message, timeout)
-            message = fo.with_idempotency_keys(message)  # a resent submit never duplicates
+                return self._exchange_once(message, timeout)
+            message = fo.with_idempotency_keys(dict(message))  # a resent submit never duplicates
             deadline: float | None = None
             while True:
                 try:
@@ -195,163 +204,85 @@ class BlockingClient:
                 except TQError as exc:
                     raise exc from error
 
-    def _request_once(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    def _exchange_once(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+        """``_exchange`` without failover: a lost answer raises the connection's error."""
         try:
             return self._exchange(message, timeout)
         except fo.Unanswered as lost:
             raise lost.error from None
 
-    def _exchange(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        """One request and its answer (the caller holds the lock); ``Unanswered`` if
-        the connection broke after it was sent (its outcome is unknown)."""
-        rid = next(self._ids)
+    def _exchange(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request and its answer (the caller holds the lock). A TQError if it was
+        not sent (the core refused it, or the write failed); ``Unanswered`` if the
+        connection broke after it was sent (the core names it among the requests
+        never answered: its outcome is unknown). A NACK of its own id raises."""
+        rid, frame = self._core.send(message)
         self._sock.settimeout(timeout)
         try:
             try:
-                self._sock.sendall(self._conn.send({**message, "id": rid}))
-            except ssl.SSLError as exc:
-                if self._established and api.closed_in_handshake(exc):
-                    raise api.connection_lost(self.address) from None  # not (all) sent
-                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except (OSError, ValueError):  # ValueError: a socket closed meanwhile
-                raise api.connection_lost(self.address) from None  # not (all) sent
+                self._sock.sendall(frame)
+            except (OSError, ValueError) as exc:  # ValueError: a socket closed meanwhile
+                raise self._broken(self._core.io_error(exc)) from None  # not (all) sent
             try:
-                while True:
-                    msg = self._read_message()
-                    if msg["id"] == rid:
-                        return api.raise_for_nack(msg)
-                    if msg["id"] == 0 and msg["t"] == "nack":
-                        try:
-                            api.raise_for_nack(msg)
-                        except TQError as exc:  # the connection ends: the outcome is unknown
-                            raise fo.Unanswered(exc) from None
-            except MessageError as exc:
-                raise exc.cause from None
+                answer = self._answer(rid)
             except TimeoutError:
-                raise ConnectionFailed(
-                    f"the broker at {self.address} did not answer within {timeout:g}s"
+                raise self._lost(
+                    rid,
+                    ConnectionFailed(
+                        f"the broker at {self.address} did not answer within {timeout:g}s"
+                    ),
                 ) from None
-            except ssl.SSLError as exc:
-                if self._established and api.closed_in_handshake(exc):
-                    raise fo.Unanswered(api.connection_lost(self.address)) from None
-                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except (OSError, ValueError):
-                raise fo.Unanswered(api.connection_lost(self.address)) from None
-            except ConnectionFailed as exc:  # the broker closed the connection
-                raise fo.Unanswered(exc) from None
+            except (OSError, ValueError) as exc:
+                raise self._lost(rid, self._core.io_error(exc)) from None
+            except TQError as exc:  # the stream broke (a malformed frame, closed by the broker)
+                raise self._lost(rid, exc) from None
         finally:
             with contextlib.suppress(OSError, ValueError):
                 self._sock.settimeout(None)
+        return self._core.result(answer)
 
-    def _read_message(self) -> dict[str, Any]:
-        """The next message from the socket (the caller holds the lock)."""
-        while (msg := self._conn.next_message()) is None:
-            data = self._sock.recv(256 * 1024)
-            if not data:
-                raise api.connection_lost(self.address)
-            self._conn.receive_data(data)
-        return msg
+    def _answer(self, rid: int) -> Answer:
+        """Read until the answer to ``rid`` (events and other answers are dropped)."""
+        while True:
+            item = self._next_received()
+            if isinstance(item, Farewell):  # the broker ends the session
+                raise self._lost(rid, item.error, item.failed)
+            if isinstance(item, Answer) and item.rid == rid:
+                return item
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _next_received(self) -> Received:
+        """The next message from the socket (the caller holds the lock); raises the
+        TQError that breaks the stream, and the socket's own errors."""
+        while (item := self._core.next_received()) is None:
+            self._core.receive_data(self._sock.recv(RECEIVE_SIZE))
+        return item
+
+    def _broken(self, exc: TQError) -> TQError:
+        self._core.fail(exc)
+        return exc
+
+    def _lost(self, rid: int, exc: TQError, failed: tuple[int, ...] = ()) -> Exception:
+        """The connection broke while ``rid`` was out: ``Unanswered`` if the core names
+        it among the requests sent and never answered, else ``exc``."""
+        failed = (*failed, *self._core.fail(exc))
+        return fo.Unanswered(exc) if rid in failed else exc
+
+    def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its answer (NACKs raise)."""
         return self._request(message)
 
     def _call(self, call: api.Call[T], timeout: float | None = None) -> T:
         return call.parse(self._request(call.message, timeout))
 
-    # -- the client API (same names and arguments as Client) ------------
-    def submit(self, type: str, payload: Any = None, **options: Any) -> str:
-        return self.submit_many([api.task_spec(type, payload, **options)])[0]
-
-    def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
-
-        Keep a request to about 250 tasks and send several: a larger one holds the
-        broker's writer longer and every other client's write waits for it
-        (docs/PROTOCOL.md, "Size"). For the highest rates use the trio ``Client``,
-        which pipelines requests.
-        """
-        return self._call(api.submit_many(specs))
-
-    def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
-        return self._call(api.submit_items(specs))
-
-    def get(self, task_id: str) -> Task:
-        return self._call(api.get(task_id))
-
-    def submit_workflow(self, document: Mapping[str, Any]) -> list[str]:
-        """Submit a workflow (chains, groups, chords: tq.core.workflow) atomically; the
-        ids of its tasks in the document's order."""
-        return self._call(api.submit_workflow(document))
-
-    def workflow(self, task_id: str) -> dict[str, Any]:
-        """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
-        "truncated"}``."""
-        return self._call(api.workflow(task_id))
-
-    def explain(self, task_id: str) -> dict[str, Any]:
-        """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
-        return self._call(api.explain(task_id))
-
-    def wait(self, task_id: str, timeout: float | None = None) -> Task:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            task, timed_out = self._call(api.wait_step(task_id, remaining))
-            if not timed_out:
-                return task
-            if deadline is not None and time.monotonic() >= deadline:
-                raise api.wait_timed_out(task, timeout)
-
-    def list(self, **filters: Any) -> api.TaskPage:
-        return self._call(api.list_tasks(**filters))
-
-    def cancel(self, task_id: str) -> Task:
-        return self._call(api.cancel(task_id))
-
-    def retry(self, task_id: str) -> Task:
-        return self._call(api.retry(task_id))
-
-    def stats(self) -> dict[str, Any]:
-        return self._call(api.stats())
-
-    def workers(self) -> builtins.list[dict[str, Any]]:
-        return self._call(api.workers())
-
-    def set_priority(self, task_id: str, priority: int | str) -> Task:
-        return self._call(api.set_priority(task_id, priority))
-
-    def queue_depth(self) -> dict[str, Any]:
-        return self._call(api.queue_depth())
-
-    def pause_queue(self, queue: str) -> dict[str, Any]:
-        """Pause a queue (admin): it accepts submits, hands nothing out. ``changed``
-        False: it was paused already."""
-        return self._call(api.pause_queue(queue, True))
-
-    def resume_queue(self, queue: str) -> dict[str, Any]:
-        return self._call(api.pause_queue(queue, False))
-
-    def schedule(self, op: str, **fields: Any) -> dict[str, Any]:
-        """A ``schedule`` request: ``add`` (name, cron, task, timezone, missed), ``list``,
-        ``get``/``remove``/``pause``/``resume``/``run_now`` (name). See
-        ``tq.client.schedule_task`` for the task map."""
-        return self._call(api.schedule(op, **fields))
-
-    def cluster_status(self) -> dict[str, Any]:
-        return self._call(api.cluster_status())
-
-    def purge(self, states: Sequence[str], older_than: float, **options: Any) -> dict[str, Any]:
-        return self._call(api.purge(states, older_than, **options))
-
-    def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
-        return self._call(api.retry_many(state, **options))
+    def _clock(self) -> float:
+        return time.monotonic()
 
     def subscribe(self, topics: Sequence[str] = api.TOPICS) -> BlockingSubscription:
         """Subscribe and return the iterator of events (tq/client/events.py).
 
         Until it is closed this client only reads events; another thread may
-        call ``close()`` on the client to stop a blocked read.
+        call ``close()`` on the client to stop a blocked read. A subscription does
+        not move to another broker: a lost connection ends it with an error.
         """
         return BlockingSubscription(self, topics)
 
@@ -360,17 +291,15 @@ class BlockingClient:
         with self._lock:
             try:
                 while True:
-                    msg = self._read_message()
-                    if msg["t"] == "event":
-                        return msg
-                    if msg["id"] == 0 and msg["t"] == "nack":
-                        api.raise_for_nack(msg)
-            except MessageError as exc:
-                raise exc.cause from None
-            except ssl.SSLError as exc:
-                raise TLSFailure(describe_tls_error(exc, self.address, None)) from None
-            except (OSError, ValueError):  # ValueError: read on a socket closed meanwhile
-                raise api.connection_lost(self.address) from None
+                    item = self._next_received()
+                    if isinstance(item, Farewell):
+                        raise item.error
+                    if isinstance(item, EventReceived):
+                        return item.message
+            except TQError as exc:
+                raise self._broken(exc) from None
+            except (OSError, ValueError) as exc:  # ValueError: read on a socket closed meanwhile
+                raise self._broken(self._core.io_error(exc)) from None
 
 
 _UNSUBSCRIBE_TIMEOUT = 5.0  # seconds to wait for the unsubscribe ACK
@@ -444,15 +373,14 @@ def _refuses(host: str, where: str) -> bool:
 
 def _open_tcp(address: str, timeout: float) -> tuple[socket.socket, str, str]:
     error: ConnectionFailed | None = None
-    for one in split_addresses(address):
-        host, port = parse_address(one)
+    for host, port, one in connect_targets(address):
         try:
             return socket.create_connection((host, port), timeout=timeout), host, one
         except TimeoutError:
             error = ConnectionFailed(f"connecting to the broker at {one} timed out")
         except OSError as exc:
             error = api.connect_failed(one, exc)
-    assert error is not None  # split_addresses never returns an empty list
+    assert error is not None  # connect_targets never returns an empty list
     raise error
 
 

@@ -1,9 +1,9 @@
-"""The tq console: a Textual app over two blocking clients (see link.py).
+"""The tq console: a Textual app over one asyncio client (see link.py), no threads.
 
-    ConsoleApp(lambda: BlockingClient.from_settings(settings), address=...).run()
+    ConsoleApp(lambda: AsyncioClient.open_from_settings(settings), address=...).run()
 
-Data flow: the link's events thread calls ``_link_up`` / ``_event`` /
-``_link_down`` through ``call_from_thread``; they update ``self.state``
+Data flow: the link's task (a Textual worker on the app's loop) calls
+``_link_up`` / ``_event`` / ``_link_down``; they update ``self.state``
 (model.py); a 1 s tick bumps ``revision``, which the screen in sight
 watches to redraw, so any number of events costs one redraw a second (ages
 move on too); screens out of sight redraw when they come back, and tables
@@ -11,7 +11,7 @@ change only the cells that changed (widgets.KeyedTable): a table re-renders
 all its visible cells when any of them changes, so fewer redraws are what
 keeps the console light under load. Connection changes and the operator's
 own actions redraw at once. Requests
-(lists, actions) run in thread workers via ``request`` and report back the
+(lists, actions) run in Textual workers via ``request`` and report back the
 same way. Screens that show tasks register in ``task_listeners`` to hear
 about task changes. Without a ``connect`` function the app is offline (the
 snapshot tests feed it data directly).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 from textual.app import App, SystemCommand
@@ -29,7 +29,7 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
 
-from tq.client import BlockingClient, Event
+from tq.client import AsyncioClient, Event
 from tq.core.errors import TQError
 from tq.core.task import Task
 from tq.tui import fmt
@@ -113,12 +113,12 @@ class ConsoleApp(App[None]):
         self.set_interval(REDRAW_SECONDS, self.redraw)  # events, and ages moving on
         self.set_interval(SAMPLE_SECONDS, self._sample)
         if self.link is not None:
-            self.run_worker(self._run_link, thread=True, group="link", exit_on_error=False)
+            self.run_worker(self._run_link(), group="link", exit_on_error=False)
             self.set_interval(self.poll_seconds, self.poll)
 
     def on_unmount(self) -> None:
         if self.link is not None:
-            self.link.stop()  # closes the sockets: the blocked threads end at once
+            self.link.stop()  # closes the connection: its subscription and requests end
 
     def redraw(self) -> None:
         self.revision += 1
@@ -133,21 +133,10 @@ class ConsoleApp(App[None]):
     def watch_theme(self, _: str) -> None:
         self.redraw()  # state colours come from the theme
 
-    # -- the link (callbacks run on the UI thread) -----------------------
-    def _run_link(self) -> None:
+    # -- the link (callbacks run on the app's loop) ----------------------
+    async def _run_link(self) -> None:
         assert self.link is not None
-        self.link.run(
-            on_up=lambda snapshot: self._from_thread(self._link_up, snapshot),
-            on_event=lambda event: self._from_thread(self._event, event),
-            on_down=lambda *why: self._from_thread(self._link_down, *why),
-        )
-
-    def _from_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            self.call_from_thread(fn, *args, **kwargs)
-        except RuntimeError:  # the app is closing
-            if self.link is not None:
-                self.link.stop()
+        await self.link.run(on_up=self._link_up, on_event=self._event, on_down=self._link_down)
 
     def _link_up(self, snapshot: Snapshot) -> None:
         was_down = not self.state.link.connecting and not self.state.link.connected
@@ -197,16 +186,16 @@ class ConsoleApp(App[None]):
             return
         self._polling = True
 
-        def read(
-            client: BlockingClient,
+        async def read(
+            client: AsyncioClient,
         ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Pending | None]]:
-            stats = client.stats()
+            stats = await client.stats()
             queues = stats.get("queues") or {}
             waiting = sorted(
                 (q for q, c in queues.items() if c.get("pending")),
                 key=lambda q: -int(queues[q].get("pending") or 0),
             )
-            return stats, client.workers(), read_oldest(client, waiting)
+            return stats, await client.workers(), await read_oldest(client, waiting)
 
         def done(
             result: tuple[dict[str, Any], list[dict[str, Any]], dict[str, Pending | None]],
@@ -229,11 +218,13 @@ class ConsoleApp(App[None]):
             return
         self._rereading = True
 
-        def read(client: BlockingClient) -> list[Task]:
+        async def read(client: AsyncioClient) -> list[Task]:
             return [
                 task
                 for state in ("failed", "dead")
-                for task in client.list(state=state, limit=FAILED_SEED, newest_first=True).tasks
+                for task in (
+                    await client.list(state=state, limit=FAILED_SEED, newest_first=True)
+                ).tasks
             ]
 
         def done(tasks: list[Task]) -> None:
@@ -280,13 +271,13 @@ class ConsoleApp(App[None]):
     def request(
         self,
         what: str,
-        fn: Callable[[BlockingClient], T],
+        fn: Callable[[AsyncioClient], Awaitable[T]],
         done: Callable[[T], None] | None = None,
         *,
         quiet: bool = False,
         failed: Callable[[], None] | None = None,
     ) -> None:
-        """Run ``fn(client)`` in a thread; ``done(result)`` back on the UI thread."""
+        """Run ``await fn(client)`` in a Textual worker; then ``done(result)``."""
         link = self.link
         if link is None:
             if not quiet:
@@ -295,13 +286,12 @@ class ConsoleApp(App[None]):
                 failed()
             return
 
-        def body() -> None:
+        async def body() -> None:
             try:
-                result = link.call(fn)
+                result = await link.call(fn)
             except TQError as exc:
                 if not quiet:
-                    self._from_thread(
-                        self.notify,
+                    self.notify(
                         fmt.one_line(f"{what}: {exc}", 300),
                         severity="error",
                         title="tq",
@@ -309,12 +299,12 @@ class ConsoleApp(App[None]):
                         markup=False,
                     )
                 if failed is not None:
-                    self._from_thread(failed)
+                    failed()
                 return
             if done is not None:
-                self._from_thread(done, result)
+                done(result)
 
-        self.run_worker(body, thread=True, group="requests", exit_on_error=False)
+        self.run_worker(body(), group="requests", exit_on_error=False)
 
     def load_page(
         self,
@@ -328,9 +318,9 @@ class ConsoleApp(App[None]):
     def load_task(
         self, task_id: str, done: Callable[[Task], None], failed: Callable[[str], None]
     ) -> None:
-        def body(client: BlockingClient) -> Task | str:
+        async def body(client: AsyncioClient) -> Task | str:
             try:
-                return client.get(task_id)
+                return await client.get(task_id)
             except TQError as exc:
                 if exc.code == "connection":
                     raise
@@ -452,10 +442,10 @@ class ConsoleApp(App[None]):
         self.request("purge", lambda c: c.request({"t": "purge", **what, "dry_run": True}), counted)
 
     def _purge(self, what: dict[str, Any]) -> None:
-        def run(client: BlockingClient) -> int:
+        async def run(client: AsyncioClient) -> int:
             total = 0
             while True:  # the broker deletes in chunks; `more` says there may be more
-                reply = client.request({"t": "purge", **what})
+                reply = await client.request({"t": "purge", **what})
                 total += int(reply.get("purged") or 0)
                 if not reply.get("more"):
                     return total

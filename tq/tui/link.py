@@ -1,35 +1,35 @@
-"""The console's connection to the broker: two blocking clients used from threads.
+"""The console's connection to the broker: one ``AsyncioClient`` on Textual's loop.
 
-Textual runs on asyncio and tq's trio client cannot share its loop, so the
-console talks through ``BlockingClient``s from Textual thread workers:
+Textual runs on asyncio, so the console talks through tq's asyncio client,
+with no threads. One connection does both jobs (the broker keeps answering
+requests on a subscribed connection, and never counts it idle):
 
-* the **events** client subscribes (tasks, workers, counts) and is read by one
-  long-lived thread (``BrokerLink.run``), which hands every event to the UI;
-* the **requests** client serves queries and actions (``BrokerLink.call``),
-  from short-lived threads; its lock makes one request at a time.
+* it **subscribes** (tasks, workers, counts); ``BrokerLink.run``, a Textual
+  worker (a task on the app's loop), hands every event to the UI;
+* it serves **queries and actions** (``BrokerLink.call``), pipelined.
 
-``run`` connects both, takes a snapshot (hello ACK, stats, workers, the
-newest failed and dead tasks), reports
-``on_up``, forwards events until the connection fails, reports ``on_down``
-with the delay before the next attempt (``tq.core.retry``'s exponential
-backoff with jitter from ``backoff_min``, never above ``backoff_max``; the
-formula tasks and workers use too) and tries again, until ``stop()``.
-``stop()`` and ``reconnect()`` close the clients from the UI thread, which
-wakes the blocked reader at once.
+``run`` connects, takes a snapshot (hello ACK, stats, workers, the newest
+failed and dead tasks), reports ``on_up``, forwards events until the
+connection fails, reports ``on_down`` with the delay before the next attempt
+(``tq.core.retry``'s exponential backoff with jitter from ``backoff_min``,
+never above ``backoff_max``; the formula tasks and workers use too) and tries
+again, until ``stop()``. ``stop()`` and ``reconnect()`` close the client at
+once, which ends the subscription and every request in flight.
 
-The UI never waits on the network: it only starts threads and receives their
-results through the callbacks (``App.call_from_thread``).
+The UI never waits on the network: callbacks run on the UI's loop between
+awaits, and requests run in Textual workers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tq.client import BlockingClient, Event
+from tq.client import AsyncioClient, Event
 from tq.core.errors import ConnectionFailed, NotFound, TQError
 from tq.core.retry import RetryPolicy
 from tq.core.task import Task
@@ -46,7 +46,7 @@ SCAN_PAGE = 1000  # tasks read per request while searching
 SEARCH_BUDGET = 10_000  # tasks scanned per search page before giving up
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
-Connect = Callable[[], BlockingClient]
+Connect = Callable[[], Awaitable[AsyncioClient]]
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,12 @@ class BrokerLink:
     ) -> None:
         self._connect = connect
         self.backoff = RetryPolicy(base=backoff_min, cap=backoff_max)
-        self._lock = threading.Lock()
-        self._requests: BlockingClient | None = None
-        self._events: BlockingClient | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._client: AsyncioClient | None = None
+        self._stopped = False
+        self._wake = asyncio.Event()
 
-    # -- the events thread ---------------------------------------------
-    def run(
+    # -- the events task -----------------------------------------------
+    async def run(
         self,
         on_up: Callable[[Snapshot], None],
         on_event: Callable[[Event], None],
@@ -78,110 +76,98 @@ class BrokerLink:
     ) -> None:
         """Connect, subscribe and forward events; reconnect with backoff; until stop()."""
         attempt = 0
-        while not self._stop.is_set():
+        while not self._stopped:
             reason = "connection lost"
             try:
-                snapshot, events = self._open()
-                attempt = 0
-                on_up(snapshot)
-                for event in events:
-                    if self._stop.is_set():
-                        return
-                    on_event(event)
+                client = await self._connect()
+                if self._stopped:
+                    await client.aclose()
+                    return
+                self._client = client
+                async with client.subscribe(TOPICS) as events:
+                    snapshot = await _snapshot(client)
+                    attempt = 0
+                    on_up(snapshot)
+                    async for event in events:
+                        if self._stopped:
+                            return
+                        on_event(event)
             except TQError as exc:
                 reason = exc.message or type(exc).__name__
-            except OSError as exc:  # pragma: no cover - the clients translate these
+            except OSError as exc:  # pragma: no cover - the client translates these
                 reason = str(exc)
             finally:
-                self._drop()
-            if self._stop.is_set():
+                await self._drop()
+            if self._stopped:
                 return
             attempt += 1
             delay = self.backoff.delay(attempt)
             on_down(reason, delay, attempt)
-            self._wake.wait(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
 
-    def _open(self) -> tuple[Snapshot, Any]:
-        events = self._connect()
-        with self._lock:
-            self._events = events
-        if self._stop.is_set():
-            raise ConnectionFailed("stopping")
-        requests = self._connect()
-        with self._lock:
-            self._requests = requests
-        failed = [
-            task
-            for state in ("failed", "dead")
-            for task in requests.list(state=state, limit=FAILED_SEED, newest_first=True).tasks
-        ]
-        snapshot = Snapshot(dict(requests.server), requests.stats(), requests.workers(), failed)
-        return snapshot, events.subscribe(TOPICS)
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
-    def _drop(self) -> None:
-        with self._lock:
-            clients = [self._events, self._requests]
-            self._events = self._requests = None
-        for client in clients:
-            if client is not None:
-                client.close()
-
-    # -- requests (from worker threads) ----------------------------------
+    # -- requests (from Textual workers) ----------------------------------
     @property
     def connected(self) -> bool:
-        return self._requests is not None
+        return self._client is not None
 
-    def call(self, fn: Callable[[BlockingClient], T]) -> T:
-        """Run ``fn`` with the requests client; ConnectionFailed while disconnected.
-
-        If the requests connection alone was closed (e.g. the broker dropped
-        it as idle), it is opened again once and ``fn`` retried.
-        """
-        with self._lock:
-            client = self._requests
+    async def call(self, fn: Callable[[AsyncioClient], Awaitable[T]]) -> T:
+        """``await fn(client)``; ConnectionFailed while disconnected."""
+        client = self._client
         if client is None:
             raise ConnectionFailed("not connected to the broker (reconnecting)")
-        try:
-            return fn(client)
-        except ConnectionFailed:
-            if self._stop.is_set() or self._events is None:
-                raise
-        fresh = self._connect()
-        with self._lock:
-            if self._requests is client:
-                self._requests = fresh
-            else:  # someone else replaced it meanwhile
-                fresh.close()
-                fresh = self._requests or fresh
-        client.close()
-        return fn(fresh)
+        return await fn(client)
 
-    # -- control (from the UI thread) ------------------------------------
+    # -- control (from the UI) ---------------------------------------------
     def reconnect(self) -> None:
-        """Drop the connections now and try again at once."""
-        self._drop()
+        """Drop the connection now and try again at once."""
+        self._close()
         self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
         self._wake.set()
-        self._drop()
+        self._close()
+
+    def _close(self) -> None:
+        """Close the client without waiting: the subscription and requests end now."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+async def _snapshot(client: AsyncioClient) -> Snapshot:
+    failed = [
+        task
+        for state in ("failed", "dead")
+        for task in (await client.list(state=state, limit=FAILED_SEED, newest_first=True)).tasks
+    ]
+    return Snapshot(dict(client.server), await client.stats(), await client.workers(), failed)
 
 
 # -- reads for the dashboard --------------------------------------------------------
 
 
-def read_oldest(client: BlockingClient, queues: list[str]) -> dict[str, Pending | None]:
-    """Each queue's oldest pending task (one ``list`` of limit 1 per queue)."""
+async def read_oldest(client: AsyncioClient, queues: list[str]) -> dict[str, Pending | None]:
+    """Each queue's oldest pending task (one ``list`` of limit 1 per queue, pipelined)."""
+    chosen = queues[:OLDEST_QUEUES]
+    pages = await asyncio.gather(
+        *(client.list(queue=queue, state="pending", limit=1) for queue in chosen)
+    )
     out: dict[str, Pending | None] = {}
-    for queue in queues[:OLDEST_QUEUES]:
-        tasks = client.list(queue=queue, state="pending", limit=1).tasks
+    for queue, page in zip(chosen, pages, strict=True):
+        tasks = page.tasks
         out[queue] = Pending(tasks[0].id, tasks[0].type, tasks[0].created_at) if tasks else None
     return out
 
 
-def read_failures(client: BlockingClient, ids: list[str]) -> dict[str, Task | None]:
+async def read_failures(client: AsyncioClient, ids: list[str]) -> dict[str, Task | None]:
     """The tasks behind failures shown without their error, in a few requests.
 
     One ``list`` per state (dead, then failed; newest first; about twice as
@@ -195,11 +181,11 @@ def read_failures(client: BlockingClient, ids: list[str]) -> dict[str, Task | No
         if not wanted - found.keys():
             break
         limit = min(EXPLAIN_SCAN, 2 * len(ids) + 10)  # the cost follows the need
-        page = client.list(state=state, limit=limit, newest_first=True)
+        page = await client.list(state=state, limit=limit, newest_first=True)
         found.update((t.id, t) for t in page.tasks if t.id in wanted)
     for task_id in [i for i in ids if i not in found][:EXPLAIN_GETS]:
         try:
-            found[task_id] = client.get(task_id)
+            found[task_id] = await client.get(task_id)
         except NotFound:
             found[task_id] = None
     return found
@@ -230,8 +216,8 @@ class Page:
     notes: list[str] = field(default_factory=list)
 
 
-def fetch_page(
-    client: BlockingClient, flt: TaskFilter, after: str | None, size: int = PAGE_SIZE
+async def fetch_page(
+    client: AsyncioClient, flt: TaskFilter, after: str | None, size: int = PAGE_SIZE
 ) -> Page:
     """One page of tasks, newest submitted first, past the cursor ``after``.
 
@@ -242,11 +228,11 @@ def fetch_page(
     filters = {"state": flt.state, "queue": flt.queue, "type": flt.type}
     text = flt.search.strip().lower()
     if not text:
-        page = client.list(**filters, limit=size, after=after, newest_first=True)
+        page = await client.list(**filters, limit=size, after=after, newest_first=True)
         return Page(page.tasks, after, page.next)
     if _UUID.match(text) and after is None:
         try:
-            task = client.get(text)
+            task = await client.get(text)
         except TQError:
             return Page([], None, None)
         wanted = all(v is None or getattr(task, k) == v for k, v in filters.items())
@@ -255,7 +241,7 @@ def fetch_page(
     scanned = 0
     cursor = after
     while scanned < SEARCH_BUDGET:
-        page = client.list(**filters, limit=SCAN_PAGE, after=cursor, newest_first=True)
+        page = await client.list(**filters, limit=SCAN_PAGE, after=cursor, newest_first=True)
         scanned += len(page.tasks)
         for task in page.tasks:
             if flt.matches(task):

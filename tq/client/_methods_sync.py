@@ -1,0 +1,117 @@
+"""GENERATED from _methods.py by scripts/unasync.py: do not edit; edit _methods.py
+and run ``python scripts/unasync.py``. The client API for ``BlockingClient``.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from tq.client import _api as api
+from tq.core.task import Task
+
+T = TypeVar("T")
+
+
+class SyncMethods:
+    def _call(self, call: api.Call[T]) -> T:
+        raise NotImplementedError
+
+    def _clock(self) -> float:
+        raise NotImplementedError
+
+    def submit(self, type: str, payload: Any = None, **options: Any) -> str:
+        """Submit one task; its id (``options``: queue, priority, max_retries, timeout,
+        idempotency_key, retry_base, retry_cap, trace)."""
+        ids = self.submit_many([api.task_spec(type, payload, **options)])
+        return ids[0]
+
+    def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[str]:
+        """Submit ``specs`` in one request: all or nothing, one transaction; their ids.
+
+        Keep a request to about 250 tasks and send several (an async client
+        pipelines them from concurrent tasks): a larger one holds the broker's
+        writer longer and every other client's write waits for it
+        (docs/PROTOCOL.md, "Size").
+        """
+        return self._call(api.submit_many(specs))
+
+    def submit_items(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[dict[str, Any]]:
+        """Like ``submit_many``, with each task's ``created`` flag and broker ``warning``."""
+        return self._call(api.submit_items(specs))
+
+    def get(self, task_id: str) -> Task:
+        return self._call(api.get(task_id))
+
+    def submit_workflow(self, document: Mapping[str, Any]) -> list[str]:
+        """Submit a workflow (chains, groups, chords: tq.core.workflow) atomically; the
+        ids of its tasks in the document's order."""
+        return self._call(api.submit_workflow(document))
+
+    def workflow(self, task_id: str) -> dict[str, Any]:
+        """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
+        "truncated"}``."""
+        return self._call(api.workflow(task_id))
+
+    def explain(self, task_id: str) -> dict[str, Any]:
+        """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
+        return self._call(api.explain(task_id))
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """Until the task is finished (succeeded, dead or cancelled); Timeout after
+        ``timeout`` seconds (None: no limit). The broker waits in steps of at most
+        a minute, so a long wait is a few requests."""
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - self._clock()
+            task, timed_out = self._call(api.wait_step(task_id, remaining))
+            if not timed_out:
+                return task
+            if deadline is not None and self._clock() >= deadline:
+                raise api.wait_timed_out(task, timeout)
+
+    def list(self, **filters: Any) -> api.TaskPage:
+        """One page of tasks (``filters``: state, type, queue, limit, after, newest_first)."""
+        return self._call(api.list_tasks(**filters))
+
+    def cancel(self, task_id: str) -> Task:
+        return self._call(api.cancel(task_id))
+
+    def retry(self, task_id: str) -> Task:
+        return self._call(api.retry(task_id))
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(api.stats())
+
+    def workers(self) -> builtins.list[dict[str, Any]]:
+        return self._call(api.workers())
+
+    def set_priority(self, task_id: str, priority: int | str) -> Task:
+        return self._call(api.set_priority(task_id, priority))
+
+    def queue_depth(self) -> dict[str, Any]:
+        return self._call(api.queue_depth())
+
+    def pause_queue(self, queue: str) -> dict[str, Any]:
+        """Pause a queue (admin): it accepts submits, hands nothing out. ``changed``
+        False: it was paused already."""
+        return self._call(api.pause_queue(queue, True))
+
+    def resume_queue(self, queue: str) -> dict[str, Any]:
+        return self._call(api.pause_queue(queue, False))
+
+    def schedule(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A ``schedule`` request: ``add`` (name, cron, task, timezone, missed), ``list``,
+        ``get``/``remove``/``pause``/``resume``/``run_now`` (name). See
+        ``tq.client.schedule_task`` for the task map."""
+        return self._call(api.schedule(op, **fields))
+
+    def cluster_status(self) -> dict[str, Any]:
+        return self._call(api.cluster_status())
+
+    def purge(self, states: Sequence[str], older_than: float, **options: Any) -> dict[str, Any]:
+        return self._call(api.purge(states, older_than, **options))
+
+    def retry_many(self, state: str, **options: Any) -> dict[str, Any]:
+        return self._call(api.retry_many(state, **options))
