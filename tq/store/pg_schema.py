@@ -229,6 +229,23 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy text;
     ALTER TABLE tasks ADD COLUMN dep_input text;
 """,
+    # 6 (caps): concurrency and rate caps per queue or task type (tq.store.pg_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        text NOT NULL,
+        name        text NOT NULL,
+        concurrency bigint,
+        rate        double precision,
+        burst       double precision,
+        tokens      double precision NOT NULL,
+        refilled_at double precision NOT NULL,
+        updated_at  double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
