@@ -229,8 +229,8 @@ def set_cap(
     burst: float | None = None,
 ) -> Call[dict[str, Any]]:
     """A ``cap`` set request; the stored cap (kind, name, concurrency, rate, burst)."""
-    fields = {"concurrency": concurrency, "rate": rate, "burst": burst}
-    message = {"t": "cap", "op": "set", "kind": kind, "name": name}
+    fields: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "burst": burst}
+    message: dict[str, Any] = {"t": "cap", "op": "set", "kind": kind, "name": name}
     message.update({k: v for k, v in fields.items() if v is not None})
     return Call(message, lambda r: dict(r["cap"]))
 
