@@ -31,12 +31,14 @@ COMMAND_OPTIONS = frozenset(
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
         "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
         "--wide", "--workers", "--yes", "--depends-on", "--on-dependency-failure", "--workflow",
+        "--rate", "--burst",
     }
 )  # fmt: skip
 # a setting's flag name used by a command for something else
 NOT_THE_SETTING = frozenset(
     {
         ("bench", "--concurrency"),  # the benchmark's workers, not this process's
+        ("cap set", "--concurrency"),  # the cap's limit
         ("bench", "--synchronous"),  # the benchmark brokers' durability
         ("bench", "--store"),  # the benchmark brokers' store (a fresh schema each)
         ("keys create", "--queues"),  # the new key's queues

@@ -378,7 +378,8 @@ def explain(
 
     For example: scheduled for later, a retry due after a failed attempt, no
     connected worker takes its queue or handles its type, every worker that could
-    run it busy, waiting behind N tasks of higher priority, leased to a worker
+    run it busy, its queue's or type's cap full (`tq cap list`) or rate bucket
+    empty, waiting behind N tasks of higher priority, leased to a worker
     (with its last heartbeat), or finished.
     """
 
