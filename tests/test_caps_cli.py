@@ -5,6 +5,7 @@ function."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,10 @@ def tq(
     creds = broker.client_args()
     if key is not None:
         creds = [*creds[: creds.index("--key")], "--key", key]
-    return subprocess.run(tq_command(*args, *creds), capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "COLUMNS": "160"}  # tables as wide as a terminal might be
+    return subprocess.run(
+        tq_command(*args, *creds), capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 @pytest.fixture
@@ -99,6 +103,19 @@ def test_cap_commands_and_explain_against_a_broker(broker: BrokerProcess) -> Non
     ]
     table = tq(broker, "cap", "list", "--output", "table")
     assert "sleep" in table.stdout and "1/h" in table.stdout, table.stdout
+    queues = {q["queue"]: q for q in json.loads(tq(broker, "queue", "list", "--json").stdout)}
+    assert queues["shown"]["cap"] == {"concurrency": 3, "rate": 10.0, "burst": 10.0}  # empty
+    assert queues["slowq"]["cap"]["rate"] == 1 / 3600 and queues["default"]["cap"] is None
+    shown_table = tq(broker, "queue", "list", "--output", "table").stdout
+    assert "3 at once, 10/s" in shown_table and "1/h" in shown_table, shown_table
+    stats = json.loads(tq(broker, "stats", "--json").stdout)
+    assert [(c["kind"], c["name"]) for c in stats["caps"]] == [
+        ("queue", "shown"),
+        ("queue", "slowq"),
+        ("type", "sleep"),
+    ]
+    caption = " ".join(tq(broker, "stats", "-o", "table").stdout.split())
+    assert "caps: queue shown 3 at once, 10/s; queue slowq 1/h; type sleep 1 at once" in caption
 
     lifted = tq(broker, "cap", "remove", "type", "sleep")
     assert lifted.stdout.strip() == "type sleep cap removed", lifted.stderr
@@ -127,6 +144,55 @@ def test_bad_cap_commands_are_clear(broker: BrokerProcess) -> None:
     assert refused.returncode == 7 and "Traceback" not in refused.stderr, refused
     reader_list = tq(broker, "cap", "list", "--json", key=producer)
     assert reader_list.returncode == 0 and json.loads(reader_list.stdout) == []
+
+
+def test_caps_over_rest(broker: BrokerProcess) -> None:
+    api = "/api/v1/caps"
+    with broker.http_client() as http:
+        made = http.put(f"{api}/queue/rest-q", json={"concurrency": 2, "rate": "30/m"})
+        assert made.status_code == 200, made.text
+        assert made.json() == {
+            "cap": {"kind": "queue", "name": "rest-q", "concurrency": 2, "rate": 0.5, "burst": 1.0}
+        }
+        assert http.put(f"{api}/type/resize", json={"rate": 5, "burst": 2}).status_code == 200
+        listed = http.get(api).json()["caps"]
+        assert [(c["kind"], c["name"], c["running"]) for c in listed] == [
+            ("queue", "rest-q", 0),
+            ("type", "resize", 0),
+        ]
+        queues = {q["queue"]: q for q in http.get("/api/v1/queues").json()["queues"]}
+        assert queues["rest-q"]["cap"] == {"concurrency": 2, "rate": 0.5, "burst": 1.0}
+        assert [c["name"] for c in http.get("/api/v1/stats").json()["caps"]] == [
+            "rest-q",
+            "resize",
+        ]
+        for path, body, words in [
+            (f"{api}/worker/x", {"concurrency": 1}, "cap kind must be one of"),
+            (f"{api}/queue/x", {}, "needs a concurrency, a rate or both"),
+            (f"{api}/queue/x", {"concurrency": True}, "whole number"),
+            (f"{api}/queue/x", {"rate": "soon"}, "is not a rate"),
+            (f"{api}/queue/a%20b", {"concurrency": 1}, "spaces or commas"),
+        ]:
+            bad = http.put(path, json=body)
+            assert bad.status_code == 400 and words in bad.json()["detail"], (path, bad.text)
+        assert http.put(f"{api}/queue/x", content=b"[1]").status_code in (400, 415)
+        gone = http.delete(f"{api}/queue/rest-q")
+        assert gone.json() == {"kind": "queue", "name": "rest-q", "removed": True}
+        assert http.delete(f"{api}/queue/rest-q").json()["removed"] is False
+        entries = http.get("/api/v1/audit").json()["entries"]
+    audit = [(e["action"], e["target"]) for e in entries if e["action"].startswith("cap.")]
+    assert audit == [
+        ("cap.remove", "queue:rest-q"),
+        ("cap.set", "type:resize"),
+        ("cap.set", "queue:rest-q"),
+    ]
+    made_key = tq(broker, "keys", "create", "--role", "producer", "--name", "p", "--json")
+    producer = json.loads(made_key.stdout)["key"]
+    with broker.http_client() as http:
+        headers = {"Authorization": f"Bearer {producer}"}
+        refused = http.put(f"{api}/queue/q", json={"concurrency": 1}, headers=headers)
+        assert refused.status_code == 403, refused.text
+        assert http.get(api, headers=headers).status_code == 200
 
 
 def _task(**fields: Any) -> Task:

@@ -135,12 +135,19 @@ class CapOps:
             await self.auth.record(actor_of(principal), "cap.remove", f"{kind}:{name}", {})
         return {"kind": kind, "name": name, "removed": removed}
 
+    async def visible_caps(self, principal: Principal | None = None) -> list[Cap]:
+        """Every cap this principal may see (a queue-limited key: its queues' and the type
+        caps), by kind then name."""
+        return [
+            cap
+            for cap in await self.store.list_caps()
+            if principal is None or cap.kind != QUEUE or principal.may_use(cap.name)
+        ]
+
     async def list_caps(self, principal: Principal | None = None) -> list[dict[str, Any]]:
         """Every cap this principal may see, with its running count now."""
         found = []
-        for cap in await self.store.list_caps():
-            if principal is not None and cap.kind == QUEUE and not principal.may_use(cap.name):
-                continue
+        for cap in await self.visible_caps(principal):
             entry = cap.to_dict()
             entry["running"] = await self.store.running_count(cap.kind, cap.name, RUNNING_LIMIT)
             found.append(entry)

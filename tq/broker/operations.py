@@ -180,10 +180,19 @@ class OperatorOps:
         for name in await self.paused():  # a paused queue is shown, even when empty
             if visible is None or visible(name):
                 queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
+        capped = {
+            cap.name: cap
+            for cap in await self.store.list_caps()
+            if cap.kind == "queue" and (visible is None or visible(cap.name))
+        }
+        for name in capped:  # so is a capped one
+            queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
         paused = await self.paused()
         for entry in queues.values():
             entry["priorities"].sort(key=lambda p: (-p["priority"], p["state"]))
             entry["paused"] = entry["queue"] in paused
+            cap = capped.get(entry["queue"])
+            entry["cap"] = None if cap is None else cap.limits()
         return {"queues": [queues[name] for name in sorted(queues)]}
 
     async def purge(

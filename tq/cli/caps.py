@@ -64,6 +64,16 @@ def describe(cap: dict[str, Any]) -> str:
     return ", ".join(parts) or "no limit"
 
 
+def brief(cap: dict[str, Any]) -> str:
+    """A cap's limits for a table cell: ``5 at once, 10/s``."""
+    parts = []
+    if cap.get("concurrency") is not None:
+        parts.append(f"{cap['concurrency']} at once")
+    if cap.get("rate") is not None:
+        parts.append(rate_text(cap["rate"]))
+    return ", ".join(parts)
+
+
 @cap_app.command("set")
 def set_(
     kind: KindArg,

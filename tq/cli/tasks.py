@@ -480,7 +480,7 @@ def stats(
                 f"broker {data['broker']} {data['version']}, "
                 f"up {data['uptime']:.0f}s, {data['workers']} worker(s)"
             ),
-            caption=cell(_last_minute(recent)),
+            caption=cell("\n".join(filter(None, [_last_minute(recent), _caps(data)]))),
         )
         t.add_column("queue")
         for s in states:
@@ -502,6 +502,13 @@ def stats(
         emit(data, output_mode(output, as_json), table)
 
     run_guarded(body)
+
+
+def _caps(data: dict[str, Any]) -> str:
+    from tq.cli.caps import brief
+
+    caps = data.get("caps") or []
+    return "caps: " + "; ".join(f"{c['kind']} {c['name']} {brief(c)}" for c in caps) if caps else ""
 
 
 def _last_minute(recent: dict[str, Any]) -> str:
