@@ -186,7 +186,7 @@ def _table(caps: list[dict[str, Any]]) -> Any:
 
     table = Table()
     for column in ("kind", "name", "running", "concurrency", "rate", "burst"):
-        table.add_column(column, justify="right" if column != "name" else "left")
+        table.add_column(column, justify="left" if column in ("kind", "name") else "right")
     for cap in caps:
         concurrency = cap.get("concurrency")
         rate = cap.get("rate")
