@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tq.core.errors import InvalidRequest, NotFound, TQError, Unavailable
+from tq.core.when import due_at
 
 if TYPE_CHECKING:
     from tq.broker.registry import WorkerInfo, WorkerRegistry
@@ -202,9 +203,10 @@ class EventBus:
     def submitted(self, specs: Sequence[TaskSpec], results: Sequence[SubmitResult]) -> None:
         if not (self._want_tasks or self._want_counts):
             return
+        now = self.clock()
         self._add(
             # with dependencies: blocked (pending at once if they had all succeeded)
-            (r.id, s.type, s.queue, None, "blocked" if s.depends_on else "pending")
+            (r.id, s.type, s.queue, None, _first_state(s, now))
             for s, r in zip(specs, results, strict=True)
             if r.created
         )
@@ -478,3 +480,12 @@ class SessionEvents:
         if self.subscriber is not None:
             self.bus.unsubscribe(self.subscriber)
             self.subscriber = None
+
+
+def _first_state(spec: TaskSpec, now: float) -> str:
+    """The state a new task was stored in (as the store decides it)."""
+    if spec.depends_on:
+        return "blocked"
+    if spec.delay is not None or spec.run_at is not None:
+        return "pending" if due_at(spec.delay, spec.run_at, now) is None else "scheduled"
+    return "pending"

@@ -33,21 +33,33 @@ async def reaper_loop(service: BrokerService, interval: float, worker_timeout: f
         await trio.sleep(interval)
 
 
-async def promoter_loop(service: BrokerService, max_sleep: float = 1.0) -> None:
-    """Move failed (retry due) and scheduled tasks to pending when their time comes."""
+PROMOTER_MAX_SLEEP = 60.0  # seconds the promoter sleeps at most when nothing is due sooner
+FOLLOWER_TICK = 1.0  # seconds between a follower's looks at whether it leads now
+
+
+async def promoter_loop(service: BrokerService, max_sleep: float = PROMOTER_MAX_SLEEP) -> None:
+    """Move failed (retry due) and scheduled tasks to pending when their time comes.
+
+    Sleeps until the earliest due time (one indexed read of ``tasks_due``), at most
+    ``max_sleep``, and is woken earlier when a due time may have come nearer: a
+    delayed submit, a retry, or (several brokers) another broker's write
+    (``BrokerService.notify_due``). A backlog of scheduled tasks costs nothing
+    while none is due: no scan, no polling."""
     while True:
         if not service.runs_upkeep:
-            await trio.sleep(max_sleep)
+            await trio.sleep(min(max_sleep, FOLLOWER_TICK))
             continue
+        changed = service.due_changed()  # taken before the reads: no lost wake-up
         try:
             await service.promote()
             due = await service.store.next_due()
         except TQError as exc:
             log.error("retry promoter: %s", exc)
             due = None
+            await trio.sleep(min(max_sleep, FOLLOWER_TICK))  # a failing store: not in a loop
         delay = max_sleep if due is None else min(max_sleep, max(0.0, due - service.clock()))
         with trio.move_on_after(delay):
-            await service.wait_due_changed()
+            await changed.wait()
 
 
 async def scheduler_loop(service: BrokerService) -> None:

@@ -55,6 +55,7 @@ from tq.core.task import (
     parse_priority,
 )
 from tq.core.values import number, whole
+from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.security.roles import Principal, action_of
 from tq.store.base import Store
@@ -227,6 +228,19 @@ def _specs_of(raw_tasks: Sequence[Any], first: int = 0) -> list[TaskSpec]:
     return specs
 
 
+def _check_due(specs: Sequence[TaskSpec], now: float) -> bool:
+    """Whether any spec is delayed; InvalidRequest naming the first one due too far ahead."""
+    delayed = False
+    for index, spec in enumerate(specs):
+        if spec.delay is not None or spec.run_at is not None:
+            try:
+                due_at(spec.delay, spec.run_at, now)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"task {index}: {exc}; nothing was submitted") from None
+            delayed = True
+    return delayed
+
+
 def submit_answer_bound(n: int) -> int:
     """The most bytes the answer to a submit of ``n`` tasks can take once encoded."""
     return ANSWER_BASE + n * ANSWER_PER_TASK
@@ -309,7 +323,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
         self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
         if self.cluster is not None:
-            self.cluster.on_work = self.notify_work
+            self.cluster.on_work = self._cluster_work
             self.cluster.beats = self.workers.take_beats
 
     @property
@@ -335,12 +349,19 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         self._work.set()
         self._work = trio.Event()
 
+    def _cluster_work(self) -> None:
+        """Another broker made tasks pending or stored tasks (a delayed submit among them):
+        claims look again, and the promoter looks at the earliest due time again."""
+        self.notify_work()
+        self.notify_due()
+
     def notify_due(self) -> None:
         self._due_changed.set()
         self._due_changed = trio.Event()
 
-    async def wait_due_changed(self) -> None:
-        await self._due_changed.wait()
+    def due_changed(self) -> trio.Event:
+        """The event the next ``notify_due`` sets (take it before reading due times)."""
+        return self._due_changed
 
     def fire(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
@@ -427,6 +448,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             principal.check_queues({spec.queue for spec in specs})
             await self._check_keys_queues(specs, principal)
         self._check_payloads(specs)
+        delayed = _check_due(specs, self.clock())
         results = await self.store.submit(specs, self.clock())
         self.counters["submitted"] += sum(r.created for r in results)
         self.activity.submit_latency.observe(trio.current_time() - arrived)
@@ -436,6 +458,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         )
         self.events.submitted(specs, results)
         self.notify_work()
+        if delayed:  # the promoter may sleep past this due time: it looks again
+            self.notify_due()
         unhandled = sorted(await self._unhandled({spec.type for spec in specs}))
         return {
             "tasks": [{"id": r.id, "created": r.created} for r in results],

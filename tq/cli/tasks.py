@@ -38,8 +38,11 @@ from tq.cli.common import (
     text_mode,
 )
 
-# the states a task can be in today (scheduled and blocked are reserved: nothing enters them)
-LISTED_STATES = ("pending", "running", "succeeded", "failed", "dead", "cancelled")
+# the states a task can be in
+LISTED_STATES = (
+    "pending", "scheduled", "blocked", "running", "succeeded", "failed", "dead", "cancelled",
+)  # fmt: skip
+_DUE_STATES = ("scheduled", "failed")  # a due time (run_at) in the listing: when it runs
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
@@ -78,6 +81,7 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
     from rich.table import Table
 
     errors = any(t.get("error") for t in tasks)
+    due = any(t.get("run_at") is not None and t["state"] in _DUE_STATES for t in tasks)
     whole = wide if wide is not None else Console().width >= _width_needed(tasks, errors)
     table = Table(
         caption=None if whole else "ids shortened: --wide or --output jsonl for whole ids"
@@ -90,6 +94,8 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
     table.add_column("prio", justify="right")
     table.add_column("att", justify="right")
     table.add_column("created", no_wrap=True)
+    if due:
+        table.add_column("due", no_wrap=True)
     table.add_column("payload", overflow="ellipsis", no_wrap=True, ratio=1)
     if errors:
         table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=2)
@@ -102,8 +108,11 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
             str(t["priority"]),
             str(t["attempts"]),
             fmt_time(t["created_at"]),
-            cell(compact(t["payload"], 30)),
         ]
+        if due:
+            run_at = t.get("run_at")
+            row.append(fmt_time(run_at) if run_at is not None and t["state"] in _DUE_STATES else "")
+        row += [cell(compact(t["payload"], 30))]
         if errors:
             error = t.get("error") or {}
             row.append(cell(f"{error['type']}: {error['message']}" if error else ""))
@@ -186,6 +195,24 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    delay: Annotated[
+        str | None,
+        typer.Option(
+            "--delay",
+            help="Run no earlier than this long from now: 30s, 5m, 2h, 1d, 1h30m or seconds. "
+            "The task waits in state scheduled.",
+            show_default=False,
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="Run no earlier than this time, RFC 3339 with a zone: "
+            "2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00 (with --delay: the later).",
+            show_default=False,
+        ),
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(
@@ -221,6 +248,8 @@ def submit(
 
       tq submit notify --depends-on ID1 --depends-on ID2
 
+      tq submit report --delay 30m    tq submit report --at 2026-12-01T09:00:00Z
+
       tq submit --workflow thumbnails.json
 
     With -, one JSON line out per input line (whatever --output says); a batch goes
@@ -228,10 +257,11 @@ def submit(
     stored task and the input line it stopped after (exit 130).
     """
     if workflow is not None:
-        if type is not None or payload is not None or payload_file is not None or depends_on:
+        given = (type, payload, payload_file, delay, at)
+        if any(v is not None for v in given) or depends_on:
             fail(
                 "--workflow takes the whole workflow from its file: give no task type, "
-                "payload or --depends-on with it",
+                "payload, --depends-on, --delay or --at with it",
                 exits.USAGE,
             )
         file = workflow
@@ -242,9 +272,10 @@ def submit(
     if listed and type != "-":
         fail("--from-list goes with `tq submit -` (task lines on stdin)", exits.USAGE)
     if type == "-":
-        if payload is not None or payload_file is not None:
+        if payload is not None or payload_file is not None or delay is not None or at is not None:
             fail(
-                "with `tq submit -` each stdin line is a whole task map; put the payload inside it",
+                "with `tq submit -` each stdin line is a whole task map; put the payload "
+                '(and "delay" seconds or "run_at" epoch seconds) inside it',
                 exits.USAGE,
             )
         run_guarded(lambda: _submit_stdin(broker, ca, insecure, api_key, listed))
@@ -264,6 +295,7 @@ def submit(
         "idempotency_key": key,
         "depends_on": depends_on or None,
         "on_dependency_failure": on_dependency_failure,
+        **_due_options(delay, at),
     }
 
     def body() -> None:
@@ -277,6 +309,24 @@ def submit(
         emit_text({"id": task_id}, text_mode(output, as_json), task_id)
 
     run_guarded(body)
+
+
+def _due_options(delay: str | None, at: str | None) -> dict[str, Any]:
+    """--delay and --at as the wire's delay and run_at (refused here when malformed)."""
+    from tq.core.errors import InvalidRequest
+    from tq.core.when import parse_duration, parse_time
+
+    out: dict[str, Any] = {}
+    for flag, text, parse, field in (
+        ("--delay", delay, parse_duration, "delay"),
+        ("--at", at, parse_time, "run_at"),
+    ):
+        if text is not None:
+            try:
+                out[field] = parse(text)
+            except InvalidRequest as exc:
+                fail(f"{flag}: {exc}", exits.USAGE)
+    return out
 
 
 def _submit_workflow(
@@ -472,7 +522,7 @@ def stats(
     def table(data: dict[str, Any]) -> Any:
         from rich.table import Table
 
-        states = ["pending", "running", "failed", "succeeded", "dead", "cancelled"]
+        states = ["pending", "scheduled", "running", "failed", "succeeded", "dead", "cancelled"]
         recent = data.get("last_minute") or {}
         t = Table(
             title=cell(

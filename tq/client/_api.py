@@ -68,10 +68,14 @@ def task_spec(
     trace: Mapping[str, str] | None = None,
     depends_on: Sequence[str] | None = None,
     on_dependency_failure: str | None = None,
+    delay: float | None = None,
+    run_at: float | None = None,
 ) -> dict[str, Any]:
     """A submission map with only the fields given (the broker fills defaults).
     ``depends_on``: ids of tasks this one waits for (it is blocked until they all
-    succeeded); ``on_dependency_failure``: cancel (default), run or wait."""
+    succeeded); ``on_dependency_failure``: cancel (default), run or wait.
+    ``delay`` (seconds from the broker's receipt) and/or ``run_at`` (epoch seconds):
+    the task waits in state scheduled until the later of the two."""
     spec: dict[str, Any] = {"type": type, "payload": payload}
     optional = {
         "queue": queue,
@@ -84,6 +88,8 @@ def task_spec(
         "trace": None if trace is None else dict(trace),
         "depends_on": None if depends_on is None else list(depends_on),
         "on_dependency_failure": on_dependency_failure,
+        "delay": delay,
+        "run_at": run_at,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec

@@ -23,7 +23,8 @@ class SyncMethods:
 
     def submit(self, type: str, payload: Any = None, **options: Any) -> str:
         """Submit one task; its id (``options``: queue, priority, max_retries, timeout,
-        idempotency_key, retry_base, retry_cap, trace)."""
+        idempotency_key, retry_base, retry_cap, trace, depends_on, on_dependency_failure,
+        delay (seconds), run_at (epoch seconds): a delayed task waits as scheduled)."""
         ids = self.submit_many([api.task_spec(type, payload, **options)])
         return ids[0]
 

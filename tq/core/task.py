@@ -16,6 +16,7 @@ from tq.core.errors import InvalidRequest
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
 from tq.core.states import State
 from tq.core.values import check_plain
+from tq.core.when import check_delay, check_run_at
 
 PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
 DEFAULT_PRIORITY = PRIORITY_NAMES["normal"]
@@ -44,6 +45,8 @@ _SPEC_FIELDS = {
     "on_dependency_failure",
     "input",
     "result_key",
+    "delay",
+    "run_at",
 }
 # What a task whose dependency ended dead or cancelled does: "cancel" (it is cancelled
 # too, naming the dependency), "run" (it runs once every dependency finished, however),
@@ -166,6 +169,10 @@ class TaskSpec:
     on_dependency_failure: str = "cancel"  # one of DEPENDENCY_POLICIES
     input: str | None = None  # one of INPUTS: dependencies' results become the payload
     result_key: str | None = None  # with input: take this key of each (map) result
+    # delayed: due ``delay`` seconds after the broker receives it and/or at ``run_at``
+    # (epoch seconds), the later of the two (tq.core.when.due_at); stored as scheduled
+    delay: float | None = None
+    run_at: float | None = None
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
@@ -215,7 +222,25 @@ class TaskSpec:
             idempotency_key=key,
             trace=parse_trace(spec.get("trace")),
             **_dependency_fields(spec, payload),
+            **_delay_fields(spec),
         )
+
+
+def _delay_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """delay and run_at (the range ahead of now is checked at submit: ``due_at``)."""
+    delay = spec.get("delay")
+    run_at = spec.get("run_at")
+    if delay is None and run_at is None:
+        return {}
+    if spec.get("depends_on"):
+        raise InvalidRequest(
+            "a task with depends_on cannot also have a delay or run_at: it becomes "
+            "pending when its dependencies finish"
+        )
+    return {
+        "delay": None if delay is None else check_delay(delay),
+        "run_at": None if run_at is None else check_run_at(run_at),
+    }
 
 
 def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tq.core.task import (
     MAX_WARNINGS,
     Task,
 )
+from tq.core.when import MAX_DELAY, MAX_RUN_AT
 
 _TRACE = {
     "type": ["object", "null"],
@@ -141,6 +142,20 @@ SCHEMAS: dict[str, Any] = {
                 "type": ["string", "null"],
                 "minLength": 1,
                 "description": "With input: take this key of each dependency's result.",
+            },
+            "delay": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": MAX_DELAY,
+                "description": "Seconds after the broker receives the task before it may run; "
+                "the task waits in state scheduled (not with depends_on).",
+            },
+            "run_at": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": MAX_RUN_AT,
+                "description": "Epoch seconds (UTC) before which the task may not run, at most "
+                "10 years ahead; with delay, the later of the two (not with depends_on).",
             },
         },
     },

@@ -122,6 +122,9 @@ def resolve(conn: psycopg.Connection[Any], args: tuple[Any, ...], clock: list[fl
     return tuple(clock[0] if arg is DB_NOW else arg for arg in args)
 
 
+_WAKES = ("pending", "failed")
+
+
 def made_work(op: Any) -> bool:
     """Whether a write (a ``_Op`` of the writer's batch) that succeeded may have left
     tasks claimable: the batch then notifies the other brokers. A write this module
@@ -135,8 +138,9 @@ def made_work(op: Any) -> bool:
         return False
     if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
         return any(r.created for r in result)
-    if fn is pg_schema.complete:  # a retry, or a success that released dependents
-        return any(r.accepted and (r.state == "pending" or r.dependents) for r in result)
+    if fn is pg_schema.complete:  # a release, a retry due later (the leader's promoter
+        # sleeps until the earliest due time), or a success that released dependents
+        return any(r.accepted and (r.state in _WAKES or r.dependents) for r in result)
     if fn is pg_schema.change_one:
         return bool(op.args[1] is Event.RETRY)
     if fn in _WORK_IF_ANY:

@@ -309,7 +309,7 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
-        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
+        if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
             for spec in specs:
                 for dep in spec.depends_on or ():
                     pg_schema.check_text(dep, "a dependency's task id")

@@ -236,7 +236,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
-        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
+        if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
             return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
         rows: list[list[Any]] = []
         for start in range(0, len(specs), PREPARE_CHUNK):
