@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tq.core.auth import ApiKey, AuditEntry
+from tq.core.retention import RetentionPolicy
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 
 if TYPE_CHECKING:
@@ -333,6 +334,15 @@ class Store(Protocol):
 
     async def count_purgeable(self, states: Sequence[str], older_than: float, now: float) -> int:
         """How many tasks ``purge`` would delete, without deleting them."""
+        ...
+
+    async def expire_finished(
+        self, policy: RetentionPolicy, now: float, limit: int
+    ) -> dict[tuple[str, str], int]:
+        """Delete up to ``limit`` finished tasks whose TTL under ``policy`` has passed,
+        oldest first per queue and state, in one transaction; how many per (queue,
+        state). Never an unfinished task, nor one a blocked task still waits for
+        (tq/store/retention_sql.py)."""
         ...
 
     async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:

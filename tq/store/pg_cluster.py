@@ -56,7 +56,7 @@ from psycopg import sql
 
 from tq.core.errors import TQError
 from tq.core.states import Event
-from tq.store import pg_ops, pg_schema
+from tq.store import pg_ops, pg_schema, retention_sql
 from tq.store.base import BrokerRecord, BrokerSelf, ClusterState, WorkerBeat
 
 if TYPE_CHECKING:
@@ -363,6 +363,7 @@ _NO_WORK = (  # writes that never make a task claimable
     pg_schema.extend_leases,
     pg_schema.set_priority,
     pg_ops.purge,
+    retention_sql.expire,
     pg_ops.create_key,
     pg_ops.revoke_key,
     pg_ops.rehash_key,

@@ -229,6 +229,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy text;
     ALTER TABLE tasks ADD COLUMN dep_input text;
 """,
+    # 5: retention (tq.store.retention_sql): finished tasks per queue and state in the
+    # order they finished, so expiring the oldest reads only what it deletes.
+    """
+    CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
+        WHERE state IN ('succeeded', 'dead', 'cancelled');
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

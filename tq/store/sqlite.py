@@ -64,9 +64,10 @@ import trio
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
+from tq.core.retention import RetentionPolicy
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import deps_sql, schedule_sql, schema, schema_auth, schema_ops
+from tq.store import deps_sql, retention_sql, schedule_sql, schema, schema_auth, schema_ops
 from tq.store.base import (
     ClusterState,
     OutcomeResult,
@@ -419,6 +420,13 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         checked = schema_ops.purge_states(states)
         _check_bulk(older_than, 1)
         return await self._read(schema_ops.count_purgeable, checked, now - older_than)
+
+    async def expire_finished(
+        self, policy: RetentionPolicy, now: float, limit: int
+    ) -> dict[tuple[str, str], int]:
+        if limit <= 0 or not policy.active:
+            return {}
+        return await self._write(retention_sql.expire, _DIALECT, policy, now, limit, weight=limit)
 
     async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
         source = schema_ops.retry_state(state)
