@@ -5,9 +5,13 @@ unfinished task, nor a dependency a blocked task still waits for."""
 # ruff: noqa: F811  (the store fixtures come from tests/test_store.py)
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from tests.test_store import (  # noqa: F401  (fixtures)
     NOW,
@@ -17,9 +21,14 @@ from tests.test_store import (  # noqa: F401  (fixtures)
     report,
     store,
 )
-from tq.core.errors import InvalidRequest, NotFound
+from tq.broker.loops import retention_loop, retention_policy
+from tq.broker.service import BrokerService
+from tq.config import BrokerSettings, load
+from tq.core.errors import ConfigError, InvalidRequest, NotFound
 from tq.core.retention import RetentionPolicy
 from tq.core.task import ListFilter, TaskSpec
+from tq.http.metrics import MetricsPage
+from tq.store.sqlite import open_sqlite_store
 
 pytestmark = pytest.mark.trio
 
@@ -141,3 +150,74 @@ async def test_the_listing_after_expiry_is_consistent(store: Any) -> None:
     keep = [r.id for r in await store.submit([spec("a") for _ in range(3)], NOW)]
     await store.expire_finished(RetentionPolicy.of({"succeeded": 1.0}), NOW + 10, 100)
     assert [t.id for t in await store.list(ListFilter(queue="a"))] == keep
+
+
+# -- the broker's retention loop, on trio's fake clock -----------------------------------------
+
+
+async def test_the_retention_loop_deletes_in_batches_when_due(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Fake time 60 times faster than real (autojump would leap over the store's thread)."""
+    mock_clock.rate = 60
+    async with open_sqlite_store(tmp_path / "tq.db") as opened:
+        await finished(opened, "a", "ok", 25, NOW)
+        await finished(opened, "keep", "ok", 3, NOW)
+        await opened.submit([spec("a")], NOW)  # unfinished, and the newest row
+        service = BrokerService(opened, lease_ttl=30, clock=lambda: NOW + trio.current_time())
+        batches: list[int] = []
+        expire = opened.expire_finished
+
+        async def counted(*args: Any) -> dict[tuple[str, str], int]:
+            done = await expire(*args)
+            batches.append(sum(done.values()))
+            return done
+
+        opened.expire_finished = counted  # type: ignore[method-assign]
+        policy = RetentionPolicy.of({"succeeded": 100.0}, {("keep", "succeeded"): 0.0})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(retention_loop, service, policy, interval=60, batch=10))
+            await trio.sleep(90)  # passes at 0 and 60 s: nothing old enough yet
+            assert batches == [0, 0]
+            await trio.sleep(60)  # the pass at 120 s: three batches, back to back
+            assert batches == [0, 0, 10, 10, 5]
+            nursery.cancel_scope.cancel()
+        assert service.retention_deleted == {"succeeded": 25}
+        body, _ = await MetricsPage(service).render(None)
+        assert b'tq_retention_deleted_total{state="succeeded"} 25.0' in body
+        assert b'tq_retention_deleted_total{state="dead"} 0.0' in body
+        left = await opened.list(ListFilter(limit=100))
+        assert sorted(t.queue for t in left) == ["a", "keep", "keep", "keep"]
+
+
+async def test_the_broker_settings_make_the_policy(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'retention_dead = "90d"\nretention_cancelled = false\n'
+        '[retention_queues.reports]\nsucceeded = "1d"\ndead = 0\n',
+        encoding="utf-8",
+    )
+    settings = load(BrokerSettings, env={"TQ_RETENTION_SUCCEEDED": "12h"}, config_file=config)
+    policy = retention_policy(settings)
+    assert policy.ttl("mail", "succeeded") == 12 * 3600
+    assert policy.ttl("mail", "dead") == 90 * 86400 and policy.ttl("mail", "cancelled") == 0
+    assert policy.ttl("reports", "succeeded") == 86400 and policy.ttl("reports", "dead") == 0
+    assert retention_policy(BrokerSettings()).ttl("x", "dead") == 30 * 86400
+    config.write_text('[retention_queues.reports]\nrunning = "1d"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"retention_queues .*reports.running: retention"):
+        load(BrokerSettings, env={}, config_file=config)
+    with pytest.raises(ConfigError, match="TQ_RETENTION_DEAD=soon: not a duration"):
+        load(BrokerSettings, env={"TQ_RETENTION_DEAD": "soon"}, config_file=tmp_path / "none")
+
+
+async def test_doctor_says_what_retention_deletes() -> None:
+    from tq.cli.doctor import _check_retention
+    from tq.config import Settings
+
+    check = _check_retention(Settings(retention_queues=(("reports", "dead", 7200.0),)))
+    assert check.status == "ok"
+    assert check.detail == (
+        "finished tasks: succeeded 7d, dead 30d, cancelled 7d; per queue: reports.dead 2h"
+    )
+    off = _check_retention(Settings(retention_succeeded=0, retention_dead=0, retention_cancelled=0))
+    assert off.status == "warn" and "nothing is ever deleted" in off.detail

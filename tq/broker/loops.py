@@ -1,4 +1,4 @@
-"""The broker's timers: lease reaper, retry promoter and scheduler.
+"""The broker's timers: lease reaper, retry promoter, scheduler and retention.
 
 Each is a plain loop run in the broker's nursery; a store error is logged
 and the loop carries on at its next tick (the store may recover, e.g. once
@@ -11,11 +11,16 @@ soon as the store's election makes it the leader.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
 from tq.broker.service import BrokerService
 from tq.core.errors import TQError
+from tq.core.retention import RetentionPolicy
+
+if TYPE_CHECKING:
+    from tq.config import BrokerSettings
 
 log = logging.getLogger("tq.broker")
 
@@ -60,6 +65,50 @@ async def promoter_loop(service: BrokerService, max_sleep: float = PROMOTER_MAX_
         delay = max_sleep if due is None else min(max_sleep, max(0.0, due - service.clock()))
         with trio.move_on_after(delay):
             await changed.wait()
+
+
+RETENTION_INTERVAL = 60.0  # seconds between retention passes once nothing more is due
+RETENTION_BATCH = 500  # finished tasks deleted per transaction at most
+RETENTION_PAUSE = 0.02  # seconds between two full batches: other writes go in between
+
+
+def retention_policy(settings: BrokerSettings) -> RetentionPolicy:
+    """The broker settings' TTLs (``retention_*``) as a policy."""
+    return RetentionPolicy.of(
+        {
+            "succeeded": settings.retention_succeeded,
+            "dead": settings.retention_dead,
+            "cancelled": settings.retention_cancelled,
+        },
+        {(queue, state): ttl for queue, state, ttl in settings.retention_queues},
+    )
+
+
+async def retention_loop(
+    service: BrokerService,
+    policy: RetentionPolicy,
+    *,
+    interval: float = RETENTION_INTERVAL,
+    batch: int = RETENTION_BATCH,
+) -> None:
+    """Delete finished tasks whose TTL passed (tq.core.retention), a bounded batch per
+    transaction, pausing between batches, until a batch comes back short; then sleep
+    ``interval``. Each batch reads only what it deletes (the ``tasks_finished``
+    index), so the cost follows the rate tasks finish at, not the store's size."""
+    if not policy.active:
+        return
+    while True:
+        full = False
+        if service.runs_upkeep:
+            try:
+                deleted = await service.expire(policy, batch)
+            except TQError as exc:
+                log.error("retention: %s", exc)
+            else:
+                full = deleted >= batch
+                if deleted:
+                    log.debug("retention: deleted %d finished task(s)", deleted)
+        await trio.sleep(RETENTION_PAUSE if full else interval)
 
 
 async def scheduler_loop(service: BrokerService) -> None:

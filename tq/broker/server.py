@@ -44,7 +44,13 @@ from tq import __version__
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
-from tq.broker.loops import promoter_loop, reaper_loop, scheduler_loop
+from tq.broker.loops import (
+    promoter_loop,
+    reaper_loop,
+    retention_loop,
+    retention_policy,
+    scheduler_loop,
+)
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.config import BrokerSettings, parse_address
@@ -704,6 +710,7 @@ async def _serve_broker(
             )
             timers.start_soon(promoter_loop, service)
             timers.start_soon(scheduler_loop, service)
+            timers.start_soon(retention_loop, service, retention_policy(settings))
             timers.start_soon(service.events.run, store)
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)

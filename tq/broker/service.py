@@ -42,6 +42,7 @@ from tq.core.errors import (
     TQError,
     Unavailable,
 )
+from tq.core.retention import RetentionPolicy
 from tq.core.states import is_terminal
 from tq.core.task import (
     MAX_PAYLOAD_BYTES,
@@ -321,6 +322,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             "refused_results": 0,
         }
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
+        self.retention_deleted: dict[str, int] = {}  # finished state -> tasks expired
         self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
         if self.cluster is not None:
             self.cluster.on_work = self._cluster_work
@@ -787,6 +789,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             self.fire(released)
             await self.events.released(self.store, released)
         return released
+
+    async def expire(self, policy: RetentionPolicy, limit: int) -> int:
+        """One retention batch (leader only): at most ``limit`` finished tasks whose TTL
+        passed deleted in one transaction; how many."""
+        if not self.runs_upkeep:
+            return 0
+        deleted = await self.store.expire_finished(policy, self.clock(), limit)
+        for (_, state), n in deleted.items():
+            self.retention_deleted[state] = self.retention_deleted.get(state, 0) + n
+        return sum(deleted.values())
 
     async def promote(self) -> int:
         if not self.runs_upkeep:

@@ -12,11 +12,12 @@ What goes with a task: its result and error (columns of its row) and its own
 dependency edges (``task_deps`` rows where it is the dependent). Kept: a
 finished task that is a dependency of a ``blocked`` task (met or not), so a
 dependent's ``depends_on`` never names a task that vanished while it waits
-(its status and explanation show every dependency with its state); and edges from a kept task to a deleted dependency, so a dependent's
-record still names what it depended on (read as a dependency no longer
-stored). Never deleted: unfinished tasks (the state is in every WHERE), and on
-SQLite the newest row (its sequence number would be reused: list cursors rely
-on that, as ``tq purge`` does).
+(its status and explanation show every dependency with its state); and
+edges from a kept task to a deleted dependency, so a dependent's record
+still names what it depended on (read as a dependency no longer stored).
+Never deleted: unfinished tasks (the state is in every WHERE), and on SQLite
+the newest row (its sequence number would be reused: list cursors rely on
+that, as ``tq purge`` does).
 """
 
 from __future__ import annotations
