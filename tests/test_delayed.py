@@ -24,6 +24,7 @@ from tq.core.errors import InvalidRequest, InvalidTransition
 from tq.core.states import State
 from tq.core.task import ListFilter, TaskSpec
 from tq.core.when import MAX_DELAY, due_at, parse_duration, parse_time
+from tq.store.postgres import open_postgres_store
 from tq.store.sqlite import open_sqlite_store
 
 # -- tq.core.when ----------------------------------------------------------------------------
@@ -191,3 +192,58 @@ async def test_service_refuses_a_due_time_too_far_ahead(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match=r"task 1: .*at most 10 years; .*nothing was"):
             await service.submit([{"type": "t"}, {"type": "t", "run_at": NOW + MAX_DELAY + 60}])
         assert await store.list(ListFilter()) == []
+
+
+# -- the due and retention queries read their indexes, whatever the backlog ------------------
+
+
+@pytest.mark.trio
+async def test_sqlite_due_and_retention_queries_use_their_indexes(tmp_path: Path) -> None:
+    import apsw
+
+    from tq.store import retention_sql, schema
+
+    async with open_sqlite_store(tmp_path / "tq.db") as opened:
+        await opened.submit([spec(delay=60 + i) for i in range(2000)], NOW)
+    conn = apsw.Connection(str(tmp_path / "tq.db"))
+    conn.execute("ANALYZE").fetchall()
+
+    def plan(statement: str, params: tuple[Any, ...]) -> str:
+        rows = conn.execute(f"EXPLAIN QUERY PLAN {statement}", params).fetchall()
+        return "\n".join(str(row[-1]) for row in rows)
+
+    assert "INDEX tasks_due" in plan(schema.NEXT_DUE, ())
+    text = plan(schema.PROMOTE_DUE, ("pending", NOW))
+    assert "INDEX tasks_due" in text and "SCAN" not in text, text
+    pick = plan(retention_sql._PICK_SQLITE, ("q", "succeeded", NOW, "blocked", 500))
+    assert "INDEX tasks_finished (queue=? AND state=? AND finished_at<?)" in pick, pick
+    conn.close()
+
+
+@pytest.mark.trio
+async def test_postgres_due_and_retention_queries_use_their_indexes(pg_url: str) -> None:
+    import psycopg
+
+    from tq.store import pg_schema, retention_sql
+
+    async with open_postgres_store(pg_url) as opened:
+        for start in range(0, 20_000, 5000):
+            await opened.submit([spec(delay=60 + start + i) for i in range(5000)], NOW)
+        await opened.submit([spec() for _ in range(2000)], NOW)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ANALYZE tasks")
+
+        def plan(statement: str, params: tuple[Any, ...]) -> str:
+            rows = conn.execute(f"EXPLAIN {statement}", params).fetchall()
+            return "\n".join(row[0] for row in rows)
+
+        for text in (
+            plan(pg_schema.NEXT_DUE, ()),
+            plan(pg_schema.PROMOTE_DUE, ("pending", NOW)),
+            plan(
+                retention_sql._PICK_PG.replace("?", "%s"),
+                ("q", "succeeded", NOW, "blocked", 500),
+            ),
+        ):
+            assert "Seq Scan on tasks" not in text and "Index" in text, text
+        assert "tasks_due" in plan(pg_schema.NEXT_DUE, ())
