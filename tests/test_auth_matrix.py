@@ -156,6 +156,21 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
         "producer",
         "admin",
     ),
+    ("cap:list", const({"t": "cap", "op": "list"}), "client", "worker", "reader"),
+    (
+        "cap:set",
+        const({"t": "cap", "op": "set", "kind": "queue", "name": "matrix", "concurrency": 2}),
+        "client",
+        "producer",
+        "admin",
+    ),
+    (
+        "cap:remove",
+        const({"t": "cap", "op": "remove", "kind": "queue", "name": "matrix"}),
+        "client",
+        "producer",
+        "admin",
+    ),
     (
         "purge",
         const({"t": "purge", "states": ["succeeded"], "older_than": 60, "dry_run": True}),

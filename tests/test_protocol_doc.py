@@ -60,6 +60,7 @@ DOC_TYPES: dict[str, tuple[type, ...] | None] = {
     "bool": (bool,),
     "map": (dict,),
     "int or str": (int, str),
+    "number or str": (int, float, str),
     "any": None,
 }
 

@@ -141,6 +141,7 @@ PREPARE: dict[str, Prepare] = {
     "set_priority": _on_fresh,
     "queue": _as_is,
     "schedule": _as_is,
+    "cap": _as_is,
     "subscribe": _as_is,
 }
 WORKER_REQUESTS = {"claim", "result", "heartbeat"}
@@ -258,8 +259,8 @@ def _actions(cell: str) -> list[str]:
     out = []
     for part in cell.split(";"):  # "`schedule` `list`, `get`": the ops of one request
         names = ticked(part)
-        if names and names[0] == "schedule":
-            out += [f"schedule:{name}" for name in names[1:]]
+        if names and names[0] in ("schedule", "cap"):
+            out += [f"{names[0]}:{name}" for name in names[1:]]
             continue
         for name in names:
             out.append(f"query:{name}" if f"query:{name}" in ALLOWED else name)

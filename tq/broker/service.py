@@ -29,6 +29,7 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.broker.auth import Auth, actor_of
+from tq.broker.caps import CapOps
 from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
@@ -60,9 +61,11 @@ from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.security.roles import Principal, action_of
 from tq.store.base import Store
+from tq.store.claimplan import Aging, CapNote
 
 MAX_CLAIM = 1000
 PAUSED_REFRESH = 1.0  # seconds a broker trusts its copy of the paused queues
+MIN_REFILL_SLEEP = 0.001  # seconds: a claim waiting on a rate bucket never spins
 LARGE_FRAMES_BYTES = 8 * 1024 * 1024  # see BrokerService.large_frames
 # what one worker registers (its hello): what a `workers` answer lists of it stays small
 MAX_WORKER_QUEUES = 256
@@ -276,7 +279,7 @@ def parse_outcome(item: object) -> Outcome:
     )
 
 
-class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
+class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedules.py, caps.py
     def __init__(
         self,
         store: Store,
@@ -286,8 +289,11 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         clock: Callable[[], float] = time.time,
         auth: Auth | None = None,
         max_payload: int = MAX_PAYLOAD_BYTES,
+        aging: Aging | None = None,
     ) -> None:
         self.store = store
+        self.aging = aging  # effective priority rises with the wait (tq.store.claimplan)
+        self.capped_waiting = 0  # claims parked because a cap held tasks back
         self.lease_ttl = lease_ttl
         # keys, roles, rate limits, audit; principal None = unrestricted (--no-auth)
         self.auth = auth if auth is not None else Auth(store, enabled=False, clock=clock)
@@ -515,10 +521,18 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             paused = await self.paused()
             open_queues = [q for q in queues if q not in paused] if paused else queues
             leases = []
+            note = CapNote()
             if open_queues:
                 # never cancelled mid-write: a claim that committed must reach the worker
                 leases = await self.store.claim(
-                    worker_id, open_queues, type_list, n, self.clock(), self.lease_ttl
+                    worker_id,
+                    open_queues,
+                    type_list,
+                    n,
+                    self.clock(),
+                    self.lease_ttl,
+                    self.aging,
+                    note,
                 )
             if leases:
                 self.workers.seen(worker_id, self.clock())
@@ -531,8 +545,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             again = (
                 min(deadline, now + PAUSED_REFRESH) if len(open_queues) < len(queues) else deadline
             )
-            with trio.move_on_at(again):
-                await work.wait()
+            if note.refill_in is not None:  # a rate cap: sleep until its bucket has a token
+                again = min(again, now + max(note.refill_in, MIN_REFILL_SLEEP))
+            # capped: a finished task of the cap (reported here, or NOTIFY from another
+            # broker) or a changed cap wakes the claim through notify_work
+            self.capped_waiting += note.capped
+            try:
+                with trio.move_on_at(again):
+                    await work.wait()
+            finally:
+                self.capped_waiting -= note.capped
         return []
 
     async def report(self, worker_id: str | None, items: list[Any]) -> list[dict[str, Any]]:
@@ -553,8 +575,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
                 released |= r.state == "pending"  # "release": claimable again at once
         if retried:
             self.notify_due()
-        if released or dependents:
-            self.notify_work()
+        if released or dependents or (self.capped_waiting and any(r.accepted for r in results)):
+            self.notify_work()  # a finished task frees a place under its caps
         self.events.reported(results)
         await self.events.released(self.store, dependents, before="blocked")
         self.activity.reported(results, self.clock())

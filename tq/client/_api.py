@@ -227,6 +227,29 @@ def schedule(op: str, **fields: Any) -> Call[dict[str, Any]]:
     return Call(message, lambda r: {k: v for k, v in r.items() if k not in ("t", "id")})
 
 
+def set_cap(
+    kind: str,
+    name: str,
+    concurrency: int | None = None,
+    rate: float | str | None = None,
+    burst: float | None = None,
+) -> Call[dict[str, Any]]:
+    """A ``cap`` set request; the stored cap (kind, name, concurrency, rate, burst)."""
+    fields: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "burst": burst}
+    message: dict[str, Any] = {"t": "cap", "op": "set", "kind": kind, "name": name}
+    message.update({k: v for k, v in fields.items() if v is not None})
+    return Call(message, lambda r: dict(r["cap"]))
+
+
+def remove_cap(kind: str, name: str) -> Call[bool]:
+    message = {"t": "cap", "op": "remove", "kind": kind, "name": name}
+    return Call(message, lambda r: bool(r["removed"]))
+
+
+def list_caps() -> Call[list[dict[str, Any]]]:
+    return Call({"t": "cap", "op": "list"}, lambda r: list(r["caps"]))
+
+
 def schedule_task(
     task_type: str,
     payload: Any = None,

@@ -119,6 +119,28 @@ class AsyncMethods:
         ``tq.client.schedule_task`` for the task map."""
         return await self._call(api.schedule(op, **fields))
 
+    async def set_cap(
+        self,
+        kind: str,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        rate: float | str | None = None,
+        burst: float | None = None,
+    ) -> dict[str, Any]:
+        """Cap a queue or task type (``kind`` "queue" or "type"), admin only: at most
+        ``concurrency`` running at once, at most ``rate`` started per second (a number,
+        or text like "5/s", "30/m"), in bursts of ``burst``. Replaces both limits."""
+        return await self._call(api.set_cap(kind, name, concurrency, rate, burst))
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        """Lift a queue's or type's cap; False if it had none."""
+        return await self._call(api.remove_cap(kind, name))
+
+    async def list_caps(self) -> builtins.list[dict[str, Any]]:
+        """Every cap, with ``running`` (tasks running under it now)."""
+        return await self._call(api.list_caps())
+
     async def cluster_status(self) -> dict[str, Any]:
         return await self._call(api.cluster_status())
 

@@ -108,6 +108,28 @@ class SyncMethods:
         ``tq.client.schedule_task`` for the task map."""
         return self._call(api.schedule(op, **fields))
 
+    def set_cap(
+        self,
+        kind: str,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        rate: float | str | None = None,
+        burst: float | None = None,
+    ) -> dict[str, Any]:
+        """Cap a queue or task type (``kind`` "queue" or "type"), admin only: at most
+        ``concurrency`` running at once, at most ``rate`` started per second (a number,
+        or text like "5/s", "30/m"), in bursts of ``burst``. Replaces both limits."""
+        return self._call(api.set_cap(kind, name, concurrency, rate, burst))
+
+    def remove_cap(self, kind: str, name: str) -> bool:
+        """Lift a queue's or type's cap; False if it had none."""
+        return self._call(api.remove_cap(kind, name))
+
+    def list_caps(self) -> builtins.list[dict[str, Any]]:
+        """Every cap, with ``running`` (tasks running under it now)."""
+        return self._call(api.list_caps())
+
     def cluster_status(self) -> dict[str, Any]:
         return self._call(api.cluster_status())
 

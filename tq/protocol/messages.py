@@ -108,6 +108,14 @@ FIELDS: dict[str, dict[str, Field]] = {
         "task": opt(MAP),
         "missed": opt(STR),
     },
+    "cap": {  # set, remove, list (tq/broker/caps.py)
+        "op": req(STR),
+        "kind": opt(STR),
+        "name": opt(STR),
+        "concurrency": opt(INT),
+        "rate": opt((int, float, str)),
+        "burst": opt(NUMBER),
+    },
     "subscribe": {"topics": req(ARRAY)},  # live events on this connection (tq/broker/events.py)
     "unsubscribe": {},
     "ack": {},

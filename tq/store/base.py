@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.retention import RetentionPolicy
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
+from tq.store.claimplan import Aging, Cap, CapNote
 
 if TYPE_CHECKING:
     from tq.core.schedule import Schedule
@@ -202,8 +203,12 @@ class Store(Protocol):
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
-        """Lease up to n pending tasks: highest priority first, then oldest."""
+        """Lease up to n pending tasks: highest (effective, with ``aging``) priority
+        first, then oldest, within the caps in force (tq.store.claimplan); ``note``
+        learns whether a cap held tasks back and when a rate bucket refills."""
         ...
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
@@ -286,6 +291,23 @@ class Store(Protocol):
 
     async def paused_queues(self) -> dict[str, float]:
         """Paused queue -> when it was paused (Unix time)."""
+        ...
+
+    # -- caps (tq.store.claimplan) ---------------------------------------------------
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        """Add or change the cap of a queue or task type, durably; the stored cap."""
+        ...
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        """Remove a cap; False if there was none."""
+        ...
+
+    async def list_caps(self) -> builtins.list[Cap]:
+        """Every cap, by kind then name."""
+        ...
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        """Running tasks of a queue or type, counted up to ``limit``."""
         ...
 
     # -- recurring schedules (tq.store.schedule_sql, tq.core.schedule) -------------

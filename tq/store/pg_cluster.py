@@ -56,7 +56,7 @@ from psycopg import sql
 
 from tq.core.errors import TQError
 from tq.core.states import Event
-from tq.store import pg_ops, pg_schema, retention_sql
+from tq.store import pg_caps, pg_ops, pg_schema, retention_sql
 from tq.store.base import BrokerRecord, BrokerSelf, ClusterState, WorkerBeat
 
 if TYPE_CHECKING:
@@ -139,13 +139,22 @@ def made_work(op: Any) -> bool:
     if fn is pg_schema.insert_rows or fn is pg_schema.insert_unkeyed:
         return any(r.created for r in result)
     if fn is pg_schema.complete:  # a release, a retry due later (the leader's promoter
-        # sleeps until the earliest due time), or a success that released dependents
-        return any(r.accepted and (r.state in _WAKES or r.dependents) for r in result)
+        # sleeps until the earliest due time), a success that released dependents, or
+        # (with caps in force) any finished task: a capped claim may take its place
+        return any(
+            r.accepted and (r.state in _WAKES or r.dependents or caps_in_force()) for r in result
+        )
     if fn is pg_schema.change_one:
         return bool(op.args[1] is Event.RETRY)
     if fn in _WORK_IF_ANY:
         return bool(result)
     return True
+
+
+def caps_in_force() -> bool:
+    """Whether the last claim of this process saw a cap (then every finished task
+    notifies the other brokers, whose claims may wait on that cap)."""
+    return pg_caps.CAPS_SEEN[0]
 
 
 def channel_of(schema: str) -> str:
@@ -360,6 +369,8 @@ _WORK_IF_ANY = (  # a non-empty result (ids, a count) is work made
 )
 _NO_WORK = (  # writes that never make a task claimable
     pg_schema.claim,
+    pg_caps.claim,
+    pg_caps.remove_cap,
     pg_schema.extend_leases,
     pg_schema.set_priority,
     pg_ops.purge,

@@ -235,6 +235,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
         WHERE state IN ('succeeded', 'dead', 'cancelled');
     """,
+    # 6: concurrency and rate caps per queue or task type (tq.store.pg_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        text NOT NULL,
+        name        text NOT NULL,
+        concurrency bigint,
+        rate        double precision,
+        burst       double precision,
+        tokens      double precision NOT NULL,
+        refilled_at double precision NOT NULL,
+        updated_at  double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

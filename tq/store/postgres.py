@@ -81,6 +81,7 @@ from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 from tq.store import (
     deps_sql,
+    pg_caps,
     pg_cluster,
     pg_ops,
     pg_schema,
@@ -97,6 +98,7 @@ from tq.store.base import (
     StoreStats,
     SubmitResult,
 )
+from tq.store.claimplan import Aging, Cap, CapNote
 from tq.store.sqlite import MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
 
 
@@ -339,6 +341,8 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
         if lease_ttl <= 0:
             raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
@@ -350,8 +354,32 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         for name in (*queues, *(types or ())):
             pg_schema.check_text(name, "a queue or type name")
         return await self._write(
-            pg_schema.claim, worker, queues, types, n, self._now(now), lease_ttl, weight=n
+            pg_caps.claim,
+            worker,
+            queues,
+            types,
+            n,
+            self._now(now),
+            lease_ttl,
+            aging,
+            note,
+            weight=n,
         )
+
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        pg_schema.check_text(cap.name, "a queue or type name")
+        return await self._write(pg_caps.set_cap, cap, self._now(now))
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        pg_schema.check_text(name, "a queue or type name")
+        return await self._write(pg_caps.remove_cap, kind, name)
+
+    async def list_caps(self) -> builtins.list[Cap]:
+        return await self._read(pg_caps.list_caps)
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        pg_schema.check_text(name, "a queue or type name")
+        return await self._read(pg_caps.running, kind, name, limit)
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
         for outcome in outcomes:

@@ -195,6 +195,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
         WHERE state IN ('succeeded', 'dead', 'cancelled');
     """,
+    # 8: concurrency and rate caps per queue or task type (tq.store.schema_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        concurrency INTEGER,
+        rate        REAL,
+        burst       REAL,
+        tokens      REAL NOT NULL,
+        refilled_at REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -67,7 +67,15 @@ from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Una
 from tq.core.retention import RetentionPolicy
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import deps_sql, retention_sql, schedule_sql, schema, schema_auth, schema_ops
+from tq.store import (
+    deps_sql,
+    retention_sql,
+    schedule_sql,
+    schema,
+    schema_auth,
+    schema_caps,
+    schema_ops,
+)
 from tq.store.base import (
     ClusterState,
     OutcomeResult,
@@ -76,6 +84,7 @@ from tq.store.base import (
     StoreStats,
     SubmitResult,
 )
+from tq.store.claimplan import Aging, Cap, CapNote
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,6 +264,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
         if lease_ttl <= 0:
             raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
@@ -262,7 +273,21 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return []
         queues = list(dict.fromkeys(queues))
         types = None if types is None else list(dict.fromkeys(types))
-        return await self._write(schema.claim, worker, queues, types, n, now, lease_ttl, weight=n)
+        return await self._write(
+            schema_caps.claim, worker, queues, types, n, now, lease_ttl, aging, note, weight=n
+        )
+
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        return await self._write(schema_caps.set_cap, cap, now)
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        return await self._write(schema_caps.remove_cap, kind, name)
+
+    async def list_caps(self) -> list[Cap]:
+        return await self._read(schema_caps.list_caps)
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        return await self._read(schema_caps.running, kind, name, limit)
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
         for outcome in outcomes:
