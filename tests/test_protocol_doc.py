@@ -267,7 +267,14 @@ async def _required_for(broker: RunningBroker, row: Row, base: dict[str, Any]) -
 
 
 # spec fields a task map does not show (tq workflow show and tq explain show dependencies)
-NOT_ON_THE_TASK = {"depends_on", "on_dependency_failure", "input", "result_key"}
+NOT_ON_THE_TASK = {
+    "depends_on",
+    "on_dependency_failure",
+    "input",
+    "result_key",
+    "unique_for",
+    "unique_key",
+}
 
 
 @pytest.mark.trio

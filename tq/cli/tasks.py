@@ -186,6 +186,25 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    unique_for: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-for",
+            help="A unique task: while a task of the same type and payload (or --unique-key) "
+            "in the queue is unfinished, or for this long after it was submitted (1h, 30m, "
+            "7d, seconds), submitting again prints that task's id instead of adding one.",
+            show_default=False,
+        ),
+    ] = None,
+    unique_key: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-key",
+            help="With --unique-for: the key that makes tasks the same (default: the "
+            "type and the payload).",
+            show_default=False,
+        ),
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(
@@ -220,6 +239,8 @@ def submit(
       cat jobs.jsonl | tq submit - | jq -r .id
 
       tq submit notify --depends-on ID1 --depends-on ID2
+
+      tq submit export --payload '{"day": "2026-12-05"}' --unique-for 1d
 
       tq submit --workflow thumbnails.json
 
@@ -256,6 +277,8 @@ def submit(
         value = parse_json(payload, "--payload")
     elif payload_file is not None:
         value = _read_payload_file(payload_file)
+    if unique_key is not None and unique_for is None:
+        fail("--unique-key goes with --unique-for (how long the key is held)", exits.USAGE)
     options: dict[str, Any] = {
         "queue": queue,
         "priority": priority,
@@ -264,6 +287,8 @@ def submit(
         "idempotency_key": key,
         "depends_on": depends_on or None,
         "on_dependency_failure": on_dependency_failure,
+        "unique_for": None if unique_for is None else _duration(unique_for, "--unique-for"),
+        "unique_key": unique_key,
     }
 
     def body() -> None:
@@ -274,9 +299,25 @@ def submit(
         task_id = answer["id"]
         if "warning" in answer:
             say(f"tq: warning: {answer['warning']}", err=True)
-        emit_text({"id": task_id}, text_mode(output, as_json), task_id)
+        if not answer.get("created", True):
+            say(
+                f"tq: not submitted again: task {task_id} holds the same "
+                f"{'unique key' if unique_for is not None else 'idempotency key'}",
+                err=True,
+            )
+        data = {"id": task_id, "created": bool(answer.get("created", True))}
+        emit_text(data, text_mode(output, as_json), task_id)
 
     run_guarded(body)
+
+
+def _duration(text: str, what: str) -> float:
+    from tq.core.units import seconds
+
+    try:
+        return seconds(text, what)
+    except ValueError as exc:
+        fail(str(exc), exits.USAGE)
 
 
 def _submit_workflow(
