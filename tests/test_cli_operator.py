@@ -355,7 +355,7 @@ def test_output_formats_of_the_text_commands(broker: BrokerProcess, tmp_path: Pa
     import yaml
 
     task = yaml.safe_load(ok(broker, "submit", "echo", "-p", '{"a": 1}', "--output", "yaml"))
-    assert set(task) == {"id"}
+    assert task == {"id": task["id"], "created": True}
     waited = yaml.safe_load(ok(broker, "wait", task["id"], "--output", "yaml"))
     assert waited["state"] == "succeeded" and waited["result"] == {"a": 1}
     assert json.loads(ok(broker, "wait", task["id"], "--output", "jsonl"))["id"] == task["id"]

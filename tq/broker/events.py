@@ -66,13 +66,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tq.broker")
 
-TOPICS = ("tasks", "workers", "counts")
+TOPICS = ("tasks", "workers", "counts", "progress")
 SUBSCRIPTION_REQUESTS = frozenset({"subscribe", "unsubscribe"})
 DETAIL_LIMIT = 100  # changes listed one by one in a tasks event; beyond: totals only
 SUBSCRIBER_BUFFER = 256  # events queued per subscriber before it is lagging
 FLUSH_INTERVAL = 0.1  # seconds: at most one tasks event per interval
 COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
 COUNTS_REFRESH = 10.0  # seconds: ... and at least this often (changes no hook saw)
+PROGRESS_INTERVAL = 1.0  # seconds: at most one progress event per interval
 
 COUNTS_SLOT: dict[str, Any] = {"topic": "counts"}  # queued in place of a counts event
 
@@ -160,6 +161,10 @@ class EventBus:
         self._counted_at = float("-inf")  # trio clock of the last count
         self._flush_wake = trio.Event()
         self._counts_wake = trio.Event()
+        self._want_progress = False
+        self._progress: dict[str, tuple[float, str | None]] = {}  # latest per task
+        self._progress_more = 0  # reports beyond DETAIL_LIMIT tasks since the last event
+        self._progress_wake = trio.Event()
         self.events_sent = 0  # events built (each offered to every interested subscriber)
 
     # -- subscribers ---------------------------------------------------
@@ -183,6 +188,10 @@ class EventBus:
         self._want_tasks = any("tasks" in s.topics for s in subs)
         self._want_counts = any("counts" in s.topics for s in subs)
         self._want_workers = any("workers" in s.topics for s in subs)
+        self._want_progress = any("progress" in s.topics for s in subs)
+        if not self._want_progress:
+            self._progress.clear()
+            self._progress_more = 0
         if not self._want_tasks:
             self._changes.clear()
             self._totals.clear()
@@ -281,6 +290,19 @@ class EventBus:
             changes.append((task.id, task.type, task.queue, before, task.state.value))
         self._add(changes)
 
+    def progressed(self, reports: dict[str, tuple[float, str | None]]) -> None:
+        """Running tasks reported progress (task id -> fraction, message); only the
+        latest per task is kept until the next progress event (coalesced)."""
+        if not self._want_progress or not reports:
+            return
+        latest = self._progress
+        for task_id, value in reports.items():
+            if task_id in latest or len(latest) < DETAIL_LIMIT:
+                latest[task_id] = value
+            else:
+                self._progress_more += 1
+        self._progress_wake.set()
+
     def worker(self, kind: str, worker: WorkerInfo | str, registry: WorkerRegistry) -> None:
         """A worker joined, left (disconnected), was lost (forgotten) or sent a heartbeat."""
         if not self._want_workers:
@@ -321,6 +343,7 @@ class EventBus:
         """Flush task changes, recount counts, retry lagged markers; forever."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_loop)
+            nursery.start_soon(self._progress_loop)
             nursery.start_soon(self._counts_loop, store.stats)
 
     async def _flush_loop(self) -> None:
@@ -329,6 +352,29 @@ class EventBus:
             self._flush_wake = trio.Event()
             self.flush()
             await trio.sleep(FLUSH_INTERVAL)  # coalesce whatever arrives meanwhile
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await self._progress_wake.wait()
+            self._progress_wake = trio.Event()
+            self.flush_progress()
+            await trio.sleep(PROGRESS_INTERVAL)  # coalesce: the latest per task wins
+
+    def flush_progress(self) -> None:
+        """Send the latest progress per task as one ``progress`` event."""
+        if not (self._progress or self._progress_more):
+            return
+        event = {
+            "topic": "progress",
+            "time": self.clock(),
+            "tasks": [
+                {"id": task_id, "progress": value[0], "message": value[1]}
+                for task_id, value in self._progress.items()
+            ],
+            "more": self._progress_more,
+        }
+        self._progress, self._progress_more = {}, 0
+        self._offer("progress", event)
 
     def flush(self) -> None:
         """Send the buffered task changes as one ``tasks`` event."""

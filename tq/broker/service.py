@@ -43,6 +43,7 @@ from tq.core.errors import (
     TQError,
     Unavailable,
 )
+from tq.core.progress import parse as parse_progress
 from tq.core.retention import RetentionPolicy
 from tq.core.states import is_terminal
 from tq.core.task import (
@@ -596,12 +597,21 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             if not isinstance(item, list | tuple) or len(item) != 2 or not isinstance(item[0], str):
                 raise InvalidRequest("heartbeat leases must be [task id, token] pairs")
             leases.append((item[0], whole(item[1], "heartbeat lease token", hi=MAX_TOKEN)))
+        progress = parse_progress(msg.get("progress"), dict(leases))
         stats = msg.get("stats")
         self.workers.seen(worker_id, self.clock(), stats if isinstance(stats, dict) else None)
         self.events.worker("heartbeat", worker_id, self.workers)
         if not leases:
             return []
-        return await self.store.extend_leases(worker_id, leases, self.clock(), self.lease_ttl)
+        lost = await self.store.extend_leases(
+            worker_id, leases, self.clock(), self.lease_ttl, progress
+        )
+        if progress:
+            gone = set(lost)
+            self.events.progressed(
+                {task_id: value for task_id, value in progress.items() if task_id not in gone}
+            )
+        return lost
 
     async def get(self, task_id: str, principal: Principal | None = None) -> Task:
         task = await self.store.get(task_id)

@@ -252,6 +252,16 @@ def progress(description: str, total: int | None = None) -> Iterator[_NoProgress
         yield _Progress(bar, bar.add_task(description, total=total))
 
 
+def progress_text(task: Mapping[str, Any]) -> str:
+    """``40% page 4/10``: a task's last reported progress (the caller makes it inert)."""
+    value = task.get("progress")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return ""
+    message = task.get("progress_message")
+    percent = f"{100 * min(1.0, max(0.0, float(value))):.0f}%"
+    return f"{percent} {message}" if isinstance(message, str) and message else percent
+
+
 def kv_table(rows: Iterable[tuple[str, Any]]) -> Any:
     from rich.table import Table
 
@@ -308,6 +318,8 @@ def task_rows(task: Mapping[str, Any]) -> list[tuple[str, Any]]:
     ]
     if task.get("run_at") and task["state"] in ("failed", "scheduled"):
         rows.append(("next run", fmt_time(task["run_at"])))
+    if task.get("progress") is not None:
+        rows.append(("progress", progress_text(task)))
     if error:
         rows.append(("error", f"{error['type']}: {error['message']}"))
         if error.get("traceback"):

@@ -24,7 +24,9 @@ class SyncMethods:
     def submit(self, type: str, payload: Any = None, **options: Any) -> str:
         """Submit one task; its id (``options``: queue, priority, max_retries, timeout,
         idempotency_key, retry_base, retry_cap, trace, depends_on, on_dependency_failure,
-        delay (seconds), run_at (epoch seconds): a delayed task waits as scheduled)."""
+        delay (seconds), run_at (epoch seconds): a delayed task waits as scheduled,
+        unique_for, unique_key). A duplicate (idempotency_key, unique_for) answers the
+        existing task's id: ``submit_items`` says which ones were (``created``)."""
         ids = self.submit_many([api.task_spec(type, payload, **options)])
         return ids[0]
 

@@ -17,10 +17,13 @@ from tq import __version__
 from tq.core.states import State
 from tq.core.task import (
     MAX_NUMBER,
+    MAX_PROGRESS_MESSAGE,
     MAX_RETRIES,
     MAX_SUBMIT,
     MAX_TRACE_FIELDS,
     MAX_TRACE_VALUE,
+    MAX_UNIQUE_FOR,
+    MAX_UNIQUE_KEY,
     MAX_WARNINGS,
     Task,
 )
@@ -157,6 +160,20 @@ SCHEMAS: dict[str, Any] = {
                 "description": "Epoch seconds (UTC) before which the task may not run, at most "
                 "10 years ahead; with delay, the later of the two (not with depends_on).",
             },
+            "unique_for": {
+                **_SECONDS,
+                "maximum": MAX_UNIQUE_FOR,
+                "description": "Seconds: a submit of the same unique key in the same queue while "
+                "the task that holds it is unfinished, or within this many seconds after it "
+                "was submitted, answers that task's id (created false) instead.",
+            },
+            "unique_key": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": MAX_UNIQUE_KEY,
+                "description": "With unique_for: the key (default: the type and the payload, "
+                "map keys in any order).",
+            },
         },
     },
     "Workflow": {
@@ -173,7 +190,8 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "created": {
                 "type": "boolean",
-                "description": "false: an existing task had the same idempotency_key",
+                "description": "false: an existing task had the same idempotency_key, "
+                "or holds the same unique key (unique_for)",
             },
             "warning": {
                 "type": "string",
@@ -215,6 +233,18 @@ SCHEMAS: dict[str, Any] = {
             "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
             "idempotency_key": {"type": ["string", "null"]},
             "trace": _TRACE,
+            "progress": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": 1,
+                "description": "The latest fraction its handler reported (cleared when an "
+                "attempt is leased, kept when it ends).",
+            },
+            "progress_message": {
+                "type": ["string", "null"],
+                "maxLength": MAX_PROGRESS_MESSAGE,
+                "description": "The message reported with it (the handler's text: show inert).",
+            },
         },
     },
     "TaskPage": {
@@ -909,7 +939,8 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "topics",
                         "in": "query",
-                        "description": "Comma-separated: tasks, counts, workers (default all).",
+                        "description": "Comma-separated: tasks, counts, workers, progress "
+                        "(default all).",
                         "schema": {"type": "string"},
                     }
                 ],

@@ -29,7 +29,7 @@ import builtins
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -216,9 +216,17 @@ class Store(Protocol):
         ...
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
-        """Extend the given (id, token) leases; return the ids whose lease is lost."""
+        """Extend the given (id, token) leases; return the ids whose lease is lost.
+
+        ``progress`` (task id -> fraction 0..1, message) is stored on the tasks whose
+        lease this call found live, in the same transaction; others' is dropped."""
         ...
 
     async def release_expired(self, now: float) -> list[str]:

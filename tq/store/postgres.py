@@ -65,7 +65,7 @@ from __future__ import annotations
 import builtins
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -88,6 +88,7 @@ from tq.store import (
     retention_sql,
     schedule_sql,
     schema_ops,
+    unique_sql,
 )
 from tq.store.base import (
     BrokerSelf,
@@ -107,6 +108,13 @@ def _pg_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitR
 
 
 _DIALECT = schedule_sql.Dialect("postgresql", _pg_insert)
+
+
+def _insert_any(conn: Any, d: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    """Insert specs with or without dependencies or due times (for tq.store.unique_sql)."""
+    if deps_sql.needed(specs):
+        return deps_sql.submit(conn, d, specs, now)
+    return _pg_insert(conn, specs, now)
 
 
 # Writes that may finish a task settle its dependents in the same transaction.
@@ -320,6 +328,16 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
+        if unique_sql.has_unique(specs):  # keys held too: tq.store.unique_sql
+            unique_sql.check(specs)
+            pg_schema.prepare_rows(specs, now)  # every limit checked before the transaction
+            for spec in specs:
+                pg_schema.check_text(spec.unique_key, "task unique_key")
+                for dep in spec.depends_on or ():
+                    pg_schema.check_text(dep, "a dependency's task id")
+            return await self._write(
+                unique_sql.submit, _DIALECT, list(specs), now, _insert_any, weight=len(specs)
+            )
         if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
             for spec in specs:
                 for dep in spec.depends_on or ():
@@ -394,7 +412,12 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         return await self._write(_complete, list(outcomes), self._now(now), weight=len(outcomes))
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
         if not leases:
             return []
@@ -407,6 +430,7 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             list(leases),
             self._now(now),
             lease_ttl,
+            dict(progress) if progress else None,
             weight=len(leases),
         )
 

@@ -55,7 +55,7 @@ import builtins
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -75,6 +75,7 @@ from tq.store import (
     schema_auth,
     schema_caps,
     schema_ops,
+    unique_sql,
 )
 from tq.store.base import (
     ClusterState,
@@ -97,6 +98,13 @@ def _sqlite_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[Sub
 
 
 _DIALECT = schedule_sql.Dialect("sqlite", _sqlite_insert)
+
+
+def _insert_any(conn: Any, d: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    """Insert specs with or without dependencies or due times (for tq.store.unique_sql)."""
+    if deps_sql.needed(specs):
+        return deps_sql.submit(conn, d, specs, now)
+    return _sqlite_insert(conn, specs, now)
 
 
 # Writes that may finish a task settle its dependents in the same transaction.
@@ -246,6 +254,11 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
         if not specs:
             return []
+        if unique_sql.has_unique(specs):  # keys held too: tq.store.unique_sql
+            unique_sql.check(specs)
+            return await self._write(
+                unique_sql.submit, _DIALECT, list(specs), now, _insert_any, weight=len(specs)
+            )
         if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
             return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
         rows: list[list[Any]] = []
@@ -301,13 +314,24 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         return await self._write(_complete, list(outcomes), now, weight=len(outcomes))
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
         """Extend leases ``worker`` holds; a lease held by another worker counts as lost."""
         if not leases:
             return []
         return await self._write(
-            schema.extend_leases, worker, list(leases), now, lease_ttl, weight=len(leases)
+            schema.extend_leases,
+            worker,
+            list(leases),
+            now,
+            lease_ttl,
+            dict(progress) if progress else None,
+            weight=len(leases),
         )
 
     async def release_expired(self, now: float) -> list[str]:

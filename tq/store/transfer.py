@@ -38,7 +38,8 @@ CHUNK = 2000  # rows read and written at a time
 TASK_COLUMNS = (
     "seq, id, type, queue, payload, priority, state, attempts, max_retries, timeout, "
     "retry_base, retry_cap, created_at, started_at, finished_at, run_at, worker, lease_token, "
-    "lease_expires_at, result, error, idempotency_key, trace, deps_left, dep_policy, dep_input"
+    "lease_expires_at, result, error, idempotency_key, trace, deps_left, dep_policy, dep_input, "
+    "progress, progress_message"
 )
 KEY_COLUMNS = "id, name, role, queues, created_at, expires_at, revoked_at, kdf, salt, hash"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"
@@ -48,6 +49,7 @@ TABLES = (
     ("audit", AUDIT_COLUMNS, "seq"),
     ("queues", "name, paused_at", "name"),  # paused queues stay paused
     ("task_deps", "task, depends_on, pos, done", "task, depends_on"),  # blocked stay blocked
+    ("task_unique", "queue, key, task, until", "queue, key"),  # unique keys stay held
 )
 
 Progress = Callable[[str, int], None]  # (table, rows copied so far)

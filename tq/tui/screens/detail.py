@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from rich.table import Table
@@ -76,6 +77,20 @@ class TaskScreen(ConsoleScreen):
         if touched and self._reload_timer is None:
             self._reload_timer = self.set_timer(0.3, self._timed_reload)
 
+    def task_progress(self, event: Event) -> None:
+        """A progress event: this task's latest progress, shown at once (no reload)."""
+        task = self.task_data
+        for item in event.data.get("tasks") or ():
+            if task is not None and item.get("id") == self.task_id:
+                fraction, message = item.get("progress"), item.get("message")
+                if isinstance(fraction, int | float) and not isinstance(fraction, bool):
+                    self.task_data = replace(
+                        task,
+                        progress=float(fraction),
+                        progress_message=message if isinstance(message, str) else None,
+                    )
+                    self.refresh_view()
+
     def _timed_reload(self) -> None:
         self._reload_timer = None
         self.action_reload()
@@ -105,6 +120,8 @@ class TaskScreen(ConsoleScreen):
             f"{task.attempts} of {task.max_retries + 1} run{'s' if task.max_retries else ''} "
             f"allowed (max_retries {task.max_retries})",
         )
+        if task.progress is not None:
+            grid.add_row("progress", fmt.progress(task.progress, task.progress_message))
         grid.add_row("timeout", f"{task.timeout:g}s")
         grid.add_row("created", fmt.when(task.created_at, tz, date=True))
         grid.add_row("started", fmt.when(task.started_at, tz, date=True))
