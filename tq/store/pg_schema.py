@@ -48,6 +48,7 @@ from tq.core.retry import RetryPolicy
 from tq.core.states import TERMINAL, Event, next_state
 from tq.core.task import Lease, Outcome, Task, TaskError, TaskSpec
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import PG_MIGRATION as HISTORY_MIGRATION
 from tq.store.schema import (
     _CLAIMED,
     _DUE_TARGET,
@@ -229,6 +230,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy text;
     ALTER TABLE tasks ADD COLUMN dep_input text;
 """,
+    # task history (tq.store.history_sql): every transition, written by triggers.
+    HISTORY_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -52,6 +52,7 @@ from tq.core.task import (
 )
 from tq.core.values import check_plain, readable
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import SQLITE_MIGRATION as HISTORY_MIGRATION
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the tasks table and the indexes that keep every hot query O(log n).
@@ -189,6 +190,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy TEXT;
     ALTER TABLE tasks ADD COLUMN dep_input TEXT;
 """,
+    # task history (tq.store.history_sql): every transition, written by triggers.
+    HISTORY_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
