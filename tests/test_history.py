@@ -77,6 +77,7 @@ def test_cli_history_as_a_table_and_json_lines(tmp_path: Path) -> None:
     with BrokerProcess(tmp_path / "broker") as broker:
         with broker.client() as client:
             task_id = client.submit("echo", 1)
+            then = client.submit("echo", 2, depends_on=[task_id])
             client.cancel(task_id)
 
         def tq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,5 +95,17 @@ def test_cli_history_as_a_table_and_json_lines(tmp_path: Path) -> None:
         assert table.returncode == 0, table.stderr
         assert "submitted" in table.stdout and "cancelled" in table.stdout
         assert "key:" in table.stdout
+        after = [json.loads(line) for line in tq("history", then).stdout.splitlines()]
+        assert [(r["event"], r["actor"]) for r in after][-1] == (
+            "cancelled",
+            f"dependency:{task_id}",
+        )
+        status = tq("status", then, "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["depends_on"] == [{"id": task_id, "state": "cancelled"}]
+        status = tq("status", task_id, "--json")
+        assert json.loads(status.stdout)["dependents"] == [{"id": then, "state": "cancelled"}]
+        status = tq("status", task_id, "--output", "table")
+        assert "dependents" in status.stdout and then in status.stdout
         missing = tq("history", "no-such-task")
         assert missing.returncode == 3 and "no-such-task" in missing.stderr

@@ -156,3 +156,27 @@ async def test_a_batched_submit_records_every_task(store: Any) -> None:
         "leased",
         "succeeded",
     ]
+
+
+async def test_migrate_copies_history_both_ways(tmp_path: Any, pg_url: str) -> None:
+    import trio
+
+    from tq.store.postgres import open_postgres_store
+    from tq.store.sqlite import open_sqlite_store
+    from tq.store.transfer import copy_store
+
+    source = tmp_path / "src.db"
+    async with open_sqlite_store(source) as s:
+        [res] = await s.submit([TaskSpec(type="t")], NOW, actor="key:m")
+        await s.cancel(res.id, NOW + 1, actor="key:c")
+        before = await s.history(res.id)
+    await trio.to_thread.run_sync(copy_store, f"sqlite://{source}", pg_url)
+    async with open_postgres_store(pg_url) as pg:
+        assert await pg.history(res.id) == before
+        await pg.retry(res.id, NOW + 2, actor="key:r")
+        after = await pg.history(res.id)
+        assert after[:2] == before and (after[2].n, after[2].event) == (3, "retried")
+    back = tmp_path / "back.db"
+    await trio.to_thread.run_sync(copy_store, pg_url, f"sqlite://{back}")
+    async with open_sqlite_store(back) as s:
+        assert await s.history(res.id) == after

@@ -1,5 +1,5 @@
-"""Copy a whole store to another (``tq migrate``): tasks, API keys, the audit log and
-queue settings (which queues are paused).
+"""Copy a whole store to another (``tq migrate``): tasks (with their dependencies and
+history), API keys, the audit log and queue settings (which queues are paused).
 
     result = copy_store("sqlite:///var/lib/tq/tq.db", "postgresql://tq@db/tq")
 
@@ -42,12 +42,15 @@ TASK_COLUMNS = (
 )
 KEY_COLUMNS = "id, name, role, queues, created_at, expires_at, revoked_at, kdf, salt, hash"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"
+HISTORY_COLUMNS = "task, n, at, event, state, actor, worker, token, error, run_at, priority"
 TABLES = (
     ("tasks", TASK_COLUMNS, "seq"),
     ("api_keys", KEY_COLUMNS, "id"),
     ("audit", AUDIT_COLUMNS, "seq"),
     ("queues", "name, paused_at", "name"),  # paused queues stay paused
     ("task_deps", "task, depends_on, pos, done", "task, depends_on"),  # blocked stay blocked
+    # the source's history replaces what the destination's triggers wrote for the copy
+    ("task_history", HISTORY_COLUMNS, "task, n"),
 )
 
 Progress = Callable[[str, int], None]  # (table, rows copied so far)
@@ -85,6 +88,8 @@ def copy_store(source: str, destination: str, progress: Progress | None = None) 
         writer.begin()
         try:
             for table, columns, order in TABLES:
+                if table == "task_history":
+                    writer.clear(table)
                 copied = 0
                 for chunk in reader.chunks(table, columns, order):
                     writer.insert(table, columns, chunk)
@@ -176,6 +181,9 @@ class _SQLite:
         marks = ", ".join("?" * (columns.count(",") + 1))
         self.conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", chunk)
 
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}").fetchall()
+
     def after_copy(self) -> None:
         pass
 
@@ -261,6 +269,9 @@ class _Postgres:
             cursor.executemany(
                 f"INSERT INTO {table} ({columns}){overriding} VALUES ({marks})", chunk
             )
+
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}")
 
     def after_copy(self) -> None:
         """Identity columns continue after the copied rows."""
