@@ -80,7 +80,7 @@ _RUN_AT = "CASE WHEN NEW.state IN ('failed', 'scheduled') THEN NEW.run_at END"
 # store's writer connection (WRITER_SETUP), reading the note from a TEMP table: the note
 # then lives in memory, so an operation that changes nothing (an idle timer, an empty
 # claim) writes nothing to the database file. Only the writer changes tasks.
-SQLITE_MIGRATION = """
+SQLITE_MIGRATION = f"""
     CREATE TABLE task_history (
         task     INTEGER NOT NULL,
         n        INTEGER NOT NULL,
@@ -101,14 +101,22 @@ SQLITE_MIGRATION = """
     BEGIN
         DELETE FROM task_history WHERE task = OLD.seq;
     END;
+    CREATE TRIGGER task_history_bound AFTER INSERT ON task_history
+    WHEN NEW.n > {MAX_HISTORY}
+    BEGIN
+        DELETE FROM task_history WHERE task = NEW.task AND n = NEW.n - {MAX_HISTORY - 1};
+    END;
 """
-SQLITE_WRITER_SETUP = f"""
+_SQLITE_NOTE_TABLE = """
     CREATE TEMP TABLE history_note (
         one   INTEGER PRIMARY KEY CHECK (one = 1),
         at    REAL,
         actor TEXT
     );
     INSERT INTO temp.history_note (one, at, actor) VALUES (1, NULL, NULL);
+"""
+SQLITE_TRIGGERS = ("tasks_history_insert", "tasks_history_state", "tasks_history_priority")
+SQLITE_WRITER_TRIGGERS = f"""
     CREATE TEMP TRIGGER tasks_history_insert AFTER INSERT ON main.tasks
     BEGIN
         INSERT INTO main.task_history (task, n, at, event, state, actor, priority, run_at)
@@ -127,9 +135,6 @@ SQLITE_WRITER_SETUP = f"""
                {_WORKER}, {_TOKEN}, {_ERROR.replace("IS DISTINCT FROM", "IS NOT")}, {_RUN_AT},
                NEW.priority
         FROM temp.history_note AS h WHERE h.one = 1;
-        DELETE FROM main.task_history WHERE task = NEW.seq AND n > 1
-            AND n = (SELECT max(n) FROM main.task_history WHERE task = NEW.seq)
-                    - {MAX_HISTORY - 1};
     END;
     CREATE TEMP TRIGGER tasks_history_priority AFTER UPDATE OF priority ON main.tasks
     WHEN NEW.priority IS NOT OLD.priority AND NEW.state IS OLD.state
@@ -140,11 +145,9 @@ SQLITE_WRITER_SETUP = f"""
                coalesce(h.at, unixepoch('subsec')), 'priority', NEW.state, h.actor,
                NEW.priority
         FROM temp.history_note AS h WHERE h.one = 1;
-        DELETE FROM main.task_history WHERE task = NEW.seq AND n > 1
-            AND n = (SELECT max(n) FROM main.task_history WHERE task = NEW.seq)
-                    - {MAX_HISTORY - 1};
     END;
 """
+SQLITE_WRITER_SETUP = _SQLITE_NOTE_TABLE + SQLITE_WRITER_TRIGGERS
 
 # PostgreSQL: inserts and deletes as statement triggers over transition tables (a bulk
 # submit or purge pays one statement, not one function call per row); state and
@@ -215,6 +218,13 @@ PG_MIGRATION = f"""
               OLD.state)
         EXECUTE FUNCTION tq_history_change();
 """
+
+PG_TRIGGERS = (
+    "tasks_history_insert",
+    "tasks_history_delete",
+    "tasks_history_state",
+    "tasks_history_priority",
+)
 
 # -- the note: who and when, set around each write operation ----------------------------
 
