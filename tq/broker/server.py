@@ -550,9 +550,11 @@ class Session:
             return {"explain": await self.service.explain(_task_id(msg), self.principal)}
         if q == "workflow":
             return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
+        if q == "history":
+            return await self.service.history(_task_id(msg), self.principal)
         raise InvalidRequest(
             f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain, "
-            "workflow"
+            "workflow, history"
         )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:

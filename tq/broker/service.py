@@ -28,7 +28,7 @@ import trio
 
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
-from tq.broker.auth import Auth, actor_of
+from tq.broker.auth import Auth, actor_of, history_actor
 from tq.broker.caps import CapOps
 from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
@@ -458,7 +458,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             await self._check_keys_queues(specs, principal)
         self._check_payloads(specs)
         delayed = _check_due(specs, self.clock())
-        results = await self.store.submit(specs, self.clock())
+        results = await self.store.submit(specs, self.clock(), actor=history_actor(principal))
         self.counters["submitted"] += sum(r.created for r in results)
         self.activity.submit_latency.observe(trio.current_time() - arrived)
         now = self.clock()
@@ -676,7 +676,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
     async def cancel(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
         before = await self.events.state_before(self.store, task_id)
-        task = await self.store.cancel(task_id, self.clock())
+        task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
         self.fire([task_id])
@@ -686,7 +686,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
     async def retry(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
         before = await self.events.state_before(self.store, task_id)
-        task = await self.store.retry(task_id, self.clock())
+        task = await self.store.retry(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()
         self.fire([task_id])
@@ -699,7 +699,9 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         """Change the priority of a task waiting to run (no state change: no event)."""
         value = parse_priority(priority)
         await self._check_task_queue(task_id, principal)
-        return await self.store.set_priority(task_id, value)
+        return await self.store.set_priority(
+            task_id, value, now=self.clock(), actor=history_actor(principal)
+        )
 
     async def _check_task_queue(self, task_id: str, principal: Principal | None) -> None:
         if principal is not None and principal.queues is not None:

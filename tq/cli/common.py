@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -324,4 +324,18 @@ def task_rows(task: Mapping[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("error", f"{error['type']}: {error['message']}"))
         if error.get("traceback"):
             rows.append(("traceback", error["traceback"].rstrip()))
+    for key, label in (("depends_on", "depends on"), ("dependents", "dependents")):
+        if task.get(key):
+            rows.append((label, linked(task[key])))
     return rows
+
+
+MAX_LINKED = 20  # linked tasks a status table lists (JSON gives all)
+
+
+def linked(tasks: Sequence[Mapping[str, Any]]) -> str:
+    """Linked tasks, one "id  state" a line (at most MAX_LINKED, then a count)."""
+    lines = [f"{t['id']}  {t.get('state') or '(not visible)'}" for t in tasks[:MAX_LINKED]]
+    if len(tasks) > MAX_LINKED:
+        lines.append(f"... and {len(tasks) - MAX_LINKED} more (--json lists all)")
+    return "\n".join(lines)

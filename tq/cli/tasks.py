@@ -446,11 +446,16 @@ def status(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Show one task: state, attempts, payload, result or error."""
+    """Show one task: state, attempts, payload, result or error, and the tasks it
+    depends on and that depend on it, with their states (JSON: "depends_on" and
+    "dependents", present when it has any)."""
 
     def body() -> None:
+        from tq.cli.workflows import dependency_links
+
         with _client(broker, ca, insecure, api_key) as client:
             task = client.get(task_id).to_dict()
+            task.update(dependency_links(client, task_id))
         emit(task, output_mode(output, as_json), lambda t: kv_table(task_rows(t)))
 
     run_guarded(body)

@@ -194,6 +194,10 @@ def explain(task_id: str) -> Call[dict[str, Any]]:
     return Call({"t": "query", "q": "explain", "task": task_id}, lambda r: dict(r["explain"]))
 
 
+def history(task_id: str) -> Call[list[dict[str, Any]]]:
+    return Call({"t": "query", "q": "history", "task": task_id}, lambda r: list(r["history"]))
+
+
 def stats() -> Call[dict[str, Any]]:
     return Call({"t": "query", "q": "stats"}, lambda r: dict(r["stats"]))
 

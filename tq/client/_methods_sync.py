@@ -57,6 +57,12 @@ class SyncMethods:
         "truncated"}``."""
         return self._call(api.workflow(task_id))
 
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every transition of the task, oldest first: maps with ``n``, ``at``,
+        ``event``, ``state``, ``actor``, ``worker``, ``token``, ``error``, ``run_at``,
+        ``priority`` (docs/PROTOCOL.md, query "history")."""
+        return self._call(api.history(task_id))
+
     def explain(self, task_id: str) -> dict[str, Any]:
         """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
         return self._call(api.explain(task_id))

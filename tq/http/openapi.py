@@ -247,6 +247,41 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Transition": {
+        "type": "object",
+        "description": "One transition of a task (docs/PROTOCOL.md, query history).",
+        "required": [
+            "n",
+            "at",
+            "event",
+            "state",
+            "actor",
+            "worker",
+            "token",
+            "error",
+            "run_at",
+            "priority",
+        ],
+        "properties": {
+            "n": {"type": "integer", "minimum": 1, "description": "1, 2, ... per task."},
+            "at": {"type": "number", "description": "Unix time, seconds."},
+            "event": {
+                "type": "string",
+                "description": "submitted, blocked, leased, released, lease_lost, failed, "
+                "succeeded, dead, cancelled, retried, promoted, unblocked, scheduled, priority",
+            },
+            "state": _STATE,
+            "actor": {
+                "type": ["string", "null"],
+                "description": "key:ID, anonymous, dependency:ID, schedule[:NAME], or null.",
+            },
+            "worker": {"type": ["string", "null"]},
+            "token": {"type": ["integer", "null"], "description": "The lease token."},
+            "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
+            "run_at": _NUMBER_OR_NULL,
+            "priority": {"type": ["integer", "null"]},
+        },
+    },
     "TaskPage": {
         "type": "object",
         "required": ["tasks", "next_cursor"],
@@ -763,6 +798,28 @@ def _paths() -> dict[str, Any]:
                             },
                         },
                         "The workflow around the task.",
+                    ),
+                    **_problems(*_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/tasks/{task_id}/history": {
+            "parameters": [_TASK_ID],
+            "get": _op(
+                "Every transition of the task, oldest first (at most 100 kept: the first and "
+                "the latest; a gap in n counts the dropped ones).",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["task", "history", "limit"],
+                            "properties": {
+                                "task": {"type": "string"},
+                                "history": {"type": "array", "items": _ref("Transition")},
+                                "limit": {"type": "integer"},
+                            },
+                        },
+                        "The task's history.",
                     ),
                     **_problems(*_AUTH, 404, 503),
                 },

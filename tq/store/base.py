@@ -40,6 +40,7 @@ from tq.store.claimplan import Aging, Cap, CapNote
 
 if TYPE_CHECKING:
     from tq.core.schedule import Schedule
+    from tq.store.history_sql import Transition
     from tq.store.schedule_sql import Fired
 
 
@@ -191,8 +192,11 @@ class ClusterState(Protocol):
 class Store(Protocol):
     cluster: ClusterState | None  # None: one broker only (see the module docstring)
 
-    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
-        """Insert tasks as pending; durable when it returns. Idempotency keys dedupe."""
+    async def submit(
+        self, specs: Sequence[TaskSpec], now: float, *, actor: str | None = None
+    ) -> list[SubmitResult]:
+        """Insert tasks as pending; durable when it returns. Idempotency keys dedupe.
+        ``actor`` (here and below): who asked, as the task history records it."""
         ...
 
     async def claim(
@@ -249,21 +253,28 @@ class Store(Protocol):
         """The earliest run_at among failed/scheduled tasks, or None."""
         ...
 
-    async def cancel(self, task_id: str, now: float) -> Task:
+    async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         """Cancel a pending/failed/scheduled/running task. NotFound, InvalidTransition."""
         ...
 
-    async def retry(self, task_id: str, now: float) -> Task:
+    async def retry(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         """Send a failed/dead/cancelled task back to pending."""
         ...
 
-    async def set_priority(self, task_id: str, priority: int) -> Task:
+    async def set_priority(
+        self, task_id: str, priority: int, *, now: float | None = None, actor: str | None = None
+    ) -> Task:
         """Change the priority (0..255) of a task waiting to run (pending, failed,
         scheduled, blocked). NotFound, InvalidTransition for any other state."""
         ...
 
     async def get(self, task_id: str) -> Task:
         """NotFound if there is no such task."""
+        ...
+
+    async def history(self, task_id: str) -> builtins.list[Transition]:
+        """The task's transitions, oldest first (tq.store.history_sql: at most
+        MAX_HISTORY, the first and the latest). NotFound if there is no such task."""
         ...
 
     async def dependencies(self, task_id: str) -> builtins.list[tuple[str, str | None, bool]]:
@@ -375,7 +386,9 @@ class Store(Protocol):
         (tq/store/retention_sql.py)."""
         ...
 
-    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+    async def retry_many(
+        self, state: str, now: float, limit: int, *, actor: str | None = None
+    ) -> builtins.list[str]:
         """Send up to ``limit`` tasks in ``state`` (failed/dead/cancelled), oldest
         first, back to pending as ``retry`` does; their ids."""
         ...

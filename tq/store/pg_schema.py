@@ -48,6 +48,7 @@ from tq.core.retry import RetryPolicy
 from tq.core.states import TERMINAL, Event, next_state
 from tq.core.task import Lease, Outcome, Task, TaskError, TaskSpec
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import PG_MIGRATION as HISTORY_MIGRATION
 from tq.store.schema import (
     _CLAIMED,
     _DUE_TARGET,
@@ -253,6 +254,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
     """,
     # 7: progress and unique tasks (PROGRESS_UNIQUE below)
+    # 8: task history (tq.store.history_sql): every transition, written by triggers
+    # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
 )
 # The latest progress a running task's handler reported (cleared when an attempt is
 # leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
@@ -269,7 +272,7 @@ PROGRESS_UNIQUE = """
         PRIMARY KEY (queue, key)
     );
 """
-MIGRATIONS += (PROGRESS_UNIQUE,)
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS tq_schema (version integer NOT NULL)"

@@ -52,6 +52,7 @@ from tq.core.task import (
 )
 from tq.core.values import check_plain, readable
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import SQLITE_MIGRATION as HISTORY_MIGRATION
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the tasks table and the indexes that keep every hot query O(log n).
@@ -213,6 +214,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
     """,
     # 9: progress and unique tasks (PROGRESS_UNIQUE below)
+    # 10: task history (tq.store.history_sql): every transition, written by triggers
+    # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
 )
 # The latest progress a running task's handler reported (cleared when an attempt is
 # leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
@@ -228,7 +231,7 @@ PROGRESS_UNIQUE = """
         PRIMARY KEY (queue, key)
     ) STRICT, WITHOUT ROWID;
 """
-MIGRATIONS += (PROGRESS_UNIQUE,)
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,5 +1,5 @@
-"""Copy a whole store to another (``tq migrate``): tasks, API keys, the audit log and
-queue settings (which queues are paused).
+"""Copy a whole store to another (``tq migrate``): tasks (with their dependencies and
+history), API keys, the audit log and queue settings (which queues are paused).
 
     result = copy_store("sqlite:///var/lib/tq/tq.db", "postgresql://tq@db/tq")
 
@@ -43,6 +43,7 @@ TASK_COLUMNS = (
 )
 KEY_COLUMNS = "id, name, role, queues, created_at, expires_at, revoked_at, kdf, salt, hash"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"
+HISTORY_COLUMNS = "task, n, at, event, state, actor, worker, token, error, run_at, priority"
 TABLES = (
     ("tasks", TASK_COLUMNS, "seq"),
     ("api_keys", KEY_COLUMNS, "id"),
@@ -50,6 +51,8 @@ TABLES = (
     ("queues", "name, paused_at", "name"),  # paused queues stay paused
     ("task_deps", "task, depends_on, pos, done", "task, depends_on"),  # blocked stay blocked
     ("task_unique", "queue, key, task, until", "queue, key"),  # unique keys stay held
+    # the source's history replaces what the destination's triggers wrote for the copy
+    ("task_history", HISTORY_COLUMNS, "task, n"),
 )
 
 Progress = Callable[[str, int], None]  # (table, rows copied so far)
@@ -87,6 +90,8 @@ def copy_store(source: str, destination: str, progress: Progress | None = None) 
         writer.begin()
         try:
             for table, columns, order in TABLES:
+                if table == "task_history":
+                    writer.clear(table)
                 copied = 0
                 for chunk in reader.chunks(table, columns, order):
                     writer.insert(table, columns, chunk)
@@ -178,6 +183,9 @@ class _SQLite:
         marks = ", ".join("?" * (columns.count(",") + 1))
         self.conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", chunk)
 
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}").fetchall()
+
     def after_copy(self) -> None:
         pass
 
@@ -263,6 +271,9 @@ class _Postgres:
             cursor.executemany(
                 f"INSERT INTO {table} ({columns}){overriding} VALUES ({marks})", chunk
             )
+
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}")
 
     def after_copy(self) -> None:
         """Identity columns continue after the copied rows."""

@@ -1,4 +1,5 @@
-"""One task in full: summary, payload, result, error and traceback; actions on it."""
+"""One task in full: summary, payload, result, error and traceback, the tasks it
+depends on and that depend on it, its history; actions on it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tq.core.task import Task
 from tq.tui import fmt
 from tq.tui.model import why_dead
 from tq.tui.widgets import ConsoleScreen, state_text
+
+MAX_LINKS = 20  # dependencies (and dependents) listed each
 
 
 class TaskScreen(ConsoleScreen):
@@ -36,6 +39,8 @@ class TaskScreen(ConsoleScreen):
         self.task_id = task_id
         self.task_data = task
         self.error: str | None = None
+        self.history: list[dict[str, Any]] = []  # query history rows, oldest first
+        self.links: dict[str, list[dict[str, Any]]] = {}  # tq.core.workflow.links
         self._reload_timer: Any = None
 
     def compose(self) -> ComposeResult:
@@ -45,6 +50,8 @@ class TaskScreen(ConsoleScreen):
             yield Static(id="error", classes="block")  # first: why it failed matters most
             yield Static(id="payload", classes="block")
             yield Static(id="result", classes="block")
+            yield Static(id="links", classes="block")
+            yield Static(id="history", classes="block")
         yield from self.compose_frame_bottom()
 
     def on_mount(self) -> None:
@@ -59,6 +66,19 @@ class TaskScreen(ConsoleScreen):
 
     def action_reload(self) -> None:
         self.console.load_task(self.task_id, self.show_task, self._not_loaded)
+        task_id = self.task_id
+
+        async def extras(client: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            from tq.core.workflow import links
+
+            rows = await client.history(task_id)
+            return rows, links(await client.workflow(task_id), task_id)
+
+        self.console.request("task history", extras, self._show_extras, quiet=True)
+
+    def _show_extras(self, found: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+        self.history, self.links = found
+        self.refresh_view()
 
     reload = action_reload
 
@@ -142,6 +162,31 @@ class TaskScreen(ConsoleScreen):
             if task.error.traceback:
                 error += "\n\n" + task.error.traceback.rstrip()
         self._block("#error", "Error", error)
+        self._block("#links", "Dependencies", self._links_text())
+        self._block("#history", "History", self._history_text(tz))
+
+    def _links_text(self) -> str:
+        lines = []
+        for key, label in (("depends_on", "depends on"), ("dependents", "needed by")):
+            for t in self.links.get(key, ())[:MAX_LINKS]:
+                lines.append(f"{label:<10} {t['id']}  {t.get('state') or '(not visible)'}")
+            if len(self.links.get(key, ())) > MAX_LINKS:
+                lines.append(f"{label:<10} ... {len(self.links[key]) - MAX_LINKS} more")
+        return "\n".join(lines)
+
+    def _history_text(self, tz: Any) -> str:
+        from tq.core.history import details, gaps, who
+
+        lines = []
+        for row, dropped in gaps(self.history):
+            if row is None:
+                lines.append(f"   ... {dropped} transition(s) not kept")
+                continue
+            when = fmt.when(row.get("at"), tz, date=True)
+            more = details(row, lambda ts: fmt.when(ts, tz, date=True))
+            text = f"{row.get('n'):>3} {when}  {row.get('event'):<10} {who(row)}"
+            lines.append(text + (f"  {more}" if more else ""))
+        return "\n".join(lines)
 
     def _block(self, selector: str, title: str, text: str) -> None:
         block = self.query_one(selector, Static)
