@@ -75,6 +75,7 @@ LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
 ANSWER_PER_TASK = 56
 ANSWER_BASE = 64 + MAX_WARNINGS * 700
 MAX_WAIT = 60.0  # seconds a claim or wait may long-poll; longer asks are capped to it
+WAIT_REREAD = 5.0  # a cluster member's wait reads its task again this often (a lost wake-up)
 MAX_COUNT = 2**31 - 1  # hello pid and concurrency
 MAX_TOKEN = 2**63 - 1  # lease tokens are positive 62-bit numbers; larger cannot be one
 MAX_LIST = 10000
@@ -310,6 +311,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
         if self.cluster is not None:
             self.cluster.on_work = self.notify_work
+            self.cluster.on_done = self.fire  # tasks finished through another broker
+            self.cluster.waited = self._waiters
             self.cluster.beats = self.workers.take_beats
 
     @property
@@ -683,11 +686,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         waiter.count += 1
         try:
             with trio.move_on_after(timeout):
+                reread = math.inf
+                if self.cluster is not None:  # hear of it when another broker finishes it
+                    await self.cluster.hear_finished()
+                    reread = WAIT_REREAD
                 while True:
                     event = waiter.event
                     if is_terminal((await self.store.get(task_id)).state):
                         return False
-                    await event.wait()
+                    with trio.move_on_after(reread):
+                        await event.wait()
             return True
         finally:
             waiter.count -= 1
