@@ -517,6 +517,81 @@ async def test_finished_tasks_are_announced_only_while_a_broker_waits(pg_url: st
         assert await finished_notes(pg_url, channel, lambda: succeed(leases[2])) == []
 
 
+@pytest.mark.trio
+async def test_a_subscriber_on_one_broker_sees_the_changes_made_through_another(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Task events on broker B for tasks submitted, claimed and reported through
+    broker A: B's subscriber asks for them through the store, A forwards its events."""
+    with brokers(tmp_path, pg_url, "a", "b") as (a, b):
+        key = key_of([a, b])
+        async with (
+            connect(b, key) as watcher,
+            connect(a, key) as producer,
+            connect(a, key, "w") as worker,
+            watcher.subscribe(["tasks"]) as events,
+        ):
+            with trio.fail_after(10):  # B says, through the store, that it wants changes
+                while not events_lock_holders(pg_url):
+                    await trio.sleep(0.05)
+            seen = False
+            with trio.fail_after(30):  # ... and A hears it at one of its next beats
+                while not seen:
+                    probe = await producer.submit("probe", 1, queue="probes")
+                    with trio.move_on_after(1):
+                        async for event in events:
+                            changes = event.data.get("changes") or ()
+                            if any(c["id"] == probe for c in changes):
+                                seen = True
+                                break
+            task_id = await producer.submit("t", 1)
+            [lease] = await claim(worker)
+            assert (await report(worker, lease, result="seen"))["accepted"]
+            moves: list[tuple[str | None, str | None]] = []
+            with trio.fail_after(20):
+                async for event in events:
+                    if event.topic != "tasks":
+                        continue
+                    moves += [
+                        (c["from"], c["to"]) for c in event.data["changes"] if c["id"] == task_id
+                    ]
+                    if (None, "pending") in moves and ("running", "succeeded") in moves:
+                        break
+    assert moves == [(None, "pending"), ("pending", "running"), ("running", "succeeded")]
+    assert task_id == lease["id"]
+
+
+def events_lock_holders(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+            "objid = hashtext('tq events ' || current_schema())::oid"
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def test_a_large_event_still_fits_in_one_notification() -> None:
+    from tq.store import pg_cluster
+
+    change = {"id": "x" * 36, "type": "t" * 50, "queue": "q", "from": "pending", "to": "running"}
+    event = {
+        "topic": "tasks",
+        "time": 1.0,
+        "changes": [change] * 100,
+        "more": 0,
+        "totals": [{"queue": "q", "from": "pending", "to": "running", "n": 100}],
+    }
+    note = pg_cluster.event_note("b1", event)
+    assert len(note.encode()) <= pg_cluster.NOTE_BYTES
+    parsed = pg_cluster.parse_event(note, "b2")
+    assert parsed is not None and parsed["changes"] == [] and parsed["more"] == 100
+    assert parsed["totals"] == event["totals"]
+    assert pg_cluster.parse_event(note, "b1") is None  # its own
+    many = {**event, "totals": [{"queue": f"q{i}" * 20, "n": 1} for i in range(500)]}
+    bare = pg_cluster.parse_event(pg_cluster.event_note("b1", many), "b2")
+    assert bare is not None and bare["totals"] == [] and bare["more"] == 100
+
+
 def test_finished_ids_fit_in_a_few_notifications() -> None:
     from tq.store import pg_cluster, pg_schema
     from tq.store.base import OutcomeResult

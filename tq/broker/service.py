@@ -313,6 +313,11 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             self.cluster.on_work = self.notify_work
             self.cluster.on_done = self.fire  # tasks finished through another broker
             self.cluster.waited = self._waiters
+            # task events: every broker's changes reach every broker's subscribers
+            self.events.forward = self.cluster.forward_event
+            self.cluster.events_wanted = lambda: self.events.wants_other_brokers
+            self.cluster.on_events_wanted = self.events.set_remote
+            self.cluster.on_events = self._events_from_other_brokers
             self.cluster.beats = self.workers.take_beats
 
     @property
@@ -344,6 +349,10 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
 
     async def wait_due_changed(self) -> None:
         await self._due_changed.wait()
+
+    def _events_from_other_brokers(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.events.from_other_broker(event)
 
     def fire(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:

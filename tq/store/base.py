@@ -166,8 +166,18 @@ class ClusterState(Protocol):
     on_done: Callable[[builtins.list[str]], None] | None  # (in trio) waited tasks finished
     waited: Collection[str]  # the ids this broker's waits are for (read from other threads)
 
+    # task events: whether this broker's subscribers want the others' changes (asked
+    # at each beat), whether others want this one's (told when it changes), theirs
+    events_wanted: Callable[[], bool] | None
+    on_events_wanted: Callable[[bool], None] | None
+    on_events: Callable[[builtins.list[dict[str, Any]]], None] | None
+
     async def hear_finished(self) -> None:
         """From now on, tasks other brokers finish reach ``on_done`` (if waited for)."""
+        ...
+
+    def forward_event(self, event: dict[str, Any]) -> None:
+        """Send one of this broker's tasks events to the brokers that want them."""
         ...
 
     @property

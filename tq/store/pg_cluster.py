@@ -45,6 +45,16 @@ lock first, and the waiter's lock waits for that commit, after which its read
 sees the task finished. The listener passes the ids this broker waits for (all
 notifications that arrived together, at once) to ``on_done`` in trio.
 
+Task events (``subscribe``): a broker whose subscribers want task changes or
+counts (``events_wanted``) holds a second shared advisory lock on its beat
+session; each beat also reads whether another session holds it and tells the
+broker (``on_events_wanted``). While one does, the broker hands every tasks
+event it flushes to ``forward_event``: sent from the beat connection with
+``pg_notify`` on the events channel (JSON; past NOTE_BYTES without the
+listed changes, then with nothing but their number), at most EVENTS_QUEUED
+waiting (older ones are dropped: the subscribers' counts are read again
+anyway). The listener hands other brokers' events to ``on_events``.
+
 Leadership is an optimisation, never a condition of correctness: every upkeep
 statement locks the rows it changes (``FOR UPDATE SKIP LOCKED``), so two
 brokers that both believe they lead for a moment (a session the server has
@@ -65,6 +75,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +133,14 @@ NOTIFY_DONE = (  # sent only while some broker holds the waits lock (see the mod
     "SELECT pg_notify(%s, note) FROM lock, unnest(%s::text[]) AS note WHERE NOT lock.free"
 )
 EVERY = "*"  # a finished-tasks notification that names no ids: every waiter reads again
+EVENTS_KEY = "hashtext('tq events ' || current_schema())"
+WANT_EVENTS = f"SELECT pg_try_advisory_lock_shared({EVENTS_KEY})"
+STOP_EVENTS = f"SELECT pg_advisory_unlock_shared({EVENTS_KEY})"
+OTHERS_WANT_EVENTS = (  # the lock's holders but this session (advisory keys: classid/objid)
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+    f"objid = ({EVENTS_KEY})::oid AND objsubid = 1 AND pid <> pg_backend_pid())"
+)
+EVENTS_QUEUED = 20  # tasks events waiting to be sent to the other brokers, at most
 NOTE_BYTES = 7900  # a notification's payload must stay under 8000 bytes
 MAX_DONE_NOTES = 4  # finished-tasks notifications per write batch; more ids send EVERY
 WORKER_TYPES = "SELECT DISTINCT (info::json -> 'types')::text FROM workers"
@@ -229,6 +248,42 @@ def done_channel_of(schema: str) -> str:
     return "tq_done_" + hashlib.sha1(schema.encode()).hexdigest()[:16]
 
 
+def events_channel_of(schema: str) -> str:
+    """The channel of one schema's task events (brokers forwarding to each other)."""
+    return "tq_events_" + hashlib.sha1(schema.encode()).hexdigest()[:16]
+
+
+def event_note(broker: str, event: dict[str, Any]) -> str:
+    """A tasks event as a notification payload under NOTE_BYTES: the broker's id, then
+    the event as JSON; a large one without its listed changes, then without totals."""
+    note = f"{broker} {json.dumps(event, separators=(',', ':'), default=str)}"
+    if len(note.encode()) <= NOTE_BYTES:
+        return note
+    listed = len(event.get("changes") or ())
+    brief = {**event, "changes": [], "more": int(event.get("more") or 0) or listed}
+    note = f"{broker} {json.dumps(brief, separators=(',', ':'), default=str)}"
+    if len(note.encode()) <= NOTE_BYTES:
+        return note
+    total = sum(int(row.get("n", 0)) for row in event.get("totals") or ())
+    bare = {**brief, "more": brief["more"] or total, "totals": []}
+    return f"{broker} {json.dumps(bare, separators=(',', ':'), default=str)}"
+
+
+def parse_event(payload: str, me: str) -> dict[str, Any] | None:
+    """Another broker's tasks event from a notification (None: this broker's own, or
+    not a tasks event)."""
+    sender, _, text = payload.partition(" ")
+    if sender == me:
+        return None
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("topic") != "tasks":
+        return None
+    return event
+
+
 def release_lost(conn: psycopg.Connection[Any], timeout: float, now: float) -> list[str]:
     """In the writer's transaction: forget workers silent since ``now - timeout`` and
     release their leases (as ``release_worker``); the released task ids."""
@@ -251,8 +306,17 @@ class PgClusterState:
         # the listener's thread), ``on_done`` is called in trio with those finished
         self.on_done: Callable[[builtins.list[str]], None] | None = None
         self.waited: Collection[str] = ()
+        # task events (see the module docstring)
+        self.events_wanted: Callable[[], bool] | None = None
+        self.on_events_wanted: Callable[[bool], None] | None = None
+        self.on_events: Callable[[builtins.list[dict[str, Any]]], None] | None = None
         self.channel = ""  # learnt from the database (the schema's channel)
         self.done_channel = ""
+        self.events_channel = ""
+        self._events_held = False  # this broker's beat session holds the events lock
+        self._others_want = False
+        self._outgoing: deque[dict[str, Any]] = deque(maxlen=EVENTS_QUEUED)
+        self._send_wake = trio.Event()
         self._store = store
         self._leader = False
         self._address: str | None = None
@@ -289,6 +353,33 @@ class PgClusterState:
         if notes:
             out.append((NOTIFY_DONE, (self.done_channel, notes)))
         return out
+
+    def forward_event(self, event: dict[str, Any]) -> None:
+        """Send a tasks event to the other brokers (soon, from the beat connection)."""
+        self._outgoing.append(event)
+        self._send_wake.set()
+
+    async def _send_loop(self) -> None:
+        while not self._stopping:
+            await self._send_wake.wait()
+            self._send_wake = trio.Event()
+            notes = [event_note(self.broker.id, event) for event in self._outgoing]
+            self._outgoing.clear()
+            if notes and self.events_channel:
+                try:
+                    await trio.to_thread.run_sync(self._send, notes, limiter=self._beat_limiter)
+                except TQError as exc:
+                    log.debug("cluster events: not sent: %s", exc)
+
+    def _send(self, notes: builtins.list[str]) -> None:
+        from tq.store.postgres import store_error
+
+        try:
+            conn = self._beat_conn.get()
+            for note in notes:
+                conn.execute(NOTIFY, (self.events_channel, note))
+        except psycopg.Error as exc:
+            raise store_error(exc, "notify through", self._store.location) from exc
 
     async def hear_finished(self) -> None:
         """Make sure that tasks other brokers finish from now on are announced to this
@@ -348,9 +439,11 @@ class PgClusterState:
             schema = await self._store._read(pg_schema._one, CURRENT_SCHEMA)
             self.channel = channel_of(str(schema))
             self.done_channel = done_channel_of(str(schema))
+            self.events_channel = events_channel_of(str(schema))
             await self._beat_once()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen_loop)
+                nursery.start_soon(self._send_loop)
                 task_status.started()
                 while not self._stopping:
                     with trio.move_on_after(BEAT_INTERVAL):
@@ -366,6 +459,7 @@ class PgClusterState:
         (which gives the leadership up at once)."""
         self._stopping = True
         self._soon.set()
+        self._send_wake.set()
         with trio.CancelScope(shield=True):
             await self._done.wait()
             await trio.to_thread.run_sync(self._leave, limiter=self._beat_limiter)
@@ -378,10 +472,14 @@ class PgClusterState:
         stop_hearing = self._hearing and not self.waited
         if stop_hearing:
             self._hearing = False
+        want_events = self.events_wanted is not None and self.events_wanted()
+        others = self._others_want
         try:
             await trio.to_thread.run_sync(
-                self._beat, beats, stop_hearing, limiter=self._beat_limiter
+                self._beat, beats, stop_hearing, want_events, limiter=self._beat_limiter
             )
+            if self._others_want != others and self.on_events_wanted is not None:
+                self.on_events_wanted(self._others_want)
         except TQError as exc:
             text, now = str(exc), trio.current_time()
             if text != self._failed[0] or now - self._failed[1] >= LOG_EVERY:
@@ -392,7 +490,9 @@ class PgClusterState:
                 log.info("cluster beat: the database answers again")
             self._failed = ("", 0.0)
 
-    def _beat(self, beats: builtins.list[WorkerBeat], stop_hearing: bool = False) -> None:
+    def _beat(
+        self, beats: builtins.list[WorkerBeat], stop_hearing: bool = False, events: bool = False
+    ) -> None:
         """In a thread, on the beat connection (see the module docstring)."""
         from tq.store.postgres import store_error
 
@@ -404,6 +504,12 @@ class PgClusterState:
             elif self.waited and not self._hearing:  # its session was lost meanwhile
                 conn.execute(HEAR_FINISHED)
                 self._hearing = True
+            if events and not self._events_held:
+                self._events_held = bool(pg_schema._one(conn, WANT_EVENTS))
+            elif not events and self._events_held:
+                conn.execute(STOP_EVENTS)
+                self._events_held = False
+            self._others_want = bool(pg_schema._one(conn, OTHERS_WANT_EVENTS))
             if not self._leader and pg_schema._one(conn, LEADER_LOCK):
                 self._leader = True
                 conn.execute(DEPOSE_OTHERS, (me.id,))
@@ -430,6 +536,7 @@ class PgClusterState:
     def _lost_session(self) -> None:
         self._beat_conn.drop()
         self._hearing = False
+        self._events_held = False
         if self._leader:
             log.warning("this broker lost the cluster's leadership (its session ended)")
         self._leader = False
@@ -457,7 +564,7 @@ class PgClusterState:
             try:
                 conn = self._listen_conn.get()
                 if not listening:
-                    for channel in (self.channel, self.done_channel):
+                    for channel in (self.channel, self.done_channel, self.events_channel):
                         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     listening = True
                     trio.from_thread.run_sync(self._woken)  # what was missed meanwhile
@@ -468,9 +575,19 @@ class PgClusterState:
                 work = [note for note in notes if note.channel == self.channel]
                 if any(note.payload != self.broker.id for note in work):
                     trio.from_thread.run_sync(self._woken)
-                done = self._waited_for([n.payload for n in notes if n.channel != self.channel])
+                done = self._waited_for(
+                    [n.payload for n in notes if n.channel == self.done_channel]
+                )
                 if done is None or done:
                     trio.from_thread.run_sync(self._finished, done)
+                events = [
+                    event
+                    for n in notes
+                    if n.channel == self.events_channel
+                    and (event := parse_event(n.payload, self.broker.id)) is not None
+                ]
+                if events and self.on_events is not None:
+                    trio.from_thread.run_sync(self.on_events, events)
             except (psycopg.Error, TQError) as exc:
                 if self._stopping:
                     return
