@@ -29,6 +29,13 @@ Invariants:
   matter: a counts event waits in the subscriber's queue as a slot that is
   filled with the newest counts when its turn comes, and a newer one replaces
   the one not yet sent (with 10,000 queues an event is ~1.6 MB).
+* **Several brokers, one stream.** With several brokers on one store, a
+  broker whose subscribers want task changes or counts says so through the
+  store (``ClusterState``); the others then hand each ``tasks`` event they
+  flush to ``forward`` (coalesced as above: at most one per FLUSH_INTERVAL per
+  broker), and it reaches this broker's subscribers through
+  ``from_other_broker`` as the other broker built it. So a subscriber sees
+  the whole cluster's changes, each broker's in events of its own.
 * **Counts are recounted, not dead-reckoned.** ``counts`` events carry the
   store's per-queue, per-state counts (the same query as ``query stats``),
   taken at most every COUNTS_INTERVAL, only while someone subscribes to
@@ -166,6 +173,12 @@ class EventBus:
         self._progress_more = 0  # reports beyond DETAIL_LIMIT tasks since the last event
         self._progress_wake = trio.Event()
         self.events_sent = 0  # events built (each offered to every interested subscriber)
+        # several brokers on one store: each tasks event is also handed to ``forward``
+        # while other brokers want this one's changes (``set_remote``), and theirs
+        # arrive through ``from_other_broker``
+        self.forward: Callable[[Event], None] | None = None
+        self._remote = False
+        self._local_tasks = False
 
     # -- subscribers ---------------------------------------------------
     def subscribe(self, sid: int, topics: object) -> Subscriber:
@@ -185,7 +198,8 @@ class EventBus:
 
     def _recompute(self) -> None:
         subs = self.subscribers
-        self._want_tasks = any("tasks" in s.topics for s in subs)
+        self._local_tasks = any("tasks" in s.topics for s in subs)
+        self._want_tasks = self._local_tasks or self._remote
         self._want_counts = any("counts" in s.topics for s in subs)
         self._want_workers = any("workers" in s.topics for s in subs)
         self._want_progress = any("progress" in s.topics for s in subs)
@@ -203,6 +217,24 @@ class EventBus:
     @property
     def watching_tasks(self) -> bool:
         return self._want_tasks
+
+    @property
+    def wants_other_brokers(self) -> bool:
+        """Whether a subscriber here wants the task changes other brokers make."""
+        return self._local_tasks or self._want_counts
+
+    def set_remote(self, wanted: bool) -> None:
+        """Whether other brokers want this broker's task changes (``forward``)."""
+        if wanted != self._remote:
+            self._remote = wanted
+            self._recompute()
+
+    def from_other_broker(self, event: Event) -> None:
+        """A tasks event another broker of the cluster sent (``forward`` there): offered
+        to the subscribers of ``tasks`` as it is, and the counts are read again."""
+        self._counts_dirty = True
+        if self._local_tasks and event.get("topic") == "tasks":
+            self._offer("tasks", event)
 
     @property
     def dropped_total(self) -> int:
@@ -397,7 +429,10 @@ class EventBus:
         }
         self._changes, self._totals, self._count = [], Counter(), 0
         self._incomplete = False
-        self._offer("tasks", event)
+        if self._remote and self.forward is not None:
+            self.forward(event)
+        if self._local_tasks:
+            self._offer("tasks", event)
 
     async def _counts_loop(self, stats: Callable[[], Awaitable[Any]]) -> None:
         while True:

@@ -81,6 +81,7 @@ LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
 ANSWER_PER_TASK = 56
 ANSWER_BASE = 64 + MAX_WARNINGS * 700
 MAX_WAIT = 60.0  # seconds a claim or wait may long-poll; longer asks are capped to it
+WAIT_REREAD = 5.0  # a cluster member's wait reads its task again this often (a lost wake-up)
 MAX_COUNT = 2**31 - 1  # hello pid and concurrency
 MAX_TOKEN = 2**63 - 1  # lease tokens are positive 62-bit numbers; larger cannot be one
 MAX_LIST = 10000
@@ -333,6 +334,13 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
         if self.cluster is not None:
             self.cluster.on_work = self._cluster_work
+            self.cluster.on_done = self.fire  # tasks finished through another broker
+            self.cluster.waited = self._waiters
+            # task events: every broker's changes reach every broker's subscribers
+            self.events.forward = self.cluster.forward_event
+            self.cluster.events_wanted = lambda: self.events.wants_other_brokers
+            self.cluster.on_events_wanted = self.events.set_remote
+            self.cluster.on_events = self._events_from_other_brokers
             self.cluster.beats = self.workers.take_beats
 
     @property
@@ -371,6 +379,10 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
     def due_changed(self) -> trio.Event:
         """The event the next ``notify_due`` sets (take it before reading due times)."""
         return self._due_changed
+
+    def _events_from_other_brokers(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.events.from_other_broker(event)
 
     def fire(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
@@ -743,11 +755,16 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         waiter.count += 1
         try:
             with trio.move_on_after(timeout):
+                reread = math.inf
+                if self.cluster is not None:  # hear of it when another broker finishes it
+                    await self.cluster.hear_finished()
+                    reread = WAIT_REREAD
                 while True:
                     event = waiter.event
                     if is_terminal((await self.store.get(task_id)).state):
                         return False
-                    await event.wait()
+                    with trio.move_on_after(reread):
+                        await event.wait()
             return True
         finally:
             waiter.count -= 1

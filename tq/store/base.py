@@ -29,7 +29,7 @@ import builtins
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -158,12 +158,30 @@ class ClusterState(Protocol):
     the workers the broker heard from (``beats``), and tries to become (or checks
     it still is) the leader. Only the leader releases expired leases and lost
     workers' tasks, and promotes due retries. A submit (or anything else that
-    makes tasks pending) on any broker calls ``on_work`` on every other one.
+    makes tasks pending) on any broker calls ``on_work`` on every other one. A task
+    finished on any broker while another waits for it (its id in that broker's
+    ``waited``, after ``hear_finished``) calls ``on_done`` there with its id.
     """
 
     broker: BrokerSelf
     on_work: Callable[[], None] | None  # called (in trio) when another broker made work
     beats: Callable[[], builtins.list[WorkerBeat]] | None  # workers heard from since last call
+    on_done: Callable[[builtins.list[str]], None] | None  # (in trio) waited tasks finished
+    waited: Collection[str]  # the ids this broker's waits are for (read from other threads)
+
+    # task events: whether this broker's subscribers want the others' changes (asked
+    # at each beat), whether others want this one's (told when it changes), theirs
+    events_wanted: Callable[[], bool] | None
+    on_events_wanted: Callable[[bool], None] | None
+    on_events: Callable[[builtins.list[dict[str, Any]]], None] | None
+
+    async def hear_finished(self) -> None:
+        """From now on, tasks other brokers finish reach ``on_done`` (if waited for)."""
+        ...
+
+    def forward_event(self, event: dict[str, Any]) -> None:
+        """Send one of this broker's tasks events to the brokers that want them."""
+        ...
 
     @property
     def leader(self) -> bool:

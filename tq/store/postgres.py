@@ -55,7 +55,9 @@ locking (SKIP LOCKED claims). A broker opens the store with ``broker=``
     clock asked;
   * ends every write batch that made tasks pending (a submit, a release, a
     promotion, a retry) with ``pg_notify`` on the schema's channel, inside the
-    transaction: the other brokers hear of it once it committed.
+    transaction: the other brokers hear of it once it committed; and one that
+    finished tasks, while some broker waits for tasks, with their ids on the
+    finished channel (``PgClusterState.notes``).
 Without ``broker=`` (the conformance suite, ``tq migrate``) none of this runs
 and every method uses exactly the ``now`` it is given.
 """
@@ -142,6 +144,7 @@ def _cancel(conn: Any, task_id: str, now: float) -> Task:
     return deps_sql.after_cancel(conn, _DIALECT, task, now)
 
 
+pg_cluster.FINISHES_SOME.add(_cancel)
 pg_cluster.SAME_AS.update(
     {
         _complete: pg_schema.complete,
@@ -715,13 +718,11 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                     return  # a batch of one that failed: rolled back, nothing to commit
                 cluster = self._cluster
                 doing = "commit to"
-                if (
-                    cluster is not None
-                    and cluster.channel
-                    and any(map(pg_cluster.made_work, batch))
-                ):
-                    with conn.pipeline():  # one round trip: the notification and COMMIT
-                        conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
+                notes = [] if cluster is None else cluster.notes(batch)
+                if notes:
+                    with conn.pipeline():  # one round trip: the notifications and COMMIT
+                        for statement, params in notes:
+                            conn.execute(statement, params)
                         conn.commit()
                 else:
                     conn.commit()
