@@ -110,6 +110,13 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
         "worker",
         "reader",
     ),
+    (
+        "query:history",
+        lambda fx: _with_task(fx, "query", None, q="history"),
+        "client",
+        "worker",
+        "reader",
+    ),
     ("wait", lambda fx: _with_task(fx, "wait", None, timeout=0), "client", "worker", "reader"),
     ("cancel", lambda fx: _with_task(fx, "cancel", None), "client", "reader", "producer"),
     (

@@ -198,6 +198,18 @@ async def _check_event(scene: Scene, raw: Raw, documented: dict[str, Any]) -> li
         answer = await raw.ask({"t": "subscribe", "id": documented["id"], "topics": ["workers"]})
         assert answer is not None and answer["t"] == "ack"
         await scene.session(kind="worker", worker_id="w2")
+    if topic == "progress":  # a heartbeat of the worker session with a running task
+        raw = await scene.session()
+        answer = await raw.ask({"t": "subscribe", "id": documented["id"], "topics": ["progress"]})
+        assert answer is not None and answer["t"] == "ack"
+        lease = await scene.leased()
+        beat = {
+            "t": "heartbeat",
+            "id": scene.rid(),
+            "leases": [[lease["id"], lease["token"]]],
+            "progress": [[lease["id"], lease["token"], 0.4, "page 4/10"]],
+        }
+        assert (await scene.worker.ask(beat) or {}).get("t") == "ack"
     while (got := await raw.read()) is not None and got.get("topic") != topic:
         pass
     if got is None or not like({**documented, "id": got["id"], "seq": got["seq"]}, got):

@@ -44,7 +44,13 @@ from tq import __version__
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
-from tq.broker.loops import promoter_loop, reaper_loop, scheduler_loop
+from tq.broker.loops import (
+    promoter_loop,
+    reaper_loop,
+    retention_loop,
+    retention_policy,
+    scheduler_loop,
+)
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.config import BrokerSettings, parse_address
@@ -544,9 +550,11 @@ class Session:
             return {"explain": await self.service.explain(_task_id(msg), self.principal)}
         if q == "workflow":
             return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
+        if q == "history":
+            return await self.service.history(_task_id(msg), self.principal)
         raise InvalidRequest(
             f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain, "
-            "workflow"
+            "workflow, history"
         )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -712,6 +720,7 @@ async def _serve_broker(
             )
             timers.start_soon(promoter_loop, service)
             timers.start_soon(scheduler_loop, service)
+            timers.start_soon(retention_loop, service, retention_policy(settings))
             timers.start_soon(service.events.run, store)
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)

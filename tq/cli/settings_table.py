@@ -32,6 +32,7 @@ COMMAND_OPTIONS = frozenset(
         "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
         "--wide", "--workers", "--yes", "--depends-on", "--on-dependency-failure", "--workflow",
         "--rate", "--burst",
+        "--delay", "--at", "--unique-for", "--unique-key", "--progress",
     }
 )  # fmt: skip
 # a setting's flag name used by a command for something else

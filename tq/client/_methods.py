@@ -32,7 +32,10 @@ class AsyncMethods:
 
     async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
         """Submit one task; its id (``options``: queue, priority, max_retries, timeout,
-        idempotency_key, retry_base, retry_cap, trace)."""
+        idempotency_key, retry_base, retry_cap, trace, depends_on, on_dependency_failure,
+        delay (seconds), run_at (epoch seconds): a delayed task waits as scheduled,
+        unique_for, unique_key). A duplicate (idempotency_key, unique_for) answers the
+        existing task's id: ``submit_items`` says which ones were (``created``)."""
         ids = await self.submit_many([api.task_spec(type, payload, **options)])
         return ids[0]
 
@@ -64,6 +67,12 @@ class AsyncMethods:
         """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
         "truncated"}``."""
         return await self._call(api.workflow(task_id))
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every transition of the task, oldest first: maps with ``n``, ``at``,
+        ``event``, ``state``, ``actor``, ``worker``, ``token``, ``error``, ``run_at``,
+        ``priority`` (docs/PROTOCOL.md, query "history")."""
+        return await self._call(api.history(task_id))
 
     async def explain(self, task_id: str) -> dict[str, Any]:
         """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""

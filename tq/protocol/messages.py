@@ -68,7 +68,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     "submit": {"tasks": req(ARRAY)},
     "claim": {"n": req(INT), "queues": req(ARRAY), "types": opt(ARRAY), "wait": opt(NUMBER)},
     "result": {"results": req(ARRAY)},
-    "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP)},
+    "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP), "progress": opt(ARRAY)},
     "query": {
         "q": req(STR),
         "task": opt(STR),  # get, explain: required (checked by the handler)

@@ -41,6 +41,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "query:health": _READ,
     "query:explain": _READ,  # why a task is not running (tq/broker/explain.py)
     "query:workflow": _READ,  # the tasks linked to one by dependencies
+    "query:history": _READ,  # every transition of a task (tq/store/history_sql.py)
     "wait": _READ,
     "subscribe": _READ,  # live events (tq/broker/events.py)
     "unsubscribe": _READ,
