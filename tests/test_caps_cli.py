@@ -166,6 +166,8 @@ def test_caps_over_rest(broker: BrokerProcess) -> None:
             "rest-q",
             "resize",
         ]
+        metrics = http.get("/metrics").text
+        assert 'tq_queue_cap_concurrency{queue="rest-q"} 2.0' in metrics, metrics
         for path, body, words in [
             (f"{api}/worker/x", {"concurrency": 1}, "cap kind must be one of"),
             (f"{api}/queue/x", {}, "needs a concurrency, a rate or both"),
