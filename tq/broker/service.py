@@ -255,8 +255,8 @@ def submit_answer_bound(n: int) -> int:
 def unhandled_warning(task_type: str) -> str:
     return (
         f"no connected worker handles task type {task_type!r}: the task is stored and waits "
-        f"in pending until a worker with that handler connects (e.g. tq worker --import "
-        f"MODULE, or --exec {task_type}=PROGRAM)"
+        f"(pending, or scheduled until due) until a worker with that handler connects "
+        f"(e.g. tq worker --import MODULE, or --exec {task_type}=PROGRAM)"
     )
 
 

@@ -196,7 +196,8 @@ SCHEMAS: dict[str, Any] = {
             "warning": {
                 "type": "string",
                 "description": "Present when no connected worker handles the task's type: "
-                "the task is stored and waits in pending until one connects.",
+                "the task is stored and waits (pending, or scheduled until due) until one "
+                "connects.",
             },
         },
     },
