@@ -140,6 +140,46 @@ async def test_a_due_time_already_passed_is_pending_and_keys_keep_the_first(stor
     assert (await store.get(first.id)).run_at == NOW + 50  # the repeat changed nothing
 
 
+@pytest.mark.trio
+async def test_promotion_is_bounded_per_transaction_earliest_first(store: Any) -> None:
+    results = await store.submit([spec(delay=70 - i) for i in range(7)], NOW)
+    by_due = sorted(results, key=lambda r: 70 - results.index(r))
+    assert await store.promote_due(NOW + 100, 3) == 3
+    pending = {t.id for t in await store.list(ListFilter(state="pending"))}
+    assert pending == {r.id for r in by_due[:3]}  # the three due first
+    assert await store.promote_due(NOW + 100, 3) == 3
+    assert await store.promote_due(NOW + 100, 3) == 1
+    assert await store.promote_due(NOW + 100, 3) == 0
+    assert await store.promote_due(NOW + 100, 0) == 0
+    assert len(await store.list(ListFilter(state="pending"))) == 7
+
+
+@pytest.mark.trio
+async def test_the_service_promotes_batch_after_batch_until_none_is_due(store: Any) -> None:
+    await store.submit([spec(delay=10 + i) for i in range(7)] + [spec(delay=500)], NOW)
+    service = BrokerService(store, lease_ttl=30, clock=lambda: NOW + 100)
+    calls: list[int] = []
+    promote_due = store.promote_due
+
+    async def counted(now: float, limit: int) -> int:
+        calls.append(count := await promote_due(now, limit))
+        return count
+
+    store.promote_due = counted
+    woken = 0
+
+    def wake() -> None:
+        nonlocal woken
+        woken += 1
+
+    service.notify_work = wake  # type: ignore[method-assign]
+    assert await service.promote(batch=3) == 7
+    assert calls == [3, 3, 1]  # three transactions, the last one short
+    assert woken == 3  # workers woken after each batch, not once at the end
+    [left] = await store.list(ListFilter(state="scheduled"))
+    assert left.run_at == NOW + 500
+
+
 # -- the promoter, on trio's fake clock ------------------------------------------------------
 
 
@@ -213,7 +253,7 @@ async def test_sqlite_due_and_retention_queries_use_their_indexes(tmp_path: Path
         return "\n".join(str(row[-1]) for row in rows)
 
     assert "INDEX tasks_due" in plan(schema.NEXT_DUE, ())
-    text = plan(schema.PROMOTE_DUE, ("pending", NOW))
+    text = plan(schema.PROMOTE_DUE, ("pending", NOW, 250))
     assert "INDEX tasks_due" in text and "SCAN" not in text, text
     pick = plan(retention_sql._PICK_SQLITE, ("q", "succeeded", NOW, "blocked", 500))
     assert "INDEX tasks_finished (queue=? AND state=? AND finished_at<?)" in pick, pick
@@ -239,7 +279,7 @@ async def test_postgres_due_and_retention_queries_use_their_indexes(pg_url: str)
 
         for text in (
             plan(pg_schema.NEXT_DUE, ()),
-            plan(pg_schema.PROMOTE_DUE, ("pending", NOW)),
+            plan(pg_schema.PROMOTE_DUE, ("pending", NOW, 250)),
             plan(
                 retention_sql._PICK_PG.replace("?", "%s"),
                 ("q", "succeeded", NOW, "blocked", 500),

@@ -59,7 +59,7 @@ from tq.core.values import number, whole
 from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.security.roles import Principal, action_of
-from tq.store.base import Store
+from tq.store.base import PROMOTE_BATCH, Store
 
 MAX_CLAIM = 1000
 PAUSED_REFRESH = 1.0  # seconds a broker trusts its copy of the paused queues
@@ -800,11 +800,17 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             self.retention_deleted[state] = self.retention_deleted.get(state, 0) + n
         return sum(deleted.values())
 
-    async def promote(self) -> int:
-        if not self.runs_upkeep:
-            return 0
-        count = await self.store.promote_due(self.clock())
-        if count:
-            self.notify_work()
-            self.events.promoted(count)
-        return count
+    async def promote(self, batch: int = PROMOTE_BATCH) -> int:
+        """Due tasks to pending (leader only), ``batch`` per transaction until a batch comes
+        back short; workers are woken after each batch, so the first run while the rest
+        are still being promoted. How many in all."""
+        total = 0
+        while self.runs_upkeep:
+            count = await self.store.promote_due(self.clock(), batch)
+            if count:
+                total += count
+                self.notify_work()
+                self.events.promoted(count)
+            if count < batch:
+                break
+        return total

@@ -395,7 +395,11 @@ WORKER_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks "
     f"WHERE {LEASED} AND worker = %s ORDER BY seq FOR UPDATE"
 )
-PROMOTE_DUE = f"UPDATE tasks SET state = %s WHERE {DUE} AND run_at <= %s"
+# at most ``limit`` due tasks per statement, earliest first (see tq.store.schema)
+PROMOTE_DUE = (
+    "UPDATE tasks SET state = %s WHERE seq IN (SELECT seq FROM tasks "
+    f"WHERE {DUE} AND run_at <= %s ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
 NEXT_DUE = f"SELECT run_at FROM tasks WHERE {DUE} AND run_at IS NOT NULL ORDER BY run_at LIMIT 1"
 LOOKUP_STATE = "SELECT seq, state FROM tasks WHERE id = %s FOR UPDATE"
 CANCEL_TASK = (
@@ -634,8 +638,8 @@ def _release(
     return [task_id for _, task_id, _ in found]
 
 
-def promote_due(conn: psycopg.Connection[Any], now: float) -> int:
-    return conn.execute(PROMOTE_DUE, (_DUE_TARGET.value, now)).rowcount
+def promote_due(conn: psycopg.Connection[Any], now: float, limit: int) -> int:
+    return conn.execute(PROMOTE_DUE, (_DUE_TARGET.value, now, limit)).rowcount
 
 
 def change_one(conn: psycopg.Connection[Any], task_id: str, event: Event, now: float) -> Task:

@@ -89,6 +89,7 @@ from tq.store import (
     schema_ops,
 )
 from tq.store.base import (
+    PROMOTE_BATCH,
     BrokerSelf,
     ClusterState,
     OutcomeResult,
@@ -393,8 +394,10 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         """The cluster's lost workers' leases released (``PgClusterState``)."""
         return await self._write(_release_lost, timeout, pg_cluster.DB_NOW)
 
-    async def promote_due(self, now: float) -> int:
-        return await self._write(pg_schema.promote_due, self._now(now))
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write(pg_schema.promote_due, self._now(now), limit, weight=limit)
 
     def _now(self, now: float) -> float:
         """``now``, or DB_NOW (the database clock) for a cluster member's lease operations."""

@@ -347,7 +347,12 @@ WORKER_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks INDEXED BY tasks_lease "
     f"WHERE {LEASED} AND worker = ?"
 )
-PROMOTE_DUE = f"UPDATE tasks INDEXED BY tasks_due SET state = ? WHERE {DUE} AND run_at <= ?"
+# at most ``limit`` due tasks per statement, earliest first: one transaction stays short
+# whatever the backlog that came due at once (the promoter repeats until a batch is short)
+PROMOTE_DUE = (
+    "UPDATE tasks SET state = ? WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_due "
+    f"WHERE {DUE} AND run_at <= ? ORDER BY run_at LIMIT ?)"
+)
 NEXT_DUE = (
     f"SELECT run_at FROM tasks INDEXED BY tasks_due WHERE {DUE} AND run_at IS NOT NULL "
     "ORDER BY run_at LIMIT 1"
@@ -799,8 +804,8 @@ def _release(
     return [task_id for _, task_id, _ in rows]
 
 
-def promote_due(conn: apsw.Connection, now: float) -> int:
-    _rows(conn, PROMOTE_DUE, (_DUE_TARGET.value, now))
+def promote_due(conn: apsw.Connection, now: float, limit: int) -> int:
+    _rows(conn, PROMOTE_DUE, (_DUE_TARGET.value, now, limit))
     return int(conn.changes())
 
 

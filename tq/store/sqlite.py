@@ -69,6 +69,7 @@ from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
 from tq.store import deps_sql, retention_sql, schedule_sql, schema, schema_auth, schema_ops
 from tq.store.base import (
+    PROMOTE_BATCH,
     ClusterState,
     OutcomeResult,
     QueueDepth,
@@ -291,8 +292,10 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def release_worker(self, worker: str, now: float) -> list[str]:
         return await self._write(_release_worker, worker, now)
 
-    async def promote_due(self, now: float) -> int:
-        return await self._write(schema.promote_due, now)
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write(schema.promote_due, now, limit, weight=limit)
 
     async def cancel(self, task_id: str, now: float) -> Task:
         return await self._write(_cancel, task_id, now)
