@@ -22,7 +22,7 @@ from tq.broker.loops import promoter_loop
 from tq.broker.service import BrokerService
 from tq.core.errors import InvalidRequest, InvalidTransition
 from tq.core.states import State
-from tq.core.task import ListFilter, TaskSpec
+from tq.core.task import ListFilter, Outcome, TaskError, TaskSpec
 from tq.core.when import MAX_DELAY, due_at, parse_duration, parse_time
 from tq.store.postgres import open_postgres_store
 from tq.store.sqlite import open_sqlite_store
@@ -180,6 +180,65 @@ async def test_the_service_promotes_batch_after_batch_until_none_is_due(store: A
     assert left.run_at == NOW + 500
 
 
+async def _depth_truth(store: Any) -> list[tuple[str, int, str, int]]:
+    """Unfinished tasks per (queue, priority, state), counted from the listing itself."""
+    found: dict[tuple[str, int, str], int] = {}
+    for state in ("pending", "scheduled", "blocked", "running", "failed"):
+        for task in await store.list(ListFilter(state=state, limit=1000)):
+            key = (task.queue, task.priority, state)
+            found[key] = found.get(key, 0) + 1
+    return sorted((*key, n) for key, n in found.items())
+
+
+@pytest.mark.trio
+async def test_scheduled_and_failed_counts_follow_every_change(store: Any) -> None:
+    """Stats and queue depth read failed/scheduled from counters the triggers keep: they
+    agree with the rows after submits, cancels, reprioritising, promotion, retries."""
+    results = await store.submit(
+        [spec(delay=10 * (i + 1), queue=f"q{i % 3}", priority=100 + i % 2) for i in range(12)]
+        + [spec(queue="q0", max_retries=2, retry_base=5)],
+        NOW,
+    )
+    assert await _depth_truth(store) == [
+        (d.queue, d.priority, d.state, d.count) for d in await store.queue_depth()
+    ]
+    await store.cancel(results[0].id, NOW + 1)
+    await store.set_priority(results[1].id, 7)
+    [lease] = await claim(store, queues=("q0",), now=NOW + 1)
+    await store.complete(
+        [Outcome(lease.id, lease.token, "retry", error=TaskError("E", "m"))], NOW + 1
+    )
+    assert (await store.get(lease.id)).state is State.FAILED
+    assert await store.promote_due(NOW + 35, 2) == 2
+    rows = [(d.queue, d.priority, d.state, d.count) for d in await store.queue_depth()]
+    assert rows == await _depth_truth(store)
+    assert ("q0", 100, "failed", 1) not in rows  # the retry was due first: promoted
+    counts = (await store.stats()).counts
+    assert counts["q1"]["scheduled"] + counts["q2"]["scheduled"] + counts["q0"]["scheduled"] == 10
+    assert counts["q0"]["cancelled"] == 1
+    assert await store.promote_due(NOW + 1000, 100) == 10
+    assert [d for d in await store.queue_depth() if d.state in ("scheduled", "failed")] == []
+
+
+@pytest.mark.trio
+async def test_the_counts_migration_counts_the_tasks_already_stored(tmp_path: Path) -> None:
+    import apsw
+
+    from tq.store import schema
+
+    async with open_sqlite_store(tmp_path / "tq.db") as opened:
+        await opened.submit([spec(delay=60, priority=p) for p in (1, 1, 2)], NOW)
+    conn = apsw.Connection(str(tmp_path / "tq.db"))  # back to the schema before the counts
+    for trigger in ("insert", "leave", "enter", "delete"):
+        conn.execute(f"DROP TRIGGER tasks_due_{trigger}")
+    conn.execute("DROP TABLE due_counts")
+    conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION - 1}")
+    conn.close()
+    async with open_sqlite_store(tmp_path / "tq.db") as opened:
+        depth = [(d.priority, d.state, d.count) for d in await opened.queue_depth()]
+        assert depth == [(1, "scheduled", 2), (2, "scheduled", 1)]
+
+
 # -- the promoter, on trio's fake clock ------------------------------------------------------
 
 
@@ -255,6 +314,11 @@ async def test_sqlite_due_and_retention_queries_use_their_indexes(tmp_path: Path
     assert "INDEX tasks_due" in plan(schema.NEXT_DUE, ())
     text = plan(schema.PROMOTE_DUE, ("pending", NOW, 250))
     assert "INDEX tasks_due" in text and "SCAN" not in text, text
+    # stats, queue depth and metrics never walk the scheduled backlog
+    from tq.store.schema_ops import DEPTH_STATEMENTS
+
+    for statement in DEPTH_STATEMENTS:
+        assert "tasks_due" not in plan(statement, ()), statement
     pick = plan(retention_sql._PICK_SQLITE, ("q", "succeeded", NOW, "blocked", 500))
     assert "INDEX tasks_finished (queue=? AND state=? AND finished_at<?)" in pick, pick
     conn.close()
@@ -287,3 +351,7 @@ async def test_postgres_due_and_retention_queries_use_their_indexes(pg_url: str)
         ):
             assert "Seq Scan on tasks" not in text and "Index" in text, text
         assert "tasks_due" in plan(pg_schema.NEXT_DUE, ())
+        from tq.store.pg_ops import DEPTH_STATEMENTS
+
+        for statement in DEPTH_STATEMENTS:  # never a walk of the scheduled backlog
+            assert "tasks_due" not in plan(statement, ()), statement

@@ -235,6 +235,45 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
         WHERE state IN ('succeeded', 'dead', 'cancelled');
     """,
+    # 6: scheduled tasks and due retries counted per (queue, priority, state) by
+    # triggers (spread over slots like finished_counts), so stats, queue depth and
+    # metrics never walk a backlog of a million scheduled tasks.
+    f"""
+    CREATE TABLE due_counts (
+        queue    text NOT NULL,
+        priority integer NOT NULL,
+        state    text NOT NULL,
+        slot     integer NOT NULL,
+        n        bigint NOT NULL,
+        PRIMARY KEY (queue, priority, state, slot)
+    );
+    INSERT INTO due_counts (queue, priority, state, slot, n)
+        SELECT queue, priority, state, 0, count(*) FROM tasks
+        WHERE state IN ('failed', 'scheduled') GROUP BY queue, priority, state;
+    CREATE FUNCTION tq_count_due() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' AND OLD.state IN ('failed', 'scheduled') THEN
+            INSERT INTO due_counts (queue, priority, state, slot, n)
+            VALUES (OLD.queue, OLD.priority, OLD.state, pg_backend_pid() % {COUNT_SLOTS}, -1)
+            ON CONFLICT (queue, priority, state, slot) DO UPDATE SET n = due_counts.n - 1;
+        END IF;
+        IF TG_OP <> 'DELETE' AND NEW.state IN ('failed', 'scheduled') THEN
+            INSERT INTO due_counts (queue, priority, state, slot, n)
+            VALUES (NEW.queue, NEW.priority, NEW.state, pg_backend_pid() % {COUNT_SLOTS}, 1)
+            ON CONFLICT (queue, priority, state, slot) DO UPDATE SET n = due_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tasks_due_insert AFTER INSERT ON tasks FOR EACH ROW
+        WHEN (NEW.state IN ('failed', 'scheduled')) EXECUTE FUNCTION tq_count_due();
+    CREATE TRIGGER tasks_due_update AFTER UPDATE OF state, priority, queue ON tasks FOR EACH ROW
+        WHEN ((NEW.state IN ('failed', 'scheduled') OR OLD.state IN ('failed', 'scheduled'))
+            AND (NEW.state IS DISTINCT FROM OLD.state OR NEW.priority IS DISTINCT FROM OLD.priority
+                OR NEW.queue IS DISTINCT FROM OLD.queue))
+        EXECUTE FUNCTION tq_count_due();
+    CREATE TRIGGER tasks_due_delete AFTER DELETE ON tasks FOR EACH ROW
+        WHEN (OLD.state IN ('failed', 'scheduled')) EXECUTE FUNCTION tq_count_due();
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

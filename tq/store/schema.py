@@ -195,6 +195,49 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
         WHERE state IN ('succeeded', 'dead', 'cancelled');
     """,
+    # 8: scheduled tasks and due retries counted per (queue, priority, state) by
+    # triggers, so stats, queue depth and metrics read a few counter rows instead of
+    # walking a backlog of a million scheduled tasks (as finished_counts does for history).
+    """
+    CREATE TABLE due_counts (
+        queue    TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state    TEXT NOT NULL,
+        n        INTEGER NOT NULL,
+        PRIMARY KEY (queue, priority, state)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO due_counts (queue, priority, state, n)
+        SELECT queue, priority, state, count(*) FROM tasks
+        WHERE state IN ('failed', 'scheduled') GROUP BY queue, priority, state;
+    CREATE TRIGGER tasks_due_insert AFTER INSERT ON tasks
+    WHEN NEW.state IN ('failed', 'scheduled')
+    BEGIN
+        INSERT INTO due_counts (queue, priority, state, n)
+        VALUES (NEW.queue, NEW.priority, NEW.state, 1)
+        ON CONFLICT (queue, priority, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_due_leave AFTER UPDATE OF state, priority, queue ON tasks
+    WHEN OLD.state IN ('failed', 'scheduled') AND (NEW.state IS NOT OLD.state
+        OR NEW.priority IS NOT OLD.priority OR NEW.queue IS NOT OLD.queue)
+    BEGIN
+        UPDATE due_counts SET n = n - 1
+        WHERE queue = OLD.queue AND priority = OLD.priority AND state = OLD.state;
+    END;
+    CREATE TRIGGER tasks_due_enter AFTER UPDATE OF state, priority, queue ON tasks
+    WHEN NEW.state IN ('failed', 'scheduled') AND (NEW.state IS NOT OLD.state
+        OR NEW.priority IS NOT OLD.priority OR NEW.queue IS NOT OLD.queue)
+    BEGIN
+        INSERT INTO due_counts (queue, priority, state, n)
+        VALUES (NEW.queue, NEW.priority, NEW.state, 1)
+        ON CONFLICT (queue, priority, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_due_delete AFTER DELETE ON tasks
+    WHEN OLD.state IN ('failed', 'scheduled')
+    BEGIN
+        UPDATE due_counts SET n = n - 1
+        WHERE queue = OLD.queue AND priority = OLD.priority AND state = OLD.state;
+    END;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

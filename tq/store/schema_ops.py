@@ -11,8 +11,9 @@ at 300k rows. ``queue_depth`` must be cheap enough to poll (metrics,
 ``tq queue-depth --watch``), so it counts only tasks that are not finished,
 each state through the partial index that already exists for it
 (``tasks_claim`` for pending, covering; ``tasks_lease`` for running;
-``tasks_due`` for failed/scheduled; ``tasks_state`` for anything else):
-its cost grows with the backlog, never with history.
+``tasks_state`` for anything else): its cost grows with the backlog, never
+with history. Failed and scheduled tasks are read from ``due_counts``, kept by
+triggers: a million tasks scheduled for next month cost a few rows.
 
 Purge deletes finished tasks in chunks (``limit`` rows per call, each call
 its own write operation) so a large purge never holds the writer for long,
@@ -42,9 +43,12 @@ _ACTIVE = frozenset(State) - TERMINAL
 _BY_INDEX: tuple[tuple[str, frozenset[State]], ...] = (
     ("tasks_claim", sources(Event.CLAIM)),  # partial: state = 'pending', covering
     ("tasks_lease", sources(Event.LEASE_EXPIRED_RETRY)),  # partial: running
-    ("tasks_due", sources(Event.DUE)),  # partial: failed, scheduled
 )
-_COVERED = frozenset().union(*(states for _, states in _BY_INDEX))
+# failed and scheduled: counted by triggers (migration 8), a backlog of a million
+# scheduled tasks costs a read of a few rows, not a walk of tasks_due
+_COUNTED = sources(Event.DUE)
+DUE_COUNTS = "SELECT queue, priority, state, n FROM due_counts WHERE n > 0"
+_COVERED = frozenset().union(_COUNTED, *(states for _, states in _BY_INDEX))
 
 
 def _depth_statement(index: str, states: frozenset[State]) -> str:
@@ -62,10 +66,13 @@ def _depth_statement(index: str, states: frozenset[State]) -> str:
 
 
 _UNCOVERED = _ACTIVE - _COVERED  # blocked: no partial index; (state, seq) finds its rows
-DEPTH_STATEMENTS: tuple[str, ...] = tuple(
-    _depth_statement(index, states)
-    for index, states in (*_BY_INDEX, ("tasks_state", _UNCOVERED))
-    if states
+DEPTH_STATEMENTS: tuple[str, ...] = (
+    *(
+        _depth_statement(index, states)
+        for index, states in (*_BY_INDEX, ("tasks_state", _UNCOVERED))
+        if states
+    ),
+    DUE_COUNTS,
 )
 
 
