@@ -126,8 +126,9 @@ def counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
 
 PURGE = (
     "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE state = %s AND finished_at < %s "
-    "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED)"
+    "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"
 )
+PURGE_EDGES = "DELETE FROM task_deps WHERE task = ANY(%s)"  # as tq.store.schema_ops
 COUNT_PURGEABLE = "SELECT count(*) FROM tasks WHERE state = %s AND finished_at < %s"
 _RETRY_TARGET = {state: next_state(state, Event.RETRY) for state in sources(Event.RETRY)}
 RETRY_MANY = (
@@ -142,7 +143,10 @@ def purge(conn: psycopg.Connection[Any], states: list[State], cutoff: float, lim
     for state in states:
         if deleted >= limit:
             break
-        deleted += conn.execute(PURGE, (state.value, cutoff, limit - deleted)).rowcount
+        ids = [row[0] for row in rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
+        if ids:
+            conn.execute(PURGE_EDGES, (ids,))
+        deleted += len(ids)
     return deleted
 
 

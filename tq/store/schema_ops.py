@@ -28,6 +28,7 @@ refused (``invalid``); start the listing again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import apsw
@@ -88,8 +89,11 @@ PURGEABLE = TERMINAL
 _NOT_NEWEST = "seq < (SELECT max(seq) FROM tasks)"
 PURGE = (
     "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_state "
-    f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST} ORDER BY seq LIMIT ?)"
+    f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST} ORDER BY seq LIMIT ?) RETURNING id"
 )
+# a purged task's own dependency edges go with it; edges of kept tasks to a purged
+# dependency stay (the dependent still names it, read as a dependency no longer stored)
+PURGE_EDGES = "DELETE FROM task_deps WHERE task IN (SELECT value FROM json_each(?))"
 COUNT_PURGEABLE = (
     "SELECT count(*) FROM tasks INDEXED BY tasks_state "
     f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST}"
@@ -116,8 +120,10 @@ def purge(conn: apsw.Connection, states: list[State], cutoff: float, limit: int)
     for state in states:
         if deleted >= limit:
             break
-        _rows(conn, PURGE, (state.value, cutoff, limit - deleted))
-        deleted += int(conn.changes())
+        ids = [row[0] for row in _rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
+        if ids:
+            _rows(conn, PURGE_EDGES, (json.dumps(ids),))
+        deleted += len(ids)
     return deleted
 
 
