@@ -23,7 +23,7 @@ from tq.broker.service import BrokerService
 from tq.core.errors import InvalidRequest, InvalidTransition
 from tq.core.states import State
 from tq.core.task import ListFilter, Outcome, TaskError, TaskSpec
-from tq.core.when import MAX_DELAY, due_at, parse_duration, parse_time
+from tq.core.when import MAX_DELAY, due_at, format_duration, parse_duration, parse_time
 from tq.store.postgres import open_postgres_store
 from tq.store.sqlite import open_sqlite_store
 
@@ -43,6 +43,24 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations_name_the_text(text: str) -> None:
     with pytest.raises(InvalidRequest, match="duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(604800, "7d"), (2592000, "30d"), (5400, "1h30m"), (90.5, "1m30.5s"), (0, "0s"), (45, "45s"),
+     (86400 + 1, "1d1s")],
+)  # fmt: skip
+def test_durations_are_shown_as_written_and_read_back(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_the_settings_table_shows_retention_as_durations() -> None:
+    from tq.cli.settings_table import markdown
+
+    rows = {line.split("|")[1].strip(): line.split("|") for line in markdown().splitlines()[4:-2]}
+    assert rows["`retention_succeeded`"][4].strip() == "7d"
+    assert rows["`retention_dead`"][4].strip() == "30d"
 
 
 def test_rfc3339_times_need_a_zone() -> None:
