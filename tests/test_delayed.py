@@ -332,6 +332,11 @@ async def test_sqlite_due_and_retention_queries_use_their_indexes(tmp_path: Path
     assert "INDEX tasks_due" in plan(schema.NEXT_DUE, ())
     text = plan(schema.PROMOTE_DUE, ("pending", NOW, 250))
     assert "INDEX tasks_due" in text and "SCAN" not in text, text
+    # a delayed submit finds each of its rows by id: never a walk of the table per row
+    from tq.store.deps_sql import _SCHEDULE_SQLITE
+
+    text = plan(_SCHEDULE_SQLITE, ("scheduled", NOW, "x", "pending"))
+    assert "SCAN" not in text and "INDEX" in text, text
     # stats, queue depth and metrics never walk the scheduled backlog
     from tq.store.schema_ops import DEPTH_STATEMENTS
 

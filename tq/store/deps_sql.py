@@ -107,10 +107,9 @@ _EDGES_OF = (
     "SELECT task, depends_on FROM task_deps WHERE {tasks} UNION "
     "SELECT task, depends_on FROM task_deps WHERE {deps}"
 )
-_SCHEDULE_SQLITE = (  # delayed tasks of a submit: [[id, run_at], ...] as JSON
-    "UPDATE tasks SET state = ?, run_at = j.value ->> 1 FROM json_each(?) AS j "
-    "WHERE tasks.id = j.value ->> 0 AND tasks.state = ?"
-)
+# delayed tasks of a submit, one row each through the id index (an UPDATE ... FROM
+# json_each lets SQLite's planner walk the whole table once per row: quadratic)
+_SCHEDULE_SQLITE = "UPDATE tasks SET state = ?, run_at = ? WHERE id = ? AND state = ?"
 _SCHEDULE_PG = (
     "UPDATE tasks SET state = ?, run_at = j.run_at FROM unnest(?::text[], ?::float8[]) "
     "AS j(id, run_at) WHERE tasks.id = j.id AND tasks.state = ?"
@@ -209,7 +208,8 @@ def _schedule(
         ids, times = [i for i, _ in due], [t for _, t in due]
         d.run(conn, _SCHEDULE_PG, (_SCHEDULED, ids, times, pending))
     else:
-        d.run(conn, _SCHEDULE_SQLITE, (_SCHEDULED, json.dumps(due), pending))
+        rows = [(_SCHEDULED, at, task_id, pending) for task_id, at in due]
+        conn.executemany(_SCHEDULE_SQLITE, rows).fetchall()
 
 
 def _resolve(specs: Sequence[TaskSpec]) -> list[list[str | int]]:

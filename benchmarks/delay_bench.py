@@ -1,0 +1,144 @@
+"""Delayed tasks: what a backlog of scheduled tasks costs a broker, and how late due
+tasks start.
+
+    .venv/bin/python -m benchmarks.delay_bench [--scheduled 1000000] [--seconds 20]
+                                               [--due 5000] [--spread 10]
+
+Starts a broker as shipped (``tq broker`` in its own process, TLS and keys on,
+SQLite synchronous=full) in a temporary directory, then:
+
+1. its process CPU (all threads) over ``--seconds`` while idle, and the time of
+   one ``stats`` call (median of 5);
+2. the same after submitting ``--scheduled`` tasks delayed by 30 days (1,000
+   per request): the cost of having them waiting;
+3. with one ``tq worker`` (``echo`` tasks, 32 at once) connected, three runs of
+   ``--due`` tasks each, in queues of their own, reporting for each task the
+   delay from its due time (or, for the floor, its submit) to its
+   ``started_at`` (the broker's claim time), p50 / p99 / max:
+
+   * ``floor``: undelayed tasks, submitted ``--due / --spread`` per second:
+     submit to start, what the claim path costs without any delay;
+   * ``spread``: delayed tasks whose due times are spread evenly over
+     ``--spread`` seconds (a steady stream of due tasks);
+   * ``burst``: delayed tasks all due at the same instant (promoted 250 per
+     transaction, batch after batch).
+
+Due to start is an upper bound of due to pending: it adds the worker's claim.
+Broker and benchmark share this machine's clock (``started_at`` and the due
+times are both wall-clock seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tq.testing import BrokerProcess
+
+BATCH = 1000  # tasks per submit request
+MONTH = 30 * 86400.0
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(proc: psutil.Process, seconds: float) -> float:
+    """CPU used over ``seconds`` of wall time, as a percentage of one core."""
+    before = cpu_seconds(proc)
+    time.sleep(seconds)
+    return 100 * (cpu_seconds(proc) - before) / seconds
+
+
+def stats_ms(client: Any) -> float:
+    took = []
+    for _ in range(5):
+        started = time.perf_counter()
+        client.stats()
+        took.append(time.perf_counter() - started)
+    return statistics.median(took) * 1000
+
+
+def started_minus(client: Any, queue: str, n: int, key: str) -> list[float]:
+    """For every task of ``queue`` once all ``n`` ran: started_at - ``key`` (seconds)."""
+    deadline = time.monotonic() + 600
+    while client.stats()["queues"].get(queue, {}).get("succeeded", 0) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{queue}: not all {n} tasks ran within 600 s")
+        time.sleep(0.2)
+    found: list[float] = []
+    after = None
+    while True:
+        page = client.list(queue=queue, limit=1000, after=after)
+        found += [t.started_at - getattr(t, key) for t in page.tasks]
+        if page.next is None:
+            return sorted(found)
+        after = page.next
+
+
+def show(name: str, delays: list[float]) -> None:
+    p99 = delays[int(0.99 * (len(delays) - 1))]
+    print(
+        f"{name:7} {len(delays):6d} tasks: p50 {statistics.median(delays) * 1000:7.1f} ms, "
+        f"p99 {p99 * 1000:7.1f} ms, max {delays[-1] * 1000:7.1f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scheduled", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--due", type=int, default=5000)
+    parser.add_argument("--spread", type=float, default=10.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, BrokerProcess(Path(tmp) / "broker") as broker:
+        assert broker.proc is not None
+        proc = psutil.Process(broker.proc.pid)
+        time.sleep(2)  # start-up done
+        with broker.client() as client:
+            idle = measure(proc, args.seconds)
+            idle_stats = stats_ms(client)
+            print(f"idle:               CPU {idle:6.2f} % of a core, stats {idle_stats:6.1f} ms")
+            started = time.monotonic()
+            for start in range(0, args.scheduled, BATCH):
+                size = min(BATCH, args.scheduled - start)
+                client.submit_many([{"type": "later", "delay": MONTH, "queue": "later"}] * size)
+            took = time.monotonic() - started
+            print(f"submitted {args.scheduled} delayed tasks in {took:.1f} s")
+            time.sleep(2)  # the checkpointer and the promoter settle
+            loaded = measure(proc, args.seconds)
+            loaded_stats = stats_ms(client)
+            print(
+                f"{args.scheduled} scheduled: CPU {loaded:6.2f} % of a core "
+                f"({loaded - idle:+.2f}), stats {loaded_stats:6.1f} ms"
+            )
+            broker.start_worker("--concurrency", "32", "--queues", "floor,spread,burst")
+            broker.wait_for_workers(1)
+            n, gap = args.due, args.spread / args.due
+            for start in range(0, n, 10):  # 10 per request, paced like the spread run
+                client.submit_many([{"type": "echo", "queue": "floor"}] * min(10, n - start))
+                time.sleep(gap * 10)
+            show("floor", started_minus(client, "floor", n, "created_at"))
+            first = time.time() + 10  # every request is in before the first is due
+            specs = [
+                {"type": "echo", "queue": "spread", "run_at": first + i * gap} for i in range(n)
+            ]
+            for start in range(0, n, BATCH):
+                client.submit_many(specs[start : start + BATCH])
+            show("spread", started_minus(client, "spread", n, "run_at"))
+            due = time.time() + 10
+            for start in range(0, n, BATCH):
+                size = min(BATCH, n - start)
+                client.submit_many([{"type": "echo", "queue": "burst", "run_at": due}] * size)
+            show("burst", started_minus(client, "burst", n, "run_at"))
+
+
+if __name__ == "__main__":
+    main()
