@@ -100,7 +100,6 @@ def test_due_at_is_the_later_of_delay_and_run_at_and_bounded() -> None:
         ({"run_at": -1}, "run_at must be finite epoch seconds"),
         ({"run_at": 1e300}, "run_at must be finite epoch seconds"),
         ({"run_at": "2026-12-01T09:00:00Z"}, "run_at must be finite epoch seconds"),
-        ({"run_at": NOW, "depends_on": ["x"]}, "cannot also have a delay or run_at"),
     ],
 )
 def test_bad_due_fields_are_refused(fields: dict[str, Any], said: str) -> None:
@@ -250,11 +249,96 @@ async def test_the_counts_migration_counts_the_tasks_already_stored(tmp_path: Pa
     for trigger in ("insert", "leave", "enter", "delete"):
         conn.execute(f"DROP TRIGGER tasks_due_{trigger}")
     conn.execute("DROP TABLE due_counts")
+    conn.execute("ALTER TABLE tasks DROP COLUMN dep_delay")
     conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION - 1}")
     conn.close()
     async with open_sqlite_store(tmp_path / "tq.db") as opened:
         depth = [(d.priority, d.state, d.count) for d in await opened.queue_depth()]
         assert depth == [(1, "scheduled", 2), (2, "scheduled", 1)]
+
+
+# -- a delay on a task with dependencies (a workflow step): counted from its release ------
+
+
+async def _run_one(store: Any, queue: str, now: float, result: Any = None) -> str:
+    [lease] = await store.claim("w1", (queue,), None, 1, now, 30)
+    await store.complete([Outcome(lease.id, lease.token, "ok", result=result)], now)
+    return str(lease.id)
+
+
+@pytest.mark.trio
+async def test_a_dependent_with_a_delay_is_scheduled_when_released(store: Any) -> None:
+    [first] = await store.submit([spec(queue="a")], NOW)
+    [later] = await store.submit(
+        [spec(queue="b", depends_on=[first.id], delay=30, input="result", payload={"k": 1})], NOW
+    )
+    assert (await store.get(later.id)).state is State.BLOCKED
+    assert await store.next_due() is None  # blocked: not in the due index yet
+    await _run_one(store, "a", NOW + 5, result=7)
+    task = await store.get(later.id)
+    assert task.state is State.SCHEDULED and task.run_at == NOW + 35  # from the release
+    assert task.payload == {"k": 1, "input": 7}  # its input is filled in at the release
+    assert await store.next_due() == NOW + 35
+    assert await claim(store, queues=("b",), now=NOW + 34) == []
+    assert await store.promote_due(NOW + 34.9) == 0
+    assert await store.promote_due(NOW + 35) == 1
+    assert [lease.id for lease in await claim(store, queues=("b",), now=NOW + 35)] == [later.id]
+
+
+@pytest.mark.trio
+async def test_a_dependent_with_run_at_waits_for_it_unless_it_passed(store: Any) -> None:
+    a, b = await store.submit([spec(queue="a"), spec(queue="a")], NOW)
+    [late, early] = await store.submit(
+        [
+            spec(queue="b", depends_on=[a.id], run_at=NOW + 100),
+            spec(queue="b", depends_on=[b.id], run_at=NOW + 10, delay=1),
+        ],
+        NOW,
+    )
+    await _run_one(store, "a", NOW + 5)  # a: late still has 95 s to wait
+    task = await store.get(late.id)
+    assert task.state is State.SCHEDULED and task.run_at == NOW + 100
+    await _run_one(store, "a", NOW + 20)  # b, after early's run_at and its delay: 1 s more
+    task = await store.get(early.id)
+    assert task.state is State.SCHEDULED and task.run_at == NOW + 21
+    # dependencies already met at submit: the delay counts from the submit
+    [done] = await store.submit([spec(queue="c", depends_on=[a.id], delay=50)], NOW + 30)
+    task = await store.get(done.id)
+    assert task.state is State.SCHEDULED and task.run_at == NOW + 80
+    # without a due time of its own, a released dependent is pending at once, run_at empty
+    [plain] = await store.submit([spec(queue="c", depends_on=[a.id])], NOW + 30)
+    task = await store.get(plain.id)
+    assert task.state is State.PENDING and task.run_at is None
+
+
+@pytest.mark.trio
+async def test_a_workflow_step_with_a_delay_runs_that_long_after_the_step_before(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A chain [a, b with delay 120] through the service and the promoter: b becomes
+    pending 120 s after a succeeded (the promoter is woken by the report)."""
+    from tq.core.workflow import compile_workflow
+
+    mock_clock.rate = 60
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        service = BrokerService(store, lease_ttl=30, clock=lambda: NOW + trio.current_time())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(promoter_loop, service)
+            tasks = compile_workflow({"chain": [{"type": "a"}, {"type": "b", "delay": 120}]})
+            answer = await service.submit(tasks)
+            first, step = (t["id"] for t in answer["tasks"])
+            await trio.sleep(600)  # long after any delay counted from the submit
+            assert (await store.get(step)).state is State.BLOCKED
+            [lease] = await store.claim("w", ("default",), ["a"], 1, service.clock(), 30)
+            await service.report(None, [{"id": first, "token": lease.token, "status": "ok"}])
+            done_at = (await store.get(first)).finished_at
+            task = await store.get(step)
+            assert task.state is State.SCHEDULED and done_at is not None
+            assert task.run_at == done_at + 120
+            while (await store.get(step)).state is not State.PENDING:
+                await trio.sleep(0.5)
+            assert 0 <= NOW + trio.current_time() - (done_at + 120) < 5
+            nursery.cancel_scope.cancel()
 
 
 # -- the promoter, on trio's fake clock ------------------------------------------------------

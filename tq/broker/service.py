@@ -551,7 +551,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
                 retried |= r.state == "failed"
             else:
                 released |= r.state == "pending"  # "release": claimable again at once
-        if retried:
+        if retried or dependents:  # a released dependent may be scheduled (a step's delay)
             self.notify_due()
         if released or dependents:
             self.notify_work()
@@ -647,6 +647,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         task = await self.store.cancel(task_id, self.clock())
         self.events.changed(task, before)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
+        self.notify_due()  # ... or scheduled, when it has a delay of its own
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
@@ -786,6 +787,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
+            self.notify_due()  # a dependent released with a delay of its own is scheduled
             self.fire(released)
             await self.events.released(self.store, released)
         return released

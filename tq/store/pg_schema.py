@@ -237,8 +237,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 6: scheduled tasks and due retries counted per (queue, priority, state) by
     # triggers (spread over slots like finished_counts), so stats, queue depth and
-    # metrics never walk a backlog of a million scheduled tasks.
+    # metrics never walk a backlog of a million scheduled tasks; a blocked task's delay,
+    # counted from the moment its dependencies are done.
     f"""
+    ALTER TABLE tasks ADD COLUMN dep_delay double precision;
     CREATE TABLE due_counts (
         queue    text NOT NULL,
         priority integer NOT NULL,

@@ -197,8 +197,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 8: scheduled tasks and due retries counted per (queue, priority, state) by
     # triggers, so stats, queue depth and metrics read a few counter rows instead of
-    # walking a backlog of a million scheduled tasks (as finished_counts does for history).
+    # walking a backlog of a million scheduled tasks (as finished_counts does for history);
+    # a blocked task's delay, counted from the moment its dependencies are done.
     """
+    ALTER TABLE tasks ADD COLUMN dep_delay REAL;
     CREATE TABLE due_counts (
         queue    TEXT NOT NULL,
         priority INTEGER NOT NULL,
