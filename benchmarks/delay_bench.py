@@ -10,7 +10,9 @@ SQLite synchronous=full) in a temporary directory, then:
 1. its process CPU (all threads) over ``--seconds`` while idle, and the time of
    one ``stats`` call (median of 5);
 2. the same after submitting ``--scheduled`` tasks delayed by 30 days (1,000
-   per request): the cost of having them waiting;
+   per request): the cost of having them waiting; then, on a read connection
+   of the store, counting them by walking their index (what stats did before
+   the ``due_counts`` counters) against reading the counters;
 3. with one ``tq worker`` (``echo`` tasks, 32 at once) connected, three runs of
    ``--due`` tasks each, in queues of their own, reporting for each task the
    delay from its due time (or, for the floor, its submit) to its
@@ -21,7 +23,9 @@ SQLite synchronous=full) in a temporary directory, then:
    * ``spread``: delayed tasks whose due times are spread evenly over
      ``--spread`` seconds (a steady stream of due tasks);
    * ``burst``: delayed tasks all due at the same instant (promoted 250 per
-     transaction, batch after batch).
+     transaction, batch after batch); also when the last of them left
+     ``scheduled`` (``stats`` polled every 5 ms), which separates the promotion
+     from the worker's pace of running them.
 
 Due to start is an upper bound of due to pending: it adds the worker's claim.
 Broker and benchmark share this machine's clock (``started_at`` and the due
@@ -64,6 +68,33 @@ def stats_ms(client: Any) -> float:
         client.stats()
         took.append(time.perf_counter() - started)
     return statistics.median(took) * 1000
+
+
+# what stats, queue depth and metrics read for failed/scheduled tasks before due_counts
+WALK = (
+    "SELECT queue, priority, state, count(*) FROM tasks INDEXED BY tasks_due "
+    "WHERE state IN ('failed', 'scheduled') GROUP BY queue, priority, state"
+)
+
+
+def count_costs(db: Path) -> tuple[float, float]:
+    """Median ms of counting the scheduled tasks by walking their index, and of reading
+    the counters (tq.store.schema_ops.DUE_COUNTS), on a read connection of the live store."""
+    import apsw
+
+    from tq.store.schema_ops import DUE_COUNTS
+
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    out = []
+    for statement in (WALK, DUE_COUNTS):
+        took = []
+        for _ in range(5):
+            started = time.perf_counter()
+            conn.execute(statement).fetchall()
+            took.append(time.perf_counter() - started)
+        out.append(statistics.median(took) * 1000)
+    conn.close()
+    return out[0], out[1]
 
 
 def started_minus(client: Any, queue: str, n: int, key: str) -> list[float]:
@@ -119,6 +150,11 @@ def main() -> None:
                 f"{args.scheduled} scheduled: CPU {loaded:6.2f} % of a core "
                 f"({loaded - idle:+.2f}), stats {loaded_stats:6.1f} ms"
             )
+            walk, counters = count_costs(Path(tmp) / "broker" / "tq.db")
+            print(
+                f"counting them: a walk of tasks_due {walk:7.1f} ms, "
+                f"due_counts {counters * 1000:5.0f} us ({walk / counters:.0f}x)"
+            )
             broker.start_worker("--concurrency", "32", "--queues", "floor,spread,burst")
             broker.wait_for_workers(1)
             n, gap = args.due, args.spread / args.due
@@ -137,7 +173,15 @@ def main() -> None:
             for start in range(0, n, BATCH):
                 size = min(BATCH, n - start)
                 client.submit_many([{"type": "echo", "queue": "burst", "run_at": due}] * size)
+            time.sleep(max(0.0, due - time.time() - 0.5))
+            while client.stats()["queues"].get("burst", {}).get("scheduled", 0):
+                time.sleep(0.005)
+            promoted = time.time() - due
             show("burst", started_minus(client, "burst", n, "run_at"))
+            print(
+                f"burst: every one of the {n} promoted (none scheduled) {promoted * 1000:.0f} ms "
+                "after the due time"
+            )
 
 
 if __name__ == "__main__":
