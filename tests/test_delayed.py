@@ -250,6 +250,7 @@ async def test_the_counts_migration_counts_the_tasks_already_stored(tmp_path: Pa
         conn.execute(f"DROP TRIGGER tasks_due_{trigger}")
     conn.execute("DROP TABLE due_counts")
     conn.execute("ALTER TABLE tasks DROP COLUMN dep_delay")
+    conn.execute("DROP INDEX task_unique_task")
     conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION - 1}")
     conn.close()
     async with open_sqlite_store(tmp_path / "tq.db") as opened:

@@ -165,6 +165,35 @@ async def test_expiry_and_purge_delete_the_edges_of_the_tasks_they_delete(store:
     assert await edges(store) == set()
 
 
+async def keys(store: Any) -> set[str]:
+    """The tasks holding a stored unique key."""
+    found = await store._read(lambda conn: conn.execute("SELECT task FROM task_unique").fetchall())
+    return {task for (task,) in found}
+
+
+async def test_expiry_and_purge_delete_the_unique_keys_of_the_tasks_they_delete(
+    store: Any,
+) -> None:
+    first, second, third = [
+        r.id
+        for r in await store.submit(
+            [spec("a", payload=i, unique_for=3600.0) for i in range(3)], NOW
+        )
+    ]
+    leases = await claim(store, ("a",), n=3, now=NOW)
+    await store.complete([report(lease) for lease in leases], NOW)
+    await store.submit([spec("z")], NOW)  # the newest row (SQLite keeps it)
+    assert await keys(store) == {first, second, third}
+    policy = RetentionPolicy.of({"succeeded": 10.0})
+    assert sum((await store.expire_finished(policy, NOW + 100, 1)).values()) == 1
+    assert await keys(store) == {second, third}
+    assert await store.purge(["succeeded"], 10.0, NOW + 100, 1) == 1
+    assert len(await keys(store)) == 1
+    # the key of a deleted holder is free: the same task again is created anew
+    [again] = await store.submit([spec("a", payload=0, unique_for=3600.0)], NOW + 200)
+    assert again.created and again.id != first
+
+
 async def test_retention_policies_refuse_unfinished_states_and_bad_ttls() -> None:
     with pytest.raises(InvalidRequest, match="finished states"):
         RetentionPolicy.of({"pending": 10.0})

@@ -58,6 +58,7 @@ from typing import (
 import platformdirs
 
 from tq.core.errors import ConfigError
+from tq.store.claimplan import Aging
 
 APP = "tq"
 DEFAULT_PORT = 7470
@@ -76,6 +77,7 @@ DEFAULT_HELLO_TIMEOUT = 10.0  # TLS done -> hello accepted
 DEFAULT_IDLE_TIMEOUT = 300.0  # no request for this long (and none in flight): closed
 DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no limit
 DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
+DEFAULT_AGING_CAP = 50.0  # priority points a wait can add at most (with aging_rate set)
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
 MAX_FRAME_LIMIT = 2**32 - 1  # a frame's length prefix is 4 bytes (docs/PROTOCOL.md)
 # retention: finished tasks are deleted this long after they finished (0: kept forever)
@@ -298,6 +300,17 @@ class BrokerSettings(CommonSettings):
     retention_dead: TTL = DEFAULT_RETENTION_DEAD
     retention_cancelled: TTL = DEFAULT_RETENTION_CANCELLED
     retention_queues: PerQueueTTLs = ()  # per queue and state, over the three above
+    # -- priority aging: pending tasks gain aging_rate priority points a minute of
+    # waiting, at most aging_cap (0: off); claims take the highest sum first --
+    aging_rate: Rate = 0.0
+    aging_cap: Amount = DEFAULT_AGING_CAP
+
+    @property
+    def aging(self) -> Aging | None:
+        """The claim order's aging (tq.store.claimplan), None when off."""
+        if not self.aging_rate:
+            return None
+        return Aging(rate=self.aging_rate / 60.0, cap=self.aging_cap)
 
     @property
     def http_enabled(self) -> bool:

@@ -216,6 +216,7 @@ class Session:
             "set_priority": self._set_priority,
             "queue": self._queue,
             "schedule": self._schedule,
+            "cap": self._cap,
             "keys": self._keys,
             "audit": self._audit,
             "purge": self._purge,
@@ -549,9 +550,11 @@ class Session:
             return {"explain": await self.service.explain(_task_id(msg), self.principal)}
         if q == "workflow":
             return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
+        if q == "history":
+            return await self.service.history(_task_id(msg), self.principal)
         raise InvalidRequest(
             f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain, "
-            "workflow"
+            "workflow, history"
         )
 
     async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -585,6 +588,9 @@ class Session:
 
     async def _schedule(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.schedule_request(msg, self.principal)
+
+    async def _cap(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.cap_request(msg, self.principal)
 
     async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)
@@ -700,7 +706,11 @@ async def _serve_broker(
         if not auth.enabled:
             log.warning("authentication is OFF (--no-auth): anyone who can connect may do anything")
         service = BrokerService(
-            store, lease_ttl=settings.lease_ttl, auth=auth, max_payload=settings.max_payload
+            store,
+            lease_ttl=settings.lease_ttl,
+            auth=auth,
+            max_payload=settings.max_payload,
+            aging=settings.aging,
         )
         async with trio.open_nursery() as timers:
             if auth.enabled:

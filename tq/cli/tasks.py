@@ -213,6 +213,25 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    unique_for: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-for",
+            help="A unique task: while a task of the same type and payload (or --unique-key) "
+            "in the queue is unfinished, or for this long after it was submitted (1h, 30m, "
+            "7d, seconds), submitting again prints that task's id instead of adding one.",
+            show_default=False,
+        ),
+    ] = None,
+    unique_key: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-key",
+            help="With --unique-for: the key that makes tasks the same (default: the "
+            "type and the payload).",
+            show_default=False,
+        ),
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(
@@ -249,6 +268,8 @@ def submit(
       tq submit notify --depends-on ID1 --depends-on ID2
 
       tq submit report --delay 30m    tq submit report --at 2026-12-01T09:00:00Z
+
+      tq submit export --payload '{"day": "2026-12-05"}' --unique-for 1d
 
       tq submit --workflow thumbnails.json
 
@@ -287,6 +308,8 @@ def submit(
         value = parse_json(payload, "--payload")
     elif payload_file is not None:
         value = _read_payload_file(payload_file)
+    if unique_key is not None and unique_for is None:
+        fail("--unique-key goes with --unique-for (how long the key is held)", exits.USAGE)
     options: dict[str, Any] = {
         "queue": queue,
         "priority": priority,
@@ -296,6 +319,8 @@ def submit(
         "depends_on": depends_on or None,
         "on_dependency_failure": on_dependency_failure,
         **_due_options(delay, at),
+        "unique_for": None if unique_for is None else _duration(unique_for, "--unique-for"),
+        "unique_key": unique_key,
     }
 
     def body() -> None:
@@ -306,7 +331,14 @@ def submit(
         task_id = answer["id"]
         if "warning" in answer:
             say(f"tq: warning: {answer['warning']}", err=True)
-        emit_text({"id": task_id}, text_mode(output, as_json), task_id)
+        if not answer.get("created", True):
+            say(
+                f"tq: not submitted again: task {task_id} holds the same "
+                f"{'unique key' if unique_for is not None else 'idempotency key'}",
+                err=True,
+            )
+        data = {"id": task_id, "created": bool(answer.get("created", True))}
+        emit_text(data, text_mode(output, as_json), task_id)
 
     run_guarded(body)
 
@@ -327,6 +359,15 @@ def _due_options(delay: str | None, at: str | None) -> dict[str, Any]:
             except InvalidRequest as exc:
                 fail(f"{flag}: {exc}", exits.USAGE)
     return out
+
+
+def _duration(text: str, what: str) -> float:
+    from tq.core.units import seconds
+
+    try:
+        return seconds(text, what)
+    except ValueError as exc:
+        fail(str(exc), exits.USAGE)
 
 
 def _submit_workflow(
@@ -405,11 +446,16 @@ def status(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Show one task: state, attempts, payload, result or error."""
+    """Show one task: state, attempts, payload, result or error, and the tasks it
+    depends on and that depend on it, with their states (JSON: "depends_on" and
+    "dependents", present when it has any)."""
 
     def body() -> None:
+        from tq.cli.workflows import dependency_links
+
         with _client(broker, ca, insecure, api_key) as client:
             task = client.get(task_id).to_dict()
+            task.update(dependency_links(client, task_id))
         emit(task, output_mode(output, as_json), lambda t: kv_table(task_rows(t)))
 
     run_guarded(body)

@@ -58,6 +58,7 @@ from tq.core.errors import InvalidRequest, NotFound
 from tq.core.states import Event, State, next_state
 from tq.core.task import Task, TaskError, TaskSpec
 from tq.core.when import due_at
+from tq.store import history_sql
 from tq.store.base import OutcomeResult, SubmitResult
 from tq.store.schedule_sql import Dialect
 from tq.store.schema import TASK_COLUMNS, row_to_task
@@ -272,6 +273,7 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
             conn, _PENDING_EDGES.format(deps=_in(d, "e.depends_on")), (_list(d, list(frontier)),)
         )
         counts: dict[str, int] = {}
+        last: dict[str, str] = {}  # the dependency whose end counted last, for the history
         cancel: dict[str, str] = {}
         for task, dep, policy, state in found:
             if state != _BLOCKED:
@@ -280,12 +282,14 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
             if end == State.SUCCEEDED.value or policy == "run":
                 if d.run(conn, _EDGE_DONE, (task, dep)):
                     counts[task] = counts.get(task, 0) + 1
+                    last[task] = dep
                     cause.setdefault(task, cause[dep])
             elif policy == "cancel" and task not in cancel:
                 cancel[task] = dep
                 cause[task] = cause[dep]
         nxt: dict[str, str] = {}
         for task, dep in cancel.items():
+            history_sql.note(conn, d.name, now, f"dependency:{dep}")
             if _cancel(conn, d, task, dep, frontier[dep], now):
                 out.cancelled.append(task)
                 out.cause[task] = cause[task]
@@ -293,6 +297,7 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
         for task, n in counts.items():
             if task in cancel:
                 continue
+            history_sql.note(conn, d.name, now, f"dependency:{last[task]}")
             state, queue = _count_down(conn, d, task, n, now)
             if state in (_UNBLOCKED, _LATER):
                 (out.released if state == _UNBLOCKED else out.scheduled).append((task, queue))

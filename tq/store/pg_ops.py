@@ -129,6 +129,7 @@ PURGE = (
     "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"
 )
 PURGE_EDGES = "DELETE FROM task_deps WHERE task = ANY(%s)"  # as tq.store.schema_ops
+PURGE_KEYS = "DELETE FROM task_unique WHERE task = ANY(%s)"
 COUNT_PURGEABLE = "SELECT count(*) FROM tasks WHERE state = %s AND finished_at < %s"
 _RETRY_TARGET = {state: next_state(state, Event.RETRY) for state in sources(Event.RETRY)}
 RETRY_MANY = (
@@ -146,6 +147,7 @@ def purge(conn: psycopg.Connection[Any], states: list[State], cutoff: float, lim
         ids = [row[0] for row in rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
         if ids:
             conn.execute(PURGE_EDGES, (ids,))
+            conn.execute(PURGE_KEYS, (ids,))
         deleted += len(ids)
     return deleted
 

@@ -48,6 +48,7 @@ from tq.core.retry import RetryPolicy
 from tq.core.states import TERMINAL, Event, next_state
 from tq.core.task import Lease, Outcome, Task, TaskError, TaskSpec
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import PG_MIGRATION as HISTORY_MIGRATION
 from tq.store.schema import (
     _CLAIMED,
     _DUE_TARGET,
@@ -235,12 +236,51 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
         WHERE state IN ('succeeded', 'dead', 'cancelled');
     """,
-    # 6: scheduled tasks and due retries counted per (queue, priority, state) by
-    # triggers (spread over slots like finished_counts), so stats, queue depth and
-    # metrics never walk a backlog of a million scheduled tasks; a blocked task's delay,
-    # counted from the moment its dependencies are done.
-    f"""
+    # 6: concurrency and rate caps per queue or task type (tq.store.pg_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        text NOT NULL,
+        name        text NOT NULL,
+        concurrency bigint,
+        rate        double precision,
+        burst       double precision,
+        tokens      double precision NOT NULL,
+        refilled_at double precision NOT NULL,
+        updated_at  double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
+    # 7: progress and unique tasks (PROGRESS_UNIQUE below)
+    # 8: task history (tq.store.history_sql): every transition, written by triggers
+    # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
+    # 9: due counts, a blocked task's delay, unique keys by task (DUE_COUNTS_MIGRATION)
+)
+# The latest progress a running task's handler reported (cleared when an attempt is
+# leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
+# key), naming the task that holds it and until when the window lasts. The primary
+# key makes a key unique across every broker sharing the database.
+PROGRESS_UNIQUE = """
+    ALTER TABLE tasks ADD COLUMN progress double precision;
+    ALTER TABLE tasks ADD COLUMN progress_message text;
+    CREATE TABLE task_unique (
+        queue text NOT NULL,
+        key   text NOT NULL,
+        task  text NOT NULL,
+        until double precision NOT NULL,
+        PRIMARY KEY (queue, key)
+    );
+"""
+# 9: scheduled tasks and due retries counted per (queue, priority, state) by triggers
+# (spread over slots like finished_counts), so stats, queue depth and metrics never walk
+# a backlog of a million scheduled tasks; a blocked task's delay, counted from the moment
+# its dependencies are done; the unique keys by the task holding them, so deleting a
+# task deletes its keys.
+DUE_COUNTS_MIGRATION = f"""
     ALTER TABLE tasks ADD COLUMN dep_delay double precision;
+    CREATE INDEX task_unique_task ON task_unique (task);
     CREATE TABLE due_counts (
         queue    text NOT NULL,
         priority integer NOT NULL,
@@ -275,8 +315,8 @@ MIGRATIONS: tuple[str, ...] = (
         EXECUTE FUNCTION tq_count_due();
     CREATE TRIGGER tasks_due_delete AFTER DELETE ON tasks FOR EACH ROW
         WHEN (OLD.state IN ('failed', 'scheduled')) EXECUTE FUNCTION tq_count_due();
-    """,
-)
+    """
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION, DUE_COUNTS_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS tq_schema (version integer NOT NULL)"
@@ -379,7 +419,8 @@ _CLAIM_TAKE = (
     "chosen AS (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS k FROM heads "
     "ORDER BY priority DESC, seq LIMIT %s) "
     "UPDATE tasks SET state = %s, attempts = tasks.attempts + 1, started_at = %s, worker = %s, "
-    "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s FROM chosen "
+    "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s, progress = NULL, "
+    "progress_message = NULL FROM chosen "
     "WHERE tasks.seq = chosen.seq RETURNING chosen.k, tasks.id, tasks.type, tasks.queue, "
     "tasks.payload, tasks.priority, tasks.attempts, tasks.max_retries, tasks.timeout, "
     "tasks.lease_token, tasks.trace"
@@ -427,6 +468,11 @@ EXTEND_LEASES = (
     "UPDATE tasks SET lease_expires_at = %s FROM unnest(%s::text[], %s::bigint[]) AS l(id, token) "
     f"WHERE tasks.id = l.id AND tasks.{LEASED} AND tasks.lease_token = l.token "
     "AND tasks.lease_expires_at >= %s AND tasks.worker = %s RETURNING tasks.id"
+)
+SET_PROGRESS = (  # progress reported with a heartbeat, for leases found live just before
+    "UPDATE tasks SET progress = p.fraction, progress_message = p.message FROM "
+    "unnest(%s::text[], %s::bigint[], %s::double precision[], %s::text[]) "
+    "AS p(id, token, fraction, message) WHERE tasks.id = p.id AND tasks.lease_token = p.token"
 )
 EXPIRED_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks "
@@ -646,10 +692,24 @@ def extend_leases(
     leases: list[tuple[str, int]],
     now: float,
     ttl: float,
+    progress: dict[str, tuple[float, str | None]] | None = None,
 ) -> list[str]:
     ids = [task_id for task_id, _ in leases]
     tokens = [token for _, token in leases]
     kept = {row[0] for row in rows(conn, EXTEND_LEASES, (now + ttl, ids, tokens, now, worker))}
+    if progress:
+        owned = dict(leases)
+        live = [task_id for task_id in progress if task_id in kept]
+        if live:
+            conn.execute(
+                SET_PROGRESS,
+                (
+                    live,
+                    [owned[task_id] for task_id in live],
+                    [progress[task_id][0] for task_id in live],
+                    [progress[task_id][1] for task_id in live],
+                ),
+            )
     return [task_id for task_id in ids if task_id not in kept]
 
 

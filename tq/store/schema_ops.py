@@ -94,6 +94,7 @@ PURGE = (
 # a purged task's own dependency edges go with it; edges of kept tasks to a purged
 # dependency stay (the dependent still names it, read as a dependency no longer stored)
 PURGE_EDGES = "DELETE FROM task_deps WHERE task IN (SELECT value FROM json_each(?))"
+PURGE_KEYS = "DELETE FROM task_unique WHERE task IN (SELECT value FROM json_each(?))"
 COUNT_PURGEABLE = (
     "SELECT count(*) FROM tasks INDEXED BY tasks_state "
     f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST}"
@@ -123,6 +124,7 @@ def purge(conn: apsw.Connection, states: list[State], cutoff: float, limit: int)
         ids = [row[0] for row in _rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
         if ids:
             _rows(conn, PURGE_EDGES, (json.dumps(ids),))
+            _rows(conn, PURGE_KEYS, (json.dumps(ids),))
         deleted += len(ids)
     return deleted
 
