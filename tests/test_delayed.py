@@ -279,6 +279,8 @@ async def test_a_dependent_with_a_delay_is_scheduled_when_released(store: Any) -
     task = await store.get(later.id)
     assert task.state is State.SCHEDULED and task.run_at == NOW + 35  # from the release
     assert task.payload == {"k": 1, "input": 7}  # its input is filled in at the release
+    rows = [(r.event, r.state, r.actor, r.run_at) for r in await store.history(later.id)]
+    assert rows[-1] == ("scheduled", "scheduled", f"dependency:{first.id}", NOW + 35)
     assert await store.next_due() == NOW + 35
     assert await claim(store, queues=("b",), now=NOW + 34) == []
     assert await store.promote_due(NOW + 34.9) == 0
