@@ -3,9 +3,11 @@ tasks start.
 
     .venv/bin/python -m benchmarks.delay_bench [--scheduled 1000000] [--seconds 20]
                                                [--due 5000] [--spread 10]
+                                               [--store sqlite|postgresql]
 
 Starts a broker as shipped (``tq broker`` in its own process, TLS and keys on,
-SQLite synchronous=full) in a temporary directory, then:
+SQLite synchronous=full; or ``--store postgresql``: a throwaway PostgreSQL
+cluster of its own, fsync on) in a temporary directory, then:
 
 1. its process CPU (all threads) over ``--seconds`` while idle, and the time of
    one ``stats`` call (median of 5);
@@ -35,6 +37,7 @@ times are both wall-clock seconds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -54,11 +57,29 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def measure(proc: psutil.Process, seconds: float) -> float:
-    """CPU used over ``seconds`` of wall time, as a percentage of one core."""
-    before = cpu_seconds(proc)
+def measure(proc: psutil.Process, seconds: float, url: str | None = None) -> str:
+    """CPU used over ``seconds`` of wall time by the broker (and, with ``url``, by the
+    PostgreSQL server's processes), as a percentage of one core."""
+    server = postgres_processes(url) if url else []
+    before = cpu_seconds(proc), sum(cpu_seconds(p) for p in server)
     time.sleep(seconds)
-    return 100 * (cpu_seconds(proc) - before) / seconds
+    broker = 100 * (cpu_seconds(proc) - before[0]) / seconds
+    if not url:
+        return f"{broker:6.2f} % of a core"
+    used = sum(cpu_seconds(p) for p in server if p.is_running())
+    return f"{broker:6.2f} % of a core (PostgreSQL {100 * (used - before[1]) / seconds:.2f} %)"
+
+
+def postgres_processes(url: str) -> list[psutil.Process]:
+    """The PostgreSQL server's processes now: its postmaster and every child."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    postmaster = psutil.Process(row[0]).parent()
+    assert postmaster is not None
+    return [postmaster, *postmaster.children()]
 
 
 def stats_ms(client: Any) -> float:
@@ -77,16 +98,27 @@ WALK = (
 )
 
 
-def count_costs(db: Path) -> tuple[float, float]:
+def count_costs(db: Path, url: str | None) -> tuple[float, float]:
     """Median ms of counting the scheduled tasks by walking their index, and of reading
-    the counters (tq.store.schema_ops.DUE_COUNTS), on a read connection of the live store."""
-    import apsw
+    the counters (``DUE_COUNTS`` of tq.store.schema_ops / pg_ops), on a connection of
+    the live store (the SQLite file, or the PostgreSQL schema at ``url``)."""
+    conn: Any
+    if url is None:
+        import apsw
 
-    from tq.store.schema_ops import DUE_COUNTS
+        from tq.store.schema_ops import DUE_COUNTS
 
-    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+        conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+        walk = WALK
+    else:
+        import psycopg
+
+        from tq.store.pg_ops import DUE_COUNTS
+
+        conn = psycopg.connect(url, autocommit=True)
+        walk = WALK.replace(" INDEXED BY tasks_due", "")
     out = []
-    for statement in (WALK, DUE_COUNTS):
+    for statement in (walk, DUE_COUNTS):
         took = []
         for _ in range(5):
             started = time.perf_counter()
@@ -128,15 +160,35 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--due", type=int, default=5000)
     parser.add_argument("--spread", type=float, default=10.0)
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: a throwaway cluster of its own (benchmarks/cluster_bench.py's)",
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, BrokerProcess(Path(tmp) / "broker") as broker:
+    with contextlib.ExitStack() as stack:
+        url = None
+        if args.store == "postgresql":
+            from benchmarks.cluster_bench import fresh_schema, postgres
+
+            url = fresh_schema(stack.enter_context(postgres()))
+        run(args, url)
+
+
+def run(args: argparse.Namespace, url: str | None) -> None:
+    store = [] if url is None else ["--store", url]
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        BrokerProcess(Path(tmp) / "broker", *store) as broker,
+    ):
         assert broker.proc is not None
         proc = psutil.Process(broker.proc.pid)
         time.sleep(2)  # start-up done
         with broker.client() as client:
-            idle = measure(proc, args.seconds)
+            idle = measure(proc, args.seconds, url)
             idle_stats = stats_ms(client)
-            print(f"idle:               CPU {idle:6.2f} % of a core, stats {idle_stats:6.1f} ms")
+            print(f"idle:               CPU {idle}, stats {idle_stats:6.1f} ms")
             started = time.monotonic()
             for start in range(0, args.scheduled, BATCH):
                 size = min(BATCH, args.scheduled - start)
@@ -144,13 +196,10 @@ def main() -> None:
             took = time.monotonic() - started
             print(f"submitted {args.scheduled} delayed tasks in {took:.1f} s")
             time.sleep(2)  # the checkpointer and the promoter settle
-            loaded = measure(proc, args.seconds)
+            loaded = measure(proc, args.seconds, url)
             loaded_stats = stats_ms(client)
-            print(
-                f"{args.scheduled} scheduled: CPU {loaded:6.2f} % of a core "
-                f"({loaded - idle:+.2f}), stats {loaded_stats:6.1f} ms"
-            )
-            walk, counters = count_costs(Path(tmp) / "broker" / "tq.db")
+            print(f"{args.scheduled} scheduled: CPU {loaded}, stats {loaded_stats:6.1f} ms")
+            walk, counters = count_costs(Path(tmp) / "broker" / "tq.db", url)
             print(
                 f"counting them: a walk of tasks_due {walk:7.1f} ms, "
                 f"due_counts {counters * 1000:5.0f} us ({walk / counters:.0f}x)"
