@@ -45,7 +45,7 @@ _BY_INDEX: tuple[tuple[str, frozenset[State]], ...] = (
     ("tasks_claim", sources(Event.CLAIM)),  # partial: state = 'pending', covering
     ("tasks_lease", sources(Event.LEASE_EXPIRED_RETRY)),  # partial: running
 )
-# failed and scheduled: counted by triggers (migration 8), a backlog of a million
+# failed and scheduled: counted by triggers (schema.DUE_COUNTS_MIGRATION), a backlog of a million
 # scheduled tasks costs a read of a few rows, not a walk of tasks_due
 _COUNTED = sources(Event.DUE)
 DUE_COUNTS = "SELECT queue, priority, state, n FROM due_counts WHERE n > 0"
