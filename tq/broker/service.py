@@ -61,7 +61,7 @@ from tq.core.values import number, whole
 from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.security.roles import Principal, action_of
-from tq.store.base import Store
+from tq.store.base import PROMOTE_BATCH, Store
 from tq.store.claimplan import Aging, CapNote
 
 MAX_CLAIM = 1000
@@ -586,7 +586,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 retried |= r.state == "failed"
             else:
                 released |= r.state == "pending"  # "release": claimable again at once
-        if retried:
+        if retried or dependents:  # a released dependent may be scheduled (a step's delay)
             self.notify_due()
         if released or dependents or (self.capped_waiting and any(r.accepted for r in results)):
             self.notify_work()  # a finished task frees a place under its caps
@@ -691,6 +691,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
+        self.notify_due()  # ... or scheduled, when it has a delay of its own
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
@@ -837,6 +838,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
+            self.notify_due()  # a dependent released with a delay of its own is scheduled
             self.fire(released)
             await self.events.released(self.store, released)
         return released
@@ -851,11 +853,17 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             self.retention_deleted[state] = self.retention_deleted.get(state, 0) + n
         return sum(deleted.values())
 
-    async def promote(self) -> int:
-        if not self.runs_upkeep:
-            return 0
-        count = await self.store.promote_due(self.clock())
-        if count:
-            self.notify_work()
-            self.events.promoted(count)
-        return count
+    async def promote(self, batch: int = PROMOTE_BATCH) -> int:
+        """Due tasks to pending (leader only), ``batch`` per transaction until a batch comes
+        back short; workers are woken after each batch, so the first run while the rest
+        are still being promoted. How many in all."""
+        total = 0
+        while self.runs_upkeep:
+            count = await self.store.promote_due(self.clock(), batch)
+            if count:
+                total += count
+                self.notify_work()
+                self.events.promoted(count)
+            if count < batch:
+                break
+        return total

@@ -244,11 +244,7 @@ def _delay_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
     run_at = spec.get("run_at")
     if delay is None and run_at is None:
         return {}
-    if spec.get("depends_on"):
-        raise InvalidRequest(
-            "a task with depends_on cannot also have a delay or run_at: it becomes "
-            "pending when its dependencies finish"
-        )
+    # with depends_on: due ``delay`` after the dependencies are done, not before run_at
     return {
         "delay": None if delay is None else check_delay(delay),
         "run_at": None if run_at is None else check_run_at(run_at),

@@ -4,6 +4,7 @@ Contract: pure (no I/O, no clock: ``now`` is an argument); imports only tq.core.
 Errors are InvalidRequest naming the text and the form expected.
 
     parse_duration("30s") -> 30.0      units s, m, h, d, w; "1h30m"; plain seconds
+    format_duration(604800) -> "7d"    the inverse, for showing settings and TTLs
     parse_time("2026-12-01T09:00:00Z") -> epoch seconds
                                        RFC 3339 with an explicit zone (Z or +hh:mm);
                                        a time without a zone is refused: it would
@@ -52,6 +53,23 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds > MAX_DELAY:
         raise InvalidRequest(f"duration {text!r} is longer than the limit of 10 years")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as people write them, the inverse of ``parse_duration``: 604800 -> '7d',
+    5400 -> '1h30m', 90.5 -> '1m30.5s', 0 -> '0s'."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return f"{seconds:g}s"
+    parts = []
+    rest = seconds
+    for unit in ("d", "h", "m"):
+        whole = int(rest // _UNITS[unit])
+        if whole:
+            parts.append(f"{whole}{unit}")
+            rest -= whole * _UNITS[unit]
+    if rest or not parts:
+        parts.append(f"{round(rest, 6):g}s")
+    return "".join(parts)
 
 
 def parse_time(text: str) -> float:

@@ -79,6 +79,7 @@ from tq.store import (
     unique_sql,
 )
 from tq.store.base import (
+    PROMOTE_BATCH,
     ClusterState,
     OutcomeResult,
     QueueDepth,
@@ -383,8 +384,10 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def release_worker(self, worker: str, now: float) -> list[str]:
         return await self._write(_release_worker, worker, now, note=(now, None))
 
-    async def promote_due(self, now: float) -> int:
-        return await self._write(schema.promote_due, now, note=(now, None))
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write(schema.promote_due, now, limit, weight=limit, note=(now, None))
 
     async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         return await self._write(_cancel, task_id, now, note=(now, actor))
