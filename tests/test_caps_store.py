@@ -237,3 +237,15 @@ async def test_capped_and_aged_claims_read_indexes_only(
                 for statement, params in statements:
                     text = "\n".join(row[0] for row in conn.execute(f"EXPLAIN {statement}", params))
                     assert "Index" in text and "Seq Scan" not in text, text
+
+
+async def test_a_claim_whose_clock_lags_the_bucket_never_refills_an_interval_twice() -> None:
+    from tq.store.claimplan import CLOCK_STEP, spend
+
+    cap = Cap("type", "t", rate=10.0, burst=10.0, tokens=0.0, refilled_at=100.0)
+    spend([cap], {}, 99.99)  # a claim that began first, locked the row second
+    assert (cap.tokens, cap.refilled_at) == (0.0, 100.0)
+    spend([cap], {("type", "t"): 1}, 100.5)  # 0.5 s since 100.0: 5 tokens, one taken
+    assert cap.tokens == pytest.approx(4.0) and cap.refilled_at == 100.5
+    spend([cap], {}, 100.5 - CLOCK_STEP - 1)  # the clock stepped back: follow it
+    assert cap.refilled_at == 100.5 - CLOCK_STEP - 1 and cap.tokens == pytest.approx(4.0)

@@ -161,6 +161,7 @@ async def test_health_ready_stats_workers_queues_cluster(tmp_path: Path) -> None
                         {"priority": 100, "state": "running", "count": 2},
                     ],
                     "paused": False,
+                    "cap": None,
                 }
             ]
             stats = (await http.get(f"{API}/stats")).json()

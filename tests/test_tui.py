@@ -1017,6 +1017,29 @@ def test_a_paused_queue_is_marked_on_the_dashboard() -> None:
     assert "paused" not in rows["busy"], text[0]
 
 
+def test_a_queue_at_its_concurrency_cap_is_marked_on_the_dashboard() -> None:
+    text: list[str] = []
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(100, 30)) as pilot:
+            fill(app)
+            queues = {"full": {"pending": 4, "running": 2}, "roomy": {"running": 1}}
+            caps = [
+                {"kind": "queue", "name": "full", "concurrency": 2, "rate": None, "burst": None},
+                {"kind": "queue", "name": "roomy", "concurrency": 5, "rate": None, "burst": None},
+            ]
+            app.state.apply_stats({**app.state.stats, "queues": queues, "caps": caps}, NOW)
+            app.redraw()
+            await pilot.pause()
+            text.append(screen_text(app))
+
+    run(scenario)
+    rows = {line.split()[0]: line for line in text[0].splitlines() if line.split()}
+    assert "full capped" in rows["full"], text[0]
+    assert "capped" not in rows["roomy"], text[0]
+
+
 # -- attempts and why a task is dead ------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tq.core.errors import Forbidden, InvalidRequest
 from tq.core.task import _name
-from tq.store.claimplan import KINDS, MAX_CONCURRENCY, MAX_RATE, QUEUE, Cap
+from tq.store.claimplan import KINDS, MAX_CONCURRENCY, MAX_RATE, QUEUE, Cap, default_burst
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
@@ -54,6 +54,20 @@ def parse_rate(value: object) -> float | None:
     if not math.isfinite(rate) or not 0 < rate <= MAX_RATE:
         raise InvalidRequest(f"cap rate must be > 0 and at most {MAX_RATE:g} per second")
     return rate
+
+
+def rate_text(rate: float) -> str:
+    """A rate in the unit that reads best: ``10/s``, ``30/m``, ``2/h``."""
+    if rate >= 1:
+        return f"{rate:.4g}/s"
+    if rate * 60 >= 1:
+        return f"{rate * 60:.4g}/m"
+    return f"{rate * 3600:.4g}/h"
+
+
+def burst_of(rate: float, burst: float | None) -> float:
+    """The bucket size in force: ``burst``, or one second's worth (at least 1)."""
+    return default_burst(rate) if burst is None else burst
 
 
 def check_cap(msg: Mapping[str, Any]) -> Cap:
@@ -121,12 +135,19 @@ class CapOps:
             await self.auth.record(actor_of(principal), "cap.remove", f"{kind}:{name}", {})
         return {"kind": kind, "name": name, "removed": removed}
 
+    async def visible_caps(self, principal: Principal | None = None) -> list[Cap]:
+        """Every cap this principal may see (a queue-limited key: its queues' and the type
+        caps), by kind then name."""
+        return [
+            cap
+            for cap in await self.store.list_caps()
+            if principal is None or cap.kind != QUEUE or principal.may_use(cap.name)
+        ]
+
     async def list_caps(self, principal: Principal | None = None) -> list[dict[str, Any]]:
         """Every cap this principal may see, with its running count now."""
         found = []
-        for cap in await self.store.list_caps():
-            if principal is not None and cap.kind == QUEUE and not principal.may_use(cap.name):
-                continue
+        for cap in await self.visible_caps(principal):
             entry = cap.to_dict()
             entry["running"] = await self.store.running_count(cap.kind, cap.name, RUNNING_LIMIT)
             found.append(entry)

@@ -23,6 +23,10 @@ code                when
                     is handed out until it is resumed
 ``no_worker``       no connected worker takes its queue
 ``no_handler``      workers take its queue, none handles its type
+``capped``          its queue's or type's concurrency cap is full (``kind``,
+                    ``name``, ``running``, ``concurrency``)
+``rate_capped``     its queue's or type's rate bucket is empty (``kind``,
+                    ``name``, ``rate``, ``due``: when it holds a token again)
 ``workers_busy``    every worker that could run it is running as many tasks
                     as its concurrency allows
 ``behind``          ``higher`` pending tasks of higher priority and ``older``
@@ -39,8 +43,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tq.broker.caps import rate_text
 from tq.broker.registry import WorkerInfo
 from tq.core.task import Task
+from tq.store.claimplan import Cap
 
 SILENT_FRACTION = 0.5  # of the lease: a heartbeat older than this is worth saying
 
@@ -74,10 +80,12 @@ def explain(
     lease_ttl: float,
     paused_at: float | None = None,
     unmet: Sequence[str] | None = None,
+    caps: Sequence[tuple[Cap, int]] = (),
 ) -> dict[str, Any]:
     """The answer of ``query explain``: ``{"task", "state", "reasons": [...]}``;
     ``paused_at``: when the task's queue was paused (None: it is not); ``unmet``: a
-    blocked task's dependencies not met yet."""
+    blocked task's dependencies not met yet; ``caps``: the caps of its queue and type,
+    each with the running count of what it caps (counted up to its concurrency)."""
     reasons: list[dict[str, Any]] = []
     state = str(task.state)
     if paused_at is not None and state in ("pending", "scheduled", "failed", "blocked"):
@@ -132,7 +140,8 @@ def explain(
         message = "it waits for other tasks to finish first" + (f": {shown}" if waiting else "")
         reasons.append({"code": "blocked", "message": message, "waiting_for": waiting})
     elif state == "pending":
-        reasons.extend(_pending(task, ahead, ahead_limit, workers))
+        reasons.extend(_capped(caps, now))
+        reasons.extend(_pending(task, ahead, ahead_limit, workers, bool(reasons)))
     return {"task": task.id, "state": state, "reasons": reasons}
 
 
@@ -167,12 +176,46 @@ def _running(
     return out
 
 
+def _capped(caps: Sequence[tuple[Cap, int]], now: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for cap, running in caps:
+        what = f"{cap.kind} {cap.name!r}"
+        if cap.concurrency is not None and running >= cap.concurrency:
+            out.append(
+                {
+                    "code": "capped",
+                    "message": f"concurrency cap of {what} is full: {running} running of "
+                    f"{cap.concurrency} at most; it is claimed when one of them ends",
+                    "kind": cap.kind,
+                    "name": cap.name,
+                    "running": running,
+                    "concurrency": cap.concurrency,
+                }
+            )
+        if cap.rate is not None and cap.refilled(now) < 1:
+            due = cap.next_token_at(now)
+            out.append(
+                {
+                    "code": "rate_capped",
+                    "message": f"rate cap of {what} ({rate_text(cap.rate)}) has no token left: "
+                    f"the next one is due {_when(due, now)}",
+                    "kind": cap.kind,
+                    "name": cap.name,
+                    "rate": cap.rate,
+                    "due": due,
+                }
+            )
+    return out
+
+
 def _pending(
     task: Task,
     ahead: tuple[int, int] | None,
     ahead_limit: int,
     workers: Sequence[WorkerInfo],
+    held: bool = False,
 ) -> list[dict[str, Any]]:
+    """``held``: a reason before these (a pause, a cap) holds the task back."""
     out: list[dict[str, Any]] = []
     connected = [w for w in workers if w.connections > 0]
     serving = [w for w in connected if task.queue in w.queues]
@@ -225,7 +268,7 @@ def _pending(
                     "at_least": higher >= ahead_limit or older >= ahead_limit,
                 }
             )
-        elif not out:
+        elif not out and not held:
             out.append(
                 {"code": "next", "message": "nothing is ahead of it: a free worker claims it next"}
             )

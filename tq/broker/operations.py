@@ -121,6 +121,17 @@ class OperatorOps:
         if task.state == "blocked":
             deps = await self.store.dependencies(task_id)
             unmet = [dep for dep, _, met in deps if not met]
+        caps = []
+        if task.state == "pending":
+            for cap in await self.store.list_caps():
+                if (cap.kind, cap.name) in (("queue", task.queue), ("type", task.type)):
+                    limit = cap.concurrency
+                    running = (
+                        0
+                        if limit is None
+                        else await self.store.running_count(cap.kind, cap.name, limit)
+                    )
+                    caps.append((cap, running))
         now = self.clock()
         paused = (await self.paused()).get(task.queue)
         return explain(
@@ -132,6 +143,7 @@ class OperatorOps:
             self.lease_ttl,
             paused,
             unmet,
+            caps,
         )
 
     async def workflow(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
@@ -184,10 +196,19 @@ class OperatorOps:
         for name in await self.paused():  # a paused queue is shown, even when empty
             if visible is None or visible(name):
                 queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
+        capped = {
+            cap.name: cap
+            for cap in await self.store.list_caps()
+            if cap.kind == "queue" and (visible is None or visible(cap.name))
+        }
+        for name in capped:  # so is a capped one
+            queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
         paused = await self.paused()
         for entry in queues.values():
             entry["priorities"].sort(key=lambda p: (-p["priority"], p["state"]))
             entry["paused"] = entry["queue"] in paused
+            cap = capped.get(entry["queue"])
+            entry["cap"] = None if cap is None else cap.limits()
         return {"queues": [queues[name] for name in sorted(queues)]}
 
     async def purge(

@@ -790,6 +790,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             "uptime": now - self.started_at,
             "queues": counts,
             "paused": sorted(q for q in await self.paused() if may_use is None or may_use(q)),
+            "caps": [cap.to_dict() for cap in await self.visible_caps(principal)],
             "store": store,
             "workers": len(self.workers.visible(may_use)),
             "counters": counters,

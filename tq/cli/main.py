@@ -12,6 +12,7 @@ from tq.cli import (
     admin,
     bench,
     bulk,
+    caps,
     history,
     migrate,
     ops,
@@ -70,6 +71,7 @@ app.command(rich_help_panel="Operations")(migrate.migrate)  # copy a store (tq.s
 security.register(app)  # keys, ca, token, audit
 queues.register(app)  # queue pause, resume, list
 schedules.register(app)  # recurring schedules
+caps.register(app)  # concurrency and rate caps
 workflows.register(app)  # workflow show
 
 

@@ -1,5 +1,7 @@
 """`tq queue pause|resume|list`: queue-wide switches (admin for pause and resume).
 
+`tq queue list` also shows each queue's cap (`tq cap`).
+
 A paused queue accepts submits and hands nothing out: claims skip it on every
 broker of the store (each broker re-reads the paused queues at least every
 second), tasks already running finish normally. The pause is stored, so it
@@ -14,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from tq.cli.admin import _client
+from tq.cli.caps import brief
 from tq.cli.common import (
     BrokerOpt,
     CaOpt,
@@ -98,7 +101,7 @@ def list_queues(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Queues with unfinished tasks or paused: whether each is paused, and its counts."""
+    """Queues with unfinished tasks, paused or capped: pause, cap (`tq cap`) and counts."""
 
     def body() -> None:
         with _client(broker, ca, insecure, api_key) as client:
@@ -107,6 +110,7 @@ def list_queues(
             {
                 "queue": q["queue"],
                 "paused": bool(q.get("paused")),
+                "cap": q.get("cap"),
                 "total": q["total"],
                 **q["states"],
             }
@@ -124,13 +128,17 @@ def _table(rows: list[dict[str, Any]]) -> Any:
     table = Table()
     table.add_column("queue")
     table.add_column("paused")
+    table.add_column("cap", no_wrap=True)
     for state in states:
         table.add_column(state, justify="right")
     for row in rows:
         counts = [str(row.get(state, 0)) for state in states]
-        table.add_row(cell(row["queue"]), "paused" if row["paused"] else "", *counts)
+        cap = row.get("cap")
+        limits = "" if cap is None else brief(cap)
+        table.add_row(cell(row["queue"]), "paused" if row["paused"] else "", cell(limits), *counts)
     if not rows:
-        table.add_row("(no queue has unfinished tasks or is paused)", "", *[""] * len(states))
+        note = "(no queue has unfinished tasks, is paused or capped)"
+        table.add_row(note, "", "", *[""] * len(states))
     return table
 
 

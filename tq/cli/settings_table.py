@@ -31,6 +31,7 @@ COMMAND_OPTIONS = frozenset(
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
         "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
         "--wide", "--workers", "--yes", "--depends-on", "--on-dependency-failure", "--workflow",
+        "--rate", "--burst",
         "--delay", "--at", "--unique-for", "--unique-key", "--progress",
     }
 )  # fmt: skip
@@ -38,6 +39,7 @@ COMMAND_OPTIONS = frozenset(
 NOT_THE_SETTING = frozenset(
     {
         ("bench", "--concurrency"),  # the benchmark's workers, not this process's
+        ("cap set", "--concurrency"),  # the cap's limit
         ("bench", "--synchronous"),  # the benchmark brokers' durability
         ("bench", "--store"),  # the benchmark brokers' store (a fresh schema each)
         ("keys create", "--queues"),  # the new key's queues

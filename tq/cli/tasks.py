@@ -474,7 +474,8 @@ def explain(
 
     For example: scheduled for later, a retry due after a failed attempt, no
     connected worker takes its queue or handles its type, every worker that could
-    run it busy, waiting behind N tasks of higher priority, leased to a worker
+    run it busy, its queue's or type's cap full (`tq cap list`) or rate bucket
+    empty, waiting behind N tasks of higher priority, leased to a worker
     (with its last heartbeat), or finished.
     """
 
@@ -575,7 +576,7 @@ def stats(
                 f"broker {data['broker']} {data['version']}, "
                 f"up {data['uptime']:.0f}s, {data['workers']} worker(s)"
             ),
-            caption=cell(_last_minute(recent)),
+            caption=cell("\n".join(filter(None, [_last_minute(recent), _caps(data)]))),
         )
         t.add_column("queue")
         for s in states:
@@ -597,6 +598,13 @@ def stats(
         emit(data, output_mode(output, as_json), table)
 
     run_guarded(body)
+
+
+def _caps(data: dict[str, Any]) -> str:
+    from tq.cli.caps import brief
+
+    caps = data.get("caps") or []
+    return "caps: " + "; ".join(f"{c['kind']} {c['name']} {brief(c)}" for c in caps) if caps else ""
 
 
 def _last_minute(recent: dict[str, Any]) -> str:

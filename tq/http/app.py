@@ -21,6 +21,8 @@
     GET    /api/v1/schedules            recurring schedules
     PUT    /api/v1/schedules/{name}     add or redeclare {"cron", "task", "timezone"?, "missed"?}
     GET | DELETE /api/v1/schedules/{name}, POST .../pause | resume | run-now
+    GET    /api/v1/caps                 concurrency and rate caps, with their running counts
+    PUT | DELETE /api/v1/caps/{kind}/{name}  set {"concurrency"?, "rate"?, "burst"?} or lift a cap
     GET    /api/v1/keys | audit         API keys, the audit log (admin)
     GET    /api/v1/events               live events as server-sent events (web.py)
     GET    /  and  /ui/...              the web dashboard (web.py)
@@ -379,6 +381,25 @@ def _schedule_op(op: str, action: str) -> Handler:
     return handler
 
 
+async def list_caps(request: Request) -> Response:
+    principal = await authenticate(request, "cap:list")
+    return _json(await _service(request).cap_request({"op": "list"}, principal))
+
+
+async def put_cap(request: Request) -> Response:
+    principal = await authenticate(request, "cap:set")
+    body = await _object_body(request)
+    fields = {key: body.get(key) for key in ("concurrency", "rate", "burst")}
+    msg = {"op": "set", **request.path_params, **fields}
+    return _json(await _service(request).cap_request(msg, principal))
+
+
+async def delete_cap(request: Request) -> Response:
+    principal = await authenticate(request, "cap:remove")
+    msg = {"op": "remove", **request.path_params}
+    return _json(await _service(request).cap_request(msg, principal))
+
+
 async def cluster(request: Request) -> Response:
     principal = await authenticate(request, "query:health")
     return _json(await _service(request).cluster_status(principal))
@@ -470,6 +491,8 @@ def build_app(service: BrokerService) -> Starlette:
         Route(f"{API}/workers", workers, methods=["GET"]),
         Route(f"{API}/queues", queues, methods=["GET"]),
         Route(f"{API}/queues/{{queue}}/pause", pause_queue, methods=["POST"]),
+        Route(f"{API}/caps", list_caps, methods=["GET"]),
+        _resource(f"{API}/caps/{{kind}}/{{name}}", PUT=put_cap, DELETE=delete_cap),
         Route(f"{API}/schedules", list_schedules, methods=["GET"]),
         _resource(
             f"{API}/schedules/{{name}}",

@@ -13,6 +13,7 @@ counts the history.
     tq_tasks_{submitted,succeeded,failed,retried,dead}_total{queue,type}
     tq_queue_depth{queue,state}       unfinished tasks (pending, running, failed, ...)
     tq_queue_paused{queue}            1 for a paused queue (paused queues only)
+    tq_queue_cap_concurrency{queue}   a queue's concurrency cap (capped queues only)
     tq_tasks_running                  tasks leased to workers now
     tq_workers_connected / tq_workers_known
     tq_lease_expiries_total, tq_refused_results_total
@@ -74,6 +75,7 @@ class _Snapshot:
     submit_latency: Histogram = field(default_factory=lambda: Histogram(()))
     depth: list[tuple[str, str, int]] = field(default_factory=list)  # queue, state, n
     paused: list[str] = field(default_factory=list)
+    capped: list[tuple[str, int]] = field(default_factory=list)  # queue, concurrency cap
     workers_connected: int = 0
     workers_known: int = 0
     lease_expiries: int = 0
@@ -102,6 +104,12 @@ def take_snapshot(
 
     folded: dict[tuple[str, str], int] = {}
     paused = sorted({labels.queue(e["queue"]) for e in gauges["queues"] if e.get("paused")})
+    capped = sorted(  # a queue folded into OTHER has no cap of its own to show
+        (name, e["cap"]["concurrency"])
+        for e in gauges["queues"]
+        if e.get("cap") and e["cap"].get("concurrency") is not None
+        if (name := labels.queue(e["queue"])) != OTHER
+    )
     for entry in sorted(gauges["queues"], key=lambda e: str(e["queue"])):
         queue = labels.queue(entry["queue"])
         for state, n in entry["states"].items():
@@ -113,6 +121,7 @@ def take_snapshot(
         submit_latency=_copy(activity.submit_latency),
         depth=[(q, state, n) for (q, state), n in folded.items()],
         paused=paused,
+        capped=capped,
         workers_connected=sum(1 for w in known if w.connections > 0),
         workers_known=len(known),
         lease_expiries=service.counters.get("lease_expired", 0),
@@ -155,6 +164,14 @@ class _TQCollector(Collector):
         for queue in snap.paused:
             paused.add_metric([queue], 1)
         yield paused
+        cap = GaugeMetricFamily(
+            "tq_queue_cap_concurrency",
+            "A queue's concurrency cap (tq cap): at most this many of its tasks run at once.",
+            labels=["queue"],
+        )
+        for queue, concurrency in snap.capped:
+            cap.add_metric([queue], concurrency)
+        yield cap
         yield GaugeMetricFamily("tq_tasks_running", "Tasks leased to workers now.", value=running)
         yield GaugeMetricFamily(
             "tq_workers_connected", "Workers with an open connection.", value=snap.workers_connected

@@ -28,6 +28,7 @@ from tq.core.task import (
     Task,
 )
 from tq.core.when import MAX_DELAY, MAX_RUN_AT
+from tq.store.claimplan import MAX_CONCURRENCY, MAX_RATE
 
 _TRACE = {
     "type": ["object", "null"],
@@ -327,6 +328,11 @@ SCHEMAS: dict[str, Any] = {
                 "items": {"type": "string"},
                 "description": "paused queues, sorted",
             },
+            "caps": {
+                "type": "array",
+                "items": _ref("Cap"),
+                "description": "the caps in force (a queue-limited key: its queues' and type caps)",
+            },
             "store": {
                 "type": ["object", "null"],
                 "description": "the store's file; null for a key limited to some queues",
@@ -459,6 +465,10 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "queue": {"type": "string"},
             "paused": {"type": "boolean", "description": "hands nothing out until resumed"},
+            "cap": {
+                "oneOf": [_ref("CapLimits"), {"type": "null"}],
+                "description": "the queue's cap (tq cap); null: none",
+            },
             "total": {"type": "integer", "minimum": 0},
             "states": {"type": "object", "additionalProperties": {"type": "integer"}},
             "priorities": {
@@ -494,6 +504,40 @@ SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "number"},
             "description": {"type": "string", "description": "the expression in words"},
             "next_runs": {"type": "array", "items": {"type": "number"}},
+        },
+    },
+    "CapLimits": {
+        "type": "object",
+        "required": ["concurrency", "rate", "burst"],
+        "properties": {
+            "concurrency": {
+                "type": ["integer", "null"],
+                "description": "at most this many running at once (null: no limit)",
+            },
+            "rate": {
+                "type": ["number", "null"],
+                "description": "at most this many started per second (null: no limit)",
+            },
+            "burst": {
+                "type": ["number", "null"],
+                "description": "the rate bucket's size (set whenever rate is)",
+            },
+        },
+    },
+    "Cap": {
+        "type": "object",
+        "required": ["kind", "name", "concurrency", "rate", "burst"],
+        "properties": {
+            "kind": {"enum": ["queue", "type"]},
+            "name": {"type": "string"},
+            "concurrency": {"type": ["integer", "null"]},
+            "rate": _NUMBER_OR_NULL,
+            "burst": _NUMBER_OR_NULL,
+            "running": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "GET /caps only: its tasks running now (counted up to 100000)",
+            },
         },
     },
     "QueueSwitch": {
@@ -559,6 +603,20 @@ SCHEMAS: dict[str, Any] = {
 _BULK_LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000, "default": 1000}
 
 
+_CAP_KIND = {
+    "name": "kind",
+    "in": "path",
+    "required": True,
+    "description": "What the cap limits: a queue, or a task type in every queue.",
+    "schema": {"enum": ["queue", "type"]},
+}
+_CAP_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The queue's or task type's name (no spaces or commas).",
+    "schema": {"type": "string"},
+}
 _SCHEDULE = {
     "name": "name",
     "in": "path",
@@ -1193,6 +1251,92 @@ def _paths() -> dict[str, Any]:
                 {
                     "200": _json(_schedule_answer("task"), "Submitted."),
                     **_problems(400, *_AUTH, 404, 503),
+                },
+            ),
+        },
+        "/api/v1/caps": {
+            "get": _op(
+                "Every cap (concurrency and rate per queue or task type), by kind then name, "
+                "with its running tasks now.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["caps"],
+                            "properties": {"caps": {"type": "array", "items": _ref("Cap")}},
+                        },
+                        "The caps.",
+                    ),
+                    **_problems(*_AUTH, 503),
+                },
+            )
+        },
+        "/api/v1/caps/{kind}/{name}": {
+            "parameters": [_CAP_KIND, _CAP_NAME],
+            "put": _op(
+                "Set a queue's or task type's cap (admin), cluster-wide: replaces both limits "
+                "(a limit left out is lifted); at least one of concurrency and rate.",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["cap"],
+                            "properties": {"cap": _ref("Cap")},
+                        },
+                        "The stored cap.",
+                    ),
+                    **_problems(400, *_AUTH, 415, 503),
+                },
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "concurrency": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_CONCURRENCY,
+                                "description": "at most this many running at once",
+                            },
+                            "rate": {
+                                "oneOf": [
+                                    {
+                                        "type": "number",
+                                        "exclusiveMinimum": 0,
+                                        "maximum": MAX_RATE,
+                                    },
+                                    {"type": "string", "pattern": "^[0-9.]+/(s|m|min|h)$"},
+                                ],
+                                "description": "started per second, or text: 10/s, 30/m, 2/h",
+                            },
+                            "burst": {
+                                "type": "number",
+                                "minimum": 1,
+                                "maximum": MAX_RATE,
+                                "description": "with rate: the bucket's size (default: 1 s)",
+                            },
+                        },
+                    }
+                ),
+            ),
+            "delete": _op(
+                "Lift a queue's or task type's cap (admin).",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["kind", "name", "removed"],
+                            "properties": {
+                                "kind": {"enum": ["queue", "type"]},
+                                "name": {"type": "string"},
+                                "removed": {
+                                    "type": "boolean",
+                                    "description": "false: it had no cap",
+                                },
+                            },
+                        },
+                        "Whether there was a cap.",
+                    ),
+                    **_problems(400, *_AUTH, 503),
                 },
             ),
         },

@@ -44,6 +44,7 @@ TYPE = "type"
 KINDS = (QUEUE, TYPE)
 MAX_CONCURRENCY = 1_000_000
 MAX_RATE = 1_000_000.0  # tasks per second
+CLOCK_STEP = 5.0  # seconds a claim's clock may lag a bucket's before it counts as a step back
 
 
 @dataclass(slots=True)
@@ -66,6 +67,10 @@ class Cap:
             "rate": self.rate,
             "burst": self.burst,
         }
+
+    def limits(self) -> dict[str, object]:
+        """``concurrency``, ``rate``, ``burst`` (None: not set)."""
+        return {"concurrency": self.concurrency, "rate": self.rate, "burst": self.burst}
 
     def refilled(self, now: float) -> float:
         """The bucket's tokens at ``now`` (rate caps only)."""
@@ -237,12 +242,20 @@ def plan(
 
 
 def spend(caps: Sequence[Cap], used: dict[tuple[str, str], int], now: float) -> list[Cap]:
-    """The rate caps' buckets after this claim (refilled to ``now``, minus what it took)."""
+    """The rate caps' buckets after this claim (refilled to ``now``, minus what it took).
+
+    A claim whose ``now`` is a little behind the bucket's (on PostgreSQL ``now`` is
+    the transaction's start, and a claim that started first may lock the cap row
+    second) leaves ``refilled_at`` where it is: moving it back would let the next
+    claim refill the same interval twice. A clock stepped back by more than
+    ``CLOCK_STEP`` moves it back (else the bucket would not refill until the clock
+    caught up)."""
     changed = []
     for cap in caps:
         if cap.rate is None:
             continue
         cap.tokens = cap.refilled(now) - used.get((cap.kind, cap.name), 0)
-        cap.refilled_at = now
+        if not 0 < cap.refilled_at - now <= CLOCK_STEP:
+            cap.refilled_at = now
         changed.append(cap)
     return changed

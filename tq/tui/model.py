@@ -297,6 +297,18 @@ class ConsoleState:
         """The queue hands nothing out (``tq queue pause``), as of the last stats poll."""
         return queue in (self.stats.get("paused") or ())
 
+    def capped(self, queue: str) -> bool:
+        """A cap on the queue is full (``tq cap``): as many of its tasks run as it allows,
+        as of the last stats poll (a rate cap is not judged here)."""
+        running = self.counts.get(queue, {}).get("running", 0)
+        return any(
+            cap.get("kind") == "queue"
+            and cap.get("name") == queue
+            and cap.get("concurrency") is not None
+            and running >= cap["concurrency"]
+            for cap in self.stats.get("caps") or ()
+        )
+
     def unserved(self, queue: str) -> str:
         """ "" when a connected worker takes ``queue`` (and its oldest pending task's type);
         else what is missing: "no worker" or "no worker for <type>"."""

@@ -3,9 +3,9 @@
 Queues come by what needs attention (model.queue_names) under the ``(all)``
 row, so the ones in trouble are in sight at 80x24; *Wait* is the age of a
 queue's oldest pending task, "paused" marks a paused queue (``tq queue
-pause``) and ``⚠`` marks a queue no connected worker
-takes (or whose oldest pending task's type none handles), spelled out in
-the panel's title.
+pause``), "capped" one whose concurrency cap is full (``tq cap``) and ``⚠``
+marks a queue no connected worker takes (or whose oldest pending task's type
+none handles), spelled out in the panel's title.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class DashboardScreen(ConsoleScreen):
             label = fmt.plain(fmt.one_line(queue, 20), style="bold" if queue == ALL else "")
             if queue != ALL and state.paused(queue):
                 label.append(" paused", style=f"bold {self.console.current_theme.warning}")
+            elif queue != ALL and state.capped(queue):
+                label.append(" capped", style=f"bold {self.console.current_theme.warning}")
             elif queue in unserved:
                 label.append(" ⚠", style=f"bold {self.console.current_theme.warning}")
             cells: list[Any] = [label]
