@@ -44,7 +44,7 @@ class WireStream(trio.abc.Stream):
 
     def __init__(self, transport: trio.SocketStream, context: ssl.SSLContext | None = None) -> None:
         self.transport = transport
-        self._fd = transport.socket.fileno()
+        self._socket = transport.socket  # its fileno() is -1 once closed: never a reused fd
         self.pending = bytearray()  # bytes written, not yet taken by the kernel
         self._stuck = trio.Event()  # set while ``pending`` waits for the writer
         self._error: BaseException | None = None  # the socket failed while writing
@@ -82,7 +82,7 @@ class WireStream(trio.abc.Stream):
         pending = self.pending
         while pending:
             try:
-                sent = os.write(self._fd, pending)
+                sent = os.write(self._socket.fileno(), pending)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -110,7 +110,7 @@ class WireStream(trio.abc.Stream):
     async def flush(self) -> None:
         """Until ``pending`` is on the socket; raises if the socket failed."""
         while self.pending and self._error is None:
-            await trio.lowlevel.wait_writable(self._fd)
+            await trio.lowlevel.wait_writable(self._socket)
             self._push()
         self._stuck = trio.Event()
         if self._error is not None:
@@ -129,21 +129,26 @@ class WireStream(trio.abc.Stream):
     # -- reading ------------------------------------------------------------------
 
     async def _receive_raw(self, max_bytes: int) -> bytes:
-        """Bytes from the socket (b"" at EOF); always a checkpoint."""
+        """Bytes from the socket (b"" at EOF); always a checkpoint.
+
+        Cancelled, it has read nothing: bytes once read are returned, never dropped
+        (the checkpoint after a read is shielded, as in trio's own streams).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                data = os.read(self._fd, max_bytes)
+                data = os.read(self._socket.fileno(), max_bytes)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
+                await trio.lowlevel.wait_readable(self._socket)
                 try:
-                    return os.read(self._fd, max_bytes)
+                    return os.read(self._socket.fileno(), max_bytes)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     raise trio.BrokenResourceError(f"receiving failed: {exc!r}") from exc
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receiving failed: {exc!r}") from exc
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -154,6 +159,7 @@ class WireStream(trio.abc.Stream):
         if self._ssl is None:
             return await self._receive_raw(size)
         assert self._incoming is not None
+        await trio.lowlevel.checkpoint_if_cancelled()  # from here on, nothing read is dropped
         while True:
             chunks: list[bytes] = []
             got = 0
@@ -169,7 +175,7 @@ class WireStream(trio.abc.Stream):
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 if not chunks:
                     self._take_outgoing()
-                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
             except ssl.SSLError as exc:  # includes an EOF without close_notify
                 self._take_outgoing()
@@ -177,7 +183,7 @@ class WireStream(trio.abc.Stream):
                     raise trio.BrokenResourceError(f"TLS failed: {exc!r}") from exc
             self._take_outgoing()  # e.g. the answer to the peer's key update
             if chunks:
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return b"".join(chunks)
             data = await self._receive_raw(RECEIVE_SIZE)
             if data:
