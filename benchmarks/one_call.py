@@ -11,14 +11,19 @@ sequential ``get``, ``depth`` and durable ``submit`` calls (after 200 warm-up
 calls each). Reported per call: the broker process's CPU time (user +
 system, all its threads, from psutil) over the calls, and the client's p50
 and p99 round trip; then the median of the rounds and after/before ratios.
-Without ``--before`` only this checkout is measured.
+Without ``--before`` only this checkout is measured. The brokers start in a
+temporary directory: ``python -m`` puts its working directory first on
+``sys.path``, which would hide the ``--before`` checkout behind this one. Each
+side prints the ``tq`` package its brokers import.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +47,11 @@ def _quantile(values: list[float], q: float) -> float:
 def measure(env: dict[str, str], calls: int) -> dict[str, dict[str, float]]:
     """One broker: per call kind, broker CPU (us), p50 and p99 (ms)."""
     out: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp, BrokerProcess(Path(tmp), env=env) as broker:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.chdir(tmp),  # not this checkout first on the broker's sys.path
+        BrokerProcess(Path(tmp) / "data", env=env) as broker,
+    ):
         assert broker.proc is not None
         proc = psutil.Process(broker.proc.pid)
         with broker.client() as client:
@@ -71,6 +80,19 @@ def measure(env: dict[str, str], calls: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _package(env: dict[str, str]) -> str:
+    """Where ``python -m tq`` run with ``env`` (from a neutral directory) finds tq."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run(
+            [sys.executable, "-c", "import tq; print(tq.__file__)"],
+            env={**os.environ, **env},
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, help="another tq checkout (its root directory)")
@@ -82,6 +104,8 @@ def main() -> None:
         if not (args.before / "tq" / "__init__.py").is_file():
             parser.error(f"--before {args.before}: no tq package there")
         sides = {"before": {"PYTHONPATH": os.fspath(args.before.resolve())}, "after": {}}
+    for side, env in sides.items():
+        print(f"{side}: brokers import {_package(env)}", flush=True)
     runs: dict[str, list[dict[str, dict[str, float]]]] = {side: [] for side in sides}
     for number in range(args.rounds):
         for side, env in sides.items():
