@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ async def test_a_cancelled_read_drops_nothing(tmp_path: Path, tls: bool) -> None
         assert scope.cancelled_caught
         with trio.fail_after(5):
             assert await server.receive_some() == b"first request"
+
+
+def test_the_broker_refuses_tls_renegotiation(tmp_path: Path) -> None:
+    """A TLS 1.2 peer renegotiating would make an answer's write wait for a read."""
+    files, _ = ensure_broker_tls(tmp_path / "tls")
+    assert server_ssl_context(files).options & ssl.OP_NO_RENEGOTIATION
 
 
 @pytest.mark.trio
