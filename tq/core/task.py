@@ -7,6 +7,8 @@ A ``Task`` is what the store returns: the submission plus its lifecycle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from tq.core.errors import InvalidRequest
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
 from tq.core.states import State
 from tq.core.values import check_plain
+from tq.core.when import check_delay, check_run_at
 
 PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
 DEFAULT_PRIORITY = PRIORITY_NAMES["normal"]
@@ -28,6 +31,9 @@ MAX_SUBMIT = 10_000  # tasks per submit request (all or nothing, one transaction
 MAX_WARNINGS = 20  # task types named in a submit answer's warnings
 MAX_RETRIES = 1_000_000  # bounds what the store's 64-bit integers must hold
 MAX_NUMBER = 1e300  # durations: finite, and any JSON or msgpack number converts to a float
+MAX_UNIQUE_FOR = 366 * 86400.0  # seconds a unique task's key may be held after its submit
+MAX_UNIQUE_KEY = 200  # characters of an explicit unique_key
+MAX_PROGRESS_MESSAGE = 200  # characters of a progress message (longer ones are cut)
 
 _SPEC_FIELDS = {
     "type",
@@ -44,6 +50,10 @@ _SPEC_FIELDS = {
     "on_dependency_failure",
     "input",
     "result_key",
+    "delay",
+    "run_at",
+    "unique_for",
+    "unique_key",
 }
 # What a task whose dependency ended dead or cancelled does: "cancel" (it is cancelled
 # too, naming the dependency), "run" (it runs once every dependency finished, however),
@@ -166,6 +176,14 @@ class TaskSpec:
     on_dependency_failure: str = "cancel"  # one of DEPENDENCY_POLICIES
     input: str | None = None  # one of INPUTS: dependencies' results become the payload
     result_key: str | None = None  # with input: take this key of each (map) result
+    # delayed: due ``delay`` seconds after the broker receives it and/or at ``run_at``
+    # (epoch seconds), the later of the two (tq.core.when.due_at); stored as scheduled
+    delay: float | None = None
+    run_at: float | None = None
+    # unique tasks (tq.core.unique): seconds the key is held after the submit, and the
+    # key itself ("key:" + an explicit unique_key, or "auto:" + a digest of type + payload)
+    unique_for: float | None = None
+    unique_key: str | None = None
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
@@ -215,7 +233,26 @@ class TaskSpec:
             idempotency_key=key,
             trace=parse_trace(spec.get("trace")),
             **_dependency_fields(spec, payload),
+            **_delay_fields(spec),
+            **_unique_fields(spec),
         )
+
+
+def _delay_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """delay and run_at (the range ahead of now is checked at submit: ``due_at``)."""
+    delay = spec.get("delay")
+    run_at = spec.get("run_at")
+    if delay is None and run_at is None:
+        return {}
+    if spec.get("depends_on"):
+        raise InvalidRequest(
+            "a task with depends_on cannot also have a delay or run_at: it becomes "
+            "pending when its dependencies finish"
+        )
+    return {
+        "delay": None if delay is None else check_delay(delay),
+        "run_at": None if run_at is None else check_run_at(run_at),
+    }
 
 
 def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
@@ -262,6 +299,69 @@ def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
     }
 
 
+def _unique_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """unique_for (seconds) and unique_key, checked together; the key as stored."""
+    window = spec.get("unique_for")
+    key = spec.get("unique_key")
+    if window is None and key is None:
+        return {}
+    if window is None:
+        raise InvalidRequest("task unique_key needs unique_for (how long the key is held)")
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, int | float)
+        or not 0 <= window <= MAX_UNIQUE_FOR
+    ):
+        raise InvalidRequest(
+            f"task unique_for must be a number of seconds 0..{MAX_UNIQUE_FOR:g} "
+            f"(366 days), got {window!r}"
+        )
+    if key is not None and (
+        not isinstance(key, str) or not key or len(key) > MAX_UNIQUE_KEY or "\x00" in key
+    ):
+        raise InvalidRequest(
+            f"task unique_key must be a non-empty string of at most {MAX_UNIQUE_KEY} "
+            "characters, without NUL"
+        )
+    return {"unique_for": float(window), "unique_key": None if key is None else "key:" + key}
+
+
+def unique_key_of(spec: TaskSpec) -> str | None:
+    """The key a unique task holds: its explicit ``unique_key`` ("key:..."), else
+    "auto:" + the SHA-256 of its type and canonical payload (map keys sorted, so two
+    payloads equal as data give one key whatever their order); None if not unique."""
+    if spec.unique_for is None:
+        return None
+    if spec.unique_key is not None:
+        return spec.unique_key
+    text = json.dumps(
+        [spec.type, _canonical(spec.payload)],
+        ensure_ascii=False,
+        allow_nan=True,
+        separators=(",", ":"),
+    )
+    return "auto:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """Plain data as JSON-able data with one form per value (bytes, floats and maps
+    tagged, so that no two different payloads share a form). Depth is bounded by
+    ``check_plain``, which every payload passed."""
+    kind = type(value)
+    if kind is dict:
+        items = [
+            [("s" if type(k) is str else "i") + str(k), _canonical(v)] for k, v in value.items()
+        ]
+        return {"m": sorted(items, key=lambda item: item[0])}
+    if kind is list or kind is tuple:
+        return [_canonical(v) for v in value]
+    if kind is bytes:
+        return {"b": value.hex()}
+    if kind is float:
+        return {"f": repr(value)}
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class TaskError:
     type: str
@@ -303,6 +403,8 @@ class Task:
     error: TaskError | None = None
     idempotency_key: str | None = None
     trace: dict[str, str] | None = None
+    progress: float | None = None  # the latest fraction 0..1 its handler reported
+    progress_message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the wire, JSON and YAML (state as its string).
@@ -334,6 +436,8 @@ class Task:
             else {"type": error.type, "message": error.message, "traceback": error.traceback},
             "idempotency_key": self.idempotency_key,
             "trace": self.trace,
+            "progress": self.progress,
+            "progress_message": self.progress_message,
         }
 
     @classmethod

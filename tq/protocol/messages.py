@@ -68,7 +68,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     "submit": {"tasks": req(ARRAY)},
     "claim": {"n": req(INT), "queues": req(ARRAY), "types": opt(ARRAY), "wait": opt(NUMBER)},
     "result": {"results": req(ARRAY)},
-    "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP)},
+    "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP), "progress": opt(ARRAY)},
     "query": {
         "q": req(STR),
         "task": opt(STR),  # get, explain: required (checked by the handler)
@@ -107,6 +107,14 @@ FIELDS: dict[str, dict[str, Field]] = {
         "timezone": opt(STR),
         "task": opt(MAP),
         "missed": opt(STR),
+    },
+    "cap": {  # set, remove, list (tq/broker/caps.py)
+        "op": req(STR),
+        "kind": opt(STR),
+        "name": opt(STR),
+        "concurrency": opt(INT),
+        "rate": opt((int, float, str)),
+        "burst": opt(NUMBER),
     },
     "subscribe": {"topics": req(ARRAY)},  # live events on this connection (tq/broker/events.py)
     "unsubscribe": {},
