@@ -199,6 +199,41 @@ async def test_a_peer_that_does_not_read_its_point_reads_stalls_its_reader(
 
 
 @pytest.mark.trio
+async def test_a_depth_behind_a_slow_expensive_read_does_not_stop_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``depth`` is answered by the reader unless another expensive read holds the
+    connection's turn: then it waits in a task of its own, and requests behind it
+    (here a ``get``) are read and answered meanwhile."""
+    entered, release = trio.Event(), trio.Event()
+    original = service_module.BrokerService.stats
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entered.set()  # the stats holds the connection's turn for expensive reads
+        await release.wait()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(service_module.BrokerService, "stats", slow)
+    async with running_broker(tmp_path) as broker:
+        async with broker.client() as client:
+            (task,) = await client.submit_many([{"type": "t"}])
+        stream, conn = await _hello(broker)
+        async with stream:
+            await stream.send_all(conn.send({"t": "query", "id": 10, "q": "stats"}))
+            with trio.fail_after(10):
+                await entered.wait()
+            await stream.send_all(
+                conn.send({"t": "query", "id": 11, "q": "depth"})
+                + conn.send({"t": "query", "id": 12, "q": "get", "task": task})
+            )
+            first = await _next(stream, conn)
+            assert first is not None and first["id"] == 12, first
+            release.set()
+            rest = [await _next(stream, conn), await _next(stream, conn)]
+            assert [a["id"] for a in rest if a is not None and a["t"] == "ack"] == [10, 11]
+
+
+@pytest.mark.trio
 async def test_a_peer_gone_with_answers_pending_ends_only_its_session(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,8 +2,9 @@
 
 A session is one connection. Its reader decodes frames with the sans-IO
 ``Connection`` and starts one task per request, so a connection carries many
-requests at once (pipelining); a point read (``get``) and ``depth`` are
-answered by the reader itself. An answer is written to the socket by whoever
+requests at once (pipelining); a point read (``get``) and ``depth`` (unless
+another expensive read holds the connection's turn) are answered by the
+reader itself. An answer is written to the socket by whoever
 has it, at once and without awaiting (``WireStream.write_nowait``,
 tq/broker/wire.py); what the socket does not take waits in the stream, and
 the session's writer task sends it once the peer reads again. Answers queued
@@ -394,11 +395,16 @@ class Session:
             await self.events.handle(msg, nursery, self.service.closing)
             return None
         await self._slots.acquire()
-        if msg["t"] == "query" and msg.get("q") in INLINE_QUERIES:
+        if msg["t"] == "query" and self._inline(msg.get("q")):
             await self._request(msg, credit)  # quick, or one at a time anyway: no task
         else:
             nursery.start_soon(self._request, msg, credit)
         return _HANDED
+
+    def _inline(self, q: Any) -> bool:
+        """Whether the reader answers this query itself: not an expensive read while
+        another holds the connection's turn (the reader would wait for it)."""
+        return q in INLINE_QUERIES and not (q in HEAVY_QUERIES and self._heavy.locked())
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
         """Decode one frame body. A large one is decoded in a thread, one at a time per
