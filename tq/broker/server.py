@@ -2,8 +2,14 @@
 
 A session is one connection. Its reader decodes frames with the sans-IO
 ``Connection`` and starts one task per request, so a connection carries many
-requests at once (pipelining); answers go through one writer task that
-coalesces whatever is queued into a single ``send_all``. The first message
+requests at once (pipelining); a point read (``get``) and ``depth`` (unless
+another expensive read holds the connection's turn) are answered by the
+reader itself. An answer is written to the socket by whoever
+has it, at once and without awaiting (``WireStream.write_nowait``,
+tq/broker/wire.py); what the socket does not take waits in the stream, and
+the session's writer task sends it once the peer reads again. Answers queued
+for a peer that does not read are bounded (``OUTBOX_BYTES``; events
+``EVENT_OUTBOX_BYTES``): past that, the next answer waits. The first message
 must be HELLO. A stream-level protocol error (oversize or malformed frame)
 gets a NACK with id 0 and the connection is closed; a message-level error
 (unknown type, bad field) gets a NACK with the request's id and the session
@@ -53,6 +59,7 @@ from tq.broker.loops import (
 )
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
+from tq.broker.wire import WireStream
 from tq.config import BrokerSettings, parse_address
 from tq.core.errors import (
     ConfigError,
@@ -91,6 +98,7 @@ _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides No
 HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
 EVENT_OUTBOX_BYTES = 256 * 1024  # events queued for a subscriber that does not read them
+YIELD_EVERY = 32  # frames of one read handled before the reader lets other tasks run
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,7 @@ class Session:
     def __init__(
         self,
         service: BrokerService,
-        stream: trio.abc.Stream,
+        stream: WireStream,
         settings: BrokerSettings,
         peer: str = "?",
     ) -> None:
@@ -193,8 +201,6 @@ class Session:
         self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
         self.rules = SessionRules(Role.BROKER)  # hello first, one hello, one subscription
         self.on_hello: Callable[[], None] = lambda: None  # the gate: no longer evictable
-        self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
-        self._queued = 0  # bytes of answers queued and not yet written to the peer
         self._writer_done = False
         self._written = trio.Event()  # set (and replaced) whenever the writer sent some
         self._heavy = trio.Lock()  # expensive reads: one at a time per connection
@@ -237,26 +243,22 @@ class Session:
                     last_word = await self._reader(requests)
                     requests.cancel_scope.cancel()  # the peer is gone or broke the stream
                 if last_word is not None:
-                    await self._send.send(last_word)
-                await self._send.aclose()  # the writer flushes what is queued, then ends
+                    self.stream.write_nowait(last_word)
                 outer.cancel_scope.deadline = trio.current_time() + 1.0
+                await self.wait_flushed()  # what is queued goes out (1 s at most), then end
+                outer.cancel_scope.cancel()
         finally:
             if self.worker_id is not None:
                 self.service.worker_disconnected(self.worker_id)
             self.events.close()
 
     async def _writer(self) -> None:
+        """Send what the socket did not take when it was written (a peer slow to read,
+        or not reading); raises when the socket failed, which ends the session."""
         try:
-            async for first in self._outbox:
-                chunks = [first]
-                while True:
-                    try:
-                        chunks.append(self._outbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                data = b"".join(chunks)
-                await self.stream.send_all(data)
-                self._queued -= len(data)
+            while True:
+                await self.stream.wait_stuck()
+                await self.stream.flush()
                 self._written.set()
                 self._written = trio.Event()
         finally:
@@ -269,16 +271,14 @@ class Session:
         if not self.hello_done:
             return False
         self.rules.close()  # what arrives from now on is refused: the broker is stopping
-        try:
-            self._send.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if self._writer_done or len(self.stream.pending) > OUTBOX_BYTES:
             return False
-        self._queued += len(frame)
+        self.stream.write_nowait(frame)
         return True
 
     async def wait_flushed(self) -> None:
         """Until every queued frame was written (or the writer ended)."""
-        while self._queued > 0 and not self._writer_done:
+        while self.stream.pending and not self._writer_done:
             await self._written.wait()
 
     async def _reply_subscription(self, message: dict[str, Any]) -> None:
@@ -299,10 +299,10 @@ class Session:
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
-        while self._queued > 0 and self._queued + len(frame) > budget and not self._writer_done:
+        pending = self.stream.pending
+        while pending and len(pending) + len(frame) > budget and not self._writer_done:
             await self._written.wait()
-        self._queued += len(frame)
-        await self._send.send(frame)
+        self.stream.write_nowait(frame)  # on the socket now, or left for the writer
 
     def _deadline(self) -> float:
         """When a quiet connection is dropped: no hello yet, or idle (nothing in flight)."""
@@ -346,7 +346,11 @@ class Session:
                 return None
             try:
                 self.conn.receive_data(data)
+                handled = 0
                 while (body := self.conn.next_body()) is not None:
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:  # answers need not await: let others run
+                        await trio.lowlevel.checkpoint()
                     # a large frame holds broker-wide credit from before it is decoded
                     # until its request is answered (service.large_frames)
                     credit = await self._credit(body)
@@ -391,11 +395,16 @@ class Session:
             await self.events.handle(msg, nursery, self.service.closing)
             return None
         await self._slots.acquire()
-        if msg["t"] == "query" and msg.get("q") == "get":
-            await self._request(msg, credit)  # a point read: no task of its own
+        if msg["t"] == "query" and self._inline(msg.get("q")):
+            await self._request(msg, credit)  # quick, or one at a time anyway: no task
         else:
             nursery.start_soon(self._request, msg, credit)
         return _HANDED
+
+    def _inline(self, q: Any) -> bool:
+        """Whether the reader answers this query itself: not an expensive read while
+        another holds the connection's turn (the reader would wait for it)."""
+        return q in INLINE_QUERIES and not (q in HEAVY_QUERIES and self._heavy.locked())
 
     async def _parse(self, body: bytes) -> dict[str, Any]:
         """Decode one frame body. A large one is decoded in a thread, one at a time per
@@ -606,6 +615,9 @@ class Session:
 
 
 HEAVY_QUERIES = frozenset({"list", "stats", "depth", "health"})
+# answered by the session's reader, without a task: a point read on the event loop's
+# thread, and index-only counts that a connection runs one at a time anyway
+INLINE_QUERIES = frozenset({"get", "depth"})
 
 
 def _is_heavy(msg: dict[str, Any]) -> bool:
@@ -638,7 +650,7 @@ async def _serve_connection(
             if not admitted:
                 await refuse_over_limit(stream, ssl_context, gate, timeout, peer)
                 return
-            wrapped: trio.abc.Stream | None = stream
+            wrapped: WireStream | None = WireStream(stream)
             if ssl_context is not None:
                 wrapped = await handshake(stream, ssl_context, timeout, peer)
             if wrapped is None:
