@@ -443,7 +443,7 @@ async def test_a_large_submit_is_decoded_and_checked_off_the_event_loop(tmp_path
     from tq.protocol import connection as connection_module
 
     where: dict[str, str] = {}
-    real_specs, real_parse = service_module._specs_of, connection_module.Connection.parse
+    real_specs, real_parse = service_module._specs_of, connection_module.Connection.parse_request
 
     def specs_of(*args: Any) -> Any:
         where.setdefault("specs", threading.current_thread().name)
@@ -455,13 +455,13 @@ async def test_a_large_submit_is_decoded_and_checked_off_the_event_loop(tmp_path
         return real_parse(self, body)
 
     service_module._specs_of = specs_of  # type: ignore[assignment]
-    connection_module.Connection.parse = parse  # type: ignore[method-assign]
+    connection_module.Connection.parse_request = parse  # type: ignore[method-assign]
     try:
         async with running_broker(tmp_path) as broker, broker.client() as client:
             payload = ["ab"] * 100_000  # ~300 KB of short strings
             await client.submit("echo", payload)
     finally:
         service_module._specs_of = real_specs  # type: ignore[assignment]
-        connection_module.Connection.parse = real_parse  # type: ignore[method-assign]
+        connection_module.Connection.parse_request = real_parse  # type: ignore[method-assign]
     main = threading.main_thread().name
     assert where["parse"] != main and where["specs"] != main, where

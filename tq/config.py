@@ -58,6 +58,8 @@ from typing import (
 import platformdirs
 
 from tq.core.errors import ConfigError
+from tq.core.limits import MAX_FRAME as DEFAULT_MAX_FRAME
+from tq.core.limits import MAX_FRAME_LIMIT
 
 APP = "tq"
 DEFAULT_PORT = 7470
@@ -65,7 +67,6 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_LEASE_TTL = 30.0
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNCHRONOUS = "full"
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 DEFAULT_HTTP = "127.0.0.1:7471"  # broker: REST API, /metrics, /health; "off" disables
 # security limits (docs/SECURITY.md)
@@ -77,7 +78,6 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # no request for this long (and none in flight): c
 DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no limit
 DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
-MAX_FRAME_LIMIT = 2**32 - 1  # a frame's length prefix is 4 bytes (docs/PROTOCOL.md)
 
 
 # -- what a field's type may carry besides the type itself ---------------------------------

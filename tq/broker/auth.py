@@ -55,6 +55,7 @@ import trio
 from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
+from tq.core.limits import MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
 from tq.core.values import number
 from tq.security.keys import (
     is_legacy,
@@ -74,14 +75,11 @@ from tq.store.base import Store
 log = logging.getLogger("tq.broker.auth")
 
 KEY_REFRESH = 5.0  # seconds between reloads of the key table from the store
-MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 FAIL_DELAY = 0.5  # seconds: no refused login is answered sooner (unknown id, wrong secret)
 RELOAD_SPACING = 0.5  # seconds between reloads of the key table asked for by refused logins
 LEGACY_THREADS = 1  # scrypt verifications of keys made by older brokers, at once
 LOGIN_TIMEOUT = 10.0  # seconds a login may take at most (a wire hello: its own deadline)
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
-MAX_AUDIT_PAGE = 1000
-MAX_SEQ = 2**63 - 1  # SQLite's largest integer: an audit seq is never above it
 
 
 def actor_of(principal: Principal | None) -> str:

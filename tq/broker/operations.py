@@ -30,6 +30,7 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.core.errors import InvalidRequest, TQError, Unavailable
+from tq.core.limits import BULK_DEFAULT, BULK_MAX
 from tq.core.task import MAX_NUMBER
 from tq.core.values import number
 
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from tq.store.base import ClusterState, QueueDepth, Store, StoreStats
 
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
-BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
-BULK_MAX = 10_000
 EXPLAIN_AHEAD_LIMIT = 10_000  # tasks ahead counted up to this ("at least" beyond)
 
 

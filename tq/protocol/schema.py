@@ -1,0 +1,249 @@
+"""Every request of the wire protocol, declared once as a msgspec Struct.
+
+Contract: a frame body is decoded straight into one of these (``decode``); a
+request that does not fit its declaration never reaches the broker's
+handlers, and the error names the field. The same Structs are what the
+service layer takes, what the REST layer builds from JSON, what the OpenAPI
+schemas and docs/PROTOCOL.md's field tables are generated from
+(``python -m tq.protocol.gen``). Imports msgspec and tq.core only.
+
+Rules the declarations carry, so no handler checks them again:
+
+* types are strict: a bool is never an int or a number, a string never a
+  number; ``float`` fields take ints (msgpack has both);
+* numbers are finite and in range (``msgspec.Meta(ge=..., le=...)``: NaN and
+  the infinities fail both bounds); every bound comes from tq.core.limits;
+* nil equals absent: every optional field is ``X | None = None`` and its
+  default is applied by the service; a required field sent as nil is refused;
+* fields a request does not declare are ignored (forward compatible).
+
+Rules about several fields at once (``input`` needs ``depends_on``, a
+query's ``task`` for ``get``) and lookups (states, roles) stay in the service.
+
+How to add a field: add it to the Struct with its type, ``Meta`` bounds and a
+``description`` (the meaning column of the doc), optional ones as
+``Annotated[T, Meta(...)] | None = None``; add a ``DEFAULTS`` entry when the
+doc should show a default; run ``python -m tq.protocol.gen`` to regenerate
+docs/PROTOCOL.md's tables and check the OpenAPI schemas; a new request type
+is a new Struct subclass of ``Request`` with ``tag="name"`` added to
+``REQUESTS``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from tq.core import limits
+from tq.core.task import Priority, TaskSpecIn
+
+# -- building blocks --------------------------------------------------------------------
+RequestId = Annotated[int, Meta(ge=0, le=limits.MAX_REQUEST_ID)]
+Text = Annotated[str, Meta(min_length=1)]  # a non-empty string
+Seconds = Annotated[float, Meta(ge=0.0, le=limits.MAX_SECONDS)]
+Epoch = Annotated[float, Meta(ge=0.0, le=limits.MAX_EPOCH)]
+Token = Annotated[int, Meta(ge=0, le=limits.MAX_TOKEN)]
+Count = Annotated[int, Meta(ge=0, le=limits.MAX_COUNT)]
+BulkLimit = Annotated[int, Meta(ge=1, le=limits.BULK_MAX)]
+
+
+class Request(msgspec.Struct, tag_field="t", kw_only=True):
+    """What every request carries: its type ``t`` (the tag) and ``id``."""
+
+    id: RequestId
+
+    @property
+    def t(self) -> str:
+        return str(self.__struct_config__.tag)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field by name, for code that reads a request like a map (session rules,
+        role checks); nil and undeclared fields read as ``default``."""
+        if name == "t":
+            return self.t
+        value = getattr(self, name, None)
+        return default if value is None else value
+
+
+# -- outcomes (task specs: TaskSpecIn, tq/core/task.py) ---------------------------
+class OutcomeIn(msgspec.Struct, kw_only=True):
+    """One result of a ``result`` request."""
+
+    id: str
+    token: Token
+    status: Literal["ok", "retry", "reject", "release"]
+    result: Any = None
+    error: Any = None  # a map {type, message, traceback}; a non-map becomes its text
+    delay: Seconds | None = None
+
+
+# -- requests ---------------------------------------------------------------------------
+class Hello(Request, tag="hello"):
+    v: int
+    kind: str
+    name: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
+    worker_id: str | None = None
+    queues: (
+        Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None
+    ) = None
+    types: Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_TYPES)] | None = None
+    host: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
+    pid: Count | None = None
+    concurrency: Count | None = None
+    key: str | None = None  # required unless the broker runs --no-auth (checked at login)
+
+
+class Submit(Request, tag="submit"):
+    tasks: Annotated[
+        list[TaskSpecIn],
+        Meta(
+            min_length=1,
+            max_length=limits.MAX_SUBMIT,
+            extra={
+                "rule": f"an array of task maps, at least 1 and at most {limits.MAX_SUBMIT} "
+                "tasks (split larger batches into several submits)"
+            },
+        ),
+    ]
+
+
+class Claim(Request, tag="claim"):
+    n: Annotated[int, Meta(ge=1, le=limits.MAX_CLAIM)]
+    queues: list[Text]
+    types: list[Text] | None = None
+    wait: Seconds | None = None
+
+
+class Result(Request, tag="result"):
+    results: list[OutcomeIn]
+
+
+class Heartbeat(Request, tag="heartbeat"):
+    leases: list[tuple[str, Token]]
+    stats: dict[str, Any] | None = None
+
+
+QueryKind = Literal["get", "list", "stats", "workers", "depth", "health", "explain", "workflow"]
+
+
+class Query(Request, tag="query"):
+    # a str, not QueryKind: the key's role is checked against it first (an unknown
+    # kind is forbidden to a reader before it is invalid), then the handler names it
+    q: str
+    task: str | None = None  # get, explain, workflow: required (checked by the handler)
+    state: str | None = None
+    type: str | None = None
+    queue: str | None = None
+    limit: Annotated[int, Meta(ge=1, le=limits.MAX_LIST)] | None = None
+    after: str | None = None
+    order: Literal["oldest", "newest"] | None = None
+    search: Annotated[str, Meta(max_length=limits.MAX_SEARCH)] | None = None
+    since: Epoch | None = None
+    until: Epoch | None = None
+
+
+class Cancel(Request, tag="cancel"):
+    task: str
+
+
+class Retry(Request, tag="retry"):
+    task: str
+
+
+class Wait(Request, tag="wait"):
+    task: str
+    timeout: Seconds | None = None
+
+
+class Purge(Request, tag="purge"):
+    states: list[str]
+    older_than: Annotated[float, Meta(ge=0.0, le=limits.MAX_NUMBER)]
+    limit: BulkLimit | None = None
+    dry_run: bool | None = None
+
+
+class RetryMany(Request, tag="retry_many"):
+    state: str
+    limit: BulkLimit | None = None
+
+
+class Keys(Request, tag="keys"):
+    op: str  # create, list, revoke (checked after the role, like a query's kind)
+    role: str | None = None  # create: required (checked by the handler)
+    name: str | None = None
+    queues: list[str] | None = None
+    expires_at: Epoch | None = None
+    key_id: str | None = None  # revoke: required (checked by the handler)
+
+
+class Audit(Request, tag="audit"):
+    limit: Annotated[int, Meta(ge=1, le=limits.MAX_AUDIT_PAGE)] | None = None
+    before: Annotated[int, Meta(ge=0, le=limits.MAX_SEQ)] | None = None
+
+
+class SetPriority(Request, tag="set_priority"):
+    task: str
+    priority: Priority
+
+
+class QueueOp(Request, tag="queue"):
+    op: str  # pause, resume (checked after the role)
+    queue: str
+
+
+class Schedule(Request, tag="schedule"):
+    op: str  # add, list, get, remove, pause, resume, run_now (checked after the role)
+    name: str | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    task: dict[str, Any] | None = None
+    missed: str | None = None
+
+
+class Subscribe(Request, tag="subscribe"):
+    topics: list[str]
+
+
+class Unsubscribe(Request, tag="unsubscribe"):
+    pass
+
+
+REQUESTS: tuple[type[Request], ...] = (
+    Hello,
+    Submit,
+    Claim,
+    Result,
+    Heartbeat,
+    Query,
+    Cancel,
+    Retry,
+    Wait,
+    Purge,
+    RetryMany,
+    Keys,
+    Audit,
+    SetPriority,
+    QueueOp,
+    Schedule,
+    Subscribe,
+    Unsubscribe,
+)
+AnyRequest = Union[REQUESTS]  # type: ignore[valid-type]  # noqa: UP007  # tagged on "t"
+BY_TAG: dict[str, type[Request]] = {str(r.__struct_config__.tag): r for r in REQUESTS}
+REQUEST_TYPES = frozenset(BY_TAG)
+
+_decoder = msgspec.msgpack.Decoder(AnyRequest)
+
+
+def decode(body: bytes) -> Request:
+    """One frame body as its typed request; msgspec's errors as they come (the caller
+    classifies them, see tq.protocol.errors)."""
+    return _decoder.decode(body)  # type: ignore[no-any-return]
+
+
+def convert(obj: object) -> Request:
+    """An already decoded map (a large frame, decoded with its containers counted) as
+    its typed request."""
+    return msgspec.convert(obj, AnyRequest, strict=True)  # type: ignore[no-any-return]
