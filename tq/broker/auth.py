@@ -381,7 +381,7 @@ class Auth:
             self._remember(key)
         return keys
 
-    async def request(self, principal: Principal | None, msg: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, principal: Principal | None, msg: Any) -> dict[str, Any]:
         """A ``keys`` request: op create / list / revoke (the role was checked already)."""
         op, now = msg.get("op"), self.clock()
         if op == "create":
@@ -391,7 +391,7 @@ class Auth:
             text, key = await self.create_key(
                 principal,
                 name=_text(msg.get("name"), "name"),
-                role=msg.get("role"),  # type: ignore[arg-type]  # parse_role checks it
+                role=msg.get("role"),  # parse_role checks it
                 queues=msg.get("queues"),
                 expires_at=expires,
             )
@@ -416,7 +416,7 @@ class Auth:
         except TQError as exc:
             log.error("cannot record audit entry %s %s by %s: %s", action, target, actor, exc)
 
-    async def audit_page(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def audit_page(self, msg: Any) -> dict[str, Any]:
         """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor."""
         limit, before = msg.get("limit"), msg.get("before")
         limit = 100 if limit is None else limit  # nil equals absent

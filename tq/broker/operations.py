@@ -173,9 +173,7 @@ class OperatorOps:
             entry["paused"] = entry["queue"] in paused
         return {"queues": [queues[name] for name in sorted(queues)]}
 
-    async def purge(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
-    ) -> dict[str, Any]:
+    async def purge(self, msg: Any, principal: Principal | None = None) -> dict[str, Any]:
         """Delete (or with ``dry_run`` count) finished tasks older than ``older_than`` s.
 
         One chunk of at most ``limit`` rows per call; ``more`` says whether
@@ -199,9 +197,7 @@ class OperatorOps:
             await self._audit(principal, "task.purge", ",".join(sorted(states)), purged, older_than)
         return {"purged": purged, "matched": purged, "more": purged == limit}
 
-    async def retry_many(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
-    ) -> dict[str, Any]:
+    async def retry_many(self, msg: Any, principal: Principal | None = None) -> dict[str, Any]:
         """Send up to ``limit`` tasks in ``state`` back to pending, oldest first."""
         state = msg.get("state")
         if not isinstance(state, str):

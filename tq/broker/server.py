@@ -396,7 +396,7 @@ class Session:
                 return self.conn.send(Connection.nack(0, self._refused))
             return None
         try:
-            self.rules.receive(msg)  # a second hello or subscription, a broker-only type
+            self.rules.receive_request(msg)  # a second hello or subscription, a broker-only type
         except TQError as exc:
             await self._reply(Connection.nack(msg.id, exc))
             return None
@@ -426,7 +426,7 @@ class Session:
         """Answer the first message; False if its credentials were refused (then close)."""
         rid = msg.id
         try:
-            self.rules.receive(msg)  # the first message must be hello
+            self.rules.receive_request(msg)  # the first message must be hello
             assert isinstance(msg, Hello)
             with trio.move_on_at(self._hello_by) as login:  # the hello deadline covers the login
                 principal = await self.service.login(msg)

@@ -68,7 +68,8 @@ from tq.core.task import (
 )
 from tq.core.values import whole
 from tq.protocol.frames import pack
-from tq.protocol.schema import Claim, Heartbeat, OutcomeIn, Query
+from tq.protocol.parse import typed
+from tq.protocol.schema import Claim, Heartbeat, Hello, OutcomeIn, Query
 from tq.security.roles import Principal, action_of
 from tq.store.base import Store
 
@@ -103,7 +104,7 @@ def _count(value: object, what: str) -> int:
     return whole(value, f"hello {what}", hi=MAX_COUNT, default=0)
 
 
-def _check_version(msg: dict[str, Any]) -> None:
+def _check_version(msg: Hello | dict[str, Any]) -> None:
     version = msg.get("v")
     if version != PROTOCOL_VERSION:
         raise InvalidRequest(
@@ -176,7 +177,9 @@ class TaskScan:
         return self.search in payload.casefold()
 
 
-def worker_info(worker_id: str, msg: dict[str, Any], key_id: str | None = None) -> WorkerInfo:
+def worker_info(
+    worker_id: str, msg: Hello | dict[str, Any], key_id: str | None = None
+) -> WorkerInfo:
     """The registry entry a worker's hello (with the key ``key_id``) describes."""
     types = msg.get("types")
     queues = _strings(msg.get("queues") or ["default"], "queues")
@@ -233,8 +236,11 @@ def unhandled_warning(task_type: str) -> str:
     )
 
 
-def parse_outcome(item: OutcomeIn) -> Outcome:
-    """A decoded outcome (its types and ranges checked by its declaration)."""
+def parse_outcome(item: OutcomeIn | object) -> Outcome:
+    """An outcome (its types and ranges checked by its declaration); plain data is
+    decoded into ``OutcomeIn`` first."""
+    if not isinstance(item, OutcomeIn):
+        item = typed(OutcomeIn, item, "result")
     error = item.error
     return Outcome(
         id=item.id,
@@ -339,7 +345,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             raise Unavailable("the broker is shutting down; retry against it once it is back")
 
     # -- operations ----------------------------------------------------
-    async def login(self, msg: dict[str, Any]) -> Principal | None:
+    async def login(self, msg: Hello | dict[str, Any]) -> Principal | None:
         """Check a hello's version, key and role: who the session acts as (None: no auth)."""
         _check_version(msg)
         principal = await self.auth.authenticate(msg.get("key"))
@@ -348,7 +354,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         return principal
 
     def hello(
-        self, msg: dict[str, Any], worker_id: str | None, key_id: str | None = None
+        self, msg: Hello | dict[str, Any], worker_id: str | None, key_id: str | None = None
     ) -> dict[str, Any]:
         _check_version(msg)
         if worker_id is not None:  # Forbidden if another key registered this worker id

@@ -194,11 +194,14 @@ class TaskSpec:
             # The common case (type, payload, maybe queue): same rules, fewer steps.
             payload = spec.get("payload")
             check_plain(payload, "task payload")
-            return cls(
-                type=_plain_name(spec, "type", None),
-                queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
-                payload=payload,
-            )
+            try:
+                return cls(
+                    type=_plain_name(spec, "type", None),
+                    queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
+                    payload=payload,
+                )
+            except InvalidRequest:
+                pass  # the declaration's check below names the field, like every path
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
         unknown = spec.keys() - _SPEC_FIELDS
@@ -207,7 +210,7 @@ class TaskSpec:
                 f"unknown task field(s) {sorted(map(str, unknown))}; known: {sorted(_SPEC_FIELDS)}"
             )
         try:
-            typed = msgspec.convert(spec, TaskSpecIn, strict=True)
+            typed = msgspec.convert(dict(spec), TaskSpecIn, strict=True)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(explain(exc, TaskSpecIn, spec, what="task")) from None
         return cls.of(typed)

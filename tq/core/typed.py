@@ -8,6 +8,7 @@ message states. Pure: imports msgspec only.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from msgspec import inspect
@@ -61,10 +62,12 @@ def _say(
             return f"{kind}: {core}"
         where = f"{kind}: field '{path[0]}'" + _join(path[1:], first=False)
     if unknown:
-        return f"{where} is not a field here"
+        known = sorted(getattr(struct, "__struct_fields__", ()))
+        noun = f"{what} field" if what else "field"
+        return f"unknown {noun} {_join(path) if what else where}; known: {', '.join(known)}"
     rule = rule_of(info) if info is not None else core
     if missing or value is None:
-        return f"{where} ({rule}) is required"
+        return f"{where} must be {rule}; it is required (nil or missing)"
     return f"{where} must be {rule}, got {describe(value)}"
 
 
@@ -92,7 +95,7 @@ def _value_at(obj: Any, path: list[str | int]) -> Any:
     for seg in path:
         if isinstance(seg, int) and isinstance(obj, list | tuple) and seg < len(obj):
             obj = obj[seg]
-        elif isinstance(obj, dict):
+        elif isinstance(obj, Mapping):
             obj = obj.get(seg)
         else:
             return None

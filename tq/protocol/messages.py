@@ -78,7 +78,7 @@ def _types(info: Any) -> tuple[type, ...]:
         inspect.DictType: MAP,
         inspect.StructType: MAP,
     }
-    return simple.get(type(info), ())
+    return simple.get(type(info), ())  # type: ignore[call-overload]
 
 
 def _fields_of(struct: type) -> dict[str, Field]:

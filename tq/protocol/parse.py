@@ -23,6 +23,7 @@ from tq.core.errors import InvalidRequest, ProtocolError, TQError, UnknownMessag
 from tq.core.typed import explain, type_name
 from tq.protocol import schema
 from tq.protocol.frames import INLINE_DECODE, unpack, unpack_bounded
+from tq.protocol.session import broker_only
 
 T = TypeVar("T")
 
@@ -69,6 +70,8 @@ def _refuse(obj: object, exc: Exception) -> schema.Request:
     if rid is None:
         raise ProtocolError("malformed message: 'id' must be an unsigned 63-bit integer")
     kind = obj.get("t")
+    if kind in ("ack", "nack", "event"):  # the session's rule (tq.protocol.session)
+        raise MessageError(InvalidRequest(broker_only(kind)), rid)
     if not isinstance(kind, str) or kind not in schema.BY_TAG:
         raise MessageError(UnknownMessage(unknown_type(kind)), rid)
     raise MessageError(InvalidRequest(explain(exc, schema.BY_TAG[kind], obj)), rid)
@@ -77,8 +80,6 @@ def _refuse(obj: object, exc: Exception) -> schema.Request:
 def unknown_type(kind: object) -> str:
     known = sorted(schema.REQUEST_TYPES | {"ack", "nack", "event"})
     return f"unknown message type {kind!r}; 't' must be one of: {', '.join(known)}"
-
-
 
 
 def typed(struct: type[T], data: Any, what: str | None = None) -> T:

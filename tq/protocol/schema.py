@@ -85,9 +85,7 @@ class Hello(Request, tag="hello"):
     kind: str
     name: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
     worker_id: str | None = None
-    queues: (
-        Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None
-    ) = None
+    queues: Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None = None
     types: Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_TYPES)] | None = None
     host: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
     pid: Count | None = None
@@ -240,10 +238,10 @@ _decoder = msgspec.msgpack.Decoder(AnyRequest)
 def decode(body: bytes) -> Request:
     """One frame body as its typed request; msgspec's errors as they come (the caller
     classifies them, see tq.protocol.errors)."""
-    return _decoder.decode(body)  # type: ignore[no-any-return]
+    return _decoder.decode(body)
 
 
 def convert(obj: object) -> Request:
     """An already decoded map (a large frame, decoded with its containers counted) as
     its typed request."""
-    return msgspec.convert(obj, AnyRequest, strict=True)  # type: ignore[no-any-return]
+    return msgspec.convert(obj, AnyRequest, strict=True)
