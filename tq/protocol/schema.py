@@ -3,9 +3,11 @@
 Contract: a frame body is decoded straight into one of these (``decode``); a
 request that does not fit its declaration never reaches the broker's
 handlers, and the error names the field. The same Structs are what the
-service layer takes, what the REST layer builds from JSON, what the OpenAPI
-schemas and docs/PROTOCOL.md's field tables are generated from
-(``python -m tq.protocol.gen``). Imports msgspec and tq.core only.
+service layer takes (claim, result, heartbeat, list take them directly; the
+other handlers read them by name through ``Request.get``). docs/PROTOCOL.md's
+field tables are checked against them (``tq.protocol.messages.FIELDS`` is
+derived from them; tests/test_protocol_doc.py compares); the tables and the
+OpenAPI schemas are still written by hand. Imports msgspec and tq.core only.
 
 Rules the declarations carry, so no handler checks them again:
 
@@ -20,13 +22,12 @@ Rules the declarations carry, so no handler checks them again:
 Rules about several fields at once (``input`` needs ``depends_on``, a
 query's ``task`` for ``get``) and lookups (states, roles) stay in the service.
 
-How to add a field: add it to the Struct with its type, ``Meta`` bounds and a
-``description`` (the meaning column of the doc), optional ones as
-``Annotated[T, Meta(...)] | None = None``; add a ``DEFAULTS`` entry when the
-doc should show a default; run ``python -m tq.protocol.gen`` to regenerate
-docs/PROTOCOL.md's tables and check the OpenAPI schemas; a new request type
-is a new Struct subclass of ``Request`` with ``tag="name"`` added to
-``REQUESTS``.
+How to add a field: add it to the Struct with its type and ``Meta`` bounds
+(a ``Meta(extra={"rule": ...})`` gives the words errors use for it), optional
+ones as ``Annotated[T, Meta(...)] | None = None``; a request's undeclared field
+is silently ignored, so a field the service reads must be declared here. Add
+its row to docs/PROTOCOL.md (the test fails otherwise). A new request type is a
+new Struct subclass of ``Request`` with ``tag="name"`` added to ``REQUESTS``.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ class Result(Request, tag="result"):
 
 
 class Heartbeat(Request, tag="heartbeat"):
-    leases: list[tuple[str, Token]]
+    leases: Annotated[
+        list[tuple[str, Token]],
+        Meta(extra={"rule": "an array of [task id (a string), lease token (an integer)] pairs"}),
+    ]
     stats: dict[str, Any] | None = None
 
 
