@@ -207,7 +207,8 @@ class TaskSpec:
         unknown = spec.keys() - _SPEC_FIELDS
         if unknown:
             raise InvalidRequest(
-                f"unknown task field(s) {sorted(map(str, unknown))}; known: {sorted(_SPEC_FIELDS)}"
+                f"unknown task field {', '.join(sorted(map(str, unknown)))}; "
+                f"known: {', '.join(sorted(_SPEC_FIELDS))}"
             )
         try:
             typed = msgspec.convert(dict(spec), TaskSpecIn, strict=True)

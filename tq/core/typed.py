@@ -139,7 +139,7 @@ def _strip(info: Any) -> Any:
 def _bounds(lo: Any, hi: Any, unit: str = "") -> str:
     def show(x: Any) -> str:
         if isinstance(x, float):
-            return f"{x:g}"
+            return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:g}"
         if isinstance(x, int) and x >= 2**31:
             return f"2^{x.bit_length()}-1" if x == 2 ** x.bit_length() - 1 else str(x)
         return str(x)
