@@ -1,5 +1,9 @@
 """Throughput of a store: python benchmarks/store_bench.py [--tasks N] [--normal] [--store URL].
 
+With --history-ab R: the cost of the task history instead, in one process on one
+store: R rounds of submit / claim / complete / concurrent submits with the history
+triggers off, then on (the order alternating per round), medians and their ratio.
+
 Prints rows/s for submit (batches of 1000), claim (batches of 100), complete
 (batches of 100), and for many concurrent one-task submits (group commit);
 then the cost of one claim (of 1 task) at --pending tasks pending (p50/p99).
@@ -107,10 +111,69 @@ async def fresh_store(url: str, synchronous: str) -> AsyncIterator[Any]:
             conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
-async def main(tasks: int, synchronous: str, url: str, pending: int) -> None:
+async def set_history(store: Any, on: bool) -> None:
+    """Switch the task history triggers (tq.store.history_sql) off or on."""
+    from tq.store import history_sql
+
+    sqlite = store.cluster is None and hasattr(store, "path")
+
+    def toggle(conn: Any) -> None:
+        if sqlite:
+            for name in history_sql.SQLITE_TRIGGERS:
+                conn.execute(f"DROP TRIGGER IF EXISTS temp.{name}").fetchall()
+            if on:
+                conn.execute(history_sql.SQLITE_WRITER_TRIGGERS).fetchall()
+        else:
+            for name in history_sql.PG_TRIGGERS:
+                conn.execute(f"ALTER TABLE tasks {'ENABLE' if on else 'DISABLE'} TRIGGER {name}")
+
+    await store._write(toggle)
+
+
+async def history_ab(store: Any, tasks: int, rounds: int) -> None:
+    rates: dict[tuple[str, bool], list[float]] = {}
+
+    def note(what: str, on: bool, rows: int, seconds: float) -> None:
+        rates.setdefault((what, on), []).append(rows / seconds)
+
+    for r in range(rounds):
+        for on in (False, True) if r % 2 == 0 else (True, False):
+            await set_history(store, on)
+            specs = [TaskSpec(type="bench", payload={"i": i}) for i in range(1000)]
+            start = time.perf_counter()
+            for _ in range(tasks // 1000):
+                await store.submit(specs, time.time())
+            note("submit, batches of 1000", on, tasks // 1000 * 1000, time.perf_counter() - start)
+            leases: list[Lease] = []
+            start = time.perf_counter()
+            while got := await store.claim("w", ["default"], None, 100, time.time(), 300.0):
+                leases += got
+            note("claim, batches of 100", on, len(leases), time.perf_counter() - start)
+            outcomes = [Outcome(x.id, x.token, "ok", result={"ok": True}) for x in leases]
+            start = time.perf_counter()
+            for i in range(0, len(outcomes), 100):
+                await store.complete(outcomes[i : i + 100], time.time())
+            note("complete, batches of 100", on, len(outcomes), time.perf_counter() - start)
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(500):
+                    nursery.start_soon(store.submit, [TaskSpec(type="x", queue="c")], time.time())
+            note("submit, 500 concurrent calls of 1 task", on, 500, time.perf_counter() - start)
+    for what in dict.fromkeys(w for w, _ in rates):
+        off, on_ = statistics.median(rates[(what, False)]), statistics.median(rates[(what, True)])
+        print(
+            f"{what:<40} history off {off:>9,.0f}/s  on {on_:>9,.0f}/s  "
+            f"ratio {on_ / off:.2f}  (medians of {rounds})"
+        )
+
+
+async def main(tasks: int, synchronous: str, url: str, pending: int, ab_rounds: int = 0) -> None:
     async with fresh_store(url, synchronous) as store:
         where = (await store.probe()).details["location"]
         print(f"tq store benchmark: {tasks} tasks, synchronous={synchronous}, {where}")
+        if ab_rounds:
+            await history_ab(store, tasks, ab_rounds)
+            return
         await bench_submit(store, tasks, 1000)
         leases = await bench_claim(store, 100)
         await bench_complete(store, leases, 100)
@@ -126,5 +189,9 @@ if __name__ == "__main__":
     parser.add_argument("--normal", action="store_true", help="synchronous=normal")
     parser.add_argument("--store", default="", help="postgresql://... (default: SQLite)")
     parser.add_argument("--pending", type=int, default=10_000, help="backlog for the claim cost")
+    parser.add_argument(
+        "--history-ab", type=int, default=0, metavar="R", help="A/B of the task history: R rounds"
+    )
     args = parser.parse_args()
-    trio.run(main, args.tasks, "normal" if args.normal else "full", args.store, args.pending)
+    synchronous = "normal" if args.normal else "full"
+    trio.run(main, args.tasks, synchronous, args.store, args.pending, args.history_ab)

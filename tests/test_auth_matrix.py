@@ -110,6 +110,13 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
         "worker",
         "reader",
     ),
+    (
+        "query:history",
+        lambda fx: _with_task(fx, "query", None, q="history"),
+        "client",
+        "worker",
+        "reader",
+    ),
     ("wait", lambda fx: _with_task(fx, "wait", None, timeout=0), "client", "worker", "reader"),
     ("cancel", lambda fx: _with_task(fx, "cancel", None), "client", "reader", "producer"),
     (
@@ -152,6 +159,21 @@ TABLE: list[tuple[str, Build, str, str, str]] = [
     (
         "queue:resume",
         const({"t": "queue", "op": "resume", "queue": "matrix"}),
+        "client",
+        "producer",
+        "admin",
+    ),
+    ("cap:list", const({"t": "cap", "op": "list"}), "client", "worker", "reader"),
+    (
+        "cap:set",
+        const({"t": "cap", "op": "set", "kind": "queue", "name": "matrix", "concurrency": 2}),
+        "client",
+        "producer",
+        "admin",
+    ),
+    (
+        "cap:remove",
+        const({"t": "cap", "op": "remove", "kind": "queue", "name": "matrix"}),
         "client",
         "producer",
         "admin",

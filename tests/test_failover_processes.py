@@ -7,7 +7,6 @@ and a producer given both addresses.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import threading
@@ -133,84 +132,3 @@ def test_workers_and_producers_fail_over_when_one_of_two_brokers_is_killed(
     assert tasks[0].attempts == 1, text  # the lease moved with the worker to broker B
     assert all((t.idempotency_key or "").startswith(AUTO_KEY_PREFIX) for t in tasks)
     assert f"connected to {b.address}" in text
-
-
-@pytest.mark.trio
-async def test_three_brokers_lose_two_to_kill_9_and_nothing_is_lost_or_run_twice_at_once(
-    tmp_path: Path, pg_url: str
-) -> None:
-    """Three brokers on one database; two workers and a producer given all three. The
-    producer submits tasks with idempotency keys while the brokers are killed (kill -9)
-    one after the other until one is left: every task is stored once and succeeds, no
-    task runs in two workers at once, and the work goes on after each kill."""
-    import trio
-
-    from tq.client import Client
-    from tq.config import Settings
-    from tq.worker.handlers import HandlerRegistry
-    from tq.worker.runner import Worker
-
-    total = 3000
-    brokers: list[BrokerProcess] = []
-    for name in "abc":
-        tls_from = None if not brokers else tmp_path / "a"
-        brokers.append(
-            await trio.to_thread.run_sync(_cluster_broker, tmp_path / name, pg_url, tls_from)
-        )
-    a = brokers[0]
-    every = ",".join(b.address for b in brokers)
-    running: set[int] = set()
-    overlaps: list[int] = []
-    finished: list[float] = []  # trio times of finished runs
-
-    async def work(payload: dict[str, int]) -> int:
-        n = payload["n"]
-        if n in running:
-            overlaps.append(n)
-        running.add(n)
-        try:
-            await trio.sleep(0.005 * (n % 5))
-        finally:
-            running.discard(n)
-        finished.append(trio.current_time())
-        return n
-
-    registry = HandlerRegistry()
-    registry.register("work", work)
-    settings = Settings(data=tmp_path / "w", broker=every, ca=a.ca, key=a.key, concurrency=16)
-    workers = [Worker(dataclasses.replace(settings, name=f"w{i}"), registry) for i in range(2)]
-    stop = trio.Event()
-    kills: list[float] = []
-    backlogs: list[int] = []
-    try:
-        with trio.fail_after(180):
-            async with trio.open_nursery() as nursery:
-                for worker in workers:
-                    await nursery.start(worker.run, stop)
-                async with Client.connect(every, ca=a.ca, key=a.key) as producer:
-                    for start in range(0, total, 100):
-                        if start in (total // 3, 2 * total // 3):  # kill -9 the one in use
-                            victim = brokers[len(kills)]
-                            await trio.to_thread.run_sync(victim.kill)
-                            kills.append(trio.current_time())
-                            backlogs.append(start - len(finished))  # work left at the kill
-                        specs = [
-                            {"type": "work", "payload": {"n": n}, "idempotency_key": f"job-{n}"}
-                            for n in range(start, min(start + 100, total))
-                        ]
-                        await producer.submit_many(specs)
-                    assert producer.address == brokers[2].address
-                    while (await producer.stats())["queues"]["default"].get("succeeded", 0) < total:
-                        await trio.sleep(0.2)
-                    page = await producer.list(limit=10000)
-                stop.set()
-    finally:
-        for broker in brokers:
-            await trio.to_thread.run_sync(broker.close)
-    assert overlaps == []
-    assert all(n > 0 for n in backlogs), backlogs  # each kill came mid-run
-    assert len(page.tasks) == total  # every task stored once
-    assert sorted(t.result for t in page.tasks) == list(range(total))
-    assert all(t.state == "succeeded" for t in page.tasks)
-    for killed_at in kills:  # the workers carried on within seconds of each kill
-        assert any(killed_at < t < killed_at + 10 for t in finished), (killed_at, finished[-5:])

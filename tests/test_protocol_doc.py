@@ -60,6 +60,7 @@ DOC_TYPES: dict[str, tuple[type, ...] | None] = {
     "bool": (bool,),
     "map": (dict,),
     "int or str": (int, str),
+    "number or str": (int, float, str),
     "any": None,
 }
 
@@ -266,8 +267,17 @@ async def _required_for(broker: RunningBroker, row: Row, base: dict[str, Any]) -
     return [f"{row.id} left out of a {kind} {only.group(1)!r} request: {got}"]
 
 
-# spec fields a task map does not show (tq workflow show and tq explain show dependencies)
-NOT_ON_THE_TASK = {"depends_on", "on_dependency_failure", "input", "result_key"}
+# spec fields a task map does not show (tq workflow show and tq explain show dependencies;
+# a delay shows as the task's run_at)
+NOT_ON_THE_TASK = {
+    "depends_on",
+    "on_dependency_failure",
+    "input",
+    "result_key",
+    "delay",
+    "unique_for",
+    "unique_key",
+}
 
 
 @pytest.mark.trio

@@ -141,6 +141,7 @@ PREPARE: dict[str, Prepare] = {
     "set_priority": _on_fresh,
     "queue": _as_is,
     "schedule": _as_is,
+    "cap": _as_is,
     "subscribe": _as_is,
 }
 WORKER_REQUESTS = {"claim", "result", "heartbeat"}
@@ -197,6 +198,18 @@ async def _check_event(scene: Scene, raw: Raw, documented: dict[str, Any]) -> li
         answer = await raw.ask({"t": "subscribe", "id": documented["id"], "topics": ["workers"]})
         assert answer is not None and answer["t"] == "ack"
         await scene.session(kind="worker", worker_id="w2")
+    if topic == "progress":  # a heartbeat of the worker session with a running task
+        raw = await scene.session()
+        answer = await raw.ask({"t": "subscribe", "id": documented["id"], "topics": ["progress"]})
+        assert answer is not None and answer["t"] == "ack"
+        lease = await scene.leased()
+        beat = {
+            "t": "heartbeat",
+            "id": scene.rid(),
+            "leases": [[lease["id"], lease["token"]]],
+            "progress": [[lease["id"], lease["token"], 0.4, "page 4/10"]],
+        }
+        assert (await scene.worker.ask(beat) or {}).get("t") == "ack"
     while (got := await raw.read()) is not None and got.get("topic") != topic:
         pass
     if got is None or not like({**documented, "id": got["id"], "seq": got["seq"]}, got):
@@ -258,8 +271,8 @@ def _actions(cell: str) -> list[str]:
     out = []
     for part in cell.split(";"):  # "`schedule` `list`, `get`": the ops of one request
         names = ticked(part)
-        if names and names[0] == "schedule":
-            out += [f"schedule:{name}" for name in names[1:]]
+        if names and names[0] in ("schedule", "cap"):
+            out += [f"{names[0]}:{name}" for name in names[1:]]
             continue
         for name in names:
             out.append(f"query:{name}" if f"query:{name}" in ALLOWED else name)

@@ -204,6 +204,70 @@ async def test_get_unknown_is_not_found(store: Any) -> None:
         await store.get("nope")
 
 
+async def test_unique_for_dedupes_while_unfinished_and_within_the_window(store: Any) -> None:
+    hour = 3600.0
+    [first] = await store.submit(
+        [TaskSpec(type="t", payload={"a": 1, "b": 2}, unique_for=hour)], NOW
+    )
+    assert first.created
+    # the same type and payload (map keys in another order): the first task's id
+    [dup] = await store.submit(
+        [TaskSpec(type="t", payload={"b": 2, "a": 1}, unique_for=hour)], NOW + 10
+    )
+    assert (dup.id, dup.created) == (first.id, False)
+    # another payload, type or queue is another key; plain specs in one submit go through
+    others = await store.submit(
+        [
+            TaskSpec(type="t", payload={"a": 1, "b": 3}, unique_for=hour),
+            TaskSpec(type="u", payload={"a": 1, "b": 2}, unique_for=hour),
+            TaskSpec(type="t", queue="q2", payload={"a": 1, "b": 2}, unique_for=hour),
+            TaskSpec(type="t", payload={"a": 1, "b": 2}),
+            TaskSpec(type="t", payload={"a": 1, "b": 2}, unique_for=hour),
+        ],
+        NOW + 20,
+    )
+    assert [r.created for r in others] == [True, True, True, True, False]
+    assert others[4].id == first.id and len({r.id for r in others[:4]} | {first.id}) == 5
+    # unfinished past the window: still a duplicate
+    [late] = await store.submit(
+        [TaskSpec(type="t", payload={"a": 1, "b": 2}, unique_for=hour)], NOW + 2 * hour
+    )
+    assert (late.id, late.created) == (first.id, False)
+    # finished within the window: still a duplicate; finished after it: a new task
+    leases = await claim(store, now=NOW + 2 * hour)
+    lease = next(one for one in leases if one.id == first.id)
+    await store.complete([report(lease)], NOW + 2 * hour + 1)
+    [fresh] = await store.submit(
+        [TaskSpec(type="t", payload={"a": 1, "b": 2}, unique_for=hour)], NOW + 2 * hour + 2
+    )
+    assert fresh.created and fresh.id != first.id
+    [dup2] = await store.submit(
+        [TaskSpec(type="t", payload={"b": 2, "a": 1}, unique_for=60.0)], NOW + 2 * hour + 3
+    )
+    assert (dup2.id, dup2.created) == (fresh.id, False)
+
+
+async def test_unique_key_explicit_in_one_submit_and_after_a_purge(store: Any) -> None:
+    keyed = [
+        TaskSpec.from_mapping({"type": "t", "payload": i, "unique_for": 60, "unique_key": "K"})
+        for i in range(3)
+    ]
+    results = await store.submit(keyed, NOW)
+    assert [r.created for r in results] == [True, False, False]
+    assert {r.id for r in results} == {results[0].id}
+    [lease] = await claim(store)
+    await store.complete([report(lease)], NOW + 1)
+    await submit(store, queue="other")  # SQLite never purges the newest task
+    assert await store.purge(["succeeded"], 0.0, NOW + 2, 100) == 1
+    # its holder is gone: the key is free even within the window
+    [again] = await store.submit(keyed[:1], NOW + 3)
+    assert again.created and again.id != results[0].id
+    with pytest.raises(InvalidRequest, match="#N"):
+        await store.submit(
+            [keyed[0], TaskSpec.from_mapping({"type": "t", "depends_on": ["#0"]})], NOW
+        )
+
+
 async def test_idempotency_key_dedupes(store: Any) -> None:
     first = await store.submit([TaskSpec(type="t", idempotency_key="k1", payload=1)], NOW)
     again = await store.submit(
@@ -489,6 +553,33 @@ async def test_extend_leases(store: Any) -> None:
     assert ok.accepted and not expired.accepted
     assert await store.extend_leases("w1", [(b.id, b.token)], NOW + TTL + 1, TTL) == [b.id]
     assert await store.extend_leases("w1", [("unknown", 1)], NOW, TTL) == ["unknown"]
+
+
+async def test_progress_rides_live_leases_only_and_is_cleared_by_the_next_attempt(
+    store: Any,
+) -> None:
+    await store.submit([TaskSpec(type="t", max_retries=1) for _ in range(2)], NOW)
+    a, b = await claim(store)
+    lost = await store.extend_leases(
+        "w1",
+        [(a.id, a.token), (b.id, b.token ^ 1)],
+        NOW + 1,
+        TTL,
+        {a.id: (0.4, "page 4/10"), b.id: (0.9, "stale lease")},
+    )
+    assert lost == [b.id]
+    got_a, got_b = await store.get(a.id), await store.get(b.id)
+    assert (got_a.progress, got_a.progress_message) == (0.4, "page 4/10")
+    assert (got_b.progress, got_b.progress_message) == (None, None)  # its lease was not live
+    assert got_a.to_dict()["progress"] == 0.4
+    # an attempt that ends keeps how far it got ...
+    await store.complete([report(a, "retry", error=TaskError("E", "boom"))], NOW + 2)
+    failed = await store.get(a.id)
+    assert (failed.state, failed.progress) == (State.FAILED, 0.4)
+    # ... and the next attempt starts from nothing
+    await store.promote_due(NOW + 1000)
+    again = [lease for lease in await claim(store, now=NOW + 1000) if lease.id == a.id]
+    assert again and (await store.get(a.id)).progress is None
 
 
 async def test_release_expired(store: Any) -> None:

@@ -640,6 +640,64 @@ def test_the_console_shows_hostile_text_literally() -> None:
     )
 
 
+def test_the_detail_view_shows_dependencies_and_history() -> None:
+    shown: dict[str, str] = {}
+
+    async def scenario() -> None:
+        app = ConsoleApp(address="127.0.0.1:7470", clock=lambda: NOW, tz=UTC)
+        async with app.run_test(size=(200, 60)) as pilot:
+            dead = hostile_fill(app)
+            app.push_screen(TaskScreen(dead.id, dead))
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, TaskScreen)
+            rows = [
+                {
+                    "n": 1,
+                    "at": NOW - 60,
+                    "event": "submitted",
+                    "state": "pending",
+                    "actor": "key:abc",
+                    "priority": 100,
+                },
+                {
+                    "n": 7,
+                    "at": NOW - 30,
+                    "event": "leased",
+                    "state": "running",
+                    "worker": "w[red]1\x1b[5m",
+                    "token": 4242,
+                },
+                {
+                    "n": 8,
+                    "at": NOW - 10,
+                    "event": "dead",
+                    "state": "dead",
+                    "worker": "w1",
+                    "token": 4242,
+                    "error": {"type": "Evil", "message": "boom"},
+                },
+            ]
+            links = {
+                "depends_on": [{"id": "dep-1", "state": "succeeded"}],
+                "dependents": [{"id": "next-1", "state": None}],
+            }
+            screen._show_extras((rows, links))
+            await pilot.pause()
+            shown["detail"] = screen_text(app)
+
+    run(scenario)
+    assert_literal(
+        shown["detail"],
+        "depends on dep-1  succeeded",
+        "needed by  next-1  (not visible)",
+        "submitted  key:abc",
+        "5 transition(s) not kept",
+        "worker:w[red]1\\x1b[5m  token 4242",
+        "dead       worker:w1  Evil: boom",
+    )
+
+
 # -- staying light -------------------------------------------------------------------
 
 

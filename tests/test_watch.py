@@ -93,6 +93,27 @@ def test_text_lines_show_what_a_remote_party_chose_as_inert_text() -> None:
     assert "new -> pending" in shown
 
 
+def test_progress_events_are_a_line_per_task_shown_inert() -> None:
+    event = {
+        "tasks": [
+            {"id": "7", "progress": 0.4, "message": "page 4/10"},
+            {"id": "8", "progress": 1, "message": "\x1b]0;owned\x07done"},
+        ],
+        "more": 0,
+    }
+    first, second = lines("progress", 2.0, event, Filters(queues=frozenset({"a"})))
+    assert first == {
+        "topic": "progress",
+        "time": 2.0,
+        "id": "7",
+        "progress": 0.4,
+        "message": "page 4/10",
+    }
+    assert "7  40%  page 4/10" in text(first)
+    shown = text(second)
+    assert "\x1b" not in shown and "\x07" not in shown and "100%" in shown
+
+
 # -- the command against a live broker ----------------------------------------------------
 
 

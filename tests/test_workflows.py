@@ -3,6 +3,7 @@ TLS (in this trio run, or as processes for the CLI and the kill -9 test)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -234,6 +235,17 @@ def tq(
     )
 
 
+def _ran_once_or_redelivered(history: list[dict[str, Any]]) -> None:
+    """One success; every lease after the first follows a lease lost or given back."""
+    events = [row["event"] for row in history]
+    assert events.count("succeeded") == 1 and events[-1] == "succeeded", events
+    for i, event in enumerate(events):
+        if event == "leased" and "leased" in events[:i]:
+            previous = max(j for j in range(i) if events[j] == "leased")
+            between = events[previous + 1 : i]
+            assert {"lease_lost", "released"} & set(between), events
+
+
 def _stuck(graph: dict[str, Any]) -> list[str]:
     """Blocked tasks all of whose dependencies succeeded (the release was lost)."""
     state = {t["id"]: t["state"] for t in graph["tasks"]}
@@ -284,6 +296,13 @@ def test_cli_workflow_and_kill_9_leaves_nothing_stuck(
             done = client.wait(last, timeout=60)
             assert done.state == "succeeded"
             assert done.payload == {"step": 0}  # echo passed the first payload all the way
+            for task in answer["tasks"]:  # at least once, and twice only after a lost lease
+                _ran_once_or_redelivered(client.history(task))
+            for before, after in itertools.pairwise(answer["tasks"]):
+                finished = client.history(before)[-1]
+                released = [r for r in client.history(after) if r["event"] == "unblocked"]
+                assert [r["actor"] for r in released] == [f"dependency:{before}"]
+                assert released[0]["at"] >= finished["at"]
         table = tq(broker, "workflow", "show", last, "--output", "table")
         assert table.returncode == 0, table.stderr
         assert "succeeded" in table.stdout and last in table.stdout

@@ -60,6 +60,7 @@ import platformdirs
 from tq.core.errors import ConfigError
 from tq.core.limits import MAX_FRAME as DEFAULT_MAX_FRAME
 from tq.core.limits import MAX_FRAME_LIMIT
+from tq.store.claimplan import Aging
 
 APP = "tq"
 DEFAULT_PORT = 7470
@@ -77,7 +78,12 @@ DEFAULT_HELLO_TIMEOUT = 10.0  # TLS done -> hello accepted
 DEFAULT_IDLE_TIMEOUT = 300.0  # no request for this long (and none in flight): closed
 DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no limit
 DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
+DEFAULT_AGING_CAP = 50.0  # priority points a wait can add at most (with aging_rate set)
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
+# retention: finished tasks are deleted this long after they finished (0: kept forever)
+DEFAULT_RETENTION_SUCCEEDED = 7 * 86400.0
+DEFAULT_RETENTION_DEAD = 30 * 86400.0
+DEFAULT_RETENTION_CANCELLED = 7 * 86400.0
 
 
 # -- what a field's type may carry besides the type itself ---------------------------------
@@ -116,6 +122,25 @@ class Off:
 OFF = Off()
 
 
+@dataclass(frozen=True)
+class Duration:
+    """A number of seconds that may also be written 30s, 5m, 12h, 7d, 2w; ``off``, ``0``
+    or a TOML ``false`` is 0 (for a TTL: forever)."""
+
+
+DURATION = Duration()
+
+
+@dataclass(frozen=True)
+class QueueTTLs:
+    """Per-queue retention TTLs: in the config file a table of tables,
+    ``[retention_queues.reports]`` ``succeeded = "1d"``; in the environment or a flag
+    ``reports.succeeded=1d,reports.dead=off``. Held as sorted (queue, state, seconds)."""
+
+
+QUEUE_TTLS = QueueTTLs()
+
+
 def _store_url(text: str) -> str:
     text = text.strip()
     if text:
@@ -143,6 +168,8 @@ Synchronous = Literal["full", "normal"]
 StoreURL = Annotated[str, Check(_store_url)]
 Brokers = Annotated[str, LISTABLE, Check(_brokers)]
 Switchable = Annotated[str, OFF]
+TTL = Annotated[float, Bounds(ge=0, unit="seconds"), DURATION]  # 0: forever
+PerQueueTTLs = Annotated[tuple[tuple[str, str, float], ...], QUEUE_TTLS]
 
 
 def default_data_dir() -> Path:
@@ -268,6 +295,22 @@ class BrokerSettings(CommonSettings):
     submit_rate: Rate = DEFAULT_SUBMIT_RATE
     submit_burst: Amount = DEFAULT_SUBMIT_BURST
     max_payload: Count = DEFAULT_MAX_PAYLOAD
+    # -- retention: finished tasks deleted by the broker after these (0/off: kept) --
+    retention_succeeded: TTL = DEFAULT_RETENTION_SUCCEEDED
+    retention_dead: TTL = DEFAULT_RETENTION_DEAD
+    retention_cancelled: TTL = DEFAULT_RETENTION_CANCELLED
+    retention_queues: PerQueueTTLs = ()  # per queue and state, over the three above
+    # -- priority aging: pending tasks gain aging_rate priority points a minute of
+    # waiting, at most aging_cap (0: off); claims take the highest sum first --
+    aging_rate: Rate = 0.0
+    aging_cap: Amount = DEFAULT_AGING_CAP
+
+    @property
+    def aging(self) -> Aging | None:
+        """The claim order's aging (tq.store.claimplan), None when off."""
+        if not self.aging_rate:
+            return None
+        return Aging(rate=self.aging_rate / 60.0, cap=self.aging_cap)
 
     @property
     def http_enabled(self) -> bool:
@@ -381,6 +424,10 @@ def convert(kind: Any, value: Any) -> Any:
         return value.strip().lower()
     if kind is bool:
         return _boolean(value)
+    if QUEUE_TTLS in marks:
+        return _queue_ttls(value)
+    if DURATION in marks:
+        value = _duration(value)
     if kind in (int, float):
         bounds = next((m for m in marks if isinstance(m, Bounds)), Bounds())
         return _number(kind, value, bounds)
@@ -404,6 +451,62 @@ def convert(kind: Any, value: Any) -> Any:
                 value = mark.check(value)
         return value
     raise TypeError(f"no conversion to {kind!r}")  # a new field type: teach convert
+
+
+def _duration(value: Any) -> Any:
+    """Text like 7d (or off) as seconds; numbers as they are (checked by ``_number``)."""
+    if value is False:
+        return 0.0
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("off", "never", "forever", "none", "false"):
+        return 0.0
+    from tq.core.errors import InvalidRequest
+    from tq.core.when import parse_duration
+
+    try:
+        return parse_duration(text)
+    except InvalidRequest:
+        raise ValueError(
+            "not a duration: write e.g. 7d, 12h, 30m, 45s, seconds, or off (kept forever)"
+        ) from None
+
+
+def _queue_ttls(value: Any) -> tuple[tuple[str, str, float], ...]:
+    """A table {queue: {state: ttl}} or text "queue.state=ttl,..." as sorted triples."""
+    from tq.core.retention import FINISHED
+
+    pairs: list[tuple[str, str, Any]] = []
+    if isinstance(value, str):
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, sep, ttl = item.partition("=")
+            queue, dot, state = name.strip().rpartition(".")
+            if not sep or not dot or not queue:
+                raise ValueError(
+                    f"{item!r} is not QUEUE.STATE=TTL (e.g. reports.succeeded=1d,reports.dead=off)"
+                )
+            pairs.append((queue, state.strip(), ttl))
+    elif isinstance(value, Mapping):
+        for queue, states in value.items():
+            if not isinstance(states, Mapping):
+                raise ValueError(
+                    f"retention_queues.{queue} must be a table of states, e.g. "
+                    f'[retention_queues.{queue}] succeeded = "1d"'
+                )
+            pairs += [(str(queue), str(state), ttl) for state, ttl in states.items()]
+    else:
+        raise ValueError('expected a table ([retention_queues.NAME] succeeded = "1d")')
+    out: dict[tuple[str, str], float] = {}
+    for queue, state, ttl in pairs:
+        if state not in FINISHED:
+            raise ValueError(f"{queue}.{state}: retention applies to {', '.join(FINISHED)}")
+        try:
+            seconds = _number(float, _duration(ttl), Bounds(ge=0, unit="seconds"))
+        except ValueError as exc:
+            raise ValueError(f"{queue}.{state} = {ttl!r}: {exc}") from None
+        out[(queue, state)] = float(seconds)
+    return tuple(sorted((q, st, t) for (q, st), t in out.items()))
 
 
 def _boolean(value: Any) -> bool:

@@ -86,6 +86,11 @@ def actor_of(principal: Principal | None) -> str:
     return "anonymous" if principal is None else principal.key_id
 
 
+def history_actor(principal: Principal | None) -> str:
+    """Who made a change, as the task history records it."""
+    return "anonymous" if principal is None else f"key:{principal.key_id}"
+
+
 class Auth:
     def __init__(
         self,

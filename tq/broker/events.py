@@ -29,6 +29,13 @@ Invariants:
   matter: a counts event waits in the subscriber's queue as a slot that is
   filled with the newest counts when its turn comes, and a newer one replaces
   the one not yet sent (with 10,000 queues an event is ~1.6 MB).
+* **Several brokers, one stream.** With several brokers on one store, a
+  broker whose subscribers want task changes or counts says so through the
+  store (``ClusterState``); the others then hand each ``tasks`` event they
+  flush to ``forward`` (coalesced as above: at most one per FLUSH_INTERVAL per
+  broker), and it reaches this broker's subscribers through
+  ``from_other_broker`` as the other broker built it. So a subscriber sees
+  the whole cluster's changes, each broker's in events of its own.
 * **Counts are recounted, not dead-reckoned.** ``counts`` events carry the
   store's per-queue, per-state counts (the same query as ``query stats``),
   taken at most every COUNTS_INTERVAL, only while someone subscribes to
@@ -57,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tq.core.errors import InvalidRequest, NotFound, TQError, Unavailable
+from tq.core.when import due_at
 from tq.protocol.schema import Subscribe, Unsubscribe
 
 if TYPE_CHECKING:
@@ -66,13 +74,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tq.broker")
 
-TOPICS = ("tasks", "workers", "counts")
+TOPICS = ("tasks", "workers", "counts", "progress")
 SUBSCRIPTION_REQUESTS = frozenset({"subscribe", "unsubscribe"})
 DETAIL_LIMIT = 100  # changes listed one by one in a tasks event; beyond: totals only
 SUBSCRIBER_BUFFER = 256  # events queued per subscriber before it is lagging
 FLUSH_INTERVAL = 0.1  # seconds: at most one tasks event per interval
 COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
 COUNTS_REFRESH = 10.0  # seconds: ... and at least this often (changes no hook saw)
+PROGRESS_INTERVAL = 1.0  # seconds: at most one progress event per interval
 
 COUNTS_SLOT: dict[str, Any] = {"topic": "counts"}  # queued in place of a counts event
 
@@ -160,7 +169,17 @@ class EventBus:
         self._counted_at = float("-inf")  # trio clock of the last count
         self._flush_wake = trio.Event()
         self._counts_wake = trio.Event()
+        self._want_progress = False
+        self._progress: dict[str, tuple[float, str | None]] = {}  # latest per task
+        self._progress_more = 0  # reports beyond DETAIL_LIMIT tasks since the last event
+        self._progress_wake = trio.Event()
         self.events_sent = 0  # events built (each offered to every interested subscriber)
+        # several brokers on one store: each tasks event is also handed to ``forward``
+        # while other brokers want this one's changes (``set_remote``), and theirs
+        # arrive through ``from_other_broker``
+        self.forward: Callable[[Event], None] | None = None
+        self._remote = False
+        self._local_tasks = False
 
     # -- subscribers ---------------------------------------------------
     def subscribe(self, sid: int, topics: object) -> Subscriber:
@@ -180,9 +199,14 @@ class EventBus:
 
     def _recompute(self) -> None:
         subs = self.subscribers
-        self._want_tasks = any("tasks" in s.topics for s in subs)
+        self._local_tasks = any("tasks" in s.topics for s in subs)
+        self._want_tasks = self._local_tasks or self._remote
         self._want_counts = any("counts" in s.topics for s in subs)
         self._want_workers = any("workers" in s.topics for s in subs)
+        self._want_progress = any("progress" in s.topics for s in subs)
+        if not self._want_progress:
+            self._progress.clear()
+            self._progress_more = 0
         if not self._want_tasks:
             self._changes.clear()
             self._totals.clear()
@@ -196,6 +220,24 @@ class EventBus:
         return self._want_tasks
 
     @property
+    def wants_other_brokers(self) -> bool:
+        """Whether a subscriber here wants the task changes other brokers make."""
+        return self._local_tasks or self._want_counts
+
+    def set_remote(self, wanted: bool) -> None:
+        """Whether other brokers want this broker's task changes (``forward``)."""
+        if wanted != self._remote:
+            self._remote = wanted
+            self._recompute()
+
+    def from_other_broker(self, event: Event) -> None:
+        """A tasks event another broker of the cluster sent (``forward`` there): offered
+        to the subscribers of ``tasks`` as it is, and the counts are read again."""
+        self._counts_dirty = True
+        if self._local_tasks and event.get("topic") == "tasks":
+            self._offer("tasks", event)
+
+    @property
     def dropped_total(self) -> int:
         return sum(s.dropped_total for s in self.subscribers)
 
@@ -203,9 +245,10 @@ class EventBus:
     def submitted(self, specs: Sequence[TaskSpec], results: Sequence[SubmitResult]) -> None:
         if not (self._want_tasks or self._want_counts):
             return
+        now = self.clock()
         self._add(
             # with dependencies: blocked (pending at once if they had all succeeded)
-            (r.id, s.type, s.queue, None, "blocked" if s.depends_on else "pending")
+            (r.id, s.type, s.queue, None, _first_state(s, now))
             for s, r in zip(specs, results, strict=True)
             if r.created
         )
@@ -280,6 +323,19 @@ class EventBus:
             changes.append((task.id, task.type, task.queue, before, task.state.value))
         self._add(changes)
 
+    def progressed(self, reports: dict[str, tuple[float, str | None]]) -> None:
+        """Running tasks reported progress (task id -> fraction, message); only the
+        latest per task is kept until the next progress event (coalesced)."""
+        if not self._want_progress or not reports:
+            return
+        latest = self._progress
+        for task_id, value in reports.items():
+            if task_id in latest or len(latest) < DETAIL_LIMIT:
+                latest[task_id] = value
+            else:
+                self._progress_more += 1
+        self._progress_wake.set()
+
     def worker(self, kind: str, worker: WorkerInfo | str, registry: WorkerRegistry) -> None:
         """A worker joined, left (disconnected), was lost (forgotten) or sent a heartbeat."""
         if not self._want_workers:
@@ -320,6 +376,7 @@ class EventBus:
         """Flush task changes, recount counts, retry lagged markers; forever."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_loop)
+            nursery.start_soon(self._progress_loop)
             nursery.start_soon(self._counts_loop, store.stats)
 
     async def _flush_loop(self) -> None:
@@ -328,6 +385,29 @@ class EventBus:
             self._flush_wake = trio.Event()
             self.flush()
             await trio.sleep(FLUSH_INTERVAL)  # coalesce whatever arrives meanwhile
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await self._progress_wake.wait()
+            self._progress_wake = trio.Event()
+            self.flush_progress()
+            await trio.sleep(PROGRESS_INTERVAL)  # coalesce: the latest per task wins
+
+    def flush_progress(self) -> None:
+        """Send the latest progress per task as one ``progress`` event."""
+        if not (self._progress or self._progress_more):
+            return
+        event = {
+            "topic": "progress",
+            "time": self.clock(),
+            "tasks": [
+                {"id": task_id, "progress": value[0], "message": value[1]}
+                for task_id, value in self._progress.items()
+            ],
+            "more": self._progress_more,
+        }
+        self._progress, self._progress_more = {}, 0
+        self._offer("progress", event)
 
     def flush(self) -> None:
         """Send the buffered task changes as one ``tasks`` event."""
@@ -350,7 +430,10 @@ class EventBus:
         }
         self._changes, self._totals, self._count = [], Counter(), 0
         self._incomplete = False
-        self._offer("tasks", event)
+        if self._remote and self.forward is not None:
+            self.forward(event)
+        if self._local_tasks:
+            self._offer("tasks", event)
 
     async def _counts_loop(self, stats: Callable[[], Awaitable[Any]]) -> None:
         while True:
@@ -481,3 +564,12 @@ class SessionEvents:
         if self.subscriber is not None:
             self.bus.unsubscribe(self.subscriber)
             self.subscriber = None
+
+
+def _first_state(spec: TaskSpec, now: float) -> str:
+    """The state a new task was stored in (as the store decides it)."""
+    if spec.depends_on:
+        return "blocked"
+    if spec.delay is not None or spec.run_at is not None:
+        return "pending" if due_at(spec.delay, spec.run_at, now) is None else "scheduled"
+    return "pending"

@@ -149,6 +149,22 @@ class OperatorOps:
             "truncated": cut,
         }
 
+    async def history(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
+        """The task's transitions, oldest first: ``{"task": id, "history": [maps],
+        "limit": MAX_HISTORY}`` (the first and the latest are kept; ``n`` numbers them,
+        so a gap after n=1 counts the dropped ones). Queue-limited keys: their queues."""
+        from tq.store.history_sql import MAX_HISTORY
+
+        task = await self.store.get(task_id)
+        if principal is not None:
+            principal.check_queue(task.queue)
+        rows = await self.store.history(task_id)
+        return {
+            "task": task_id,
+            "history": [row.to_wire() for row in rows],
+            "limit": MAX_HISTORY,
+        }
+
     async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
         """Unfinished tasks per queue: totals per state and rows per priority and state."""
         visible = _visible(principal)
@@ -203,7 +219,11 @@ class OperatorOps:
         if not isinstance(state, str):
             raise InvalidRequest("retry_many needs 'state' (failed, dead or cancelled)")
         limit = _bulk_limit(msg.get("limit"))
-        ids = await self.store.retry_many(state, self.clock(), limit)
+        from tq.broker.auth import history_actor
+
+        ids = await self.store.retry_many(
+            state, self.clock(), limit, actor=history_actor(principal)
+        )
         if ids:
             self.notify_work()
             self.fire(ids)

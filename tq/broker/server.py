@@ -44,7 +44,13 @@ from tq import __version__
 from tq.broker.auth import broker_join_token, open_auth
 from tq.broker.events import SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
-from tq.broker.loops import promoter_loop, reaper_loop, scheduler_loop
+from tq.broker.loops import (
+    promoter_loop,
+    reaper_loop,
+    retention_loop,
+    retention_policy,
+    scheduler_loop,
+)
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.config import BrokerSettings, parse_address
@@ -66,6 +72,7 @@ from tq.protocol.frames import INLINE_DECODE
 from tq.protocol.schema import (
     Audit,
     Cancel,
+    CapOp,
     Claim,
     Heartbeat,
     Hello,
@@ -230,6 +237,7 @@ class Session:
             "set_priority": self._set_priority,
             "queue": self._queue,
             "schedule": self._schedule,
+            "cap": self._cap,
             "keys": self._keys,
             "audit": self._audit,
             "purge": self._purge,
@@ -564,6 +572,8 @@ class Session:
             return {"explain": await self.service.explain(_task_id(msg), self.principal)}
         if q == "workflow":
             return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
+        if q == "history":
+            return await self.service.history(_task_id(msg), self.principal)
         raise InvalidRequest(f"unknown query {q!r}; known: {', '.join(get_args(QueryKind))}")
 
     async def _cancel(self, msg: Cancel) -> dict[str, Any]:
@@ -596,6 +606,9 @@ class Session:
 
     async def _schedule(self, msg: Schedule) -> dict[str, Any]:
         return await self.service.schedule_request(msg, self.principal)
+
+    async def _cap(self, msg: CapOp) -> dict[str, Any]:
+        return await self.service.cap_request(msg, self.principal)
 
     async def _keys(self, msg: Keys) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)
@@ -713,7 +726,11 @@ async def _serve_broker(
         if not auth.enabled:
             log.warning("authentication is OFF (--no-auth): anyone who can connect may do anything")
         service = BrokerService(
-            store, lease_ttl=settings.lease_ttl, auth=auth, max_payload=settings.max_payload
+            store,
+            lease_ttl=settings.lease_ttl,
+            auth=auth,
+            max_payload=settings.max_payload,
+            aging=settings.aging,
         )
         async with trio.open_nursery() as timers:
             if auth.enabled:
@@ -723,6 +740,7 @@ async def _serve_broker(
             )
             timers.start_soon(promoter_loop, service)
             timers.start_soon(scheduler_loop, service)
+            timers.start_soon(retention_loop, service, retention_policy(settings))
             timers.start_soon(service.events.run, store)
             try:
                 listeners = await trio.open_tcp_listeners(port, host=host)

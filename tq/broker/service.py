@@ -28,7 +28,8 @@ import trio
 
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
-from tq.broker.auth import Auth, actor_of
+from tq.broker.auth import Auth, actor_of, history_actor
+from tq.broker.caps import CapOps
 from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
@@ -53,6 +54,8 @@ from tq.core.limits import (  # noqa: F401  (MAX_CLAIM, MAX_LIST: re-exported)
     MAX_WORKER_TEXT,
     MAX_WORKER_TYPES,
 )
+from tq.core.progress import parse as parse_progress
+from tq.core.retention import RetentionPolicy
 from tq.core.states import is_terminal
 from tq.core.task import (
     MAX_PAYLOAD_BYTES,
@@ -67,13 +70,16 @@ from tq.core.task import (
     parse_priority,
 )
 from tq.core.values import whole
+from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.protocol.parse import typed
 from tq.protocol.schema import Claim, Heartbeat, Hello, OutcomeIn, Query
 from tq.security.roles import Principal, action_of
 from tq.store.base import Store
+from tq.store.claimplan import Aging, CapNote
 
 PAUSED_REFRESH = 1.0  # seconds a broker trusts its copy of the paused queues
+MIN_REFILL_SLEEP = 0.001  # seconds: a claim waiting on a rate bucket never spins
 LARGE_FRAMES_BYTES = 8 * 1024 * 1024  # see BrokerService.large_frames
 # what one worker registers (its hello): what a `workers` answer lists of it stays small
 MAX_WORKERS_PER_KEY = 1000  # registered worker ids one API key may hold at once
@@ -84,6 +90,7 @@ LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
 # MAX_WARNINGS warnings (a type of <= 200 characters and a message of <= 450 bytes).
 ANSWER_PER_TASK = 56
 ANSWER_BASE = 64 + MAX_WARNINGS * 700
+WAIT_REREAD = 5.0  # a cluster member's wait reads its task again this often (a lost wake-up)
 SCAN_PAGE = 500  # ... in store pages of this many
 YIELD_EVERY = 200  # specs validated between checkpoints: bounds the event-loop stall (~0.3 ms)
 
@@ -223,6 +230,19 @@ def _specs_of(raw_tasks: Sequence[TaskSpecIn | Any], first: int = 0) -> list[Tas
     return specs
 
 
+def _check_due(specs: Sequence[TaskSpec], now: float) -> bool:
+    """Whether any spec is delayed; InvalidRequest naming the first one due too far ahead."""
+    delayed = False
+    for index, spec in enumerate(specs):
+        if spec.delay is not None or spec.run_at is not None:
+            try:
+                due_at(spec.delay, spec.run_at, now)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"task {index}: {exc}; nothing was submitted") from None
+            delayed = True
+    return delayed
+
+
 def submit_answer_bound(n: int) -> int:
     """The most bytes the answer to a submit of ``n`` tasks can take once encoded."""
     return ANSWER_BASE + n * ANSWER_PER_TASK
@@ -252,7 +272,7 @@ def parse_outcome(item: OutcomeIn | object) -> Outcome:
     )
 
 
-class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
+class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedules.py, caps.py
     def __init__(
         self,
         store: Store,
@@ -262,8 +282,11 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         clock: Callable[[], float] = time.time,
         auth: Auth | None = None,
         max_payload: int = MAX_PAYLOAD_BYTES,
+        aging: Aging | None = None,
     ) -> None:
         self.store = store
+        self.aging = aging  # effective priority rises with the wait (tq.store.claimplan)
+        self.capped_waiting = 0  # claims parked because a cap held tasks back
         self.lease_ttl = lease_ttl
         # keys, roles, rate limits, audit; principal None = unrestricted (--no-auth)
         self.auth = auth if auth is not None else Auth(store, enabled=False, clock=clock)
@@ -298,9 +321,17 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             "refused_results": 0,
         }
         self.activity = Activity()  # labelled counters, histograms, last minute (metrics)
+        self.retention_deleted: dict[str, int] = {}  # finished state -> tasks expired
         self.cluster = getattr(store, "cluster", None)  # None: this broker is the cluster
         if self.cluster is not None:
-            self.cluster.on_work = self.notify_work
+            self.cluster.on_work = self._cluster_work
+            self.cluster.on_done = self.fire  # tasks finished through another broker
+            self.cluster.waited = self._waiters
+            # task events: every broker's changes reach every broker's subscribers
+            self.events.forward = self.cluster.forward_event
+            self.cluster.events_wanted = lambda: self.events.wants_other_brokers
+            self.cluster.on_events_wanted = self.events.set_remote
+            self.cluster.on_events = self._events_from_other_brokers
             self.cluster.beats = self.workers.take_beats
 
     @property
@@ -326,12 +357,23 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         self._work.set()
         self._work = trio.Event()
 
+    def _cluster_work(self) -> None:
+        """Another broker made tasks pending or stored tasks (a delayed submit among them):
+        claims look again, and the promoter looks at the earliest due time again."""
+        self.notify_work()
+        self.notify_due()
+
     def notify_due(self) -> None:
         self._due_changed.set()
         self._due_changed = trio.Event()
 
-    async def wait_due_changed(self) -> None:
-        await self._due_changed.wait()
+    def due_changed(self) -> trio.Event:
+        """The event the next ``notify_due`` sets (take it before reading due times)."""
+        return self._due_changed
+
+    def _events_from_other_brokers(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.events.from_other_broker(event)
 
     def fire(self, task_ids: Sequence[str]) -> None:
         for task_id in task_ids:
@@ -418,7 +460,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             principal.check_queues({spec.queue for spec in specs})
             await self._check_keys_queues(specs, principal)
         self._check_payloads(specs)
-        results = await self.store.submit(specs, self.clock())
+        delayed = _check_due(specs, self.clock())
+        results = await self.store.submit(specs, self.clock(), actor=history_actor(principal))
         self.counters["submitted"] += sum(r.created for r in results)
         self.activity.submit_latency.observe(trio.current_time() - arrived)
         now = self.clock()
@@ -427,6 +470,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         )
         self.events.submitted(specs, results)
         self.notify_work()
+        if delayed:  # the promoter may sleep past this due time: it looks again
+            self.notify_due()
         unhandled = sorted(await self._unhandled({spec.type for spec in specs}))
         return {
             "tasks": [{"id": r.id, "created": r.created} for r in results],
@@ -475,10 +520,18 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             paused = await self.paused()
             open_queues = [q for q in queues if q not in paused] if paused else queues
             leases = []
+            note = CapNote()
             if open_queues:
                 # never cancelled mid-write: a claim that committed must reach the worker
                 leases = await self.store.claim(
-                    worker_id, open_queues, type_list, n, self.clock(), self.lease_ttl
+                    worker_id,
+                    open_queues,
+                    type_list,
+                    n,
+                    self.clock(),
+                    self.lease_ttl,
+                    self.aging,
+                    note,
                 )
             if leases:
                 self.workers.seen(worker_id, self.clock())
@@ -491,8 +544,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             again = (
                 min(deadline, now + PAUSED_REFRESH) if len(open_queues) < len(queues) else deadline
             )
-            with trio.move_on_at(again):
-                await work.wait()
+            if note.refill_in is not None:  # a rate cap: sleep until its bucket has a token
+                again = min(again, now + max(note.refill_in, MIN_REFILL_SLEEP))
+            # capped: a finished task of the cap (reported here, or NOTIFY from another
+            # broker) or a changed cap wakes the claim through notify_work
+            self.capped_waiting += note.capped
+            try:
+                with trio.move_on_at(again):
+                    await work.wait()
+            finally:
+                self.capped_waiting -= note.capped
         return []
 
     async def report(
@@ -515,8 +576,8 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
                 released |= r.state == "pending"  # "release": claimable again at once
         if retried:
             self.notify_due()
-        if released or dependents:
-            self.notify_work()
+        if released or dependents or (self.capped_waiting and any(r.accepted for r in results)):
+            self.notify_work()  # a finished task frees a place under its caps
         self.events.reported(results)
         await self.events.released(self.store, dependents, before="blocked")
         self.activity.reported(results, self.clock())
@@ -532,11 +593,20 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             info = self.workers.connect(worker, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
         leases = msg.leases
+        progress = parse_progress(msg.progress, dict(leases))  # rules joining the leases
         self.workers.seen(worker_id, self.clock(), msg.stats)
         self.events.worker("heartbeat", worker_id, self.workers)
         if not leases:
             return []
-        return await self.store.extend_leases(worker_id, leases, self.clock(), self.lease_ttl)
+        lost = await self.store.extend_leases(
+            worker_id, leases, self.clock(), self.lease_ttl, progress
+        )
+        if progress:
+            gone = set(lost)
+            self.events.progressed(
+                {task_id: value for task_id, value in progress.items() if task_id not in gone}
+            )
+        return lost
 
     async def get(self, task_id: str, principal: Principal | None = None) -> Task:
         task = await self.store.get(task_id)
@@ -594,7 +664,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
     async def cancel(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
         before = await self.events.state_before(self.store, task_id)
-        task = await self.store.cancel(task_id, self.clock())
+        task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
         self.fire([task_id])
@@ -604,7 +674,7 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
     async def retry(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
         before = await self.events.state_before(self.store, task_id)
-        task = await self.store.retry(task_id, self.clock())
+        task = await self.store.retry(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()
         self.fire([task_id])
@@ -617,7 +687,9 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         """Change the priority of a task waiting to run (no state change: no event)."""
         value = parse_priority(priority)
         await self._check_task_queue(task_id, principal)
-        return await self.store.set_priority(task_id, value)
+        return await self.store.set_priority(
+            task_id, value, now=self.clock(), actor=history_actor(principal)
+        )
 
     async def _check_task_queue(self, task_id: str, principal: Principal | None) -> None:
         if principal is not None and principal.queues is not None:
@@ -659,11 +731,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
         waiter.count += 1
         try:
             with trio.move_on_after(timeout):
+                reread = math.inf
+                if self.cluster is not None:  # hear of it when another broker finishes it
+                    await self.cluster.hear_finished()
+                    reread = WAIT_REREAD
                 while True:
                     event = waiter.event
                     if is_terminal((await self.store.get(task_id)).state):
                         return False
-                    await event.wait()
+                    with trio.move_on_after(reread):
+                        await event.wait()
             return True
         finally:
             waiter.count -= 1
@@ -739,6 +816,16 @@ class BrokerService(OperatorOps, ScheduleOps):  # operations.py, schedules.py
             self.fire(released)
             await self.events.released(self.store, released)
         return released
+
+    async def expire(self, policy: RetentionPolicy, limit: int) -> int:
+        """One retention batch (leader only): at most ``limit`` finished tasks whose TTL
+        passed deleted in one transaction; how many."""
+        if not self.runs_upkeep:
+            return 0
+        deleted = await self.store.expire_finished(policy, self.clock(), limit)
+        for (_, state), n in deleted.items():
+            self.retention_deleted[state] = self.retention_deleted.get(state, 0) + n
+        return sum(deleted.values())
 
     async def promote(self) -> int:
         if not self.runs_upkeep:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -252,6 +252,16 @@ def progress(description: str, total: int | None = None) -> Iterator[_NoProgress
         yield _Progress(bar, bar.add_task(description, total=total))
 
 
+def progress_text(task: Mapping[str, Any]) -> str:
+    """``40% page 4/10``: a task's last reported progress (the caller makes it inert)."""
+    value = task.get("progress")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return ""
+    message = task.get("progress_message")
+    percent = f"{100 * min(1.0, max(0.0, float(value))):.0f}%"
+    return f"{percent} {message}" if isinstance(message, str) and message else percent
+
+
 def kv_table(rows: Iterable[tuple[str, Any]]) -> Any:
     from rich.table import Table
 
@@ -308,8 +318,24 @@ def task_rows(task: Mapping[str, Any]) -> list[tuple[str, Any]]:
     ]
     if task.get("run_at") and task["state"] in ("failed", "scheduled"):
         rows.append(("next run", fmt_time(task["run_at"])))
+    if task.get("progress") is not None:
+        rows.append(("progress", progress_text(task)))
     if error:
         rows.append(("error", f"{error['type']}: {error['message']}"))
         if error.get("traceback"):
             rows.append(("traceback", error["traceback"].rstrip()))
+    for key, label in (("depends_on", "depends on"), ("dependents", "dependents")):
+        if task.get(key):
+            rows.append((label, linked(task[key])))
     return rows
+
+
+MAX_LINKED = 20  # linked tasks a status table lists (JSON gives all)
+
+
+def linked(tasks: Sequence[Mapping[str, Any]]) -> str:
+    """Linked tasks, one "id  state" a line (at most MAX_LINKED, then a count)."""
+    lines = [f"{t['id']}  {t.get('state') or '(not visible)'}" for t in tasks[:MAX_LINKED]]
+    if len(tasks) > MAX_LINKED:
+        lines.append(f"... and {len(tasks) - MAX_LINKED} more (--json lists all)")
+    return "\n".join(lines)

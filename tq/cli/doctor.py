@@ -46,6 +46,7 @@ def run_checks(
     store_checks, newest, store_clock = _check_store(conf)
     checks += store_checks
     checks += _check_keys(conf)
+    checks.append(_check_retention(conf))
     checks += _check_broker_tls(conf, now)
     checks.append(_check_client_ca(conf, now))
     broker_check, broker_time = _check_broker(conf, offline)
@@ -133,6 +134,37 @@ def _check_data_dir(data: Path) -> list[Check]:
     else:
         checks.append(Check("disk", "ok", text))
     return checks
+
+
+def _ttl(seconds: float) -> str:
+    if not seconds:
+        return "kept"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+def _check_retention(conf: Settings) -> Check:
+    """What the broker's retention deletes (a store without it grows forever)."""
+    ttls = {
+        "succeeded": conf.retention_succeeded,
+        "dead": conf.retention_dead,
+        "cancelled": conf.retention_cancelled,
+    }
+    detail = "finished tasks: " + ", ".join(f"{s} {_ttl(t)}" for s, t in ttls.items())
+    if conf.retention_queues:
+        overrides = ", ".join(f"{q}.{s} {_ttl(t)}" for q, s, t in conf.retention_queues)
+        detail += f"; per queue: {overrides}"
+    if not any(ttls.values()) and not any(t for *_, t in conf.retention_queues):
+        return Check(
+            "retention",
+            "warn",
+            detail + ": nothing is ever deleted, the store grows with every task",
+            "set retention_succeeded / retention_dead / retention_cancelled (e.g. 7d), "
+            "or run `tq purge` now and then",
+        )
+    return Check("retention", "ok", detail)
 
 
 def _existing_ancestor(path: Path) -> Path | None:

@@ -12,6 +12,7 @@ from tq.cli import (
     admin,
     bench,
     bulk,
+    history,
     migrate,
     ops,
     queues,
@@ -43,6 +44,7 @@ app.command(rich_help_panel="Services")(services.worker)
 app.command(rich_help_panel="Tasks")(tasks.submit)
 app.command(rich_help_panel="Tasks")(tasks.status)
 app.command(rich_help_panel="Tasks")(tasks.explain)  # why a task is not running now
+app.command(rich_help_panel="Tasks")(history.history)  # every transition of a task
 app.command(rich_help_panel="Tasks")(waiting.wait)  # one id, several, or - (stdin)
 app.command("list", rich_help_panel="Tasks")(tasks.list_)
 app.command(rich_help_panel="Tasks")(bulk.cancel)  # an id, - (stdin) or --state/--queue/--type

@@ -31,6 +31,7 @@ COMMAND_OPTIONS = frozenset(
         "--producers", "--scenarios", "--single", "--state", "--tasks", "--timeout", "--to",
         "--topic", "--type", "--watch", "--count", "--cron", "--timezone", "--missed",
         "--wide", "--workers", "--yes", "--depends-on", "--on-dependency-failure", "--workflow",
+        "--delay", "--at", "--unique-for", "--unique-key", "--progress",
     }
 )  # fmt: skip
 # a setting's flag name used by a command for something else

@@ -38,8 +38,11 @@ from tq.cli.common import (
     text_mode,
 )
 
-# the states a task can be in today (scheduled and blocked are reserved: nothing enters them)
-LISTED_STATES = ("pending", "running", "succeeded", "failed", "dead", "cancelled")
+# the states a task can be in
+LISTED_STATES = (
+    "pending", "scheduled", "blocked", "running", "succeeded", "failed", "dead", "cancelled",
+)  # fmt: skip
+_DUE_STATES = ("scheduled", "failed")  # a due time (run_at) in the listing: when it runs
 
 if TYPE_CHECKING:
     from tq.client import BlockingClient
@@ -78,6 +81,7 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
     from rich.table import Table
 
     errors = any(t.get("error") for t in tasks)
+    due = any(t.get("run_at") is not None and t["state"] in _DUE_STATES for t in tasks)
     whole = wide if wide is not None else Console().width >= _width_needed(tasks, errors)
     table = Table(
         caption=None if whole else "ids shortened: --wide or --output jsonl for whole ids"
@@ -90,6 +94,8 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
     table.add_column("prio", justify="right")
     table.add_column("att", justify="right")
     table.add_column("created", no_wrap=True)
+    if due:
+        table.add_column("due", no_wrap=True)
     table.add_column("payload", overflow="ellipsis", no_wrap=True, ratio=1)
     if errors:
         table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=2)
@@ -102,8 +108,11 @@ def _tasks_table(tasks: list[dict[str, Any]], wide: bool | None = None) -> Any:
             str(t["priority"]),
             str(t["attempts"]),
             fmt_time(t["created_at"]),
-            cell(compact(t["payload"], 30)),
         ]
+        if due:
+            run_at = t.get("run_at")
+            row.append(fmt_time(run_at) if run_at is not None and t["state"] in _DUE_STATES else "")
+        row += [cell(compact(t["payload"], 30))]
         if errors:
             error = t.get("error") or {}
             row.append(cell(f"{error['type']}: {error['message']}" if error else ""))
@@ -186,6 +195,43 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    delay: Annotated[
+        str | None,
+        typer.Option(
+            "--delay",
+            help="Run no earlier than this long from now: 30s, 5m, 2h, 1d, 1h30m or seconds. "
+            "The task waits in state scheduled.",
+            show_default=False,
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="Run no earlier than this time, RFC 3339 with a zone: "
+            "2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00 (with --delay: the later).",
+            show_default=False,
+        ),
+    ] = None,
+    unique_for: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-for",
+            help="A unique task: while a task of the same type and payload (or --unique-key) "
+            "in the queue is unfinished, or for this long after it was submitted (1h, 30m, "
+            "7d, seconds), submitting again prints that task's id instead of adding one.",
+            show_default=False,
+        ),
+    ] = None,
+    unique_key: Annotated[
+        str | None,
+        typer.Option(
+            "--unique-key",
+            help="With --unique-for: the key that makes tasks the same (default: the "
+            "type and the payload).",
+            show_default=False,
+        ),
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(
@@ -221,6 +267,10 @@ def submit(
 
       tq submit notify --depends-on ID1 --depends-on ID2
 
+      tq submit report --delay 30m    tq submit report --at 2026-12-01T09:00:00Z
+
+      tq submit export --payload '{"day": "2026-12-05"}' --unique-for 1d
+
       tq submit --workflow thumbnails.json
 
     With -, one JSON line out per input line (whatever --output says); a batch goes
@@ -228,10 +278,11 @@ def submit(
     stored task and the input line it stopped after (exit 130).
     """
     if workflow is not None:
-        if type is not None or payload is not None or payload_file is not None or depends_on:
+        given = (type, payload, payload_file, delay, at)
+        if any(v is not None for v in given) or depends_on:
             fail(
                 "--workflow takes the whole workflow from its file: give no task type, "
-                "payload or --depends-on with it",
+                "payload, --depends-on, --delay or --at with it",
                 exits.USAGE,
             )
         file = workflow
@@ -242,9 +293,10 @@ def submit(
     if listed and type != "-":
         fail("--from-list goes with `tq submit -` (task lines on stdin)", exits.USAGE)
     if type == "-":
-        if payload is not None or payload_file is not None:
+        if payload is not None or payload_file is not None or delay is not None or at is not None:
             fail(
-                "with `tq submit -` each stdin line is a whole task map; put the payload inside it",
+                "with `tq submit -` each stdin line is a whole task map; put the payload "
+                '(and "delay" seconds or "run_at" epoch seconds) inside it',
                 exits.USAGE,
             )
         run_guarded(lambda: _submit_stdin(broker, ca, insecure, api_key, listed))
@@ -256,6 +308,8 @@ def submit(
         value = parse_json(payload, "--payload")
     elif payload_file is not None:
         value = _read_payload_file(payload_file)
+    if unique_key is not None and unique_for is None:
+        fail("--unique-key goes with --unique-for (how long the key is held)", exits.USAGE)
     options: dict[str, Any] = {
         "queue": queue,
         "priority": priority,
@@ -264,6 +318,9 @@ def submit(
         "idempotency_key": key,
         "depends_on": depends_on or None,
         "on_dependency_failure": on_dependency_failure,
+        **_due_options(delay, at),
+        "unique_for": None if unique_for is None else _duration(unique_for, "--unique-for"),
+        "unique_key": unique_key,
     }
 
     def body() -> None:
@@ -274,9 +331,43 @@ def submit(
         task_id = answer["id"]
         if "warning" in answer:
             say(f"tq: warning: {answer['warning']}", err=True)
-        emit_text({"id": task_id}, text_mode(output, as_json), task_id)
+        if not answer.get("created", True):
+            say(
+                f"tq: not submitted again: task {task_id} holds the same "
+                f"{'unique key' if unique_for is not None else 'idempotency key'}",
+                err=True,
+            )
+        data = {"id": task_id, "created": bool(answer.get("created", True))}
+        emit_text(data, text_mode(output, as_json), task_id)
 
     run_guarded(body)
+
+
+def _due_options(delay: str | None, at: str | None) -> dict[str, Any]:
+    """--delay and --at as the wire's delay and run_at (refused here when malformed)."""
+    from tq.core.errors import InvalidRequest
+    from tq.core.when import parse_duration, parse_time
+
+    out: dict[str, Any] = {}
+    for flag, text, parse, field in (
+        ("--delay", delay, parse_duration, "delay"),
+        ("--at", at, parse_time, "run_at"),
+    ):
+        if text is not None:
+            try:
+                out[field] = parse(text)
+            except InvalidRequest as exc:
+                fail(f"{flag}: {exc}", exits.USAGE)
+    return out
+
+
+def _duration(text: str, what: str) -> float:
+    from tq.core.units import seconds
+
+    try:
+        return seconds(text, what)
+    except ValueError as exc:
+        fail(str(exc), exits.USAGE)
 
 
 def _submit_workflow(
@@ -355,11 +446,16 @@ def status(
     as_json: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
-    """Show one task: state, attempts, payload, result or error."""
+    """Show one task: state, attempts, payload, result or error, and the tasks it
+    depends on and that depend on it, with their states (JSON: "depends_on" and
+    "dependents", present when it has any)."""
 
     def body() -> None:
+        from tq.cli.workflows import dependency_links
+
         with _client(broker, ca, insecure, api_key) as client:
             task = client.get(task_id).to_dict()
+            task.update(dependency_links(client, task_id))
         emit(task, output_mode(output, as_json), lambda t: kv_table(task_rows(t)))
 
     run_guarded(body)
@@ -472,7 +568,7 @@ def stats(
     def table(data: dict[str, Any]) -> Any:
         from rich.table import Table
 
-        states = ["pending", "running", "failed", "succeeded", "dead", "cancelled"]
+        states = ["pending", "scheduled", "running", "failed", "succeeded", "dead", "cancelled"]
         recent = data.get("last_minute") or {}
         t = Table(
             title=cell(

@@ -143,6 +143,15 @@ def wait(
             show_default=False,
         ),
     ] = None,
+    show_progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress",
+            "-p",
+            help="Follow one task's reported progress: a progress bar on a terminal, "
+            "JSON lines in a pipe.",
+        ),
+    ] = False,
     broker: BrokerOpt = None,
     ca: CaOpt = None,
     insecure: InsecureOpt = None,
@@ -156,9 +165,18 @@ def wait(
     for ids on stdin): one JSON line per task as it ends (a progress bar on a
     terminal; --output json or yaml: all of them at the end). If the broker
     restarts meanwhile, it reconnects and waits on (within --timeout).
+
+    --progress (one task): the progress its handler reports, as a bar with its
+    message on a terminal, or in a pipe one JSON line per change
+    ({"id", "state", "progress", "message"}) and a last line with the result.
     """
     ids = list(_stdin_ids()) if task_ids == ["-"] else task_ids
     conf = run_guarded(lambda: settings(broker=broker, ca=ca, insecure=insecure, key=api_key))
+    if show_progress:
+        if len(ids) != 1 or task_ids == ["-"]:
+            fail("--progress follows one task: give exactly one task id", exits.USAGE)
+        _wait_progress(ids[0], timeout, conf, output_mode(output, as_json))
+        return
     if len(ids) == 1 and task_ids != ["-"]:
         _wait_one(ids[0], timeout, conf, text_mode(output, as_json))
         return
@@ -185,6 +203,107 @@ def _wait_one(task_id: str, timeout: float | None, conf: ClientSettings, mode: O
         error = task.get("error") or {}
         detail = f": {error.get('type')}: {error.get('message')}" if error else ""
         fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
+
+
+PROGRESS_POLL = 0.5  # seconds between looks at a task's progress
+
+
+def _wait_progress(task_id: str, timeout: float | None, conf: ClientSettings, mode: Output) -> None:
+    """Wait for one task, showing its progress as it changes (a bar on a terminal,
+    JSON lines otherwise). Progress is read from the task itself (every
+    PROGRESS_POLL seconds, and the end at once through a wait), so it works
+    whichever broker of a cluster the worker reports to."""
+    bar = mode is Output.table and interactive()
+    shown: list[Any] = [None]  # the last (state, progress, message) shown
+    view: dict[str, Any] = {}
+
+    def line(task: dict[str, Any], last: bool) -> None:
+        row = {
+            "id": task["id"],
+            "state": task["state"],
+            "progress": task.get("progress"),
+            "message": task.get("progress_message"),
+        }
+        if last:
+            row["result"] = task["result"]
+            if task.get("error"):
+                row["error"] = task["error"]
+        now = (row["state"], row["progress"], row["message"])
+        if not last and now == shown[0]:
+            return
+        shown[0] = now
+        if bar:
+            _bar_update(view, row)
+            return
+        sys.stdout.write(dumps(row) + "\n")
+        sys.stdout.flush()
+
+    def follow(client: BlockingClient, remaining: float | None) -> dict[str, Any]:
+        from tq.core.errors import Timeout
+        from tq.core.states import is_terminal
+
+        deadline = None if remaining is None else time.monotonic() + remaining
+        while True:
+            task = client.get(task_id).to_dict()
+            if is_terminal(task["state"]):
+                return task
+            line(task, last=False)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise _said_timeout(
+                    Timeout(f"task {task_id} is still {task['state']} after {timeout:g}s"),
+                    timeout,
+                )
+            try:
+                return client.wait(
+                    task_id, timeout=PROGRESS_POLL if left is None else min(PROGRESS_POLL, left)
+                ).to_dict()
+            except Timeout:
+                continue
+
+    try:
+        task = run_guarded(lambda: with_reconnect(conf, timeout, follow))
+    finally:
+        _bar_close(view)
+    if bar:
+        if task["state"] == "succeeded":
+            emit_text(task, mode, dumps(task["result"]))
+    else:
+        line(task, last=True)
+    if task["state"] != "succeeded":
+        error = task.get("error") or {}
+        detail = f": {error.get('type')}: {error.get('message')}" if error else ""
+        fail(f"task {task_id} ended {task['state']}{detail}", exits.TASK_FAILED)
+
+
+def _bar_update(view: dict[str, Any], row: dict[str, Any]) -> None:
+    """The rich progress bar on stderr: started on the first update, the task's
+    message (made inert) as its description."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
+
+    from tq.core.text import inert
+
+    if "bar" not in view:
+        bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        bar.start()
+        view["bar"], view["task"] = bar, bar.add_task("", total=1.0)
+    fraction = row["progress"] or 0.0
+    text = escape(inert(row["message"] or row["state"])[:60])  # never parsed as markup
+    view["bar"].update(view["task"], completed=fraction, description=text)
+
+
+def _bar_close(view: dict[str, Any]) -> None:
+    if "bar" in view:
+        view.pop("bar").stop()
 
 
 def _wait_many(ids: list[str], timeout: float | None, conf: ClientSettings, mode: Output) -> None:

@@ -10,6 +10,10 @@ docs/PROTOCOL.md §5 so that a line needs no context:
   operations): ``totals`` rows ``{"queue", "from", "to", "n"}``;
 * ``{"topic": "worker", "time", "kind", "worker_id", "worker"}``;
 * ``{"topic": "counts", "time", "queues"}``;
+* ``{"topic": "progress", "time", "id", "progress", "message"}`` per task whose
+  handler reported progress (``--topic progress``; the broker sends the latest per
+  task at most once a second; the line carries no queue or type, so ``--queue``,
+  ``--type`` and ``--state`` do not filter it);
 * ``{"topic": "lagged", "time", "dropped"}``: this watcher fell behind and
   the broker dropped that many events for it (also said on stderr);
 * ``{"topic": "reconnected", "time"}`` after the broker came back (events
@@ -55,7 +59,7 @@ from tq.cli.common import (
 )
 from tq.core.text import inert
 
-TOPICS = ("tasks", "workers", "counts")
+TOPICS = ("tasks", "workers", "counts", "progress")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,15 @@ def lines(topic: str, when: float, data: Mapping[str, Any], keep: Filters) -> It
         if keep.queues:
             queues = {name: counts for name, counts in queues.items() if name in keep.queues}
         yield {"topic": "counts", "time": when, "queues": queues}
+    elif topic == "progress":
+        for item in data.get("tasks") or ():
+            yield {
+                "topic": "progress",
+                "time": when,
+                "id": item.get("id"),
+                "progress": item.get("progress"),
+                "message": item.get("message"),
+            }
     elif topic == "lagged":
         yield {"topic": "lagged", "time": when, "dropped": data.get("dropped", 0)}
 
@@ -130,6 +143,9 @@ def text(line: Mapping[str, Any]) -> str:
             f"{queue}: " + ", ".join(f"{state} {n}" for state, n in sorted(counts.items()))
             for queue, counts in sorted(line["queues"].items())
         )
+    elif topic == "progress":
+        value = line["progress"] if isinstance(line["progress"], int | float) else 0.0
+        what = f"{line['id']}  {100 * value:.0f}%  {line['message'] or ''}".rstrip()
     elif topic == "lagged":
         what = f"fell behind: the broker dropped {line['dropped']} events"
     else:
@@ -153,7 +169,7 @@ def watch(
         list[str],
         typer.Option(
             "--topic",
-            help="Events to show: tasks, workers, counts (repeat or comma-separate) "
+            help="Events to show: tasks, workers, counts, progress (repeat or comma-separate) "
             "(default: tasks).",
             show_default=False,
         ),
@@ -196,7 +212,8 @@ def watch(
     One JSON line per change in a pipe (`tq watch --state dead | jq .id`), short
     text on a terminal. Filters: --queue, --type, --state (the state a task moves
     to), each repeatable. Lines: topic "task" (one change), "tasks" (a bulk summary
-    with totals), "worker", "counts", "lagged" (this watcher fell behind), and
+    with totals), "worker", "counts", "progress" (a running task's reported
+    progress, with --topic progress), "lagged" (this watcher fell behind), and
     "reconnected" (the broker came back). Runs until Ctrl-C or --count lines.
     """
     from tq.core.states import State

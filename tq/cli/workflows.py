@@ -69,6 +69,20 @@ def show(
     run_guarded(body)
 
 
+def dependency_links(client: Any, task_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The task's dependencies and dependents with their states (``links``), the
+    keys present only when not empty."""
+    from tq.core.errors import InvalidRequest
+    from tq.core.workflow import links
+
+    try:
+        graph = client.workflow(task_id)
+    except InvalidRequest:  # a broker older than workflows: no links to show
+        return {}
+    found = links(graph, task_id)
+    return {key: value for key, value in found.items() if value}
+
+
 def render(graph: dict[str, Any]) -> Any:
     """The graph as a rich Tree (see the module docstring)."""
     from rich.tree import Tree

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from tq import PROTOCOL_VERSION, __version__
 from tq.core.errors import ConnectionFailed, InvalidRequest, Timeout, error_from_code
 from tq.core.task import Task
+from tq.core.units import seconds
 from tq.tracing import current_carrier
 
 T = TypeVar("T")
@@ -54,6 +55,13 @@ def hello(kind: str, name: str, extra: Mapping[str, Any] | None = None) -> dict[
     }
 
 
+def _seconds(value: float | str, what: str) -> float:
+    try:
+        return seconds(value, what)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 def task_spec(
     type: str,
     payload: Any = None,
@@ -68,10 +76,19 @@ def task_spec(
     trace: Mapping[str, str] | None = None,
     depends_on: Sequence[str] | None = None,
     on_dependency_failure: str | None = None,
+    delay: float | None = None,
+    run_at: float | None = None,
+    unique_for: float | str | None = None,
+    unique_key: str | None = None,
 ) -> dict[str, Any]:
     """A submission map with only the fields given (the broker fills defaults).
     ``depends_on``: ids of tasks this one waits for (it is blocked until they all
-    succeeded); ``on_dependency_failure``: cancel (default), run or wait."""
+    succeeded); ``on_dependency_failure``: cancel (default), run or wait.
+    ``delay`` (seconds from the broker's receipt) and/or ``run_at`` (epoch seconds):
+    the task waits in state scheduled until the later of the two.
+    ``unique_for``: seconds or a duration ("1h"): while a task of the same key
+    (``unique_key``, default: type and payload) in the queue is unfinished, or this
+    long after it was submitted, a submit answers its id instead of adding one."""
     spec: dict[str, Any] = {"type": type, "payload": payload}
     optional = {
         "queue": queue,
@@ -84,6 +101,10 @@ def task_spec(
         "trace": None if trace is None else dict(trace),
         "depends_on": None if depends_on is None else list(depends_on),
         "on_dependency_failure": on_dependency_failure,
+        "delay": delay,
+        "run_at": run_at,
+        "unique_for": None if unique_for is None else _seconds(unique_for, "unique_for"),
+        "unique_key": unique_key,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
@@ -173,6 +194,10 @@ def explain(task_id: str) -> Call[dict[str, Any]]:
     return Call({"t": "query", "q": "explain", "task": task_id}, lambda r: dict(r["explain"]))
 
 
+def history(task_id: str) -> Call[list[dict[str, Any]]]:
+    return Call({"t": "query", "q": "history", "task": task_id}, lambda r: list(r["history"]))
+
+
 def stats() -> Call[dict[str, Any]]:
     return Call({"t": "query", "q": "stats"}, lambda r: dict(r["stats"]))
 
@@ -219,6 +244,29 @@ def schedule(op: str, **fields: Any) -> Call[dict[str, Any]]:
     ACK's fields as they are (``schedule``, ``schedules``, ``created``, ``changed``...)."""
     message = {"t": "schedule", "op": op, **{k: v for k, v in fields.items() if v is not None}}
     return Call(message, lambda r: {k: v for k, v in r.items() if k not in ("t", "id")})
+
+
+def set_cap(
+    kind: str,
+    name: str,
+    concurrency: int | None = None,
+    rate: float | str | None = None,
+    burst: float | None = None,
+) -> Call[dict[str, Any]]:
+    """A ``cap`` set request; the stored cap (kind, name, concurrency, rate, burst)."""
+    fields: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "burst": burst}
+    message: dict[str, Any] = {"t": "cap", "op": "set", "kind": kind, "name": name}
+    message.update({k: v for k, v in fields.items() if v is not None})
+    return Call(message, lambda r: dict(r["cap"]))
+
+
+def remove_cap(kind: str, name: str) -> Call[bool]:
+    message = {"t": "cap", "op": "remove", "kind": kind, "name": name}
+    return Call(message, lambda r: bool(r["removed"]))
+
+
+def list_caps() -> Call[list[dict[str, Any]]]:
+    return Call({"t": "cap", "op": "list"}, lambda r: list(r["caps"]))
 
 
 def schedule_task(

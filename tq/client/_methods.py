@@ -32,7 +32,10 @@ class AsyncMethods:
 
     async def submit(self, type: str, payload: Any = None, **options: Any) -> str:
         """Submit one task; its id (``options``: queue, priority, max_retries, timeout,
-        idempotency_key, retry_base, retry_cap, trace)."""
+        idempotency_key, retry_base, retry_cap, trace, depends_on, on_dependency_failure,
+        delay (seconds), run_at (epoch seconds): a delayed task waits as scheduled,
+        unique_for, unique_key). A duplicate (idempotency_key, unique_for) answers the
+        existing task's id: ``submit_items`` says which ones were (``created``)."""
         ids = await self.submit_many([api.task_spec(type, payload, **options)])
         return ids[0]
 
@@ -64,6 +67,12 @@ class AsyncMethods:
         """The workflow around a task: ``{"tasks", "edges": [[task, depends_on]],
         "truncated"}``."""
         return await self._call(api.workflow(task_id))
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every transition of the task, oldest first: maps with ``n``, ``at``,
+        ``event``, ``state``, ``actor``, ``worker``, ``token``, ``error``, ``run_at``,
+        ``priority`` (docs/PROTOCOL.md, query "history")."""
+        return await self._call(api.history(task_id))
 
     async def explain(self, task_id: str) -> dict[str, Any]:
         """Why the task is not running now: ``{"task", "state", "reasons": [...]}``."""
@@ -117,6 +126,28 @@ class AsyncMethods:
         ``get``/``remove``/``pause``/``resume``/``run_now`` (name). See
         ``tq.client.schedule_task`` for the task map."""
         return await self._call(api.schedule(op, **fields))
+
+    async def set_cap(
+        self,
+        kind: str,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        rate: float | str | None = None,
+        burst: float | None = None,
+    ) -> dict[str, Any]:
+        """Cap a queue or task type (``kind`` "queue" or "type"), admin only: at most
+        ``concurrency`` running at once, at most ``rate`` started per second (a number,
+        or text like "5/s", "30/m"), in bursts of ``burst``. Replaces both limits."""
+        return await self._call(api.set_cap(kind, name, concurrency, rate, burst))
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        """Lift a queue's or type's cap; False if it had none."""
+        return await self._call(api.remove_cap(kind, name))
+
+    async def list_caps(self) -> builtins.list[dict[str, Any]]:
+        """Every cap, with ``running`` (tasks running under it now)."""
+        return await self._call(api.list_caps())
 
     async def cluster_status(self) -> dict[str, Any]:
         return await self._call(api.cluster_status())

@@ -35,6 +35,9 @@ MAX_PRIORITY = 255
 MAX_TRACE_FIELDS = 4
 MAX_TRACE_KEY = 64
 MAX_TRACE_VALUE = 1024  # characters; W3C traceparent is 55, tracestate at most 512
+MAX_UNIQUE_FOR = 366 * 86400.0  # seconds a unique task's key may be held after its submit
+MAX_UNIQUE_KEY = 200  # characters of an explicit unique_key
+MAX_PROGRESS_MESSAGE = 200  # characters of a progress message (longer ones are cut)
 
 # -- answers and pages --------------------------------------------------------------------
 MAX_CLAIM = 1000  # tasks one claim may lease

@@ -7,6 +7,8 @@ A ``Task`` is what the store returns: the submission plus its lifecycle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,13 +20,18 @@ from msgspec import Meta
 from tq.core.errors import InvalidRequest
 from tq.core.limits import (  # noqa: F401  (re-exported: where these were defined before)
     MAX_DEPENDENCIES,
+    MAX_EPOCH,
     MAX_NAME_LENGTH,
     MAX_NUMBER,
     MAX_PAYLOAD_BYTES,
+    MAX_PROGRESS_MESSAGE,
     MAX_RETRIES,
+    MAX_SECONDS,
     MAX_SUBMIT,
     MAX_TRACE_FIELDS,
     MAX_TRACE_VALUE,
+    MAX_UNIQUE_FOR,
+    MAX_UNIQUE_KEY,
     MAX_WARNINGS,
 )
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
@@ -83,6 +90,40 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     on_dependency_failure: Literal["cancel", "run", "wait"] | None = None
     input: Literal["result", "results"] | None = None
     result_key: Annotated[str, Meta(min_length=1)] | None = None
+    delay: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_SECONDS,
+                extra={"rule": f"a finite number of seconds 0..{MAX_SECONDS:.0f} (10 years)"},
+            ),
+        ]
+        | None
+    ) = None
+    run_at: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_EPOCH,
+                extra={"rule": f"finite epoch seconds 0..{MAX_EPOCH:.0f} (1970..9999)"},
+            ),
+        ]
+        | None
+    ) = None
+    unique_for: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_UNIQUE_FOR,
+                extra={"rule": f"a number of seconds 0..{MAX_UNIQUE_FOR:.0f} (366 days)"},
+            ),
+        ]
+        | None
+    ) = None
+    unique_key: Annotated[str, Meta(min_length=1, max_length=MAX_UNIQUE_KEY)] | None = None
 
 
 TASK_SPEC_STRUCT.append(TaskSpecIn)
@@ -185,6 +226,14 @@ class TaskSpec:
     on_dependency_failure: str = "cancel"  # one of DEPENDENCY_POLICIES
     input: str | None = None  # one of INPUTS: dependencies' results become the payload
     result_key: str | None = None  # with input: take this key of each (map) result
+    # delayed: due ``delay`` seconds after the broker receives it and/or at ``run_at``
+    # (epoch seconds), the later of the two (tq.core.when.due_at); stored as scheduled
+    delay: float | None = None
+    run_at: float | None = None
+    # unique tasks (tq.core.unique): seconds the key is held after the submit, and the
+    # key itself ("key:" + an explicit unique_key, or "auto:" + a digest of type + payload)
+    unique_for: float | None = None
+    unique_key: str | None = None
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
@@ -242,7 +291,22 @@ class TaskSpec:
             idempotency_key=spec.idempotency_key,
             trace=parse_trace(spec.trace),
             **dependency,
+            **_delay_fields(spec),
+            **_unique_fields(spec),
         )
+
+
+def _delay_fields(spec: TaskSpecIn) -> dict[str, Any]:
+    """delay and run_at (their ranges are the declaration's; the range ahead of now is
+    checked at submit: ``due_at``)."""
+    if spec.delay is None and spec.run_at is None:
+        return {}
+    if spec.depends_on:
+        raise InvalidRequest(
+            "a task with depends_on cannot also have a delay or run_at: it becomes "
+            "pending when its dependencies finish"
+        )
+    return {"delay": spec.delay, "run_at": spec.run_at}
 
 
 def _dependency_fields(spec: TaskSpecIn, payload: Any) -> dict[str, Any]:
@@ -270,6 +334,58 @@ def _dependency_fields(spec: TaskSpecIn, payload: Any) -> dict[str, Any]:
         "input": given,
         "result_key": key,
     }
+
+
+def _unique_fields(spec: TaskSpecIn) -> dict[str, Any]:
+    """unique_for (seconds) and unique_key, checked together (their types and ranges are
+    the declaration's); the key as stored."""
+    window, key = spec.unique_for, spec.unique_key
+    if window is None and key is None:
+        return {}
+    if window is None:
+        raise InvalidRequest("task unique_key needs unique_for (how long the key is held)")
+    if key is not None and "\x00" in key:
+        raise InvalidRequest(
+            f"task unique_key must be a non-empty string of at most {MAX_UNIQUE_KEY} "
+            "characters, without NUL"
+        )
+    return {"unique_for": window, "unique_key": None if key is None else "key:" + key}
+
+
+def unique_key_of(spec: TaskSpec) -> str | None:
+    """The key a unique task holds: its explicit ``unique_key`` ("key:..."), else
+    "auto:" + the SHA-256 of its type and canonical payload (map keys sorted, so two
+    payloads equal as data give one key whatever their order); None if not unique."""
+    if spec.unique_for is None:
+        return None
+    if spec.unique_key is not None:
+        return spec.unique_key
+    text = json.dumps(
+        [spec.type, _canonical(spec.payload)],
+        ensure_ascii=False,
+        allow_nan=True,
+        separators=(",", ":"),
+    )
+    return "auto:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """Plain data as JSON-able data with one form per value (bytes, floats and maps
+    tagged, so that no two different payloads share a form). Depth is bounded by
+    ``check_plain``, which every payload passed."""
+    kind = type(value)
+    if kind is dict:
+        items = [
+            [("s" if type(k) is str else "i") + str(k), _canonical(v)] for k, v in value.items()
+        ]
+        return {"m": sorted(items, key=lambda item: item[0])}
+    if kind is list or kind is tuple:
+        return [_canonical(v) for v in value]
+    if kind is bytes:
+        return {"b": value.hex()}
+    if kind is float:
+        return {"f": repr(value)}
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +429,8 @@ class Task:
     error: TaskError | None = None
     idempotency_key: str | None = None
     trace: dict[str, str] | None = None
+    progress: float | None = None  # the latest fraction 0..1 its handler reported
+    progress_message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the wire, JSON and YAML (state as its string).
@@ -344,6 +462,8 @@ class Task:
             else {"type": error.type, "message": error.message, "traceback": error.traceback},
             "idempotency_key": self.idempotency_key,
             "trace": self.trace,
+            "progress": self.progress,
+            "progress_message": self.progress_message,
         }
 
     @classmethod

@@ -109,3 +109,17 @@ def _task(
         task.setdefault("on_dependency_failure", WORKFLOW_POLICY)
     out.append(task)
     return [len(out) - 1], "one"
+
+
+def links(graph: Mapping[str, Any], task_id: str) -> dict[str, list[dict[str, Any]]]:
+    """A task's own edges in a ``query workflow`` answer: ``{"depends_on": [{"id",
+    "state"}], "dependents": [...]}``, state None for a task not visible (purged, or
+    in a queue the key may not see)."""
+    states = {t["id"]: t["state"] for t in graph.get("tasks", ())}
+    out: dict[str, list[dict[str, Any]]] = {"depends_on": [], "dependents": []}
+    for task, dep in graph.get("edges", ()):
+        if task == task_id:
+            out["depends_on"].append({"id": dep, "state": states.get(dep)})
+        elif dep == task_id:
+            out["dependents"].append({"id": task, "state": states.get(task)})
+    return out

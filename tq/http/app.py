@@ -11,6 +11,7 @@
     POST   /api/v1/tasks/{id}/retry     back to pending
     GET    /api/v1/tasks/{id}/explain   why it is not running right now
     GET    /api/v1/tasks/{id}/workflow  the tasks linked to it by dependencies, and the edges
+    GET    /api/v1/tasks/{id}/history   every transition of the task, oldest first
     POST   /api/v1/workflows            submit a workflow document (chains, groups, chords)
     POST   /api/v1/tasks/{id}/priority  {"priority"}: change a waiting task's priority
     POST   /api/v1/purge                delete finished tasks (states, older_than, limit)
@@ -252,6 +253,11 @@ async def workflow_of(request: Request) -> Response:
     return _json(_task(await _service(request).workflow(request.path_params["task_id"], principal)))
 
 
+async def history_of(request: Request) -> Response:
+    principal = await authenticate(request, "query:history")
+    return _json(await _service(request).history(request.path_params["task_id"], principal))
+
+
 async def list_tasks(request: Request) -> Response:
     principal = await authenticate(request, "query:list")
     tasks, cursor = await _service(request).list_tasks(_query(request), principal)
@@ -457,6 +463,7 @@ def build_app(service: BrokerService) -> Starlette:
         Route(f"{API}/tasks/{{task_id}}/retry", retry_task, methods=["POST"]),
         Route(f"{API}/tasks/{{task_id}}/explain", explain_task, methods=["GET"]),
         Route(f"{API}/tasks/{{task_id}}/workflow", workflow_of, methods=["GET"]),
+        Route(f"{API}/tasks/{{task_id}}/history", history_of, methods=["GET"]),
         Route(f"{API}/workflows", submit_workflow, methods=["POST"]),
         Route(f"{API}/tasks/{{task_id}}/priority", set_priority, methods=["POST"]),
         Route(f"{API}/purge", purge, methods=["POST"]),

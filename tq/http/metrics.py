@@ -16,6 +16,7 @@ counts the history.
     tq_tasks_running                  tasks leased to workers now
     tq_workers_connected / tq_workers_known
     tq_lease_expiries_total, tq_refused_results_total
+    tq_retention_deleted_total{state} finished tasks deleted by retention (their TTL passed)
     tq_task_run_seconds{queue,type}   histogram: claim -> report
     tq_submit_latency_seconds         histogram: submit received -> durable ack
     tq_store_size_bytes, tq_store_wal_bytes, tq_broker_uptime_seconds, tq_broker_info
@@ -77,6 +78,7 @@ class _Snapshot:
     workers_known: int = 0
     lease_expiries: int = 0
     refused_results: int = 0
+    retention_deleted: dict[str, int] = field(default_factory=dict)
     size: int = 0
     wal: int = 0
     uptime: float = 0.0
@@ -115,6 +117,7 @@ def take_snapshot(
         workers_known=len(known),
         lease_expiries=service.counters.get("lease_expired", 0),
         refused_results=service.counters.get("refused_results", 0),
+        retention_deleted=dict(service.retention_deleted),
         size=gauges["store"]["size"],
         wal=gauges["store"]["wal"],
         uptime=service.clock() - service.started_at,
@@ -174,6 +177,14 @@ class _TQCollector(Collector):
             "Worker reports refused by fencing (stale or expired lease).",
             value=snap.refused_results,
         )
+        expired = CounterMetricFamily(
+            "tq_retention_deleted",
+            "Finished tasks deleted by retention once their TTL passed, by state.",
+            labels=["state"],
+        )
+        for state in ("succeeded", "dead", "cancelled"):
+            expired.add_metric([state], snap.retention_deleted.get(state, 0))
+        yield expired
         run_time = HistogramMetricFamily(
             "tq_task_run_seconds",
             "Seconds from a task's claim to its worker's report.",

@@ -17,13 +17,17 @@ from tq import __version__
 from tq.core.states import State
 from tq.core.task import (
     MAX_NUMBER,
+    MAX_PROGRESS_MESSAGE,
     MAX_RETRIES,
     MAX_SUBMIT,
     MAX_TRACE_FIELDS,
     MAX_TRACE_VALUE,
+    MAX_UNIQUE_FOR,
+    MAX_UNIQUE_KEY,
     MAX_WARNINGS,
     Task,
 )
+from tq.core.when import MAX_DELAY, MAX_RUN_AT
 
 _TRACE = {
     "type": ["object", "null"],
@@ -142,6 +146,34 @@ SCHEMAS: dict[str, Any] = {
                 "minLength": 1,
                 "description": "With input: take this key of each dependency's result.",
             },
+            "delay": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": MAX_DELAY,
+                "description": "Seconds after the broker receives the task before it may run; "
+                "the task waits in state scheduled (not with depends_on).",
+            },
+            "run_at": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": MAX_RUN_AT,
+                "description": "Epoch seconds (UTC) before which the task may not run, at most "
+                "10 years ahead; with delay, the later of the two (not with depends_on).",
+            },
+            "unique_for": {
+                **_SECONDS,
+                "maximum": MAX_UNIQUE_FOR,
+                "description": "Seconds: a submit of the same unique key in the same queue while "
+                "the task that holds it is unfinished, or within this many seconds after it "
+                "was submitted, answers that task's id (created false) instead.",
+            },
+            "unique_key": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": MAX_UNIQUE_KEY,
+                "description": "With unique_for: the key (default: the type and the payload, "
+                "map keys in any order).",
+            },
         },
     },
     "Workflow": {
@@ -158,7 +190,8 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "created": {
                 "type": "boolean",
-                "description": "false: an existing task had the same idempotency_key",
+                "description": "false: an existing task had the same idempotency_key, "
+                "or holds the same unique key (unique_for)",
             },
             "warning": {
                 "type": "string",
@@ -200,6 +233,53 @@ SCHEMAS: dict[str, Any] = {
             "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
             "idempotency_key": {"type": ["string", "null"]},
             "trace": _TRACE,
+            "progress": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": 1,
+                "description": "The latest fraction its handler reported (cleared when an "
+                "attempt is leased, kept when it ends).",
+            },
+            "progress_message": {
+                "type": ["string", "null"],
+                "maxLength": MAX_PROGRESS_MESSAGE,
+                "description": "The message reported with it (the handler's text: show inert).",
+            },
+        },
+    },
+    "Transition": {
+        "type": "object",
+        "description": "One transition of a task (docs/PROTOCOL.md, query history).",
+        "required": [
+            "n",
+            "at",
+            "event",
+            "state",
+            "actor",
+            "worker",
+            "token",
+            "error",
+            "run_at",
+            "priority",
+        ],
+        "properties": {
+            "n": {"type": "integer", "minimum": 1, "description": "1, 2, ... per task."},
+            "at": {"type": "number", "description": "Unix time, seconds."},
+            "event": {
+                "type": "string",
+                "description": "submitted, blocked, leased, released, lease_lost, failed, "
+                "succeeded, dead, cancelled, retried, promoted, unblocked, scheduled, priority",
+            },
+            "state": _STATE,
+            "actor": {
+                "type": ["string", "null"],
+                "description": "key:ID, anonymous, dependency:ID, schedule[:NAME], or null.",
+            },
+            "worker": {"type": ["string", "null"]},
+            "token": {"type": ["integer", "null"], "description": "The lease token."},
+            "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
+            "run_at": _NUMBER_OR_NULL,
+            "priority": {"type": ["integer", "null"]},
         },
     },
     "TaskPage": {
@@ -723,6 +803,28 @@ def _paths() -> dict[str, Any]:
                 },
             ),
         },
+        "/api/v1/tasks/{task_id}/history": {
+            "parameters": [_TASK_ID],
+            "get": _op(
+                "Every transition of the task, oldest first (at most 100 kept: the first and "
+                "the latest; a gap in n counts the dropped ones).",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["task", "history", "limit"],
+                            "properties": {
+                                "task": {"type": "string"},
+                                "history": {"type": "array", "items": _ref("Transition")},
+                                "limit": {"type": "integer"},
+                            },
+                        },
+                        "The task's history.",
+                    ),
+                    **_problems(*_AUTH, 404, 503),
+                },
+            ),
+        },
         "/api/v1/workflows": {
             "post": _op(
                 "Submit a workflow document (chains, groups, chords): every task or none.",
@@ -894,7 +996,8 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "topics",
                         "in": "query",
-                        "description": "Comma-separated: tasks, counts, workers (default all).",
+                        "description": "Comma-separated: tasks, counts, workers, progress "
+                        "(default all).",
                         "schema": {"type": "string"},
                     }
                 ],

@@ -30,7 +30,7 @@ styles from this origin only, no inline code), nosniff and no-referrer. The
 page writes everything remote parties chose (types, queues, payloads,
 errors, worker names) as text (``textContent``), never as HTML.
 
-Events: ``GET /api/v1/events?topics=tasks,counts,workers`` (the same topics
+Events: ``GET /api/v1/events?topics=tasks,counts,workers,progress`` (the same topics
 and event bodies as the wire's ``subscribe``, docs/PROTOCOL.md), one SSE
 message per event (``event:`` the topic, ``data:`` the event as JSON, ``id:``
 a sequence number), a ``: keepalive`` comment every KEEPALIVE seconds. The

@@ -125,16 +125,39 @@ class Heartbeat(Request, tag="heartbeat"):
         Meta(extra={"rule": "an array of [task id (a string), lease token (an integer)] pairs"}),
     ]
     stats: dict[str, Any] | None = None
+    # the latest progress of running tasks; each item names a lease of ``leases`` (checked
+    # by tq.core.progress.parse, with the rules that join the two)
+    progress: (
+        Annotated[
+            list[
+                tuple[
+                    str,
+                    Token,
+                    Annotated[float, Meta(ge=0.0, le=1.0)],
+                    Annotated[str, Meta(max_length=limits.MAX_PROGRESS_MESSAGE)] | None,
+                ]
+            ],
+            Meta(
+                extra={
+                    "rule": "an array of [task id, lease token, fraction 0..1, message "
+                    f"(nil or at most {limits.MAX_PROGRESS_MESSAGE} characters)] items"
+                }
+            ),
+        ]
+        | None
+    ) = None
 
 
-QueryKind = Literal["get", "list", "stats", "workers", "depth", "health", "explain", "workflow"]
+QueryKind = Literal[
+    "get", "list", "stats", "workers", "depth", "health", "explain", "workflow", "history"
+]
 
 
 class Query(Request, tag="query"):
     # a str, not QueryKind: the key's role is checked against it first (an unknown
     # kind is forbidden to a reader before it is invalid), then the handler names it
     q: str
-    task: str | None = None  # get, explain, workflow: required (checked by the handler)
+    task: str | None = None  # get, explain, workflow, history: required (by the handler)
     state: str | None = None
     type: str | None = None
     queue: str | None = None
@@ -204,6 +227,17 @@ class Schedule(Request, tag="schedule"):
     missed: str | None = None
 
 
+class CapOp(Request, tag="cap"):
+    # set, remove, list (checked after the role); kind, name for set and remove, and the
+    # limits' ranges and rate text ("5/s") are checked by tq.broker.caps
+    op: str
+    kind: str | None = None
+    name: str | None = None
+    concurrency: int | None = None
+    rate: int | float | str | None = None  # tasks per second, or text R/s, R/m, R/h
+    burst: float | None = None
+
+
 class Subscribe(Request, tag="subscribe"):
     topics: list[str]
 
@@ -229,6 +263,7 @@ REQUESTS: tuple[type[Request], ...] = (
     SetPriority,
     QueueOp,
     Schedule,
+    CapOp,
     Subscribe,
     Unsubscribe,
 )

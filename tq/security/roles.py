@@ -41,6 +41,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "query:health": _READ,
     "query:explain": _READ,  # why a task is not running (tq/broker/explain.py)
     "query:workflow": _READ,  # the tasks linked to one by dependencies
+    "query:history": _READ,  # every transition of a task (tq/store/history_sql.py)
     "wait": _READ,
     "subscribe": _READ,  # live events (tq/broker/events.py)
     "unsubscribe": _READ,
@@ -57,6 +58,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "schedule:pause": _ADMIN,
     "schedule:resume": _ADMIN,
     "schedule:run_now": _ADMIN,
+    "cap:list": _READ,  # concurrency and rate caps (tq/broker/caps.py)
+    "cap:set": _ADMIN,
+    "cap:remove": _ADMIN,
     "purge": _ADMIN,
     "keys:create": _ADMIN,
     "keys:list": _ADMIN,
@@ -74,7 +78,7 @@ def action_of(msg: Any) -> str:
     kind = str(msg.get("t"))
     if kind == "query":
         return f"query:{msg.get('q')}"
-    if kind in ("keys", "queue", "schedule"):
+    if kind in ("keys", "queue", "schedule", "cap"):
         return f"{kind}:{msg.get('op')}"
     if kind == "hello":
         return "hello:worker" if msg.get("kind") == "worker" else "hello"

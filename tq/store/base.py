@@ -29,15 +29,18 @@ import builtins
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tq.core.auth import ApiKey, AuditEntry
+from tq.core.retention import RetentionPolicy
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
+from tq.store.claimplan import Aging, Cap, CapNote
 
 if TYPE_CHECKING:
     from tq.core.schedule import Schedule
+    from tq.store.history_sql import Transition
     from tq.store.schedule_sql import Fired
 
 
@@ -155,12 +158,30 @@ class ClusterState(Protocol):
     the workers the broker heard from (``beats``), and tries to become (or checks
     it still is) the leader. Only the leader releases expired leases and lost
     workers' tasks, and promotes due retries. A submit (or anything else that
-    makes tasks pending) on any broker calls ``on_work`` on every other one.
+    makes tasks pending) on any broker calls ``on_work`` on every other one. A task
+    finished on any broker while another waits for it (its id in that broker's
+    ``waited``, after ``hear_finished``) calls ``on_done`` there with its id.
     """
 
     broker: BrokerSelf
     on_work: Callable[[], None] | None  # called (in trio) when another broker made work
     beats: Callable[[], builtins.list[WorkerBeat]] | None  # workers heard from since last call
+    on_done: Callable[[builtins.list[str]], None] | None  # (in trio) waited tasks finished
+    waited: Collection[str]  # the ids this broker's waits are for (read from other threads)
+
+    # task events: whether this broker's subscribers want the others' changes (asked
+    # at each beat), whether others want this one's (told when it changes), theirs
+    events_wanted: Callable[[], bool] | None
+    on_events_wanted: Callable[[bool], None] | None
+    on_events: Callable[[builtins.list[dict[str, Any]]], None] | None
+
+    async def hear_finished(self) -> None:
+        """From now on, tasks other brokers finish reach ``on_done`` (if waited for)."""
+        ...
+
+    def forward_event(self, event: dict[str, Any]) -> None:
+        """Send one of this broker's tasks events to the brokers that want them."""
+        ...
 
     @property
     def leader(self) -> bool:
@@ -189,8 +210,11 @@ class ClusterState(Protocol):
 class Store(Protocol):
     cluster: ClusterState | None  # None: one broker only (see the module docstring)
 
-    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
-        """Insert tasks as pending; durable when it returns. Idempotency keys dedupe."""
+    async def submit(
+        self, specs: Sequence[TaskSpec], now: float, *, actor: str | None = None
+    ) -> list[SubmitResult]:
+        """Insert tasks as pending; durable when it returns. Idempotency keys dedupe.
+        ``actor`` (here and below): who asked, as the task history records it."""
         ...
 
     async def claim(
@@ -201,8 +225,12 @@ class Store(Protocol):
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
-        """Lease up to n pending tasks: highest priority first, then oldest."""
+        """Lease up to n pending tasks: highest (effective, with ``aging``) priority
+        first, then oldest, within the caps in force (tq.store.claimplan); ``note``
+        learns whether a cap held tasks back and when a rate bucket refills."""
         ...
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
@@ -210,9 +238,17 @@ class Store(Protocol):
         ...
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
-        """Extend the given (id, token) leases; return the ids whose lease is lost."""
+        """Extend the given (id, token) leases; return the ids whose lease is lost.
+
+        ``progress`` (task id -> fraction 0..1, message) is stored on the tasks whose
+        lease this call found live, in the same transaction; others' is dropped."""
         ...
 
     async def release_expired(self, now: float) -> list[str]:
@@ -235,21 +271,28 @@ class Store(Protocol):
         """The earliest run_at among failed/scheduled tasks, or None."""
         ...
 
-    async def cancel(self, task_id: str, now: float) -> Task:
+    async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         """Cancel a pending/failed/scheduled/running task. NotFound, InvalidTransition."""
         ...
 
-    async def retry(self, task_id: str, now: float) -> Task:
+    async def retry(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         """Send a failed/dead/cancelled task back to pending."""
         ...
 
-    async def set_priority(self, task_id: str, priority: int) -> Task:
+    async def set_priority(
+        self, task_id: str, priority: int, *, now: float | None = None, actor: str | None = None
+    ) -> Task:
         """Change the priority (0..255) of a task waiting to run (pending, failed,
         scheduled, blocked). NotFound, InvalidTransition for any other state."""
         ...
 
     async def get(self, task_id: str) -> Task:
         """NotFound if there is no such task."""
+        ...
+
+    async def history(self, task_id: str) -> builtins.list[Transition]:
+        """The task's transitions, oldest first (tq.store.history_sql: at most
+        MAX_HISTORY, the first and the latest). NotFound if there is no such task."""
         ...
 
     async def dependencies(self, task_id: str) -> builtins.list[tuple[str, str | None, bool]]:
@@ -285,6 +328,23 @@ class Store(Protocol):
 
     async def paused_queues(self) -> dict[str, float]:
         """Paused queue -> when it was paused (Unix time)."""
+        ...
+
+    # -- caps (tq.store.claimplan) ---------------------------------------------------
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        """Add or change the cap of a queue or task type, durably; the stored cap."""
+        ...
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        """Remove a cap; False if there was none."""
+        ...
+
+    async def list_caps(self) -> builtins.list[Cap]:
+        """Every cap, by kind then name."""
+        ...
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        """Running tasks of a queue or type, counted up to ``limit``."""
         ...
 
     # -- recurring schedules (tq.store.schedule_sql, tq.core.schedule) -------------
@@ -335,7 +395,18 @@ class Store(Protocol):
         """How many tasks ``purge`` would delete, without deleting them."""
         ...
 
-    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+    async def expire_finished(
+        self, policy: RetentionPolicy, now: float, limit: int
+    ) -> dict[tuple[str, str], int]:
+        """Delete up to ``limit`` finished tasks whose TTL under ``policy`` has passed,
+        oldest first per queue and state, in one transaction; how many per (queue,
+        state). Never an unfinished task, nor one a blocked task still waits for
+        (tq/store/retention_sql.py)."""
+        ...
+
+    async def retry_many(
+        self, state: str, now: float, limit: int, *, actor: str | None = None
+    ) -> builtins.list[str]:
         """Send up to ``limit`` tasks in ``state`` (failed/dead/cancelled), oldest
         first, back to pending as ``retry`` does; their ids."""
         ...

@@ -1,5 +1,9 @@
 """Task dependencies, for both backends: the ``task_deps`` edges and the release.
 
+A task submitted with ``delay`` or ``run_at`` is stored like any other, then (in
+the same transaction) made ``scheduled`` with its due time in ``run_at``; the
+promoter makes it pending when that comes (``tasks_due`` index).
+
 A task submitted with ``depends_on`` is stored like any other, then (in the
 same transaction) made ``blocked`` with ``deps_left`` = its dependencies not
 yet met, one ``task_deps`` row per edge (``pos`` its place in depends_on,
@@ -51,6 +55,8 @@ import msgpack
 from tq.core.errors import InvalidRequest, NotFound
 from tq.core.states import Event, State, next_state
 from tq.core.task import Task, TaskError, TaskSpec
+from tq.core.when import due_at
+from tq.store import history_sql
 from tq.store.base import OutcomeResult, SubmitResult
 from tq.store.schedule_sql import Dialect
 from tq.store.schema import TASK_COLUMNS, row_to_task
@@ -102,6 +108,15 @@ _EDGES_OF = (
     "SELECT task, depends_on FROM task_deps WHERE {tasks} UNION "
     "SELECT task, depends_on FROM task_deps WHERE {deps}"
 )
+_SCHEDULE_SQLITE = (  # delayed tasks of a submit: [[id, run_at], ...] as JSON
+    "UPDATE tasks SET state = ?, run_at = j.value ->> 1 FROM json_each(?) AS j "
+    "WHERE tasks.id = j.value ->> 0 AND tasks.state = ?"
+)
+_SCHEDULE_PG = (
+    "UPDATE tasks SET state = ?, run_at = j.run_at FROM unnest(?::text[], ?::float8[]) "
+    "AS j(id, run_at) WHERE tasks.id = j.id AND tasks.state = ?"
+)
+_SCHEDULED = State.SCHEDULED.value
 _EXISTS = "SELECT 1 FROM tasks WHERE id = ?"
 _STATE = "SELECT state FROM tasks WHERE id = ?"
 
@@ -115,11 +130,20 @@ class Settled:
     cause: dict[str, str] = field(default_factory=dict)  # changed id -> finished task behind it
 
 
+def needed(specs: Sequence[TaskSpec]) -> bool:
+    """Whether a submit takes ``submit`` here (dependencies or due times) rather than
+    the backend's plain insert."""
+    return any(
+        spec.depends_on or spec.delay is not None or spec.run_at is not None for spec in specs
+    )
+
+
 def submit(conn: Any, d: Dialect, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
     """Insert ``specs`` (some with dependencies) in the caller's transaction."""
     refs = _resolve(specs)
     results = d.insert(conn, specs, now)
     ids = [r.id for r in results]
+    _schedule(conn, d, specs, results, now)
     named = sorted({ref for deps in refs for ref in deps if isinstance(ref, str)})
     states: dict[str, str] = {r.id: State.PENDING.value for r in results if r.created}
     if named:
@@ -168,6 +192,27 @@ def submit(conn: Any, d: Dialect, specs: Sequence[TaskSpec], now: float) -> list
     return results
 
 
+def _schedule(
+    conn: Any, d: Dialect, specs: Sequence[TaskSpec], results: Sequence[SubmitResult], now: float
+) -> None:
+    """Make the new delayed tasks of a submit ``scheduled`` with their due time, in the
+    submit's transaction (inserted pending, so no claim ever sees them that way)."""
+    due: list[tuple[str, float]] = []
+    for spec, result in zip(specs, results, strict=True):
+        if result.created and (spec.delay is not None or spec.run_at is not None):
+            at = due_at(spec.delay, spec.run_at, now)
+            if at is not None:
+                due.append((result.id, at))
+    if not due:
+        return
+    pending = State.PENDING.value
+    if d.name == "postgresql":
+        ids, times = [i for i, _ in due], [t for _, t in due]
+        d.run(conn, _SCHEDULE_PG, (_SCHEDULED, ids, times, pending))
+    else:
+        d.run(conn, _SCHEDULE_SQLITE, (_SCHEDULED, json.dumps(due), pending))
+
+
 def _resolve(specs: Sequence[TaskSpec]) -> list[list[str | int]]:
     """Each spec's dependencies: an int for "#N" (an earlier task of the submit), else an id."""
     out: list[list[str | int]] = []
@@ -207,6 +252,7 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
             conn, _PENDING_EDGES.format(deps=_in(d, "e.depends_on")), (_list(d, list(frontier)),)
         )
         counts: dict[str, int] = {}
+        last: dict[str, str] = {}  # the dependency whose end counted last, for the history
         cancel: dict[str, str] = {}
         for task, dep, policy, state in found:
             if state != _BLOCKED:
@@ -215,12 +261,14 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
             if end == State.SUCCEEDED.value or policy == "run":
                 if d.run(conn, _EDGE_DONE, (task, dep)):
                     counts[task] = counts.get(task, 0) + 1
+                    last[task] = dep
                     cause.setdefault(task, cause[dep])
             elif policy == "cancel" and task not in cancel:
                 cancel[task] = dep
                 cause[task] = cause[dep]
         nxt: dict[str, str] = {}
         for task, dep in cancel.items():
+            history_sql.note(conn, d.name, now, f"dependency:{dep}")
             if _cancel(conn, d, task, dep, frontier[dep], now):
                 out.cancelled.append(task)
                 out.cause[task] = cause[task]
@@ -228,6 +276,7 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
         for task, n in counts.items():
             if task in cancel:
                 continue
+            history_sql.note(conn, d.name, now, f"dependency:{last[task]}")
             rows = d.rows(conn, _COUNT_DOWN, (n, n, _UNBLOCKED, task, _BLOCKED))
             if rows and rows[0][0] == _UNBLOCKED:
                 out.released.append((task, rows[0][1]))

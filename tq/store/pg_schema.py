@@ -48,6 +48,7 @@ from tq.core.retry import RetryPolicy
 from tq.core.states import TERMINAL, Event, next_state
 from tq.core.task import Lease, Outcome, Task, TaskError, TaskSpec
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import PG_MIGRATION as HISTORY_MIGRATION
 from tq.store.schema import (
     _CLAIMED,
     _DUE_TARGET,
@@ -229,7 +230,49 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy text;
     ALTER TABLE tasks ADD COLUMN dep_input text;
 """,
+    # 5: retention (tq.store.retention_sql): finished tasks per queue and state in the
+    # order they finished, so expiring the oldest reads only what it deletes.
+    """
+    CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
+        WHERE state IN ('succeeded', 'dead', 'cancelled');
+    """,
+    # 6: concurrency and rate caps per queue or task type (tq.store.pg_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        text NOT NULL,
+        name        text NOT NULL,
+        concurrency bigint,
+        rate        double precision,
+        burst       double precision,
+        tokens      double precision NOT NULL,
+        refilled_at double precision NOT NULL,
+        updated_at  double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
+    # 7: progress and unique tasks (PROGRESS_UNIQUE below)
+    # 8: task history (tq.store.history_sql): every transition, written by triggers
+    # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
 )
+# The latest progress a running task's handler reported (cleared when an attempt is
+# leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
+# key), naming the task that holds it and until when the window lasts. The primary
+# key makes a key unique across every broker sharing the database.
+PROGRESS_UNIQUE = """
+    ALTER TABLE tasks ADD COLUMN progress double precision;
+    ALTER TABLE tasks ADD COLUMN progress_message text;
+    CREATE TABLE task_unique (
+        queue text NOT NULL,
+        key   text NOT NULL,
+        task  text NOT NULL,
+        until double precision NOT NULL,
+        PRIMARY KEY (queue, key)
+    );
+"""
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS tq_schema (version integer NOT NULL)"
@@ -332,7 +375,8 @@ _CLAIM_TAKE = (
     "chosen AS (SELECT seq, row_number() OVER (ORDER BY priority DESC, seq) AS k FROM heads "
     "ORDER BY priority DESC, seq LIMIT %s) "
     "UPDATE tasks SET state = %s, attempts = tasks.attempts + 1, started_at = %s, worker = %s, "
-    "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s FROM chosen "
+    "lease_token = (%s::bigint[])[chosen.k], lease_expires_at = %s, progress = NULL, "
+    "progress_message = NULL FROM chosen "
     "WHERE tasks.seq = chosen.seq RETURNING chosen.k, tasks.id, tasks.type, tasks.queue, "
     "tasks.payload, tasks.priority, tasks.attempts, tasks.max_retries, tasks.timeout, "
     "tasks.lease_token, tasks.trace"
@@ -380,6 +424,11 @@ EXTEND_LEASES = (
     "UPDATE tasks SET lease_expires_at = %s FROM unnest(%s::text[], %s::bigint[]) AS l(id, token) "
     f"WHERE tasks.id = l.id AND tasks.{LEASED} AND tasks.lease_token = l.token "
     "AND tasks.lease_expires_at >= %s AND tasks.worker = %s RETURNING tasks.id"
+)
+SET_PROGRESS = (  # progress reported with a heartbeat, for leases found live just before
+    "UPDATE tasks SET progress = p.fraction, progress_message = p.message FROM "
+    "unnest(%s::text[], %s::bigint[], %s::double precision[], %s::text[]) "
+    "AS p(id, token, fraction, message) WHERE tasks.id = p.id AND tasks.lease_token = p.token"
 )
 EXPIRED_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks "
@@ -595,10 +644,24 @@ def extend_leases(
     leases: list[tuple[str, int]],
     now: float,
     ttl: float,
+    progress: dict[str, tuple[float, str | None]] | None = None,
 ) -> list[str]:
     ids = [task_id for task_id, _ in leases]
     tokens = [token for _, token in leases]
     kept = {row[0] for row in rows(conn, EXTEND_LEASES, (now + ttl, ids, tokens, now, worker))}
+    if progress:
+        owned = dict(leases)
+        live = [task_id for task_id in progress if task_id in kept]
+        if live:
+            conn.execute(
+                SET_PROGRESS,
+                (
+                    live,
+                    [owned[task_id] for task_id in live],
+                    [progress[task_id][0] for task_id in live],
+                    [progress[task_id][1] for task_id in live],
+                ),
+            )
     return [task_id for task_id in ids if task_id not in kept]
 
 

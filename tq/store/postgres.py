@@ -55,7 +55,9 @@ locking (SKIP LOCKED claims). A broker opens the store with ``broker=``
     clock asked;
   * ends every write batch that made tasks pending (a submit, a release, a
     promotion, a retry) with ``pg_notify`` on the schema's channel, inside the
-    transaction: the other brokers hear of it once it committed.
+    transaction: the other brokers hear of it once it committed; and one that
+    finished tasks, while some broker waits for tasks, with their ids on the
+    finished channel (``PgClusterState.notes``).
 Without ``broker=`` (the conformance suite, ``tq migrate``) none of this runs
 and every method uses exactly the ``now`` it is given.
 """
@@ -65,7 +67,7 @@ from __future__ import annotations
 import builtins
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,9 +78,21 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
+from tq.core.retention import RetentionPolicy
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import deps_sql, pg_cluster, pg_ops, pg_schema, schedule_sql, schema_ops
+from tq.store import (
+    deps_sql,
+    history_sql,
+    pg_caps,
+    pg_cluster,
+    pg_ops,
+    pg_schema,
+    retention_sql,
+    schedule_sql,
+    schema_ops,
+    unique_sql,
+)
 from tq.store.base import (
     BrokerSelf,
     ClusterState,
@@ -88,7 +102,8 @@ from tq.store.base import (
     StoreStats,
     SubmitResult,
 )
-from tq.store.sqlite import MAX_LIST_LIMIT, PREPARE_CHUNK, _check_bulk, _Op
+from tq.store.claimplan import Aging, Cap, CapNote
+from tq.store.sqlite import MAX_LIST_LIMIT, PREPARE_CHUNK, Note, _check_bulk, _Op
 
 
 def _pg_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
@@ -96,6 +111,13 @@ def _pg_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitR
 
 
 _DIALECT = schedule_sql.Dialect("postgresql", _pg_insert)
+
+
+def _insert_any(conn: Any, d: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    """Insert specs with or without dependencies or due times (for tq.store.unique_sql)."""
+    if deps_sql.needed(specs):
+        return deps_sql.submit(conn, d, specs, now)
+    return _pg_insert(conn, specs, now)
 
 
 # Writes that may finish a task settle its dependents in the same transaction.
@@ -122,6 +144,7 @@ def _cancel(conn: Any, task_id: str, now: float) -> Task:
     return deps_sql.after_cancel(conn, _DIALECT, task, now)
 
 
+pg_cluster.FINISHES_SOME.add(_cancel)
 pg_cluster.SAME_AS.update(
     {
         _complete: pg_schema.complete,
@@ -306,21 +329,43 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     # -- writes -----------------------------------------------------------------------
 
-    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    async def submit(
+        self, specs: Sequence[TaskSpec], now: float, *, actor: str | None = None
+    ) -> list[SubmitResult]:
         if not specs:
             return []
-        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
+        if unique_sql.has_unique(specs):  # keys held too: tq.store.unique_sql
+            unique_sql.check(specs)
+            pg_schema.prepare_rows(specs, now)  # every limit checked before the transaction
+            for spec in specs:
+                pg_schema.check_text(spec.unique_key, "task unique_key")
+                for dep in spec.depends_on or ():
+                    pg_schema.check_text(dep, "a dependency's task id")
+            return await self._write(
+                unique_sql.submit,
+                _DIALECT,
+                list(specs),
+                now,
+                _insert_any,
+                weight=len(specs),
+                note=(now, actor),
+            )
+        if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
             for spec in specs:
                 for dep in spec.depends_on or ():
                     pg_schema.check_text(dep, "a dependency's task id")
             pg_schema.prepare_rows(specs, now)  # every limit checked before the transaction
-            return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
+            return await self._write(
+                deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs), note=(now, actor)
+            )
         rows: list[list[Any]] = []
         for start in range(0, len(specs), PREPARE_CHUNK):
             if start:
                 await trio.lowlevel.checkpoint()
             rows += pg_schema.prepare_rows(specs[start : start + PREPARE_CHUNK], now)
-        return await self._write(pg_schema.insert_rows, now, rows, weight=len(rows))
+        return await self._write(
+            pg_schema.insert_rows, now, rows, weight=len(rows), note=(None, actor)
+        )
 
     async def claim(
         self,
@@ -330,6 +375,8 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
         if lease_ttl <= 0:
             raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
@@ -341,8 +388,33 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         for name in (*queues, *(types or ())):
             pg_schema.check_text(name, "a queue or type name")
         return await self._write(
-            pg_schema.claim, worker, queues, types, n, self._now(now), lease_ttl, weight=n
+            pg_caps.claim,
+            worker,
+            queues,
+            types,
+            n,
+            self._now(now),
+            lease_ttl,
+            aging,
+            note,
+            weight=n,
+            note=(self._now(now), None),
         )
+
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        pg_schema.check_text(cap.name, "a queue or type name")
+        return await self._write(pg_caps.set_cap, cap, self._now(now))
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        pg_schema.check_text(name, "a queue or type name")
+        return await self._write(pg_caps.remove_cap, kind, name)
+
+    async def list_caps(self) -> builtins.list[Cap]:
+        return await self._read(pg_caps.list_caps)
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        pg_schema.check_text(name, "a queue or type name")
+        return await self._read(pg_caps.running, kind, name, limit)
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
         for outcome in outcomes:
@@ -354,10 +426,21 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             pg_schema.check_text(outcome.id, "task id")
         if not outcomes:
             return []
-        return await self._write(_complete, list(outcomes), self._now(now), weight=len(outcomes))
+        return await self._write(
+            _complete,
+            list(outcomes),
+            self._now(now),
+            weight=len(outcomes),
+            note=(self._now(now), None),
+        )
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
         if not leases:
             return []
@@ -370,38 +453,48 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             list(leases),
             self._now(now),
             lease_ttl,
+            dict(progress) if progress else None,
             weight=len(leases),
         )
 
     async def release_expired(self, now: float) -> list[str]:
-        return await self._write(_release_expired, self._now(now))
+        return await self._write(_release_expired, self._now(now), note=(self._now(now), None))
 
     async def release_worker(self, worker: str, now: float) -> list[str]:
         pg_schema.check_text(worker, "worker name")
-        return await self._write(_release_worker, worker, self._now(now))
+        return await self._write(
+            _release_worker, worker, self._now(now), note=(self._now(now), None)
+        )
 
     async def release_lost_workers(self, timeout: float) -> list[str]:
         """The cluster's lost workers' leases released (``PgClusterState``)."""
-        return await self._write(_release_lost, timeout, pg_cluster.DB_NOW)
+        return await self._write(
+            _release_lost, timeout, pg_cluster.DB_NOW, note=(pg_cluster.DB_NOW, None)
+        )
 
     async def promote_due(self, now: float) -> int:
-        return await self._write(pg_schema.promote_due, self._now(now))
+        return await self._write(pg_schema.promote_due, self._now(now), note=(self._now(now), None))
 
     def _now(self, now: float) -> float:
         """``now``, or DB_NOW (the database clock) for a cluster member's lease operations."""
         db_now: float = pg_cluster.DB_NOW
         return db_now if self._db_clock else now
 
-    async def cancel(self, task_id: str, now: float) -> Task:
-        return await self._write(_cancel, task_id, now)
+    async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
+        return await self._write(_cancel, task_id, now, note=(now, actor))
 
-    async def retry(self, task_id: str, now: float) -> Task:
-        return await self._write(pg_schema.change_one, task_id, Event.RETRY, now)
+    async def retry(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
+        return await self._write(pg_schema.change_one, task_id, Event.RETRY, now, note=(now, actor))
 
-    async def set_priority(self, task_id: str, priority: int) -> Task:
+    async def set_priority(
+        self, task_id: str, priority: int, *, now: float | None = None, actor: str | None = None
+    ) -> Task:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
             raise InvalidRequest(f"priority {priority!r} must be 0..255 (255 highest)")
-        return await self._write(pg_schema.set_priority, task_id, priority)
+        return await self._write(pg_schema.set_priority, task_id, priority, note=(now, actor))
+
+    async def history(self, task_id: str) -> builtins.list[history_sql.Transition]:
+        return await self._read(history_sql.history, "postgresql", task_id)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -502,10 +595,19 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         _check_bulk(older_than, 1)
         return await self._read(pg_ops.count_purgeable, checked, now - older_than)
 
-    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+    async def expire_finished(
+        self, policy: RetentionPolicy, now: float, limit: int
+    ) -> dict[tuple[str, str], int]:
+        if limit <= 0 or not policy.active:
+            return {}
+        return await self._write(retention_sql.expire, _DIALECT, policy, now, limit, weight=limit)
+
+    async def retry_many(
+        self, state: str, now: float, limit: int, *, actor: str | None = None
+    ) -> builtins.list[str]:
         source = schema_ops.retry_state(state)
         _check_bulk(0.0, limit)
-        return await self._write(pg_ops.retry_many, source, limit)
+        return await self._write(pg_ops.retry_many, source, limit, note=(now, actor))
 
     async def probe(self) -> StoreStats:
         """A cheap read on a connection of its own (never behind slow reads or the writer)."""
@@ -544,10 +646,12 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     # -- the writer: group commit -----------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
+    async def _write(
+        self, fn: Callable[..., T], *args: Any, weight: int = 1, note: Note | None = None
+    ) -> T:
         if self._closing:
             raise Unavailable("the task store is closed")
-        op = _Op(fn, args, weight)
+        op = _Op(fn, args, weight, note)
         self._queue.append(op)
         self._wake.set()
         try:
@@ -614,13 +718,11 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                     return  # a batch of one that failed: rolled back, nothing to commit
                 cluster = self._cluster
                 doing = "commit to"
-                if (
-                    cluster is not None
-                    and cluster.channel
-                    and any(map(pg_cluster.made_work, batch))
-                ):
-                    with conn.pipeline():  # one round trip: the notification and COMMIT
-                        conn.execute(pg_cluster.NOTIFY, (cluster.channel, cluster.broker.id))
+                notes = [] if cluster is None else cluster.notes(batch)
+                if notes:
+                    with conn.pipeline():  # one round trip: the notifications and COMMIT
+                        for statement, params in notes:
+                            conn.execute(statement, params)
                         conn.commit()
                 else:
                     conn.commit()
@@ -722,13 +824,20 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
     while i < len(batch):
         run = 1
         if not savepoints:
-            while i + run < len(batch) and _mergeable(batch[i]) and _mergeable(batch[i + run]):
+            while (
+                i + run < len(batch)
+                and _mergeable(batch[i])
+                and _mergeable(batch[i + run])
+                and batch[i].note == batch[i + run].note  # one actor per statement
+            ):
                 run += 1
         ops = batch[i : i + run]
         i += run
         if savepoints:
             conn.execute("SAVEPOINT op")
         try:
+            if ops[0].note is not None:
+                _note(conn, ops[0].note, clock)
             if run > 1:
                 merged = pg_schema.insert_unkeyed(conn, [op.args for op in ops])
                 for op, result in zip(ops, merged, strict=True):
@@ -736,6 +845,8 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
             else:
                 ops[0].result = ops[0].fn(conn, *pg_cluster.resolve(conn, ops[0].args, clock))
                 ops[0].error = None
+            if ops[0].note is not None:
+                history_sql.unnote(conn, "postgresql")
         except Exception as exc:
             if isinstance(exc, psycopg.Error) and (conn.broken or isinstance(exc, _RETRYABLE)):
                 raise
@@ -749,6 +860,13 @@ def _run_ops(conn: psycopg.Connection[Any], batch: list[_Op], *, savepoints: boo
             if savepoints:
                 conn.execute("RELEASE SAVEPOINT op")
     return False
+
+
+def _note(conn: psycopg.Connection[Any], note: Note, clock: list[float]) -> None:
+    """Note who and when for the task history (tq.store.history_sql)."""
+    now, actor = note
+    [now] = pg_cluster.resolve(conn, (now,), clock)
+    history_sql.note(conn, "postgresql", now, actor)
 
 
 def _mergeable(op: _Op) -> bool:

@@ -209,7 +209,9 @@ class ScheduleVerbs:
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
 
-    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
+    async def _write(
+        self, fn: Callable[..., T], *args: Any, weight: int = 1, note: Any = None
+    ) -> T:
         raise NotImplementedError
 
     async def put_schedule(self, schedule: Schedule) -> tuple[Schedule, bool]:
@@ -228,10 +230,10 @@ class ScheduleVerbs:
         return await self._write(set_paused, self._dialect, name, paused, now)
 
     async def fire_schedules(self, now: float) -> list[Fired]:
-        return await self._write(fire_due, self._dialect, now)
+        return await self._write(fire_due, self._dialect, now, note=(None, "schedule"))
 
     async def run_schedule(self, name: str, now: float) -> tuple[Schedule, str]:
-        return await self._write(run_now, self._dialect, name, now)
+        return await self._write(run_now, self._dialect, name, now, note=(None, f"schedule:{name}"))
 
     async def next_schedule_at(self) -> float | None:
         return await self._read(next_at, self._dialect)

@@ -52,6 +52,7 @@ from tq.core.task import (
 )
 from tq.core.values import check_plain, readable
 from tq.store.base import OutcomeResult, SubmitResult
+from tq.store.history_sql import SQLITE_MIGRATION as HISTORY_MIGRATION
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the tasks table and the indexes that keep every hot query O(log n).
@@ -189,7 +190,48 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN dep_policy TEXT;
     ALTER TABLE tasks ADD COLUMN dep_input TEXT;
 """,
+    # 7: retention (tq.store.retention_sql): finished tasks per queue and state in the
+    # order they finished, so expiring the oldest reads only what it deletes.
+    """
+    CREATE INDEX tasks_finished ON tasks (queue, state, finished_at)
+        WHERE state IN ('succeeded', 'dead', 'cancelled');
+    """,
+    # 8: concurrency and rate caps per queue or task type (tq.store.schema_caps)
+    # and the running tasks counted per queue and per type through partial indexes.
+    """
+    CREATE TABLE caps (
+        kind        TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        concurrency INTEGER,
+        rate        REAL,
+        burst       REAL,
+        tokens      REAL NOT NULL,
+        refilled_at REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX tasks_running_queue ON tasks (queue) WHERE state = 'running';
+    CREATE INDEX tasks_running_type ON tasks (type) WHERE state = 'running';
+    """,
+    # 9: progress and unique tasks (PROGRESS_UNIQUE below)
+    # 10: task history (tq.store.history_sql): every transition, written by triggers
+    # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
 )
+# The latest progress a running task's handler reported (cleared when an attempt is
+# leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
+# key), naming the task that holds it and until when the window lasts.
+PROGRESS_UNIQUE = """
+    ALTER TABLE tasks ADD COLUMN progress REAL;
+    ALTER TABLE tasks ADD COLUMN progress_message TEXT;
+    CREATE TABLE task_unique (
+        queue TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        task  TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (queue, key)
+    ) STRICT, WITHOUT ROWID;
+"""
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -259,7 +301,7 @@ DUE = state_is(sources(Event.DUE))
 TASK_COLUMNS = (
     "id, type, queue, payload, priority, state, attempts, max_retries, timeout, retry_base, "
     "retry_cap, created_at, started_at, finished_at, run_at, worker, result, error, "
-    "idempotency_key, trace"
+    "idempotency_key, trace, progress, progress_message"
 )
 # New tasks arrive as one JSON array of rows (see prepare_submit), in order:
 # [id, type, queue, payload as hex, priority, max_retries, timeout, retry_base,
@@ -295,7 +337,8 @@ CLAIM_PICK_TYPE = (
 # the caller restores the pick order from ``seq``.
 CLAIM_TAKE = (
     "UPDATE tasks NOT INDEXED SET state = ?, attempts = attempts + 1, started_at = ?, "
-    "worker = ?, lease_token = pick.value ->> 1, lease_expires_at = ? "
+    "worker = ?, lease_token = pick.value ->> 1, lease_expires_at = ?, progress = NULL, "
+    "progress_message = NULL "
     f"FROM json_each(?) AS pick WHERE tasks.seq = pick.value ->> 0 AND {CLAIMABLE} "
     "RETURNING seq, id, type, queue, payload, priority, attempts, max_retries, timeout, "
     "lease_token, trace"
@@ -340,6 +383,10 @@ EXPIRED_LEASES = (
 WORKER_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks INDEXED BY tasks_lease "
     f"WHERE {LEASED} AND worker = ?"
+)
+# progress reported with a heartbeat, for leases the same transaction found live
+SET_PROGRESS = (
+    "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ? AND lease_token = ?"
 )
 PROMOTE_DUE = f"UPDATE tasks INDEXED BY tasks_due SET state = ? WHERE {DUE} AND run_at <= ?"
 NEXT_DUE = (
@@ -467,6 +514,8 @@ def row_to_task(row: tuple[Any, ...]) -> Task:
         error=unpack_error(row[17]),
         idempotency_key=row[18],
         trace=_trace(row[19]),
+        progress=row[20],
+        progress_message=row[21],
     )
 
 
@@ -762,10 +811,25 @@ def _judge(
 
 
 def extend_leases(
-    conn: apsw.Connection, worker: str, leases: list[tuple[str, int]], now: float, ttl: float
+    conn: apsw.Connection,
+    worker: str,
+    leases: list[tuple[str, int]],
+    now: float,
+    ttl: float,
+    progress: dict[str, tuple[float, str | None]] | None = None,
 ) -> list[str]:
+    """Extend the live leases; store ``progress`` (task id -> fraction, message) for
+    those whose lease is still live (a lost lease's progress is dropped)."""
     params = [(now + ttl, task_id, token, now, worker) for task_id, token in leases]
     kept = {row[0] for row in _rows_many(conn, EXTEND_LEASE, params)}
+    if progress:
+        tokens = dict(leases)
+        updates = [
+            (fraction, message, task_id, tokens[task_id])
+            for task_id, (fraction, message) in progress.items()
+            if task_id in kept
+        ]
+        _rows_many(conn, SET_PROGRESS, updates)
     return [task_id for task_id, _ in leases if task_id not in kept]
 
 

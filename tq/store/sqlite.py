@@ -55,7 +55,7 @@ import builtins
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,9 +64,20 @@ import trio
 
 from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import ConfigError, InvalidRequest, StoreError, TQError, Unavailable
+from tq.core.retention import RetentionPolicy
 from tq.core.states import Event, State
 from tq.core.task import Lease, ListFilter, Outcome, Task, TaskSpec
-from tq.store import deps_sql, schedule_sql, schema, schema_auth, schema_ops
+from tq.store import (
+    deps_sql,
+    history_sql,
+    retention_sql,
+    schedule_sql,
+    schema,
+    schema_auth,
+    schema_caps,
+    schema_ops,
+    unique_sql,
+)
 from tq.store.base import (
     ClusterState,
     OutcomeResult,
@@ -75,6 +86,7 @@ from tq.store.base import (
     StoreStats,
     SubmitResult,
 )
+from tq.store.claimplan import Aging, Cap, CapNote
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +99,13 @@ def _sqlite_insert(conn: Any, specs: Sequence[TaskSpec], now: float) -> list[Sub
 
 
 _DIALECT = schedule_sql.Dialect("sqlite", _sqlite_insert)
+
+
+def _insert_any(conn: Any, d: Any, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    """Insert specs with or without dependencies or due times (for tq.store.unique_sql)."""
+    if deps_sql.needed(specs):
+        return deps_sql.submit(conn, d, specs, now)
+    return _sqlite_insert(conn, specs, now)
 
 
 # Writes that may finish a task settle its dependents in the same transaction.
@@ -171,12 +190,30 @@ async def open_sqlite_store(
 class _Op:
     """One queued write: ``fn(writer_connection, *args)``, run inside a batch."""
 
-    __slots__ = ("abandoned", "args", "deferred", "done", "error", "fn", "result", "weight")
+    __slots__ = (
+        "abandoned",
+        "args",
+        "deferred",
+        "done",
+        "error",
+        "fn",
+        "note",
+        "result",
+        "weight",
+    )
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], weight: int = 1) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        weight: int = 1,
+        note: Note | None = None,
+    ) -> None:
         self.fn = fn
         self.args = args
         self.weight = max(1, weight)
+        # (now, actor) for the task history of the changes it makes (tq.store.history_sql)
+        self.note = note
         self.deferred = False  # a heavy op lets light ones go first at most once
         self.result: Any = None
         self.error: BaseException | None = Unavailable("the store closed before this write ran")
@@ -185,6 +222,7 @@ class _Op:
 
 
 _Batch = list[_Op]
+Note = tuple[Any, "str | None"]  # (now or None, actor or None): see tq.store.history_sql
 
 
 class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
@@ -233,18 +271,34 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     # -- writes -----------------------------------------------------------------------
 
-    async def submit(self, specs: Sequence[TaskSpec], now: float) -> list[SubmitResult]:
+    async def submit(
+        self, specs: Sequence[TaskSpec], now: float, *, actor: str | None = None
+    ) -> list[SubmitResult]:
         if not specs:
             return []
-        if any(spec.depends_on for spec in specs):  # edges too: tq.store.deps_sql
-            return await self._write(deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs))
+        note = (None, actor)  # history: each row at its created_at
+        if unique_sql.has_unique(specs):  # keys held too: tq.store.unique_sql
+            unique_sql.check(specs)
+            return await self._write(
+                unique_sql.submit,
+                _DIALECT,
+                list(specs),
+                now,
+                _insert_any,
+                weight=len(specs),
+                note=(now, actor),
+            )
+        if deps_sql.needed(specs):  # edges or due times too: tq.store.deps_sql
+            return await self._write(
+                deps_sql.submit, _DIALECT, list(specs), now, weight=len(specs), note=(now, actor)
+            )
         rows: list[list[Any]] = []
         for start in range(0, len(specs), PREPARE_CHUNK):
             if start:
                 await trio.lowlevel.checkpoint()  # let other requests in between chunks
             rows += schema.prepare_rows(specs[start : start + PREPARE_CHUNK], now)
         prepared = schema.prepared(now, rows)
-        return await self._write(schema.insert_prepared, prepared, weight=len(rows))
+        return await self._write(schema.insert_prepared, prepared, weight=len(rows), note=note)
 
     async def claim(
         self,
@@ -254,6 +308,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         n: int,
         now: float,
         lease_ttl: float,
+        aging: Aging | None = None,
+        note: CapNote | None = None,
     ) -> list[Lease]:
         if lease_ttl <= 0:
             raise InvalidRequest(f"lease_ttl must be > 0 seconds, not {lease_ttl!r}")
@@ -261,7 +317,31 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return []
         queues = list(dict.fromkeys(queues))
         types = None if types is None else list(dict.fromkeys(types))
-        return await self._write(schema.claim, worker, queues, types, n, now, lease_ttl, weight=n)
+        return await self._write(
+            schema_caps.claim,
+            worker,
+            queues,
+            types,
+            n,
+            now,
+            lease_ttl,
+            aging,
+            note,
+            weight=n,
+            note=(now, None),
+        )
+
+    async def set_cap(self, cap: Cap, now: float) -> Cap:
+        return await self._write(schema_caps.set_cap, cap, now)
+
+    async def remove_cap(self, kind: str, name: str) -> bool:
+        return await self._write(schema_caps.remove_cap, kind, name)
+
+    async def list_caps(self) -> list[Cap]:
+        return await self._read(schema_caps.list_caps)
+
+    async def running_count(self, kind: str, name: str, limit: int) -> int:
+        return await self._read(schema_caps.running, kind, name, limit)
 
     async def complete(self, outcomes: Sequence[Outcome], now: float) -> list[OutcomeResult]:
         for outcome in outcomes:
@@ -272,37 +352,55 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                 )
         if not outcomes:
             return []
-        return await self._write(_complete, list(outcomes), now, weight=len(outcomes))
+        return await self._write(
+            _complete, list(outcomes), now, weight=len(outcomes), note=(now, None)
+        )
 
     async def extend_leases(
-        self, worker: str, leases: Sequence[tuple[str, int]], now: float, lease_ttl: float
+        self,
+        worker: str,
+        leases: Sequence[tuple[str, int]],
+        now: float,
+        lease_ttl: float,
+        progress: Mapping[str, tuple[float, str | None]] | None = None,
     ) -> list[str]:
         """Extend leases ``worker`` holds; a lease held by another worker counts as lost."""
         if not leases:
             return []
         return await self._write(
-            schema.extend_leases, worker, list(leases), now, lease_ttl, weight=len(leases)
+            schema.extend_leases,
+            worker,
+            list(leases),
+            now,
+            lease_ttl,
+            dict(progress) if progress else None,
+            weight=len(leases),
         )
 
     async def release_expired(self, now: float) -> list[str]:
-        return await self._write(_release_expired, now)
+        return await self._write(_release_expired, now, note=(now, None))
 
     async def release_worker(self, worker: str, now: float) -> list[str]:
-        return await self._write(_release_worker, worker, now)
+        return await self._write(_release_worker, worker, now, note=(now, None))
 
     async def promote_due(self, now: float) -> int:
-        return await self._write(schema.promote_due, now)
+        return await self._write(schema.promote_due, now, note=(now, None))
 
-    async def cancel(self, task_id: str, now: float) -> Task:
-        return await self._write(_cancel, task_id, now)
+    async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
+        return await self._write(_cancel, task_id, now, note=(now, actor))
 
-    async def retry(self, task_id: str, now: float) -> Task:
-        return await self._write(schema.change_one, task_id, Event.RETRY, now)
+    async def retry(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
+        return await self._write(schema.change_one, task_id, Event.RETRY, now, note=(now, actor))
 
-    async def set_priority(self, task_id: str, priority: int) -> Task:
+    async def set_priority(
+        self, task_id: str, priority: int, *, now: float | None = None, actor: str | None = None
+    ) -> Task:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
             raise InvalidRequest(f"priority {priority!r} must be 0..255 (255 highest)")
-        return await self._write(schema.set_priority, task_id, priority)
+        return await self._write(schema.set_priority, task_id, priority, note=(now, actor))
+
+    async def history(self, task_id: str) -> builtins.list[history_sql.Transition]:
+        return await self._read(history_sql.history, "sqlite", task_id)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -420,10 +518,19 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         _check_bulk(older_than, 1)
         return await self._read(schema_ops.count_purgeable, checked, now - older_than)
 
-    async def retry_many(self, state: str, now: float, limit: int) -> builtins.list[str]:
+    async def expire_finished(
+        self, policy: RetentionPolicy, now: float, limit: int
+    ) -> dict[tuple[str, str], int]:
+        if limit <= 0 or not policy.active:
+            return {}
+        return await self._write(retention_sql.expire, _DIALECT, policy, now, limit, weight=limit)
+
+    async def retry_many(
+        self, state: str, now: float, limit: int, *, actor: str | None = None
+    ) -> builtins.list[str]:
         source = schema_ops.retry_state(state)
         _check_bulk(0.0, limit)
-        return await self._write(schema_ops.retry_many, source, limit)
+        return await self._write(schema_ops.retry_many, source, limit, note=(now, actor))
 
     async def probe(self) -> StoreStats:
         """A cheap read on a connection of its own, so a readiness probe never waits
@@ -480,10 +587,12 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
 
     # -- the writer: group commit -----------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], *args: Any, weight: int = 1) -> T:
+    async def _write(
+        self, fn: Callable[..., T], *args: Any, weight: int = 1, note: Note | None = None
+    ) -> T:
         if self._closing:
             raise Unavailable("the task store is closed")
-        op = _Op(fn, args, weight)
+        op = _Op(fn, args, weight, note)
         self._queue.append(op)
         self._wake.set()
         try:
@@ -568,18 +677,19 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         """
         conn = self._writer
         changes = conn.total_changes()
+        unchanged = 0  # history notes of operations that changed nothing, undone
         doing = "start a write transaction on"
         try:
             conn.execute("BEGIN IMMEDIATE")
             doing = "write to"
             if len(batch) == 1:  # the transaction is the operation's own: no savepoint
-                _run_op(conn, batch[0], "ROLLBACK", self.path)
+                unchanged += _run_op(conn, batch[0], "ROLLBACK", self.path)
                 if not conn.in_transaction:
                     return False
             else:
                 for op in batch:
                     conn.execute("SAVEPOINT op")
-                    _run_op(conn, op, "ROLLBACK TO op", self.path)
+                    unchanged += _run_op(conn, op, "ROLLBACK TO op", self.path)
                     conn.execute("RELEASE op")
             doing = "commit to"
             conn.execute("COMMIT")
@@ -591,7 +701,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return False
         self.commits += 1
         self.committed_ops += len(batch)
-        return bool(conn.total_changes() != changes)
+        return bool(conn.total_changes() - unchanged != changes)
 
     # -- the checkpointer -------------------------------------------------------------
 
@@ -661,21 +771,32 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             raise _store_error(exc, "read from", self.path) from exc
 
 
-def _run_op(conn: apsw.Connection, op: _Op, undo: str, path: str) -> None:
+def _run_op(conn: apsw.Connection, op: _Op, undo: str, path: str) -> int:
     """Run one operation; if it raises, ``undo`` its changes and keep its exception.
 
     An apsw.Error after which SQLite rolled back the whole transaction (disk
     full, I/O error) is re-raised instead: the batch as a whole has failed.
+    With a history note (tq.store.history_sql), the note (a TEMP table, in
+    memory) is set before and cleared after. Returns the changes the note made
+    (they count in ``total_changes`` but leave the database file untouched).
     """
     try:
+        if op.note is None:
+            op.result = op.fn(conn, *op.args)
+            op.error = None
+            return 0
+        conn.execute(history_sql.SQLITE_NOTE, op.note).fetchall()
         op.result = op.fn(conn, *op.args)
+        conn.execute(history_sql.SQLITE_UNNOTE).fetchall()
         op.error = None
+        return 2
     except Exception as exc:
         if isinstance(exc, apsw.Error) and not conn.in_transaction:
             raise
         op.result = None
         op.error = _store_error(exc, "write to", path) if isinstance(exc, apsw.Error) else exc
         conn.execute(undo)
+        return 0
 
 
 def _rollback(conn: apsw.Connection) -> None:
@@ -712,6 +833,7 @@ def _connect(path: str, synchronous: str) -> tuple[apsw.Connection, ...]:
             "PRAGMA temp_store = MEMORY",  # savepoint journals: a temp file halves throughput
         ):
             writer.execute(pragma).fetchall()
+        writer.execute(history_sql.SQLITE_WRITER_SETUP).fetchall()  # task history triggers
         reader = _open(path, opened, BUSY_TIMEOUT_MS)
         reader.execute("PRAGMA query_only = 1").fetchall()
         checkpointer = _open(path, opened, CHECKPOINT_BUSY_TIMEOUT_MS)

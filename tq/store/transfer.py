@@ -1,5 +1,5 @@
-"""Copy a whole store to another (``tq migrate``): tasks, API keys, the audit log and
-queue settings (which queues are paused).
+"""Copy a whole store to another (``tq migrate``): tasks (with their dependencies and
+history), API keys, the audit log and queue settings (which queues are paused).
 
     result = copy_store("sqlite:///var/lib/tq/tq.db", "postgresql://tq@db/tq")
 
@@ -38,16 +38,21 @@ CHUNK = 2000  # rows read and written at a time
 TASK_COLUMNS = (
     "seq, id, type, queue, payload, priority, state, attempts, max_retries, timeout, "
     "retry_base, retry_cap, created_at, started_at, finished_at, run_at, worker, lease_token, "
-    "lease_expires_at, result, error, idempotency_key, trace, deps_left, dep_policy, dep_input"
+    "lease_expires_at, result, error, idempotency_key, trace, deps_left, dep_policy, dep_input, "
+    "progress, progress_message"
 )
 KEY_COLUMNS = "id, name, role, queues, created_at, expires_at, revoked_at, kdf, salt, hash"
 AUDIT_COLUMNS = "seq, at, actor, action, target, detail"
+HISTORY_COLUMNS = "task, n, at, event, state, actor, worker, token, error, run_at, priority"
 TABLES = (
     ("tasks", TASK_COLUMNS, "seq"),
     ("api_keys", KEY_COLUMNS, "id"),
     ("audit", AUDIT_COLUMNS, "seq"),
     ("queues", "name, paused_at", "name"),  # paused queues stay paused
     ("task_deps", "task, depends_on, pos, done", "task, depends_on"),  # blocked stay blocked
+    ("task_unique", "queue, key, task, until", "queue, key"),  # unique keys stay held
+    # the source's history replaces what the destination's triggers wrote for the copy
+    ("task_history", HISTORY_COLUMNS, "task, n"),
 )
 
 Progress = Callable[[str, int], None]  # (table, rows copied so far)
@@ -85,6 +90,8 @@ def copy_store(source: str, destination: str, progress: Progress | None = None) 
         writer.begin()
         try:
             for table, columns, order in TABLES:
+                if table == "task_history":
+                    writer.clear(table)
                 copied = 0
                 for chunk in reader.chunks(table, columns, order):
                     writer.insert(table, columns, chunk)
@@ -176,6 +183,9 @@ class _SQLite:
         marks = ", ".join("?" * (columns.count(",") + 1))
         self.conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", chunk)
 
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}").fetchall()
+
     def after_copy(self) -> None:
         pass
 
@@ -261,6 +271,9 @@ class _Postgres:
             cursor.executemany(
                 f"INSERT INTO {table} ({columns}){overriding} VALUES ({marks})", chunk
             )
+
+    def clear(self, table: str) -> None:
+        self.conn.execute(f"DELETE FROM {table}")
 
     def after_copy(self) -> None:
         """Identity columns continue after the copied rows."""

@@ -168,6 +168,11 @@ class ConsoleApp(App[None]):
                 t.get("to") in ("failed", "dead") for t in event.data.get("totals") or ()
             ):
                 self._read_failures()  # too many changes to list: read the newest failures
+        elif event.topic == "progress":
+            for listener in list(self.task_listeners):
+                shown = getattr(listener, "task_progress", None)
+                if shown is not None:
+                    shown(event)
         elif event.topic == "lagged":
             self.notify(
                 f"the broker dropped {event.data.get('dropped')} events for this console; "

@@ -103,3 +103,19 @@ def plain(value: Any, multiline: bool = False, **options: Any) -> Text:
     """``value`` as a rich Text of inert characters: shown as is, never parsed for markup.
     ``options``: Text options (style, justify...)."""
     return Text(inert(value, multiline), **options)
+
+
+PROGRESS_BAR = 20  # cells of the bar drawn for a task's progress
+
+
+def progress(fraction: float, message: str | None) -> Text:
+    """``██████░░░░ 40% page 4/10``: a task's reported progress (message inert)."""
+    value = min(1.0, max(0.0, fraction))
+    filled = round(value * PROGRESS_BAR)
+    text = Text("█" * filled, style="green")
+    text.append("░" * (PROGRESS_BAR - filled), style="dim")
+    text.append(f" {100 * value:.0f}%")
+    if message:
+        text.append(" ")
+        text.append(plain(message))
+    return text

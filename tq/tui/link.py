@@ -36,7 +36,7 @@ from tq.core.task import Task
 from tq.tui.model import Pending
 
 T = TypeVar("T")
-TOPICS = ("tasks", "workers", "counts")
+TOPICS = ("tasks", "workers", "counts", "progress")
 PAGE_SIZE = 100
 FAILED_SEED = 50  # failed (awaiting a retry) and dead tasks read at each (re)connection
 OLDEST_QUEUES = 50  # queues whose oldest pending task is read per refresh

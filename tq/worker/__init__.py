@@ -9,6 +9,7 @@ tq.client, tq.config, trio, psutil. Importing ``tq.worker`` stays light:
 user code does ``from tq.worker import handler``.
 """
 
+from tq.worker.context import TaskContext, context
 from tq.worker.handlers import Reject, Retry, default_registry, handler
 
-__all__ = ["Reject", "Retry", "default_registry", "handler"]
+__all__ = ["Reject", "Retry", "TaskContext", "context", "default_registry", "handler"]

@@ -39,6 +39,17 @@ Environment
     and any variables the worker adds for its handlers; the four ``TQ_``
     variables above always win over a variable of the same name.
 
+Progress
+    A line on standard error of the form ``tq-progress FRACTION [MESSAGE]``
+    reports progress: FRACTION is a number 0..1 (``0.4``) or a percentage
+    (``40%``), MESSAGE the rest of the line (at most 200 characters are kept),
+    e.g. ``echo "tq-progress 0.4 page 4/10" >&2``. Only a whole line that
+    starts with exactly ``tq-progress `` (at most 1 KiB, a valid number) counts;
+    it is left out of the stderr tail. Any other line, a malformed
+    ``tq-progress`` line included, is ordinary stderr output. Only the latest
+    value counts: it goes to the broker with the worker's next heartbeat
+    (at most one a second), however many lines the program writes.
+
 Standard output
     The result of the task, as one JSON document (at most 10 MiB). Empty
     output (or only whitespace) is a null result. Write logs and progress to
@@ -93,7 +104,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +113,7 @@ import trio
 
 from tq.config import SECRET_SETTINGS
 from tq.core.errors import ConfigError
+from tq.core.progress import Progress, clean
 from tq.core.task import MAX_NAME_LENGTH, TaskError
 
 __all__ = [
@@ -222,6 +234,82 @@ def encode_payload(payload: Any) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
+PROGRESS_PREFIX = b"tq-progress "  # a stderr line starting so reports progress
+MAX_PROGRESS_LINE = 1024  # bytes: a longer line is ordinary stderr output
+
+
+def parse_progress_line(line: bytes) -> Progress | None:
+    """``tq-progress FRACTION [MESSAGE]`` (FRACTION 0..1, or a percentage such as
+    ``40%``) as (fraction, message); None if the line is anything else."""
+    if not line.startswith(PROGRESS_PREFIX) or len(line) > MAX_PROGRESS_LINE:
+        return None
+    text = line[len(PROGRESS_PREFIX) :].rstrip(b"\r\n").decode("utf-8", errors="replace")
+    number, _, message = text.strip(" ").partition(" ")
+    scale = 1.0
+    if number.endswith("%"):
+        number, scale = number[:-1], 100.0
+    try:
+        value = float(number) / scale
+    except ValueError:
+        return None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        return None
+    return clean(value, message.strip() or None)
+
+
+class StderrLines:
+    """Splits a program's stderr into progress lines and everything else (sans-IO).
+
+    A line is held back only while it may still become a progress line (it starts
+    like ``tq-progress `` and is at most MAX_PROGRESS_LINE bytes); anything else
+    passes through at once, byte for byte. A flood of progress lines costs one parse
+    each and keeps only the latest value."""
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+        self._line_start = True  # the next byte begins a line
+
+    def feed(self, chunk: bytes | bytearray) -> tuple[bytes, Progress | None]:
+        out = bytearray()
+        latest: Progress | None = None
+        pos = 0
+        while pos < len(chunk):
+            newline = chunk.find(b"\n", pos)
+            end = len(chunk) if newline < 0 else newline + 1
+            piece = chunk[pos:end]
+            pos = end
+            if not self._line_start:
+                out += piece
+                self._line_start = newline >= 0
+                continue
+            self._held += piece
+            if newline >= 0:
+                found = parse_progress_line(bytes(self._held))
+                if found is None:
+                    out += self._held
+                else:
+                    latest = found
+                self._held.clear()
+            elif not _may_be_progress(self._held):
+                out += self._held
+                self._held.clear()
+                self._line_start = False
+        return bytes(out), latest
+
+    def close(self) -> tuple[bytes, Progress | None]:
+        """The end of the stream: a last line without a newline."""
+        held, self._held = bytes(self._held), bytearray()
+        found = parse_progress_line(held) if held else None
+        return (b"", found) if found is not None else (held, None)
+
+
+def _may_be_progress(held: bytearray) -> bool:
+    if len(held) > MAX_PROGRESS_LINE:
+        return False
+    size = min(len(held), len(PROGRESS_PREFIX))
+    return held[:size] == PROGRESS_PREFIX[:size]
+
+
 @dataclass
 class _Capture:
     stdout: bytearray = field(default_factory=bytearray)
@@ -230,6 +318,7 @@ class _Capture:
     stderr_done: trio.Event = field(default_factory=trio.Event)
     overflow: bool = False
     timed_out: bool = False
+    progress: Callable[[Progress], None] | None = None  # where progress lines go
 
     def stderr_tail(self) -> str:
         return self.stderr.decode("utf-8", errors="replace")
@@ -244,6 +333,7 @@ async def run_executable(
     payload: Any,
     timeout: float,
     extra_env: Mapping[str, str] | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> ExecOutcome:
     """Run ``handler``'s program for one task and say how it ended.
 
@@ -284,7 +374,7 @@ async def run_executable(
             error=TaskError("StartFailed", f"could not start {handler.argv[0]!r}: {reason}"),
         )
 
-    capture = _Capture()
+    capture = _Capture(progress=progress)
     try:
         await _supervise(proc, data, capture, timeout)
     finally:
@@ -337,12 +427,27 @@ async def _read_stdout(
 
 
 async def _read_stderr(stream: trio.abc.ReceiveStream, capture: _Capture) -> None:
-    keep = STDERR_TAIL_BYTES
+    lines = StderrLines() if capture.progress is not None else None
     while chunk := await stream.receive_some(_READ_SIZE):
-        capture.stderr += chunk
-        if len(capture.stderr) > keep:
-            del capture.stderr[:-keep]
+        if lines is None:
+            _keep_stderr(capture, chunk)
+            continue
+        text, found = lines.feed(chunk)
+        _keep_stderr(capture, text)
+        if found is not None and capture.progress is not None:
+            capture.progress(found)
+    if lines is not None:
+        text, found = lines.close()
+        _keep_stderr(capture, text)
+        if found is not None and capture.progress is not None:
+            capture.progress(found)
     capture.stderr_done.set()
+
+
+def _keep_stderr(capture: _Capture, data: bytes | bytearray) -> None:
+    capture.stderr += data
+    if len(capture.stderr) > STDERR_TAIL_BYTES:
+        del capture.stderr[:-STDERR_TAIL_BYTES]
 
 
 def _signal_group(proc: trio.Process, sig: signal.Signals) -> None:

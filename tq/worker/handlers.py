@@ -15,11 +15,15 @@ cannot interrupt it), so prefer async handlers or ``--exec`` programs for
 work that must stop on time. Raise ``Retry(delay)`` to ask for another
 attempt later, ``Reject(message)`` to fail without retrying; any other
 exception is a failure retried with backoff while attempts remain.
-Handlers should be idempotent: delivery is at least once.
+Handlers should be idempotent: delivery is at least once. A handler with a
+parameter named ``ctx`` receives the run's ``TaskContext`` (its id, attempt,
+and ``ctx.progress(fraction, message)``; tq/worker/context.py), which
+``tq.worker.context()`` also returns anywhere inside the run.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -31,6 +35,7 @@ from typing import Any
 import trio
 
 from tq.core.errors import ConfigError
+from tq.worker.context import TaskContext
 
 
 class Retry(Exception):
@@ -51,13 +56,17 @@ HandlerFn = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 @dataclass(frozen=True)
 class Handler:
     name: str
-    fn: Callable[[Any], Any]
+    fn: Callable[..., Any]
     is_async: bool
+    wants_ctx: bool = False  # it has a parameter named ``ctx``: pass the TaskContext
 
-    async def __call__(self, payload: Any) -> Any:
+    async def __call__(self, payload: Any, ctx: TaskContext | None = None) -> Any:
+        fn = self.fn
+        if self.wants_ctx:
+            fn = functools.partial(fn, ctx=ctx)
         if self.is_async:
-            return await self.fn(payload)
-        return await trio.to_thread.run_sync(self.fn, payload, abandon_on_cancel=True)
+            return await fn(payload)
+        return await trio.to_thread.run_sync(fn, payload, abandon_on_cancel=True)
 
 
 class HandlerRegistry:
@@ -67,7 +76,11 @@ class HandlerRegistry:
     def register(self, name: str, fn: Callable[[Any], Any]) -> None:
         if not name or any(c.isspace() or c == "," for c in name):
             raise ConfigError(f"handler name {name!r} must be non-empty, without spaces or commas")
-        self._handlers[name] = Handler(name, fn, inspect.iscoroutinefunction(fn))
+        try:
+            wants_ctx = "ctx" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a callable without a signature
+            wants_ctx = False
+        self._handlers[name] = Handler(name, fn, inspect.iscoroutinefunction(fn), wants_ctx)
 
     def handler(
         self, name: str | None = None

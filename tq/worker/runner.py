@@ -52,6 +52,7 @@ so a stop takes as long as the running tasks need, at most the grace
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -75,9 +76,11 @@ from tq.core.errors import (
     Unauthorized,
 )
 from tq.core.heap import settle_heap
+from tq.core.progress import Progress
 from tq.core.retry import RetryPolicy
 from tq.core.task import Lease
 from tq.tracing import exec_environment, task_span
+from tq.worker.context import TaskContext, bind
 from tq.worker.executable import ExecHandler, run_executable
 from tq.worker.handlers import Handler, HandlerRegistry, Reject, Retry
 
@@ -87,6 +90,7 @@ CLAIM_WAIT = 1.0  # long-poll; short so a draining worker stops claiming promptl
 REPORT_BATCH = 250  # results per request (one transaction; see MAX_BATCH_WEIGHT)
 RECONNECT = RetryPolicy(base=0.2, cap=10.0)  # delay before the n-th reconnect attempt in a row
 FLUSH_LIMIT = 10.0  # after the grace: time left to report to a broker that is away
+PROGRESS_GAP = 1.0  # seconds: progress brings a heartbeat forward, at most once per gap
 
 LeaseKey = tuple[str, int]  # (task id, lease token)
 
@@ -96,6 +100,8 @@ class Running:
     lease: Lease  # the lease the run reports under (replaced when it adopts a newer one)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     lost: bool = False  # the broker said the lease is gone: stop, report nothing
+    progress: Progress | None = None  # the latest its handler reported
+    progress_sent: Progress | None = None  # the latest a heartbeat carried
 
     @property
     def key(self) -> LeaseKey:
@@ -121,13 +127,24 @@ def _release(lease: Lease) -> dict[str, Any]:
     return {"id": lease.id, "token": lease.token, "status": "release"}
 
 
-async def execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
-    """Run one lease's handler (inside its trace span, tq.tracing); its report."""
+def _ignore(progress: Progress) -> None:
+    """Progress of a run outside a worker (``execute`` called alone): dropped."""
+
+
+async def execute(
+    handler: Handler | ExecHandler,
+    lease: Lease,
+    report: Callable[[Progress], None] = _ignore,
+) -> dict[str, Any]:
+    """Run one lease's handler (inside its trace span, tq.tracing); its report.
+    ``report`` receives the progress the handler reports (from any thread)."""
     with task_span(lease.type, lease.id, lease.attempt, lease.trace):
-        return await _execute(handler, lease)
+        return await _execute(handler, lease, report)
 
 
-async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, Any]:
+async def _execute(
+    handler: Handler | ExecHandler, lease: Lease, report: Callable[[Progress], None]
+) -> dict[str, Any]:
     """Run one task; always returns an outcome map (never raises but Cancelled)."""
     base: dict[str, Any] = {"id": lease.id, "token": lease.token}
     if isinstance(handler, ExecHandler):
@@ -139,6 +156,7 @@ async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, An
             payload=lease.payload,
             timeout=lease.timeout,
             extra_env=exec_environment(lease.trace),  # TRACEPARENT / TRACESTATE
+            progress=report,
         )
         error = out.error
         return {
@@ -147,9 +165,11 @@ async def _execute(handler: Handler | ExecHandler, lease: Lease) -> dict[str, An
             "result": out.result,
             "error": None if error is None else _error(error.type, error.message, error.traceback),
         }
+    ctx = TaskContext(lease.id, lease.type, lease.queue, lease.attempt, report)
+    bind(ctx)  # this run's trio task (and the thread a plain handler runs in)
     with trio.move_on_after(lease.timeout) as deadline:
         try:
-            return {**base, "status": "ok", "result": await handler(lease.payload)}
+            return {**base, "status": "ok", "result": await handler(lease.payload, ctx)}
         except Retry as exc:
             return {
                 **base,
@@ -197,6 +217,9 @@ class Worker:
         self._process.cpu_percent(None)
         self._lease_ttl = settings.lease_ttl
         self._rotation = fo.Rotation(split_addresses(settings_options(settings)["address"]))
+        self._progressed = trio.Event()  # a running task reported progress
+        self._kicked = False  # ... and the heartbeater was told (from any thread)
+        self._token: trio.lowlevel.TrioToken | None = None
 
     @property
     def types(self) -> list[str]:
@@ -272,7 +295,7 @@ class Worker:
                         "error": _error("UnknownType", f"no handler for {lease.type!r}"),
                     }
                 else:
-                    outcome = await execute(handler, lease)
+                    outcome = await execute(handler, lease, self._reporter_of(entry))
                 outcome["token"] = entry.lease.token  # a lease adopted while it ran
                 self.outbox.append(outcome)
             if entry.scope.cancelled_caught and not entry.lost:
@@ -283,6 +306,53 @@ class Worker:
             del self._by_task[lease.id]
             self.completed += 1
             self._notify()
+
+    def _reporter_of(self, entry: Running) -> Callable[[Progress], None]:
+        """What a run's handler reports progress through: keep the latest, wake the
+        heartbeater once (it sends the latest of every run with its next heartbeat)."""
+
+        def report(value: Progress) -> None:
+            entry.progress = value
+            if self._kicked:
+                return
+            self._kicked = True
+            try:
+                trio.lowlevel.current_task()
+            except RuntimeError:  # a plain handler's thread
+                if self._token is not None:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        self._token.run_sync_soon(self._wake)
+            else:
+                self._wake()
+
+        return report
+
+    def _wake(self) -> None:
+        self._progressed.set()
+
+    def _progress_items(self, sent: list[LeaseKey], everything: bool) -> list[list[Any]]:
+        """[id, token, fraction, message] for runs whose progress changed since the
+        last heartbeat (``everything``: every run that has any, for a new session)."""
+        items = []
+        for key in sent:
+            entry = self.running.get(key)
+            if entry is None or entry.progress is None:
+                continue
+            if everything or entry.progress != entry.progress_sent:
+                entry.progress_sent = entry.progress
+                items.append([key[0], key[1], entry.progress[0], entry.progress[1]])
+        return items
+
+    async def _pause(self) -> None:
+        """Until the next heartbeat is due: ``lease_ttl / 3``, or sooner when a run
+        reported progress, though never sooner than PROGRESS_GAP after the last."""
+        now = trio.current_time()
+        due, earliest = now + self._lease_ttl / 3, now + PROGRESS_GAP
+        with trio.move_on_at(due):
+            await self._progressed.wait()
+            self._progressed = trio.Event()
+            self._kicked = False
+            await trio.sleep_until(min(due, earliest))
 
     # -- session loops -----------------------------------------------------
     async def _claimer(self, client: Client, tasks: trio.Nursery) -> None:
@@ -341,14 +411,18 @@ class Worker:
                 while self._claiming:  # ... once the first claim has been answered (it may
                     await self._changed.wait()  # re-lease a task running here: adopted)
         else:
-            await trio.sleep(self._lease_ttl / 3)
+            await self._pause()
+        everything = True  # a new session: the broker may not have this run's progress
         while True:
             sent = list(self.running)
-            reply = await client.request(
-                {"t": "heartbeat", "leases": [list(k) for k in sent], "stats": self.stats()}
-            )
+            msg = {"t": "heartbeat", "leases": [list(k) for k in sent], "stats": self.stats()}
+            progress = self._progress_items(sent, everything)
+            if progress:
+                msg["progress"] = progress
+            reply = await client.request(msg)
+            everything = False
             self.lost(sent, reply["lost"])
-            await trio.sleep(self._lease_ttl / 3)
+            await self._pause()
 
     def stats(self) -> dict[str, Any]:
         with self._process.oneshot():
@@ -416,6 +490,7 @@ class Worker:
                 started = True
                 task_status.started(self.id)
 
+        self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._watch_shutdown, shutdown, tasks)
             while not self.finished:

@@ -1,7 +1,9 @@
-"""One task in full: summary, payload, result, error and traceback; actions on it."""
+"""One task in full: summary, payload, result, error and traceback, the tasks it
+depends on and that depend on it, its history; actions on it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from rich.table import Table
@@ -15,6 +17,8 @@ from tq.core.task import Task
 from tq.tui import fmt
 from tq.tui.model import why_dead
 from tq.tui.widgets import ConsoleScreen, state_text
+
+MAX_LINKS = 20  # dependencies (and dependents) listed each
 
 
 class TaskScreen(ConsoleScreen):
@@ -35,6 +39,8 @@ class TaskScreen(ConsoleScreen):
         self.task_id = task_id
         self.task_data = task
         self.error: str | None = None
+        self.history: list[dict[str, Any]] = []  # query history rows, oldest first
+        self.links: dict[str, list[dict[str, Any]]] = {}  # tq.core.workflow.links
         self._reload_timer: Any = None
 
     def compose(self) -> ComposeResult:
@@ -44,6 +50,8 @@ class TaskScreen(ConsoleScreen):
             yield Static(id="error", classes="block")  # first: why it failed matters most
             yield Static(id="payload", classes="block")
             yield Static(id="result", classes="block")
+            yield Static(id="links", classes="block")
+            yield Static(id="history", classes="block")
         yield from self.compose_frame_bottom()
 
     def on_mount(self) -> None:
@@ -58,6 +66,19 @@ class TaskScreen(ConsoleScreen):
 
     def action_reload(self) -> None:
         self.console.load_task(self.task_id, self.show_task, self._not_loaded)
+        task_id = self.task_id
+
+        async def extras(client: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            from tq.core.workflow import links
+
+            rows = await client.history(task_id)
+            return rows, links(await client.workflow(task_id), task_id)
+
+        self.console.request("task history", extras, self._show_extras, quiet=True)
+
+    def _show_extras(self, found: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+        self.history, self.links = found
+        self.refresh_view()
 
     reload = action_reload
 
@@ -75,6 +96,20 @@ class TaskScreen(ConsoleScreen):
         )
         if touched and self._reload_timer is None:
             self._reload_timer = self.set_timer(0.3, self._timed_reload)
+
+    def task_progress(self, event: Event) -> None:
+        """A progress event: this task's latest progress, shown at once (no reload)."""
+        task = self.task_data
+        for item in event.data.get("tasks") or ():
+            if task is not None and item.get("id") == self.task_id:
+                fraction, message = item.get("progress"), item.get("message")
+                if isinstance(fraction, int | float) and not isinstance(fraction, bool):
+                    self.task_data = replace(
+                        task,
+                        progress=float(fraction),
+                        progress_message=message if isinstance(message, str) else None,
+                    )
+                    self.refresh_view()
 
     def _timed_reload(self) -> None:
         self._reload_timer = None
@@ -105,6 +140,8 @@ class TaskScreen(ConsoleScreen):
             f"{task.attempts} of {task.max_retries + 1} run{'s' if task.max_retries else ''} "
             f"allowed (max_retries {task.max_retries})",
         )
+        if task.progress is not None:
+            grid.add_row("progress", fmt.progress(task.progress, task.progress_message))
         grid.add_row("timeout", f"{task.timeout:g}s")
         grid.add_row("created", fmt.when(task.created_at, tz, date=True))
         grid.add_row("started", fmt.when(task.started_at, tz, date=True))
@@ -125,6 +162,31 @@ class TaskScreen(ConsoleScreen):
             if task.error.traceback:
                 error += "\n\n" + task.error.traceback.rstrip()
         self._block("#error", "Error", error)
+        self._block("#links", "Dependencies", self._links_text())
+        self._block("#history", "History", self._history_text(tz))
+
+    def _links_text(self) -> str:
+        lines = []
+        for key, label in (("depends_on", "depends on"), ("dependents", "needed by")):
+            for t in self.links.get(key, ())[:MAX_LINKS]:
+                lines.append(f"{label:<10} {t['id']}  {t.get('state') or '(not visible)'}")
+            if len(self.links.get(key, ())) > MAX_LINKS:
+                lines.append(f"{label:<10} ... {len(self.links[key]) - MAX_LINKS} more")
+        return "\n".join(lines)
+
+    def _history_text(self, tz: Any) -> str:
+        from tq.core.history import details, gaps, who
+
+        lines = []
+        for row, dropped in gaps(self.history):
+            if row is None:
+                lines.append(f"   ... {dropped} transition(s) not kept")
+                continue
+            when = fmt.when(row.get("at"), tz, date=True)
+            more = details(row, lambda ts: fmt.when(ts, tz, date=True))
+            text = f"{row.get('n'):>3} {when}  {row.get('event'):<10} {who(row)}"
+            lines.append(text + (f"  {more}" if more else ""))
+        return "\n".join(lines)
 
     def _block(self, selector: str, title: str, text: str) -> None:
         block = self.query_one(selector, Static)
