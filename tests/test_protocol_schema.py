@@ -54,7 +54,7 @@ def test_the_hot_requests_decode_into_their_structs() -> None:
 
 
 def test_every_declared_type_is_a_tag_and_undeclared_fields_are_ignored() -> None:
-    assert {"hello", "submit", "claim", "result", "heartbeat", "query"} <= set(BY_TAG)
+    assert {"hello", "submit", "claim", "result", "heartbeat", "query", "cap"} <= set(BY_TAG)
     cancel = parse({"t": "cancel", "id": 9, "task": "x", "from_the_future": {"a": 1}})
     assert cancel.t == "cancel" and cancel.get("task") == "x"
 
@@ -117,6 +117,29 @@ def test_every_declared_type_is_a_tag_and_undeclared_fields_are_ignored() -> Non
             {"t": "submit", "id": 1, "tasks": [{"type": "a", "prio": 1}]},
             "task 0: unknown task field prio; known: ",
         ),
+        (
+            {"t": "submit", "id": 1, "tasks": [{"type": "a", "delay": math.nan}]},
+            "task 0: task delay must be a finite number of seconds 0..315360000 (10 years), "
+            "got float nan",
+        ),
+        (
+            {"t": "submit", "id": 1, "tasks": [{"type": "a", "run_at": "2026-12-01T09:00:00Z"}]},
+            "task 0: task run_at must be finite epoch seconds 0..253402300799 (1970..9999), "
+            "got str '2026-12-01T09:00:00Z'",
+        ),
+        (
+            {"t": "submit", "id": 1, "tasks": [{"type": "a", "unique_for": True}]},
+            "task 0: task unique_for must be a number of seconds 0..31622400 (366 days), "
+            "got bool True",
+        ),
+        (
+            {"t": "heartbeat", "id": 1, "leases": [["t1", 7]], "progress": [["t1", 7, 1.5, None]]},
+            "heartbeat message: field 'progress'[0][2] must be a finite number 0..1, got float 1.5",
+        ),
+        (
+            {"t": "cap", "id": 1, "op": "set", "kind": "queue", "name": "q", "concurrency": True},
+            "cap message: field 'concurrency' must be an integer, got bool True",
+        ),
     ],
 )
 def test_a_refusal_names_the_field_the_rule_and_the_value(msg: dict[str, Any], words: str) -> None:
@@ -166,10 +189,21 @@ def test_claim_n_is_accepted_exactly_when_it_is_an_integer_in_range(n: object) -
         {"type": "a", "depends_on": "t1"},
         {"type": "a", "on_dependency_failure": "ignore"},
         {"type": "a", "surprise": 1},
+        {"type": "a", "delay": -1},
+        {"type": "a", "unique_key": ""},
+        {"type": "a", "unique_key": "k"},  # needs unique_for: a rule joining two fields
+        {"type": "a", "delay": 5, "depends_on": ["t1"]},
     ],
 )
 def test_plain_data_and_the_wire_refuse_a_task_in_the_same_words(spec: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest) as plain:
         TaskSpec.from_mapping(spec)
-    wire = refusal({"t": "submit", "id": 1, "tasks": [spec]})
-    assert str(wire) == f"task 0: {plain.value}; nothing was submitted"
+    msg = {"t": "submit", "id": 1, "tasks": [spec]}
+    try:
+        submit = parse(msg)
+    except MessageError as wire:  # the declaration's rules: refused as the frame is read
+        assert str(wire) == f"task 0: {plain.value}; nothing was submitted"
+    else:  # rules joining fields: refused by the service, which adds the same prefix
+        with pytest.raises(InvalidRequest) as joined:
+            TaskSpec.of(submit.tasks[0])
+        assert str(joined.value) == str(plain.value)
