@@ -60,7 +60,7 @@ from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 from tq.protocol.parse import typed
-from tq.protocol.schema import Query
+from tq.protocol.schema import Purge, Query, RetryMany
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -300,12 +300,14 @@ async def set_priority(request: Request) -> Response:
 
 async def purge(request: Request) -> Response:
     principal = await authenticate(request, "purge")
-    return _json(await _service(request).purge(await _object_body(request), principal))
+    msg = typed(Purge, {**await _object_body(request), "id": 0}, "purge")
+    return _json(await _service(request).purge(msg, principal))
 
 
 async def retry_many(request: Request) -> Response:
     principal = await authenticate(request, "retry_many")
-    return _json(await _service(request).retry_many(await _object_body(request), principal))
+    msg = typed(RetryMany, {**await _object_body(request), "id": 0}, "retry_many")
+    return _json(await _service(request).retry_many(msg, principal))
 
 
 async def keys(request: Request) -> Response:

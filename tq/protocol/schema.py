@@ -183,14 +183,17 @@ class Wait(Request, tag="wait"):
 
 
 class Purge(Request, tag="purge"):
-    states: list[str]
+    states: Annotated[
+        list[str],
+        Meta(extra={"rule": "an array of finished states (succeeded, dead, cancelled)"}),
+    ]
     older_than: Annotated[float, Meta(ge=0.0, le=limits.MAX_NUMBER)]
     limit: BulkLimit | None = None
     dry_run: bool | None = None
 
 
 class RetryMany(Request, tag="retry_many"):
-    state: str
+    state: Annotated[str, Meta(extra={"rule": "a state name (failed, dead or cancelled)"})]
     limit: BulkLimit | None = None
 
 
