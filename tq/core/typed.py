@@ -199,7 +199,7 @@ _NOUN = re.compile(r"\b(string|integer|number|map|bool|array)\b")
 
 
 def _plural(rule: str) -> str:
-    """"a string" -> "strings", "an integer 0..9" -> "integers 0..9"."""
+    """ "a string" -> "strings", "an integer 0..9" -> "integers 0..9"."""
     for article in ("an ", "a "):
         if rule.startswith(article):
             return _NOUN.sub(r"\1s", rule[len(article) :], count=1)
