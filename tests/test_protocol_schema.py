@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import msgpack
@@ -242,3 +243,63 @@ def test_the_openapi_task_spec_has_the_declarations_fields_and_bounds() -> None:
 
 def test_the_declared_task_spec_is_the_stored_one() -> None:
     assert set(TaskSpecIn.__struct_fields__) == {f.name for f in dataclasses.fields(TaskSpec)}
+
+
+def _deep_submit(depth: int, pad: int = 0) -> bytes:
+    """A submit whose one task has a payload nested ``depth`` arrays deep (written by hand:
+    msgpack's packer refuses such depth); ``pad`` bytes of an undeclared field."""
+    fields = {"t": "submit", "id": 9, **({"zz": "x" * pad} if pad else {})}
+    head = bytes([0x80 | (len(fields) + 1)])
+    for key, value in fields.items():
+        head += msgpack.packb(key) + msgpack.packb(value)
+    task = b"\x82" + msgpack.packb("type") + msgpack.packb("x") + msgpack.packb("payload")
+    return head + msgpack.packb("tasks") + b"\x91" + task + b"\x91" * depth + b"\xc0"
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 1023, 1200, 50_000])
+@pytest.mark.parametrize("pad", [0, INLINE_DECODE])
+def test_deep_nesting_is_refused_never_raised(depth: int, pad: int) -> None:
+    """However deep a payload nests, parsing it ends in the protocol's errors (a refused
+    task, or a malformed frame when msgpack itself gives up), never a RecursionError."""
+    body = _deep_submit(depth, pad)
+    try:
+        submit = parse_request(body)
+    except MessageError as exc:
+        assert exc.request_id == 9 and "nested too deeply" in str(exc)
+    except ProtocolError as exc:
+        assert "malformed frame" in str(exc)
+    else:
+        with pytest.raises(InvalidRequest, match="nested deeper than 64 levels"):
+            TaskSpec.of(submit.tasks[0])
+
+
+def test_a_typed_decode_out_of_stack_is_an_answerable_refusal() -> None:
+    """msgpack reads the frame but the typed decode runs out of recursion (a deeper call
+    stack, as in the broker's tasks): the request is refused by id, not raised. (A large
+    frame's payload is converted as it is, without recursing: only the inline path.)"""
+    body = _deep_submit(500)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)
+    try:
+        with pytest.raises(MessageError) as info:
+            parse_request(body)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert info.value.request_id == 9 and isinstance(info.value.cause, InvalidRequest)
+    assert "submit: a value is nested too deeply to decode" in str(info.value)
+    assert "at most 64 levels" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spec", [{"payload": 2**64}, {"type": "a b", "payload": 2**64}, {"queue": 1, "payload": []}]
+)
+def test_the_plain_shortcut_reports_the_first_fault_like_the_full_path(
+    spec: dict[str, Any],
+) -> None:
+    from types import MappingProxyType
+
+    with pytest.raises(InvalidRequest) as shortcut:
+        TaskSpec.from_mapping(spec)  # a dict of type/queue/payload: the shortcut
+    with pytest.raises(InvalidRequest) as full:
+        TaskSpec.from_mapping(MappingProxyType(spec))
+    assert str(shortcut.value) == str(full.value)

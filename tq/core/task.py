@@ -242,15 +242,15 @@ class TaskSpec:
         if type(spec) is dict and spec.keys() <= _PLAIN_FIELDS:
             # The common case (type, payload, maybe queue): same rules, fewer steps.
             payload = spec.get("payload")
-            check_plain(payload, "task payload")
             try:
+                check_plain(payload, "task payload")
                 return cls(
                     type=_plain_name(spec, "type", None),
                     queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
                     payload=payload,
                 )
             except InvalidRequest:
-                pass  # the declaration's check below names the field, like every path
+                pass  # the full path below says it, in the same order as every path
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
         unknown = spec.keys() - _SPEC_FIELDS
@@ -263,6 +263,9 @@ class TaskSpec:
             typed = msgspec.convert(dict(spec), TaskSpecIn, strict=True)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(explain(exc, TaskSpecIn, spec, what="task")) from None
+        except RecursionError:  # only the payload nests: say it as check_plain does
+            check_plain(spec.get("payload"), "task payload")
+            raise InvalidRequest("task is nested too deeply to decode") from None
         return cls.of(typed)
 
     @classmethod

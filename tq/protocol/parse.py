@@ -21,6 +21,7 @@ import msgspec
 
 from tq.core.errors import InvalidRequest, ProtocolError, TQError, UnknownMessage
 from tq.core.typed import explain, type_name
+from tq.core.values import MAX_DEPTH
 from tq.protocol import schema
 from tq.protocol.frames import INLINE_DECODE, unpack, unpack_bounded
 from tq.protocol.session import broker_only
@@ -54,12 +55,12 @@ def parse_request(body: bytes) -> schema.Request:
     if len(body) <= INLINE_DECODE:
         try:
             return schema.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             return _refuse(unpack(body), exc)
     obj = unpack_bounded(body)
     try:
         return schema.convert(obj)
-    except msgspec.ValidationError as exc:
+    except (msgspec.ValidationError, RecursionError) as exc:
         return _refuse(obj, exc)
 
 
@@ -74,7 +75,16 @@ def _refuse(obj: object, exc: Exception) -> schema.Request:
         raise MessageError(InvalidRequest(broker_only(kind)), rid)
     if not isinstance(kind, str) or kind not in schema.BY_TAG:
         raise MessageError(UnknownMessage(unknown_type(kind)), rid)
+    if isinstance(exc, RecursionError):  # msgpack read it; the typed decode could not
+        raise MessageError(InvalidRequest(too_deep(kind)), rid)
     raise MessageError(InvalidRequest(explain(exc, schema.BY_TAG[kind], obj)), rid)
+
+
+def too_deep(what: str) -> str:
+    return (
+        f"{what}: a value is nested too deeply to decode; payloads and results may nest "
+        f"at most {MAX_DEPTH} levels of maps and arrays"
+    )
 
 
 def unknown_type(kind: object) -> str:
@@ -89,3 +99,5 @@ def typed(struct: type[T], data: Any, what: str | None = None) -> T:
         return msgspec.convert(data, struct, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc, struct, data, what=what)) from None
+    except RecursionError:
+        raise InvalidRequest(too_deep(what or struct.__name__)) from None
