@@ -247,3 +247,24 @@ async def test_postgres_due_and_retention_queries_use_their_indexes(pg_url: str)
         ):
             assert "Seq Scan on tasks" not in text and "Index" in text, text
         assert "tasks_due" in plan(pg_schema.NEXT_DUE, ())
+
+
+@pytest.mark.trio
+async def test_a_unique_delayed_task_waits_scheduled_and_its_history_says_so(store: Any) -> None:
+    # a unique submit takes its own write path: the due time must still hold there
+    [first] = await store.submit([spec(delay=30, unique_for=3600, payload="u")], NOW, actor="key:a")
+    [again] = await store.submit([spec(delay=5, unique_for=3600, payload="u")], NOW + 1)
+    assert again.id == first.id and first.created and not again.created
+    task = await store.get(first.id)
+    assert task.state is State.SCHEDULED and task.run_at == NOW + 30
+    assert await claim(store, now=NOW + 29) == []
+    assert await store.promote_due(NOW + 30) == 1
+    [lease] = await claim(store, now=NOW + 30)
+    assert lease.id == first.id
+    # stored and scheduled in one transaction: two rows at the submit, then the promotion
+    rows = [(row.event, row.state, row.actor) for row in await store.history(first.id)]
+    assert rows[:2] == [("submitted", "pending", "key:a"), ("scheduled", "scheduled", "key:a")]
+    assert [(event, state) for event, state, _ in rows[2:]] == [
+        ("promoted", "pending"),
+        ("leased", "running"),
+    ]
