@@ -55,8 +55,9 @@ import trio
 from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
-from tq.core.limits import MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
+from tq.core.limits import DEFAULT_AUDIT_PAGE, MAX_EPOCH
 from tq.core.values import number
+from tq.protocol.schema import Audit
 from tq.security.keys import (
     is_legacy,
     new_key,
@@ -421,20 +422,11 @@ class Auth:
         except TQError as exc:
             log.error("cannot record audit entry %s %s by %s: %s", action, target, actor, exc)
 
-    async def audit_page(self, msg: Any) -> dict[str, Any]:
-        """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor."""
-        limit, before = msg.get("limit"), msg.get("before")
-        limit = 100 if limit is None else limit  # nil equals absent
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= MAX_AUDIT_PAGE
-        ):
-            raise InvalidRequest(f"audit limit must be 1..{MAX_AUDIT_PAGE}")
-        if before is not None and (
-            isinstance(before, bool) or not isinstance(before, int) or not 0 <= before <= MAX_SEQ
-        ):
-            raise InvalidRequest("audit before must be an entry's seq (integer)")
+    async def audit_page(self, msg: Audit) -> dict[str, Any]:
+        """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor (their
+        types and ranges are the declaration's, tq/protocol/schema.py)."""
+        limit = DEFAULT_AUDIT_PAGE if msg.limit is None else msg.limit  # nil equals absent
+        before = msg.before
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None
         return {"entries": [e.to_dict() for e in entries], "next": cursor}

@@ -60,7 +60,7 @@ from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 from tq.protocol.parse import typed
-from tq.protocol.schema import Purge, Query, RetryMany
+from tq.protocol.schema import Audit, Purge, Query, RetryMany
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -324,7 +324,7 @@ async def audit(request: Request) -> Response:
             if not (text.isascii() and text.isdigit()):
                 raise InvalidRequest(f"{name} must be a whole number, not {text!r}")
             msg[name] = int(text)
-    return _json(await _service(request).auth.audit_page(msg))
+    return _json(await _service(request).auth.audit_page(typed(Audit, {**msg, "id": 0}, "audit")))
 
 
 async def _object_body(request: Request) -> dict[str, Any]:

@@ -208,7 +208,17 @@ class Keys(Request, tag="keys"):
 
 class Audit(Request, tag="audit"):
     limit: Annotated[int, Meta(ge=1, le=limits.MAX_AUDIT_PAGE)] | None = None
-    before: Annotated[int, Meta(ge=0, le=limits.MAX_SEQ)] | None = None
+    before: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=limits.MAX_SEQ,
+                extra={"rule": "an entry's seq (an integer 0..2^63-1, the previous page's next)"},
+            ),
+        ]
+        | None
+    ) = None
 
 
 class SetPriority(Request, tag="set_priority"):
