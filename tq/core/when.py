@@ -24,10 +24,11 @@ import re
 from datetime import datetime
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_EPOCH, MAX_SECONDS
 
-MAX_DELAY = 10 * 365 * 86400.0  # ten years ahead: a due time beyond this is a mistake
+MAX_DELAY = MAX_SECONDS  # ten years ahead: a due time beyond this is a mistake
 MIN_RUN_AT = 0.0  # epoch seconds: 1970-01-01T00:00:00Z
-MAX_RUN_AT = 253402300799.0  # 9999-12-31T23:59:59Z (what every reader can print)
+MAX_RUN_AT = MAX_EPOCH  # 9999-12-31T23:59:59Z (what every reader can print)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
