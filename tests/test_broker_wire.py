@@ -138,6 +138,19 @@ async def test_closing_a_tls_stream_sends_close_notify(tmp_path: Path) -> None:
             assert await client.receive_some() == b"", "a clean TLS end, not a bare disconnect"
 
 
+@pytest.mark.trio
+async def test_a_peers_close_notify_reads_as_the_end(tmp_path: Path) -> None:
+    # a peer that ends with a close_notify (Node's socket.end(), trio's aclose) must read
+    # as b"" at once: SSLObject.read answers b"" then, and the stream must not spin on it
+    server, client = await _tls_pair(tmp_path)
+    await client.send_all(b"last request")
+    await client.aclose()  # a close_notify, then the socket closes
+    async with server:
+        with trio.fail_after(5):
+            assert await _read_exactly(server, 12) == b"last request"
+            assert await server.receive_some() == b""
+
+
 async def _hello(broker: Any) -> tuple[trio.abc.Stream, Connection]:
     stream = await open_stream(broker.info.address, ca=broker.info.ca_file, insecure=False)
     conn = Connection()

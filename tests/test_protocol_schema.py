@@ -195,7 +195,7 @@ def test_claim_n_is_accepted_exactly_when_it_is_an_integer_in_range(n: object) -
         {"type": "a", "delay": -1},
         {"type": "a", "unique_key": ""},
         {"type": "a", "unique_key": "k"},  # needs unique_for: a rule joining two fields
-        {"type": "a", "delay": 5, "depends_on": ["t1"]},
+        {"type": "a", "delay": -5, "depends_on": ["t1"]},  # a delayed workflow step: checked too
     ],
 )
 def test_plain_data_and_the_wire_refuse_a_task_in_the_same_words(spec: dict[str, Any]) -> None:

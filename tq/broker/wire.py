@@ -163,24 +163,27 @@ class WireStream(trio.abc.Stream):
         while True:
             chunks: list[bytes] = []
             got = 0
+            closed = False  # the peer's close_notify came in
             try:
                 while got < size:
                     chunk = self._ssl.read(size - got)
-                    if not chunk:
+                    if not chunk:  # SSLObject.read answers b"" after a close_notify
+                        closed = True
                         break
                     chunks.append(chunk)
                     got += len(chunk)
             except ssl.SSLWantReadError:
                 pass
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                if not chunks:
-                    self._take_outgoing()
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    return b""
+            except ssl.SSLZeroReturnError:  # the peer's close_notify (as an error)
+                closed = True
             except ssl.SSLError as exc:  # includes an EOF without close_notify
                 self._take_outgoing()
                 if not chunks:
                     raise trio.BrokenResourceError(f"TLS failed: {exc!r}") from exc
+            if closed and not chunks:
+                self._take_outgoing()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return b""
             self._take_outgoing()  # e.g. the answer to the peer's key update
             if chunks:
                 await trio.lowlevel.cancel_shielded_checkpoint()
