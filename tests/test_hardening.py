@@ -443,7 +443,7 @@ async def test_a_large_submit_is_decoded_and_checked_off_the_event_loop(tmp_path
     from tq.protocol import connection as connection_module
 
     where: dict[str, str] = {}
-    real_specs, real_parse = service_module._specs_of, connection_module.Connection.parse
+    real_specs, real_parse = service_module._specs_of, connection_module.Connection.parse_request
 
     def specs_of(*args: Any) -> Any:
         where.setdefault("specs", threading.current_thread().name)
@@ -455,13 +455,44 @@ async def test_a_large_submit_is_decoded_and_checked_off_the_event_loop(tmp_path
         return real_parse(self, body)
 
     service_module._specs_of = specs_of  # type: ignore[assignment]
-    connection_module.Connection.parse = parse  # type: ignore[method-assign]
+    connection_module.Connection.parse_request = parse  # type: ignore[method-assign]
     try:
         async with running_broker(tmp_path) as broker, broker.client() as client:
             payload = ["ab"] * 100_000  # ~300 KB of short strings
             await client.submit("echo", payload)
     finally:
         service_module._specs_of = real_specs  # type: ignore[assignment]
-        connection_module.Connection.parse = real_parse  # type: ignore[method-assign]
+        connection_module.Connection.parse_request = real_parse  # type: ignore[method-assign]
     main = threading.main_thread().name
     assert where["parse"] != main and where["specs"] != main, where
+
+
+@pytest.mark.trio
+async def test_payloads_nested_past_every_decoder_limit_never_break_the_broker(
+    tmp_path: Path,
+) -> None:
+    """Depths around the typed decoder's recursion limit and msgpack's own: each submit is
+    refused by id (the connection goes on) or as a malformed frame (it is closed), never
+    with an internal error, and the broker serves the next connection."""
+    async with running_broker(tmp_path) as broker:
+        for depth in (950, 1000, 1023, 1100, 5000):
+            stream, conn = await _raw(broker)
+            async with stream:
+                body = (
+                    b"\x83\xa1t\xa6submit\xa2id\x0b\xa5tasks\x91\x82\xa4type\xa4echo"
+                    + b"\xa7payload"
+                    + b"\x91" * depth
+                    + b"\xc0"
+                )
+                await stream.send_all(struct.pack(">I", len(body)) + body)
+                answer = await _read(stream, conn)
+                assert answer is not None and answer["t"] == "nack", (depth, answer)
+                assert answer["code"] != "internal", (depth, answer)
+                if answer["id"] == 11:  # answerable: refused, and the session goes on
+                    assert answer["code"] == "invalid" and "nested" in answer["message"]
+                    ping = {"t": "query", "id": 12, "q": "health"}
+                    assert (await _ask(stream, conn, msgpack.packb(ping)))["t"] == "ack"
+                else:  # msgpack itself gave up: the stream is unusable
+                    assert answer["id"] == 0 and "malformed" in answer["message"], answer
+        async with broker.client() as client:
+            assert (await client.stats())["queues"] == {}, "nothing may have been stored"

@@ -38,10 +38,10 @@ from protodoc import session as raw_session
 
 from tq import __version__
 from tq.broker import server as broker_server
-from tq.broker.operations import BULK_DEFAULT, BULK_MAX
 from tq.broker.service import MAX_CLAIM, MAX_LIST, MAX_WAIT
 from tq.config import Settings
 from tq.core import errors
+from tq.core.limits import BULK_DEFAULT, BULK_MAX
 from tq.core.task import MAX_NAME_LENGTH, MAX_PAYLOAD_BYTES, Outcome, TaskSpec
 from tq.protocol import encode_frame
 from tq.protocol.messages import FIELDS, MAX_REQUEST_ID

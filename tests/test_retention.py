@@ -136,6 +136,64 @@ async def test_a_dependency_a_blocked_task_waits_for_is_kept(store: Any) -> None
     assert not await exists(store, first) and await exists(store, other)
 
 
+async def edges(store: Any) -> set[tuple[str, str]]:
+    """Every stored dependency edge (dependent, dependency)."""
+    found = await store._read(
+        lambda conn: conn.execute("SELECT task, depends_on FROM task_deps").fetchall()
+    )
+    return {(task, dep) for task, dep in found}
+
+
+async def test_expiry_and_purge_delete_the_edges_of_the_tasks_they_delete(store: Any) -> None:
+    [dep] = await finished(store, "a", "ok", 1, NOW)
+    [child] = [r.id for r in await store.submit([spec("c", depends_on=[dep])], NOW)]
+    [lease] = await claim(store, ("c",), n=1, now=NOW)
+    await store.complete([report(lease)], NOW)
+    [dep2] = await finished(store, "a", "ok", 1, NOW)
+    [child2] = [r.id for r in await store.submit([spec("k", depends_on=[dep2])], NOW)]
+    await store.submit([spec("z")], NOW)  # the newest row (SQLite keeps it): pending
+    assert await edges(store) == {(child, dep), (child2, dep2)}
+    # purge of queue-less "succeeded": dep, child and dep2 go; child2 is pending, kept
+    assert await store.purge(["succeeded"], 10.0, NOW + 100, 100) == 3
+    assert not await exists(store, child) and await exists(store, child2)
+    # the purged dependent's edge went with it; the kept dependent still names dep2
+    assert await edges(store) == {(child2, dep2)}
+    [lease] = await claim(store, ("k",), n=1, now=NOW + 100)
+    await store.complete([report(lease)], NOW + 100)
+    policy = RetentionPolicy.of({"succeeded": 10.0})
+    assert sum((await store.expire_finished(policy, NOW + 200, 100)).values()) == 1
+    assert await edges(store) == set()
+
+
+async def keys(store: Any) -> set[str]:
+    """The tasks holding a stored unique key."""
+    found = await store._read(lambda conn: conn.execute("SELECT task FROM task_unique").fetchall())
+    return {task for (task,) in found}
+
+
+async def test_expiry_and_purge_delete_the_unique_keys_of_the_tasks_they_delete(
+    store: Any,
+) -> None:
+    first, second, third = [
+        r.id
+        for r in await store.submit(
+            [spec("a", payload=i, unique_for=3600.0) for i in range(3)], NOW
+        )
+    ]
+    leases = await claim(store, ("a",), n=3, now=NOW)
+    await store.complete([report(lease) for lease in leases], NOW)
+    await store.submit([spec("z")], NOW)  # the newest row (SQLite keeps it)
+    assert await keys(store) == {first, second, third}
+    policy = RetentionPolicy.of({"succeeded": 10.0})
+    assert sum((await store.expire_finished(policy, NOW + 100, 1)).values()) == 1
+    assert await keys(store) == {second, third}
+    assert await store.purge(["succeeded"], 10.0, NOW + 100, 1) == 1
+    assert len(await keys(store)) == 1
+    # the key of a deleted holder is free: the same task again is created anew
+    [again] = await store.submit([spec("a", payload=0, unique_for=3600.0)], NOW + 200)
+    assert again.created and again.id != first
+
+
 async def test_retention_policies_refuse_unfinished_states_and_bad_ttls() -> None:
     with pytest.raises(InvalidRequest, match="finished states"):
         RetentionPolicy.of({"pending": 10.0})

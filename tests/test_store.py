@@ -1289,7 +1289,7 @@ def query_plan(conn: apsw.Connection, statement: str, params: tuple[Any, ...]) -
         (schema.EXPIRED_LEASES, (NOW,), "INDEX tasks_lease (lease_expires_at<?)"),
         # a worker's leases: a walk over the running tasks only (the partial index)
         (schema.WORKER_LEASES, ("w",), "SCAN tasks USING INDEX tasks_lease"),
-        (schema.PROMOTE_DUE, ("pending", NOW), "INDEX tasks_due (run_at<?)"),
+        (schema.PROMOTE_DUE, ("pending", NOW, 250), "INDEX tasks_due (run_at<?)"),
         (schema.NEXT_DUE, (), "INDEX tasks_due (run_at>?)"),
         (schema.list_query(True, False, True, True), ("p", "q", 1, 10), "tasks_state (state=?"),
     ],

@@ -86,10 +86,20 @@ def test_explicit_name_and_with_options() -> None:
 @pytest.mark.parametrize(
     ("declare", "message"),
     [
-        (lambda: tq.task(queue="two words")(lambda: None), "queue 'two words' must not contain"),
+        (
+            lambda: tq.task(queue="two words")(lambda: None),
+            "task queue must be .*no spaces or commas, got str 'two words'",
+        ),
         (lambda: tq.task(priority=300)(lambda: None), "priority 300 must be 0..255"),
         (lambda: tq.task(max_retries=-1)(lambda: None), "max_retries must be an integer"),
-        (lambda: tq.task(name="a,b")(lambda: None), "type 'a,b' must not contain"),
+        (
+            lambda: tq.task(name="a,b")(lambda: None),
+            "task type must be .*no spaces or commas, got str 'a,b'",
+        ),
+        (lambda: tq.task(unique_for="soon")(lambda: None), "unique_for 'soon' is not a duration"),
+        (lambda: tq.task(unique_for=-1)(lambda: None), "unique_for must be a number of seconds"),
+        (lambda: tq.task(unique_key="k")(lambda: None), "unique_key needs unique_for"),
+        (lambda: tq.task(unique_for=1, unique_key="")(lambda: None), "unique_key must be"),
     ],
 )
 def test_bad_options_are_refused_at_declaration(declare: Any, message: str) -> None:
@@ -410,6 +420,44 @@ async def double(n: int) -> int:
 @tq.task(name="api.never", max_retries=0)
 def never(n: int) -> int:
     raise AssertionError("no worker runs this type")
+
+
+@tq.task(name="api.export", unique_for="1h")
+def export(day: str) -> str:
+    return day
+
+
+def test_unique_options_are_sent_with_every_submission() -> None:
+    assert export.spec({"day": "d"}) == {
+        "type": "api.export",
+        "payload": {"day": "d"},
+        "unique_for": 3600.0,  # a duration is read at declaration
+    }
+    one = export.with_options(unique_key="all-days", unique_for="5m")
+    assert one.spec({}) == {
+        "type": "api.export",
+        "payload": {},
+        "unique_for": 300.0,
+        "unique_key": "all-days",
+    }
+    with pytest.raises(TypeError, match="unique_key needs unique_for"):
+        tq.task(name="api.lone")(lambda: None).with_options(unique_key="k")
+
+
+@pytest.mark.trio
+async def test_a_unique_task_declared_once_is_submitted_once(tmp_path: Path) -> None:
+    """No worker runs them: they stay pending, so the key stays held."""
+    async with running_broker(tmp_path) as broker, tq.connect(broker.settings) as client:
+        first = await export.submit("2026-12-05")
+        again = await export.submit(day="2026-12-05")  # the same payload: the same task
+        other = await export.submit("2026-12-06")
+        assert again.id == first.id and other.id != first.id
+        single = export.with_options(unique_key="all-days")
+        by_key = await single.submit("2026-12-07")
+        assert (await single.submit("2026-12-08")).id == by_key.id  # the key, not the payload
+        assert by_key.id not in (first.id, other.id)
+        listed = (await client.list(type="api.export")).tasks
+        assert sorted(task.id for task in listed) == sorted({first.id, other.id, by_key.id})
 
 
 @pytest.mark.trio

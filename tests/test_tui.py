@@ -1077,3 +1077,72 @@ def test_attempts_and_why_a_task_is_dead_are_unambiguous() -> None:
     rows = {line.split()[0]: line for line in listed.splitlines() if "…0000000000" in line}
     assert "dead not retried" in rows["…000000000007"] and "1 of 2" in rows["…000000000007"]
     assert "not retried" not in rows["…000000000008"] and "2 of 2" in rows["…000000000008"]
+
+
+PROGRESS_PROGRAM = """
+import os, sys, time
+for step in ("0.25 one quarter", "0.5 one half"):
+    sys.stderr.write("tq-progress " + step + "\\n"); sys.stderr.flush()
+    gate = sys.argv[1] + step.split()[0]
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+print('{"pages": 10}')
+"""
+
+
+@pytest.mark.slow
+def test_the_detail_view_shows_a_running_tasks_progress_as_it_moves(tmp_path: Path) -> None:
+    """A worker runs a program that reports 25 %, waits, then 50 %: the open detail
+    view shows each (the second from the progress event, without a reload)."""
+    program = tmp_path / "pages.py"
+    program.write_text(PROGRESS_PROGRAM)
+    gate = str(tmp_path / "gate-")
+    shown: dict[str, str] = {}
+    with BrokerProcess(tmp_path / "broker", "--lease-ttl", "30") as broker:
+        broker.start_worker("--exec", f"pages={sys.executable} {program} {gate}")
+        broker.wait_for_workers(1)
+        with broker.client() as client:
+            task_id = client.submit("pages", None)
+
+        async def scenario() -> None:
+            app = console(broker)
+            async with app.run_test(size=(120, 40)) as pilot:
+                await until(pilot, lambda: app.state.link.connected, "the connection")
+                app.open_task(task_id)
+                await until(pilot, lambda: isinstance(app.screen, TaskScreen), "the detail")
+                screen = app.screen
+                assert isinstance(screen, TaskScreen)
+                reloads: list[int] = []
+                await until(
+                    pilot, lambda: "25% one quarter" in screen_text(app), "25 % on screen", 30
+                )
+                shown["quarter"] = screen_text(app)
+                reload = screen.action_reload
+
+                def counted_reload() -> None:
+                    reloads.append(1)
+                    reload()
+
+                screen.action_reload = counted_reload  # type: ignore[method-assign]
+                Path(gate + "0.25").touch()
+                await until(pilot, lambda: "50% one half" in screen_text(app), "50 % on screen", 30)
+                shown["half"] = screen_text(app)
+                shown["reloads"] = str(len(reloads))
+                Path(gate + "0.5").touch()
+                await until(
+                    pilot,
+                    lambda: (
+                        screen.task_data is not None and screen.task_data.state.value == "succeeded"
+                    ),
+                    "the task to end",
+                    30,
+                )
+                await pilot.pause(0.1)
+                shown["done"] = screen_text(app)
+
+        run(scenario)
+    assert_literal(shown["quarter"], "running", "progress", "█████░░░░░░░░░░░░░░░ 25% one quarter")
+    assert "50%" not in shown["quarter"]
+    assert_literal(shown["half"], "running", "██████████░░░░░░░░░░ 50% one half")
+    assert shown["reloads"] == "0"  # the progress event, not a reload, moved it
+    assert_literal(shown["done"], "succeeded", "50% one half")  # the last progress stays

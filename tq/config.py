@@ -58,6 +58,8 @@ from typing import (
 import platformdirs
 
 from tq.core.errors import ConfigError
+from tq.core.limits import MAX_FRAME as DEFAULT_MAX_FRAME
+from tq.core.limits import MAX_FRAME_LIMIT
 from tq.store.claimplan import Aging
 
 APP = "tq"
@@ -66,7 +68,6 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_LEASE_TTL = 30.0
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SYNCHRONOUS = "full"
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 DEFAULT_HTTP = "127.0.0.1:7471"  # broker: REST API, /metrics, /health; "off" disables
 # security limits (docs/SECURITY.md)
@@ -79,7 +80,6 @@ DEFAULT_SUBMIT_RATE = 5000.0  # tasks/s per non-admin key (token bucket); 0: no 
 DEFAULT_SUBMIT_BURST = 10000.0  # tasks a key may submit at once above its rate
 DEFAULT_AGING_CAP = 50.0  # priority points a wait can add at most (with aging_rate set)
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # msgpack-encoded task payload; the store's ceiling
-MAX_FRAME_LIMIT = 2**32 - 1  # a frame's length prefix is 4 bytes (docs/PROTOCOL.md)
 # retention: finished tasks are deleted this long after they finished (0: kept forever)
 DEFAULT_RETENTION_SUCCEEDED = 7 * 86400.0
 DEFAULT_RETENTION_DEAD = 30 * 86400.0

@@ -21,7 +21,8 @@ Contract:
   ``module.qualname`` (for a script run as ``python producer.py`` the
   module is the file's stem, ``producer``). Options (``queue``,
   ``priority``, ``max_retries``, ``timeout``, ``retry_base``,
-  ``retry_cap``) are checked when the function is declared and sent with
+  ``retry_cap``, ``unique_for``, ``unique_key``) are checked when the
+  function is declared and sent with
   every submission; ``with_options(...)`` overrides them (and picks a client)
   for some submissions. Calling the declared object runs the function here.
 * The payload is a map of the function's arguments by name (positional
@@ -66,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 from tq.core.errors import ConfigError, InvalidRequest, Timeout, TQError
 from tq.core.signature import Signature, TaskArgumentError, TaskDeclarationError
 from tq.core.task import TaskSpec
+from tq.core.units import seconds
 
 if TYPE_CHECKING:
     from tq.client.aio import Client
@@ -96,7 +98,16 @@ class TaskFailed(TQError):
 
 # -- the declaration ----------------------------------------------------------------------
 
-_OPTIONS = ("queue", "priority", "max_retries", "timeout", "retry_base", "retry_cap")
+_OPTIONS = (
+    "queue",
+    "priority",
+    "max_retries",
+    "timeout",
+    "retry_base",
+    "retry_cap",
+    "unique_for",
+    "unique_key",
+)
 
 
 def _module_name(fn: Callable[..., Any]) -> str:
@@ -128,6 +139,11 @@ class TaskDef(Generic[P, R]):
         self.fn = fn
         self.name = name or f"{_module_name(fn)}.{fn.__qualname__}"
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        if isinstance(self.options.get("unique_for"), str):  # a duration: "1h", "30m", "1d"
+            try:
+                self.options["unique_for"] = seconds(self.options["unique_for"], "unique_for")
+            except ValueError as exc:
+                raise TaskDeclarationError(f"task {self.name}: {exc}") from None
         self.client = client
         self.idempotency_key = idempotency_key
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -397,6 +413,8 @@ def task(
     timeout: float | None = None,
     retry_base: float | None = None,
     retry_cap: float | None = None,
+    unique_for: float | str | None = None,
+    unique_key: str | None = None,
 ) -> _Decorator: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -409,8 +427,12 @@ def task(
     timeout: float | None = None,
     retry_base: float | None = None,
     retry_cap: float | None = None,
+    unique_for: float | str | None = None,
+    unique_key: str | None = None,
 ) -> Any:
-    """Declare a task type: ``@tq.task`` or ``@tq.task(queue="emails", max_retries=5)``."""
+    """Declare a task type: ``@tq.task`` or ``@tq.task(queue="emails", max_retries=5)``.
+    ``unique_for`` (seconds or a duration, "1h") makes every submission unique
+    (docs/PYTHON.md, "Unique tasks"): by type and payload, or by ``unique_key``."""
     options = {
         "queue": queue,
         "priority": priority,
@@ -418,6 +440,8 @@ def task(
         "timeout": timeout,
         "retry_base": retry_base,
         "retry_cap": retry_cap,
+        "unique_for": unique_for,
+        "unique_key": unique_key,
     }
     if fn is not None:
         return _declare(fn, name, options)

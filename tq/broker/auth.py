@@ -55,7 +55,9 @@ import trio
 from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
+from tq.core.limits import DEFAULT_AUDIT_PAGE, MAX_EPOCH
 from tq.core.values import number
+from tq.protocol.schema import Audit
 from tq.security.keys import (
     is_legacy,
     new_key,
@@ -74,14 +76,11 @@ from tq.store.base import Store
 log = logging.getLogger("tq.broker.auth")
 
 KEY_REFRESH = 5.0  # seconds between reloads of the key table from the store
-MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 FAIL_DELAY = 0.5  # seconds: no refused login is answered sooner (unknown id, wrong secret)
 RELOAD_SPACING = 0.5  # seconds between reloads of the key table asked for by refused logins
 LEGACY_THREADS = 1  # scrypt verifications of keys made by older brokers, at once
 LOGIN_TIMEOUT = 10.0  # seconds a login may take at most (a wire hello: its own deadline)
 RATE_LOG_EVERY = 10.0  # seconds: a flood of rate-limited submissions logs one line per key
-MAX_AUDIT_PAGE = 1000
-MAX_SEQ = 2**63 - 1  # SQLite's largest integer: an audit seq is never above it
 
 
 def actor_of(principal: Principal | None) -> str:
@@ -388,7 +387,7 @@ class Auth:
             self._remember(key)
         return keys
 
-    async def request(self, principal: Principal | None, msg: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, principal: Principal | None, msg: Any) -> dict[str, Any]:
         """A ``keys`` request: op create / list / revoke (the role was checked already)."""
         op, now = msg.get("op"), self.clock()
         if op == "create":
@@ -398,7 +397,7 @@ class Auth:
             text, key = await self.create_key(
                 principal,
                 name=_text(msg.get("name"), "name"),
-                role=msg.get("role"),  # type: ignore[arg-type]  # parse_role checks it
+                role=msg.get("role"),  # parse_role checks it
                 queues=msg.get("queues"),
                 expires_at=expires,
             )
@@ -423,20 +422,11 @@ class Auth:
         except TQError as exc:
             log.error("cannot record audit entry %s %s by %s: %s", action, target, actor, exc)
 
-    async def audit_page(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor."""
-        limit, before = msg.get("limit"), msg.get("before")
-        limit = 100 if limit is None else limit  # nil equals absent
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= MAX_AUDIT_PAGE
-        ):
-            raise InvalidRequest(f"audit limit must be 1..{MAX_AUDIT_PAGE}")
-        if before is not None and (
-            isinstance(before, bool) or not isinstance(before, int) or not 0 <= before <= MAX_SEQ
-        ):
-            raise InvalidRequest("audit before must be an entry's seq (integer)")
+    async def audit_page(self, msg: Audit) -> dict[str, Any]:
+        """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor (their
+        types and ranges are the declaration's, tq/protocol/schema.py)."""
+        limit = DEFAULT_AUDIT_PAGE if msg.limit is None else msg.limit  # nil equals absent
+        before = msg.before
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None
         return {"entries": [e.to_dict() for e in entries], "next": cursor}

@@ -14,7 +14,7 @@ caps span queues: such a key may list them, not change them).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tq.core.errors import Forbidden, InvalidRequest
@@ -70,7 +70,7 @@ def burst_of(rate: float, burst: float | None) -> float:
     return default_burst(rate) if burst is None else burst
 
 
-def check_cap(msg: Mapping[str, Any]) -> Cap:
+def check_cap(msg: Any) -> Cap:
     """The cap a ``set`` request asks for; InvalidRequest naming what is wrong."""
     kind = msg.get("kind")
     if kind not in KINDS:
@@ -105,9 +105,7 @@ class CapOps:
     clock: Callable[[], float]
     notify_work: Callable[[], None]
 
-    async def cap_request(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
-    ) -> dict[str, Any]:
+    async def cap_request(self, msg: Any, principal: Principal | None = None) -> dict[str, Any]:
         """One ``cap`` request (op: set, remove, list)."""
         from tq.broker.auth import actor_of
 

@@ -65,6 +65,7 @@ import trio
 
 from tq.core.errors import InvalidRequest, NotFound, TQError, Unavailable
 from tq.core.when import due_at
+from tq.protocol.schema import Subscribe, Unsubscribe
 
 if TYPE_CHECKING:
     from tq.broker.registry import WorkerInfo, WorkerRegistry
@@ -513,10 +514,12 @@ class SessionEvents:
         self.subscriber: Subscriber | None = None
         self._scope: trio.CancelScope | None = None
 
-    async def handle(self, msg: dict[str, Any], nursery: trio.Nursery, closing: bool) -> None:
-        rid = msg["id"]
+    async def handle(
+        self, msg: Subscribe | Unsubscribe, nursery: trio.Nursery, closing: bool
+    ) -> None:
+        rid = msg.id
         try:
-            if msg["t"] == "subscribe":
+            if isinstance(msg, Subscribe):
                 body = self._subscribe(rid, msg, closing)
             else:
                 body = self._unsubscribe()
@@ -524,15 +527,15 @@ class SessionEvents:
             await self._reply(self._nack(rid, exc))
             return
         await self._reply({"t": "ack", "id": rid, **body})
-        if msg["t"] == "subscribe" and self.subscriber is not None:
+        if isinstance(msg, Subscribe) and self.subscriber is not None:
             nursery.start_soon(self._forward, self.subscriber)
 
-    def _subscribe(self, rid: int, msg: dict[str, Any], closing: bool) -> dict[str, Any]:
+    def _subscribe(self, rid: int, msg: Subscribe, closing: bool) -> dict[str, Any]:
         if closing:
             raise Unavailable("the broker is shutting down; subscribe again once it is back")
         # a second subscribe never gets here: the session's rules refuse it
         # (tq/protocol/session.py); the bus refuses bad topics
-        self.subscriber = self.bus.subscribe(rid, msg.get("topics"))
+        self.subscriber = self.bus.subscribe(rid, msg.topics)
         return {"topics": sorted(self.subscriber.topics)}
 
     def _unsubscribe(self) -> dict[str, Any]:

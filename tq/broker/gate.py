@@ -10,7 +10,7 @@ read one, a connection-level NACK (id 0) before the socket closes:
   ClientHello starts with 0x16) and answered, in plaintext, with ``tls``;
 * a failed handshake (unknown CA, no client certificate when one is
   required, garbage): the TLS alert is the client's error; logged here.
-  trio leaves the alert OpenSSL wrote for a failed handshake unsent, so it
+  The handshake leaves the alert OpenSSL wrote for a failure unsent, so it
   is sent here: without it a TLS 1.3 client refused for its certificate
   (which it learns only on its first read) would see a bare disconnect;
 * a handshake (or the first byte) that does not arrive within
@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from tq.broker.wire import WireStream
 from tq.core.errors import TLSFailure, TQError, Unavailable
 from tq.protocol import Connection
 
@@ -129,9 +130,9 @@ def check_open_files(max_connections: int) -> int:
 
 async def handshake(
     stream: trio.SocketStream, context: ssl.SSLContext, timeout: float, peer: str
-) -> trio.SSLStream[trio.SocketStream] | None:
+) -> WireStream | None:
     """The TLS stream once the handshake is done; None (logged, answered) if it failed."""
-    tls: trio.SSLStream[trio.SocketStream] | None = None
+    tls: WireStream | None = None
     try:
         with trio.fail_after(timeout):
             first = await stream.socket.recv(1, socket.MSG_PEEK)
@@ -141,7 +142,7 @@ async def handshake(
                 log.warning("%s: plaintext client on the TLS port; refused", peer)
                 await _say(stream, TLSFailure(PLAINTEXT))
                 return None
-            tls = trio.SSLStream(stream, context, server_side=True)
+            tls = WireStream(stream, context)
             await tls.do_handshake()
     except trio.TooSlowError:
         log.warning("%s: TLS handshake not completed within %gs; dropped", peer, timeout)
@@ -154,19 +155,17 @@ async def handshake(
     return tls
 
 
-async def send_alert(
-    stream: trio.SocketStream, tls: trio.SSLStream[trio.SocketStream] | None
-) -> None:
+async def send_alert(stream: trio.SocketStream, tls: WireStream | None) -> None:
     """Send the TLS alert a failed server-side handshake left unsent, then drain.
 
-    trio marks the stream broken without flushing what OpenSSL wrote for the
+    The handshake raises without flushing what OpenSSL wrote for the
     failure (e.g. "certificate required"); the bytes are still in the
     stream's outgoing memory BIO. Sending them gives the client an explicit
     TLS error instead of a disconnect; reading until the client hangs up
     (briefly) keeps the kernel from answering its unread data with a reset
     that could overtake the alert.
     """
-    outgoing = getattr(tls, "_outgoing", None)  # trio.SSLStream's MemoryBIO (private)
+    outgoing = None if tls is None else tls._outgoing
     if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
         return
     with trio.move_on_after(DRAIN_SECONDS):

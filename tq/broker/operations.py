@@ -29,34 +29,20 @@ import trio
 
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
-from tq.core.errors import InvalidRequest, TQError, Unavailable
-from tq.core.task import MAX_NUMBER
-from tq.core.values import number
+from tq.core.errors import TQError, Unavailable
+from tq.core.limits import BULK_DEFAULT
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
     from tq.broker.coalesce import Coalesced
     from tq.broker.events import EventBus
     from tq.broker.registry import WorkerRegistry
+    from tq.protocol.schema import Purge, RetryMany
     from tq.security.roles import Principal
     from tq.store.base import ClusterState, QueueDepth, Store, StoreStats
 
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
-BULK_DEFAULT = 1000  # rows per purge / retry_many request unless the caller says
-BULK_MAX = 10_000
 EXPLAIN_AHEAD_LIMIT = 10_000  # tasks ahead counted up to this ("at least" beyond)
-
-
-def _bulk_limit(value: object) -> int:
-    if value is None:
-        return BULK_DEFAULT
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= BULK_MAX:
-        raise InvalidRequest(f"limit must be a whole number 1..{BULK_MAX}")
-    return value
-
-
-def _seconds(value: object, what: str) -> float:
-    return number(value, what, hi=MAX_NUMBER)
 
 
 def _visible(principal: Principal | None) -> Callable[[str], bool] | None:
@@ -211,24 +197,17 @@ class OperatorOps:
             entry["cap"] = None if cap is None else cap.limits()
         return {"queues": [queues[name] for name in sorted(queues)]}
 
-    async def purge(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
-    ) -> dict[str, Any]:
+    async def purge(self, msg: Purge, principal: Principal | None = None) -> dict[str, Any]:
         """Delete (or with ``dry_run`` count) finished tasks older than ``older_than`` s.
 
         One chunk of at most ``limit`` rows per call; ``more`` says whether
-        another call may find more.
+        another call may find more. The fields' types and ranges are the
+        declaration's (tq/protocol/schema.py); the state names are the store's.
         """
-        states = msg.get("states")
-        if not isinstance(states, list | tuple) or not all(isinstance(s, str) for s in states):
-            raise InvalidRequest("purge states must be a list of state names")
-        older_than = _seconds(msg.get("older_than"), "purge older_than")
-        limit = _bulk_limit(msg.get("limit"))
+        states, older_than = msg.states, msg.older_than
+        limit = BULK_DEFAULT if msg.limit is None else msg.limit
         now = self.clock()
-        dry_run = msg.get("dry_run")
-        if dry_run is not None and not isinstance(dry_run, bool):
-            raise InvalidRequest("purge dry_run must be true or false")
-        if dry_run:
+        if msg.dry_run:
             matched = await self.store.count_purgeable(states, older_than, now)
             return {"purged": 0, "matched": matched, "more": False}
         purged = await self.store.purge(states, older_than, now, limit)
@@ -238,13 +217,11 @@ class OperatorOps:
         return {"purged": purged, "matched": purged, "more": purged == limit}
 
     async def retry_many(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
+        self, msg: RetryMany, principal: Principal | None = None
     ) -> dict[str, Any]:
         """Send up to ``limit`` tasks in ``state`` back to pending, oldest first."""
-        state = msg.get("state")
-        if not isinstance(state, str):
-            raise InvalidRequest("retry_many needs 'state' (failed, dead or cancelled)")
-        limit = _bulk_limit(msg.get("limit"))
+        state = msg.state
+        limit = BULK_DEFAULT if msg.limit is None else msg.limit
         from tq.broker.auth import history_actor
 
         ids = await self.store.retry_many(

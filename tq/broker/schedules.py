@@ -17,7 +17,7 @@ of its queues. Changes are audited (``schedule.add``, ``schedule.remove``,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -58,7 +58,7 @@ class ScheduleOps:
         await self._schedules_changed.wait()
 
     async def schedule_request(
-        self, msg: Mapping[str, Any], principal: Principal | None = None
+        self, msg: Any, principal: Principal | None = None
     ) -> dict[str, Any]:
         """One ``schedule`` request (op: add, list, get, remove, pause, resume, run_now)."""
         op = msg.get("op")

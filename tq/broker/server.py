@@ -2,8 +2,14 @@
 
 A session is one connection. Its reader decodes frames with the sans-IO
 ``Connection`` and starts one task per request, so a connection carries many
-requests at once (pipelining); answers go through one writer task that
-coalesces whatever is queued into a single ``send_all``. The first message
+requests at once (pipelining); a point read (``get``) and ``depth`` (unless
+another expensive read holds the connection's turn) are answered by the
+reader itself. An answer is written to the socket by whoever
+has it, at once and without awaiting (``WireStream.write_nowait``,
+tq/broker/wire.py); what the socket does not take waits in the stream, and
+the session's writer task sends it once the peer reads again. Answers queued
+for a peer that does not read are bounded (``OUTBOX_BYTES``; events
+``EVENT_OUTBOX_BYTES``): past that, the next answer waits. The first message
 must be HELLO. A stream-level protocol error (oversize or malformed frame)
 gets a NACK with id 0 and the connection is closed; a message-level error
 (unknown type, bad field) gets a NACK with the request's id and the session
@@ -36,13 +42,13 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import trio
 
 from tq import __version__
 from tq.broker.auth import broker_join_token, open_auth
-from tq.broker.events import SUBSCRIPTION_REQUESTS, SessionEvents
+from tq.broker.events import SessionEvents
 from tq.broker.gate import ConnectionGate, check_open_files, handshake, refuse_over_limit
 from tq.broker.loops import (
     promoter_loop,
@@ -53,6 +59,7 @@ from tq.broker.loops import (
 )
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
+from tq.broker.wire import WireStream
 from tq.config import BrokerSettings, parse_address
 from tq.core.errors import (
     ConfigError,
@@ -66,10 +73,32 @@ from tq.core.errors import (
 )
 from tq.core.heap import settle_heap
 from tq.core.task import MAX_PAYLOAD_BYTES
-from tq.core.values import number
-from tq.protocol import REQUEST_TYPES, Connection
+from tq.protocol import Connection
 from tq.protocol.connection import MessageError
 from tq.protocol.frames import INLINE_DECODE
+from tq.protocol.schema import (
+    Audit,
+    Cancel,
+    CapOp,
+    Claim,
+    Heartbeat,
+    Hello,
+    Keys,
+    Purge,
+    Query,
+    QueryKind,
+    QueueOp,
+    Request,
+    Result,
+    Retry,
+    RetryMany,
+    Schedule,
+    SetPriority,
+    Submit,
+    Subscribe,
+    Unsubscribe,
+    Wait,
+)
 from tq.protocol.session import Role, broker_only
 from tq.protocol.session import Session as SessionRules
 from tq.security.roles import Principal, action_of
@@ -85,12 +114,12 @@ SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or resu
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
 FAREWELL_SECONDS = 0.5  # to send every open session "the broker is shutting down"
-LARGE_FRAME = "_large"  # set on a message decoded from a frame over INLINE_DECODE
 HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
 _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
 HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
 EVENT_OUTBOX_BYTES = 256 * 1024  # events queued for a subscriber that does not read them
+YIELD_EVERY = 32  # frames of one read handled before the reader lets other tasks run
 
 
 @dataclass(frozen=True)
@@ -179,7 +208,7 @@ class Session:
     def __init__(
         self,
         service: BrokerService,
-        stream: trio.abc.Stream,
+        stream: WireStream,
         settings: BrokerSettings,
         peer: str = "?",
     ) -> None:
@@ -193,8 +222,6 @@ class Session:
         self.principal: Principal | None = None  # who this session acts as (None: --no-auth)
         self.rules = SessionRules(Role.BROKER)  # hello first, one hello, one subscription
         self.on_hello: Callable[[], None] = lambda: None  # the gate: no longer evictable
-        self._send, self._outbox = trio.open_memory_channel[bytes](settings.max_in_flight * 2)
-        self._queued = 0  # bytes of answers queued and not yet written to the peer
         self._writer_done = False
         self._written = trio.Event()  # set (and replaced) whenever the writer sent some
         self._heavy = trio.Lock()  # expensive reads: one at a time per connection
@@ -204,7 +231,7 @@ class Session:
         self._hello_by = now + settings.hello_timeout  # see _deadline
         self._active_at = now  # when the last request arrived or finished
         self._refused: TQError | None = None  # the key went bad: NACK, then close
-        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+        self._handlers: dict[str, Callable[[Any], Awaitable[dict[str, Any]]]] = {
             "submit": self._submit,
             "claim": self._claim,
             "result": self._result,
@@ -237,26 +264,22 @@ class Session:
                     last_word = await self._reader(requests)
                     requests.cancel_scope.cancel()  # the peer is gone or broke the stream
                 if last_word is not None:
-                    await self._send.send(last_word)
-                await self._send.aclose()  # the writer flushes what is queued, then ends
+                    self.stream.write_nowait(last_word)
                 outer.cancel_scope.deadline = trio.current_time() + 1.0
+                await self.wait_flushed()  # what is queued goes out (1 s at most), then end
+                outer.cancel_scope.cancel()
         finally:
             if self.worker_id is not None:
                 self.service.worker_disconnected(self.worker_id)
             self.events.close()
 
     async def _writer(self) -> None:
+        """Send what the socket did not take when it was written (a peer slow to read,
+        or not reading); raises when the socket failed, which ends the session."""
         try:
-            async for first in self._outbox:
-                chunks = [first]
-                while True:
-                    try:
-                        chunks.append(self._outbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                data = b"".join(chunks)
-                await self.stream.send_all(data)
-                self._queued -= len(data)
+            while True:
+                await self.stream.wait_stuck()
+                await self.stream.flush()
                 self._written.set()
                 self._written = trio.Event()
         finally:
@@ -269,16 +292,14 @@ class Session:
         if not self.hello_done:
             return False
         self.rules.close()  # what arrives from now on is refused: the broker is stopping
-        try:
-            self._send.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if self._writer_done or len(self.stream.pending) > OUTBOX_BYTES:
             return False
-        self._queued += len(frame)
+        self.stream.write_nowait(frame)
         return True
 
     async def wait_flushed(self) -> None:
         """Until every queued frame was written (or the writer ended)."""
-        while self._queued > 0 and not self._writer_done:
+        while self.stream.pending and not self._writer_done:
             await self._written.wait()
 
     async def _reply_subscription(self, message: dict[str, Any]) -> None:
@@ -299,10 +320,10 @@ class Session:
             frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
-        while self._queued > 0 and self._queued + len(frame) > budget and not self._writer_done:
+        pending = self.stream.pending
+        while pending and len(pending) + len(frame) > budget and not self._writer_done:
             await self._written.wait()
-        self._queued += len(frame)
-        await self._send.send(frame)
+        self.stream.write_nowait(frame)  # on the socket now, or left for the writer
 
     def _deadline(self) -> float:
         """When a quiet connection is dropped: no hello yet, or idle (nothing in flight)."""
@@ -346,7 +367,11 @@ class Session:
                 return None
             try:
                 self.conn.receive_data(data)
+                handled = 0
                 while (body := self.conn.next_body()) is not None:
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:  # answers need not await: let others run
+                        await trio.lowlevel.checkpoint()
                     # a large frame holds broker-wide credit from before it is decoded
                     # until its request is answered (service.large_frames)
                     credit = await self._credit(body)
@@ -383,46 +408,50 @@ class Session:
                 return self.conn.send(Connection.nack(0, self._refused))
             return None
         try:
-            self.rules.receive(msg)  # a second hello or subscription, a broker-only type
+            self.rules.receive_request(msg)  # a second hello or subscription, a broker-only type
         except TQError as exc:
-            await self._reply(Connection.nack(msg["id"], exc))
+            await self._reply(Connection.nack(msg.id, exc))
             return None
-        if msg["t"] in SUBSCRIPTION_REQUESTS:
+        if isinstance(msg, Subscribe | Unsubscribe):
             await self.events.handle(msg, nursery, self.service.closing)
             return None
         await self._slots.acquire()
-        if msg["t"] == "query" and msg.get("q") == "get":
-            await self._request(msg, credit)  # a point read: no task of its own
+        if isinstance(msg, Query) and self._inline(msg.q):
+            await self._request(msg, credit)  # quick, or one at a time anyway: no task
         else:
             nursery.start_soon(self._request, msg, credit)
         return _HANDED
 
-    async def _parse(self, body: bytes) -> dict[str, Any]:
-        """Decode one frame body. A large one is decoded in a thread, one at a time per
-        broker (``service.decode_limiter``), its maps and arrays counted, so it neither
-        stalls the event loop nor lets several connections multiply its memory; it is
-        marked so that what walks it later (a submit's checks) runs off the loop too."""
-        if len(body) <= INLINE_DECODE:
-            return self.conn.parse(body)
-        msg = await trio.to_thread.run_sync(
-            self.conn.parse, body, limiter=self.service.decode_limiter
-        )
-        msg[LARGE_FRAME] = True
-        return msg
+    def _inline(self, q: Any) -> bool:
+        """Whether the reader answers this query itself: not an expensive read while
+        another holds the connection's turn (the reader would wait for it)."""
+        return q in INLINE_QUERIES and not (q in HEAVY_QUERIES and self._heavy.locked())
 
-    async def _hello(self, msg: dict[str, Any]) -> bool:
+    async def _parse(self, body: bytes) -> Request:
+        """Decode one frame body into its typed request (tq/protocol/schema.py). A large
+        one is decoded in a thread, one at a time per broker (``service.decode_limiter``),
+        its maps and arrays counted, so it neither stalls the event loop nor lets several
+        connections multiply its memory; what walks it later (a submit's payload checks)
+        runs off the loop too (``_request`` knows it by its credit)."""
+        if len(body) <= INLINE_DECODE:
+            return self.conn.parse_request(body)
+        return await trio.to_thread.run_sync(
+            self.conn.parse_request, body, limiter=self.service.decode_limiter
+        )
+
+    async def _hello(self, msg: Request) -> bool:
         """Answer the first message; False if its credentials were refused (then close)."""
-        rid = msg["id"]
+        rid = msg.id
         try:
-            self.rules.receive(msg)  # the first message must be hello
+            self.rules.receive_request(msg)  # the first message must be hello
+            assert isinstance(msg, Hello)
             with trio.move_on_at(self._hello_by) as login:  # the hello deadline covers the login
                 principal = await self.service.login(msg)
             if login.cancelled_caught:
                 raise Timeout(f"no accepted hello within {self.settings.hello_timeout:g}s")
             worker_id = None
-            if msg.get("kind") == "worker":
-                wid = msg.get("worker_id")
-                worker_id = wid if isinstance(wid, str) and wid else secrets.token_hex(8)
+            if msg.kind == "worker":
+                worker_id = msg.worker_id or secrets.token_hex(8)
             key_id = None if principal is None else principal.key_id
             body = self.service.hello(msg, worker_id, key_id)
         except (Unauthorized, Forbidden, Timeout) as exc:
@@ -449,33 +478,35 @@ class Session:
         )
         return True
 
-    async def _admit(self, msg: dict[str, Any]) -> bool:
+    async def _admit(self, msg: Request) -> bool:
         """Is the session's key still good, and may its role make this request? Else NACK."""
-        if self.principal is None or msg["t"] not in REQUEST_TYPES or msg["t"] == "hello":
+        if self.principal is None or isinstance(msg, Hello):
             return True  # no auth; or not a request here (a second hello): _request refuses it
         try:
             self.service.auth.check(self.principal)
             self.principal.authorize(action_of(msg))
         except (Unauthorized, Forbidden) as exc:
-            log.warning("%s: %s refused (%s): %s", self.peer, msg["t"], exc.code, exc)
+            log.warning("%s: %s refused (%s): %s", self.peer, msg.t, exc.code, exc)
             if isinstance(exc, Unauthorized):  # a dead key: nothing more will pass
                 self._refused = exc
-            await self._reply(Connection.nack(msg["id"], exc))
+            await self._reply(Connection.nack(msg.id, exc))
             return False
         return True
 
-    async def _request(self, msg: dict[str, Any], credit: int = 0) -> None:
+    async def _request(self, msg: Request, credit: int = 0) -> None:
         try:
+            if credit and isinstance(msg, Submit):  # from a large frame: checked off the loop
+                msg = LargeSubmit(id=msg.id, tasks=msg.tasks)
             await self._answer(msg)
         finally:
             self.service.large_frames.give(credit)
 
-    async def _answer(self, msg: dict[str, Any]) -> None:
-        rid = msg["id"]
+    async def _answer(self, msg: Request) -> None:
+        rid = msg.id
         try:
-            handler = self._handlers.get(msg["t"])
+            handler = self._handlers.get(msg.t)
             if handler is None:
-                raise InvalidRequest(broker_only(msg["t"]))
+                raise InvalidRequest(broker_only(msg.t))
             self.service.in_flight += 1
             self._busy += 1
             try:
@@ -497,10 +528,10 @@ class Session:
                 self._active_at = trio.current_time()
         except TQError as exc:
             if isinstance(exc, Unauthorized | Forbidden):  # e.g. a task outside the key's queues
-                log.warning("%s: %s refused (%s): %s", self.peer, msg["t"], exc.code, exc)
+                log.warning("%s: %s refused (%s): %s", self.peer, msg.t, exc.code, exc)
             reply = Connection.nack(rid, exc)
         except Exception:
-            log.exception("internal error handling %s", msg.get("t"))
+            log.exception("internal error handling %s", msg.t)
             reply = Connection.nack(rid, TQError("internal broker error; see the broker's log"))
         finally:
             self._slots.release()
@@ -511,28 +542,28 @@ class Session:
             raise InvalidRequest(f"{what} is for workers: say hello with kind 'worker' first")
         return self.worker
 
-    # -- handlers: decode, call one service method, encode --------------
-    async def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
+    # -- handlers: take the typed request, call one service method, encode ----
+    async def _submit(self, msg: Submit) -> dict[str, Any]:
         return await self.service.submit(
-            msg["tasks"],
+            msg.tasks,
             self.principal,
             answer_limit=self.conn.max_frame,
-            large=bool(msg.get(LARGE_FRAME)),
+            large=isinstance(msg, LargeSubmit),
         )
 
-    async def _claim(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _claim(self, msg: Claim) -> dict[str, Any]:
         worker_id = self._need_worker("claim").id
         return {"tasks": await self.service.claim(worker_id, msg, self.principal)}
 
-    async def _result(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _result(self, msg: Result) -> dict[str, Any]:
         worker = self._need_worker("result")
-        return {"results": await self.service.report(worker.id, msg["results"])}
+        return {"results": await self.service.report(worker.id, msg.results)}
 
-    async def _heartbeat(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _heartbeat(self, msg: Heartbeat) -> dict[str, Any]:
         return {"lost": await self.service.heartbeat(self._need_worker("heartbeat"), msg)}
 
-    async def _query(self, msg: dict[str, Any]) -> dict[str, Any]:
-        q = msg["q"]
+    async def _query(self, msg: Query) -> dict[str, Any]:
+        q = msg.q
         if q == "get":
             return {"task": (await self.service.get(_task_id(msg), self.principal)).to_dict()}
         if q == "list":
@@ -552,73 +583,74 @@ class Session:
             return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
         if q == "history":
             return await self.service.history(_task_id(msg), self.principal)
-        raise InvalidRequest(
-            f"unknown query {q!r}; known: get, list, stats, workers, depth, health, explain, "
-            "workflow, history"
-        )
+        raise InvalidRequest(f"unknown query {q!r}; known: {', '.join(get_args(QueryKind))}")
 
-    async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"task": (await self.service.cancel(msg["task"], self.principal)).to_dict()}
+    async def _cancel(self, msg: Cancel) -> dict[str, Any]:
+        return {"task": (await self.service.cancel(msg.task, self.principal)).to_dict()}
 
-    async def _retry(self, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"task": (await self.service.retry(msg["task"], self.principal)).to_dict()}
+    async def _retry(self, msg: Retry) -> dict[str, Any]:
+        return {"task": (await self.service.retry(msg.task, self.principal)).to_dict()}
 
-    async def _set_priority(self, msg: dict[str, Any]) -> dict[str, Any]:
-        task = await self.service.set_priority(msg["task"], msg["priority"], self.principal)
+    async def _set_priority(self, msg: SetPriority) -> dict[str, Any]:
+        task = await self.service.set_priority(msg.task, msg.priority, self.principal)
         return {"task": task.to_dict()}
 
-    async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
-        timeout = min(number(msg.get("timeout"), "wait timeout", default=MAX_WAIT), MAX_WAIT)
-        timed_out = await self.service.wait(msg["task"], timeout, self.principal)
+    async def _wait(self, msg: Wait) -> dict[str, Any]:
+        timeout = MAX_WAIT if msg.timeout is None else min(msg.timeout, MAX_WAIT)
+        timed_out = await self.service.wait(msg.task, timeout, self.principal)
         # the answer carries the task: read and queued one at a time per connection, like
         # other large answers, so pipelined waits on a large task hold one copy at a time
         await self._heavy.acquire()
         try:
-            task = await self.service.get(msg["task"], self.principal)
+            task = await self.service.get(msg.task, self.principal)
         except BaseException:
             self._heavy.release()
             raise
         return {"task": task.to_dict(), "timed_out": timed_out, HOLDS_HEAVY: True}
 
-    async def _queue(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg["op"]
-        if op not in ("pause", "resume"):
-            raise InvalidRequest(f"unknown queue op {op!r}; known: pause, resume")
-        return await self.service.pause_queue(msg["queue"], op == "pause", self.principal)
+    async def _queue(self, msg: QueueOp) -> dict[str, Any]:
+        if msg.op not in ("pause", "resume"):
+            raise InvalidRequest(f"unknown queue op {msg.op!r}; known: pause, resume")
+        return await self.service.pause_queue(msg.queue, msg.op == "pause", self.principal)
 
-    async def _schedule(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _schedule(self, msg: Schedule) -> dict[str, Any]:
         return await self.service.schedule_request(msg, self.principal)
 
-    async def _cap(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _cap(self, msg: CapOp) -> dict[str, Any]:
         return await self.service.cap_request(msg, self.principal)
 
-    async def _keys(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _keys(self, msg: Keys) -> dict[str, Any]:
         return await self.service.auth.request(self.principal, msg)
 
-    async def _audit(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _audit(self, msg: Audit) -> dict[str, Any]:
         return await self.service.auth.audit_page(msg)
 
-    async def _purge(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _purge(self, msg: Purge) -> dict[str, Any]:
         return await self.service.purge(msg, self.principal)
 
-    async def _retry_many(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _retry_many(self, msg: RetryMany) -> dict[str, Any]:
         return await self.service.retry_many(msg, self.principal)
 
 
+class LargeSubmit(Submit, tag="submit"):
+    """A submit that came in a frame over 64 KiB: its tasks are checked in a thread."""
+
+
 HEAVY_QUERIES = frozenset({"list", "stats", "depth", "health"})
+# answered by the session's reader, without a task: a point read on the event loop's
+# thread, and index-only counts that a connection runs one at a time anyway
+INLINE_QUERIES = frozenset({"get", "depth"})
 
 
-def _is_heavy(msg: dict[str, Any]) -> bool:
+def _is_heavy(msg: Request) -> bool:
     """A read whose cost or answer can be large: at most one at a time per connection."""
-    kind = msg["t"]
-    return kind == "audit" or kind == "keys" or (kind == "query" and msg.get("q") in HEAVY_QUERIES)
+    return isinstance(msg, Audit | Keys) or (isinstance(msg, Query) and msg.q in HEAVY_QUERIES)
 
 
-def _task_id(msg: dict[str, Any]) -> str:
-    task_id = msg.get("task")
-    if not isinstance(task_id, str):
-        raise InvalidRequest(f"query {msg.get('q')} needs 'task' (a task id string)")
-    return task_id
+def _task_id(msg: Query) -> str:
+    if msg.task is None:
+        raise InvalidRequest(f"query {msg.q} needs 'task' (a task id string)")
+    return msg.task
 
 
 async def _serve_connection(
@@ -638,7 +670,7 @@ async def _serve_connection(
             if not admitted:
                 await refuse_over_limit(stream, ssl_context, gate, timeout, peer)
                 return
-            wrapped: trio.abc.Stream | None = stream
+            wrapped: WireStream | None = WireStream(stream)
             if ssl_context is not None:
                 wrapped = await handshake(stream, ssl_context, timeout, peer)
             if wrapped is None:

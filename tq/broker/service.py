@@ -43,6 +43,17 @@ from tq.core.errors import (
     TQError,
     Unavailable,
 )
+from tq.core.limits import (  # noqa: F401  (MAX_CLAIM, MAX_LIST: re-exported)
+    DEFAULT_LIST,
+    MAX_CLAIM,
+    MAX_COUNT,
+    MAX_LIST,
+    MAX_SCAN,
+    MAX_WAIT,
+    MAX_WORKER_QUEUES,
+    MAX_WORKER_TEXT,
+    MAX_WORKER_TYPES,
+)
 from tq.core.progress import parse as parse_progress
 from tq.core.retention import RetentionPolicy
 from tq.core.states import is_terminal
@@ -55,23 +66,22 @@ from tq.core.task import (
     Task,
     TaskError,
     TaskSpec,
+    TaskSpecIn,
     parse_priority,
 )
-from tq.core.values import number, whole
+from tq.core.values import whole
 from tq.core.when import due_at
 from tq.protocol.frames import pack
+from tq.protocol.parse import typed
+from tq.protocol.schema import Claim, Heartbeat, Hello, OutcomeIn, Query
 from tq.security.roles import Principal, action_of
-from tq.store.base import Store
+from tq.store.base import PROMOTE_BATCH, Store
 from tq.store.claimplan import Aging, CapNote
 
-MAX_CLAIM = 1000
 PAUSED_REFRESH = 1.0  # seconds a broker trusts its copy of the paused queues
 MIN_REFILL_SLEEP = 0.001  # seconds: a claim waiting on a rate bucket never spins
 LARGE_FRAMES_BYTES = 8 * 1024 * 1024  # see BrokerService.large_frames
 # what one worker registers (its hello): what a `workers` answer lists of it stays small
-MAX_WORKER_QUEUES = 256
-MAX_WORKER_TYPES = 1024
-MAX_WORKER_TEXT = 255  # name, host
 MAX_WORKERS_PER_KEY = 1000  # registered worker ids one API key may hold at once
 MAX_LISTED_WORKERS = 1000  # workers in a `workers` answer (most recently seen first)
 LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
@@ -80,14 +90,7 @@ LISTED_NAMES = 10  # queues and types listed per worker in a `workers` answer
 # MAX_WARNINGS warnings (a type of <= 200 characters and a message of <= 450 bytes).
 ANSWER_PER_TASK = 56
 ANSWER_BASE = 64 + MAX_WARNINGS * 700
-MAX_WAIT = 60.0  # seconds a claim or wait may long-poll; longer asks are capped to it
 WAIT_REREAD = 5.0  # a cluster member's wait reads its task again this often (a lost wake-up)
-MAX_COUNT = 2**31 - 1  # hello pid and concurrency
-MAX_TOKEN = 2**63 - 1  # lease tokens are positive 62-bit numbers; larger cannot be one
-MAX_LIST = 10000
-MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, the latest since/until
-MAX_SEARCH = 200  # characters of a list's search text
-MAX_SCAN = 10_000  # tasks a filtered list (search, time range) reads per call at most
 SCAN_PAGE = 500  # ... in store pages of this many
 YIELD_EVERY = 200  # specs validated between checkpoints: bounds the event-loop stall (~0.3 ms)
 
@@ -104,16 +107,11 @@ def _strings(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _wait(value: object, what: str) -> float:
-    """A wait in seconds: finite and >= 0 (MAX_SECONDS at most), capped at MAX_WAIT."""
-    return min(number(value, what, default=0.0), MAX_WAIT)
-
-
 def _count(value: object, what: str) -> int:
     return whole(value, f"hello {what}", hi=MAX_COUNT, default=0)
 
 
-def _check_version(msg: dict[str, Any]) -> None:
+def _check_version(msg: Hello | dict[str, Any]) -> None:
     version = msg.get("v")
     if version != PROTOCOL_VERSION:
         raise InvalidRequest(
@@ -164,15 +162,8 @@ class TaskScan:
     until: float | None
 
     @classmethod
-    def of(cls, msg: dict[str, Any]) -> TaskScan | None:
-        search = msg.get("search")
-        if search is not None and (not isinstance(search, str) or len(search) > MAX_SEARCH):
-            raise InvalidRequest(f"list search must be text of at most {MAX_SEARCH} characters")
-        since, until = msg.get("since"), msg.get("until")
-        if since is not None:
-            since = number(since, "list since", hi=MAX_EPOCH)
-        if until is not None:
-            until = number(until, "list until", hi=MAX_EPOCH)
+    def of(cls, msg: Query) -> TaskScan | None:
+        search, since, until = msg.search, msg.since, msg.until
         if not search and since is None and until is None:
             return None
         return cls(search.casefold() if search else None, since, until)
@@ -193,7 +184,9 @@ class TaskScan:
         return self.search in payload.casefold()
 
 
-def worker_info(worker_id: str, msg: dict[str, Any], key_id: str | None = None) -> WorkerInfo:
+def worker_info(
+    worker_id: str, msg: Hello | dict[str, Any], key_id: str | None = None
+) -> WorkerInfo:
     """The registry entry a worker's hello (with the key ``key_id``) describes."""
     types = msg.get("types")
     queues = _strings(msg.get("queues") or ["default"], "queues")
@@ -222,12 +215,15 @@ def _short(value: object, what: str) -> str:
     return text
 
 
-def _specs_of(raw_tasks: Sequence[Any], first: int = 0) -> list[TaskSpec]:
-    """The validated specs of a submit (InvalidRequest naming the index, nothing kept)."""
+def _specs_of(raw_tasks: Sequence[TaskSpecIn | Any], first: int = 0) -> list[TaskSpec]:
+    """The validated specs of a submit (InvalidRequest naming the index, nothing kept):
+    decoded task specs (the wire, REST) or plain maps (checked here)."""
     specs = []
     for index, raw in enumerate(raw_tasks, start=first):
         try:
-            specs.append(TaskSpec.from_mapping(raw))
+            specs.append(
+                TaskSpec.of(raw) if type(raw) is TaskSpecIn else TaskSpec.from_mapping(raw)
+            )
         except TQError as exc:
             prefix = f"task {index}: " if len(raw_tasks) > 1 or first else ""
             raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
@@ -255,29 +251,24 @@ def submit_answer_bound(n: int) -> int:
 def unhandled_warning(task_type: str) -> str:
     return (
         f"no connected worker handles task type {task_type!r}: the task is stored and waits "
-        f"in pending until a worker with that handler connects (e.g. tq worker --import "
-        f"MODULE, or --exec {task_type}=PROGRAM)"
+        f"(pending, or scheduled until due) until a worker with that handler connects "
+        f"(e.g. tq worker --import MODULE, or --exec {task_type}=PROGRAM)"
     )
 
 
-def parse_outcome(item: object) -> Outcome:
-    if not isinstance(item, dict):
-        raise InvalidRequest("each result must be a map")
-    task_id, token, status = item.get("id"), item.get("token"), item.get("status")
-    if not isinstance(task_id, str):
-        raise InvalidRequest("each result needs 'id' (string) and 'token' (integer)")
-    token = whole(token, "result token", hi=MAX_TOKEN)
-    if status not in Outcome.STATUSES:
-        raise InvalidRequest(f"result status must be one of {', '.join(Outcome.STATUSES)}")
-    error = item.get("error")
-    delay = item.get("delay")
+def parse_outcome(item: OutcomeIn | object) -> Outcome:
+    """An outcome (its types and ranges checked by its declaration); plain data is
+    decoded into ``OutcomeIn`` first."""
+    if not isinstance(item, OutcomeIn):
+        item = typed(OutcomeIn, item, "result")
+    error = item.error
     return Outcome(
-        id=task_id,
-        token=token,
-        status=status,
-        result=item.get("result"),
+        id=item.id,
+        token=item.token,
+        status=item.status,
+        result=item.result,
         error=TaskError.from_mapping(error) if error is not None else None,
-        delay=None if delay is None else number(delay, "result delay"),
+        delay=item.delay,
     )
 
 
@@ -396,7 +387,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             raise Unavailable("the broker is shutting down; retry against it once it is back")
 
     # -- operations ----------------------------------------------------
-    async def login(self, msg: dict[str, Any]) -> Principal | None:
+    async def login(self, msg: Hello | dict[str, Any]) -> Principal | None:
         """Check a hello's version, key and role: who the session acts as (None: no auth)."""
         _check_version(msg)
         principal = await self.auth.authenticate(msg.get("key"))
@@ -405,7 +396,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         return principal
 
     def hello(
-        self, msg: dict[str, Any], worker_id: str | None, key_id: str | None = None
+        self, msg: Hello | dict[str, Any], worker_id: str | None, key_id: str | None = None
     ) -> dict[str, Any]:
         _check_version(msg)
         if worker_id is not None:  # Forbidden if another key registered this worker id
@@ -516,18 +507,13 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         return types - handled
 
     async def claim(
-        self, worker_id: str, msg: dict[str, Any], principal: Principal | None = None
+        self, worker_id: str, msg: Claim, principal: Principal | None = None
     ) -> list[dict[str, Any]]:
         self._check_open()
-        n = msg["n"]
-        if not 1 <= n <= MAX_CLAIM:
-            raise InvalidRequest(f"claim n must be 1..{MAX_CLAIM}")
-        queues = _strings(msg["queues"], "claim queues")
+        n, queues, type_list = msg.n, msg.queues, msg.types
         if principal is not None:
             principal.check_queues(queues)
-        types = msg.get("types")
-        type_list = None if types is None else _strings(types, "claim types")
-        wait = _wait(msg.get("wait"), "claim wait")
+        wait = 0.0 if msg.wait is None else min(msg.wait, MAX_WAIT)
         deadline = trio.current_time() + wait
         while not self.closing:
             work = self._work  # taken before the query: no lost wake-up
@@ -570,7 +556,9 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 self.capped_waiting -= note.capped
         return []
 
-    async def report(self, worker_id: str | None, items: list[Any]) -> list[dict[str, Any]]:
+    async def report(
+        self, worker_id: str | None, items: Sequence[OutcomeIn]
+    ) -> list[dict[str, Any]]:
         outcomes = [parse_outcome(item) for item in items]
         results = await self.store.complete(outcomes, self.clock())
         if worker_id is not None:
@@ -586,7 +574,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 retried |= r.state == "failed"
             else:
                 released |= r.state == "pending"  # "release": claimable again at once
-        if retried:
+        if retried or dependents:  # a released dependent may be scheduled (a step's delay)
             self.notify_due()
         if released or dependents or (self.capped_waiting and any(r.accepted for r in results)):
             self.notify_work()  # a finished task frees a place under its caps
@@ -599,19 +587,14 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             for r in results
         ]
 
-    async def heartbeat(self, worker: WorkerInfo, msg: dict[str, Any]) -> list[str]:
+    async def heartbeat(self, worker: WorkerInfo, msg: Heartbeat) -> list[str]:
         worker_id = worker.id
         if worker_id not in self.workers:  # forgotten while silent: it is back
             info = self.workers.connect(worker, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
-        leases = []
-        for item in msg["leases"]:
-            if not isinstance(item, list | tuple) or len(item) != 2 or not isinstance(item[0], str):
-                raise InvalidRequest("heartbeat leases must be [task id, token] pairs")
-            leases.append((item[0], whole(item[1], "heartbeat lease token", hi=MAX_TOKEN)))
-        progress = parse_progress(msg.get("progress"), dict(leases))
-        stats = msg.get("stats")
-        self.workers.seen(worker_id, self.clock(), stats if isinstance(stats, dict) else None)
+        leases = msg.leases
+        progress = parse_progress(msg.progress, dict(leases))  # rules joining the leases
+        self.workers.seen(worker_id, self.clock(), msg.stats)
         self.events.worker("heartbeat", worker_id, self.workers)
         if not leases:
             return []
@@ -632,7 +615,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         return task
 
     async def list_tasks(
-        self, msg: dict[str, Any], principal: Principal | None = None
+        self, msg: Query, principal: Principal | None = None
     ) -> tuple[list[Task], str | None]:
         """A page of tasks and the cursor of the next (None at the end).
 
@@ -642,21 +625,14 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         per call: the page may then hold fewer than ``limit`` tasks (even none)
         with a cursor that continues the scan where it stopped.
         """
-        limit = msg.get("limit")
-        limit = 100 if limit is None else limit  # nil equals absent
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
-            raise InvalidRequest(f"list limit must be 1..{MAX_LIST}")
-        fields = {}
-        for key in ("state", "type", "queue", "after"):
-            value = msg.get(key)
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequest(f"list filter {key!r} must be a string")
-            fields[key] = value
-        fields["queue"] = _visible_queue(fields["queue"], principal)
-        order = msg.get("order")
-        order = "oldest" if order is None else order
-        if order not in ("oldest", "newest"):
-            raise InvalidRequest(f"list order must be 'oldest' or 'newest', not {order!r}")
+        limit = DEFAULT_LIST if msg.limit is None else msg.limit  # nil equals absent
+        fields: dict[str, Any] = {
+            "state": msg.state,
+            "type": msg.type,
+            "queue": _visible_queue(msg.queue, principal),
+            "after": msg.after,
+        }
+        order = msg.order or "oldest"
         scan = TaskScan.of(msg)
         if scan is None:
             tasks = await self.store.list(
@@ -691,6 +667,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
+        self.notify_due()  # ... or scheduled, when it has a delay of its own
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
@@ -838,6 +815,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         if released:
             self.counters["lease_expired"] += len(released)
             self.notify_work()
+            self.notify_due()  # a dependent released with a delay of its own is scheduled
             self.fire(released)
             await self.events.released(self.store, released)
         return released
@@ -852,11 +830,17 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             self.retention_deleted[state] = self.retention_deleted.get(state, 0) + n
         return sum(deleted.values())
 
-    async def promote(self) -> int:
-        if not self.runs_upkeep:
-            return 0
-        count = await self.store.promote_due(self.clock())
-        if count:
-            self.notify_work()
-            self.events.promoted(count)
-        return count
+    async def promote(self, batch: int = PROMOTE_BATCH) -> int:
+        """Due tasks to pending (leader only), ``batch`` per transaction until a batch comes
+        back short; workers are woken after each batch, so the first run while the rest
+        are still being promoted. How many in all."""
+        total = 0
+        while self.runs_upkeep:
+            count = await self.store.promote_due(self.clock(), batch)
+            if count:
+                total += count
+                self.notify_work()
+                self.events.promoted(count)
+            if count < batch:
+                break
+        return total

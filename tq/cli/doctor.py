@@ -137,12 +137,9 @@ def _check_data_dir(data: Path) -> list[Check]:
 
 
 def _ttl(seconds: float) -> str:
-    if not seconds:
-        return "kept"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:g}s"
+    from tq.core.when import format_duration
+
+    return format_duration(seconds) if seconds else "kept"
 
 
 def _check_retention(conf: Settings) -> Check:

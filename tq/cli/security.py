@@ -115,7 +115,11 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
 
     local = Principal("local", "local CLI", "admin", None)  # audited as "local"
     if msg["t"] == "audit":
-        return _offline(data, lambda auth: auth.audit_page(msg))
+        from tq.protocol.parse import typed
+        from tq.protocol.schema import Audit
+
+        page = typed(Audit, {**msg, "id": 0}, "audit")
+        return _offline(data, lambda auth: auth.audit_page(page))
     return _offline(data, lambda auth: auth.request(local, msg))
 
 

@@ -105,12 +105,26 @@ def problems() -> list[str]:
     return found
 
 
+def _is_duration(field: dataclasses.Field[Any]) -> bool:
+    """Whether the setting is read as a duration (``7d``): shown the same way."""
+    from typing import get_type_hints
+
+    from tq.config import DURATION, Settings
+
+    hint = get_type_hints(Settings, include_extras=True)[field.name]
+    return DURATION in getattr(hint, "__metadata__", ())
+
+
 def _default(field: dataclasses.Field[Any]) -> str:
     if field.name == "data":
         return "the platform data directory (~/.local/share/tq on Linux)"
     value = field.default
     if value is None or value == "":
         return ""
+    if _is_duration(field) and isinstance(value, int | float) and not isinstance(value, bool):
+        from tq.core.when import format_duration
+
+        return format_duration(value) if value else "off"
     if isinstance(value, tuple):
         return ",".join(value)
     if isinstance(value, bool):

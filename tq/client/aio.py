@@ -42,6 +42,7 @@ from tq.client.events import DEFAULT_BUFFER, EventSink, Subscription
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
+from tq.core.limits import MAX_FRAME
 from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
@@ -91,7 +92,7 @@ class Client(AsyncMethods):
         kind: str = "client",
         name: str = "",
         hello: Mapping[str, Any] | None = None,
-        max_frame: int = 16 * 1024 * 1024,
+        max_frame: int = MAX_FRAME,
         timeout: float = CONNECT_TIMEOUT,
         key: str | None = None,
         ca_data: str | None = None,

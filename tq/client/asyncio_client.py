@@ -38,6 +38,7 @@ from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
 from tq.client.options import ca_name, settings_options, tls_context, with_key
 from tq.config import ConnectionSettings
 from tq.core.errors import ConnectionFailed, TLSFailure, TQError
+from tq.core.limits import MAX_FRAME
 from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
@@ -82,7 +83,7 @@ class AsyncioClient(AsyncMethods):
         kind: str = "client",
         name: str = "",
         hello: Mapping[str, Any] | None = None,
-        max_frame: int = 16 * 1024 * 1024,
+        max_frame: int = MAX_FRAME,
         timeout: float = CONNECT_TIMEOUT,
         key: str | None = None,
         ca_data: str | None = None,

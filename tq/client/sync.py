@@ -34,6 +34,7 @@ from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
 from tq.client.options import ca_name, settings_options, split_addresses, tls_context, with_key
 from tq.config import ConnectionSettings, parse_address
 from tq.core.errors import ConnectionFailed, InvalidRequest, TLSFailure, TQError
+from tq.core.limits import MAX_FRAME
 from tq.protocol.session import Answer, EventReceived, Farewell, Received
 from tq.security.tls import describe_tls_error
 
@@ -50,7 +51,7 @@ class BlockingClient(SyncMethods):
         kind: str = "client",
         name: str = "",
         hello: Mapping[str, Any] | None = None,
-        max_frame: int = 16 * 1024 * 1024,
+        max_frame: int = MAX_FRAME,
         timeout: float = 10.0,
         key: str | None = None,
         ca_data: str | None = None,

@@ -40,6 +40,7 @@ class Event(StrEnum):
     LEASE_EXPIRED_FINAL = "lease_expired_final"
     DUE = "due"  # a failed/scheduled task's run_at has come
     UNBLOCK = "unblock"
+    UNBLOCK_LATER = "unblock_later"  # dependencies done, the task's own due time not yet
     RELEASE = "release"  # a worker gives a lease back unrun (shutdown): attempt not counted
     CANCEL = "cancel"
     RETRY = "retry"  # operator: send a failed/dead/cancelled task back to pending
@@ -65,6 +66,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.SCHEDULED, Event.DUE): State.PENDING,
     (State.SCHEDULED, Event.CANCEL): State.CANCELLED,
     (State.BLOCKED, Event.UNBLOCK): State.PENDING,
+    (State.BLOCKED, Event.UNBLOCK_LATER): State.SCHEDULED,
     (State.BLOCKED, Event.CANCEL): State.CANCELLED,
 }
 

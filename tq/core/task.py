@@ -12,49 +12,39 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import (  # noqa: F401  (re-exported: where these were defined before)
+    MAX_DEPENDENCIES,
+    MAX_EPOCH,
+    MAX_NAME_LENGTH,
+    MAX_NUMBER,
+    MAX_PAYLOAD_BYTES,
+    MAX_PROGRESS_MESSAGE,
+    MAX_RETRIES,
+    MAX_SECONDS,
+    MAX_SUBMIT,
+    MAX_TRACE_FIELDS,
+    MAX_TRACE_VALUE,
+    MAX_UNIQUE_FOR,
+    MAX_UNIQUE_KEY,
+    MAX_WARNINGS,
+)
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
 from tq.core.states import State
+from tq.core.typed import TASK_SPEC_STRUCT, explain
 from tq.core.values import check_plain
-from tq.core.when import check_delay, check_run_at
 
 PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
 DEFAULT_PRIORITY = PRIORITY_NAMES["normal"]
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT = 300.0
-MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
-MAX_NAME_LENGTH = 200
-MAX_SUBMIT = 10_000  # tasks per submit request (all or nothing, one transaction)
-MAX_WARNINGS = 20  # task types named in a submit answer's warnings
-MAX_RETRIES = 1_000_000  # bounds what the store's 64-bit integers must hold
-MAX_NUMBER = 1e300  # durations: finite, and any JSON or msgpack number converts to a float
-MAX_UNIQUE_FOR = 366 * 86400.0  # seconds a unique task's key may be held after its submit
-MAX_UNIQUE_KEY = 200  # characters of an explicit unique_key
-MAX_PROGRESS_MESSAGE = 200  # characters of a progress message (longer ones are cut)
 
-_SPEC_FIELDS = {
-    "type",
-    "queue",
-    "payload",
-    "priority",
-    "max_retries",
-    "timeout",
-    "retry_base",
-    "retry_cap",
-    "idempotency_key",
-    "trace",
-    "depends_on",
-    "on_dependency_failure",
-    "input",
-    "result_key",
-    "delay",
-    "run_at",
-    "unique_for",
-    "unique_key",
-}
 # What a task whose dependency ended dead or cancelled does: "cancel" (it is cancelled
 # too, naming the dependency), "run" (it runs once every dependency finished, however),
 # "wait" (it stays blocked: a retried dependency that then succeeds releases it).
@@ -62,7 +52,82 @@ DEPENDENCY_POLICIES = ("cancel", "run", "wait")
 # How a released task receives its dependencies' results: "result" (its first
 # dependency's), "results" (a list of all of them, in depends_on order).
 INPUTS = ("result", "results")
-MAX_DEPENDENCIES = MAX_SUBMIT  # dependencies one task may name
+
+
+# -- the declarations of what arrives (the wire, REST, files, the CLI) -------------------
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=r"^[^\s,]+$",
+        extra={
+            "rule": f"a non-empty string of at most {MAX_NAME_LENGTH} characters, "
+            "no spaces or commas"
+        },
+    ),
+]
+Priority = int | str  # 0..255 or a name; parse_priority reads both
+TaskId = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+
+
+class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One task as submitted: every field a producer chooses, nil equal to absent.
+    The checks that join several fields (and the payload's) are in ``TaskSpec.of``.
+    Declared once for the wire (tq/protocol/schema.py), REST, files and the CLI."""
+
+    type: Name
+    queue: Name | None = None
+    payload: Any = None
+    priority: Priority | None = None
+    max_retries: Annotated[int, Meta(ge=0, le=MAX_RETRIES)] | None = None
+    timeout: Annotated[float, Meta(ge=0.001, le=MAX_NUMBER)] | None = None
+    retry_base: Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None = None
+    retry_cap: Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None = None
+    idempotency_key: TaskId | None = None
+    trace: dict[str, str] | None = None
+    depends_on: Annotated[list[TaskId], Meta(max_length=MAX_DEPENDENCIES)] | None = None
+    on_dependency_failure: Literal["cancel", "run", "wait"] | None = None
+    input: Literal["result", "results"] | None = None
+    result_key: Annotated[str, Meta(min_length=1)] | None = None
+    delay: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_SECONDS,
+                extra={"rule": f"a finite number of seconds 0..{MAX_SECONDS:.0f} (10 years)"},
+            ),
+        ]
+        | None
+    ) = None
+    run_at: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_EPOCH,
+                extra={"rule": f"finite epoch seconds 0..{MAX_EPOCH:.0f} (1970..9999)"},
+            ),
+        ]
+        | None
+    ) = None
+    unique_for: (
+        Annotated[
+            float,
+            Meta(
+                ge=0.0,
+                le=MAX_UNIQUE_FOR,
+                extra={"rule": f"a number of seconds 0..{MAX_UNIQUE_FOR:.0f} (366 days)"},
+            ),
+        ]
+        | None
+    ) = None
+    unique_key: Annotated[str, Meta(min_length=1, max_length=MAX_UNIQUE_KEY)] | None = None
+
+
+TASK_SPEC_STRUCT.append(TaskSpecIn)
+_SPEC_FIELDS = frozenset(TaskSpecIn.__struct_fields__)
 
 
 _BAD_NAME_CHAR = re.compile(r"[\s,]")  # a queue or type name is one shell/CSV-safe word
@@ -112,8 +177,6 @@ def _plain_name(spec: dict[str, Any], key: str, default: str | None) -> str:
     return value
 
 
-MAX_TRACE_FIELDS = 4
-MAX_TRACE_VALUE = 1024  # characters; W3C traceparent is 55, tracestate at most 512
 # W3C trace context is printable ASCII; the values become a handler's environment
 # (a NUL there cannot even start the program)
 _TRACE_TEXT = re.compile(r"[\x20-\x7e]*")
@@ -141,19 +204,6 @@ def parse_trace(value: object) -> dict[str, str] | None:
             "of printable ASCII"
         )
     return dict(value) or None
-
-
-def _number(spec: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
-    value = spec.get(key)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (lo <= value <= MAX_NUMBER)  # also refuses NaN, inf and ints beyond a float
-    ):
-        raise InvalidRequest(f"task {key} must be a finite number >= {lo:g}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,101 +237,87 @@ class TaskSpec:
 
     @classmethod
     def from_mapping(cls, spec: object) -> TaskSpec:
+        """A task given as plain data (JSON, a file, the CLI): decoded into
+        ``TaskSpecIn`` (errors name the field and its rule), then ``of``."""
         if type(spec) is dict and spec.keys() <= _PLAIN_FIELDS:
             # The common case (type, payload, maybe queue): same rules, fewer steps.
-            # Bulk submits spend their broker time here; tests keep both paths equal.
             payload = spec.get("payload")
-            check_plain(payload, "task payload")
-            return cls(
-                type=_plain_name(spec, "type", None),
-                queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
-                payload=payload,
-            )
+            try:
+                check_plain(payload, "task payload")
+                return cls(
+                    type=_plain_name(spec, "type", None),
+                    queue=_plain_name(spec, "queue", DEFAULT_QUEUE),
+                    payload=payload,
+                )
+            except InvalidRequest:
+                pass  # the full path below says it, in the same order as every path
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"a task must be a map, got {type(spec).__name__}")
         unknown = spec.keys() - _SPEC_FIELDS
         if unknown:
             raise InvalidRequest(
-                f"unknown task field(s) {sorted(map(str, unknown))}; known: {sorted(_SPEC_FIELDS)}"
+                f"unknown task field {', '.join(sorted(map(str, unknown)))}; "
+                f"known: {', '.join(sorted(_SPEC_FIELDS))}"
             )
-        max_retries = spec.get("max_retries")
-        max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
-        if (
-            isinstance(max_retries, bool)
-            or not isinstance(max_retries, int)
-            or not 0 <= max_retries <= MAX_RETRIES
-        ):
-            raise InvalidRequest(
-                f"task max_retries must be an integer 0..{MAX_RETRIES}, got {max_retries!r}"
-            )
-        key = spec.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-            raise InvalidRequest("task idempotency_key must be a non-empty string (<= 200 chars)")
-        payload = spec.get("payload")
+        try:
+            typed = msgspec.convert(dict(spec), TaskSpecIn, strict=True)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(explain(exc, TaskSpecIn, spec, what="task")) from None
+        except RecursionError:  # only the payload nests: say it as check_plain does
+            check_plain(spec.get("payload"), "task payload")
+            raise InvalidRequest("task is nested too deeply to decode") from None
+        return cls.of(typed)
+
+    @classmethod
+    def of(cls, spec: TaskSpecIn) -> TaskSpec:
+        """The submission a decoded task spec describes: defaults for nil fields, the
+        payload's plain-data rule, the priority's names, the rules joining fields."""
+        payload = spec.payload
         check_plain(payload, "task payload")
+        deps = spec.depends_on
+        if deps is None and spec.on_dependency_failure is None and spec.input is None:
+            if spec.result_key is not None:
+                raise InvalidRequest("task result_key must be a non-empty string, and needs input")
+            dependency: dict[str, Any] = {}
+        else:
+            dependency = _dependency_fields(spec, payload)
+        priority = spec.priority
         return cls(
-            type=_name(spec, "type", None),
-            queue=_name(spec, "queue", DEFAULT_QUEUE),
+            type=spec.type,
+            queue=DEFAULT_QUEUE if spec.queue is None else spec.queue,
             payload=payload,
-            priority=parse_priority(
-                DEFAULT_PRIORITY if spec.get("priority") is None else spec["priority"]
-            ),
-            max_retries=max_retries,
-            timeout=_number(spec, "timeout", DEFAULT_TIMEOUT, lo=0.001),
-            retry_base=_number(spec, "retry_base", DEFAULT_BASE, lo=0.0),
-            retry_cap=_number(spec, "retry_cap", DEFAULT_CAP, lo=0.0),
-            idempotency_key=key,
-            trace=parse_trace(spec.get("trace")),
-            **_dependency_fields(spec, payload),
+            priority=DEFAULT_PRIORITY if priority is None else parse_priority(priority),
+            max_retries=DEFAULT_MAX_RETRIES if spec.max_retries is None else spec.max_retries,
+            timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
+            retry_base=DEFAULT_BASE if spec.retry_base is None else spec.retry_base,
+            retry_cap=DEFAULT_CAP if spec.retry_cap is None else spec.retry_cap,
+            idempotency_key=spec.idempotency_key,
+            trace=parse_trace(spec.trace),
+            **dependency,
             **_delay_fields(spec),
             **_unique_fields(spec),
         )
 
 
-def _delay_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """delay and run_at (the range ahead of now is checked at submit: ``due_at``)."""
-    delay = spec.get("delay")
-    run_at = spec.get("run_at")
-    if delay is None and run_at is None:
+def _delay_fields(spec: TaskSpecIn) -> dict[str, Any]:
+    """delay and run_at (their ranges are the declaration's; the range ahead of now is
+    checked at submit: ``due_at``)."""
+    if spec.delay is None and spec.run_at is None:
         return {}
-    if spec.get("depends_on"):
-        raise InvalidRequest(
-            "a task with depends_on cannot also have a delay or run_at: it becomes "
-            "pending when its dependencies finish"
-        )
-    return {
-        "delay": None if delay is None else check_delay(delay),
-        "run_at": None if run_at is None else check_run_at(run_at),
-    }
+    # with depends_on: due ``delay`` after the dependencies are done, not before run_at
+    return {"delay": spec.delay, "run_at": spec.run_at}
 
 
-def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
-    """depends_on, on_dependency_failure, input and result_key, checked together."""
-    deps = spec.get("depends_on")
-    policy = spec.get("on_dependency_failure")
-    given = spec.get("input")
-    key = spec.get("result_key")
-    if deps is None and policy is None and given is None and key is None:
-        return {}
-    deps = [] if deps is None else deps
-    if not isinstance(deps, list | tuple) or len(deps) > MAX_DEPENDENCIES:
-        raise InvalidRequest(
-            f"task depends_on must be a list of at most {MAX_DEPENDENCIES} task ids "
-            '(or "#N" for the N-th task of the same submit)'
-        )
+def _dependency_fields(spec: TaskSpecIn, payload: Any) -> dict[str, Any]:
+    """depends_on, on_dependency_failure, input and result_key, checked together
+    (their types and sizes are the declaration's)."""
+    deps = spec.depends_on or []
+    given, key = spec.input, spec.result_key
     for dep in deps:
-        if not isinstance(dep, str) or not dep or len(dep) > MAX_NAME_LENGTH or "\x00" in dep:
+        if "\x00" in dep:
             raise InvalidRequest(f"task depends_on holds {dep!r}, which is not a task id")
     if len(set(deps)) < len(deps):
         raise InvalidRequest("task depends_on names a task twice")
-    policy = "cancel" if policy is None else policy
-    if policy not in DEPENDENCY_POLICIES:
-        raise InvalidRequest(
-            f"task on_dependency_failure must be one of {', '.join(DEPENDENCY_POLICIES)}, "
-            f"not {policy!r}"
-        )
-    if given is not None and given not in INPUTS:
-        raise InvalidRequest(f"task input must be one of {', '.join(INPUTS)}, not {given!r}")
     if given is not None and not deps:
         raise InvalidRequest("task input needs depends_on: the results come from dependencies")
     if given is not None and payload is not None and not isinstance(payload, dict):
@@ -289,41 +325,30 @@ def _dependency_fields(spec: Mapping[str, Any], payload: Any) -> dict[str, Any]:
             "a task with input takes no payload (the input becomes it) or a map payload "
             '(the input goes under its key "input")'
         )
-    if key is not None and (not isinstance(key, str) or not key or given is None):
+    if key is not None and given is None:
         raise InvalidRequest("task result_key must be a non-empty string, and needs input")
     return {
         "depends_on": tuple(deps) or None,
-        "on_dependency_failure": policy,
+        "on_dependency_failure": spec.on_dependency_failure or "cancel",
         "input": given,
         "result_key": key,
     }
 
 
-def _unique_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """unique_for (seconds) and unique_key, checked together; the key as stored."""
-    window = spec.get("unique_for")
-    key = spec.get("unique_key")
+def _unique_fields(spec: TaskSpecIn) -> dict[str, Any]:
+    """unique_for (seconds) and unique_key, checked together (their types and ranges are
+    the declaration's); the key as stored."""
+    window, key = spec.unique_for, spec.unique_key
     if window is None and key is None:
         return {}
     if window is None:
         raise InvalidRequest("task unique_key needs unique_for (how long the key is held)")
-    if (
-        isinstance(window, bool)
-        or not isinstance(window, int | float)
-        or not 0 <= window <= MAX_UNIQUE_FOR
-    ):
-        raise InvalidRequest(
-            f"task unique_for must be a number of seconds 0..{MAX_UNIQUE_FOR:g} "
-            f"(366 days), got {window!r}"
-        )
-    if key is not None and (
-        not isinstance(key, str) or not key or len(key) > MAX_UNIQUE_KEY or "\x00" in key
-    ):
+    if key is not None and "\x00" in key:
         raise InvalidRequest(
             f"task unique_key must be a non-empty string of at most {MAX_UNIQUE_KEY} "
             "characters, without NUL"
         )
-    return {"unique_for": float(window), "unique_key": None if key is None else "key:" + key}
+    return {"unique_for": window, "unique_key": None if key is None else "key:" + key}
 
 
 def unique_key_of(spec: TaskSpec) -> str | None:

@@ -29,11 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_SECONDS
 
 MAX_DEPTH = 64  # nesting of maps and arrays in a payload or result
 MIN_INT = -(2**63)
 MAX_INT = 2**64 - 1  # what msgpack can carry
-MAX_SECONDS = 10 * 365 * 86400.0  # a duration or delay beyond this is a mistake
 
 _SCALARS = (str, bool, bytes, type(None))
 

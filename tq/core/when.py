@@ -4,6 +4,7 @@ Contract: pure (no I/O, no clock: ``now`` is an argument); imports only tq.core.
 Errors are InvalidRequest naming the text and the form expected.
 
     parse_duration("30s") -> 30.0      units s, m, h, d, w; "1h30m"; plain seconds
+    format_duration(604800) -> "7d"    the inverse, for showing settings and TTLs
     parse_time("2026-12-01T09:00:00Z") -> epoch seconds
                                        RFC 3339 with an explicit zone (Z or +hh:mm);
                                        a time without a zone is refused: it would
@@ -23,10 +24,11 @@ import re
 from datetime import datetime
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_EPOCH, MAX_SECONDS
 
-MAX_DELAY = 10 * 365 * 86400.0  # ten years ahead: a due time beyond this is a mistake
+MAX_DELAY = MAX_SECONDS  # ten years ahead: a due time beyond this is a mistake
 MIN_RUN_AT = 0.0  # epoch seconds: 1970-01-01T00:00:00Z
-MAX_RUN_AT = 253402300799.0  # 9999-12-31T23:59:59Z (what every reader can print)
+MAX_RUN_AT = MAX_EPOCH  # 9999-12-31T23:59:59Z (what every reader can print)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -52,6 +54,23 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds > MAX_DELAY:
         raise InvalidRequest(f"duration {text!r} is longer than the limit of 10 years")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as people write them, the inverse of ``parse_duration``: 604800 -> '7d',
+    5400 -> '1h30m', 90.5 -> '1m30.5s', 0 -> '0s'."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return f"{seconds:g}s"
+    parts = []
+    rest = seconds
+    for unit in ("d", "h", "m"):
+        whole = int(rest // _UNITS[unit])
+        if whole:
+            parts.append(f"{whole}{unit}")
+            rest -= whole * _UNITS[unit]
+    if rest or not parts:
+        parts.append(f"{round(rest, 6):g}s")
+    return "".join(parts)
 
 
 def parse_time(text: str) -> float:

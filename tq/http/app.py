@@ -55,11 +55,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
+from tq.core.limits import MAX_BODY, MAX_LIST
 from tq.core.states import State
 from tq.http import problems, web
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
+from tq.protocol.parse import typed
+from tq.protocol.schema import Audit, Purge, Query, RetryMany
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -68,7 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tq.http")
 
 API = "/api/v1"
-MAX_BODY = 16 * 1024 * 1024  # bytes, like the wire's frame limit
 JSON_BYTES_PER_CONTAINER = 4  # a body holds at most one array or object per 4 bytes
 JSON_TYPES = ("application/json", "application/problem+json")
 LIST_FILTERS = ("state", "type", "queue", "search")
@@ -169,8 +171,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _query(request: Request) -> dict[str, Any]:
-    """The list filters of a GET /tasks as the service's list message."""
+def _query(request: Request) -> Query:
+    """The list filters of a GET /tasks as the service's typed list request."""
     params = request.query_params
     msg: dict[str, Any] = {}
     for key in LIST_FILTERS:
@@ -183,7 +185,7 @@ def _query(request: Request) -> dict[str, Any]:
     if "limit" in params:
         text = params["limit"]
         if not (text.isascii() and text.isdigit()):
-            raise InvalidRequest(f"limit must be a whole number 1..10000, not {text!r}")
+            raise InvalidRequest(f"limit must be a whole number 1..{MAX_LIST}, not {text!r}")
         msg["limit"] = int(text)
     for bound in ("since", "until"):  # Unix seconds; the service checks the range
         if bound in params:
@@ -194,8 +196,8 @@ def _query(request: Request) -> dict[str, Any]:
     if "cursor" in params:
         msg["after"] = params["cursor"]
     if "order" in params:
-        msg["order"] = params["order"]  # the service names a bad value
-    return msg
+        msg["order"] = params["order"]
+    return typed(Query, {**msg, "id": 0, "q": "list"}, "list")
 
 
 # -- routes --------------------------------------------------------------------------
@@ -300,12 +302,14 @@ async def set_priority(request: Request) -> Response:
 
 async def purge(request: Request) -> Response:
     principal = await authenticate(request, "purge")
-    return _json(await _service(request).purge(await _object_body(request), principal))
+    msg = typed(Purge, {**await _object_body(request), "id": 0}, "purge")
+    return _json(await _service(request).purge(msg, principal))
 
 
 async def retry_many(request: Request) -> Response:
     principal = await authenticate(request, "retry_many")
-    return _json(await _service(request).retry_many(await _object_body(request), principal))
+    msg = typed(RetryMany, {**await _object_body(request), "id": 0}, "retry_many")
+    return _json(await _service(request).retry_many(msg, principal))
 
 
 async def keys(request: Request) -> Response:
@@ -322,7 +326,7 @@ async def audit(request: Request) -> Response:
             if not (text.isascii() and text.isdigit()):
                 raise InvalidRequest(f"{name} must be a whole number, not {text!r}")
             msg[name] = int(text)
-    return _json(await _service(request).auth.audit_page(msg))
+    return _json(await _service(request).auth.audit_page(typed(Audit, {**msg, "id": 0}, "audit")))
 
 
 async def _object_body(request: Request) -> dict[str, Any]:

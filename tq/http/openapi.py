@@ -152,14 +152,14 @@ SCHEMAS: dict[str, Any] = {
                 "minimum": 0,
                 "maximum": MAX_DELAY,
                 "description": "Seconds after the broker receives the task before it may run; "
-                "the task waits in state scheduled (not with depends_on).",
+                "the task waits in state scheduled (with depends_on: after they are done).",
             },
             "run_at": {
                 "type": ["number", "null"],
                 "minimum": 0,
                 "maximum": MAX_RUN_AT,
                 "description": "Epoch seconds (UTC) before which the task may not run, at most "
-                "10 years ahead; with delay, the later of the two (not with depends_on).",
+                "10 years ahead; with delay, the later of the two.",
             },
             "unique_for": {
                 **_SECONDS,
@@ -197,7 +197,8 @@ SCHEMAS: dict[str, Any] = {
             "warning": {
                 "type": "string",
                 "description": "Present when no connected worker handles the task's type: "
-                "the task is stored and waits in pending until one connects.",
+                "the task is stored and waits (pending, or scheduled until due) until one "
+                "connects.",
             },
         },
     },

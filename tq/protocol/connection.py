@@ -7,7 +7,8 @@
 
 A peer that must bound what a frame costs to decode (the broker) takes the
 body and parses it in two steps, so that it can decide where a large frame
-is decoded: ``body = conn.next_body()``, then ``conn.parse(body)``.
+is decoded: ``body = conn.next_body()``, then ``conn.parse_request(body)``,
+which gives the typed request (tq/protocol/schema.py).
 ``limit_incoming`` lowers the limit on frames received without changing the
 limit on frames sent (a reader's requests are small, its answers are not).
 
@@ -32,16 +33,10 @@ from tq.protocol.frames import (
     unpack_bounded,
 )
 from tq.protocol.messages import Message, request_id, validate
+from tq.protocol.parse import MessageError, parse_request
+from tq.protocol.schema import Request
 
-
-class MessageError(ProtocolError):
-    """A well-framed message that cannot be processed; answerable by id."""
-
-    def __init__(self, cause: TQError, rid: int) -> None:
-        super().__init__(cause.message)
-        self.cause = cause
-        self.code = cause.code
-        self.request_id = rid
+__all__ = ["Connection", "MessageError"]
 
 
 class Connection:
@@ -100,6 +95,17 @@ class Connection:
             return validate(obj)
         except TQError as exc:
             raise MessageError(exc, rid) from None
+
+    def parse_request(self, body: bytes) -> Request:
+        """Decode one request body straight into its typed declaration (the broker's
+        side; tq/protocol/parse.py). Thread-safe for one body."""
+        try:
+            return parse_request(body)
+        except MessageError:
+            raise
+        except ProtocolError:
+            self.broken = True
+            raise
 
     def send(self, message: dict[str, Any]) -> bytes:
         return encode_frame(message, self.max_frame)

@@ -22,9 +22,9 @@ from typing import Any
 import msgpack
 
 from tq.core.errors import FrameTooLarge, ProtocolError
+from tq.core.limits import MAX_FRAME as DEFAULT_MAX_FRAME
 
 HEADER = struct.Struct(">I")
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # 10 MiB payload + room for the envelope
 INLINE_DECODE = 64 * 1024  # frames up to this size decode without a container count
 CONTAINER_BASE = 1024  # maps and arrays any frame may hold ...
 BYTES_PER_CONTAINER = 3  # ... plus one per this many bytes ([[1, 2], ...] still fits)

@@ -6,14 +6,14 @@ Requests flow client->broker; ``ack`` and ``nack`` answer them. ``event``
 is pushed by the broker, after the ACK of a ``subscribe``, with the id of
 that ``subscribe`` (see tq/broker/events.py).
 
-``FIELDS`` declares every top-level field the broker reads from each
-message type: its allowed msgpack types and whether it is required.
-``validate`` enforces both before a request reaches its handler, so a
-wrong type is always an ``invalid`` NACK naming the field. ``nil`` equals
-absent: a nil optional field takes its default, a nil required field is
-missing. Fields not declared here are ignored. Value rules beyond the type
-(ranges, known names) belong to the handlers. tests/test_protocol_doc.py
-checks these tables against docs/PROTOCOL.md row by row.
+Requests are declared once, as Structs in tq/protocol/schema.py, and the
+broker decodes them there (tq/protocol/parse.py). ``FIELDS`` is the summary
+of every message's top-level fields (allowed msgpack types, required or
+not): generated from the Structs for requests, written here for the three
+answers (``ack``, ``nack``, ``event``). ``validate`` checks an answer's
+envelope and fields on the client side. ``nil`` equals absent: a nil
+optional field takes its default, a nil required field is missing. Fields
+not declared are ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from msgspec import inspect
+
 from tq.core.errors import InvalidRequest, ProtocolError, UnknownMessage
+from tq.core.limits import MAX_REQUEST_ID
+from tq.protocol.schema import BY_TAG
 
 Message = dict[str, Any]
 
@@ -52,72 +56,44 @@ def opt(types: tuple[type, ...]) -> Field:
     return Field(types)
 
 
+def _types(info: Any) -> tuple[type, ...]:
+    """The python types msgpack decodes a declared field to (nil aside)."""
+    if isinstance(info, inspect.UnionType):
+        out: tuple[type, ...] = ()
+        for t in info.types:
+            if not isinstance(t, inspect.NoneType):
+                out += tuple(x for x in _types(t) if x not in out)
+        return out
+    if isinstance(info, inspect.Metadata):
+        return _types(info.type)
+    simple = {
+        inspect.IntType: INT,
+        inspect.FloatType: NUMBER,
+        inspect.StrType: STR,
+        inspect.BoolType: BOOL,
+        inspect.LiteralType: STR,
+        inspect.ListType: ARRAY,
+        inspect.TupleType: ARRAY,
+        inspect.VarTupleType: ARRAY,
+        inspect.DictType: MAP,
+        inspect.StructType: MAP,
+    }
+    return simple.get(type(info), ())  # type: ignore[call-overload]
+
+
+def _fields_of(struct: type) -> dict[str, Field]:
+    info = inspect.type_info(struct)
+    assert isinstance(info, inspect.StructType)
+    return {
+        f.encode_name: Field(_types(f.type), required=f.required)
+        for f in info.fields
+        if f.encode_name != "id"
+    }
+
+
+# requests: generated from their declarations (tq/protocol/schema.py); answers by hand
 FIELDS: dict[str, dict[str, Field]] = {
-    "hello": {
-        "v": req(INT),
-        "kind": req(STR),
-        "name": opt(STR),
-        "worker_id": opt(STR),
-        "queues": opt(ARRAY),
-        "types": opt(ARRAY),
-        "host": opt(STR),
-        "pid": opt(INT),
-        "concurrency": opt(INT),
-        "key": opt(STR),  # required unless the broker runs --no-auth (checked at login)
-    },
-    "submit": {"tasks": req(ARRAY)},
-    "claim": {"n": req(INT), "queues": req(ARRAY), "types": opt(ARRAY), "wait": opt(NUMBER)},
-    "result": {"results": req(ARRAY)},
-    "heartbeat": {"leases": req(ARRAY), "stats": opt(MAP), "progress": opt(ARRAY)},
-    "query": {
-        "q": req(STR),
-        "task": opt(STR),  # get, explain: required (checked by the handler)
-        "state": opt(STR),
-        "type": opt(STR),
-        "queue": opt(STR),
-        "limit": opt(INT),
-        "after": opt(STR),
-        "order": opt(STR),
-    },
-    "cancel": {"task": req(STR)},
-    "retry": {"task": req(STR)},
-    "wait": {"task": req(STR), "timeout": opt(NUMBER)},
-    "purge": {
-        "states": req(ARRAY),
-        "older_than": req(NUMBER),
-        "limit": opt(INT),
-        "dry_run": opt(BOOL),
-    },
-    "retry_many": {"state": req(STR), "limit": opt(INT)},
-    "keys": {
-        "op": req(STR),
-        "role": opt(STR),  # create: required (checked by the handler)
-        "name": opt(STR),
-        "queues": opt(ARRAY),
-        "expires_at": opt(NUMBER),
-        "key_id": opt(STR),  # revoke: required (checked by the handler)
-    },
-    "audit": {"limit": opt(INT), "before": opt(INT)},
-    "set_priority": {"task": req(STR), "priority": req((int, str))},
-    "queue": {"op": req(STR), "queue": req(STR)},  # pause / resume
-    "schedule": {  # add, list, get, remove, pause, resume, run_now (tq/broker/schedules.py)
-        "op": req(STR),
-        "name": opt(STR),
-        "cron": opt(STR),
-        "timezone": opt(STR),
-        "task": opt(MAP),
-        "missed": opt(STR),
-    },
-    "cap": {  # set, remove, list (tq/broker/caps.py)
-        "op": req(STR),
-        "kind": opt(STR),
-        "name": opt(STR),
-        "concurrency": opt(INT),
-        "rate": opt((int, float, str)),
-        "burst": opt(NUMBER),
-    },
-    "subscribe": {"topics": req(ARRAY)},  # live events on this connection (tq/broker/events.py)
-    "unsubscribe": {},
+    **{tag: _fields_of(struct) for tag, struct in BY_TAG.items()},
     "ack": {},
     "nack": {"code": req(STR), "message": req(STR), "retry_after": opt(NUMBER)},
     "event": {},
@@ -129,7 +105,6 @@ REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
 }
 REQUEST_TYPES = frozenset(FIELDS) - {"ack", "nack", "event"}
 MESSAGE_TYPES = frozenset(FIELDS)
-MAX_REQUEST_ID = 2**63 - 1
 
 
 def request_id(obj: object) -> int | None:

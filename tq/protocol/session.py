@@ -70,6 +70,7 @@ from tq.core.errors import (
     error_from_code,
 )
 from tq.protocol.messages import REQUEST_TYPES, Message
+from tq.protocol.schema import Request
 
 ANSWERS = frozenset({"ack", "nack"})
 BROKER_SENDS = frozenset({"ack", "nack", "event"})
@@ -272,7 +273,12 @@ class Session:
         return failed
 
     # -- the broker side -----------------------------------------------------------
-    def _broker_receive(self, message: Message) -> Message:
+    def receive_request(self, request: Request) -> Request:
+        """The broker side of ``receive`` for a decoded (typed) request."""
+        self._broker_receive(request)
+        return request
+
+    def _broker_receive(self, message: Message | Request) -> Message | Request:
         kind, rid = message.get("t"), message.get("id")
         if self.state is State.CLOSING or self.state is State.CLOSED:
             raise Unavailable(

@@ -124,6 +124,9 @@ def server_ssl_context(
     """TLS 1.2+ server context with the broker's certificate; optionally mutual TLS."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # no TLS 1.2 renegotiation: the broker writes answers without reading
+    # (tq/broker/wire.py), which a handshake started by the peer mid-stream would stall
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(files.server_cert, files.server_key)
     except OSError as exc:  # ssl.SSLError is an OSError

@@ -75,6 +75,10 @@ class QueueDepth:
     count: int
 
 
+# due tasks moved to pending per transaction at most: a backlog that comes due at once
+# (a million tasks delayed to the same minute) is promoted in short transactions, other
+# writes going in between, never in one that holds the writer for seconds
+PROMOTE_BATCH = 250
 BROKER_SILENT_AFTER = 10.0  # seconds without a beat before a broker shows as gone
 BRIEF_DETAILS = ("backend", "location", "path", "size", "wal")
 
@@ -259,8 +263,9 @@ class Store(Protocol):
         """Release every lease held by ``worker`` (it is gone); their ids."""
         ...
 
-    async def promote_due(self, now: float) -> int:
-        """Move failed/scheduled tasks whose run_at has come to pending."""
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        """Move at most ``limit`` failed/scheduled tasks whose run_at has come to pending,
+        earliest due first, in one transaction; how many (fewer than ``limit``: none left)."""
         ...
 
     async def queues_of_keys(self, keys: Sequence[str]) -> dict[str, str]:

@@ -24,7 +24,9 @@ of their edges not yet done whose dependent is still blocked:
 A dependent whose ``deps_left`` reaches 0 becomes pending in the same
 statement (the decrement and the state change are one conditional UPDATE,
 so two brokers finishing two dependencies at once on PostgreSQL release it
-exactly once), and its ``dep_input`` (``{"mode": "result"|"results", "key":
+exactly once), or ``scheduled`` when it has a due time of its own still
+ahead (``run_at``, or ``dep_delay`` seconds after that moment: the later),
+and its ``dep_input`` (``{"mode": "result"|"results", "key":
 K}``) puts its dependencies' results into its payload then. An edge counts
 once (``done``), so a dependency that died, counted for a "run" dependent,
 then was retried and succeeded, does not count twice.
@@ -79,18 +81,29 @@ def _list(d: Dialect, values: Sequence[str]) -> Any:
 
 
 _STATES = "SELECT id, state FROM tasks WHERE {ids}"
-_BLOCK = "UPDATE tasks SET state = ?, deps_left = ?, dep_policy = ?, dep_input = ? WHERE id = ?"
+_BLOCK = (  # run_at and dep_delay: the task's own due time, judged when it is released
+    "UPDATE tasks SET state = ?, deps_left = ?, dep_policy = ?, dep_input = ?, run_at = ?, "
+    "dep_delay = ? WHERE id = ?"
+)
 _EDGE = "INSERT INTO task_deps (task, depends_on, pos, done) VALUES (?, ?, ?, ?)"
 _PENDING_EDGES = (  # the open edges of finished dependencies, with their dependents
     "SELECT e.task, e.depends_on, t.dep_policy, t.state FROM task_deps e "
     "JOIN tasks t ON t.id = e.task WHERE {deps} AND e.done = 0 ORDER BY e.task, e.depends_on"
 )
 _EDGE_DONE = "UPDATE task_deps SET done = 1 WHERE task = ? AND depends_on = ? AND done = 0"
-_COUNT_DOWN = (  # the decrement and the release in one conditional statement
+# the decrement and the release in one conditional statement: pending, or scheduled
+# when the task's own due time (run_at, or now + dep_delay, the later) is still ahead
+_DUE_AFTER = "{later}(coalesce(run_at, 0), ? + coalesce(dep_delay, 0))"
+_COUNT_DOWN = (
     "UPDATE tasks SET deps_left = deps_left - ?, "
-    "state = CASE WHEN deps_left - ? <= 0 THEN ? ELSE state END "
+    f"state = CASE WHEN deps_left - ? > 0 THEN state WHEN {_DUE_AFTER} > ? THEN ? ELSE ? END, "
+    f"run_at = CASE WHEN deps_left - ? > 0 THEN run_at WHEN {_DUE_AFTER} > ? THEN {_DUE_AFTER} "
+    "ELSE NULL END "
     "WHERE id = ? AND state = ? RETURNING state, queue, dep_input"
 )
+_COUNT_DOWN_SQLITE = _COUNT_DOWN.format(later="max")
+_COUNT_DOWN_PG = _COUNT_DOWN.format(later="greatest")
+_LATER = next_state(State.BLOCKED, Event.UNBLOCK_LATER).value
 _CANCEL_DEPENDENT = (
     "UPDATE tasks SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state = ? RETURNING id"
 )
@@ -108,10 +121,9 @@ _EDGES_OF = (
     "SELECT task, depends_on FROM task_deps WHERE {tasks} UNION "
     "SELECT task, depends_on FROM task_deps WHERE {deps}"
 )
-_SCHEDULE_SQLITE = (  # delayed tasks of a submit: [[id, run_at], ...] as JSON
-    "UPDATE tasks SET state = ?, run_at = j.value ->> 1 FROM json_each(?) AS j "
-    "WHERE tasks.id = j.value ->> 0 AND tasks.state = ?"
-)
+# delayed tasks of a submit, one row each through the id index (an UPDATE ... FROM
+# json_each lets SQLite's planner walk the whole table once per row: quadratic)
+_SCHEDULE_SQLITE = "UPDATE tasks SET state = ?, run_at = ? WHERE id = ? AND state = ?"
 _SCHEDULE_PG = (
     "UPDATE tasks SET state = ?, run_at = j.run_at FROM unnest(?::text[], ?::float8[]) "
     "AS j(id, run_at) WHERE tasks.id = j.id AND tasks.state = ?"
@@ -126,6 +138,8 @@ class Settled:
     """What ``settle`` changed besides the finished tasks themselves."""
 
     released: list[tuple[str, str]] = field(default_factory=list)  # (id, queue) now pending
+    # (id, queue) done waiting for dependencies, now scheduled until their own due time
+    scheduled: list[tuple[str, str]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     cause: dict[str, str] = field(default_factory=dict)  # changed id -> finished task behind it
 
@@ -179,16 +193,20 @@ def submit(conn: Any, d: Dialect, specs: Sequence[TaskSpec], now: float) -> list
         for edge in edges:
             d.run(conn, _EDGE, edge)
         dep_input = _input_text(spec)
-        d.run(conn, _BLOCK, (_BLOCKED, left, spec.on_dependency_failure, dep_input, ids[index]))
+        d.run(
+            conn,
+            _BLOCK,
+            (
+                _BLOCKED, left, spec.on_dependency_failure, dep_input, spec.run_at, spec.delay,
+                ids[index],
+            ),
+        )  # fmt: skip
         states[ids[index]] = _BLOCKED
         if failed is not None:
             _cancel(conn, d, ids[index], failed, states[failed], now)
             states[ids[index]] = _CANCELLED
         elif left == 0:
-            d.run(conn, _COUNT_DOWN, (0, 0, _UNBLOCKED, ids[index], _BLOCKED))
-            states[ids[index]] = _UNBLOCKED
-            if dep_input is not None:
-                _inject(conn, d, ids[index], dep_input)
+            states[ids[index]] = _count_down(conn, d, ids[index], 0, now)[0]
     return results
 
 
@@ -199,6 +217,8 @@ def _schedule(
     submit's transaction (inserted pending, so no claim ever sees them that way)."""
     due: list[tuple[str, float]] = []
     for spec, result in zip(specs, results, strict=True):
+        if spec.depends_on:  # due after its dependencies: judged at its release
+            continue
         if result.created and (spec.delay is not None or spec.run_at is not None):
             at = due_at(spec.delay, spec.run_at, now)
             if at is not None:
@@ -210,7 +230,8 @@ def _schedule(
         ids, times = [i for i, _ in due], [t for _, t in due]
         d.run(conn, _SCHEDULE_PG, (_SCHEDULED, ids, times, pending))
     else:
-        d.run(conn, _SCHEDULE_SQLITE, (_SCHEDULED, json.dumps(due), pending))
+        rows = [(_SCHEDULED, at, task_id, pending) for task_id, at in due]
+        conn.executemany(_SCHEDULE_SQLITE, rows).fetchall()
 
 
 def _resolve(specs: Sequence[TaskSpec]) -> list[list[str | int]]:
@@ -277,12 +298,10 @@ def settle(conn: Any, d: Dialect, finished: dict[str, str], now: float) -> Settl
             if task in cancel:
                 continue
             history_sql.note(conn, d.name, now, f"dependency:{last[task]}")
-            rows = d.rows(conn, _COUNT_DOWN, (n, n, _UNBLOCKED, task, _BLOCKED))
-            if rows and rows[0][0] == _UNBLOCKED:
-                out.released.append((task, rows[0][1]))
+            state, queue = _count_down(conn, d, task, n, now)
+            if state in (_UNBLOCKED, _LATER):
+                (out.released if state == _UNBLOCKED else out.scheduled).append((task, queue))
                 out.cause[task] = cause[task]
-                if rows[0][2] is not None:
-                    _inject(conn, d, task, rows[0][2])
         frontier = nxt
     return out
 
@@ -324,6 +343,21 @@ def after_cancel(conn: Any, d: Dialect, task: Task, now: float) -> Task:
     """``settle`` a task just cancelled."""
     settle(conn, d, {task.id: task.state.value}, now)
     return task
+
+
+def _count_down(conn: Any, d: Dialect, task: str, n: int, now: float) -> tuple[str, str]:
+    """``n`` more of a blocked task's dependencies are met: its state and queue after
+    (still blocked, pending, or scheduled until its own due time), its input filled in
+    once it is released."""
+    statement = _COUNT_DOWN_PG if d.name == "postgresql" else _COUNT_DOWN_SQLITE
+    params = (n, n, now, now, _LATER, _UNBLOCKED, n, now, now, now, task, _BLOCKED)
+    rows = d.rows(conn, statement, params)
+    if not rows:
+        return _BLOCKED, ""
+    state, queue, dep_input = rows[0]
+    if state != _BLOCKED and dep_input is not None:
+        _inject(conn, d, task, dep_input)
+    return str(state), str(queue)
 
 
 def _cancel(conn: Any, d: Dialect, task: str, dep: str, end: str, now: float) -> bool:

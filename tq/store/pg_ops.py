@@ -7,7 +7,9 @@ that do not depend on the backend (purge states, retry state, limits) are
 shared with the SQLite backend (``tq.store.schema_ops``, ``schema_auth``).
 
 Costs: ``queue_depth`` counts unfinished tasks only, through the partial
-indexes of each state, so it grows with the backlog, never with history;
+indexes of each state, so it grows with the backlog, never with history
+(failed and scheduled ones are read from ``due_counts``, kept by triggers, so
+not even with a backlog of scheduled tasks);
 ``counts`` adds the finished tasks from ``finished_counts`` (kept by
 triggers), so ``stats`` never scans the table either. ``purge`` deletes the
 oldest finished tasks in chunks; ``seq`` comes from a sequence and is never
@@ -84,14 +86,21 @@ _ACTIVE = frozenset(State) - TERMINAL
 _BY_INDEX: tuple[frozenset[State], ...] = (
     sources(Event.CLAIM),  # tasks_claim: pending
     sources(Event.LEASE_EXPIRED_RETRY),  # tasks_lease: running
-    sources(Event.DUE),  # tasks_due: failed, scheduled
 )
-_UNCOVERED = _ACTIVE - frozenset().union(*_BY_INDEX)  # blocked: tasks_state
-DEPTH_STATEMENTS: tuple[str, ...] = tuple(
-    f"SELECT queue, priority, state, count(*) FROM tasks WHERE {state_is(states)} "
-    "GROUP BY queue, priority, state"
-    for states in (*_BY_INDEX, _UNCOVERED)
-    if states
+_COUNTED = sources(Event.DUE)  # failed, scheduled: due_counts, kept by triggers
+_UNCOVERED = _ACTIVE - frozenset().union(_COUNTED, *_BY_INDEX)  # blocked: tasks_state
+DUE_COUNTS = (
+    "SELECT queue, priority, state, sum(n) FROM due_counts "
+    "GROUP BY queue, priority, state HAVING sum(n) > 0"
+)
+DEPTH_STATEMENTS: tuple[str, ...] = (
+    *(
+        f"SELECT queue, priority, state, count(*) FROM tasks WHERE {state_is(states)} "
+        "GROUP BY queue, priority, state"
+        for states in (*_BY_INDEX, _UNCOVERED)
+        if states
+    ),
+    DUE_COUNTS,
 )
 FINISHED_COUNTS = (
     "SELECT queue, state, sum(n) FROM finished_counts GROUP BY queue, state HAVING sum(n) > 0"
@@ -117,8 +126,10 @@ def counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
 
 PURGE = (
     "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE state = %s AND finished_at < %s "
-    "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED)"
+    "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"
 )
+PURGE_EDGES = "DELETE FROM task_deps WHERE task = ANY(%s)"  # as tq.store.schema_ops
+PURGE_KEYS = "DELETE FROM task_unique WHERE task = ANY(%s)"
 COUNT_PURGEABLE = "SELECT count(*) FROM tasks WHERE state = %s AND finished_at < %s"
 _RETRY_TARGET = {state: next_state(state, Event.RETRY) for state in sources(Event.RETRY)}
 RETRY_MANY = (
@@ -133,7 +144,11 @@ def purge(conn: psycopg.Connection[Any], states: list[State], cutoff: float, lim
     for state in states:
         if deleted >= limit:
             break
-        deleted += conn.execute(PURGE, (state.value, cutoff, limit - deleted)).rowcount
+        ids = [row[0] for row in rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
+        if ids:
+            conn.execute(PURGE_EDGES, (ids,))
+            conn.execute(PURGE_KEYS, (ids,))
+        deleted += len(ids)
     return deleted
 
 

@@ -256,6 +256,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 7: progress and unique tasks (PROGRESS_UNIQUE below)
     # 8: task history (tq.store.history_sql): every transition, written by triggers
     # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
+    # 9: due counts, a blocked task's delay, unique keys by task (DUE_COUNTS_MIGRATION)
 )
 # The latest progress a running task's handler reported (cleared when an attempt is
 # leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
@@ -272,7 +273,50 @@ PROGRESS_UNIQUE = """
         PRIMARY KEY (queue, key)
     );
 """
-MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
+# 9: scheduled tasks and due retries counted per (queue, priority, state) by triggers
+# (spread over slots like finished_counts), so stats, queue depth and metrics never walk
+# a backlog of a million scheduled tasks; a blocked task's delay, counted from the moment
+# its dependencies are done; the unique keys by the task holding them, so deleting a
+# task deletes its keys.
+DUE_COUNTS_MIGRATION = f"""
+    ALTER TABLE tasks ADD COLUMN dep_delay double precision;
+    CREATE INDEX task_unique_task ON task_unique (task);
+    CREATE TABLE due_counts (
+        queue    text NOT NULL,
+        priority integer NOT NULL,
+        state    text NOT NULL,
+        slot     integer NOT NULL,
+        n        bigint NOT NULL,
+        PRIMARY KEY (queue, priority, state, slot)
+    );
+    INSERT INTO due_counts (queue, priority, state, slot, n)
+        SELECT queue, priority, state, 0, count(*) FROM tasks
+        WHERE state IN ('failed', 'scheduled') GROUP BY queue, priority, state;
+    CREATE FUNCTION tq_count_due() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' AND OLD.state IN ('failed', 'scheduled') THEN
+            INSERT INTO due_counts (queue, priority, state, slot, n)
+            VALUES (OLD.queue, OLD.priority, OLD.state, pg_backend_pid() % {COUNT_SLOTS}, -1)
+            ON CONFLICT (queue, priority, state, slot) DO UPDATE SET n = due_counts.n - 1;
+        END IF;
+        IF TG_OP <> 'DELETE' AND NEW.state IN ('failed', 'scheduled') THEN
+            INSERT INTO due_counts (queue, priority, state, slot, n)
+            VALUES (NEW.queue, NEW.priority, NEW.state, pg_backend_pid() % {COUNT_SLOTS}, 1)
+            ON CONFLICT (queue, priority, state, slot) DO UPDATE SET n = due_counts.n + 1;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER tasks_due_insert AFTER INSERT ON tasks FOR EACH ROW
+        WHEN (NEW.state IN ('failed', 'scheduled')) EXECUTE FUNCTION tq_count_due();
+    CREATE TRIGGER tasks_due_update AFTER UPDATE OF state, priority, queue ON tasks FOR EACH ROW
+        WHEN ((NEW.state IN ('failed', 'scheduled') OR OLD.state IN ('failed', 'scheduled'))
+            AND (NEW.state IS DISTINCT FROM OLD.state OR NEW.priority IS DISTINCT FROM OLD.priority
+                OR NEW.queue IS DISTINCT FROM OLD.queue))
+        EXECUTE FUNCTION tq_count_due();
+    CREATE TRIGGER tasks_due_delete AFTER DELETE ON tasks FOR EACH ROW
+        WHEN (OLD.state IN ('failed', 'scheduled')) EXECUTE FUNCTION tq_count_due();
+    """
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION, DUE_COUNTS_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS tq_schema (version integer NOT NULL)"
@@ -438,7 +482,11 @@ WORKER_LEASES = (
     "SELECT seq, id, attempts <= max_retries FROM tasks "
     f"WHERE {LEASED} AND worker = %s ORDER BY seq FOR UPDATE"
 )
-PROMOTE_DUE = f"UPDATE tasks SET state = %s WHERE {DUE} AND run_at <= %s"
+# at most ``limit`` due tasks per statement, earliest first (see tq.store.schema)
+PROMOTE_DUE = (
+    "UPDATE tasks SET state = %s WHERE seq IN (SELECT seq FROM tasks "
+    f"WHERE {DUE} AND run_at <= %s ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
 NEXT_DUE = f"SELECT run_at FROM tasks WHERE {DUE} AND run_at IS NOT NULL ORDER BY run_at LIMIT 1"
 LOOKUP_STATE = "SELECT seq, state FROM tasks WHERE id = %s FOR UPDATE"
 CANCEL_TASK = (
@@ -691,8 +739,8 @@ def _release(
     return [task_id for _, task_id, _ in found]
 
 
-def promote_due(conn: psycopg.Connection[Any], now: float) -> int:
-    return conn.execute(PROMOTE_DUE, (_DUE_TARGET.value, now)).rowcount
+def promote_due(conn: psycopg.Connection[Any], now: float, limit: int) -> int:
+    return conn.execute(PROMOTE_DUE, (_DUE_TARGET.value, now, limit)).rowcount
 
 
 def change_one(conn: psycopg.Connection[Any], task_id: str, event: Event, now: float) -> Task:

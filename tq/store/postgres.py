@@ -94,6 +94,7 @@ from tq.store import (
     unique_sql,
 )
 from tq.store.base import (
+    PROMOTE_BATCH,
     BrokerSelf,
     ClusterState,
     OutcomeResult,
@@ -472,8 +473,12 @@ class PostgresStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             _release_lost, timeout, pg_cluster.DB_NOW, note=(pg_cluster.DB_NOW, None)
         )
 
-    async def promote_due(self, now: float) -> int:
-        return await self._write(pg_schema.promote_due, self._now(now), note=(self._now(now), None))
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write(
+            pg_schema.promote_due, self._now(now), limit, weight=limit, note=(self._now(now), None)
+        )
 
     def _now(self, now: float) -> float:
         """``now``, or DB_NOW (the database clock) for a cluster member's lease operations."""

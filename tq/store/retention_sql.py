@@ -8,8 +8,9 @@ reads what it deletes plus one index probe per (queue, state), whatever the
 size of the table. The caller (the broker's retention loop) calls it again
 while a pass comes back full, yielding in between.
 
-What goes with a task: its result and error (columns of its row) and its own
-dependency edges (``task_deps`` rows where it is the dependent). Kept: a
+What goes with a task: its result, error and progress (columns of its row),
+its own dependency edges (``task_deps`` rows where it is the dependent) and
+the unique keys it holds (``task_unique`` rows naming it). Kept: a
 finished task that is a dependency of a ``blocked`` task (met or not), so a
 dependent's ``depends_on`` never names a task that vanished while it waits
 (its status and explanation show every dependency with its state); and
@@ -55,6 +56,10 @@ _DELETE_SQLITE = "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))
 _DELETE_EDGES_SQLITE = "DELETE FROM task_deps WHERE task IN (SELECT value FROM json_each(?))"
 _DELETE_PG = "DELETE FROM tasks WHERE id = ANY(?) AND state = ?"
 _DELETE_EDGES_PG = "DELETE FROM task_deps WHERE task = ANY(?)"
+# the unique keys the deleted tasks held (a key whose holder is gone is free anyway:
+# tq.store.unique_sql takes it over), found through task_unique_task
+_DELETE_KEYS_SQLITE = "DELETE FROM task_unique WHERE task IN (SELECT value FROM json_each(?))"
+_DELETE_KEYS_PG = "DELETE FROM task_unique WHERE task = ANY(?)"
 
 
 def expire(
@@ -78,6 +83,7 @@ def expire(
         ids = [row[0] for row in picked]
         listed: Any = ids if pg else json.dumps(ids)
         d.run(conn, _DELETE_EDGES_PG if pg else _DELETE_EDGES_SQLITE, (listed,))
+        d.run(conn, _DELETE_KEYS_PG if pg else _DELETE_KEYS_SQLITE, (listed,))
         n = d.run(conn, _DELETE_PG if pg else _DELETE_SQLITE, (listed, state))
         deleted[(queue, state)] = n
         left -= n

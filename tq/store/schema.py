@@ -216,6 +216,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 9: progress and unique tasks (PROGRESS_UNIQUE below)
     # 10: task history (tq.store.history_sql): every transition, written by triggers
     # (HISTORY_MIGRATION, appended after PROGRESS_UNIQUE below)
+    # 11: due counts, a blocked task's delay, unique keys by task (DUE_COUNTS_MIGRATION below)
 )
 # The latest progress a running task's handler reported (cleared when an attempt is
 # leased), and the keys unique tasks hold (tq.store.unique_sql): one row per (queue,
@@ -231,7 +232,54 @@ PROGRESS_UNIQUE = """
         PRIMARY KEY (queue, key)
     ) STRICT, WITHOUT ROWID;
 """
-MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION)
+# 11: scheduled tasks and due retries counted per (queue, priority, state) by
+# triggers, so stats, queue depth and metrics read a few counter rows instead of
+# walking a backlog of a million scheduled tasks (as finished_counts does for history);
+# a blocked task's delay, counted from the moment its dependencies are done; the unique
+# keys by the task holding them, so deleting a task deletes its keys.
+DUE_COUNTS_MIGRATION = """
+    ALTER TABLE tasks ADD COLUMN dep_delay REAL;
+    CREATE INDEX task_unique_task ON task_unique (task);
+    CREATE TABLE due_counts (
+        queue    TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state    TEXT NOT NULL,
+        n        INTEGER NOT NULL,
+        PRIMARY KEY (queue, priority, state)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO due_counts (queue, priority, state, n)
+        SELECT queue, priority, state, count(*) FROM tasks
+        WHERE state IN ('failed', 'scheduled') GROUP BY queue, priority, state;
+    CREATE TRIGGER tasks_due_insert AFTER INSERT ON tasks
+    WHEN NEW.state IN ('failed', 'scheduled')
+    BEGIN
+        INSERT INTO due_counts (queue, priority, state, n)
+        VALUES (NEW.queue, NEW.priority, NEW.state, 1)
+        ON CONFLICT (queue, priority, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_due_leave AFTER UPDATE OF state, priority, queue ON tasks
+    WHEN OLD.state IN ('failed', 'scheduled') AND (NEW.state IS NOT OLD.state
+        OR NEW.priority IS NOT OLD.priority OR NEW.queue IS NOT OLD.queue)
+    BEGIN
+        UPDATE due_counts SET n = n - 1
+        WHERE queue = OLD.queue AND priority = OLD.priority AND state = OLD.state;
+    END;
+    CREATE TRIGGER tasks_due_enter AFTER UPDATE OF state, priority, queue ON tasks
+    WHEN NEW.state IN ('failed', 'scheduled') AND (NEW.state IS NOT OLD.state
+        OR NEW.priority IS NOT OLD.priority OR NEW.queue IS NOT OLD.queue)
+    BEGIN
+        INSERT INTO due_counts (queue, priority, state, n)
+        VALUES (NEW.queue, NEW.priority, NEW.state, 1)
+        ON CONFLICT (queue, priority, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tasks_due_delete AFTER DELETE ON tasks
+    WHEN OLD.state IN ('failed', 'scheduled')
+    BEGIN
+        UPDATE due_counts SET n = n - 1
+        WHERE queue = OLD.queue AND priority = OLD.priority AND state = OLD.state;
+    END;
+    """
+MIGRATIONS += (PROGRESS_UNIQUE, HISTORY_MIGRATION, DUE_COUNTS_MIGRATION)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -388,7 +436,12 @@ WORKER_LEASES = (
 SET_PROGRESS = (
     "UPDATE tasks SET progress = ?, progress_message = ? WHERE id = ? AND lease_token = ?"
 )
-PROMOTE_DUE = f"UPDATE tasks INDEXED BY tasks_due SET state = ? WHERE {DUE} AND run_at <= ?"
+# at most ``limit`` due tasks per statement, earliest first: one transaction stays short
+# whatever the backlog that came due at once (the promoter repeats until a batch is short)
+PROMOTE_DUE = (
+    "UPDATE tasks SET state = ? WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_due "
+    f"WHERE {DUE} AND run_at <= ? ORDER BY run_at LIMIT ?)"
+)
 NEXT_DUE = (
     f"SELECT run_at FROM tasks INDEXED BY tasks_due WHERE {DUE} AND run_at IS NOT NULL "
     "ORDER BY run_at LIMIT 1"
@@ -857,8 +910,8 @@ def _release(
     return [task_id for _, task_id, _ in rows]
 
 
-def promote_due(conn: apsw.Connection, now: float) -> int:
-    _rows(conn, PROMOTE_DUE, (_DUE_TARGET.value, now))
+def promote_due(conn: apsw.Connection, now: float, limit: int) -> int:
+    _rows(conn, PROMOTE_DUE, (_DUE_TARGET.value, now, limit))
     return int(conn.changes())
 
 

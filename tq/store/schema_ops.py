@@ -11,8 +11,9 @@ at 300k rows. ``queue_depth`` must be cheap enough to poll (metrics,
 ``tq queue-depth --watch``), so it counts only tasks that are not finished,
 each state through the partial index that already exists for it
 (``tasks_claim`` for pending, covering; ``tasks_lease`` for running;
-``tasks_due`` for failed/scheduled; ``tasks_state`` for anything else):
-its cost grows with the backlog, never with history.
+``tasks_state`` for anything else): its cost grows with the backlog, never
+with history. Failed and scheduled tasks are read from ``due_counts``, kept by
+triggers: a million tasks scheduled for next month cost a few rows.
 
 Purge deletes finished tasks in chunks (``limit`` rows per call, each call
 its own write operation) so a large purge never holds the writer for long,
@@ -27,6 +28,7 @@ refused (``invalid``); start the listing again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import apsw
@@ -42,9 +44,12 @@ _ACTIVE = frozenset(State) - TERMINAL
 _BY_INDEX: tuple[tuple[str, frozenset[State]], ...] = (
     ("tasks_claim", sources(Event.CLAIM)),  # partial: state = 'pending', covering
     ("tasks_lease", sources(Event.LEASE_EXPIRED_RETRY)),  # partial: running
-    ("tasks_due", sources(Event.DUE)),  # partial: failed, scheduled
 )
-_COVERED = frozenset().union(*(states for _, states in _BY_INDEX))
+# failed and scheduled: counted by triggers (schema.DUE_COUNTS_MIGRATION), a backlog of a million
+# scheduled tasks costs a read of a few rows, not a walk of tasks_due
+_COUNTED = sources(Event.DUE)
+DUE_COUNTS = "SELECT queue, priority, state, n FROM due_counts WHERE n > 0"
+_COVERED = frozenset().union(_COUNTED, *(states for _, states in _BY_INDEX))
 
 
 def _depth_statement(index: str, states: frozenset[State]) -> str:
@@ -62,10 +67,13 @@ def _depth_statement(index: str, states: frozenset[State]) -> str:
 
 
 _UNCOVERED = _ACTIVE - _COVERED  # blocked: no partial index; (state, seq) finds its rows
-DEPTH_STATEMENTS: tuple[str, ...] = tuple(
-    _depth_statement(index, states)
-    for index, states in (*_BY_INDEX, ("tasks_state", _UNCOVERED))
-    if states
+DEPTH_STATEMENTS: tuple[str, ...] = (
+    *(
+        _depth_statement(index, states)
+        for index, states in (*_BY_INDEX, ("tasks_state", _UNCOVERED))
+        if states
+    ),
+    DUE_COUNTS,
 )
 
 
@@ -81,8 +89,12 @@ PURGEABLE = TERMINAL
 _NOT_NEWEST = "seq < (SELECT max(seq) FROM tasks)"
 PURGE = (
     "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_state "
-    f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST} ORDER BY seq LIMIT ?)"
+    f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST} ORDER BY seq LIMIT ?) RETURNING id"
 )
+# a purged task's own dependency edges go with it; edges of kept tasks to a purged
+# dependency stay (the dependent still names it, read as a dependency no longer stored)
+PURGE_EDGES = "DELETE FROM task_deps WHERE task IN (SELECT value FROM json_each(?))"
+PURGE_KEYS = "DELETE FROM task_unique WHERE task IN (SELECT value FROM json_each(?))"
 COUNT_PURGEABLE = (
     "SELECT count(*) FROM tasks INDEXED BY tasks_state "
     f"WHERE state = ? AND finished_at < ? AND {_NOT_NEWEST}"
@@ -109,8 +121,11 @@ def purge(conn: apsw.Connection, states: list[State], cutoff: float, limit: int)
     for state in states:
         if deleted >= limit:
             break
-        _rows(conn, PURGE, (state.value, cutoff, limit - deleted))
-        deleted += int(conn.changes())
+        ids = [row[0] for row in _rows(conn, PURGE, (state.value, cutoff, limit - deleted))]
+        if ids:
+            _rows(conn, PURGE_EDGES, (json.dumps(ids),))
+            _rows(conn, PURGE_KEYS, (json.dumps(ids),))
+        deleted += len(ids)
     return deleted
 
 

@@ -47,6 +47,13 @@ COMMIT fails (disk full, I/O error, database locked by another process) every
 caller of the batch gets a StoreError. A caller cancelled before its operation
 was taken is dropped from the queue; once taken, the operation runs and commits
 regardless.
+A lone light write (nothing queued, no transaction running) skips the queue:
+its caller makes the thread hop itself, in the writer's turn (the writer's
+limiter), and is answered after its own COMMIT, exactly as from a batch of
+one; writes arriving meanwhile queue for the writer as they would behind any
+batch. This saves the writer task's wake-up and hand-back (with the broker's
+direct answers, a single durable submit's broker CPU went down by 14 %:
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from tq.store import (
     unique_sql,
 )
 from tq.store.base import (
+    PROMOTE_BATCH,
     ClusterState,
     OutcomeResult,
     QueueDepth,
@@ -257,6 +265,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         self._read_limiter = trio.CapacityLimiter(1)
         self._checkpoint_limiter = trio.CapacityLimiter(1)
         self._queue: deque[_Op] = deque()
+        self._writing = False  # a write transaction is running (or waits for its turn)
         self._wake = trio.Event()
         self._dirty = trio.Event()  # a commit since the last checkpoint
         self._urgent = trio.Event()  # many commits since the last checkpoint
@@ -383,8 +392,10 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     async def release_worker(self, worker: str, now: float) -> list[str]:
         return await self._write(_release_worker, worker, now, note=(now, None))
 
-    async def promote_due(self, now: float) -> int:
-        return await self._write(schema.promote_due, now, note=(now, None))
+    async def promote_due(self, now: float, limit: int = PROMOTE_BATCH) -> int:
+        if limit <= 0:
+            return 0
+        return await self._write(schema.promote_due, now, limit, weight=limit, note=(now, None))
 
     async def cancel(self, task_id: str, now: float, *, actor: str | None = None) -> Task:
         return await self._write(_cancel, task_id, now, note=(now, actor))
@@ -593,17 +604,43 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         if self._closing:
             raise Unavailable("the task store is closed")
         op = _Op(fn, args, weight, note)
-        self._queue.append(op)
-        self._wake.set()
-        try:
-            await op.done.wait()
-        except BaseException:
-            op.abandoned = True  # not run if the writer has not taken it yet
-            raise
+        if not self._queue and not self._writing and op.weight <= SMALL_WEIGHT:
+            # a lone light write: no batch to join and none running, so it commits in
+            # this caller's own thread hop (the writer task's wake-up and hand-back
+            # cost as much as the hop); writes arriving meanwhile queue and share the
+            # writer's next transaction, as they would behind any batch
+            await self._run_alone(op)
+        else:
+            self._queue.append(op)
+            self._wake.set()
+            try:
+                await op.done.wait()
+            except BaseException:
+                op.abandoned = True  # not run if the writer has not taken it yet
+                raise
         if op.error is not None:
             raise op.error
         result: T = op.result
         return result
+
+    async def _run_alone(self, op: _Op) -> None:
+        """Commit ``op`` in a transaction of its own, in the writer's turn (its limiter)."""
+        self._writing = True
+        try:
+            wrote = await trio.to_thread.run_sync(
+                self._run_batch, [op], limiter=self._write_limiter
+            )
+        finally:
+            self._writing = False
+            if self._queue or self._closing:
+                self._wake.set()  # what queued meanwhile: the writer's next batch
+        self._committed(wrote)
+
+    def _committed(self, wrote: bool) -> None:
+        if wrote:  # a batch that changed nothing leaves nothing to checkpoint
+            self._dirty.set()
+            if self.commits - self._checkpointed_at >= CHECKPOINT_AFTER_COMMITS:
+                self._urgent.set()
 
     async def _writer_loop(self) -> None:
         try:
@@ -614,24 +651,25 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                     # wait for the whole heavy transaction
                     for _ in range(LIGHT_GRACE_ROUNDS):
                         await trio.lowlevel.checkpoint()
-                batch = self._take_batch()
+                # while a lone write runs, what queued meanwhile waits for its end and
+                # then goes as one batch (taken now, it could no longer be dropped)
+                batch = [] if self._writing else self._take_batch()
                 if not batch:
-                    if self._closing:
+                    if self._closing and not self._writing:
                         return
                     await self._wake.wait()
                     self._wake = trio.Event()
                     continue
+                self._writing = True
                 try:
                     wrote = await trio.to_thread.run_sync(
                         self._run_batch, batch, limiter=self._write_limiter
                     )
                 finally:
+                    self._writing = False
                     for op in batch:
                         op.done.set()
-                if wrote:  # a batch that changed nothing leaves nothing to checkpoint
-                    self._dirty.set()
-                    if self.commits - self._checkpointed_at >= CHECKPOINT_AFTER_COMMITS:
-                        self._urgent.set()
+                self._committed(wrote)
         finally:
             self._closing = True
             while self._queue:

@@ -19,8 +19,9 @@ Invariants:
   some queues can only ever be answered the id of a task in a queue it may
   use (no lookup across queues happens at all).
 * **Bounded.** One row per (queue, key) ever used; a taken-over key reuses its
-  row. Rows of finished tasks past their window are dead weight until the key
-  is used again or the task is purged (then the row is ignored).
+  row. Rows of finished tasks past their window stay until the key is used
+  again or the task is deleted (retention or ``tq purge`` delete its rows with
+  it, through the ``task_unique_task`` index).
 
 Specs without ``unique_for`` in the same submit are inserted as usual. A
 submit mixing unique specs with ``"#N"`` dependency references is refused
