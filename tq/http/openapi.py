@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tq import __version__
+from tq.core.limits import BULK_DEFAULT, BULK_MAX, MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
 from tq.core.states import State
 from tq.core.task import (
     MAX_NUMBER,
@@ -42,7 +43,6 @@ _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
 _STATE = {"type": "string", "enum": [s.value for s in State]}
-MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -600,7 +600,12 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-_BULK_LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": 10_000, "default": 1000}
+_BULK_LIMIT = {
+    "type": ["integer", "null"],
+    "minimum": 1,
+    "maximum": BULK_MAX,
+    "default": BULK_DEFAULT,
+}
 
 
 _CAP_KIND = {
@@ -1027,13 +1032,13 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_PAGE},
                     },
                     {
                         "name": "before",
                         "in": "query",
                         "description": "next of the previous page (an entry's seq).",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
                     },
                 ],
             )
