@@ -72,6 +72,10 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
         )
         xss = api.post("/api/v1/tasks", json={"type": XSS_TYPE, "payload": {"html": XSS_TYPE}})
         xss_id = xss.json()["id"]
+        # a paused queue and a capped one show their status on the overview, even empty
+        assert api.post("/api/v1/queues/held/pause").status_code == 200
+        capped = api.put("/api/v1/caps/queue/throttled", json={"concurrency": 5, "rate": "30/m"})
+        assert capped.status_code == 200, capped.text
 
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -91,6 +95,10 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 expect(page.get_by_role("heading", name="Overview")).to_be_visible()
                 expect(page.get_by_text("RuntimeError: boom")).to_be_visible()  # a failure
                 expect(page.get_by_role("cell", name="connected", exact=True)).to_be_visible()
+                expect(page.get_by_role("cell", name="paused", exact=True)).to_be_visible()
+                expect(
+                    page.get_by_role("cell", name="cap: 5 running, cap: 30/m", exact=True)
+                ).to_be_visible()
                 page.screenshot(path=str(tmp_path / "dashboard-1280x800.png"))
 
                 # a task submitted elsewhere appears in the list, live (no reload)

@@ -37,11 +37,16 @@ export function overview() {
   );
   async function refresh() {
     try {
-      const [stats, list] = await Promise.all([api(`${API}/stats`), api(`${API}/workers`)]);
-      const names = Object.keys(stats.queues).sort().slice(0, 50);
+      const [stats, list, depth] = await Promise.all([
+        api(`${API}/stats`),
+        api(`${API}/workers`),
+        api(`${API}/queues`).catch(() => ({ queues: [] })), // paused and capped queues
+      ]);
+      const status = new Map(depth.queues.map((q) => [q.queue, q]));
+      const names = [...new Set([...Object.keys(stats.queues), ...status.keys()])].sort().slice(0, 50);
       const oldest = await Promise.all(
         names.map((queue) =>
-          (stats.queues[queue].pending || 0) > 0
+          ((stats.queues[queue] || {}).pending || 0) > 0
             ? api(`${API}/tasks`, { params: { state: "pending", queue, limit: 1 } }).then(
                 (page) => (page.tasks[0] ? now() - page.tasks[0].created_at : null),
                 () => null,
@@ -49,7 +54,7 @@ export function overview() {
             : null,
         ),
       );
-      counts.replaceChildren(queueTable(stats.queues, names, oldest));
+      counts.replaceChildren(queueTable(stats.queues, names, oldest, status));
       charts.replaceChildren(...historyCharts(stats.history));
       workers.replaceChildren(workerTable(list.workers));
     } catch (error) {
@@ -64,17 +69,35 @@ export function overview() {
   return { node, refresh, onEvent: () => refreshSoon(2000) }; // at most one reload per 2 s
 }
 
-function queueTable(queues, names, oldest) {
+function queueTable(queues, names, oldest, status) {
   const shown = ["pending", "scheduled", "running", "failed", "dead", "succeeded", "cancelled"];
   const rows = names.map((queue, i) => [
     h("a", { href: `#/tasks?queue=${encodeURIComponent(queue)}` }, queue),
     ...shown.map((state) => {
-      const n = queues[queue][state] || 0;
+      const n = (queues[queue] || {})[state] || 0;
       return n ? h("a", { href: `#/tasks?queue=${encodeURIComponent(queue)}&state=${state}` }, String(n)) : "0";
     }),
     ago(oldest[i]),
+    queueStatus(status.get(queue)),
   ]);
-  return table("Tasks per queue and state", ["Queue", ...shown, "Oldest pending"], rows, "No tasks yet.");
+  return table("Tasks per queue and state", ["Queue", ...shown, "Oldest pending", "Status"], rows, "No tasks yet.");
+}
+
+// "paused" (hands nothing out) and the queue's cap, as tq queue list shows them
+function queueStatus(entry) {
+  if (!entry) return "—";
+  const parts = [];
+  if (entry.paused) parts.push("paused");
+  const cap = entry.cap;
+  if (cap && cap.concurrency !== null && cap.concurrency !== undefined) parts.push(`cap: ${cap.concurrency} running`);
+  if (cap && cap.rate !== null && cap.rate !== undefined) parts.push(`cap: ${rateText(cap.rate)}`);
+  return parts.length ? parts.join(", ") : "—";
+}
+
+function rateText(rate) {
+  if (rate >= 1) return `${Number(rate.toPrecision(4))}/s`;
+  if (rate * 60 >= 1) return `${Number((rate * 60).toPrecision(4))}/m`;
+  return `${Number((rate * 3600).toPrecision(4))}/h`;
 }
 
 function historyCharts(history) {
