@@ -1,8 +1,9 @@
 """Claims with caps and priority aging: which pending tasks a claim takes (both stores).
 
-Contract: pure planning over a ``Reader`` that each store implements with its
-own SQL inside the claim's transaction (tq.store.schema_caps for SQLite,
-tq.store.pg_caps for PostgreSQL). Imports nothing of tq but tq.core.
+Contract: pure planning over a ``Reader``; ``StatementReader`` is the one Reader,
+running each store's own statements on the connection it is given, inside the
+claim's transaction (tq.store.schema_caps for SQLite, tq.store.pg_caps for
+PostgreSQL). Imports nothing of tq but tq.core.
 
 **Caps.** A cap names a queue or a task type and limits it cluster-wide: at most
 ``concurrency`` tasks running at once and at most ``rate`` started per second
@@ -35,9 +36,9 @@ scan of ``tasks_claim_type``: O(types * log n)).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 QUEUE = "queue"
 TYPE = "type"
@@ -131,6 +132,77 @@ class Reader(Protocol):
 
     def running(self, kind: str, name: str, limit: int) -> int:
         """Running tasks of a queue or type, counted up to ``limit``."""
+
+
+@dataclass(frozen=True)
+class ReadStatements:
+    """The statements a ``StatementReader`` runs, in one store's SQL dialect: the
+    highest pending level (of a queue, or of a queue and type; below a priority or
+    not), the heads of those, the next type with pending tasks, running counts."""
+
+    level: str
+    level_below: str
+    level_type: str
+    level_type_below: str
+    heads: str
+    heads_at: str
+    heads_type: str
+    heads_type_at: str
+    next_type: str
+    running: Mapping[str, str]  # kind -> statement
+
+
+class StatementReader:
+    """``Reader`` over one connection of either store (APSW and psycopg both answer
+    ``execute(statement, params).fetchall()``), inside the claim's transaction."""
+
+    def __init__(self, conn: Any, sql: ReadStatements) -> None:
+        self.conn = conn
+        self.sql = sql
+
+    def _rows(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        rows: list[Any] = self.conn.execute(statement, params).fetchall()
+        return rows
+
+    def level(self, queue: str, type_: str | None, below: int | None) -> int | None:
+        sql = self.sql
+        if type_ is None:
+            found = (
+                self._rows(sql.level, (queue,))
+                if below is None
+                else self._rows(sql.level_below, (queue, below))
+            )
+        elif below is None:
+            found = self._rows(sql.level_type, (queue, type_))
+        else:
+            found = self._rows(sql.level_type_below, (queue, type_, below))
+        return int(found[0][0]) if found else None
+
+    def heads(
+        self, queue: str, type_: str | None, priority: int | None, limit: int
+    ) -> list[tuple[int, int, float, str]]:
+        sql = self.sql
+        if type_ is None:
+            if priority is None:
+                return self._rows(sql.heads, (queue, limit))
+            return self._rows(sql.heads_at, (queue, priority, limit))
+        if priority is None:
+            return self._rows(sql.heads_type, (queue, type_, limit))
+        return self._rows(sql.heads_type_at, (queue, type_, priority, limit))
+
+    def next_type(self, queue: str, after: str | None) -> str | None:
+        # type names are never empty, so "type > ''" finds the first one
+        found = self._rows(self.sql.next_type, (queue, "" if after is None else after))
+        return str(found[0][0]) if found else None
+
+    def running(self, kind: str, name: str, limit: int) -> int:
+        return int(self._rows(self.sql.running[kind], (name, limit))[0][0])
+
+
+def cap_of(row: Sequence[Any]) -> Cap:
+    """A cap from its row (kind, name, concurrency, rate, burst, tokens, refilled_at)."""
+    kind, name, concurrency, rate, burst, tokens, refilled_at = row
+    return Cap(kind, name, concurrency, rate, burst, tokens, refilled_at)
 
 
 def allowances(

@@ -10,14 +10,25 @@ Imports tq.core, tq.store.pg_schema, tq.store.schema and tq.store.claimplan.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 
 from tq.core.task import Lease
 from tq.store import pg_schema
-from tq.store.claimplan import QUEUE, TYPE, Aging, Cap, CapNote, default_burst, plan, spend
+from tq.store.claimplan import (
+    QUEUE,
+    TYPE,
+    Aging,
+    Cap,
+    CapNote,
+    ReadStatements,
+    StatementReader,
+    cap_of,
+    default_burst,
+    plan,
+    spend,
+)
 from tq.store.pg_schema import rows
 from tq.store.schema import _CLAIMED, _lease_tokens, row_to_lease
 
@@ -85,6 +96,18 @@ _RUNNING = {
     TYPE: "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'running' AND type = %s "
     "LIMIT %s) AS r",
 }
+_READS = ReadStatements(
+    _LEVEL,
+    _LEVEL_BELOW,
+    _LEVEL_TYPE,
+    _LEVEL_TYPE_BELOW,
+    _HEADS,
+    _HEADS_AT,
+    _HEADS_TYPE,
+    _HEADS_TYPE_AT,
+    _NEXT_TYPE,
+    _RUNNING,
+)
 _TAKE = (
     "UPDATE tasks SET state = %s, attempts = tasks.attempts + 1, started_at = %s, worker = %s, "
     "lease_token = c.token, lease_expires_at = %s "
@@ -93,49 +116,6 @@ _TAKE = (
     "tasks.queue, tasks.payload, tasks.priority, tasks.attempts, tasks.max_retries, "
     "tasks.timeout, tasks.lease_token, tasks.trace"
 )
-
-
-class PgReader:
-    """claimplan.Reader over one psycopg connection (in the claim's transaction)."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-
-    def level(self, queue: str, type_: str | None, below: int | None) -> int | None:
-        if type_ is None:
-            found = (
-                rows(self.conn, _LEVEL, (queue,))
-                if below is None
-                else rows(self.conn, _LEVEL_BELOW, (queue, below))
-            )
-        elif below is None:
-            found = rows(self.conn, _LEVEL_TYPE, (queue, type_))
-        else:
-            found = rows(self.conn, _LEVEL_TYPE_BELOW, (queue, type_, below))
-        return int(found[0][0]) if found else None
-
-    def heads(
-        self, queue: str, type_: str | None, priority: int | None, limit: int
-    ) -> list[tuple[int, int, float, str]]:
-        if type_ is None:
-            if priority is None:
-                return rows(self.conn, _HEADS, (queue, limit))
-            return rows(self.conn, _HEADS_AT, (queue, priority, limit))
-        if priority is None:
-            return rows(self.conn, _HEADS_TYPE, (queue, type_, limit))
-        return rows(self.conn, _HEADS_TYPE_AT, (queue, type_, priority, limit))
-
-    def next_type(self, queue: str, after: str | None) -> str | None:
-        found = rows(self.conn, _NEXT_TYPE, (queue, "" if after is None else after))
-        return str(found[0][0]) if found else None
-
-    def running(self, kind: str, name: str, limit: int) -> int:
-        return int(rows(self.conn, _RUNNING[kind], (name, limit))[0][0])
-
-
-def _cap(row: Sequence[Any]) -> Cap:
-    kind, name, concurrency, rate, burst, tokens, refilled_at = row
-    return Cap(kind, name, concurrency, rate, burst, tokens, refilled_at)
 
 
 def claim(
@@ -151,14 +131,14 @@ def claim(
 ) -> list[Lease]:
     """``tq.store.pg_schema.claim`` under the caps in force and the broker's aging."""
     if types is None:
-        caps = [_cap(row) for row in rows(conn, _CAPS_FOR_QUEUES, (queues,))]
+        caps = [cap_of(row) for row in rows(conn, _CAPS_FOR_QUEUES, (queues,))]
     else:
-        caps = [_cap(row) for row in rows(conn, _CAPS_FOR, (queues, types))]
+        caps = [cap_of(row) for row in rows(conn, _CAPS_FOR, (queues, types))]
     CAPS_SEEN[0] = bool(caps)
     if not caps and aging is None:
         return pg_schema.claim(conn, worker, queues, types, n, now, lease_ttl)
     note = note if note is not None else CapNote()
-    seqs, used = plan(PgReader(conn), queues, types, n, now, caps, aging, note)
+    seqs, used = plan(StatementReader(conn, _READS), queues, types, n, now, caps, aging, note)
     for cap in spend(caps, used, now):
         conn.execute(_SAVE_BUCKET, (cap.tokens, cap.refilled_at, cap.kind, cap.name))
     if not seqs:
@@ -184,8 +164,8 @@ def remove_cap(conn: psycopg.Connection[Any], kind: str, name: str) -> bool:
 
 
 def list_caps(conn: psycopg.Connection[Any]) -> list[Cap]:
-    return [_cap(row) for row in rows(conn, _ALL_CAPS)]
+    return [cap_of(row) for row in rows(conn, _ALL_CAPS)]
 
 
 def running(conn: psycopg.Connection[Any], kind: str, name: str, limit: int) -> int:
-    return PgReader(conn).running(kind, name, limit)
+    return StatementReader(conn, _READS).running(kind, name, limit)

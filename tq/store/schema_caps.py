@@ -18,7 +18,19 @@ import apsw
 
 from tq.core.task import Lease
 from tq.store import schema
-from tq.store.claimplan import QUEUE, TYPE, Aging, Cap, CapNote, default_burst, plan, spend
+from tq.store.claimplan import (
+    QUEUE,
+    TYPE,
+    Aging,
+    Cap,
+    CapNote,
+    ReadStatements,
+    StatementReader,
+    cap_of,
+    default_burst,
+    plan,
+    spend,
+)
 
 _CAP_COLUMNS = "kind, name, concurrency, rate, burst, tokens, refilled_at"
 _CAPS_FOR_QUEUES = (
@@ -84,52 +96,22 @@ _RUNNING = {
 }
 
 
+_READS = ReadStatements(
+    _LEVEL,
+    _LEVEL_BELOW,
+    _LEVEL_TYPE,
+    _LEVEL_TYPE_BELOW,
+    _HEADS,
+    _HEADS_AT,
+    _HEADS_TYPE,
+    _HEADS_TYPE_AT,
+    _NEXT_TYPE,
+    _RUNNING,
+)
+
+
 def _rows(conn: apsw.Connection, statement: str, params: Sequence[Any] = ()) -> list[Any]:
     return conn.execute(statement, params).fetchall()
-
-
-class SqliteReader:
-    """claimplan.Reader over one APSW connection."""
-
-    def __init__(self, conn: apsw.Connection) -> None:
-        self.conn = conn
-
-    def level(self, queue: str, type_: str | None, below: int | None) -> int | None:
-        if type_ is None:
-            found = (
-                _rows(self.conn, _LEVEL, (queue,))
-                if below is None
-                else _rows(self.conn, _LEVEL_BELOW, (queue, below))
-            )
-        elif below is None:
-            found = _rows(self.conn, _LEVEL_TYPE, (queue, type_))
-        else:
-            found = _rows(self.conn, _LEVEL_TYPE_BELOW, (queue, type_, below))
-        return int(found[0][0]) if found else None
-
-    def heads(
-        self, queue: str, type_: str | None, priority: int | None, limit: int
-    ) -> list[tuple[int, int, float, str]]:
-        if type_ is None:
-            if priority is None:
-                return _rows(self.conn, _HEADS, (queue, limit))
-            return _rows(self.conn, _HEADS_AT, (queue, priority, limit))
-        if priority is None:
-            return _rows(self.conn, _HEADS_TYPE, (queue, type_, limit))
-        return _rows(self.conn, _HEADS_TYPE_AT, (queue, type_, priority, limit))
-
-    def next_type(self, queue: str, after: str | None) -> str | None:
-        # type names are never empty, so "type > ''" finds the first one
-        found = _rows(self.conn, _NEXT_TYPE, (queue, "" if after is None else after))
-        return str(found[0][0]) if found else None
-
-    def running(self, kind: str, name: str, limit: int) -> int:
-        return int(_rows(self.conn, _RUNNING[kind], (name, limit))[0][0])
-
-
-def _cap(row: Sequence[Any]) -> Cap:
-    kind, name, concurrency, rate, burst, tokens, refilled_at = row
-    return Cap(kind, name, concurrency, rate, burst, tokens, refilled_at)
 
 
 def caps_for(conn: apsw.Connection, queues: list[str], types: list[str] | None) -> list[Cap]:
@@ -138,7 +120,7 @@ def caps_for(conn: apsw.Connection, queues: list[str], types: list[str] | None) 
         found = _rows(conn, _CAPS_FOR_QUEUES, (json.dumps(queues),))
     else:
         found = _rows(conn, _CAPS_FOR, (json.dumps(queues), json.dumps(types)))
-    return [_cap(row) for row in found]
+    return [cap_of(row) for row in found]
 
 
 def claim(
@@ -157,7 +139,7 @@ def claim(
     if not caps and aging is None:
         return schema.claim(conn, worker, queues, types, n, now, lease_ttl)
     note = note if note is not None else CapNote()
-    seqs, used = plan(SqliteReader(conn), queues, types, n, now, caps, aging, note)
+    seqs, used = plan(StatementReader(conn, _READS), queues, types, n, now, caps, aging, note)
     for cap in spend(caps, used, now):
         _rows(conn, _SAVE_BUCKET, (cap.tokens, cap.refilled_at, cap.kind, cap.name))
     if not seqs:
@@ -187,8 +169,8 @@ def remove_cap(conn: apsw.Connection, kind: str, name: str) -> bool:
 
 
 def list_caps(conn: apsw.Connection) -> list[Cap]:
-    return [_cap(row) for row in _rows(conn, _ALL_CAPS)]
+    return [cap_of(row) for row in _rows(conn, _ALL_CAPS)]
 
 
 def running(conn: apsw.Connection, kind: str, name: str, limit: int) -> int:
-    return SqliteReader(conn).running(kind, name, limit)
+    return StatementReader(conn, _READS).running(kind, name, limit)
