@@ -87,11 +87,17 @@ async def test_a_rate_cap_spaces_the_starts(tmp_path: Path) -> None:
 async def test_bad_cap_requests_say_what_is_wrong(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, broker.client() as client:
         cases: list[tuple[dict[str, Any], str]] = [
-            ({"kind": "worker", "name": "x", "concurrency": 1}, "cap kind must be one of"),
+            (
+                {"kind": "worker", "name": "x", "concurrency": 1},
+                "field 'kind' must be one of queue, type, got str 'worker'",
+            ),
             ({"kind": "queue", "name": "x"}, "needs a concurrency, a rate or both"),
-            ({"kind": "queue", "name": "x", "concurrency": 0}, "whole number 1.."),
-            ({"kind": "queue", "name": "x", "rate": "fast"}, "is not a rate"),
-            ({"kind": "queue", "name": "x", "rate": float("inf")}, "must be > 0"),
+            (
+                {"kind": "queue", "name": "x", "concurrency": 0},
+                "field 'concurrency' must be an integer 1..1000000, got int 0",
+            ),
+            ({"kind": "queue", "name": "x", "rate": "fast"}, r"field 'rate' .* got str 'fast'"),
+            ({"kind": "queue", "name": "x", "rate": float("inf")}, r"rate' must be .* > 0"),
             ({"kind": "queue", "name": "x", "concurrency": 1, "burst": 3}, "needs a rate"),
             ({"kind": "queue", "name": "a b", "concurrency": 1}, "spaces or commas"),
         ]

@@ -141,7 +141,8 @@ def test_every_declared_type_is_a_tag_and_undeclared_fields_are_ignored() -> Non
         ),
         (
             {"t": "cap", "id": 1, "op": "set", "kind": "queue", "name": "q", "concurrency": True},
-            "cap message: field 'concurrency' must be an integer, got bool True",
+            f"cap message: field 'concurrency' must be an integer 1..{limits.MAX_CAP_CONCURRENCY}, "
+            "got bool True",
         ),
     ],
 )

@@ -54,10 +54,9 @@ import trio
 
 from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
-from tq.core.errors import InvalidRequest, RateLimited, Timeout, TQError, Unauthorized
-from tq.core.limits import DEFAULT_AUDIT_PAGE, MAX_EPOCH
-from tq.core.values import number
-from tq.protocol.schema import Audit
+from tq.core.errors import RateLimited, Timeout, TQError, Unauthorized
+from tq.core.limits import DEFAULT_AUDIT_PAGE
+from tq.protocol.schema import Audit, Keys, check_op, check_required
 from tq.security.keys import (
     is_legacy,
     new_key,
@@ -387,29 +386,25 @@ class Auth:
             self._remember(key)
         return keys
 
-    async def request(self, principal: Principal | None, msg: Any) -> dict[str, Any]:
-        """A ``keys`` request: op create / list / revoke (the role was checked already)."""
-        op, now = msg.get("op"), self.clock()
+    async def request(self, principal: Principal | None, msg: Keys) -> dict[str, Any]:
+        """A ``keys`` request: op create / list / revoke (the role was checked already;
+        the fields' types and ranges are the declaration's, tq/protocol/schema.py)."""
+        op, now = check_op(msg), self.clock()
+        check_required(msg)
         if op == "create":
-            expires = msg.get("expires_at")
-            if expires is not None:  # epoch seconds: finite, after 1970, before year 10000
-                expires = number(expires, "keys create: expires_at", hi=MAX_EPOCH)
+            assert msg.role is not None  # required for create
             text, key = await self.create_key(
                 principal,
-                name=_text(msg.get("name"), "name"),
-                role=msg.get("role"),  # parse_role checks it
-                queues=msg.get("queues"),
-                expires_at=expires,
+                name=msg.name or "",
+                role=msg.role,
+                queues=msg.queues,
+                expires_at=msg.expires_at,
             )
             return {"key": text, "info": key.to_public(now)}
         if op == "list":
             return {"keys": [key.to_public(now) for key in await self.list_keys()]}
-        if op == "revoke":
-            key_id = msg.get("key_id")
-            if not isinstance(key_id, str) or not key_id:
-                raise InvalidRequest("keys revoke needs 'key_id' (the public id of the key)")
-            return {"info": (await self.revoke_key(principal, key_id)).to_public(now)}
-        raise InvalidRequest(f"unknown keys op {op!r}; known: create, list, revoke")
+        assert msg.key_id is not None  # revoke: required
+        return {"info": (await self.revoke_key(principal, msg.key_id)).to_public(now)}
 
     # -- audit ------------------------------------------------------------------
     async def record(
@@ -430,14 +425,6 @@ class Auth:
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None
         return {"entries": [e.to_dict() for e in entries], "next": cursor}
-
-
-def _text(value: object, what: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"keys create: {what} must be a string")
-    return value
 
 
 async def open_auth(store: Store, settings: BrokerSettings) -> tuple[Auth, bool]:

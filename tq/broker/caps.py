@@ -18,41 +18,39 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tq.core.errors import Forbidden, InvalidRequest
-from tq.core.task import _name
-from tq.store.claimplan import KINDS, MAX_CONCURRENCY, MAX_RATE, QUEUE, Cap, default_burst
+from tq.core.limits import MAX_CAP_RATE as MAX_RATE
+from tq.core.typed import describe
+from tq.protocol.schema import RATE_RULE, CapOp, check_op, check_required
+from tq.store.claimplan import QUEUE, Cap, default_burst
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
     from tq.security.roles import Principal
     from tq.store.base import Store
 
-OPS = ("set", "remove", "list")
 RUNNING_LIMIT = 100_000  # running tasks counted per cap for list (more: "at least")
 
 
-def parse_rate(value: object) -> float | None:
-    """A rate: a number of tasks per second, or text ``R/s``, ``R/m``, ``R/h``; None: none."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        per = 1.0
-        for suffix, seconds in (("/s", 1.0), ("/m", 60.0), ("/min", 60.0), ("/h", 3600.0)):
-            if text.endswith(suffix):
-                text, per = text[: -len(suffix)], seconds
-                break
-        try:
-            amount = float(text)
-        except ValueError:
-            raise InvalidRequest(
-                f"cap rate {value!r} is not a rate: give tasks per second, e.g. 5/s, 30/m or 0.5"
-            ) from None
-        value = amount / per
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"cap rate must be a number of tasks per second, not {value!r}")
-    rate = float(value)
+def parse_rate(value: float | str | None) -> float | None:
+    """A rate: a number of tasks per second, or text ``R/s``, ``R/m``, ``R/h``; None: none.
+    A number's type and range are the declaration's (tq/protocol/schema.py); text is read
+    here and its value held to the same range."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    per = 1.0
+    for suffix, seconds in (("/s", 1.0), ("/m", 60.0), ("/min", 60.0), ("/h", 3600.0)):
+        if text.endswith(suffix):
+            text, per = text[: -len(suffix)], seconds
+            break
+    try:
+        rate = float(text) / per
+    except ValueError:
+        rate = math.nan
     if not math.isfinite(rate) or not 0 < rate <= MAX_RATE:
-        raise InvalidRequest(f"cap rate must be > 0 and at most {MAX_RATE:g} per second")
+        raise InvalidRequest(
+            f"cap message: field 'rate' must be {RATE_RULE}, got {describe(value)}"
+        )
     return rate
 
 
@@ -70,32 +68,20 @@ def burst_of(rate: float, burst: float | None) -> float:
     return default_burst(rate) if burst is None else burst
 
 
-def check_cap(msg: Any) -> Cap:
-    """The cap a ``set`` request asks for; InvalidRequest naming what is wrong."""
-    kind = msg.get("kind")
-    if kind not in KINDS:
-        raise InvalidRequest(f"cap kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    name = _name({kind: msg.get("name")}, str(kind), None)
-    concurrency = msg.get("concurrency")
-    if concurrency is not None and (
-        isinstance(concurrency, bool)
-        or not isinstance(concurrency, int)
-        or not 1 <= concurrency <= MAX_CONCURRENCY
-    ):
-        raise InvalidRequest(f"cap concurrency must be a whole number 1..{MAX_CONCURRENCY}")
-    rate = parse_rate(msg.get("rate"))
-    burst = msg.get("burst")
-    if burst is not None:
-        if rate is None:
-            raise InvalidRequest("cap burst needs a rate (--rate): it is the rate bucket's size")
-        if isinstance(burst, bool) or not isinstance(burst, int | float):
-            raise InvalidRequest("cap burst must be a number of tasks")
-        burst = float(burst)
-        if not math.isfinite(burst) or not 1 <= burst <= MAX_RATE:
-            raise InvalidRequest(f"cap burst must be 1..{MAX_RATE:g} tasks")
-    if concurrency is None and rate is None:
-        raise InvalidRequest("a cap needs a concurrency, a rate or both (to lift a cap, remove it)")
-    return Cap(str(kind), name, concurrency, rate, burst)
+def check_cap(msg: CapOp) -> Cap:
+    """The cap a ``set`` request asks for (its fields' types and ranges checked by the
+    declaration); InvalidRequest naming what joins two fields wrongly."""
+    assert msg.kind is not None and msg.name is not None  # required for set
+    rate = parse_rate(msg.rate)
+    if msg.burst is not None and rate is None:
+        raise InvalidRequest(
+            "cap message: field 'burst' needs a rate (--rate): it is the rate bucket's size"
+        )
+    if msg.concurrency is None and rate is None:
+        raise InvalidRequest(
+            "cap message: a cap needs a concurrency, a rate or both (to lift a cap, remove it)"
+        )
+    return Cap(msg.kind, msg.name, msg.concurrency, rate, msg.burst)
 
 
 class CapOps:
@@ -105,13 +91,12 @@ class CapOps:
     clock: Callable[[], float]
     notify_work: Callable[[], None]
 
-    async def cap_request(self, msg: Any, principal: Principal | None = None) -> dict[str, Any]:
+    async def cap_request(self, msg: CapOp, principal: Principal | None = None) -> dict[str, Any]:
         """One ``cap`` request (op: set, remove, list)."""
         from tq.broker.auth import actor_of
 
-        op = msg.get("op")
-        if op not in OPS:
-            raise InvalidRequest(f"unknown cap op {op!r}; known: {', '.join(OPS)}")
+        op = check_op(msg)
+        check_required(msg)
         if op == "list":
             caps = await self.list_caps(principal)
             return {"caps": caps}
@@ -122,12 +107,10 @@ class CapOps:
             self.notify_work()  # a raised cap lets waiting claims take more
             await self.auth.record(actor_of(principal), "cap.set", _target(cap), cap.to_dict())
             return {"cap": stored.to_dict()}
-        kind = msg.get("kind")
-        if kind not in KINDS:
-            raise InvalidRequest(f"cap kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        name = _name({kind: msg.get("name")}, str(kind), None)
-        _check_may_change(principal, str(kind), name)
-        removed = await self.store.remove_cap(str(kind), name)
+        kind, name = msg.kind, msg.name
+        assert kind is not None and name is not None  # required for remove
+        _check_may_change(principal, kind, name)
+        removed = await self.store.remove_cap(kind, name)
         if removed:
             self.notify_work()
             await self.auth.record(actor_of(principal), "cap.remove", f"{kind}:{name}", {})

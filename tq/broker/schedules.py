@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tq.core.errors import Forbidden, InvalidRequest
-from tq.core.schedule import Schedule, check_name, check_schedule
+from tq.core.errors import Forbidden
+from tq.core.schedule import Schedule, check_schedule
 from tq.core.task import TaskSpec
+from tq.protocol.schema import Schedule as ScheduleRequest
+from tq.protocol.schema import check_op, check_required
 from tq.store.base import SubmitResult
 from tq.store.schedule_sql import FIRE_BATCH
 
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tq.broker")
 
-OPS = ("add", "list", "get", "remove", "pause", "resume", "run_now")
 SCHEDULER_MAX_SLEEP = 1.0  # seconds between looks at the schedules when none is due sooner
 
 
@@ -58,32 +59,26 @@ class ScheduleOps:
         await self._schedules_changed.wait()
 
     async def schedule_request(
-        self, msg: Any, principal: Principal | None = None
+        self, msg: ScheduleRequest, principal: Principal | None = None
     ) -> dict[str, Any]:
-        """One ``schedule`` request (op: add, list, get, remove, pause, resume, run_now)."""
-        op = msg.get("op")
-        if op not in OPS:
-            raise InvalidRequest(f"unknown schedule op {op!r}; known: {', '.join(OPS)}")
+        """One ``schedule`` request (op: add, list, get, remove, pause, resume, run_now);
+        its fields' types and ranges are the declaration's (tq/protocol/schema.py)."""
+        op = check_op(msg)
+        check_required(msg)
         now = self.clock()
         if op == "list":
             found = [s for s in await self.store.list_schedules() if _sees(principal, s)]
             return {"schedules": [s.to_dict(now) for s in found]}
+        name = msg.name
+        assert name is not None  # required by every op but list
         if op == "add":
-            schedule = check_schedule(
-                msg.get("name"),
-                msg.get("cron"),
-                msg.get("timezone"),
-                msg.get("task"),
-                msg.get("missed"),
-                now,
-            )
+            schedule = check_schedule(name, msg.cron, msg.timezone, msg.task, msg.missed, now)
             if principal is not None:
                 principal.check_queue(str(schedule.task["queue"]))
             stored, created = await self.store.put_schedule(schedule)
             self.notify_schedules()
             await self._record(principal, "schedule.add", stored.name, {"cron": stored.cron})
             return {"schedule": stored.to_dict(now), "created": created}
-        name = check_name(msg.get("name"))
         current = await self.store.get_schedule(name)
         if not _sees(principal, current):
             raise Forbidden(f"this key may not use the queue of schedule {name!r}")

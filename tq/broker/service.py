@@ -46,13 +46,9 @@ from tq.core.errors import (
 from tq.core.limits import (  # noqa: F401  (MAX_CLAIM, MAX_LIST: re-exported)
     DEFAULT_LIST,
     MAX_CLAIM,
-    MAX_COUNT,
     MAX_LIST,
     MAX_SCAN,
     MAX_WAIT,
-    MAX_WORKER_QUEUES,
-    MAX_WORKER_TEXT,
-    MAX_WORKER_TYPES,
 )
 from tq.core.progress import parse as parse_progress
 from tq.core.retention import RetentionPolicy
@@ -69,7 +65,6 @@ from tq.core.task import (
     TaskSpecIn,
     parse_priority,
 )
-from tq.core.values import whole
 from tq.core.when import due_at
 from tq.protocol.frames import pack
 from tq.protocol.parse import typed
@@ -101,21 +96,10 @@ class _Waiter:
     count: int = 0
 
 
-def _strings(value: object, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise InvalidRequest(f"{what} must be a list of non-empty strings")
-    return tuple(value)
-
-
-def _count(value: object, what: str) -> int:
-    return whole(value, f"hello {what}", hi=MAX_COUNT, default=0)
-
-
-def _check_version(msg: Hello | dict[str, Any]) -> None:
-    version = msg.get("v")
-    if version != PROTOCOL_VERSION:
+def _check_version(msg: Hello) -> None:
+    if msg.v != PROTOCOL_VERSION:
         raise InvalidRequest(
-            f"protocol version {version} is not supported; this broker speaks "
+            f"protocol version {msg.v} is not supported; this broker speaks "
             f"version {PROTOCOL_VERSION}: upgrade tq on the older side"
         )
 
@@ -184,35 +168,19 @@ class TaskScan:
         return self.search in payload.casefold()
 
 
-def worker_info(
-    worker_id: str, msg: Hello | dict[str, Any], key_id: str | None = None
-) -> WorkerInfo:
-    """The registry entry a worker's hello (with the key ``key_id``) describes."""
-    types = msg.get("types")
-    queues = _strings(msg.get("queues") or ["default"], "queues")
-    if len(queues) > MAX_WORKER_QUEUES or (types is not None and len(types) > MAX_WORKER_TYPES):
-        raise InvalidRequest(
-            f"hello: a worker serves at most {MAX_WORKER_QUEUES} queues and "
-            f"{MAX_WORKER_TYPES} task types"
-        )
+def worker_info(worker_id: str, msg: Hello, key_id: str | None = None) -> WorkerInfo:
+    """The registry entry a worker's hello (with the key ``key_id``) describes; the
+    fields' types, lengths and ranges are the declaration's (tq/protocol/schema.py)."""
     return WorkerInfo(
         key_id=key_id,
         id=worker_id,
-        name=_short(msg.get("name") or worker_id, "name"),
-        host=_short(msg.get("host") or "", "host"),
-        pid=_count(msg.get("pid"), "pid"),
-        queues=queues,
-        types=None if types is None else _strings(types, "types"),
-        concurrency=_count(msg.get("concurrency"), "concurrency"),
+        name=msg.name or worker_id,
+        host=msg.host or "",
+        pid=msg.pid or 0,
+        queues=tuple(msg.queues or ("default",)),
+        types=None if msg.types is None else tuple(msg.types),
+        concurrency=msg.concurrency or 0,
     )
-
-
-def _short(value: object, what: str) -> str:
-    """A worker's informational text: at most MAX_WORKER_TEXT characters."""
-    text = str(value)
-    if len(text) > MAX_WORKER_TEXT:
-        raise InvalidRequest(f"hello {what} is longer than {MAX_WORKER_TEXT} characters")
-    return text
 
 
 def _specs_of(raw_tasks: Sequence[TaskSpecIn | Any], first: int = 0) -> list[TaskSpec]:
@@ -387,17 +355,15 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             raise Unavailable("the broker is shutting down; retry against it once it is back")
 
     # -- operations ----------------------------------------------------
-    async def login(self, msg: Hello | dict[str, Any]) -> Principal | None:
+    async def login(self, msg: Hello) -> Principal | None:
         """Check a hello's version, key and role: who the session acts as (None: no auth)."""
         _check_version(msg)
-        principal = await self.auth.authenticate(msg.get("key"))
+        principal = await self.auth.authenticate(msg.key)
         if principal is not None:
             principal.authorize(action_of(msg))  # kind "worker" needs a worker (or admin) key
         return principal
 
-    def hello(
-        self, msg: Hello | dict[str, Any], worker_id: str | None, key_id: str | None = None
-    ) -> dict[str, Any]:
+    def hello(self, msg: Hello, worker_id: str | None, key_id: str | None = None) -> dict[str, Any]:
         _check_version(msg)
         if worker_id is not None:  # Forbidden if another key registered this worker id
             info = worker_info(worker_id, msg, key_id)

@@ -114,13 +114,17 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
     from tq.security.roles import Principal
 
     local = Principal("local", "local CLI", "admin", None)  # audited as "local"
+    from tq.protocol.parse import typed
+
     if msg["t"] == "audit":
-        from tq.protocol.parse import typed
         from tq.protocol.schema import Audit
 
         page = typed(Audit, {**msg, "id": 0}, "audit")
         return _offline(data, lambda auth: auth.audit_page(page))
-    return _offline(data, lambda auth: auth.request(local, msg))
+    from tq.protocol.schema import Keys
+
+    keys = typed(Keys, {**msg, "id": 0})  # the wire's declaration, offline too
+    return _offline(data, lambda auth: auth.request(local, keys))
 
 
 def _offline(data: Path, fn: Callable[[Auth], Awaitable[dict[str, Any]]]) -> dict[str, Any]:

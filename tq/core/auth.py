@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_KEY_NAME
 
 ROLES = ("admin", "producer", "worker", "reader")
-MAX_KEY_NAME = 200
 
 
 def parse_role(value: object) -> str:

@@ -55,4 +55,14 @@ MAX_WARNINGS = 20  # task types named in a submit answer's warnings
 # -- what one worker registers (its hello) ------------------------------------------------
 MAX_WORKER_QUEUES = 256
 MAX_WORKER_TYPES = 1024
-MAX_WORKER_TEXT = 255  # name, host
+MAX_WORKER_TEXT = 255  # name, host, worker id
+
+# -- keys, schedules, caps (admin requests) ------------------------------------------------
+MAX_KEY_NAME = 200  # characters of an API key's label
+MAX_KEY_QUEUES = 1000  # queues one API key may be limited to
+MAX_KEY_ID = 64  # characters of a key id named by a request (ids are 12 hex characters)
+MAX_CRON_LENGTH = 200  # characters of a schedule's cron expression
+MAX_TIMEZONE = 64  # characters of an IANA time zone name
+MAX_CAP_CONCURRENCY = 1_000_000  # running tasks a cap may allow
+MAX_CAP_RATE = 1_000_000.0  # tasks per second a cap may allow; also its largest burst
+MAX_RATE_TEXT = 32  # characters of a rate written as text ("30/m")

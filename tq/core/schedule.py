@@ -31,13 +31,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_CRON_LENGTH, MAX_TIMEZONE
 from tq.core.task import TaskSpec, _name
 
 MISSED_POLICIES = ("skip", "once", "all")
 GRACE = 60.0  # seconds: a tick older than this when fired counts as missed
 MAX_CATCH_UP = 100  # ticks fired at most for one schedule at once (policy "all")
 MAX_TICKS_WALKED = 10_000  # past ticks walked at most before jumping to the present
-MAX_CRON_LENGTH = 200
 PREVIEW = 5  # next runs shown by list/show
 SCHEDULE_TASK_FIELDS = frozenset(
     {"type", "payload", "queue", "priority", "max_retries", "timeout", "retry_base", "retry_cap"}
@@ -109,7 +109,7 @@ def check_cron(cron: object, timezone: object = None) -> tuple[str, str]:
             "day-of-week (e.g. '0 9 * * MON-FRI')"
         )
     zone = "UTC" if timezone is None else timezone
-    if not isinstance(zone, str) or not zone or len(zone) > 64:
+    if not isinstance(zone, str) or not zone or len(zone) > MAX_TIMEZONE:
         raise InvalidRequest("timezone must be an IANA time zone name such as Europe/Berlin")
     try:
         tz = ZoneInfo(zone)

@@ -45,8 +45,9 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -57,12 +58,27 @@ from starlette.routing import Route
 from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
 from tq.core.limits import MAX_BODY, MAX_LIST
 from tq.core.states import State
+from tq.core.typed import explain, type_name
 from tq.http import problems, web
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 from tq.protocol.parse import typed
-from tq.protocol.schema import Audit, Purge, Query, RetryMany
+from tq.protocol.schema import (
+    BODY_OF,
+    Audit,
+    CapOp,
+    Keys,
+    Purge,
+    Query,
+    RetryMany,
+    Schedule,
+    SetPriority,
+    body_of,
+)
+from tq.protocol.schema import (
+    Request as WireRequest,
+)
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -75,6 +91,15 @@ JSON_BYTES_PER_CONTAINER = 4  # a body holds at most one array or object per 4 b
 JSON_TYPES = ("application/json", "application/problem+json")
 LIST_FILTERS = ("state", "type", "queue", "search")
 Handler = Callable[[Request], Awaitable[Response]]
+B = TypeVar("B", bound=msgspec.Struct)
+R = TypeVar("R", bound=WireRequest)
+# the JSON bodies: fields of the wire's requests (tq/protocol/schema.py); the path names
+# the rest (a task id, a schedule's name, a cap's kind and name)
+PRIORITY_BODY = body_of(SetPriority, "priority")
+PURGE_BODY = body_of(Purge, "states", "older_than", "limit", "dry_run")
+RETRY_MANY_BODY = body_of(RetryMany, "state", "limit")
+SCHEDULE_BODY = body_of(Schedule, "cron", "timezone", "task", "missed")
+CAP_BODY = body_of(CapOp, "concurrency", "rate", "burst")
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -112,8 +137,8 @@ async def authenticate(request: Request, action: str) -> Principal | None:
         ) from None
 
 
-async def _body(request: Request) -> Any:
-    """The request's JSON body, size and media type checked."""
+async def _bytes_of(request: Request) -> bytes:
+    """The request's JSON body as bytes, its media type, size and nesting budget checked."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in JSON_TYPES:
         raise HTTPException(415, f"send JSON (Content-Type: application/json), not {media!r}")
@@ -136,6 +161,12 @@ async def _body(request: Request) -> Any:
             f"(at most {CONTAINER_BASE} plus one per {JSON_BYTES_PER_CONTAINER} bytes); "
             "send larger values or fewer of them"
         )
+    return data
+
+
+async def _body(request: Request) -> Any:
+    """The request's JSON body as plain data (a submit's tasks, a workflow document)."""
+    data = await _bytes_of(request)
     try:
         if len(data) <= INLINE_DECODE:
             return _parse_json(data)
@@ -143,6 +174,37 @@ async def _body(request: Request) -> Any:
         return await trio.to_thread.run_sync(_parse_json, data, limiter=limiter)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+async def _typed_body(request: Request, body: type[B]) -> B:
+    """The request's JSON body decoded straight into its declaration (``schema.body_of``);
+    InvalidRequest naming the field, the rule and the value sent, in the wire's words."""
+    data = await _bytes_of(request)
+    if len(data) <= INLINE_DECODE:
+        return _decode_body(data, body)
+    limiter = _service(request).decode_limiter  # off the event loop, one at a time
+    return await trio.to_thread.run_sync(_decode_body, data, body, limiter=limiter)
+
+
+def _decode_body(data: bytes, body: type[B]) -> B:
+    try:
+        return msgspec.json.decode(data, type=body, strict=True)
+    except msgspec.ValidationError as exc:
+        plain = msgspec.json.decode(data)
+        if not isinstance(plain, dict):
+            raise InvalidRequest(
+                f"the body must be a JSON object, got {type_name(plain)}"
+            ) from None
+        raise InvalidRequest(explain(exc, BODY_OF[body], plain)) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _request(struct: type[R], body: msgspec.Struct | None = None, **fields: Any) -> R:
+    """The wire's typed request for a REST call: a decoded body and the fields the path
+    names (checked by the same declaration: ``schedule message: field 'name' ...``)."""
+    data = msgspec.structs.asdict(body) if body is not None else {}
+    return typed(struct, {**data, **fields, "id": 0})
 
 
 def _parse_json(data: bytes) -> Any:
@@ -291,30 +353,27 @@ async def retry_task(request: Request) -> Response:
 
 async def set_priority(request: Request) -> Response:
     principal = await authenticate(request, "set_priority")
-    body = await _object_body(request)
-    if "priority" not in body:
-        raise InvalidRequest('send {"priority": 0..255 or high, normal, low}')
-    task = await _service(request).set_priority(
-        request.path_params["task_id"], body["priority"], principal
-    )
+    body = await _typed_body(request, PRIORITY_BODY)
+    msg = _request(SetPriority, body, task=request.path_params["task_id"])
+    task = await _service(request).set_priority(msg.task, msg.priority, principal)
     return _json(_task(task.to_dict()))
 
 
 async def purge(request: Request) -> Response:
     principal = await authenticate(request, "purge")
-    msg = typed(Purge, {**await _object_body(request), "id": 0}, "purge")
+    msg = _request(Purge, await _typed_body(request, PURGE_BODY))
     return _json(await _service(request).purge(msg, principal))
 
 
 async def retry_many(request: Request) -> Response:
     principal = await authenticate(request, "retry_many")
-    msg = typed(RetryMany, {**await _object_body(request), "id": 0}, "retry_many")
+    msg = _request(RetryMany, await _typed_body(request, RETRY_MANY_BODY))
     return _json(await _service(request).retry_many(msg, principal))
 
 
 async def keys(request: Request) -> Response:
     await authenticate(request, "keys:list")
-    return _json(await _service(request).auth.request(None, {"op": "list"}))
+    return _json(await _service(request).auth.request(None, Keys(id=0, op="list")))
 
 
 async def audit(request: Request) -> Response:
@@ -327,13 +386,6 @@ async def audit(request: Request) -> Response:
                 raise InvalidRequest(f"{name} must be a whole number, not {text!r}")
             msg[name] = int(text)
     return _json(await _service(request).auth.audit_page(typed(Audit, {**msg, "id": 0}, "audit")))
-
-
-async def _object_body(request: Request) -> dict[str, Any]:
-    body = await _body(request)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return body
 
 
 async def stats(request: Request) -> Response:
@@ -364,14 +416,14 @@ async def resume_queue(request: Request) -> Response:
 
 async def list_schedules(request: Request) -> Response:
     principal = await authenticate(request, "schedule:list")
-    return _json(_task(await _service(request).schedule_request({"op": "list"}, principal)))
+    msg = Schedule(id=0, op="list")
+    return _json(_task(await _service(request).schedule_request(msg, principal)))
 
 
 async def put_schedule(request: Request) -> Response:
     principal = await authenticate(request, "schedule:add")
-    body = await _object_body(request)
-    fields = {key: body.get(key) for key in ("cron", "timezone", "task", "missed")}
-    msg = {"op": "add", "name": request.path_params["name"], **fields}
+    body = await _typed_body(request, SCHEDULE_BODY)
+    msg = _request(Schedule, body, op="add", name=request.path_params["name"])
     answer = await _service(request).schedule_request(msg, principal)
     return _json(_task(answer), status=201 if answer["created"] else 200)
 
@@ -379,7 +431,7 @@ async def put_schedule(request: Request) -> Response:
 def _schedule_op(op: str, action: str) -> Handler:
     async def handler(request: Request) -> Response:
         principal = await authenticate(request, action)
-        msg = {"op": op, "name": request.path_params["name"]}
+        msg = _request(Schedule, op=op, name=request.path_params["name"])
         return _json(_task(await _service(request).schedule_request(msg, principal)))
 
     return handler
@@ -387,20 +439,19 @@ def _schedule_op(op: str, action: str) -> Handler:
 
 async def list_caps(request: Request) -> Response:
     principal = await authenticate(request, "cap:list")
-    return _json(await _service(request).cap_request({"op": "list"}, principal))
+    return _json(await _service(request).cap_request(CapOp(id=0, op="list"), principal))
 
 
 async def put_cap(request: Request) -> Response:
     principal = await authenticate(request, "cap:set")
-    body = await _object_body(request)
-    fields = {key: body.get(key) for key in ("concurrency", "rate", "burst")}
-    msg = {"op": "set", **request.path_params, **fields}
+    body = await _typed_body(request, CAP_BODY)
+    msg = _request(CapOp, body, op="set", **request.path_params)
     return _json(await _service(request).cap_request(msg, principal))
 
 
 async def delete_cap(request: Request) -> Response:
     principal = await authenticate(request, "cap:remove")
-    msg = {"op": "remove", **request.path_params}
+    msg = _request(CapOp, op="remove", **request.path_params)
     return _json(await _service(request).cap_request(msg, principal))
 
 

@@ -38,7 +38,9 @@ import msgspec
 from msgspec import Meta
 
 from tq.core import limits
-from tq.core.task import Priority, TaskSpecIn
+from tq.core.errors import InvalidRequest
+from tq.core.task import Name, Priority, TaskSpecIn
+from tq.core.typed import describe, rule_of
 
 # -- building blocks --------------------------------------------------------------------
 RequestId = Annotated[int, Meta(ge=0, le=limits.MAX_REQUEST_ID)]
@@ -48,6 +50,18 @@ Epoch = Annotated[float, Meta(ge=0.0, le=limits.MAX_EPOCH)]
 Token = Annotated[int, Meta(ge=0, le=limits.MAX_TOKEN)]
 Count = Annotated[int, Meta(ge=0, le=limits.MAX_COUNT)]
 BulkLimit = Annotated[int, Meta(ge=1, le=limits.BULK_MAX)]
+Label = Annotated[str, Meta(min_length=1, max_length=limits.MAX_NAME_LENGTH)]  # a worker's
+
+
+def For(*ops: str) -> Meta:
+    """A field required by these ops of its request only; ``check_required`` checks it."""
+    return Meta(extra={"required_for": ops})
+
+
+def ops(*names: str) -> Meta:
+    """The ops a request's ``op`` may name; ``check_op`` checks it, after the key's role
+    (an op is forbidden to a reader before it is unknown)."""
+    return Meta(extra={"ops": names, "rule": "one of " + ", ".join(names)})
 
 
 class Request(msgspec.Struct, tag_field="t", kw_only=True):
@@ -82,12 +96,12 @@ class OutcomeIn(msgspec.Struct, kw_only=True):
 
 # -- requests ---------------------------------------------------------------------------
 class Hello(Request, tag="hello"):
-    v: int
-    kind: str
+    v: int  # must be PROTOCOL_VERSION (checked by the service, which says what to upgrade)
+    kind: str  # "worker" for a worker session; anything else is a client
     name: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
-    worker_id: str | None = None
-    queues: Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None = None
-    types: Annotated[list[Text], Meta(max_length=limits.MAX_WORKER_TYPES)] | None = None
+    worker_id: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None  # "": new
+    queues: Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None = None
+    types: Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_TYPES)] | None = None
     host: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
     pid: Count | None = None
     concurrency: Count | None = None
@@ -198,12 +212,16 @@ class RetryMany(Request, tag="retry_many"):
 
 
 class Keys(Request, tag="keys"):
-    op: str  # create, list, revoke (checked after the role, like a query's kind)
-    role: str | None = None  # create: required (checked by the handler)
-    name: str | None = None
-    queues: list[str] | None = None
-    expires_at: Epoch | None = None
-    key_id: str | None = None  # revoke: required (checked by the handler)
+    op: Annotated[str, ops("create", "list", "revoke")]
+    role: Annotated[Literal["admin", "producer", "worker", "reader"], For("create")] | None = None
+    name: Annotated[str, Meta(max_length=limits.MAX_KEY_NAME)] | None = None
+    queues: Annotated[list[Name], Meta(min_length=1, max_length=limits.MAX_KEY_QUEUES)] | None = (
+        None
+    )
+    expires_at: Epoch | None = None  # create: after now (checked when the key is made)
+    key_id: (
+        Annotated[str, Meta(min_length=1, max_length=limits.MAX_KEY_ID), For("revoke")] | None
+    ) = None
 
 
 class Audit(Request, tag="audit"):
@@ -231,24 +249,42 @@ class QueueOp(Request, tag="queue"):
     queue: str
 
 
+SCHEDULE_OPS = ("add", "list", "get", "remove", "pause", "resume", "run_now")
+CAP_OPS = ("set", "remove", "list")
+RATE_RULE = (
+    f"a number of tasks per second > 0 and <= {limits.MAX_CAP_RATE:.0f}, or text R/s, R/m "
+    "or R/h (e.g. 30/m)"
+)
+
+
 class Schedule(Request, tag="schedule"):
-    op: str  # add, list, get, remove, pause, resume, run_now (checked after the role)
-    name: str | None = None
-    cron: str | None = None
-    timezone: str | None = None
-    task: dict[str, Any] | None = None
-    missed: str | None = None
+    op: Annotated[str, ops(*SCHEDULE_OPS)]
+    name: Annotated[Name, For(*(op for op in SCHEDULE_OPS if op != "list"))] | None = None
+    cron: (
+        Annotated[str, Meta(min_length=1, max_length=limits.MAX_CRON_LENGTH), For("add")] | None
+    ) = None  # five fields and their values are checked by tq.core.schedule
+    timezone: Annotated[str, Meta(min_length=1, max_length=limits.MAX_TIMEZONE)] | None = None
+    # the task each tick submits: a submit's task map, checked with its rules by
+    # tq.core.schedule (which fields a schedule's task may carry)
+    task: Annotated[dict[str, Any], For("add")] | None = None
+    missed: Literal["skip", "once", "all"] | None = None
 
 
 class CapOp(Request, tag="cap"):
-    # set, remove, list (checked after the role); kind, name for set and remove, and the
-    # limits' ranges and rate text ("5/s") are checked by tq.broker.caps
-    op: str
-    kind: str | None = None
-    name: str | None = None
-    concurrency: int | None = None
-    rate: int | float | str | None = None  # tasks per second, or text R/s, R/m, R/h
-    burst: float | None = None
+    op: Annotated[str, ops(*CAP_OPS)]
+    kind: Annotated[Literal["queue", "type"], For("set", "remove")] | None = None
+    name: Annotated[Name, For("set", "remove")] | None = None
+    concurrency: Annotated[int, Meta(ge=1, le=limits.MAX_CAP_CONCURRENCY)] | None = None
+    # tasks per second, or text R/s, R/m, R/h (read by tq.broker.caps.parse_rate)
+    rate: (
+        Annotated[
+            Annotated[float, Meta(gt=0.0, le=limits.MAX_CAP_RATE)]
+            | Annotated[str, Meta(min_length=1, max_length=limits.MAX_RATE_TEXT)],
+            Meta(extra={"rule": RATE_RULE}),
+        ]
+        | None
+    ) = None
+    burst: Annotated[float, Meta(ge=1.0, le=limits.MAX_CAP_RATE)] | None = None  # needs rate
 
 
 class Subscribe(Request, tag="subscribe"):
@@ -287,6 +323,24 @@ REQUEST_TYPES = frozenset(BY_TAG)
 _decoder = msgspec.msgpack.Decoder(AnyRequest)
 
 
+def body_of(request: type[Request], *names: str) -> type[msgspec.Struct]:
+    """A REST body: these fields of ``request``, with their declared types, bounds and
+    defaults (``BODY_OF`` maps it to the request, whose words its errors use: ``cap
+    message: field 'rate' ...``). A JSON body is decoded straight into it; fields it
+    does not declare are ignored, as on the wire."""
+    fields = {f.name: f for f in msgspec.structs.fields(request)}
+    body = msgspec.defstruct(
+        f"{request.__name__}Body",
+        [(n, fields[n].type, fields[n].default) for n in names],
+        kw_only=True,
+    )
+    BODY_OF[body] = request
+    return body
+
+
+BODY_OF: dict[type[msgspec.Struct], type[Request]] = {}
+
+
 def decode(body: bytes) -> Request:
     """One frame body as its typed request; msgspec's errors as they come (the caller
     classifies them, see tq.protocol.errors)."""
@@ -297,3 +351,65 @@ def convert(obj: object) -> Request:
     """An already decoded map (a large frame, decoded with its containers counted) as
     its typed request."""
     return msgspec.convert(obj, AnyRequest, strict=True)
+
+
+# -- the rules of ops (checked by the service, after the key's role) ----------------------
+def _extra(info: Any) -> dict[str, Any]:
+    """The ``Meta(extra=...)`` of a declared field (nil aside), merged."""
+    out: dict[str, Any] = {}
+    if isinstance(info, msgspec.inspect.UnionType):
+        for part in info.types:
+            out.update(_extra(part))
+    elif isinstance(info, msgspec.inspect.Metadata):
+        out.update(_extra(info.type))
+        out.update(info.extra or {})
+    return out
+
+
+def _op_rules(struct: type[Request]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    extras = {f.encode_name: (_extra(f.type), f.type) for f in info.fields}
+    known = tuple(extras.get("op", ({}, None))[0].get("ops", ()))
+    required = {
+        name: tuple(extra["required_for"])
+        for name, (extra, _) in extras.items()
+        if "required_for" in extra
+    }
+    return known, required
+
+
+_FIELD_TYPES = {
+    r: {f.encode_name: f.type for f in msgspec.inspect.type_info(r).fields}  # type: ignore[attr-defined]
+    for r in REQUESTS
+}
+# request -> (its ops, {field: the ops that require it}), for requests declared with ``ops``
+OP_RULES = {r: rules for r in REQUESTS if (rules := _op_rules(r))[0]}
+
+
+OpRequest = Union[Keys, Schedule, CapOp]  # noqa: UP007  (requests declared with ``ops``)
+
+
+def check_op(msg: OpRequest) -> str:
+    """``msg.op`` if its declaration names it (``ops``); InvalidRequest naming the field,
+    the ops and the value otherwise."""
+    op = msg.op
+    known, _ = OP_RULES[type(msg)]
+    if op not in known:
+        raise InvalidRequest(
+            f"{msg.t} message: field 'op' must be one of {', '.join(known)}, got {describe(op)}"
+        )
+    return op
+
+
+def check_required(msg: OpRequest) -> None:
+    """The fields ``msg``'s op requires (``For``) are there; InvalidRequest naming the
+    first missing one, its rule and the op otherwise (nil equals absent)."""
+    op = msg.op
+    for name, needed_by in OP_RULES[type(msg)][1].items():
+        if op in needed_by and getattr(msg, name) is None:
+            rule = rule_of(_FIELD_TYPES[type(msg)][name])
+            raise InvalidRequest(
+                f"{msg.t} message: field '{name}' must be {rule}; op {op} requires it "
+                "(nil or missing)"
+            )
