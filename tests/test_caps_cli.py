@@ -129,9 +129,13 @@ def test_bad_cap_commands_are_clear(broker: BrokerProcess) -> None:
     cases = [
         (("cap", "set", "queue", "q"), 2, "needs a concurrency, a rate or both"),
         (("cap", "set", "worker", "q", "-c", "1"), 2, "'worker' is not one of"),
-        (("cap", "set", "queue", "q", "--rate", "fast"), 2, "is not a rate: give tasks per"),
+        (
+            ("cap", "set", "queue", "q", "--rate", "fast"),
+            2,
+            "field 'rate' must be a number of tasks per",
+        ),
         (("cap", "set", "queue", "q", "-c", "0"), 2, "greater than or"),
-        (("cap", "set", "queue", "q", "-c", "1", "--burst", "3"), 2, "burst needs a rate"),
+        (("cap", "set", "queue", "q", "-c", "1", "--burst", "3"), 2, "field 'burst' needs a rate"),
         (("cap", "set", "queue", "a b", "-c", "1"), 2, "spaces or commas"),
     ]
     for args, status, words in cases:
@@ -169,10 +173,10 @@ def test_caps_over_rest(broker: BrokerProcess) -> None:
         metrics = http.get("/metrics").text
         assert 'tq_queue_cap_concurrency{queue="rest-q"} 2.0' in metrics, metrics
         for path, body, words in [
-            (f"{api}/worker/x", {"concurrency": 1}, "cap kind must be one of"),
+            (f"{api}/worker/x", {"concurrency": 1}, "field 'kind' must be one of queue, type"),
             (f"{api}/queue/x", {}, "needs a concurrency, a rate or both"),
-            (f"{api}/queue/x", {"concurrency": True}, "whole number"),
-            (f"{api}/queue/x", {"rate": "soon"}, "is not a rate"),
+            (f"{api}/queue/x", {"concurrency": True}, "integer 1..1000000, got bool True"),
+            (f"{api}/queue/x", {"rate": "soon"}, "field 'rate' must be a number of tasks"),
             (f"{api}/queue/a%20b", {"concurrency": 1}, "spaces or commas"),
         ]:
             bad = http.put(path, json=body)

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from tq.core.errors import Forbidden, InvalidRequest
 from tq.core.limits import MAX_CAP_RATE as MAX_RATE
 from tq.core.typed import describe
-from tq.protocol.schema import RATE_RULE, CapOp, check_op, check_required
 from tq.store.claimplan import QUEUE, Cap, default_burst
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # tq.cli.caps imports this module: no protocol (msgpack) at its start
     from tq.broker.auth import Auth
+    from tq.protocol.schema import CapOp
     from tq.security.roles import Principal
     from tq.store.base import Store
 
@@ -48,6 +48,8 @@ def parse_rate(value: float | str | None) -> float | None:
     except ValueError:
         rate = math.nan
     if not math.isfinite(rate) or not 0 < rate <= MAX_RATE:
+        from tq.protocol.schema import RATE_RULE
+
         raise InvalidRequest(
             f"cap message: field 'rate' must be {RATE_RULE}, got {describe(value)}"
         )
@@ -94,6 +96,7 @@ class CapOps:
     async def cap_request(self, msg: CapOp, principal: Principal | None = None) -> dict[str, Any]:
         """One ``cap`` request (op: set, remove, list)."""
         from tq.broker.auth import actor_of
+        from tq.protocol.schema import check_op, check_required
 
         op = check_op(msg)
         check_required(msg)

@@ -190,12 +190,22 @@ def _decode_body(data: bytes, body: type[B]) -> B:
     try:
         return msgspec.json.decode(data, type=body, strict=True)
     except msgspec.ValidationError as exc:
-        plain = msgspec.json.decode(data)
+        plain = _plain_json(data)  # the value sent, for the error
         if not isinstance(plain, dict):
-            raise InvalidRequest(
-                f"the body must be a JSON object, got {type_name(plain)}"
-            ) from None
+            what = type_name(plain)
+            raise InvalidRequest(f"the body must be a JSON object, got {what}") from None
         raise InvalidRequest(explain(exc, BODY_OF[body], plain)) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _plain_json(data: bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.ValidationError:  # 1e400, or an integer beyond 64 bits
+        raise InvalidRequest(
+            "the body holds a number too large for a 64-bit integer or float"
+        ) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 

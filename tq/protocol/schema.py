@@ -3,11 +3,12 @@
 Contract: a frame body is decoded straight into one of these (``decode``); a
 request that does not fit its declaration never reaches the broker's
 handlers, and the error names the field. The same Structs are what the
-service layer takes (claim, result, heartbeat, list take them directly; the
-other handlers read them by name through ``Request.get``). docs/PROTOCOL.md's
+service layer takes, from the wire, from REST (a JSON body is decoded
+straight into a ``body_of`` declaration: the request's own fields) and from
+the CLI's offline paths; no handler reads a request by name. docs/PROTOCOL.md's
 field tables are checked against them (``tq.protocol.messages.FIELDS`` is
-derived from them; tests/test_protocol_doc.py compares); the tables and the
-OpenAPI schemas are still written by hand. Imports msgspec and tq.core only.
+derived from them; tests/test_protocol_doc.py compares). Imports msgspec and
+tq.core only.
 
 Rules the declarations carry, so no handler checks them again:
 
@@ -17,10 +18,18 @@ Rules the declarations carry, so no handler checks them again:
   the infinities fail both bounds); every bound comes from tq.core.limits;
 * nil equals absent: every optional field is ``X | None = None`` and its
   default is applied by the service; a required field sent as nil is refused;
-* fields a request does not declare are ignored (forward compatible).
+* fields a request does not declare are ignored (forward compatible);
+* requests with an ``op`` (keys, schedule, cap) declare their ops (``ops``)
+  and the fields each op requires (``For("create")``). These two are checked
+  by the service (``check_op``, ``check_required``), after the key's role was
+  checked against the op (a reader is forbidden an admin op before it is told
+  about its fields), in the words decoding uses: "keys message: field 'role'
+  must be one of ...; op create requires it (nil or missing)".
 
-Rules about several fields at once (``input`` needs ``depends_on``, a
-query's ``task`` for ``get``) and lookups (states, roles) stay in the service.
+Rules about several fields at once (``input`` needs ``depends_on``, a cap's
+``burst`` needs its ``rate``, a query's ``task`` for ``get``), text with a
+grammar (a cron expression, a rate "30/m", a time zone) and lookups (states,
+stored schedules) stay in the service, which words its errors the same way.
 
 How to add a field: add it to the Struct with its type and ``Meta`` bounds
 (a ``Meta(extra={"rule": ...})`` gives the words errors use for it), optional
@@ -74,8 +83,9 @@ class Request(msgspec.Struct, tag_field="t", kw_only=True):
         return str(self.__struct_config__.tag)
 
     def get(self, name: str, default: Any = None) -> Any:
-        """A field by name, for code that reads a request like a map (session rules,
-        role checks); nil and undeclared fields read as ``default``."""
+        """A field by name, for the session rules (tq.protocol.session), which read
+        typed requests and plain maps alike; nil and undeclared fields read as
+        ``default``. Handlers read the declared attributes."""
         if name == "t":
             return self.t
         value = getattr(self, name, None)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tq.core.auth import ApiKey
 from tq.core.errors import Forbidden
+
+if TYPE_CHECKING:
+    from tq.protocol.schema import Request
 
 _READ = frozenset({"admin", "producer", "reader"})
 _WORK = frozenset({"admin", "worker"})
@@ -73,15 +76,15 @@ ALLOWED: dict[str, frozenset[str]] = {
 QUEUE_BLIND = frozenset({"subscribe"})  # live events cover every queue
 
 
-def action_of(msg: Any) -> str:
-    """The ``ALLOWED`` key of a request message."""
-    kind = str(msg.get("t"))
+def action_of(msg: Request) -> str:
+    """The ``ALLOWED`` key of a typed request (tq/protocol/schema.py)."""
+    kind = msg.t
     if kind == "query":
-        return f"query:{msg.get('q')}"
+        return f"query:{getattr(msg, 'q', None)}"
     if kind in ("keys", "queue", "schedule", "cap"):
-        return f"{kind}:{msg.get('op')}"
+        return f"{kind}:{getattr(msg, 'op', None)}"
     if kind == "hello":
-        return "hello:worker" if msg.get("kind") == "worker" else "hello"
+        return "hello:worker" if getattr(msg, "kind", None) == "worker" else "hello"
     return kind
 
 
