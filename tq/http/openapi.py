@@ -14,7 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from tq import __version__
-from tq.core.limits import BULK_DEFAULT, BULK_MAX, MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
+from tq.core.limits import (
+    BULK_DEFAULT,
+    BULK_MAX,
+    MAX_AUDIT_PAGE,
+    MAX_CRON_LENGTH,
+    MAX_EPOCH,
+    MAX_RATE_TEXT,
+    MAX_SEQ,
+    MAX_TIMEZONE,
+)
 from tq.core.states import State
 from tq.core.task import (
     MAX_NUMBER,
@@ -1202,8 +1211,16 @@ def _paths() -> dict[str, Any]:
                         "type": "object",
                         "required": ["cron", "task"],
                         "properties": {
-                            "cron": {"type": "string"},
-                            "timezone": {"type": "string"},
+                            "cron": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_CRON_LENGTH,
+                            },
+                            "timezone": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_TIMEZONE,
+                            },
                             "task": {
                                 "type": "object",
                                 "required": ["type"],
@@ -1309,7 +1326,11 @@ def _paths() -> dict[str, Any]:
                                         "exclusiveMinimum": 0,
                                         "maximum": MAX_RATE,
                                     },
-                                    {"type": "string", "pattern": "^[0-9.]+/(s|m|min|h)$"},
+                                    {
+                                        "type": "string",
+                                        "pattern": "^[0-9.]+/(s|m|min|h)$",
+                                        "maxLength": MAX_RATE_TEXT,
+                                    },
                                 ],
                                 "description": "started per second, or text: 10/s, 30/m, 2/h",
                             },
