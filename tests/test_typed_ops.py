@@ -281,3 +281,44 @@ async def test_rest_bodies_are_refused_in_the_wires_words(tmp_path: Path) -> Non
         assert added.status_code == 201, added.text
         gone = await http.delete(f"{API}/caps/queue/q")
         assert gone.json() == {"kind": "queue", "name": "q", "removed": True}
+
+
+@pytest.mark.trio
+async def test_a_rest_submit_is_refused_in_the_wires_words(tmp_path: Path) -> None:
+    """POST /tasks decodes its body straight into the wire's task declaration: the same
+    task refused over REST and over the wire gets the same sentence."""
+    bad_tasks: list[dict[str, Any]] = [
+        {"type": "a", "max_retries": True},
+        {"type": "a", "priority": None, "timeout": 0},
+        {"queue": "q"},
+        {"type": "a b"},
+        {"type": "a", "colour": 1},
+        {"type": "a", "delay": -1},
+        {"type": "a", "unique_key": "k"},  # needs unique_for: checked by the service
+    ]
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        raw = await raw_session(broker)
+        for rid, task in enumerate(bad_tasks, start=2):
+            said = []
+            for tasks in ([task], [{"type": "ok"}, task]):
+                wire = await raw.ask({"t": "submit", "id": rid, "tasks": tasks})
+                assert wire is not None and wire["t"] == "nack", wire
+                rest = await http.post(f"{API}/tasks", json=tasks)
+                assert problem_detail(rest) == wire["message"], (task, rest.text, wire)
+                said.append(wire["message"])
+                if len(tasks) > 1:
+                    assert wire["message"].startswith("task 1: ")
+            # one task object, not in an array: the same sentence without an index
+            one = await http.post(f"{API}/tasks", json=task)
+            assert problem_detail(one) == said[0].removeprefix("task 0: "), one.text
+        await raw.aclose()
+        headers = {"content-type": "application/json"}
+        for content, words in [
+            (b'{"type": "a", "timeout": NaN}', "the body is not valid JSON"),
+            (b'{"type": "a", "timeout": 1e400}', "too large for a 64-bit integer or float, at"),
+            (b'"echo"', "the body must be a task object or an array of task objects, got str"),
+            (b"[]", "at least one task"),
+        ]:
+            response = await http.post(f"{API}/tasks", content=content, headers=headers)
+            assert words in problem_detail(response), response.text
+        assert (await http.get(f"{API}/tasks")).json()["tasks"] == []

@@ -27,6 +27,13 @@
     GET    /api/v1/events               live events as server-sent events (web.py)
     GET    /  and  /ui/...              the web dashboard (web.py)
 
+Bodies: a JSON body is decoded straight into the wire's declaration
+(tq/protocol/schema.py): a submit's into ``TaskSpecIn`` (an object or an array
+of them), the others into ``schema.body_of`` the request they amount to, and
+the route calls the service with the same typed request the wire's handler
+passes; errors are the wire's NACK sentences (field, rule, value sent).
+Workflow documents are compiled from plain JSON (tq.core.workflow).
+
 Authentication: ``Authorization: Bearer <API key>``, checked by
 ``authenticate`` through ``BrokerService.authorize`` against the same key
 table and role table (tq.security.roles) as the wire; each route names the
@@ -58,6 +65,7 @@ from starlette.routing import Route
 from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
 from tq.core.limits import MAX_BODY, MAX_LIST
 from tq.core.states import State
+from tq.core.task import TaskSpecIn
 from tq.core.typed import explain, type_name
 from tq.http import problems, web
 from tq.http.metrics import MetricsPage
@@ -190,7 +198,7 @@ def _decode_body(data: bytes, body: type[B]) -> B:
     try:
         return msgspec.json.decode(data, type=body, strict=True)
     except msgspec.ValidationError as exc:
-        plain = _plain_json(data)  # the value sent, for the error
+        plain = _plain_json(data, exc)  # the value sent, for the error
         if not isinstance(plain, dict):
             what = type_name(plain)
             raise InvalidRequest(f"the body must be a JSON object, got {what}") from None
@@ -199,15 +207,22 @@ def _decode_body(data: bytes, body: type[B]) -> B:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 
 
-def _plain_json(data: bytes) -> Any:
+def _plain_json(data: bytes, typed_error: Exception) -> Any:
+    """The body as plain data, to say what was wrong with it (``typed_error``: why the
+    typed decode refused it)."""
     try:
         return msgspec.json.decode(data)
     except msgspec.ValidationError:  # 1e400, or an integer beyond 64 bits
+        at = _AT.search(str(typed_error))
+        where = f", at {at.group(1).lstrip('.')}" if at and at.group(1) else ""
         raise InvalidRequest(
-            "the body holds a number too large for a 64-bit integer or float"
+            f"the body holds a number too large for a 64-bit integer or float{where}"
         ) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+_AT = re.compile(r" - at `\$([^`]*)`$")
 
 
 def _request(struct: type[R], body: msgspec.Struct | None = None, **fields: Any) -> R:
@@ -296,19 +311,47 @@ async def openapi(request: Request) -> Response:
 
 async def submit(request: Request) -> Response:
     principal = await authenticate(request, "submit")
-    body = await _body(request)
-    declared = request.headers.get("content-length", "")
-    large = declared.isdigit() and int(declared) > INLINE_DECODE  # checks run off the loop
+    data = await _bytes_of(request)
+    large = len(data) > INLINE_DECODE  # decoded, then checked, off the event loop
+    if large:
+        limiter = _service(request).decode_limiter
+        body = await trio.to_thread.run_sync(_decode_tasks, data, limiter=limiter)
+    else:
+        body = _decode_tasks(data)
     if isinstance(body, list):
         return _json(await _service(request).submit(body, principal, large=large), 201)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a task object or an array of task objects")
     answer = await _service(request).submit([body], principal, large=large)
     [result] = answer["tasks"]
     if answer["warnings"]:
         result["warning"] = answer["warnings"][0]["message"]
     headers = {"Location": f"{API}/tasks/{result['id']}"}
     return _json(result, 201 if result["created"] else 200, headers)
+
+
+def _decode_tasks(data: bytes) -> TaskSpecIn | list[TaskSpecIn]:
+    """A submit's body decoded straight into the wire's task declaration (an object, or
+    an array of them); InvalidRequest in the wire's words ("task 3: task queue must be
+    ...; nothing was submitted") otherwise."""
+    try:
+        return msgspec.json.decode(data, type=TaskSpecIn | list[TaskSpecIn], strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(_task_fault(_plain_json(data, exc))) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _task_fault(plain: Any) -> str:
+    """What is wrong with the first bad task of a body (plain data), as the wire says it."""
+    items = plain if isinstance(plain, list) else [plain] if isinstance(plain, dict) else None
+    if items is None:
+        return f"the body must be a task object or an array of task objects, got {type_name(plain)}"
+    for index, item in enumerate(items):
+        try:
+            typed(TaskSpecIn, item, "task")
+        except InvalidRequest as exc:  # an array's task is named by its index, as on the wire
+            prefix = f"task {index}: " if items is plain else ""
+            return f"{prefix}{exc.message}; nothing was submitted"
+    return "the body's tasks do not fit the task declaration; nothing was submitted"
 
 
 async def submit_workflow(request: Request) -> Response:
