@@ -379,11 +379,11 @@ def _extra(info: Any) -> dict[str, Any]:
 def _op_rules(struct: type[Request]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     info = msgspec.inspect.type_info(struct)
     assert isinstance(info, msgspec.inspect.StructType)
-    extras = {f.encode_name: (_extra(f.type), f.type) for f in info.fields}
-    known = tuple(extras.get("op", ({}, None))[0].get("ops", ()))
+    extras = {f.encode_name: _extra(f.type) for f in info.fields}
+    known = tuple(extras.get("op", {}).get("ops", ()))
     required = {
         name: tuple(extra["required_for"])
-        for name, (extra, _) in extras.items()
+        for name, extra in extras.items()
         if "required_for" in extra
     }
     return known, required
