@@ -30,12 +30,14 @@ Structs, so the wire follows.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta
 
 from tq.core import limits
+from tq.core.errors import ProtocolError
+from tq.core.task import Lease, Task
 
 # -- building blocks --------------------------------------------------------------------
 RequestId = Annotated[
@@ -56,6 +58,9 @@ class Answer(msgspec.Struct, tag_field="t", tag="ack", kw_only=True):
     """What every ``ack`` carries: ``t`` "ack" (the tag) and the request's ``id``."""
 
     id: RequestId
+
+
+AnyAnswer = TypeVar("AnyAnswer", bound=Answer)
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -733,8 +738,98 @@ def answer_type(tag: str, sub: str | None = None) -> type[Answer]:
     return ANSWERS[answer_key(tag, sub)]
 
 
-class BadAnswer(Exception):
-    """An answer that does not fit its declaration (see ``decode_answer``)."""
+# -- building answers (the broker) ------------------------------------------------------
+def task_map(task: Task) -> TaskMap:
+    """A stored task as its answer map."""
+    error = task.error
+    return TaskMap(
+        id=task.id,
+        type=task.type,
+        queue=task.queue,
+        payload=task.payload,
+        priority=task.priority,
+        state=task.state.value,
+        attempts=task.attempts,
+        max_retries=task.max_retries,
+        timeout=task.timeout,
+        retry_base=task.retry_base,
+        retry_cap=task.retry_cap,
+        created_at=task.created_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        run_at=task.run_at,
+        worker=task.worker,
+        result=task.result,
+        error=None
+        if error is None
+        else TaskErrorMap(type=error.type, message=error.message, traceback=error.traceback),
+        idempotency_key=task.idempotency_key,
+        trace=task.trace,
+        progress=task.progress,
+        progress_message=task.progress_message,
+    )
+
+
+def lease_map(lease: Lease) -> LeaseMap:
+    """A lease as its answer map (``trace`` left out when the task has none)."""
+    return LeaseMap(
+        id=lease.id,
+        type=lease.type,
+        queue=lease.queue,
+        payload=lease.payload,
+        priority=lease.priority,
+        attempt=lease.attempt,
+        max_retries=lease.max_retries,
+        timeout=lease.timeout,
+        token=lease.token,
+        expires_at=lease.expires_at,
+        trace=lease.trace,
+    )
+
+
+def build(kind: type[AnyAnswer], rid: int, body: dict[str, Any]) -> AnyAnswer:
+    """An answer from the fields a handler gathered as a map: checked against its
+    declaration (a missing or mistyped field, or one the declaration lacks, is a broker
+    bug: ValueError), so what goes on the wire is the declared shape."""
+    undeclared = body.keys() - kind.__struct_fields__
+    if undeclared:
+        raise ValueError(
+            f"{kind.__name__} has no field {', '.join(sorted(undeclared))}: declare it "
+            "in tq/protocol/answers.py"
+        )
+    try:
+        return msgspec.convert({**body, "id": rid}, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{kind.__name__} does not fit its declaration: {exc}") from None
+
+
+def nack(rid: int, code: str, message: str, retry_after: float | None = None) -> Nack:
+    return Nack(id=rid, code=code, message=message, retry_after=retry_after)
+
+
+def as_wire(message: Any) -> Any:
+    """What the broker encodes for ``message``: a Struct as it is; a map built by hand
+    (a NACK, an event) as its declared Struct."""
+    if type(message) is not dict:
+        return message
+    kind = message.get("t")
+    if kind == "nack":
+        return Nack(
+            id=message["id"],
+            code=message["code"],
+            message=message["message"],
+            retry_after=message.get("retry_after"),
+        )
+    if kind == "event":
+        topic = EVENTS.get(message.get("topic"))  # type: ignore[arg-type]
+        if topic is not None:
+            return msgspec.convert(message, topic, strict=True)
+    return message
+
+
+class BadAnswer(ProtocolError):
+    """An answer that does not fit its declaration (see ``decode_answer``): the broker
+    (or something posing as it) does not speak this protocol version."""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -742,8 +837,12 @@ _decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
 
 
 def encode(answer: msgspec.Struct) -> bytes:
-    """One answer's msgpack body (no frame header)."""
-    return _encoder.encode(answer)
+    """One answer's msgpack body (no frame header); ProtocolError if a value in it
+    (a payload, a result) is not msgpack data."""
+    try:
+        return _encoder.encode(answer)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"message cannot be encoded as msgpack: {exc}") from None
 
 
 def convert_answer(obj: object, kind: type[msgspec.Struct]) -> Any:
