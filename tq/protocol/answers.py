@@ -650,10 +650,13 @@ class ProgressItem(Entry):
 
 class TasksEvent(Event, kw_only=True):
     changes: Annotated[
-        list[TaskChange], Meta(description="every change of the interval, when listed")
-    ] = []
-    more: Annotated[int, Meta(description="changes not listed")] = 0
-    totals: Annotated[list[TaskTotal], Meta(description="every change, summed")] = []
+        list[TaskChange],
+        Meta(description="every change of the interval when at most 100, else empty"),
+    ]
+    more: Annotated[int, Meta(description="changes not listed")]
+    totals: Annotated[
+        list[TaskTotal], Meta(description="every change, summed by queue, from and to")
+    ]
 
 
 class WorkersEvent(Event, kw_only=True):
