@@ -35,13 +35,22 @@ from tq.protocol.session import Answer, EventReceived, Farewell, LocalProtocolEr
 
 ROOT = Path(__file__).resolve().parent.parent
 WIRE = Connection()
+HELLO_ACK = {
+    "v": 1,
+    "server": "tq/0.1.0",
+    "broker": "tq",
+    "lease_ttl": 30.0,
+    "worker_id": None,
+    "key_id": None,
+    "role": None,
+}
 
 
 def ready_core(kind: str = "client") -> ClientCore:
     core = ClientCore("127.0.0.1:7470", 1 << 20, api.hello(kind, "t"))
     rid, frame = core.hello_frame()
     assert decode(frame)["t"] == "hello"
-    core.receive_data(WIRE.send({"t": "ack", "id": rid, "lease_ttl": 30.0}))
+    core.receive_data(WIRE.send({"t": "ack", "id": rid, **HELLO_ACK}))
     assert isinstance(core.next_received(), Answer)
     return core
 
@@ -75,7 +84,7 @@ def test_every_client_has_the_api_written_once() -> None:
 
 def test_answers_reach_their_request_and_nacks_raise() -> None:
     core = ready_core()
-    assert core.server == {"t": "ack", "id": 1, "lease_ttl": 30.0}
+    assert core.server == {"t": "ack", "id": 1, **HELLO_ACK}
     first, frame = core.send(api.get("a").message)
     second, _ = core.send(api.stats().message)
     assert decode(frame) == {"t": "query", "q": "get", "task": "a", "id": first}

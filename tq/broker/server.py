@@ -74,6 +74,34 @@ from tq.core.errors import (
 from tq.core.heap import settle_heap
 from tq.core.task import MAX_PAYLOAD_BYTES
 from tq.protocol import Connection
+from tq.protocol.answers import (
+    Answer,
+    AuditAnswer,
+    ClaimAnswer,
+    DepthAnswer,
+    ExplainAnswer,
+    HealthAnswer,
+    HeartbeatAnswer,
+    HelloAnswer,
+    HistoryAnswer,
+    ListAnswer,
+    PurgeAnswer,
+    QueueAnswer,
+    ResultAnswer,
+    RetryManyAnswer,
+    StatsAnswer,
+    SubmitAnswer,
+    SubscribeAnswer,
+    TaskAnswer,
+    UnsubscribeAnswer,
+    WaitAnswer,
+    WorkersAnswer,
+    WorkflowAnswer,
+    answer_type,
+    as_wire,
+    build,
+    task_map,
+)
 from tq.protocol.connection import MessageError
 from tq.protocol.frames import INLINE_DECODE
 from tq.protocol.schema import (
@@ -114,7 +142,6 @@ SMALL_ROLE_MAX_FRAME = 64 * 1024  # frames from roles that send no tasks or resu
 LARGE_FRAME_ROLES = frozenset({"admin", "producer", "worker"})  # may send up to --max-frame
 DRAIN_SECONDS = 5.0
 FAREWELL_SECONDS = 0.5  # to send every open session "the broker is shutting down"
-HOLDS_HEAVY = "_holds_heavy"  # a handler's answer key: it holds Session._heavy until queued
 _HANDED, _CLOSE = object(), object()  # outcomes of Session._dispatch besides None and bytes
 HTTP_DRAIN_SECONDS = 4.0  # hypercorn's graceful timeout (3 s) and a margin
 OUTBOX_BYTES = 16 * 1024 * 1024  # answers queued for a peer that does not read them
@@ -231,7 +258,7 @@ class Session:
         self._hello_by = now + settings.hello_timeout  # see _deadline
         self._active_at = now  # when the last request arrived or finished
         self._refused: TQError | None = None  # the key went bad: NACK, then close
-        self._handlers: dict[str, Callable[[Any], Awaitable[dict[str, Any]]]] = {
+        self._handlers: dict[str, Callable[[Any], Awaitable[Answer]]] = {
             "submit": self._submit,
             "claim": self._claim,
             "result": self._result,
@@ -304,20 +331,34 @@ class Session:
 
     async def _reply_subscription(self, message: dict[str, Any]) -> None:
         """The answers to subscribe/unsubscribe (which change the session), and events."""
+        answer: Any = message
         if message["t"] != "event":
             self.rules.send(message)
-        await self._reply_event(message)
+            if message["t"] == "ack":
+                kind = SubscribeAnswer if "topics" in message else UnsubscribeAnswer
+                fields = {k: v for k, v in message.items() if k not in ("t", "id")}
+                answer = build(kind, message["id"], fields)
+        await self._reply_event(answer)
 
-    async def _reply_event(self, message: dict[str, Any]) -> None:
+    async def _reply_event(self, message: Any) -> None:
         """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
         the bus's bounded queue for it fills and drops (with a ``lagged`` marker)."""
+        try:
+            message = as_wire(message)
+        except ValueError:  # msgspec.ValidationError: a broker bug, or another broker's
+            log.error("event does not fit its declaration, sent as it is: %r", message)
         await self._reply(message, EVENT_OUTBOX_BYTES)
 
-    async def _reply(self, message: dict[str, Any], budget: int = OUTBOX_BYTES) -> None:
+    async def _reply(self, message: Any, budget: int = OUTBOX_BYTES) -> None:
+        """Send an answer: its declared Struct (tq/protocol/answers.py), or a map the
+        declarations encode (a NACK; events are converted by ``_reply_event``)."""
+        if type(message) is dict and message.get("t") == "nack":
+            message = as_wire(message)
         try:
             frame = self.conn.send(message)
         except TQError as exc:  # e.g. an answer larger than the frame limit
-            frame = self.conn.send(Connection.nack(message.get("id", 0), exc))
+            rid = message.get("id", 0) if type(message) is dict else message.id
+            frame = self.conn.send(as_wire(Connection.nack(rid, exc)))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
         pending = self.stream.pending
@@ -473,9 +514,8 @@ class Session:
         who: dict[str, str | None] = {"key_id": None, "role": None}
         if principal is not None:
             who = {"key_id": principal.key_id, "role": principal.role}
-        await self._reply(
-            self.rules.send({"t": "ack", "id": rid, **body, "worker_id": worker_id, **who})
-        )
+        self.rules.send({"t": "ack", "id": rid})  # the session is ready
+        await self._reply(build(HelloAnswer, rid, {**body, "worker_id": worker_id, **who}))
         return True
 
     async def _admit(self, msg: Request) -> bool:
@@ -512,11 +552,10 @@ class Session:
             try:
                 if _is_heavy(msg):  # one at a time, and its answer queued before the next
                     async with self._heavy:
-                        reply = {"t": "ack", "id": rid, **await handler(msg)}
-                        await self._reply(reply)
+                        await self._reply(await handler(msg))
                         return
-                reply = {"t": "ack", "id": rid, **await handler(msg)}
-                if reply.pop(HOLDS_HEAVY, False):  # the handler took the lock for its answer
+                reply: Answer | dict[str, Any] = await handler(msg)
+                if isinstance(reply, WaitAnswer):  # the handler took the lock for its answer
                     try:
                         await self._reply(reply)
                     finally:
@@ -542,94 +581,114 @@ class Session:
             raise InvalidRequest(f"{what} is for workers: say hello with kind 'worker' first")
         return self.worker
 
-    # -- handlers: take the typed request, call one service method, encode ----
-    async def _submit(self, msg: Submit) -> dict[str, Any]:
-        return await self.service.submit(
+    # -- handlers: take the typed request, call one service method, answer with its ---
+    # -- declared Struct (tq/protocol/answers.py) ------------------------------------
+    async def _submit(self, msg: Submit) -> Answer:
+        tasks, warnings = await self.service.submit_typed(
             msg.tasks,
             self.principal,
             answer_limit=self.conn.max_frame,
             large=isinstance(msg, LargeSubmit),
         )
+        return SubmitAnswer(id=msg.id, tasks=tasks, warnings=warnings)
 
-    async def _claim(self, msg: Claim) -> dict[str, Any]:
+    async def _claim(self, msg: Claim) -> Answer:
         worker_id = self._need_worker("claim").id
-        return {"tasks": await self.service.claim(worker_id, msg, self.principal)}
+        return ClaimAnswer(
+            id=msg.id, tasks=await self.service.claim(worker_id, msg, self.principal)
+        )
 
-    async def _result(self, msg: Result) -> dict[str, Any]:
+    async def _result(self, msg: Result) -> Answer:
         worker = self._need_worker("result")
-        return {"results": await self.service.report(worker.id, msg.results)}
+        return ResultAnswer(id=msg.id, results=await self.service.report(worker.id, msg.results))
 
-    async def _heartbeat(self, msg: Heartbeat) -> dict[str, Any]:
-        return {"lost": await self.service.heartbeat(self._need_worker("heartbeat"), msg)}
+    async def _heartbeat(self, msg: Heartbeat) -> Answer:
+        lost = await self.service.heartbeat(self._need_worker("heartbeat"), msg)
+        return HeartbeatAnswer(id=msg.id, lost=lost)
 
-    async def _query(self, msg: Query) -> dict[str, Any]:
-        q = msg.q
+    async def _query(self, msg: Query) -> Answer:
+        q, rid = msg.q, msg.id
         if q == "get":
-            return {"task": (await self.service.get(_task_id(msg), self.principal)).to_dict()}
+            task = await self.service.get(_task_id(msg), self.principal)
+            return TaskAnswer(id=rid, task=task_map(task))
         if q == "list":
             tasks, cursor = await self.service.list_tasks(msg, self.principal)
-            return {"tasks": [t.to_dict() for t in tasks], "next": cursor}
+            return ListAnswer(id=rid, tasks=[task_map(t) for t in tasks], next=cursor)
         if q == "stats":
-            return {"stats": await self.service.stats(self.principal)}
+            return build(StatsAnswer, rid, {"stats": await self.service.stats(self.principal)})
         if q == "workers":
-            return {"workers": self.service.list_workers(self.principal)}
+            workers = self.service.list_workers(self.principal)
+            return build(WorkersAnswer, rid, {"workers": workers})
         if q == "depth":
-            return {"depth": await self.service.queue_depth(self.principal)}
+            depth = await self.service.queue_depth(self.principal)
+            return build(DepthAnswer, rid, {"depth": depth})
         if q == "health":
-            return {"health": await self.service.cluster_status(self.principal)}
+            health = await self.service.cluster_status(self.principal)
+            return build(HealthAnswer, rid, {"health": health})
         if q == "explain":
-            return {"explain": await self.service.explain(_task_id(msg), self.principal)}
+            explain = await self.service.explain(_task_id(msg), self.principal)
+            return build(ExplainAnswer, rid, {"explain": explain})
         if q == "workflow":
-            return {"workflow": await self.service.workflow(_task_id(msg), self.principal)}
+            workflow = await self.service.workflow(_task_id(msg), self.principal)
+            return build(WorkflowAnswer, rid, {"workflow": workflow})
         if q == "history":
-            return await self.service.history(_task_id(msg), self.principal)
+            history = await self.service.history(_task_id(msg), self.principal)
+            return build(HistoryAnswer, rid, history)
         raise InvalidRequest(f"unknown query {q!r}; known: {', '.join(get_args(QueryKind))}")
 
-    async def _cancel(self, msg: Cancel) -> dict[str, Any]:
-        return {"task": (await self.service.cancel(msg.task, self.principal)).to_dict()}
+    async def _cancel(self, msg: Cancel) -> Answer:
+        task = await self.service.cancel(msg.task, self.principal)
+        return TaskAnswer(id=msg.id, task=task_map(task))
 
-    async def _retry(self, msg: Retry) -> dict[str, Any]:
-        return {"task": (await self.service.retry(msg.task, self.principal)).to_dict()}
+    async def _retry(self, msg: Retry) -> Answer:
+        task = await self.service.retry(msg.task, self.principal)
+        return TaskAnswer(id=msg.id, task=task_map(task))
 
-    async def _set_priority(self, msg: SetPriority) -> dict[str, Any]:
+    async def _set_priority(self, msg: SetPriority) -> Answer:
         task = await self.service.set_priority(msg.task, msg.priority, self.principal)
-        return {"task": task.to_dict()}
+        return TaskAnswer(id=msg.id, task=task_map(task))
 
-    async def _wait(self, msg: Wait) -> dict[str, Any]:
+    async def _wait(self, msg: Wait) -> Answer:
         timeout = MAX_WAIT if msg.timeout is None else min(msg.timeout, MAX_WAIT)
         timed_out = await self.service.wait(msg.task, timeout, self.principal)
         # the answer carries the task: read and queued one at a time per connection, like
         # other large answers, so pipelined waits on a large task hold one copy at a time
+        # (a WaitAnswer holds the lock until it is queued: see _answer)
         await self._heavy.acquire()
         try:
             task = await self.service.get(msg.task, self.principal)
         except BaseException:
             self._heavy.release()
             raise
-        return {"task": task.to_dict(), "timed_out": timed_out, HOLDS_HEAVY: True}
+        return WaitAnswer(id=msg.id, task=task_map(task), timed_out=timed_out)
 
-    async def _queue(self, msg: QueueOp) -> dict[str, Any]:
+    async def _queue(self, msg: QueueOp) -> Answer:
         if msg.op not in ("pause", "resume"):
             raise InvalidRequest(f"unknown queue op {msg.op!r}; known: pause, resume")
-        return await self.service.pause_queue(msg.queue, msg.op == "pause", self.principal)
+        body = await self.service.pause_queue(msg.queue, msg.op == "pause", self.principal)
+        return build(QueueAnswer, msg.id, body)
 
-    async def _schedule(self, msg: Schedule) -> dict[str, Any]:
-        return await self.service.schedule_request(msg, self.principal)
+    async def _schedule(self, msg: Schedule) -> Answer:
+        body = await self.service.schedule_request(msg, self.principal)
+        return build(answer_type("schedule", msg.op), msg.id, body)
 
-    async def _cap(self, msg: CapOp) -> dict[str, Any]:
-        return await self.service.cap_request(msg, self.principal)
+    async def _cap(self, msg: CapOp) -> Answer:
+        body = await self.service.cap_request(msg, self.principal)
+        return build(answer_type("cap", msg.op), msg.id, body)
 
-    async def _keys(self, msg: Keys) -> dict[str, Any]:
-        return await self.service.auth.request(self.principal, msg)
+    async def _keys(self, msg: Keys) -> Answer:
+        body = await self.service.auth.request(self.principal, msg)
+        return build(answer_type("keys", msg.op), msg.id, body)
 
-    async def _audit(self, msg: Audit) -> dict[str, Any]:
-        return await self.service.auth.audit_page(msg)
+    async def _audit(self, msg: Audit) -> Answer:
+        return build(AuditAnswer, msg.id, await self.service.auth.audit_page(msg))
 
-    async def _purge(self, msg: Purge) -> dict[str, Any]:
-        return await self.service.purge(msg, self.principal)
+    async def _purge(self, msg: Purge) -> Answer:
+        return build(PurgeAnswer, msg.id, await self.service.purge(msg, self.principal))
 
-    async def _retry_many(self, msg: RetryMany) -> dict[str, Any]:
-        return await self.service.retry_many(msg, self.principal)
+    async def _retry_many(self, msg: RetryMany) -> Answer:
+        body = await self.service.retry_many(msg, self.principal)
+        return build(RetryManyAnswer, msg.id, body)
 
 
 class LargeSubmit(Submit, tag="submit"):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
 from tq import PROTOCOL_VERSION, __version__
@@ -66,6 +67,7 @@ from tq.core.task import (
     parse_priority,
 )
 from tq.core.when import due_at
+from tq.protocol.answers import LeaseMap, Reported, Submitted, SubmitWarning, lease_map
 from tq.protocol.frames import pack
 from tq.protocol.parse import typed
 from tq.protocol.schema import Claim, Heartbeat, Hello, OutcomeIn, Query
@@ -392,6 +394,20 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         answer_limit: int | None = None,
         large: bool = False,
     ) -> dict[str, Any]:
+        """``submit_typed`` as plain data: ``{"tasks": [...], "warnings": [...]}``."""
+        tasks, warnings = await self.submit_typed(
+            raw_tasks, principal, answer_limit=answer_limit, large=large
+        )
+        return {"tasks": msgspec.to_builtins(tasks), "warnings": msgspec.to_builtins(warnings)}
+
+    async def submit_typed(
+        self,
+        raw_tasks: list[Any],
+        principal: Principal | None = None,
+        *,
+        answer_limit: int | None = None,
+        large: bool = False,
+    ) -> tuple[list[Submitted], list[SubmitWarning]]:
         """Store every task or none; the answer: ``tasks`` (id, created per task) and
         ``warnings`` (once per task type no connected worker handles, at most
         MAX_WARNINGS). ``answer_limit``: the largest answer the caller can deliver
@@ -439,12 +455,10 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         if delayed:  # the promoter may sleep past this due time: it looks again
             self.notify_due()
         unhandled = sorted(await self._unhandled({spec.type for spec in specs}))
-        return {
-            "tasks": [{"id": r.id, "created": r.created} for r in results],
-            "warnings": [
-                {"type": t, "message": unhandled_warning(t)} for t in unhandled[:MAX_WARNINGS]
-            ],
-        }
+        return (
+            [Submitted(id=r.id, created=r.created) for r in results],
+            [SubmitWarning(type=t, message=unhandled_warning(t)) for t in unhandled[:MAX_WARNINGS]],
+        )
 
     async def _unhandled(self, types: set[str]) -> set[str]:
         """``unhandled_types``, and with several brokers those no worker of the cluster
@@ -474,7 +488,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
 
     async def claim(
         self, worker_id: str, msg: Claim, principal: Principal | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[LeaseMap]:
         self._check_open()
         n, queues, type_list = msg.n, msg.queues, msg.types
         if principal is not None:
@@ -502,7 +516,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             if leases:
                 self.workers.seen(worker_id, self.clock())
                 self.events.claimed(leases)
-                return [lease.to_dict() for lease in leases]
+                return [lease_map(lease) for lease in leases]
             now = trio.current_time()
             if now >= deadline:
                 break
@@ -522,9 +536,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 self.capped_waiting -= note.capped
         return []
 
-    async def report(
-        self, worker_id: str | None, items: Sequence[OutcomeIn]
-    ) -> list[dict[str, Any]]:
+    async def report(self, worker_id: str | None, items: Sequence[OutcomeIn]) -> list[Reported]:
         outcomes = [parse_outcome(item) for item in items]
         results = await self.store.complete(outcomes, self.clock())
         if worker_id is not None:
@@ -549,8 +561,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         self.activity.reported(results, self.clock())
         self.fire([r.id for r in results if r.accepted] + dependents)
         return [
-            {"id": r.id, "accepted": r.accepted, "state": r.state, "reason": r.reason}
-            for r in results
+            Reported(id=r.id, accepted=r.accepted, state=r.state, reason=r.reason) for r in results
         ]
 
     async def heartbeat(self, worker: WorkerInfo, msg: Heartbeat) -> list[str]:

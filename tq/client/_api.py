@@ -2,6 +2,13 @@
 
 Each client method is ``call = api.x(...)``, then ``call.parse(await
 send(call.message))``. Nothing here does I/O.
+
+Answers are read through their declarations (tq/protocol/answers.py): ``parse``
+converts the ACK into the Struct its request declares, strictly, before the
+method reads it, so a malformed answer (a broker of another version, or
+something posing as one) fails there with ``BadAnswer`` naming the field, not
+with a KeyError deep inside. Methods then return what docs/PYTHON.md promises:
+``Task`` objects, ids, and plain maps (``plain``) for the rest.
 """
 
 from __future__ import annotations
@@ -11,10 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from tq import PROTOCOL_VERSION, __version__
 from tq.core.errors import ConnectionFailed, InvalidRequest, Timeout, error_from_code
-from tq.core.task import Task
+from tq.core.states import State
+from tq.core.task import Task, TaskError
 from tq.core.units import seconds
+from tq.protocol import answers
 from tq.tracing import current_carrier
 
 T = TypeVar("T")
@@ -23,8 +34,62 @@ MAX_SERVER_WAIT = 60.0
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
+    """A request and how to read its answer: ``read`` takes the declared answer
+    Struct (``answers.ANSWERS``) of the request."""
+
     message: dict[str, Any]
-    parse: Callable[[dict[str, Any]], T]
+    read: Callable[[Any], T]
+
+    def parse(self, reply: Mapping[str, Any]) -> T:
+        """The ACK's fields, checked against the request's declared answer, as ``read``
+        gives them; BadAnswer if the ACK does not fit."""
+        t = str(self.message["t"])
+        sub = self.message.get(answers.SUB_FIELD.get(t, ""))
+        kind = answers.ANSWERS.get(answers.answer_key(t, sub))
+        if kind is None:
+            raise answers.BadAnswer(f"no answer is declared for {t} {sub!r}")
+        return self.read(answers.convert_answer(reply, kind))
+
+
+def plain(value: Any) -> Any:
+    """A declared answer (or part of one) as plain maps and lists, values as they
+    came (bytes stay bytes)."""
+    return msgspec.to_builtins(value, builtin_types=(bytes, bytearray, memoryview))
+
+
+def task_of(m: answers.TaskMap) -> Task:
+    """A task answer map as a ``Task``."""
+    error = m.error
+    try:
+        state = State(m.state)
+    except ValueError:
+        raise answers.BadAnswer(
+            f"the broker sent task {m.id} in unknown state {m.state!r}"
+        ) from None
+    return Task(
+        id=m.id,
+        type=m.type,
+        queue=m.queue,
+        payload=m.payload,
+        priority=m.priority,
+        state=state,
+        attempts=m.attempts,
+        max_retries=m.max_retries,
+        timeout=m.timeout,
+        retry_base=m.retry_base,
+        retry_cap=m.retry_cap,
+        created_at=m.created_at,
+        started_at=m.started_at,
+        finished_at=m.finished_at,
+        run_at=m.run_at,
+        worker=m.worker,
+        result=m.result,
+        error=None if error is None else TaskError(error.type, error.message, error.traceback),
+        idempotency_key=m.idempotency_key,
+        trace=m.trace,
+        progress=m.progress,
+        progress_message=m.progress_message,
+    )
 
 
 @dataclass(frozen=True)
@@ -34,13 +99,10 @@ class TaskPage:
 
 
 def raise_for_nack(reply: dict[str, Any]) -> dict[str, Any]:
+    """The ACK; a NACK (checked against its declaration) raised as its TQError."""
     if reply.get("t") == "nack":
-        retry_after = reply.get("retry_after")
-        raise error_from_code(
-            str(reply.get("code", "error")),
-            str(reply.get("message", "the broker refused the request")),
-            retry_after if isinstance(retry_after, int | float) else None,
-        )
+        nack = answers.convert_answer(reply, answers.Nack)
+        raise error_from_code(nack.code, nack.message, nack.retry_after)
     return reply
 
 
@@ -121,16 +183,12 @@ def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]
         for task in tasks:
             task.setdefault("trace", carrier)
 
-    def parse(reply: dict[str, Any]) -> list[dict[str, Any]]:
-        warned = {
-            w.get("type"): w.get("message")
-            for w in reply.get("warnings") or ()
-            if isinstance(w, dict)
-        }
-        items = [dict(item) for item in reply["tasks"]]
+    def parse(reply: answers.SubmitAnswer) -> list[dict[str, Any]]:
+        warned = {w.type: w.message for w in reply.warnings}
+        items: list[dict[str, Any]] = [{"id": t.id, "created": t.created} for t in reply.tasks]
         if warned:
             for spec, item in zip(tasks, items, strict=False):
-                message = warned.get(spec.get("type"))
+                message = warned.get(str(spec.get("type")))
                 if message:
                     item["warning"] = message
         return items
@@ -140,7 +198,7 @@ def submit_items(specs: Sequence[Mapping[str, Any]]) -> Call[list[dict[str, Any]
 
 def submit_many(specs: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
     items = submit_items(specs)
-    return Call(items.message, lambda r: [item["id"] for item in items.parse(r)])
+    return Call(items.message, lambda r: [item["id"] for item in items.read(r)])
 
 
 def submit_workflow(document: Mapping[str, Any]) -> Call[list[str]]:
@@ -153,11 +211,11 @@ def submit_workflow(document: Mapping[str, Any]) -> Call[list[str]]:
 
 def workflow(task_id: str) -> Call[dict[str, Any]]:
     """The tasks linked to ``task_id`` by dependencies and the edges between them."""
-    return Call({"t": "query", "q": "workflow", "task": task_id}, lambda r: dict(r["workflow"]))
+    return Call({"t": "query", "q": "workflow", "task": task_id}, lambda r: plain(r.workflow))
 
 
-def _task(reply: dict[str, Any]) -> Task:
-    return Task.from_dict(reply["task"])
+def _task(reply: answers.TaskAnswer) -> Task:
+    return task_of(reply.task)
 
 
 def get(task_id: str) -> Call[Task]:
@@ -187,34 +245,34 @@ def list_tasks(
     for key, value in (("state", state), ("type", type), ("queue", queue), ("after", after)):
         if value is not None:
             msg[key] = value
-    return Call(msg, lambda r: TaskPage([Task.from_dict(t) for t in r["tasks"]], r.get("next")))
+    return Call(msg, lambda r: TaskPage([task_of(t) for t in r.tasks], r.next))
 
 
 def explain(task_id: str) -> Call[dict[str, Any]]:
-    return Call({"t": "query", "q": "explain", "task": task_id}, lambda r: dict(r["explain"]))
+    return Call({"t": "query", "q": "explain", "task": task_id}, lambda r: plain(r.explain))
 
 
 def history(task_id: str) -> Call[list[dict[str, Any]]]:
-    return Call({"t": "query", "q": "history", "task": task_id}, lambda r: list(r["history"]))
+    return Call({"t": "query", "q": "history", "task": task_id}, lambda r: plain(r.history))
 
 
 def stats() -> Call[dict[str, Any]]:
-    return Call({"t": "query", "q": "stats"}, lambda r: dict(r["stats"]))
+    return Call({"t": "query", "q": "stats"}, lambda r: plain(r.stats))
 
 
 def workers() -> Call[list[dict[str, Any]]]:
-    return Call({"t": "query", "q": "workers"}, lambda r: list(r["workers"]))
+    return Call({"t": "query", "q": "workers"}, lambda r: plain(r.workers))
 
 
 # -- operator surface -------------------------------------------------------------
 
 
 def queue_depth() -> Call[dict[str, Any]]:
-    return Call({"t": "query", "q": "depth"}, lambda r: dict(r["depth"]))
+    return Call({"t": "query", "q": "depth"}, lambda r: plain(r.depth))
 
 
 def cluster_status() -> Call[dict[str, Any]]:
-    return Call({"t": "query", "q": "health"}, lambda r: dict(r["health"]))
+    return Call({"t": "query", "q": "health"}, lambda r: plain(r.health))
 
 
 def purge(
@@ -225,14 +283,14 @@ def purge(
         msg["limit"] = limit
     if dry_run:
         msg["dry_run"] = True
-    return Call(msg, lambda r: {k: r[k] for k in ("purged", "matched", "more")})
+    return Call(msg, lambda r: {"purged": r.purged, "matched": r.matched, "more": r.more})
 
 
 def retry_many(state: str, *, limit: int | None = None) -> Call[dict[str, Any]]:
     msg: dict[str, Any] = {"t": "retry_many", "state": state}
     if limit is not None:
         msg["limit"] = limit
-    return Call(msg, lambda r: {"retried": list(r["retried"]), "more": bool(r["more"])})
+    return Call(msg, lambda r: {"retried": r.retried, "more": r.more})
 
 
 def set_priority(task_id: str, priority: int | str) -> Call[Task]:
@@ -243,7 +301,15 @@ def schedule(op: str, **fields: Any) -> Call[dict[str, Any]]:
     """A ``schedule`` request (op: add, list, get, remove, pause, resume, run_now); the
     ACK's fields as they are (``schedule``, ``schedules``, ``created``, ``changed``...)."""
     message = {"t": "schedule", "op": op, **{k: v for k, v in fields.items() if v is not None}}
-    return Call(message, lambda r: {k: v for k, v in r.items() if k not in ("t", "id")})
+    return Call(message, _fields)
+
+
+def _fields(reply: answers.Answer) -> dict[str, Any]:
+    """An ACK's own fields (no ``t``, ``id``) as plain maps."""
+    out: dict[str, Any] = plain(reply)
+    out.pop("t", None)
+    out.pop("id", None)
+    return out
 
 
 def set_cap(
@@ -257,16 +323,16 @@ def set_cap(
     fields: dict[str, Any] = {"concurrency": concurrency, "rate": rate, "burst": burst}
     message: dict[str, Any] = {"t": "cap", "op": "set", "kind": kind, "name": name}
     message.update({k: v for k, v in fields.items() if v is not None})
-    return Call(message, lambda r: dict(r["cap"]))
+    return Call(message, lambda r: plain(r.cap))
 
 
 def remove_cap(kind: str, name: str) -> Call[bool]:
     message = {"t": "cap", "op": "remove", "kind": kind, "name": name}
-    return Call(message, lambda r: bool(r["removed"]))
+    return Call(message, lambda r: r.removed)
 
 
 def list_caps() -> Call[list[dict[str, Any]]]:
-    return Call({"t": "cap", "op": "list"}, lambda r: list(r["caps"]))
+    return Call({"t": "cap", "op": "list"}, lambda r: plain(r.caps))
 
 
 def schedule_task(
@@ -286,7 +352,7 @@ def schedule_task(
 
 def pause_queue(queue: str, paused: bool = True) -> Call[dict[str, Any]]:
     message = {"t": "queue", "op": "pause" if paused else "resume", "queue": queue}
-    return Call(message, lambda r: {k: r[k] for k in ("queue", "paused", "changed")})
+    return Call(message, lambda r: {"queue": r.queue, "paused": r.paused, "changed": r.changed})
 
 
 # -- live events (docs/PROTOCOL.md: subscribe, event) ---------------------------------
@@ -308,6 +374,12 @@ class Event:
 
 
 def parse_event(msg: Mapping[str, Any]) -> Event:
+    """An event, checked against its topic's declaration (an unknown topic, from a
+    newer broker, passes as it is; BadAnswer for a malformed one)."""
+    kind = answers.EVENTS.get(str(msg.get("topic")))
+    if kind is not None and "local" not in msg:
+        msg = _fields(answers.convert_answer(msg, kind))
+        msg["t"] = "event"
     seq, when = msg.get("seq"), msg.get("time")
     return Event(
         topic=str(msg.get("topic", "")),
@@ -333,7 +405,7 @@ def lagged_marker(msg: Mapping[str, Any], dropped: int) -> dict[str, Any]:
 
 def subscribe(topics: Sequence[str]) -> Call[list[str]]:
     wanted = list(topics)
-    return Call({"t": "subscribe", "topics": wanted}, lambda r: list(r.get("topics", wanted)))
+    return Call({"t": "subscribe", "topics": wanted}, lambda r: r.topics)
 
 
 def unsubscribe() -> Call[None]:
@@ -345,7 +417,7 @@ def wait_step(task_id: str, remaining: float | None) -> Call[tuple[Task, bool]]:
     step = MAX_SERVER_WAIT if remaining is None else max(0.0, min(remaining, MAX_SERVER_WAIT))
     return Call(
         {"t": "wait", "task": task_id, "timeout": step},
-        lambda r: (Task.from_dict(r["task"]), bool(r.get("timed_out"))),
+        lambda r: (task_of(r.task), r.timed_out),
     )
 
 

@@ -40,6 +40,7 @@ from tq.client.options import split_addresses
 from tq.config import parse_address
 from tq.core.errors import TLSFailure, TQError
 from tq.protocol import Connection
+from tq.protocol.answers import HelloAnswer, convert_answer
 from tq.protocol.connection import MessageError
 from tq.protocol.session import Answer, Farewell, Received, Session, State, session_for
 from tq.security.tls import describe_tls_error
@@ -92,6 +93,8 @@ class ClientCore:
         if msg is None:
             return None
         item = self.session.receive(msg)
+        if isinstance(item, Answer) and item.request == "hello" and msg.get("t") == "ack":
+            convert_answer(msg, HelloAnswer)  # checked: BadAnswer breaks the connection
         if isinstance(item, Farewell):
             self.error = item.error
         return item

@@ -70,6 +70,7 @@ from tq.core.typed import explain, type_name
 from tq.http import problems, web
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
+from tq.protocol.answers import task_map
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 from tq.protocol.parse import typed
 from tq.protocol.schema import (
@@ -112,6 +113,12 @@ CAP_BODY = body_of(CapOp, "concurrency", "rate", "burst")
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(data, status_code=status, headers=headers)
+
+
+def _answer_json(data: Any, status: int = 200) -> Response:
+    """Declared answer maps (tq/protocol/answers.py) as JSON, encoded by msgspec: bytes
+    as base64 text and non-finite numbers as null, as ``_task`` renders them."""
+    return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
 
 
 def _service(request: Request) -> BrokerService:
@@ -378,13 +385,13 @@ async def history_of(request: Request) -> Response:
 async def list_tasks(request: Request) -> Response:
     principal = await authenticate(request, "query:list")
     tasks, cursor = await _service(request).list_tasks(_query(request), principal)
-    return _json({"tasks": [_task(t.to_dict()) for t in tasks], "next_cursor": cursor})
+    return _answer_json({"tasks": [task_map(t) for t in tasks], "next_cursor": cursor})
 
 
 async def get_task(request: Request) -> Response:
     principal = await authenticate(request, "query:get")
     task = await _service(request).get(request.path_params["task_id"], principal)
-    return _json(_task(task.to_dict()))
+    return _answer_json(task_map(task))
 
 
 async def explain_task(request: Request) -> Response:
@@ -395,13 +402,13 @@ async def explain_task(request: Request) -> Response:
 async def cancel_task(request: Request) -> Response:
     principal = await authenticate(request, "cancel")
     task = await _service(request).cancel(request.path_params["task_id"], principal)
-    return _json(_task(task.to_dict()))
+    return _answer_json(task_map(task))
 
 
 async def retry_task(request: Request) -> Response:
     principal = await authenticate(request, "retry")
     task = await _service(request).retry(request.path_params["task_id"], principal)
-    return _json(_task(task.to_dict()))
+    return _answer_json(task_map(task))
 
 
 async def set_priority(request: Request) -> Response:
@@ -409,7 +416,7 @@ async def set_priority(request: Request) -> Response:
     body = await _typed_body(request, PRIORITY_BODY)
     msg = _request(SetPriority, body, task=request.path_params["task_id"])
     task = await _service(request).set_priority(msg.task, msg.priority, principal)
-    return _json(_task(task.to_dict()))
+    return _answer_json(task_map(task))
 
 
 async def purge(request: Request) -> Response:

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from tq.core.errors import ProtocolError, TQError
+from tq.protocol.answers import encode as encode_answer
 from tq.protocol.frames import (
     DEFAULT_MAX_FRAME,
     INLINE_DECODE,
     FrameDecoder,
     encode_frame,
+    frame_of,
     unpack,
     unpack_bounded,
 )
@@ -107,7 +111,11 @@ class Connection:
             self.broken = True
             raise
 
-    def send(self, message: dict[str, Any]) -> bytes:
+    def send(self, message: dict[str, Any] | msgspec.Struct) -> bytes:
+        """One frame: a map, or a declared answer (tq/protocol/answers.py), which
+        encodes itself."""
+        if isinstance(message, msgspec.Struct):
+            return frame_of(encode_answer(message), self.max_frame)
         return encode_frame(message, self.max_frame)
 
     @staticmethod

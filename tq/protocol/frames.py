@@ -40,7 +40,11 @@ def pack(obj: Any) -> bytes:
 
 
 def encode_frame(obj: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    body = pack(obj)
+    return frame_of(pack(obj), max_frame)
+
+
+def frame_of(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """An encoded body with its length header, refused (FrameTooLarge) over the limit."""
     if len(body) > max_frame:
         raise FrameTooLarge(
             f"frame of {len(body)} bytes exceeds the limit of {max_frame} bytes; "

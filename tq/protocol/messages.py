@@ -7,11 +7,11 @@ is pushed by the broker, after the ACK of a ``subscribe``, with the id of
 that ``subscribe`` (see tq/broker/events.py).
 
 Requests are declared once, as Structs in tq/protocol/schema.py, and the
-broker decodes them there (tq/protocol/parse.py). ``FIELDS`` is the summary
-of every message's top-level fields (allowed msgpack types, required or
-not): generated from the Structs for requests, written here for the three
-answers (``ack``, ``nack``, ``event``). ``validate`` checks an answer's
-envelope and fields on the client side. ``nil`` equals absent: a nil
+broker decodes them there (tq/protocol/parse.py); answers likewise in
+tq/protocol/answers.py, which the clients read them through. ``FIELDS`` is
+the summary of every message's top-level fields (allowed msgpack types,
+required or not), generated from the Structs. ``validate`` checks a message's
+envelope (and a request's fields, for peers that read plain maps). ``nil`` equals absent: a nil
 optional field takes its default, a nil required field is missing. Fields
 not declared are ignored.
 """
@@ -25,6 +25,7 @@ from msgspec import inspect
 
 from tq.core.errors import InvalidRequest, ProtocolError, UnknownMessage
 from tq.core.limits import MAX_REQUEST_ID
+from tq.protocol.answers import Nack
 from tq.protocol.schema import BY_TAG
 
 Message = dict[str, Any]
@@ -91,19 +92,22 @@ def _fields_of(struct: type) -> dict[str, Field]:
     }
 
 
-# requests: generated from their declarations (tq/protocol/schema.py); answers by hand
+# generated from the declarations: requests (tq/protocol/schema.py) and the NACK
+# (tq/protocol/answers.py); an ACK's and an event's fields depend on their request or
+# topic (answers.ANSWERS, answers.EVENTS)
 FIELDS: dict[str, dict[str, Field]] = {
     **{tag: _fields_of(struct) for tag, struct in BY_TAG.items()},
     "ack": {},
-    "nack": {"code": req(STR), "message": req(STR), "retry_after": opt(NUMBER)},
+    "nack": _fields_of(Nack),
     "event": {},
 }
+ANSWER_TYPES = frozenset({"ack", "nack", "event"})
 # type -> {field: allowed python types}, required fields only
 REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
     kind: {name: f.types for name, f in fields.items() if f.required}
     for kind, fields in FIELDS.items()
 }
-REQUEST_TYPES = frozenset(FIELDS) - {"ack", "nack", "event"}
+REQUEST_TYPES = frozenset(FIELDS) - ANSWER_TYPES
 MESSAGE_TYPES = frozenset(FIELDS)
 
 
@@ -123,7 +127,9 @@ def _type_ok(value: object, field: Field) -> bool:
 
 
 def validate(obj: object) -> Message:
-    """Check the envelope and every declared field's type; return the message.
+    """Check the envelope and every declared field's type of a request; return the
+    message. An answer's (``ack``, ``nack``, ``event``) envelope only: its fields are
+    checked where they are read, against its declaration (tq/protocol/answers.py).
 
     Raises ProtocolError when the frame is not a map with a valid id (the
     peer cannot be answered), UnknownMessage for a missing, non-str or
@@ -141,6 +147,8 @@ def validate(obj: object) -> Message:
         raise UnknownMessage(
             f"unknown message type {kind!r}; 't' must be one of: {', '.join(sorted(FIELDS))}"
         )
+    if kind in ANSWER_TYPES:
+        return obj
     for name, field in fields.items():
         value = obj.get(name)
         if value is None:

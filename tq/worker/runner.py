@@ -79,6 +79,7 @@ from tq.core.heap import settle_heap
 from tq.core.progress import Progress
 from tq.core.retry import RetryPolicy
 from tq.core.task import Lease
+from tq.protocol import answers
 from tq.tracing import exec_environment, task_span
 from tq.worker.context import TaskContext, bind
 from tq.worker.executable import ExecHandler, run_executable
@@ -116,11 +117,21 @@ def _error(kind: str, message: str, tb: str = "") -> dict[str, str]:
     return {"type": kind, "message": message, "traceback": tb}
 
 
-LEASE_FIELDS = frozenset(Lease.__dataclass_fields__)  # a newer broker may send more
-
-
-def _lease(item: dict[str, Any]) -> Lease:
-    return Lease(**{k: v for k, v in item.items() if k in LEASE_FIELDS})
+def _lease(m: answers.LeaseMap) -> Lease:
+    """A lease of a claim's answer (read through its declaration, tq/protocol/answers.py)."""
+    return Lease(
+        m.id,
+        m.type,
+        m.queue,
+        m.payload,
+        m.priority,
+        m.attempt,
+        m.max_retries,
+        m.timeout,
+        m.token,
+        m.expires_at,
+        m.trace,
+    )
 
 
 def _release(lease: Lease) -> dict[str, Any]:
@@ -378,10 +389,8 @@ class Worker:
                         "wait": CLAIM_WAIT,
                     }
                 )
-                for item in reply["tasks"]:
-                    self.accept(
-                        Lease(**{k: v for k, v in item.items() if k in LEASE_FIELDS}), tasks
-                    )
+                for item in answers.convert_answer(reply, answers.ClaimAnswer).tasks:
+                    self.accept(_lease(item), tasks)
             finally:
                 self._claiming = False
                 self._notify()
@@ -400,9 +409,9 @@ class Worker:
                 self._sending = 0
             del self.outbox[: len(batch)]
             self._notify()
-            for item in reply["results"]:
-                if not item["accepted"]:
-                    log.warning("broker refused the result of %s: %s", item["id"], item["reason"])
+            for item in answers.convert_answer(reply, answers.ResultAnswer).results:
+                if not item.accepted:
+                    log.warning("broker refused the result of %s: %s", item.id, item.reason)
 
     async def _heartbeater(self, client: Client) -> None:
         if self.running:  # a new session: extend the leases we hold at once, ...
@@ -421,7 +430,7 @@ class Worker:
                 msg["progress"] = progress
             reply = await client.request(msg)
             everything = False
-            self.lost(sent, reply["lost"])
+            self.lost(sent, answers.convert_answer(reply, answers.HeartbeatAnswer).lost)
             await self._pause()
 
     def stats(self) -> dict[str, Any]:
