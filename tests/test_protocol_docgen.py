@@ -99,3 +99,67 @@ def test_numbers_are_written_as_the_page_writes_them() -> None:
         "315 360 000",
     ]
     assert docgen.number(2**31 - 1) == "2^31-1"
+
+
+# -- the OpenAPI document's schemas ------------------------------------------------------
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["$ref"].rsplit("/", 1)[1]} if isinstance(node.get("$ref"), str) else set()
+        return own.union(*(_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_refs(v) for v in node))
+    return set()
+
+
+def test_openapi_bodies_are_the_wire_requests_without_envelope_and_path() -> None:
+    from tq.http import schemas
+    from tq.http.openapi import SCHEMAS
+
+    for name, body in schemas.BODIES.items():
+        _, found = msgspec.json.schema_components([body.request])
+        wire = found[body.request.__name__]
+        dropped = {"t", "id", *body.path}
+        documented = SCHEMAS[name]
+        assert documented["properties"] == {
+            k: v for k, v in wire["properties"].items() if k not in dropped
+        }, name
+        needed = {
+            f.name
+            for f in docgen.fields_of(body.request)
+            if f.name not in dropped
+            and (f.required or (body.op is not None and body.op in f.extra.get("required_for", ())))
+        }
+        assert set(documented.get("required", [])) == needed, name
+
+
+def test_openapi_task_spec_is_the_declaration_with_taskspec_defaults() -> None:
+    from tq.core.task import TaskSpecIn
+    from tq.http.openapi import SCHEMAS
+
+    spec = SCHEMAS["TaskSpec"]
+    assert list(spec["properties"]) == list(TaskSpecIn.__struct_fields__)
+    assert spec["required"] == ["type"] and spec["additionalProperties"] is False
+    texts = {f.name: f.text for f in docgen.fields_of(TaskSpecIn)}
+    for field, schema in spec["properties"].items():
+        assert schema.get("description", "") == texts[field], field
+    assert spec["properties"]["priority"]["default"] == 100
+    assert spec["properties"]["queue"]["default"] == "default"
+
+
+def test_every_request_body_with_a_wire_twin_is_generated() -> None:
+    from tq.http import schemas
+    from tq.http.openapi import document
+
+    doc = document()
+    bodies: set[str] = set()
+    for operations in doc["paths"].values():
+        for op in operations.values():
+            if isinstance(op, dict) and "requestBody" in op:
+                bodies |= _refs(op["requestBody"])
+    generated = set(schemas.components())
+    assert {*schemas.BODIES, *schemas.SAME} <= bodies
+    # the only hand-written body schema: a workflow document (compiled by tq.core)
+    assert bodies - generated == {"Workflow"}
+    assert set(generated) <= set(doc["components"]["schemas"])

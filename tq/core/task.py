@@ -85,8 +85,8 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     priority: Annotated[
         Priority | None,
         doc(
-            '255 highest; or `"high"`=200, `"normal"`=100, `"low"`=50 (case-insensitive), '
-            "or a decimal string",
+            '0..255 (255 highest), or `"high"`=200, `"normal"`=100, `"low"`=50 '
+            "(case-insensitive), or a decimal string",
             bounds="0..255",
         ),
     ] = None

@@ -1,8 +1,11 @@
 """The OpenAPI 3.1 document of the REST API, served at /api/v1/openapi.json.
 
-Written by hand next to the routes (app.py) and kept true by
-tests/test_http.py, which runs schemathesis against a live broker: every
-response must match what is documented here (status, media type, schema).
+The paths are written by hand next to the routes (app.py); the request
+bodies' component schemas (``TaskSpec``, ``PurgeBody``, ...) are generated
+from the msgspec declarations when this module is imported (tq.http.schemas),
+so the served document is never stale. tests/test_http.py runs schemathesis
+against a live broker: every response must match what is documented here
+(status, media type, schema).
 Schemas say what the server accepts: where the server is stricter than a
 JSON Schema can say (a task ``type`` must not contain whitespace, a
 priority string must name a level or a number), the server answers 400 with
@@ -14,22 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 from tq import __version__
-from tq.core.limits import BULK_DEFAULT, BULK_MAX, MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
+from tq.core.limits import MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
 from tq.core.states import State
 from tq.core.task import (
-    MAX_NUMBER,
     MAX_PROGRESS_MESSAGE,
-    MAX_RETRIES,
     MAX_SUBMIT,
     MAX_TRACE_FIELDS,
     MAX_TRACE_VALUE,
-    MAX_UNIQUE_FOR,
-    MAX_UNIQUE_KEY,
     MAX_WARNINGS,
     Task,
 )
-from tq.core.when import MAX_DELAY, MAX_RUN_AT
-from tq.store.claimplan import MAX_CONCURRENCY, MAX_RATE
+from tq.http.schemas import components
 
 _TRACE = {
     "type": ["object", "null"],
@@ -39,9 +37,7 @@ _TRACE = {
     "propertyNames": {"minLength": 1, "maxLength": 64},
     "additionalProperties": {"type": "string", "maxLength": MAX_TRACE_VALUE},
 }
-_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,]+$"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
-_SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
 _STATE = {"type": "string", "enum": [s.value for s in State]}
 
 
@@ -92,91 +88,7 @@ _QUEUE = {
 }
 
 SCHEMAS: dict[str, Any] = {
-    "TaskSpec": {
-        "type": "object",
-        "description": "A task to submit; absent or null fields take the defaults.",
-        "required": ["type"],
-        "additionalProperties": False,
-        "properties": {
-            "type": {**_NAME, "description": "The handler name."},
-            "queue": {**_NAME, "type": ["string", "null"], "default": "default"},
-            "payload": {"description": "Any JSON value (at most 10 MiB once encoded)."},
-            "priority": {
-                "description": "0..255 (255 highest), or high (200), normal (100), low (50).",
-                "anyOf": [
-                    {"type": "integer", "minimum": 0, "maximum": 255},
-                    {"type": "string"},
-                    {"type": "null"},
-                ],
-                "default": 100,
-            },
-            "max_retries": {
-                "type": ["integer", "null"],
-                "minimum": 0,
-                "maximum": MAX_RETRIES,
-                "default": 3,
-            },
-            "timeout": {**_SECONDS, "minimum": 0.001, "default": 300.0},
-            "retry_base": {**_SECONDS, "default": 1.0},
-            "retry_cap": {**_SECONDS, "default": 300.0},
-            "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
-            "trace": _TRACE,
-            "depends_on": {
-                "type": ["array", "null"],
-                "items": {"type": "string"},
-                "maxItems": MAX_SUBMIT,
-                "description": "Ids of tasks this one waits for (blocked until all succeeded); "
-                '"#N": the N-th task (from 0) of the same request, an earlier one.',
-            },
-            "on_dependency_failure": {
-                "type": ["string", "null"],
-                "enum": ["cancel", "run", "wait", None],
-                "default": "cancel",
-                "description": "When a dependency ends dead or cancelled: cancel this task too, "
-                "run it once all finished, or wait (blocked until the dependency is retried "
-                "and succeeds).",
-            },
-            "input": {
-                "type": ["string", "null"],
-                "enum": ["result", "results", None],
-                "description": "With depends_on: the first dependency's result, or the list of "
-                'all their results, becomes the payload (a map payload gets it under "input").',
-            },
-            "result_key": {
-                "type": ["string", "null"],
-                "minLength": 1,
-                "description": "With input: take this key of each dependency's result.",
-            },
-            "delay": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "maximum": MAX_DELAY,
-                "description": "Seconds after the broker receives the task before it may run; "
-                "the task waits in state scheduled (with depends_on: after they are done).",
-            },
-            "run_at": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "maximum": MAX_RUN_AT,
-                "description": "Epoch seconds (UTC) before which the task may not run, at most "
-                "10 years ahead; with delay, the later of the two.",
-            },
-            "unique_for": {
-                **_SECONDS,
-                "maximum": MAX_UNIQUE_FOR,
-                "description": "Seconds: a submit of the same unique key in the same queue while "
-                "the task that holds it is unfinished, or within this many seconds after it "
-                "was submitted, answers that task's id (created false) instead.",
-            },
-            "unique_key": {
-                "type": ["string", "null"],
-                "minLength": 1,
-                "maxLength": MAX_UNIQUE_KEY,
-                "description": "With unique_for: the key (default: the type and the payload, "
-                "map keys in any order).",
-            },
-        },
-    },
+    **components(),  # generated from the declarations (tq.http.schemas)
     "Workflow": {
         "type": "object",
         "description": "A workflow node: a task (TaskSpec without depends_on and input), "
@@ -600,14 +512,6 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-_BULK_LIMIT = {
-    "type": ["integer", "null"],
-    "minimum": 1,
-    "maximum": BULK_MAX,
-    "default": BULK_DEFAULT,
-}
-
-
 _CAP_KIND = {
     "name": "kind",
     "in": "path",
@@ -918,13 +822,7 @@ def _paths() -> dict[str, Any]:
             "post": _op(
                 "Change the priority of a task that has not started (pending or scheduled).",
                 {"200": task, **_problems(400, *_AUTH, 404, 409, 415, 503)},
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["priority"],
-                        "properties": {"priority": SCHEMAS["TaskSpec"]["properties"]["priority"]},
-                    }
-                ),
+                requestBody=_body(_ref("PriorityBody")),
             ),
         },
         "/api/v1/purge": {
@@ -947,22 +845,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["states", "older_than"],
-                        "properties": {
-                            "states": {
-                                "type": "array",
-                                "minItems": 1,
-                                "items": {"enum": ["succeeded", "dead", "cancelled"]},
-                            },
-                            "older_than": {"type": "number", "minimum": 0},
-                            "limit": _BULK_LIMIT,
-                            "dry_run": {"type": ["boolean", "null"], "default": False},
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("PurgeBody")),
             )
         },
         "/api/v1/retry-many": {
@@ -983,16 +866,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["state"],
-                        "properties": {
-                            "state": {"enum": ["failed", "dead", "cancelled"]},
-                            "limit": _BULK_LIMIT,
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("RetryManyBody")),
             )
         },
         "/api/v1/keys": {
@@ -1197,22 +1071,7 @@ def _paths() -> dict[str, Any]:
                     "201": _json(_schedule_answer("created"), "Added."),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["cron", "task"],
-                        "properties": {
-                            "cron": {"type": "string"},
-                            "timezone": {"type": "string"},
-                            "task": {
-                                "type": "object",
-                                "required": ["type"],
-                                "properties": {"type": {"type": "string"}},
-                            },
-                            "missed": {"enum": ["skip", "once", "all"]},
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("ScheduleBody")),
             ),
             "delete": _op(
                 "Remove a schedule (admin); the tasks it submitted stay.",
@@ -1292,36 +1151,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "properties": {
-                            "concurrency": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_CONCURRENCY,
-                                "description": "at most this many running at once",
-                            },
-                            "rate": {
-                                "oneOf": [
-                                    {
-                                        "type": "number",
-                                        "exclusiveMinimum": 0,
-                                        "maximum": MAX_RATE,
-                                    },
-                                    {"type": "string", "pattern": "^[0-9.]+/(s|m|min|h)$"},
-                                ],
-                                "description": "started per second, or text: 10/s, 30/m, 2/h",
-                            },
-                            "burst": {
-                                "type": "number",
-                                "minimum": 1,
-                                "maximum": MAX_RATE,
-                                "description": "with rate: the bucket's size (default: 1 s)",
-                            },
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("CapBody")),
             ),
             "delete": _op(
                 "Lift a queue's or task type's cap (admin).",
