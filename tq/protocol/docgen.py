@@ -41,7 +41,7 @@ import msgspec
 from msgspec import inspect
 
 from tq.core.task import TaskSpec, TaskSpecIn
-from tq.protocol.schema import REQUESTS, OutcomeIn, Request
+from tq.protocol.schema import REQUESTS, OutcomeIn
 
 PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 COMMAND = "python -m tq.protocol.docgen --write"
@@ -59,10 +59,16 @@ class TableSpec:
 
     structs: tuple[type, ...]
     defaults: Callable[[], Mapping[str, Any]] | None = None  # the default column's values
+    answer: bool = False  # sent by the broker: "req" = always present, nil shown in types
+    skip: tuple[str, ...] = ()  # fields listed elsewhere (an event's envelope)
 
 
 def _spec_defaults() -> Mapping[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(TaskSpec)}
+
+
+def _tag_field(struct: type) -> str | None:
+    return struct.__struct_config__.tag_field  # type: ignore[attr-defined]
 
 
 def _tag(struct: type) -> str:
@@ -83,19 +89,78 @@ def tables() -> dict[str, TableSpec]:
             continue
         names = shared.get(tag, (tag,))
         out[" ".join(names)] = TableSpec(tuple(by_tag[n] for n in names))
-    for name, struct in answer_registry().items():
-        out[f"{name} answer"] = TableSpec((struct,))
+    out.update(answer_tables())
     return out
 
 
-def answer_registry() -> Mapping[str, type]:
-    """The declared answers (``tq.protocol.answers.ANSWERS``: request name -> Struct of
-    its ACK fields), or none while that module does not exist."""
+def answer_tables() -> dict[str, TableSpec]:
+    """The answers' tables (tq.protocol.answers): one per request's ACK (keys of
+    ``ANSWERS`` that share a Struct and a section share a table: "cancel retry ack",
+    "queue.pause queue.resume ack"), the ``nack``, the ``event`` envelope and each
+    topic's fields ("event tasks"), and every map an answer holds ("Task map")."""
     try:
-        module = importlib.import_module("tq.protocol.answers")
-    except ModuleNotFoundError:
+        answers = importlib.import_module("tq.protocol.answers")
+    except ModuleNotFoundError:  # not declared yet
         return {}
-    return dict(module.ANSWERS)
+    out: dict[str, TableSpec] = {}
+    groups: list[tuple[list[str], type]] = []
+    for key, struct in answers.ANSWERS.items():
+        last = groups[-1] if groups else None
+        if last and last[1] is struct and _section(last[0][0]) == _section(key):
+            last[0].append(key)
+        else:
+            groups.append(([key], struct))
+    for keys, struct in groups:
+        out[" ".join(keys) + " ack"] = TableSpec((struct,), answer=True)
+    out["nack"] = TableSpec((answers.Nack,), answer=True)
+    out["event"] = TableSpec((answers.Event,), answer=True)
+    envelope = tuple(answers.Event.__struct_fields__)
+    for topic, struct in answers.EVENTS.items():
+        out[f"event {topic}"] = TableSpec((struct,), answer=True, skip=envelope)
+    roots = [*answers.ANSWERS.values(), answers.Nack, *answers.EVENTS.values()]
+    for entry in entries(roots):
+        out[entry_name(entry) + " map"] = TableSpec((entry,), answer=True)
+    return out
+
+
+_SHARED_SECTIONS = {"retry": "cancel", "unsubscribe": "subscribe"}
+
+
+def _section(key: str) -> str:
+    tag = key.split(".")[0]
+    return _SHARED_SECTIONS.get(tag, tag)
+
+
+def entries(roots: list[type]) -> list[type]:
+    """The Structs nested in these (maps inside answers), first seen first."""
+    seen: dict[type, None] = {}
+
+    def walk(info: Any) -> None:
+        if isinstance(info, inspect.StructType):
+            if info.cls not in seen and info.cls not in roots:
+                seen[info.cls] = None
+                for f in info.fields:
+                    walk(f.type)
+            elif info.cls in roots:
+                for f in info.fields:
+                    walk(f.type)
+            return
+        for attr in ("type", "item_type", "key_type", "value_type"):
+            if hasattr(info, attr):
+                walk(getattr(info, attr))
+        for attr in ("types", "item_types"):
+            for t in getattr(info, attr, ()):
+                walk(t)
+
+    for root in roots:
+        walk(inspect.type_info(root))
+    return list(seen)
+
+
+def entry_name(struct: type) -> str:
+    """A nested map's name in the page: its Struct's, without a ``Map`` suffix."""
+    name = struct.__name__
+    return name[: -len("Map")] if name.endswith("Map") and len(name) > 3 else name
 
 
 # -- one field as a table row ------------------------------------------------------------
@@ -109,6 +174,7 @@ class FieldDoc:
     text: str  # the description
     extra: Mapping[str, Any]
     literals: tuple[tuple[Any, ...], ...] = ()  # its Literal values, as declared
+    default: Any = None  # the Struct's default (an optional field's)
 
 
 def fields_of(struct: type) -> list[FieldDoc]:
@@ -118,11 +184,13 @@ def fields_of(struct: type) -> list[FieldDoc]:
     hints = typing.get_type_hints(struct, include_extras=True)
     out = []
     for f in info.fields:
-        if issubclass(struct, Request) and f.encode_name == "id":
-            continue
+        if f.encode_name == "id" and _tag_field(struct) == "t":
+            continue  # the envelope's id (§3)
         text, extra = _described(f.type)
         literals = tuple(_literals(hints[f.name]))
-        out.append(FieldDoc(f.encode_name, f.type, f.required, text, extra, literals))
+        default = f.default_factory() if f.default_factory is not msgspec.NODEFAULT else f.default
+        default = None if default is msgspec.NODEFAULT else default
+        out.append(FieldDoc(f.encode_name, f.type, f.required, text, extra, literals, default))
     return out
 
 
@@ -178,7 +246,7 @@ def type_text(info: Any, plural: bool = False, nil: bool = False) -> str:
     if isinstance(info, inspect.TupleType):
         return "`[" + ", ".join(type_text(t, nil=True) for t in info.item_types) + "]`"
     if isinstance(info, inspect.StructType):
-        name = NESTED.get(info.cls, "map")
+        name = NESTED.get(info.cls) or f"{entry_name(info.cls)} map"
         return name + ("s" if plural else "")
     if isinstance(info, inspect.DictType):
         value = _core(info.value_type)
@@ -291,12 +359,12 @@ def _default(field: FieldDoc, required: bool, defaults: Mapping[str, Any] | None
         return str(field.extra["default"])
     if required:
         return ""
-    if defaults is not None and field.name in defaults:
-        value = defaults[field.name]
-        if value is None:
-            return "nil"
-        return f"`{json.dumps(value)}`" if isinstance(value, str) else repr(value)
-    return "nil"
+    value = defaults[field.name] if defaults and field.name in defaults else field.default
+    if value is None:
+        return "nil"
+    if isinstance(value, str | list | dict):
+        return f"`{json.dumps(value)}`"
+    return repr(value)
 
 
 def _cell(text: str) -> str:
@@ -305,19 +373,21 @@ def _cell(text: str) -> str:
 
 def render_table(spec: TableSpec) -> str:
     """One table as markdown: field | type | req | default | range | meaning."""
-    messages = [_tag(s) if issubclass(s, Request) else s.__name__ for s in spec.structs]
+    messages = [_tag(s) if _tag_field(s) else s.__name__ for s in spec.structs]
     defaults = spec.defaults() if spec.defaults else None
     seen: dict[str, FieldDoc] = {}
     for struct in spec.structs:
         for f in fields_of(struct):
-            seen.setdefault(f.name, f)
+            if f.name not in spec.skip:
+                seen.setdefault(f.name, f)
     lines = ["| field | type | req | default | range | meaning |", "|---|---|---|---|---|---|"]
     for f in seen.values():
         req = _required(f, messages, spec.structs)
         bounds = str(f.extra["bounds"]) if "bounds" in f.extra else bounds_text(f.type, f.literals)
         blank = req.startswith(("yes", "for "))
         default = _default(f, blank, defaults)
-        cells = [f"`{f.name}`", type_text(f.type), req, default, bounds, f.text]
+        kind = type_text(f.type, nil=spec.answer)
+        cells = [f"`{f.name}`", kind, req, default, bounds, f.text]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
