@@ -69,6 +69,7 @@ class Sample(msgspec.Struct, kw_only=True):
     either: int | float | str | None = None
     free: Any = None
     kind: Annotated[str | None, doc("k", required_for=("set", "get"))] = None
+    op: Annotated[str, Meta(extra={"ops": ("set", "get", "list")})] = "list"
 
 
 def test_rows_read_the_declaration() -> None:
@@ -87,6 +88,7 @@ def test_rows_read_the_declaration() -> None:
     assert rows["either"] == "| `either` | number or str | no | nil |  |  |"
     assert rows["free"] == "| `free` | any | no | nil |  |  |"
     assert rows["kind"] == "| `kind` | str | for `set`, `get` |  |  | k |"
+    assert rows["op"] == '| `op` | str | no | `"list"` | `set`, `get` or `list` |  |'
 
 
 def test_numbers_are_written_as_the_page_writes_them() -> None:

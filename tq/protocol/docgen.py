@@ -308,8 +308,7 @@ def bounds_text(info: Any, literals: tuple[tuple[Any, ...], ...] = ()) -> str:
         return ""
     if isinstance(info, inspect.LiteralType):
         values = next((v for v in literals if set(v) == set(info.values)), info.values)
-        shown = [f"`{json.dumps(v)}`" for v in values]
-        return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+        return _one_of([f"`{json.dumps(v)}`" for v in values])
     if isinstance(info, inspect.ListType | inspect.VarTupleType | inspect.SetType):
         out = ""
         if info.min_length and info.max_length is not None:
@@ -335,6 +334,10 @@ def _literals(annotation: Any) -> list[tuple[Any, ...]]:
         if not isinstance(arg, str | int | float | msgspec.Meta):
             out += _literals(arg)
     return out
+
+
+def _one_of(shown: list[str]) -> str:
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
 
 
 def _required(field: FieldDoc, messages: list[str], structs: tuple[type, ...]) -> str:
@@ -383,7 +386,12 @@ def render_table(spec: TableSpec) -> str:
     lines = ["| field | type | req | default | range | meaning |", "|---|---|---|---|---|---|"]
     for f in seen.values():
         req = _required(f, messages, spec.structs)
-        bounds = str(f.extra["bounds"]) if "bounds" in f.extra else bounds_text(f.type, f.literals)
+        if "bounds" in f.extra:
+            bounds = str(f.extra["bounds"])
+        elif "ops" in f.extra:  # an op field's names (tq.protocol.schema.ops)
+            bounds = _one_of([f"`{op}`" for op in f.extra["ops"]])
+        else:
+            bounds = bounds_text(f.type, f.literals)
         blank = req.startswith(("yes", "for "))
         default = _default(f, blank, defaults)
         kind = type_text(f.type, nil=spec.answer)
