@@ -4,11 +4,12 @@
 #   make build the one-file executable dist/tq (PyInstaller, pyinstaller.spec)
 #   make quick the suite without slow tests and without building the executable
 #   make completions  regenerate shell-completions/ from the CLI (a test checks they are current)
+#   make docs  regenerate docs/PROTOCOL.md's field tables from the declarations (a test checks)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test venv lint typecheck pytest quick build completions clean
+.PHONY: run test venv lint typecheck pytest quick build completions docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ build: venv
 
 completions: venv
 	$(BIN)/python scripts/gen-completions
+
+docs: venv
+	$(BIN)/python -m tq.protocol.docgen --write
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -89,7 +89,10 @@ class Doc:
                 i += 1
                 continue
             if line.startswith("|"):
-                before = next((p for p in reversed(current.lines) if p.strip()), "")
+                before = next(  # the text before it, past a generated table's marker
+                    (p for p in reversed(current.lines) if p.strip() and not p.startswith("<!--")),
+                    "",
+                )
                 rows = []
                 while i < len(lines) and lines[i].startswith("|"):
                     rows.append(cells(lines[i]))

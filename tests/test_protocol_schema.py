@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import msgpack
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -213,33 +212,7 @@ def test_plain_data_and_the_wire_refuse_a_task_in_the_same_words(spec: dict[str,
         assert str(joined.value) == str(plain.value)
 
 
-# -- what is written by hand elsewhere matches the declaration ------------------------------
-BOUNDS = ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "pattern", "enum")
-
-
-def _bounds(schema: dict[str, Any]) -> dict[str, Any]:
-    """A property's constraints, nil aside (the declaration's ``X | None`` is an anyOf,
-    the document's a type list)."""
-    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
-    if len(branches) == 1:
-        schema = branches[0]
-    return {
-        key: [v for v in schema[key] if v is not None] if key == "enum" else schema[key]
-        for key in BOUNDS
-        if key in schema
-    }
-
-
-def test_the_openapi_task_spec_has_the_declarations_fields_and_bounds() -> None:
-    from tq.http.openapi import SCHEMAS
-
-    _, components = msgspec.json.schema_components([TaskSpecIn])
-    declared = components["TaskSpecIn"]
-    documented = SCHEMAS["TaskSpec"]
-    assert documented["required"] == declared["required"] == ["type"]
-    assert documented["properties"].keys() == declared["properties"].keys()
-    for name, schema in declared["properties"].items():
-        assert _bounds(documented["properties"][name]) == _bounds(schema), name
+# -- the declarations and the stored task ---------------------------------------------------
 
 
 def test_the_declared_task_spec_is_the_stored_one() -> None:

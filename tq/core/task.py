@@ -29,6 +29,7 @@ from tq.core.limits import (  # noqa: F401  (re-exported: where these were defin
     MAX_SECONDS,
     MAX_SUBMIT,
     MAX_TRACE_FIELDS,
+    MAX_TRACE_KEY,
     MAX_TRACE_VALUE,
     MAX_UNIQUE_FOR,
     MAX_UNIQUE_KEY,
@@ -36,7 +37,7 @@ from tq.core.limits import (  # noqa: F401  (re-exported: where these were defin
 )
 from tq.core.retry import DEFAULT_BASE, DEFAULT_CAP
 from tq.core.states import State
-from tq.core.typed import TASK_SPEC_STRUCT, explain
+from tq.core.typed import TASK_SPEC_STRUCT, doc, explain
 from tq.core.values import check_plain
 
 PRIORITY_NAMES: dict[str, int] = {"high": 200, "normal": 100, "low": 50}
@@ -76,21 +77,79 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     The checks that join several fields (and the payload's) are in ``TaskSpec.of``.
     Declared once for the wire (tq/protocol/schema.py), REST, files and the CLI."""
 
-    type: Name
-    queue: Name | None = None
-    payload: Any = None
-    priority: Priority | None = None
-    max_retries: Annotated[int, Meta(ge=0, le=MAX_RETRIES)] | None = None
-    timeout: Annotated[float, Meta(ge=0.001, le=MAX_NUMBER)] | None = None
-    retry_base: Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None = None
-    retry_cap: Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None = None
-    idempotency_key: TaskId | None = None
-    trace: dict[str, str] | None = None
-    depends_on: Annotated[list[TaskId], Meta(max_length=MAX_DEPENDENCIES)] | None = None
-    on_dependency_failure: Literal["cancel", "run", "wait"] | None = None
-    input: Literal["result", "results"] | None = None
-    result_key: Annotated[str, Meta(min_length=1)] | None = None
-    delay: (
+    type: Annotated[Name, doc("the handler's name: no whitespace, no `,`")]
+    queue: Annotated[Name | None, doc("same rule as `type`")] = None
+    payload: Annotated[
+        Any, doc("plain data (below); msgpack-encoded size ≤ 10 MiB (10 485 760 bytes)")
+    ] = None
+    priority: Annotated[
+        Priority | None,
+        doc(
+            '0..255 (255 highest), or `"high"`=200, `"normal"`=100, `"low"`=50 '
+            "(case-insensitive), or a decimal string",
+            bounds="0..255",
+        ),
+    ] = None
+    max_retries: Annotated[
+        Annotated[int, Meta(ge=0, le=MAX_RETRIES)] | None,
+        doc("retries after the first attempt before the task is `dead`"),
+    ] = None
+    timeout: Annotated[
+        Annotated[float, Meta(ge=0.001, le=MAX_NUMBER)] | None,
+        doc("seconds; enforced by the worker, not the broker"),
+    ] = None
+    retry_base: Annotated[
+        Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff base (s)")
+    ] = None
+    retry_cap: Annotated[
+        Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff cap (s)")
+    ] = None
+    idempotency_key: Annotated[TaskId | None, doc("see below")] = None
+    trace: Annotated[
+        dict[str, str] | None,
+        doc(
+            f"at most {MAX_TRACE_FIELDS} fields, keys 1..{MAX_TRACE_KEY} chars, values "
+            f"≤ {MAX_TRACE_VALUE} chars, all printable ASCII (0x20..0x7E): the submitter's "
+            "W3C trace context (`traceparent`, `tracestate`); the reference clients attach it "
+            "when they submit inside an OpenTelemetry span, and the reference worker runs the "
+            "handler in a child span"
+        ),
+    ] = None
+    depends_on: Annotated[
+        Annotated[list[TaskId], Meta(max_length=MAX_DEPENDENCIES)] | None,
+        doc(
+            "task ids, each named once: the task is `blocked` until every one has `succeeded` "
+            '(below); `"#N"` names the N-th task (from 0) of the same request, which must come '
+            "before this one"
+        ),
+    ] = None
+    on_dependency_failure: Annotated[
+        Literal["cancel", "run", "wait"] | None,
+        doc(
+            "when a dependency ends `dead` or `cancelled`: `cancel` (this task is cancelled "
+            "too, error type `DependencyFailed` naming the dependency, and so on down the "
+            "graph), `run` (it is released once every dependency has finished, whatever the "
+            "end), `wait` (it stays `blocked`; a `retry` of the dependency that then succeeds "
+            "releases it)"
+        ),
+    ] = None
+    input: Annotated[
+        Literal["result", "results"] | None,
+        doc(
+            "with `depends_on`: `result` (the first dependency's result) or `results` (an "
+            "array of every dependency's result, in `depends_on` order) becomes the payload "
+            "when the task is released; a map payload keeps its keys and gets the input under "
+            '`"input"`; any other payload is refused'
+        ),
+    ] = None
+    result_key: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        doc(
+            "with `input`: take this key of each dependency's result (nil where a result is "
+            "not a map or lacks it)"
+        ),
+    ] = None
+    delay: Annotated[
         Annotated[
             float,
             Meta(
@@ -99,9 +158,13 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 extra={"rule": f"a finite number of seconds 0..{MAX_SECONDS:.0f} (10 years)"},
             ),
         ]
-        | None
-    ) = None
-    run_at: (
+        | None,
+        doc(
+            "seconds (at most 10 years): the task is due this long after the broker received "
+            "the request (with `depends_on`: after its dependencies are done)"
+        ),
+    ] = None
+    run_at: Annotated[
         Annotated[
             float,
             Meta(
@@ -110,9 +173,17 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 extra={"rule": f"finite epoch seconds 0..{MAX_EPOCH:.0f} (1970..9999)"},
             ),
         ]
-        | None
-    ) = None
-    unique_for: (
+        | None,
+        doc(
+            "epoch seconds (UTC), finite, 0 (1970) up to 253 402 300 799 (9999) and at most "
+            "315 360 000 s (10 years) after the broker's clock, else `invalid`: the task is "
+            "due then. With `delay` too, the later of the two. With `depends_on`, both count "
+            "from the moment the dependencies are done: due `delay` after that, not before "
+            "`run_at`",
+            bounds="",
+        ),
+    ] = None
+    unique_for: Annotated[
         Annotated[
             float,
             Meta(
@@ -121,9 +192,16 @@ class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 extra={"rule": f"a number of seconds 0..{MAX_UNIQUE_FOR:.0f} (366 days)"},
             ),
         ]
-        | None
-    ) = None
-    unique_key: Annotated[str, Meta(min_length=1, max_length=MAX_UNIQUE_KEY)] | None = None
+        | None,
+        doc("seconds (at most 366 days): a unique task (below)"),
+    ] = None
+    unique_key: Annotated[
+        Annotated[str, Meta(min_length=1, max_length=MAX_UNIQUE_KEY)] | None,
+        doc(
+            "with `unique_for`: no NUL; the key that makes tasks the same (default: the type "
+            "and the payload)"
+        ),
+    ] = None
 
 
 TASK_SPEC_STRUCT.append(TaskSpecIn)

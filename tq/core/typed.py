@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from msgspec import inspect
+from msgspec import Meta, inspect
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[('(?:[^'\\]|\\.)*'|\"[^\"]*\")\]")
@@ -221,3 +221,29 @@ def describe(value: object) -> str:
     if isinstance(value, str):
         return f"{kind} {value[:60]!r}" + ("..." if len(value) > 60 else "")
     return kind
+
+
+def doc(
+    text: str,
+    *,
+    default: str | None = None,
+    req: str | None = None,
+    required_for: tuple[str, ...] = (),
+    bounds: str | None = None,
+) -> Meta:
+    """A field's description, as a ``msgspec.Meta`` to put in its ``Annotated``: the
+    meaning column of docs/PROTOCOL.md and the OpenAPI description (both generated,
+    tq.protocol.docgen). ``default`` is the default column's text (what the service
+    does when the field is absent); ``required_for`` names the kinds of request
+    (``op``/``q``) that need an optional field; ``req`` replaces the req column's text;
+    ``bounds`` replaces the ranges read from the declaration ("" for none)."""
+    extra: dict[str, Any] = {}
+    if default is not None:
+        extra["default"] = default
+    if req is not None:
+        extra["req"] = req
+    if required_for:
+        extra["required_for"] = required_for
+    if bounds is not None:
+        extra["bounds"] = bounds
+    return Meta(description=text, extra=extra or None)

@@ -1,8 +1,13 @@
 """The OpenAPI 3.1 document of the REST API, served at /api/v1/openapi.json.
 
-Written by hand next to the routes (app.py) and kept true by
-tests/test_http.py, which runs schemathesis against a live broker: every
-response must match what is documented here (status, media type, schema).
+The paths are written by hand next to the routes (app.py); the component
+schemas of the request bodies (``TaskSpec``, ``PurgeBody``, ...) and of the
+maps REST answers share with the wire (``Task``, ``Worker``, ``Stats``, ...)
+are generated from the msgspec declarations when this module is imported
+(tq.http.schemas), so the served document is never stale; ``_WRITTEN`` holds
+the few shapes REST alone has (a page with ``next_cursor``, a problem, ...).
+tests/test_http.py runs schemathesis against a live broker: every response
+must match what is documented here (status, media type, schema).
 Schemas say what the server accepts: where the server is stricter than a
 JSON Schema can say (a task ``type`` must not contain whitespace, a
 priority string must name a level or a number), the server answers 400 with
@@ -14,43 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from tq import __version__
-from tq.core.limits import (
-    BULK_DEFAULT,
-    BULK_MAX,
-    MAX_AUDIT_PAGE,
-    MAX_CRON_LENGTH,
-    MAX_EPOCH,
-    MAX_RATE_TEXT,
-    MAX_SEQ,
-    MAX_TIMEZONE,
-)
+from tq.core.limits import MAX_AUDIT_PAGE, MAX_EPOCH, MAX_SEQ
 from tq.core.states import State
 from tq.core.task import (
-    MAX_NUMBER,
-    MAX_PROGRESS_MESSAGE,
-    MAX_RETRIES,
     MAX_SUBMIT,
-    MAX_TRACE_FIELDS,
-    MAX_TRACE_VALUE,
-    MAX_UNIQUE_FOR,
-    MAX_UNIQUE_KEY,
     MAX_WARNINGS,
-    Task,
 )
-from tq.core.when import MAX_DELAY, MAX_RUN_AT
-from tq.store.claimplan import MAX_CONCURRENCY, MAX_RATE
+from tq.http.schemas import components
 
-_TRACE = {
-    "type": ["object", "null"],
-    "description": "W3C trace context of the submitter (traceparent, tracestate); "
-    "clients attach it when they submit inside an OpenTelemetry span",
-    "maxProperties": MAX_TRACE_FIELDS,
-    "propertyNames": {"minLength": 1, "maxLength": 64},
-    "additionalProperties": {"type": "string", "maxLength": MAX_TRACE_VALUE},
-}
-_NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\s,]+$"}
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
-_SECONDS = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_NUMBER}
 _STATE = {"type": "string", "enum": [s.value for s in State]}
 
 
@@ -100,92 +77,7 @@ _QUEUE = {
     "schema": {"type": "string"},
 }
 
-SCHEMAS: dict[str, Any] = {
-    "TaskSpec": {
-        "type": "object",
-        "description": "A task to submit; absent or null fields take the defaults.",
-        "required": ["type"],
-        "additionalProperties": False,
-        "properties": {
-            "type": {**_NAME, "description": "The handler name."},
-            "queue": {**_NAME, "type": ["string", "null"], "default": "default"},
-            "payload": {"description": "Any JSON value (at most 10 MiB once encoded)."},
-            "priority": {
-                "description": "0..255 (255 highest), or high (200), normal (100), low (50).",
-                "anyOf": [
-                    {"type": "integer", "minimum": 0, "maximum": 255},
-                    {"type": "string"},
-                    {"type": "null"},
-                ],
-                "default": 100,
-            },
-            "max_retries": {
-                "type": ["integer", "null"],
-                "minimum": 0,
-                "maximum": MAX_RETRIES,
-                "default": 3,
-            },
-            "timeout": {**_SECONDS, "minimum": 0.001, "default": 300.0},
-            "retry_base": {**_SECONDS, "default": 1.0},
-            "retry_cap": {**_SECONDS, "default": 300.0},
-            "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
-            "trace": _TRACE,
-            "depends_on": {
-                "type": ["array", "null"],
-                "items": {"type": "string"},
-                "maxItems": MAX_SUBMIT,
-                "description": "Ids of tasks this one waits for (blocked until all succeeded); "
-                '"#N": the N-th task (from 0) of the same request, an earlier one.',
-            },
-            "on_dependency_failure": {
-                "type": ["string", "null"],
-                "enum": ["cancel", "run", "wait", None],
-                "default": "cancel",
-                "description": "When a dependency ends dead or cancelled: cancel this task too, "
-                "run it once all finished, or wait (blocked until the dependency is retried "
-                "and succeeds).",
-            },
-            "input": {
-                "type": ["string", "null"],
-                "enum": ["result", "results", None],
-                "description": "With depends_on: the first dependency's result, or the list of "
-                'all their results, becomes the payload (a map payload gets it under "input").',
-            },
-            "result_key": {
-                "type": ["string", "null"],
-                "minLength": 1,
-                "description": "With input: take this key of each dependency's result.",
-            },
-            "delay": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "maximum": MAX_DELAY,
-                "description": "Seconds after the broker receives the task before it may run; "
-                "the task waits in state scheduled (with depends_on: after they are done).",
-            },
-            "run_at": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "maximum": MAX_RUN_AT,
-                "description": "Epoch seconds (UTC) before which the task may not run, at most "
-                "10 years ahead; with delay, the later of the two.",
-            },
-            "unique_for": {
-                **_SECONDS,
-                "maximum": MAX_UNIQUE_FOR,
-                "description": "Seconds: a submit of the same unique key in the same queue while "
-                "the task that holds it is unfinished, or within this many seconds after it "
-                "was submitted, answers that task's id (created false) instead.",
-            },
-            "unique_key": {
-                "type": ["string", "null"],
-                "minLength": 1,
-                "maxLength": MAX_UNIQUE_KEY,
-                "description": "With unique_for: the key (default: the type and the payload, "
-                "map keys in any order).",
-            },
-        },
-    },
+_WRITTEN: dict[str, Any] = {  # REST's own shapes; the others are generated (tq.http.schemas)
     "Workflow": {
         "type": "object",
         "description": "A workflow node: a task (TaskSpec without depends_on and input), "
@@ -209,88 +101,6 @@ SCHEMAS: dict[str, Any] = {
                 "the task is stored and waits (pending, or scheduled until due) until one "
                 "connects.",
             },
-        },
-    },
-    "TaskError": {
-        "type": "object",
-        "required": ["type", "message", "traceback"],
-        "properties": {
-            "type": {"type": "string"},
-            "message": {"type": "string"},
-            "traceback": {"type": "string"},
-        },
-    },
-    "Task": {
-        "type": "object",
-        "required": list(Task.__dataclass_fields__),  # every field, always present
-        "properties": {
-            "id": {"type": "string"},
-            "type": {"type": "string"},
-            "queue": {"type": "string"},
-            "payload": {},
-            "priority": {"type": "integer", "minimum": 0, "maximum": 255},
-            "state": _STATE,
-            "attempts": {"type": "integer", "minimum": 0},
-            "max_retries": {"type": "integer", "minimum": 0},
-            "timeout": {"type": "number"},
-            "retry_base": {"type": "number"},
-            "retry_cap": {"type": "number"},
-            "created_at": {"type": "number", "description": "Unix time, seconds."},
-            "started_at": _NUMBER_OR_NULL,
-            "finished_at": _NUMBER_OR_NULL,
-            "run_at": _NUMBER_OR_NULL,
-            "worker": {"type": ["string", "null"]},
-            "result": {},
-            "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
-            "idempotency_key": {"type": ["string", "null"]},
-            "trace": _TRACE,
-            "progress": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "maximum": 1,
-                "description": "The latest fraction its handler reported (cleared when an "
-                "attempt is leased, kept when it ends).",
-            },
-            "progress_message": {
-                "type": ["string", "null"],
-                "maxLength": MAX_PROGRESS_MESSAGE,
-                "description": "The message reported with it (the handler's text: show inert).",
-            },
-        },
-    },
-    "Transition": {
-        "type": "object",
-        "description": "One transition of a task (docs/PROTOCOL.md, query history).",
-        "required": [
-            "n",
-            "at",
-            "event",
-            "state",
-            "actor",
-            "worker",
-            "token",
-            "error",
-            "run_at",
-            "priority",
-        ],
-        "properties": {
-            "n": {"type": "integer", "minimum": 1, "description": "1, 2, ... per task."},
-            "at": {"type": "number", "description": "Unix time, seconds."},
-            "event": {
-                "type": "string",
-                "description": "submitted, blocked, leased, released, lease_lost, failed, "
-                "succeeded, dead, cancelled, retried, promoted, unblocked, scheduled, priority",
-            },
-            "state": _STATE,
-            "actor": {
-                "type": ["string", "null"],
-                "description": "key:ID, anonymous, dependency:ID, schedule[:NAME], or null.",
-            },
-            "worker": {"type": ["string", "null"]},
-            "token": {"type": ["integer", "null"], "description": "The lease token."},
-            "error": {"anyOf": [_ref("TaskError"), {"type": "null"}]},
-            "run_at": _NUMBER_OR_NULL,
-            "priority": {"type": ["integer", "null"]},
         },
     },
     "TaskPage": {
@@ -317,122 +127,6 @@ SCHEMAS: dict[str, Any] = {
             "instance": {"type": "string"},
         },
     },
-    "Stats": {
-        "type": "object",
-        "required": ["broker", "version", "uptime", "queues", "store", "workers", "counters"],
-        "properties": {
-            "broker": {"type": "string"},
-            "version": {"type": "string"},
-            "uptime": {"type": "number"},
-            "queues": {
-                "type": "object",
-                "description": "queue -> state -> number of tasks",
-                "additionalProperties": {
-                    "type": "object",
-                    "additionalProperties": {"type": "integer", "minimum": 0},
-                },
-            },
-            "paused": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "paused queues, sorted",
-            },
-            "caps": {
-                "type": "array",
-                "items": _ref("Cap"),
-                "description": "the caps in force (a queue-limited key: its queues' and type caps)",
-            },
-            "store": {
-                "type": ["object", "null"],
-                "description": "the store's file; null for a key limited to some queues",
-            },
-            "workers": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "known workers (for a queue-limited key: serving its queues)",
-            },
-            "counters": {
-                "type": "object",
-                "additionalProperties": {"type": "integer"},
-                "description": "since start; a queue-limited key gets submitted, succeeded, "
-                "failed and dead of its queues only",
-            },
-            "last_minute": {
-                "type": "object",
-                "required": ["window", "total", "queues", "throughput", "failure_rate"],
-                "properties": {
-                    "window": {"type": "integer"},
-                    "total": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    "queues": {"type": "object"},
-                    "throughput": {"type": "number", "description": "finished attempts / s"},
-                    "failure_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                },
-            },
-            "history": _ref("History"),
-        },
-    },
-    "History": {
-        "type": "object",
-        "description": "The last hour, one row per minute, oldest first (empty minutes too).",
-        "required": ["minutes", "rows"],
-        "properties": {
-            "minutes": {"type": "integer"},
-            "rows": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": [
-                        "start",
-                        "submitted",
-                        "succeeded",
-                        "failed",
-                        "dead",
-                        "runs",
-                        "run_time",
-                    ],
-                    "properties": {
-                        "start": {"type": "integer", "description": "Unix time of the minute."},
-                        "submitted": {"type": "integer", "minimum": 0},
-                        "succeeded": {"type": "integer", "minimum": 0},
-                        "failed": {"type": "integer", "minimum": 0},
-                        "dead": {"type": "integer", "minimum": 0},
-                        "runs": {"type": "integer", "minimum": 0},
-                        "run_time": {
-                            "type": "number",
-                            "minimum": 0,
-                            "description": "Seconds of run time of those runs, summed.",
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "ApiKey": {
-        "type": "object",
-        "required": ["id", "name", "role", "queues", "created_at", "state"],
-        "properties": {
-            "id": {"type": "string"},
-            "name": {"type": "string"},
-            "role": {"type": "string"},
-            "queues": {"type": ["array", "null"], "items": {"type": "string"}},
-            "created_at": {"type": "number"},
-            "expires_at": _NUMBER_OR_NULL,
-            "revoked_at": _NUMBER_OR_NULL,
-            "state": {"type": "string", "enum": ["active", "revoked", "expired"]},
-        },
-    },
-    "AuditEntry": {
-        "type": "object",
-        "required": ["seq", "at", "actor", "action", "target", "detail"],
-        "properties": {
-            "seq": {"type": "integer"},
-            "at": {"type": "number"},
-            "actor": {"type": "string"},
-            "action": {"type": "string"},
-            "target": {"type": "string"},
-            "detail": {"type": "object"},
-        },
-    },
     "Session": {
         "type": "object",
         "required": ["auth", "broker", "key_id", "name", "role", "queues", "may", "csrf"],
@@ -446,91 +140,6 @@ SCHEMAS: dict[str, Any] = {
             "may": {"type": "object", "additionalProperties": {"type": "boolean"}},
             "csrf": {"type": ["string", "null"]},
             "expires_at": {"type": ["integer", "null"]},
-        },
-    },
-    "Worker": {
-        "type": "object",
-        "required": ["id", "name", "host", "pid", "queues", "concurrency", "running"],
-        "properties": {
-            "id": {"type": "string"},
-            "name": {"type": "string"},
-            "host": {"type": "string"},
-            "pid": {"type": "integer"},
-            "queues": {"type": "array", "items": {"type": "string"}},
-            "types": {"type": ["array", "null"], "items": {"type": "string"}},
-            "concurrency": {"type": "integer"},
-            "running": {"type": "integer"},
-            "cpu": _NUMBER_OR_NULL,
-            "memory": {"type": ["integer", "null"]},
-            "connected": {"type": "boolean"},
-            "connected_at": {"type": "number"},
-            "last_seen": {"type": "number"},
-            "heartbeat_age": {"type": "number"},
-        },
-    },
-    "QueueDepth": {
-        "type": "object",
-        "required": ["queue", "total", "states", "priorities", "paused"],
-        "properties": {
-            "queue": {"type": "string"},
-            "paused": {"type": "boolean", "description": "hands nothing out until resumed"},
-            "cap": {
-                "oneOf": [_ref("CapLimits"), {"type": "null"}],
-                "description": "the queue's cap (tq cap); null: none",
-            },
-            "total": {"type": "integer", "minimum": 0},
-            "states": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "priorities": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["priority", "state", "count"],
-                    "properties": {
-                        "priority": {"type": "integer"},
-                        "state": _STATE,
-                        "count": {"type": "integer", "minimum": 0},
-                    },
-                },
-            },
-        },
-    },
-    "Schedule": {
-        "type": "object",
-        "required": ["name", "cron", "timezone", "task", "missed", "paused", "next_at", "fired"],
-        "properties": {
-            "name": {"type": "string"},
-            "cron": {"type": "string", "description": "five fields, Debian cron's rules"},
-            "timezone": {"type": "string"},
-            "task": {"type": "object", "description": "what each tick submits"},
-            "missed": {"enum": ["skip", "once", "all"]},
-            "paused": {"type": "boolean"},
-            "paused_at": {"type": ["number", "null"]},
-            "next_at": {"type": ["number", "null"], "description": "null while paused"},
-            "last_fired_at": {"type": ["number", "null"]},
-            "last_task": {"type": ["string", "null"]},
-            "fired": {"type": "integer", "minimum": 0},
-            "created_at": {"type": "number"},
-            "updated_at": {"type": "number"},
-            "description": {"type": "string", "description": "the expression in words"},
-            "next_runs": {"type": "array", "items": {"type": "number"}},
-        },
-    },
-    "CapLimits": {
-        "type": "object",
-        "required": ["concurrency", "rate", "burst"],
-        "properties": {
-            "concurrency": {
-                "type": ["integer", "null"],
-                "description": "at most this many running at once (null: no limit)",
-            },
-            "rate": {
-                "type": ["number", "null"],
-                "description": "at most this many started per second (null: no limit)",
-            },
-            "burst": {
-                "type": ["number", "null"],
-                "description": "the rate bucket's size (set whenever rate is)",
-            },
         },
     },
     "Cap": {
@@ -558,63 +167,15 @@ SCHEMAS: dict[str, Any] = {
             "changed": {"type": "boolean", "description": "false: it already was"},
         },
     },
-    "ClusterStatus": {
-        "type": "object",
-        "required": ["healthy", "checks", "broker", "version", "uptime", "store", "workers"],
-        "properties": {
-            "healthy": {"type": "boolean"},
-            "checks": {"type": "object"},
-            "broker": {"type": "string"},
-            "version": {"type": "string"},
-            "protocol": {"type": "integer"},
-            "started_at": {"type": "number"},
-            "uptime": {"type": "number"},
-            "listen": {"type": "object"},
-            "store": {"type": ["object", "null"]},
-            "workers": {"type": "object"},
-            "role": {
-                "type": "string",
-                "enum": ["leader", "follower"],
-                "description": "Whether this broker runs the once-per-cluster upkeep.",
-            },
-            "brokers": {
-                "type": ["array", "null"],
-                "items": _ref("Broker"),
-                "description": "Every broker sharing the store (null: brokers_error says why).",
-            },
-            "brokers_error": {"type": ["string", "null"]},
-        },
-    },
-    "Broker": {
-        "type": "object",
-        "required": ["id", "version", "last_seen", "alive", "role", "self"],
-        "properties": {
-            "id": {"type": "string"},
-            "address": {"type": ["string", "null"]},
-            "http": {"type": ["string", "null"]},
-            "version": {"type": "string"},
-            "started_at": {"type": "number"},
-            "last_seen": {"type": "number", "description": "Unix seconds, database clock."},
-            "age": {"type": "number", "description": "Seconds since its last beat."},
-            "alive": {"type": "boolean", "description": "Beat within the last 10 s."},
-            "role": {"type": "string", "enum": ["leader", "follower"]},
-            "self": {"type": "boolean", "description": "The broker that answered."},
-        },
-    },
     "Health": {
         "type": "object",
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     },
 }
-
-
-_BULK_LIMIT = {
-    "type": ["integer", "null"],
-    "minimum": 1,
-    "maximum": BULK_MAX,
-    "default": BULK_DEFAULT,
-}
+_GENERATED = components()
+assert not _GENERATED.keys() & _WRITTEN.keys(), "a schema both generated and written"
+SCHEMAS: dict[str, Any] = {**_GENERATED, **_WRITTEN}
 
 
 _CAP_KIND = {
@@ -927,13 +488,7 @@ def _paths() -> dict[str, Any]:
             "post": _op(
                 "Change the priority of a task that has not started (pending or scheduled).",
                 {"200": task, **_problems(400, *_AUTH, 404, 409, 415, 503)},
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["priority"],
-                        "properties": {"priority": SCHEMAS["TaskSpec"]["properties"]["priority"]},
-                    }
-                ),
+                requestBody=_body(_ref("PriorityBody")),
             ),
         },
         "/api/v1/purge": {
@@ -956,22 +511,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["states", "older_than"],
-                        "properties": {
-                            "states": {
-                                "type": "array",
-                                "minItems": 1,
-                                "items": {"enum": ["succeeded", "dead", "cancelled"]},
-                            },
-                            "older_than": {"type": "number", "minimum": 0},
-                            "limit": _BULK_LIMIT,
-                            "dry_run": {"type": ["boolean", "null"], "default": False},
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("PurgeBody")),
             )
         },
         "/api/v1/retry-many": {
@@ -992,16 +532,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["state"],
-                        "properties": {
-                            "state": {"enum": ["failed", "dead", "cancelled"]},
-                            "limit": _BULK_LIMIT,
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("RetryManyBody")),
             )
         },
         "/api/v1/keys": {
@@ -1206,30 +737,7 @@ def _paths() -> dict[str, Any]:
                     "201": _json(_schedule_answer("created"), "Added."),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "required": ["cron", "task"],
-                        "properties": {
-                            "cron": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": MAX_CRON_LENGTH,
-                            },
-                            "timezone": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": MAX_TIMEZONE,
-                            },
-                            "task": {
-                                "type": "object",
-                                "required": ["type"],
-                                "properties": {"type": {"type": "string"}},
-                            },
-                            "missed": {"enum": ["skip", "once", "all"]},
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("ScheduleBody")),
             ),
             "delete": _op(
                 "Remove a schedule (admin); the tasks it submitted stay.",
@@ -1309,40 +817,7 @@ def _paths() -> dict[str, Any]:
                     ),
                     **_problems(400, *_AUTH, 415, 503),
                 },
-                requestBody=_body(
-                    {
-                        "type": "object",
-                        "properties": {
-                            "concurrency": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_CONCURRENCY,
-                                "description": "at most this many running at once",
-                            },
-                            "rate": {
-                                "oneOf": [
-                                    {
-                                        "type": "number",
-                                        "exclusiveMinimum": 0,
-                                        "maximum": MAX_RATE,
-                                    },
-                                    {
-                                        "type": "string",
-                                        "pattern": "^[0-9.]+/(s|m|min|h)$",
-                                        "maxLength": MAX_RATE_TEXT,
-                                    },
-                                ],
-                                "description": "started per second, or text: 10/s, 30/m, 2/h",
-                            },
-                            "burst": {
-                                "type": "number",
-                                "minimum": 1,
-                                "maximum": MAX_RATE,
-                                "description": "with rate: the bucket's size (default: 1 s)",
-                            },
-                        },
-                    }
-                ),
+                requestBody=_body(_ref("CapBody")),
             ),
             "delete": _op(
                 "Lift a queue's or task type's cap (admin).",

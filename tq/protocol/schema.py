@@ -6,8 +6,10 @@ handlers, and the error names the field. The same Structs are what the
 service layer takes, from the wire, from REST (a JSON body is decoded
 straight into a ``body_of`` declaration: the request's own fields) and from
 the CLI's offline paths; no handler reads a request by name. docs/PROTOCOL.md's
-field tables are checked against them (``tq.protocol.messages.FIELDS`` is
-derived from them; tests/test_protocol_doc.py compares). Imports msgspec and
+field tables are generated from them (tq.protocol.docgen, ``python -m
+tq.protocol.docgen --write``; a test fails when the page is stale), and so are
+the OpenAPI document's request schemas (tq.http.openapi);
+``tq.protocol.messages.FIELDS`` is derived from them. Imports msgspec and
 tq.core only.
 
 Rules the declarations carry, so no handler checks them again:
@@ -32,11 +34,15 @@ grammar (a cron expression, a rate "30/m", a time zone) and lookups (states,
 stored schedules) stay in the service, which words its errors the same way.
 
 How to add a field: add it to the Struct with its type and ``Meta`` bounds
-(a ``Meta(extra={"rule": ...})`` gives the words errors use for it), optional
-ones as ``Annotated[T, Meta(...)] | None = None``; a request's undeclared field
-is silently ignored, so a field the service reads must be declared here. Add
-its row to docs/PROTOCOL.md (the test fails otherwise). A new request type is a
-new Struct subclass of ``Request`` with ``tag="name"`` added to ``REQUESTS``.
+(a ``Meta(extra={"rule": ...})`` gives the words errors use for it) and its
+description, ``doc("what it means", default=...)`` (tq.core.typed.doc: the
+meaning and default columns of the page, the OpenAPI description); optional
+ones as ``Annotated[Annotated[T, Meta(...)] | None, doc(...)] = None``. A
+request's undeclared field is silently ignored, so a field the service reads
+must be declared here. Then run ``python -m tq.protocol.docgen --write``. A new
+request type is a new Struct subclass of ``Request`` with ``tag="name"`` added
+to ``REQUESTS``; put the generated-table markers in its section of
+docs/PROTOCOL.md (the generator refuses a declaration without them).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from msgspec import Meta
 from tq.core import limits
 from tq.core.errors import InvalidRequest
 from tq.core.task import Name, Priority, TaskSpecIn
-from tq.core.typed import describe, rule_of
+from tq.core.typed import describe, doc, rule_of
 
 # -- building blocks --------------------------------------------------------------------
 RequestId = Annotated[int, Meta(ge=0, le=limits.MAX_REQUEST_ID)]
@@ -96,26 +102,68 @@ class Request(msgspec.Struct, tag_field="t", kw_only=True):
 class OutcomeIn(msgspec.Struct, kw_only=True):
     """One result of a ``result`` request."""
 
-    id: str
-    token: Token
+    id: Annotated[str, doc("task id")]
+    token: Annotated[Token, doc("the lease's fencing token")]
     status: Literal["ok", "retry", "reject", "release"]
-    result: Any = None
-    error: Any = None  # a map {type, message, traceback}; a non-map becomes its text
-    delay: Seconds | None = None
+    result: Annotated[Any, doc("the value for `ok` (≤ 10 MiB encoded)")] = None
+    # a map {type, message, traceback}; a non-map becomes its text
+    error: Annotated[
+        Any,
+        doc(
+            '`{"type": str, "message": str, "traceback": str}`; missing keys become '
+            '`"Error"`, `""`, `""`; a non-map becomes `{"type":"Error","message":<its text>}`'
+        ),
+    ] = None
+    delay: Annotated[
+        Seconds | None, doc("`retry`: minimum seconds before the next attempt (else `invalid`)")
+    ] = None
 
 
 # -- requests ---------------------------------------------------------------------------
+_INFO = "informational, shown in `query workers`"
+
+
 class Hello(Request, tag="hello"):
-    v: int  # must be PROTOCOL_VERSION (checked by the service, which says what to upgrade)
-    kind: str  # "worker" for a worker session; anything else is a client
-    name: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
-    worker_id: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None  # "": new
-    queues: Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None = None
-    types: Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_TYPES)] | None = None
-    host: Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None = None
-    pid: Count | None = None
-    concurrency: Count | None = None
-    key: str | None = None  # required unless the broker runs --no-auth (checked at login)
+    v: Annotated[
+        int,
+        doc("protocol version; must be `1`, else `nack` `invalid` (saying what to upgrade)"),
+    ]
+    kind: Annotated[str, doc('`"worker"` for a worker session; anything else is a client')]
+    name: Annotated[
+        Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None,
+        doc("display name (workers only; ignored for clients)", default="worker id"),
+    ] = None
+    worker_id: Annotated[
+        Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None,
+        doc(
+            'stable worker identity (`""`: the default); leases belong to it (workers only). '
+            "It belongs to the key that registered it while the broker knows the worker and "
+            "that key is active: another key reusing it gets `forbidden`",
+            default="16 random hex chars",
+        ),
+    ] = None
+    queues: Annotated[
+        Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_QUEUES)] | None,
+        doc(f"{_INFO} (`[]`: the default)", default='`["default"]`'),
+    ] = None
+    types: Annotated[
+        Annotated[list[Label], Meta(max_length=limits.MAX_WORKER_TYPES)] | None,
+        doc(_INFO, default="nil (any)"),
+    ] = None
+    host: Annotated[
+        Annotated[str, Meta(max_length=limits.MAX_WORKER_TEXT)] | None,
+        doc("informational", default='`""`'),
+    ] = None
+    pid: Annotated[Count | None, doc("informational", default="0")] = None
+    concurrency: Annotated[Count | None, doc("informational", default="0")] = None
+    key: Annotated[
+        str | None,
+        doc(
+            'API key `tq_<key id>_<secret>` (§12). A `kind: "worker"` hello needs a '
+            "`worker` or `admin` key",
+            req="yes (unless `--no-auth`)",
+        ),
+    ] = None  # required unless the broker runs --no-auth (checked at login)
 
 
 class Submit(Request, tag="submit"):
@@ -129,29 +177,45 @@ class Submit(Request, tag="submit"):
                 "tasks (split larger batches into several submits)"
             },
         ),
+        doc("the tasks, all or nothing (task spec below)"),
     ]
 
 
 class Claim(Request, tag="claim"):
-    n: Annotated[int, Meta(ge=1, le=limits.MAX_CLAIM)]
-    queues: list[Text]
-    types: list[Text] | None = None
-    wait: Seconds | None = None
+    n: Annotated[int, Meta(ge=1, le=limits.MAX_CLAIM), doc("most tasks to lease")]
+    queues: Annotated[list[Text], doc("queues to take from (empty array: nothing)")]
+    types: Annotated[
+        list[Text] | None,
+        doc("only these task types (empty array: nothing)", default="nil (any type)"),
+    ] = None
+    wait: Annotated[
+        Seconds | None,
+        doc("long-poll seconds, silently capped at 60 (0: answer at once)", default="0"),
+    ] = None
 
 
 class Result(Request, tag="result"):
-    results: list[OutcomeIn]
+    results: Annotated[
+        list[OutcomeIn], doc("may be empty; the reference worker sends ≤ 250 (outcome below)")
+    ]
 
 
 class Heartbeat(Request, tag="heartbeat"):
     leases: Annotated[
         list[tuple[str, Token]],
         Meta(extra={"rule": "an array of [task id (a string), lease token (an integer)] pairs"}),
+        doc("`[task id, token]` of the leases to extend; may be empty (liveness only)"),
     ]
-    stats: dict[str, Any] | None = None
+    stats: Annotated[
+        dict[str, Any] | None,
+        doc(
+            "host stats; `cpu` (number), `memory` (int, bytes), `running` (int) appear in "
+            "`query workers`; other keys ignored"
+        ),
+    ] = None
     # the latest progress of running tasks; each item names a lease of ``leases`` (checked
     # by tq.core.progress.parse, with the rules that join the two)
-    progress: (
+    progress: Annotated[
         Annotated[
             list[
                 tuple[
@@ -168,75 +232,145 @@ class Heartbeat(Request, tag="heartbeat"):
                 }
             ),
         ]
-        | None
-    ) = None
+        | None,
+        doc(
+            "`[task id, token, fraction, message]`: the latest progress of running tasks "
+            "(below); each item names a lease of this heartbeat's `leases`, at most once",
+            bounds="",
+        ),
+    ] = None
 
 
 QueryKind = Literal[
     "get", "list", "stats", "workers", "depth", "health", "explain", "workflow", "history"
 ]
+_LIST = "`list`"
 
 
 class Query(Request, tag="query"):
     # a str, not QueryKind: the key's role is checked against it first (an unknown
     # kind is forbidden to a reader before it is invalid), then the handler names it
-    q: str
-    task: str | None = None  # get, explain, workflow, history: required (by the handler)
-    state: str | None = None
-    type: str | None = None
-    queue: str | None = None
-    limit: Annotated[int, Meta(ge=1, le=limits.MAX_LIST)] | None = None
-    after: str | None = None
-    order: Literal["oldest", "newest"] | None = None
-    search: Annotated[str, Meta(max_length=limits.MAX_SEARCH)] | None = None
-    since: Epoch | None = None
-    until: Epoch | None = None
+    q: Annotated[
+        str,
+        doc(
+            '`"get"`, `"list"`, `"stats"`, `"workers"`, `"depth"`, `"health"`, `"explain"`, '
+            '`"workflow"` or `"history"`; else `invalid`'
+        ),
+    ]
+    task: Annotated[
+        str | None, doc("task id", required_for=("get", "explain", "workflow", "history"))
+    ] = None
+    state: Annotated[
+        str | None, doc(f"{_LIST} filter; unknown state: `invalid`", default="nil (all)")
+    ] = None
+    type: Annotated[str | None, doc(f"{_LIST} filter", default="nil (all)")] = None
+    queue: Annotated[str | None, doc(f"{_LIST} filter", default="nil (all)")] = None
+    limit: Annotated[
+        Annotated[int, Meta(ge=1, le=limits.MAX_LIST)] | None,
+        doc(f"{_LIST}: tasks per page", default=str(limits.DEFAULT_LIST)),
+    ] = None
+    after: Annotated[str | None, doc(f"{_LIST} cursor: a task id (unknown: `invalid`)")] = None
+    order: Annotated[
+        Literal["oldest", "newest"] | None,
+        doc(f"{_LIST}: which first; else `invalid`", default='`"oldest"`'),
+    ] = None
+    search: Annotated[
+        Annotated[str, Meta(max_length=limits.MAX_SEARCH)] | None,
+        doc(f"{_LIST}: text to look for (below)"),
+    ] = None
+    since: Annotated[
+        Epoch | None, doc(f"{_LIST}: Unix seconds, a bound on `created_at` (below)")
+    ] = None
+    until: Annotated[
+        Epoch | None, doc(f"{_LIST}: Unix seconds, a bound on `created_at` (below)")
+    ] = None
+
+
+TaskRef = Annotated[str, doc("task id")]
 
 
 class Cancel(Request, tag="cancel"):
-    task: str
+    task: TaskRef
 
 
 class Retry(Request, tag="retry"):
-    task: str
+    task: TaskRef
 
 
 class Wait(Request, tag="wait"):
-    task: str
-    timeout: Seconds | None = None
+    task: TaskRef
+    timeout: Annotated[Seconds | None, doc("seconds, silently capped at 60", default="60")] = None
 
 
 class Purge(Request, tag="purge"):
     states: Annotated[
         list[str],
         Meta(extra={"rule": "an array of finished states (succeeded, dead, cancelled)"}),
+        doc("finished states only: `succeeded`, `dead`, `cancelled` (else `invalid`)"),
     ]
-    older_than: Annotated[float, Meta(ge=0.0, le=limits.MAX_NUMBER)]
-    limit: BulkLimit | None = None
-    dry_run: bool | None = None
+    older_than: Annotated[
+        float,
+        Meta(ge=0.0, le=limits.MAX_NUMBER),
+        doc("seconds: only tasks whose `finished_at` is earlier than now minus `older_than`"),
+    ]
+    limit: Annotated[
+        BulkLimit | None,
+        doc("most tasks deleted by this request", default=str(limits.BULK_DEFAULT)),
+    ] = None
+    dry_run: Annotated[bool | None, doc("count, delete nothing", default="false")] = None
 
 
 class RetryMany(Request, tag="retry_many"):
-    state: Annotated[str, Meta(extra={"rule": "a state name (failed, dead or cancelled)"})]
-    limit: BulkLimit | None = None
+    state: Annotated[
+        str,
+        Meta(extra={"rule": "a state name (failed, dead or cancelled)"}),
+        doc("`failed`, `dead` or `cancelled` (else `invalid`)"),
+    ]
+    limit: Annotated[
+        BulkLimit | None,
+        doc("most tasks retried by this request", default=str(limits.BULK_DEFAULT)),
+    ] = None
 
 
 class Keys(Request, tag="keys"):
-    op: Annotated[str, ops("create", "list", "revoke")]
-    role: Annotated[Literal["admin", "producer", "worker", "reader"], For("create")] | None = None
-    name: Annotated[str, Meta(max_length=limits.MAX_KEY_NAME)] | None = None
-    queues: Annotated[list[Name], Meta(min_length=1, max_length=limits.MAX_KEY_QUEUES)] | None = (
-        None
-    )
-    expires_at: Epoch | None = None  # create: after now (checked when the key is made)
-    key_id: (
-        Annotated[str, Meta(min_length=1, max_length=limits.MAX_KEY_ID), For("revoke")] | None
-    ) = None
+    op: Annotated[
+        str,
+        ops("create", "list", "revoke"),
+        doc(
+            "else `invalid` (checked after the key's role: an op a role may not use is "
+            "`forbidden` first)"
+        ),
+    ]
+    role: Annotated[
+        Annotated[Literal["admin", "producer", "worker", "reader"], For("create")] | None,
+        doc("the key's role"),
+    ] = None
+    name: Annotated[
+        Annotated[str, Meta(max_length=limits.MAX_KEY_NAME)] | None,
+        doc("`create`: a label", default="the key id"),
+    ] = None
+    queues: Annotated[
+        Annotated[list[Name], Meta(min_length=1, max_length=limits.MAX_KEY_QUEUES)] | None,
+        doc(
+            "`create`: limit the key to these queues (the rules of a queue name)",
+            default="nil (all)",
+        ),
+    ] = None
+    expires_at: Annotated[
+        Epoch | None, doc("`create`: epoch seconds in the future", default="nil (never)")
+    ] = None  # create: after now (checked when the key is made)
+    key_id: Annotated[
+        Annotated[str, Meta(min_length=1, max_length=limits.MAX_KEY_ID), For("revoke")] | None,
+        doc("the public id of the key to revoke"),
+    ] = None
 
 
 class Audit(Request, tag="audit"):
-    limit: Annotated[int, Meta(ge=1, le=limits.MAX_AUDIT_PAGE)] | None = None
-    before: (
+    limit: Annotated[
+        Annotated[int, Meta(ge=1, le=limits.MAX_AUDIT_PAGE)] | None,
+        doc("entries", default=str(limits.DEFAULT_AUDIT_PAGE)),
+    ] = None
+    before: Annotated[
         Annotated[
             int,
             Meta(
@@ -245,18 +379,25 @@ class Audit(Request, tag="audit"):
                 extra={"rule": "an entry's seq (an integer 0..2^63-1, the previous page's next)"},
             ),
         ]
-        | None
-    ) = None
+        | None,
+        doc("cursor: only entries with `seq` < `before`"),
+    ] = None
 
 
 class SetPriority(Request, tag="set_priority"):
-    task: str
-    priority: Priority
+    task: TaskRef
+    priority: Annotated[
+        Priority,
+        doc('as in `submit`: 0..255, `"high"`/`"normal"`/`"low"` or a decimal string'),
+    ]
 
 
 class QueueOp(Request, tag="queue"):
-    op: str  # pause, resume (checked after the role)
-    queue: str
+    # pause, resume (checked after the role)
+    op: Annotated[str, doc('`"pause"` or `"resume"`; else `invalid`')]
+    queue: Annotated[
+        str, doc("a queue name (the rules of `submit`'s `queue`); it need not hold tasks")
+    ]
 
 
 SCHEDULE_OPS = ("add", "list", "get", "remove", "pause", "resume", "run_now")
@@ -268,37 +409,83 @@ RATE_RULE = (
 
 
 class Schedule(Request, tag="schedule"):
-    op: Annotated[str, ops(*SCHEDULE_OPS)]
-    name: Annotated[Name, For(*(op for op in SCHEDULE_OPS if op != "list"))] | None = None
-    cron: (
-        Annotated[str, Meta(min_length=1, max_length=limits.MAX_CRON_LENGTH), For("add")] | None
-    ) = None  # five fields and their values are checked by tq.core.schedule
-    timezone: Annotated[str, Meta(min_length=1, max_length=limits.MAX_TIMEZONE)] | None = None
+    op: Annotated[str, ops(*SCHEDULE_OPS), doc("else `invalid` (checked after the key's role)")]
+    name: Annotated[
+        Annotated[Name, For(*(op for op in SCHEDULE_OPS if op != "list"))] | None,
+        doc("the schedule's name (the rules of a queue name)"),
+    ] = None
+    cron: Annotated[
+        Annotated[str, Meta(min_length=1, max_length=limits.MAX_CRON_LENGTH), For("add")] | None,
+        doc(
+            "five fields: minute hour day-of-month month day-of-week (`*/5 * * * *`, "
+            "`0 9 * * MON-FRI`), read as Debian's cron does (cronsim), DST transitions "
+            "included"
+        ),
+    ] = None  # five fields and their values are checked by tq.core.schedule
+    timezone: Annotated[
+        Annotated[str, Meta(min_length=1, max_length=limits.MAX_TIMEZONE)] | None,
+        doc("an IANA zone the expression is read in", default="`UTC`"),
+    ] = None
     # the task each tick submits: a submit's task map, checked with its rules by
     # tq.core.schedule (which fields a schedule's task may carry)
-    task: Annotated[dict[str, Any], For("add")] | None = None
-    missed: Literal["skip", "once", "all"] | None = None
+    task: Annotated[
+        Annotated[dict[str, Any], For("add")] | None,
+        doc(
+            "what each tick submits: `type` (required), `payload`, `queue`, `priority`, "
+            "`max_retries`, `timeout`, `retry_base`, `retry_cap`, with `submit`'s rules (no "
+            "`idempotency_key`: each tick's task gets `tq-schedule:NAME:TICK`, TICK its Unix "
+            "time, so a tick inserts at most one task)"
+        ),
+    ] = None
+    missed: Annotated[
+        Literal["skip", "once", "all"] | None,
+        doc(
+            "ticks missed while no broker ran (older than 60 s when a broker gets to them): "
+            "`skip` (dropped), `once` (one task for them all) or `all` (one per tick, at "
+            "most 100, the latest)",
+            default="`skip`",
+        ),
+    ] = None
 
 
 class CapOp(Request, tag="cap"):
-    op: Annotated[str, ops(*CAP_OPS)]
-    kind: Annotated[Literal["queue", "type"], For("set", "remove")] | None = None
-    name: Annotated[Name, For("set", "remove")] | None = None
-    concurrency: Annotated[int, Meta(ge=1, le=limits.MAX_CAP_CONCURRENCY)] | None = None
+    op: Annotated[str, ops(*CAP_OPS), doc("else `invalid` (checked after the key's role)")]
+    kind: Annotated[
+        Annotated[Literal["queue", "type"], For("set", "remove")] | None,
+        doc("what the cap limits"),
+    ] = None
+    name: Annotated[
+        Annotated[Name, For("set", "remove")] | None,
+        doc("the queue or task type (the rules of a queue name)"),
+    ] = None
+    concurrency: Annotated[
+        Annotated[int, Meta(ge=1, le=limits.MAX_CAP_CONCURRENCY)] | None,
+        doc("`set`: at most this many of its tasks `running` at once"),
+    ] = None
     # tasks per second, or text R/s, R/m, R/h (read by tq.broker.caps.parse_rate)
-    rate: (
+    rate: Annotated[
         Annotated[
             Annotated[float, Meta(gt=0.0, le=limits.MAX_CAP_RATE)]
             | Annotated[str, Meta(min_length=1, max_length=limits.MAX_RATE_TEXT)],
             Meta(extra={"rule": RATE_RULE}),
         ]
-        | None
-    ) = None
-    burst: Annotated[float, Meta(ge=1.0, le=limits.MAX_CAP_RATE)] | None = None  # needs rate
+        | None,
+        doc(
+            "`set`: at most this many of its tasks started per second; a number, or text "
+            '`R/s`, `R/m` or `R/h` (`"30/m"` is 0.5), its value in the same range'
+        ),
+    ] = None
+    burst: Annotated[
+        Annotated[float, Meta(ge=1.0, le=limits.MAX_CAP_RATE)] | None,
+        doc(
+            "`set`, with `rate` only: the rate bucket's size, tasks",
+            default="the larger of 1 and `rate`",
+        ),
+    ] = None  # needs rate
 
 
 class Subscribe(Request, tag="subscribe"):
-    topics: list[str]
+    topics: Annotated[list[str], doc("one or more of `tasks`, `workers`, `counts`, `progress`")]
 
 
 class Unsubscribe(Request, tag="unsubscribe"):
