@@ -36,7 +36,9 @@ def test_bench_runs_every_scenario_and_cleans_up() -> None:
         assert figures["per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"], figures
         assert figures["broker_cpu_us"] > 0
     assert single["end_to_end"]["tasks"] == 100 and single["end_to_end"]["tasks_per_s"] > 0
-    assert single["producers"]["tasks"] == 100 and single["producers"]["x_one_producer"] > 0
+    producers = single["producers"]
+    assert producers["tasks"] == 100 and producers["x_one_producer"] > 0
+    assert producers["broker_cpu_us"] > 0 and producers["producers_cpu_us"] > 0
     assert results["submit"]["single"]["tasks_per_s"] > 0
     assert results["submit"]["stdin"]["tasks"] == 2000
     assert results["e2e"]["tasks"] == 2000 and results["e2e"]["tasks_per_s"] > 0

@@ -424,23 +424,34 @@ class Bench:
                     await client.submit("echo", _payload(cfg, index * per + i))
                     samples.append(time.perf_counter() - begun)
 
+        # where the rate is capped: the broker's CPU (all its threads) and this
+        # process's (the producers, all in this trio loop) per task
+        broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+        broker_cpu, own_cpu = sum(broker_proc.cpu_times()[:2]), time.process_time()
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for index in range(cfg.producers):
                 nursery.start_soon(producer, index)
         elapsed = time.perf_counter() - started
-        rate = per * cfg.producers / elapsed
+        tasks = per * cfg.producers
+        broker_cpu = sum(broker_proc.cpu_times()[:2]) - broker_cpu
+        own_cpu = time.process_time() - own_cpu
+        rate = tasks / elapsed
         figures = _percentiles(samples)
         self.log(
             f"{cfg.producers} concurrent producers, one task per call: {rate:,.0f} tasks/s "
             f"({rate / one:.1f}x one producer), p50 {figures['p50_ms']:.2f} ms, "
-            f"p99 {figures['p99_ms']:.2f} ms"
+            f"p99 {figures['p99_ms']:.2f} ms; CPU per task: broker {broker_cpu / tasks * 1e6:,.0f} "
+            f"us ({broker_cpu / elapsed:.0%} of a core), producers {own_cpu / tasks * 1e6:,.0f} us"
         )
         return {
             "producers": cfg.producers,
-            "tasks": per * cfg.producers,
+            "tasks": tasks,
             "tasks_per_s": round(rate),
             "x_one_producer": round(rate / one, 1),
+            "broker_cpu_us": round(broker_cpu / tasks * 1e6),
+            "broker_cores": round(broker_cpu / elapsed, 2),
+            "producers_cpu_us": round(own_cpu / tasks * 1e6),
             "p50_ms": figures["p50_ms"],
             "p99_ms": figures["p99_ms"],
         }

@@ -361,6 +361,17 @@ INSERT_TASKS = (
     "?, 0, r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, ?, r.value ->> 9, "
     "r.value ->> 10 FROM json_each(?) AS r ORDER BY r.key"
 )
+# The rows of several submits in one statement (the writer's group commit of
+# concurrent single submits): a JSON array of [created_at, rows] pairs, each
+# ``rows`` as INSERT_TASKS takes them; inserted in submit order, then row order.
+INSERT_TASKS_GROUPED = (
+    "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
+    "timeout, retry_base, retry_cap, created_at, idempotency_key, trace) "
+    "SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, unhex(r.value ->> 3), r.value ->> 4, "
+    "?, 0, r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, g.value ->> 0, "
+    "r.value ->> 9, r.value ->> 10 FROM json_each(?) AS g, json_each(g.value, '$[1]') AS r "
+    "ORDER BY g.key, r.key"
+)
 INSERT_TASK = (  # one row: idempotency keys, large payloads (see prepare_submit)
     "INSERT INTO tasks (id, type, queue, payload, priority, state, attempts, max_retries, "
     "timeout, retry_base, retry_cap, created_at, idempotency_key, trace) "
@@ -706,6 +717,14 @@ def insert_prepared(conn: apsw.Connection, prepared: PreparedSubmit) -> list[Sub
         results.append(SubmitResult(task_id, created=True))
     _rows_many(conn, INSERT_TASK, fresh)
     return results
+
+
+def insert_grouped(conn: apsw.Connection, group: Sequence[PreparedSubmit]) -> None:
+    """Insert the rows of several prepared submits, each with its JSON document
+    (``document`` not None), in one statement; each row's ``created_at`` is its own
+    submit's ``now``. Their results are each ``insert_prepared``'s."""
+    pairs = ",".join(f"[{json.dumps(p.now)},{p.document}]" for p in group)
+    _rows(conn, INSERT_TASKS_GROUPED, (_PENDING.value, f"[{pairs}]"))
 
 
 def _id_for_key(conn: apsw.Connection, key: str) -> str | None:
