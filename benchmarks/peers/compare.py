@@ -370,7 +370,7 @@ def main() -> None:
         for number in range(args.rounds):
             order = systems[number % len(systems) :] + systems[: number % len(systems)]
             before = os.getloadavg()[0]
-            floor = floors(Path(tmp))
+            floor = floors(Path(tempfile.mkdtemp(dir=tmp)))
             floor_runs.append(floor)
             print(
                 f"\nround {number + 1} (load {before:.2f}); floors, p50: 4 KiB write+fsync "
