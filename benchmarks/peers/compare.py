@@ -91,15 +91,11 @@ class Run:
         self.system = system
         self.peers_python = peers_python
         self.tmp = tmp
-        self.count = 0
         self.procs: list[subprocess.Popen[bytes]] = []
         self.broker: BrokerProcess | None = None
 
     def _fresh(self) -> Path:
-        self.count += 1
-        path = self.tmp / f"{self.system}-{self.count}"
-        path.mkdir()
-        return path
+        return Path(tempfile.mkdtemp(prefix=f"{self.system}-", dir=self.tmp))
 
     @contextlib.contextmanager
     def store(self, workers: bool) -> Iterator[list[str]]:
