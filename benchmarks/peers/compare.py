@@ -9,7 +9,7 @@ one-call-per-task API with its client in a process of its own
 (one_call_client.py):
 
 - enqueue: one producer, ``--calls`` enqueues one at a time, no workers
-  running: rate, p50, p99;
+  running: rate, p50, p99, and the producer process's CPU per call;
 - producers: ``--producers`` concurrent one-at-a-time producers, each with its
   own connection, ``--per-process`` threads to a process, ``--calls`` enqueues
   in all: aggregate rate and its ratio to the one producer above, and the
@@ -239,6 +239,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, float]:
         "p50_ms": _quantile(samples, 0.5) * 1e3,
         "p99_ms": _quantile(samples, 0.99) * 1e3,
         "client_cpu": max(100 * r["cpu_s"] / (r["enqueued"] - r["started"]) for r in results),
+        "client_cpu_us": sum(r["cpu_s"] for r in results) / len(samples) * 1e6,
     }
 
 
@@ -256,6 +257,7 @@ def one_round(run: Run, args: argparse.Namespace) -> dict[str, float]:
         enqueue_per_s=one["per_s"],
         p50_ms=one["p50_ms"],
         p99_ms=one["p99_ms"],
+        client_cpu_us=one["client_cpu_us"],
         producers_per_s=many["per_s"],
         x_one=many["per_s"] / one["per_s"],
         producers_p50_ms=many["p50_ms"],
@@ -331,6 +333,7 @@ COLUMNS = (
     ("enqueue_per_s", "enqueue/s", "{:,.0f}"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
+    ("client_cpu_us", "client us", "{:.0f}"),
     ("e2e_per_s", "e2e/s", "{:,.0f}"),
     ("producers_per_s", "N prod/s", "{:,.0f}"),
     ("x_one", "x one", "{:.1f}"),
