@@ -38,7 +38,24 @@ def test_bench_runs_every_scenario_and_cleans_up() -> None:
     assert single["end_to_end"]["tasks"] == 100 and single["end_to_end"]["tasks_per_s"] > 0
     producers = single["producers"]
     assert producers["tasks"] == 100 and producers["x_one_producer"] > 0
-    assert producers["broker_cpu_us"] > 0 and producers["producers_cpu_us"] > 0
+    # 50 producers spread over processes of at most 10, each process's CPU measured
+    assert producers["producers"] == 50 and producers["processes"] == 5
+    assert len(producers["generator_cpu_percent"]) == 5
+    assert producers["generator_saturated"] is (max(producers["generator_cpu_percent"]) >= 90)
+    assert producers["one_producer_per_s"] > 0 and producers["broker_cpu_percent"] > 0
+    assert 0 < producers["p50_ms"] <= producers["p99_ms"]
+    # the summary line states the idle round trips and the ratio it reports
+    summary = re.search(
+        r"idle submit p50 ([\d.]+) ms, p99 ([\d.]+) ms; idle get p50 ([\d.]+) ms, "
+        r"p99 ([\d.]+) ms; 50 producers [\d,]+ tasks/s = ([\d.]+)x one producer",
+        done.stderr,
+    )
+    assert summary, done.stderr
+    shown = [float(x) for x in summary.groups()]
+    assert shown == [
+        single["submit"]["p50_ms"], single["submit"]["p99_ms"],
+        single["get"]["p50_ms"], single["get"]["p99_ms"], producers["x_one_producer"],
+    ]  # fmt: skip
     assert results["submit"]["single"]["tasks_per_s"] > 0
     assert results["submit"]["stdin"]["tasks"] == 2000
     assert results["e2e"]["tasks"] == 2000 and results["e2e"]["tasks_per_s"] > 0

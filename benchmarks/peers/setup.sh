@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the peer queues for the side-by-side benchmark (docs/BENCHMARKS.md):
 # Huey (SQLite storage) and Dramatiq (Redis broker) in their own virtualenv,
-# and a Redis server from Debian. Idempotent; needs root for apt-get.
+# py-spy (to profile the broker), and a Redis server from Debian. Idempotent; needs root for apt-get.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 venv="$here/.venv"
@@ -12,7 +12,7 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q 'huey>=2.5' 'dramatiq[redis]>=1.16' 'redis>=5' 'psutil>=5.9'
+"$venv/bin/pip" install -q 'huey>=2.5' 'dramatiq[redis]>=1.16' 'redis>=5' 'psutil>=5.9' 'py-spy>=0.3'
 "$venv/bin/python" - <<'PY'
 import dramatiq, huey, redis
 print("huey", huey.__version__, "| dramatiq", dramatiq.__version__, "| redis-py", redis.__version__)

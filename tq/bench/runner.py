@@ -30,6 +30,8 @@ class BenchError(RuntimeError):
 
 
 CLAIM_ROUNDS = 3  # claim-rate measurements per backlog level (the median is reported)
+PRODUCERS_PER_PROCESS = 10  # concurrent producers per load-generating process
+GENERATOR_SATURATED = 90  # % of a core: a load generator this busy may cap what it measures
 
 
 @dataclass(frozen=True)
@@ -319,8 +321,8 @@ class Bench:
     async def single(self) -> dict[str, Any]:
         """One call per task, as most applications make them: the blocking client's
         round trip for trivial reads and durable submits (with the broker's CPU per
-        call), one producer's submit rate alone and with two workers running the
-        tasks (end to end), and many concurrent one-at-a-time producers."""
+        call), many concurrent one-at-a-time producers against one (no workers
+        running), then one producer with two workers running the tasks (end to end)."""
         cfg = self.cfg
         out: dict[str, Any] = {}
         broker = self.broker()
@@ -328,6 +330,7 @@ class Bench:
             proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
             calls = await trio.to_thread.run_sync(self._blocking_calls, broker, proc)
             out.update(calls)
+            out["producers"] = await trio.to_thread.run_sync(self._producers, broker)
             for _ in range(cfg.workers):
                 broker.start_worker("--concurrency", str(cfg.concurrency))
             async with _client(broker) as client:
@@ -337,10 +340,17 @@ class Bench:
                 async with trio.open_nursery() as watch:
                     watch.start_soon(_watch_processes, broker)
                     out["end_to_end"] = await self._single_e2e(broker, client)
-                    out["producers"] = await self._producers(broker, out["submit"]["per_s"])
                     watch.cancel_scope.cancel()
         finally:
             broker.close()
+        get, submit, many = out["get"], out["submit"], out["producers"]
+        self.log(
+            f"one call per task, summary: idle submit p50 {submit['p50_ms']:.3f} ms, "
+            f"p99 {submit['p99_ms']:.3f} ms; idle get p50 {get['p50_ms']:.3f} ms, "
+            f"p99 {get['p99_ms']:.3f} ms; {many['producers']} producers "
+            f"{many['tasks_per_s']:,} tasks/s = {many['x_one_producer']}x one producer "
+            f"({many['one_producer_per_s']:,} tasks/s)"
+        )
         return out
 
     def _blocking_calls(self, broker: BrokerProcess, proc: psutil.Process) -> dict[str, Any]:
@@ -410,50 +420,90 @@ class Bench:
             "tasks_per_s": round(n / elapsed),
         }
 
-    async def _producers(self, broker: BrokerProcess, one: float) -> dict[str, Any]:
+    def _producers(self, broker: BrokerProcess) -> dict[str, Any]:
         """``producers`` connections, each submitting one task and awaiting its ACK
-        before the next: do they share group commits?"""
+        before the next, against one such producer: do they share group commits?"""
         cfg = self.cfg
-        per = max(1, cfg.single // cfg.producers)
-        samples: list[float] = []
-
-        async def producer(index: int) -> None:
-            async with _client(broker) as client:
-                for i in range(per):
-                    begun = time.perf_counter()
-                    await client.submit("echo", _payload(cfg, index * per + i))
-                    samples.append(time.perf_counter() - begun)
-
-        # where the rate is capped: the broker's CPU (all its threads) and this
-        # process's (the producers, all in this trio loop) per task
-        broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
-        broker_cpu, own_cpu = sum(broker_proc.cpu_times()[:2]), time.process_time()
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for index in range(cfg.producers):
-                nursery.start_soon(producer, index)
-        elapsed = time.perf_counter() - started
-        tasks = per * cfg.producers
-        broker_cpu = sum(broker_proc.cpu_times()[:2]) - broker_cpu
-        own_cpu = time.process_time() - own_cpu
-        rate = tasks / elapsed
-        figures = _percentiles(samples)
+        one = self._producer_group(broker, 1, cfg.single)
+        many = self._producer_group(broker, cfg.producers, max(1, cfg.single // cfg.producers))
+        ratio = many["tasks_per_s"] / one["tasks_per_s"]
+        capped = max(many["generator_cpu_percent"]) >= GENERATOR_SATURATED
         self.log(
-            f"{cfg.producers} concurrent producers, one task per call: {rate:,.0f} tasks/s "
-            f"({rate / one:.1f}x one producer), p50 {figures['p50_ms']:.2f} ms, "
-            f"p99 {figures['p99_ms']:.2f} ms; CPU per task: broker {broker_cpu / tasks * 1e6:,.0f} "
-            f"us ({broker_cpu / elapsed:.0%} of a core), producers {own_cpu / tasks * 1e6:,.0f} us"
+            f"{cfg.producers} concurrent producers, one task per call, in "
+            f"{len(many['generator_cpu_percent'])} processes: {many['tasks_per_s']:,} tasks/s "
+            f"= {ratio:.1f}x one producer ({one['tasks_per_s']:,} tasks/s), "
+            f"p50 {many['p50_ms']:.2f} ms, p99 {many['p99_ms']:.2f} ms; broker CPU "
+            f"{many['broker_cpu_percent']}% of a core, the busiest load "
+            f"generator used {max(many['generator_cpu_percent'])}% of a core"
+            + (" (saturated: the figure is a floor)" if capped else "")
         )
         return {
             "producers": cfg.producers,
-            "tasks": tasks,
-            "tasks_per_s": round(rate),
-            "x_one_producer": round(rate / one, 1),
-            "broker_cpu_us": round(broker_cpu / tasks * 1e6),
-            "broker_cores": round(broker_cpu / elapsed, 2),
-            "producers_cpu_us": round(own_cpu / tasks * 1e6),
+            "processes": len(many["generator_cpu_percent"]),
+            "tasks": many["tasks"],
+            "tasks_per_s": many["tasks_per_s"],
+            "one_producer_per_s": one["tasks_per_s"],
+            "x_one_producer": round(ratio, 1),
+            "p50_ms": many["p50_ms"],
+            "p99_ms": many["p99_ms"],
+            "broker_cpu_percent": many["broker_cpu_percent"],
+            "generator_cpu_percent": many["generator_cpu_percent"],
+            "generator_saturated": capped,
+        }
+
+    def _producer_group(self, broker: BrokerProcess, producers: int, each: int) -> dict[str, Any]:
+        """``producers`` one-at-a-time producers, ``each`` submits apiece, spread over
+        processes of at most PRODUCERS_PER_PROCESS (``tq bench-probe --producers``),
+        started together once all are connected."""
+        self._count += 1
+        sizes = [
+            min(PRODUCERS_PER_PROCESS, producers - first)
+            for first in range(0, producers, PRODUCERS_PER_PROCESS)
+        ]
+        outs = [self.root / f"producers{self._count}-{i}.json" for i in range(len(sizes))]
+        key = broker.key
+        procs: list[subprocess.Popen[bytes]] = []
+        for size, out in zip(sizes, outs, strict=True):
+            command = tq_command(
+                "bench-probe", "--broker", broker.address, "--ca", str(broker.ca),
+                *(["--key", key] if key else []), "--out", str(out),
+                "--payload-bytes", str(self.cfg.payload_bytes),
+                "--producers", str(size), "--limit", str(each),
+            )  # fmt: skip
+            procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        broker_proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != b"ready":
+                    raise BenchError(f"a producer process did not connect (exit {proc.wait()})")
+            broker_cpu = sum(broker_proc.cpu_times()[:2])
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(b"go\n")
+                proc.stdin.flush()
+            for proc in procs:
+                if proc.wait(timeout=600) != 0:
+                    raise BenchError(f"a producer process failed (exit {proc.returncode})")
+            broker_cpu = sum(broker_proc.cpu_times()[:2]) - broker_cpu
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        runs = [json.loads(out.read_text()) for out in outs]
+        samples = [s for run in runs for s in run["samples"]]
+        elapsed = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+        figures = _percentiles(samples)
+        return {
+            "tasks": len(samples),
+            "tasks_per_s": round(len(samples) / elapsed),
             "p50_ms": figures["p50_ms"],
             "p99_ms": figures["p99_ms"],
+            "broker_cpu_percent": round(100 * broker_cpu / elapsed),
+            "generator_cpu_percent": [
+                round(100 * r["cpu_s"] / max(r["ended"] - r["started"], 1e-9)) for r in runs
+            ],
         }
 
     async def backlog(self) -> dict[str, Any]:

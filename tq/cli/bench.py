@@ -53,7 +53,10 @@ def bench(
     producers: Annotated[
         int,
         typer.Option(
-            "--producers", min=1, help="Concurrent one-at-a-time producers (scenario single)."
+            "--producers",
+            min=1,
+            help="Concurrent one-at-a-time producers (scenario single), 10 per process, "
+            "against one such producer; --single tasks in all.",
         ),
     ] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
@@ -69,10 +72,18 @@ def bench(
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temporary data dirs.")] = False,
 ) -> None:
     """Benchmark a broker on loopback: submit rate, end-to-end rate, latency, backlog,
-    and one call per task (single: round trips, one producer, many producers).
+    and one call per task (single).
 
     Starts fresh brokers and worker processes with TLS and durability as
     shipped; progress goes to stderr, the figures to stdout.
+
+    single: --single get, depth and durable submit calls one at a time from the
+    blocking client (rate, p50/p99, broker CPU per call); then --producers
+    connections in processes of their own, each submitting one task and waiting
+    for its ACK, against one such producer (the ratio says whether they share
+    group commits; each load generator's CPU is reported, so a saturated one
+    shows); then one producer with --workers workers running the tasks (end to
+    end). Example: tq bench -s single --single 3000 --producers 50
     """
     from tq.bench import BenchConfig, run_bench
     from tq.bench.runner import SCENARIOS
