@@ -152,6 +152,9 @@ async def test_every_answer_of_a_live_broker_fits_its_declaration(tmp_path: Path
 
         waited = await admin.ask({"t": "wait", "task": first, "timeout": 1})
         assert waited.task.state == "succeeded" and not waited.timed_out
+        # timeout 0 on a finished task: answered at once, not timed out
+        waited = await admin.ask({"t": "wait", "task": first, "timeout": 0})
+        assert waited.task.state == "succeeded" and not waited.timed_out
         assert (await admin.ask({"t": "set_priority", "task": later, "priority": "high"})).task
         assert (await admin.ask({"t": "cancel", "task": later})).task.state == "cancelled"
         assert (await admin.ask({"t": "retry", "task": later})).task.state in (

@@ -705,6 +705,10 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         go), so many waits on a large task cost nothing until answered; the caller
         reads the task to answer."""
         await self._check_task_queue(task_id, principal)
+        # read once before the deadline starts: a finished task is answered at once
+        # even with timeout 0 (whose cancel would otherwise fire at the first read)
+        if is_terminal((await self.store.get(task_id)).state):
+            return False
         waiter = self._waiters.setdefault(task_id, _Waiter())
         waiter.count += 1
         try:

@@ -1,8 +1,9 @@
 """docs/PROTOCOL.md's field tables, generated from the declarations.
 
 Contract: every field table of the page (each request's, the task spec's, the
-outcome's, and each answer's once answers are declared) is rendered here from
-its msgspec Struct (tq/protocol/schema.py, ``TaskSpecIn`` in tq/core/task.py):
+outcome's, every answer's and every map an answer holds) is rendered here from
+its msgspec Struct (tq/protocol/schema.py, tq/protocol/answers.py, ``TaskSpecIn``
+in tq/core/task.py):
 field names, msgpack types, required or not, ranges (``Meta`` ge/le/min_length/
 max_length, read through ``msgspec.inspect``), literal values, and the texts the
 declaration carries (``tq.core.typed.doc``: description, default, ``required_for``).
@@ -13,8 +14,8 @@ The page keeps its hand-written prose; each table sits between two markers
     <!-- end of generated fields -->
 
 and ``render`` replaces what is between them. A table is named by its marker's
-key (the backticked text) and found in ``TABLES``; answers plug in the same way
-(``tq.protocol.answers.ANSWERS``, when that module exists). The output is
+key (the backticked text) and found in ``TABLES``; answers by their registry
+(``tq.protocol.answers.ANSWERS``, ``EVENTS``). The output is
 deterministic (declaration order), so a test compares the page with ``render``
 of it and fails when someone edits a declaration without regenerating:
 
@@ -28,7 +29,6 @@ the page).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import re
 import sys
@@ -41,6 +41,7 @@ import msgspec
 from msgspec import inspect
 
 from tq.core.task import TaskSpec, TaskSpecIn
+from tq.protocol import answers
 from tq.protocol.schema import REQUESTS, OutcomeIn
 
 PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
@@ -98,10 +99,6 @@ def answer_tables() -> dict[str, TableSpec]:
     ``ANSWERS`` that share a Struct and a section share a table: "cancel retry ack",
     "queue.pause queue.resume ack"), the ``nack``, the ``event`` envelope and each
     topic's fields ("event tasks"), and every map an answer holds ("Task map")."""
-    try:
-        answers = importlib.import_module("tq.protocol.answers")
-    except ModuleNotFoundError:  # not declared yet
-        return {}
     out: dict[str, TableSpec] = {}
     groups: list[tuple[list[str], type]] = []
     for key, struct in answers.ANSWERS.items():
@@ -110,14 +107,14 @@ def answer_tables() -> dict[str, TableSpec]:
             last[0].append(key)
         else:
             groups.append(([key], struct))
-    for keys, struct in groups:
-        out[" ".join(keys) + " ack"] = TableSpec((struct,), answer=True)
+    for keys, ack in groups:
+        out[" ".join(keys) + " ack"] = TableSpec((ack,), answer=True)
     out["nack"] = TableSpec((answers.Nack,), answer=True)
     out["event"] = TableSpec((answers.Event,), answer=True)
     envelope = tuple(answers.Event.__struct_fields__)
-    for topic, struct in answers.EVENTS.items():
-        out[f"event {topic}"] = TableSpec((struct,), answer=True, skip=envelope)
-    roots = [*answers.ANSWERS.values(), answers.Nack, *answers.EVENTS.values()]
+    for topic, event in answers.EVENTS.items():
+        out[f"event {topic}"] = TableSpec((event,), answer=True, skip=envelope)
+    roots: list[type] = [*answers.ANSWERS.values(), answers.Nack, *answers.EVENTS.values()]
     for entry in entries(roots):
         out[entry_name(entry) + " map"] = TableSpec((entry,), answer=True)
     return out
