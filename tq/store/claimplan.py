@@ -43,8 +43,6 @@ from typing import Any, Protocol
 QUEUE = "queue"
 TYPE = "type"
 KINDS = (QUEUE, TYPE)
-MAX_CONCURRENCY = 1_000_000
-MAX_RATE = 1_000_000.0  # tasks per second
 CLOCK_STEP = 5.0  # seconds a claim's clock may lag a bucket's before it counts as a step back
 
 
