@@ -224,8 +224,8 @@ def test_explain_names_a_full_cap_and_an_empty_bucket() -> None:
     roomy = Cap("queue", "images", concurrency=5)
     empty = Cap("queue", "images", rate=0.5, burst=1.0, tokens=0.25, refilled_at=NOW - 0.5)
     answer = explain(_task(), (0, 0), 10_000, [], NOW, 30, caps=[(full, 2), (roomy, 2), (empty, 0)])
-    reasons = {r["code"]: r for r in answer["reasons"]}
-    assert [r["code"] for r in answer["reasons"]] == ["capped", "rate_capped", "no_worker"]
+    reasons = {r["code"]: r for r in answer.reasons}
+    assert [r["code"] for r in answer.reasons] == ["capped", "rate_capped", "no_worker"]
     assert reasons["capped"]["message"] == (
         "concurrency cap of type 'resize' is full: 2 running of 2 at most; "
         "it is claimed when one of them ends"
@@ -238,4 +238,4 @@ def test_explain_names_a_full_cap_and_an_empty_bucket() -> None:
     )
     full_bucket = Cap("queue", "images", rate=0.5, burst=1.0, tokens=1.0, refilled_at=NOW)
     free = explain(_task(), (0, 0), 10_000, [], NOW, 30, caps=[(full_bucket, 0), (roomy, 4)])
-    assert [r["code"] for r in free["reasons"]] == ["no_worker"]
+    assert [r["code"] for r in free.reasons] == ["no_worker"]

@@ -18,6 +18,7 @@ from tq.broker.explain import explain
 from tq.broker.registry import WorkerInfo
 from tq.core.states import State
 from tq.core.task import Task, TaskError
+from tq.protocol.answers import Explanation
 from tq.testing import BrokerProcess, tq_command
 
 NOW = 1_800_000_000.0
@@ -54,14 +55,16 @@ def worker(wid: str = "w1", **fields: Any) -> WorkerInfo:
     return WorkerInfo(**{**base, **fields})
 
 
-def codes(answer: dict[str, Any]) -> list[str]:
-    return [reason["code"] for reason in answer["reasons"]]
+def codes(answer: Explanation | dict[str, Any]) -> list[str]:
+    """The reasons' codes of an explanation (``explain``'s, or an answer as plain data)."""
+    reasons = answer.reasons if isinstance(answer, Explanation) else answer["reasons"]
+    return [reason["code"] for reason in reasons]
 
 
 def test_a_pending_task_with_no_worker_for_its_queue() -> None:
     answer = explain(task(), (0, 0), 10_000, [worker(queues=("mail",))], NOW, 30)
     assert codes(answer) == ["no_worker"]
-    assert "no connected worker takes queue 'images'" in answer["reasons"][0]["message"]
+    assert "no connected worker takes queue 'images'" in answer.reasons[0]["message"]
     disconnected = worker(connections=0)
     assert codes(explain(task(), (0, 0), 10_000, [disconnected], NOW, 30)) == ["no_worker"]
 
@@ -69,18 +72,18 @@ def test_a_pending_task_with_no_worker_for_its_queue() -> None:
 def test_workers_that_take_the_queue_but_not_the_type() -> None:
     answer = explain(task(), (0, 0), 10_000, [worker(types=("thumbnail",))], NOW, 30)
     assert codes(answer) == ["no_handler"]
-    assert answer["reasons"][0]["type"] == "resize"
+    assert answer.reasons[0]["type"] == "resize"
 
 
 def test_busy_workers_and_tasks_ahead() -> None:
     busy = [worker(running=4), worker("w2", running=2, concurrency=2)]
     answer = explain(task(), (3, 2), 10_000, busy, NOW, 30)
     assert codes(answer) == ["workers_busy", "behind"]
-    assert answer["reasons"][0]["running"] == 6 and answer["reasons"][0]["slots"] == 6
-    behind = answer["reasons"][1]
+    assert answer.reasons[0]["running"] == 6 and answer.reasons[0]["slots"] == 6
+    behind = answer.reasons[1]
     assert (behind["higher"], behind["older"], behind["at_least"]) == (3, 2, False)
     assert "behind 3 pending task(s) of higher priority and 2 older" in behind["message"]
-    capped = explain(task(), (10_000, 0), 10_000, [worker()], NOW, 30)["reasons"][0]
+    capped = explain(task(), (10_000, 0), 10_000, [worker()], NOW, 30).reasons[0]
     assert capped["at_least"] is True and "at least 10000" in capped["message"]
 
 
@@ -92,23 +95,23 @@ def test_running_tasks_name_their_worker_and_a_silent_one() -> None:
     running = task("running", worker="w1", started_at=NOW - 30, attempts=1)
     fresh = explain(running, None, 10_000, [worker()], NOW, 30)
     assert codes(fresh) == ["running"]
-    assert "leased to worker w1 on box since 30s ago" in fresh["reasons"][0]["message"]
+    assert "leased to worker w1 on box since 30s ago" in fresh.reasons[0]["message"]
     silent = explain(running, None, 10_000, [worker(last_seen=NOW - 20)], NOW, 30)
     assert codes(silent) == ["running", "worker_silent"]
     unknown = explain(running, None, 10_000, [], NOW, 30)
     assert codes(unknown) == ["running", "worker_silent"]
-    assert "not known to this broker" in unknown["reasons"][1]["message"]
+    assert "not known to this broker" in unknown.reasons[1]["message"]
 
 
 def test_waiting_states_say_when() -> None:
     later = explain(task("scheduled", run_at=NOW + 120), None, 10_000, [], NOW, 30)
-    assert codes(later) == ["scheduled"] and "in 2m" in later["reasons"][0]["message"]
+    assert codes(later) == ["scheduled"] and "in 2m" in later.reasons[0]["message"]
     failed = task("failed", run_at=NOW + 5, attempts=2, error=TaskError("Timeout", "slow"))
-    retry = explain(failed, None, 10_000, [], NOW, 30)["reasons"][0]
+    retry = explain(failed, None, 10_000, [], NOW, 30).reasons[0]
     assert retry["code"] == "retry_due" and retry["attempts"] == 2
     assert retry["message"] == "attempt 2 failed (Timeout: slow); it is retried in 5s"
     dead = task("dead", finished_at=NOW - 7200, attempts=4, error=TaskError("Boom", "x"))
-    gone = explain(dead, None, 10_000, [], NOW, 30)["reasons"][0]
+    gone = explain(dead, None, 10_000, [], NOW, 30).reasons[0]
     assert (
         gone["code"] == "finished" and "ended dead 2.0h ago after 4 attempt(s)" in gone["message"]
     )

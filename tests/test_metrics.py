@@ -201,12 +201,12 @@ def test_activity_window_throughput_and_failure_rate() -> None:
     refused = OutcomeResult("c", False, "running", "stale", "q", "t", 95.0)
     activity.reported([ok, ok, ok, retry, refused], now=100.0)
     recent = activity.last_minute(100.0)
-    assert recent["total"] == {"submitted": 0, "succeeded": 3, "failed": 1, "retried": 1, "dead": 0}
-    assert recent["throughput"] == 4 / WINDOW and recent["failure_rate"] == 0.25
+    assert recent.total == {"submitted": 0, "succeeded": 3, "failed": 1, "retried": 1, "dead": 0}
+    assert recent.throughput == 4 / WINDOW and recent.failure_rate == 0.25
     assert activity.run_time[("q", "t")].count == 4
-    assert activity.last_minute(100.0, visible=lambda q: q != "q")["total"]["succeeded"] == 0
+    assert activity.last_minute(100.0, visible=lambda q: q != "q").total["succeeded"] == 0
     later = activity.last_minute(100.0 + WINDOW)  # a minute on: the window is empty
-    assert later["total"]["succeeded"] == 0 and later["failure_rate"] is None
+    assert later.total["succeeded"] == 0 and later.failure_rate is None
     assert activity.totals[("q", "t")]["succeeded"] == 3  # totals are forever
 
 
@@ -234,7 +234,7 @@ def test_activity_memory_is_bounded_by_the_caps() -> None:
     assert sum(c["submitted"] for c in activity.totals.values()) == 1000
     assert sum(h.count for h in activity.run_time.values()) == 1000
     recent = activity.last_minute(10.0)
-    assert len(recent["queues"]) <= 3 + 1 and recent["total"]["succeeded"] == 1000
+    assert len(recent.queues) <= 3 + 1 and recent.total["succeeded"] == 1000
     # q0..q2 with t0..t2 by name, q3 (a fourth queue) with t3 (a kept type), then the rest
     assert activity.totals[(OTHER, "t3")]["submitted"] == 1
     assert activity.totals[(OTHER, OTHER)]["submitted"] == 996

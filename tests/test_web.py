@@ -389,14 +389,14 @@ def test_the_hourly_history_keeps_sixty_minutes_per_queue() -> None:
     activity.submitted([("a", "t"), ("b", "t")], start)
     done = SimpleNamespace(accepted=True, state="succeeded", queue="a", type="t", started_at=start)
     activity.reported([done], start + 90)  # the next minute, 90 s of run time
-    rows = activity.history(start + 90)["rows"]
-    assert len(rows) == 60 and rows[-1]["start"] == start + 60
-    assert (rows[-2]["submitted"], rows[-1]["succeeded"]) == (2, 1)
-    assert (rows[-1]["runs"], rows[-1]["run_time"]) == (1, 90.0)
-    only_b = activity.history(start + 90, lambda q: q == "b")["rows"]
-    assert (only_b[-2]["submitted"], only_b[-1]["runs"], only_b[-1]["run_time"]) == (1, 0, 0.0)
-    later = activity.history(start + 3600 + 60)["rows"]  # an hour on: both minutes gone
-    assert sum(r["submitted"] + r["succeeded"] for r in later) == 0
+    rows = activity.history(start + 90).rows
+    assert len(rows) == 60 and rows[-1].start == start + 60
+    assert (rows[-2].submitted, rows[-1].succeeded) == (2, 1)
+    assert (rows[-1].runs, rows[-1].run_time) == (1, 90.0)
+    only_b = activity.history(start + 90, lambda q: q == "b").rows
+    assert (only_b[-2].submitted, only_b[-1].runs, only_b[-1].run_time) == (1, 0, 0.0)
+    later = activity.history(start + 3600 + 60).rows  # an hour on: both minutes gone
+    assert sum(r.submitted + r.succeeded for r in later) == 0
     activity.submitted([("a", "t")], start + 7200)
     assert len(activity._minutes) == 1  # older buckets dropped as new ones come
 

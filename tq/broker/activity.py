@@ -38,9 +38,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tq.protocol.answers import ActivityHistory, LastMinute, MinuteRow
 
 WINDOW = 60  # seconds of recent activity kept for throughput and failure rate
 HISTORY_MINUTES = 60  # per-minute buckets kept for the last hour (``history``)
@@ -206,9 +208,7 @@ class Activity:
             self.record(queue, type_, event, now, n)
 
     # -- reading ----------------------------------------------------------
-    def last_minute(
-        self, now: float, visible: Callable[[str], bool] | None = None
-    ) -> dict[str, Any]:
+    def last_minute(self, now: float, visible: Callable[[str], bool] | None = None) -> LastMinute:
         """Events per queue and in total over the last WINDOW seconds, throughput
         (finished attempts per second) and failure rate (failed / finished attempts).
 
@@ -228,14 +228,16 @@ class Activity:
         for row in queues.values():
             for event, n in row.items():
                 total[event] += n
-        return {
-            "window": WINDOW,
-            "total": total,
-            "queues": queues,
-            **_rates(total),
-        }
+        finished = total["succeeded"] + total["failed"]
+        return LastMinute(
+            window=WINDOW,
+            total=total,
+            queues=queues,
+            throughput=finished / WINDOW,
+            failure_rate=total["failed"] / finished if finished else None,
+        )
 
-    def history(self, now: float, visible: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    def history(self, now: float, visible: Callable[[str], bool] | None = None) -> ActivityHistory:
         """The last HISTORY_MINUTES minutes, oldest first, one row per minute (empty ones
         too): ``start`` (Unix time of the minute), the events of HISTORY_EVENTS, ``runs``
         (attempts whose run time is known) and ``run_time`` (their seconds, summed).
@@ -245,23 +247,26 @@ class Activity:
         current = int(now) // 60
         by_minute = {m: (counts, sums) for m, counts, sums in self._minutes}
         rows = []
+        empty: tuple[Counter[tuple[str, str]], dict[str, float]] = (Counter(), {})
         for minute in range(current - HISTORY_MINUTES + 1, current + 1):
-            row: dict[str, Any] = {"start": minute * 60, **dict.fromkeys(HISTORY_EVENTS, 0)}
-            row["runs"], row["run_time"] = 0, 0.0
-            counts, sums = by_minute.get(minute, (Counter(), {}))
+            counts, sums = by_minute.get(minute, empty)
+            events = dict.fromkeys((*HISTORY_EVENTS, "runs"), 0)
             for (queue, event), n in counts.items():
                 if visible is None or visible(queue):
-                    row[event] += n
+                    events[event] += n
+            run_time = 0.0
             for queue, seconds in sums.items():
                 if visible is None or visible(queue):
-                    row["run_time"] += seconds
-            rows.append(row)
-        return {"minutes": HISTORY_MINUTES, "rows": rows}
-
-
-def _rates(counts: Mapping[str, int]) -> dict[str, float | None]:
-    finished = counts["succeeded"] + counts["failed"]
-    return {
-        "throughput": finished / WINDOW,
-        "failure_rate": counts["failed"] / finished if finished else None,
-    }
+                    run_time += seconds
+            rows.append(
+                MinuteRow(
+                    start=minute * 60,
+                    submitted=events["submitted"],
+                    succeeded=events["succeeded"],
+                    failed=events["failed"],
+                    dead=events["dead"],
+                    runs=events["runs"],
+                    run_time=run_time,
+                )
+            )
+        return ActivityHistory(minutes=HISTORY_MINUTES, rows=rows)

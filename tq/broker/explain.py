@@ -46,6 +46,7 @@ from typing import Any
 from tq.broker.caps import rate_text
 from tq.broker.registry import WorkerInfo
 from tq.core.task import Task
+from tq.protocol.answers import Explanation
 from tq.store.claimplan import Cap
 
 SILENT_FRACTION = 0.5  # of the lease: a heartbeat older than this is worth saying
@@ -81,8 +82,8 @@ def explain(
     paused_at: float | None = None,
     unmet: Sequence[str] | None = None,
     caps: Sequence[tuple[Cap, int]] = (),
-) -> dict[str, Any]:
-    """The answer of ``query explain``: ``{"task", "state", "reasons": [...]}``;
+) -> Explanation:
+    """The answer of ``query explain`` (its task, state and reasons, most telling first);
     ``paused_at``: when the task's queue was paused (None: it is not); ``unmet``: a
     blocked task's dependencies not met yet; ``caps``: the caps of its queue and type,
     each with the running count of what it caps (counted up to its concurrency)."""
@@ -142,7 +143,7 @@ def explain(
     elif state == "pending":
         reasons.extend(_capped(caps, now))
         reasons.extend(_pending(task, ahead, ahead_limit, workers, bool(reasons)))
-    return {"task": task.id, "state": state, "reasons": reasons}
+    return Explanation(task=task.id, state=state, reasons=reasons)
 
 
 def _running(

@@ -31,6 +31,25 @@ from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.core.errors import TQError, Unavailable
 from tq.core.limits import BULK_DEFAULT
+from tq.protocol.answers import (
+    BrokerMap,
+    CapLimits,
+    CheckOk,
+    Depth,
+    Explanation,
+    Health,
+    HealthChecks,
+    Listen,
+    PriorityCount,
+    QueueDepth,
+    StoreCheck,
+    TaskErrorMap,
+    Transition,
+    WorkerCount,
+    Workflow,
+    task_map,
+)
+from tq.store.history_sql import MAX_HISTORY
 
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
@@ -39,10 +58,13 @@ if TYPE_CHECKING:
     from tq.broker.registry import WorkerRegistry
     from tq.protocol.schema import Purge, RetryMany
     from tq.security.roles import Principal
-    from tq.store.base import ClusterState, QueueDepth, Store, StoreStats
+    from tq.store.base import ClusterState, Store, StoreStats
+    from tq.store.base import QueueDepth as DepthRow
+    from tq.store.history_sql import Transition as HistoryRow
 
 READY_TIMEOUT = 5.0  # seconds the store may take to answer a readiness probe
 EXPLAIN_AHEAD_LIMIT = 10_000  # tasks ahead counted up to this ("at least" beyond)
+HISTORY_LIMIT = MAX_HISTORY  # rows kept per task: the ``limit`` of a history answer
 
 
 def _visible(principal: Principal | None) -> Callable[[str], bool] | None:
@@ -69,7 +91,7 @@ class OperatorOps:
     paused: Callable[[], Awaitable[dict[str, float]]]
     forget_paused: Callable[[], None]
     fire: Callable[[Sequence[str]], None]
-    _store_depth: Coalesced[list[QueueDepth]]
+    _store_depth: Coalesced[list[DepthRow]]
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
     addresses: Mapping[str, str | None] = MappingProxyType({})
 
@@ -93,7 +115,7 @@ class OperatorOps:
             await self.auth.record(actor_of(principal), action, name, {})
         return {"queue": name, "paused": paused, "changed": changed}
 
-    async def explain(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
+    async def explain(self, task_id: str, principal: Principal | None = None) -> Explanation:
         """Why the task is not running right now (tq/broker/explain.py): its reasons."""
         from tq.broker.explain import explain
 
@@ -132,70 +154,69 @@ class OperatorOps:
             caps,
         )
 
-    async def workflow(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
-        """The tasks linked to ``task_id`` by dependencies, either way, and the edges:
-        ``{"tasks": [task maps], "edges": [[task, depends_on], ...], "truncated"}``. A
-        queue-limited key sees the tasks of its queues only (edges to others stay)."""
+    async def workflow(self, task_id: str, principal: Principal | None = None) -> Workflow:
+        """The tasks linked to ``task_id`` by dependencies, either way, and the edges
+        (task, depends_on), and whether the walk was cut. A queue-limited key sees the
+        tasks of its queues only (edges to others stay)."""
         task = await self.store.get(task_id)
         if principal is not None:
             principal.check_queue(task.queue)
         tasks, edges, cut = await self.store.graph(task_id)
         if principal is not None:
             tasks = [t for t in tasks if principal.may_use(t.queue)]
-        return {
-            "tasks": [t.to_dict() for t in tasks],
-            "edges": [list(edge) for edge in edges],
-            "truncated": cut,
-        }
+        return Workflow(tasks=[task_map(t) for t in tasks], edges=edges, truncated=cut)
 
-    async def history(self, task_id: str, principal: Principal | None = None) -> dict[str, Any]:
-        """The task's transitions, oldest first: ``{"task": id, "history": [maps],
-        "limit": MAX_HISTORY}`` (the first and the latest are kept; ``n`` numbers them,
-        so a gap after n=1 counts the dropped ones). Queue-limited keys: their queues."""
-        from tq.store.history_sql import MAX_HISTORY
-
+    async def history(self, task_id: str, principal: Principal | None = None) -> list[Transition]:
+        """The task's transitions, oldest first (at most HISTORY_LIMIT: the first and the
+        latest are kept; ``n`` numbers them, so a gap after n=1 counts the dropped
+        ones). Queue-limited keys: their queues."""
         task = await self.store.get(task_id)
         if principal is not None:
             principal.check_queue(task.queue)
-        rows = await self.store.history(task_id)
-        return {
-            "task": task_id,
-            "history": [row.to_wire() for row in rows],
-            "limit": MAX_HISTORY,
-        }
+        return [_transition(row) for row in await self.store.history(task_id)]
 
-    async def queue_depth(self, principal: Principal | None = None) -> dict[str, Any]:
-        """Unfinished tasks per queue: totals per state and rows per priority and state."""
+    async def queue_depth(self, principal: Principal | None = None) -> Depth:
+        """Unfinished tasks per queue: totals per state and rows per priority and state.
+        A paused or capped queue is shown, even when empty."""
         visible = _visible(principal)
-        queues: dict[str, dict[str, Any]] = {}
+        rows: dict[str, list[DepthRow]] = {}
         for row in await self._store_depth.get():  # shared by concurrent callers
-            if visible is not None and not visible(row.queue):
-                continue
-            entry = queues.setdefault(
-                row.queue, {"queue": row.queue, "total": 0, "states": {}, "priorities": []}
-            )
-            entry["total"] += row.count
-            entry["states"][row.state] = entry["states"].get(row.state, 0) + row.count
-            entry["priorities"].append(
-                {"priority": row.priority, "state": row.state, "count": row.count}
-            )
-        for name in await self.paused():  # a paused queue is shown, even when empty
+            if visible is None or visible(row.queue):
+                rows.setdefault(row.queue, []).append(row)
+        paused = await self.paused()
+        for name in paused:
             if visible is None or visible(name):
-                queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
+                rows.setdefault(name, [])
         capped = {
             cap.name: cap
             for cap in await self.store.list_caps()
             if cap.kind == "queue" and (visible is None or visible(cap.name))
         }
-        for name in capped:  # so is a capped one
-            queues.setdefault(name, {"queue": name, "total": 0, "states": {}, "priorities": []})
-        paused = await self.paused()
-        for entry in queues.values():
-            entry["priorities"].sort(key=lambda p: (-p["priority"], p["state"]))
-            entry["paused"] = entry["queue"] in paused
-            cap = capped.get(entry["queue"])
-            entry["cap"] = None if cap is None else cap.limits()
-        return {"queues": [queues[name] for name in sorted(queues)]}
+        for name in capped:
+            rows.setdefault(name, [])
+        queues = []
+        for name in sorted(rows):
+            found = rows[name]
+            states: dict[str, int] = {}
+            for row in found:
+                states[row.state] = states.get(row.state, 0) + row.count
+            cap = capped.get(name)
+            queues.append(
+                QueueDepth(
+                    queue=name,
+                    total=sum(row.count for row in found),
+                    states=states,
+                    priorities=[
+                        PriorityCount(priority=row.priority, state=row.state, count=row.count)
+                        for row in sorted(found, key=lambda r: (-r.priority, r.state))
+                    ],
+                    paused=name in paused,
+                    cap=None
+                    if cap is None
+                    else CapLimits(concurrency=cap.concurrency, rate=cap.rate, burst=cap.burst),
+                )
+            )
+        return Depth(queues=queues)
 
     async def purge(self, msg: Purge, principal: Principal | None = None) -> dict[str, Any]:
         """Delete (or with ``dry_run`` count) finished tasks older than ``older_than`` s.
@@ -249,7 +270,7 @@ class OperatorOps:
         depth = await self.queue_depth(principal)
         probe = await self.store.probe()
         wal = int(probe.details.get("wal", 0))  # only SQLite has a WAL file of its own
-        return {**depth, "store": {"size": probe.size_bytes, "wal": wal}}
+        return {"queues": depth.queues, "store": {"size": probe.size_bytes, "wal": wal}}
 
     async def authorize(self, key: str | None, action: str) -> Principal | None:
         """Who a REST request acts as: its bearer ``key`` checked like a hello's, and
@@ -281,7 +302,7 @@ class OperatorOps:
             return await self.store.probe()
         raise Unavailable(f"the task store did not answer within {READY_TIMEOUT:g} s")
 
-    async def cluster_status(self, principal: Principal | None = None) -> dict[str, Any]:
+    async def cluster_status(self, principal: Principal | None = None) -> Health:
         """Everything an operator checks first; ``healthy`` false (never an error) if not."""
         started = trio.current_time()
         error = None
@@ -294,67 +315,84 @@ class OperatorOps:
         now = self.clock()
         visible = _visible(principal)
         known = self.workers.visible(visible)
-        return {
-            "healthy": error is None and not self.closing,
-            "checks": {
-                "accepting": {"ok": not self.closing},
-                "store": {"ok": error is None, "error": error, "latency": latency},
-            },
-            "broker": self.name,
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "started_at": self.started_at,
-            "uptime": now - self.started_at,
-            "listen": dict(self.addresses),
-            "store": None
+        brokers, brokers_error = await self._brokers(now)
+        return Health(
+            healthy=error is None and not self.closing,
+            checks=HealthChecks(
+                accepting=CheckOk(ok=not self.closing),
+                store=StoreCheck(ok=error is None, error=error, latency=latency),
+            ),
+            broker=self.name,
+            version=__version__,
+            protocol=PROTOCOL_VERSION,
+            started_at=self.started_at,
+            uptime=now - self.started_at,
+            listen=Listen(wire=self.addresses.get("wire") or "", http=self.addresses.get("http")),
+            store=None
             if probe is None or visible is not None  # a queue-limited key: not the files
             else dict(probe.details),
-            "workers": {
-                "known": len(known),
-                "connected": sum(1 for w in known if w.connections > 0),
-            },
-            "role": "leader" if self.cluster is None or self.cluster.leader else "follower",
-            **await self._brokers(now),
-        }
+            workers=WorkerCount(
+                known=len(known), connected=sum(1 for w in known if w.connections > 0)
+            ),
+            role="leader" if self.cluster is None or self.cluster.leader else "follower",
+            brokers=brokers,
+            brokers_error=brokers_error,
+        )
 
-    async def _brokers(self, now: float) -> dict[str, Any]:
+    async def _brokers(self, now: float) -> tuple[list[BrokerMap] | None, str | None]:
         """``brokers``: every broker of the cluster, this one marked ``self``, and
         ``brokers_error`` None; on a store error, None and the error (cluster_status
         never raises)."""
         cluster = self.cluster
         if cluster is None:
-            one = {
-                "id": self.name,
-                "address": self.addresses.get("wire"),
-                "http": self.addresses.get("http"),
-                "version": __version__,
-                "started_at": self.started_at,
-                "last_seen": now,
-                "age": 0.0,
-                "alive": True,
-                "role": "leader",
-                "self": True,
-            }
-            return {"brokers": [one], "brokers_error": None}
+            one = BrokerMap(
+                id=self.name,
+                address=self.addresses.get("wire"),
+                http=self.addresses.get("http"),
+                version=__version__,
+                started_at=self.started_at,
+                last_seen=now,
+                age=0.0,
+                alive=True,
+                role="leader",
+                self=True,
+            )
+            return [one], None
         try:
             records = await cluster.brokers()
         except TQError as exc:
-            return {"brokers": None, "brokers_error": exc.message or str(exc)}
-        return {
-            "brokers": [
-                {
-                    "id": r.id,
-                    "address": r.address,
-                    "http": r.http,
-                    "version": r.version,
-                    "started_at": r.started_at,
-                    "last_seen": r.last_seen,
-                    "age": r.age,
-                    "alive": r.alive,
-                    "role": "leader" if r.leader and r.alive else "follower",
-                    "self": r.id == cluster.broker.id,
-                }
-                for r in records
-            ],
-            "brokers_error": None,
-        }
+            return None, exc.message or str(exc)
+        return [
+            BrokerMap(
+                id=r.id,
+                address=r.address,
+                http=r.http,
+                version=r.version,
+                started_at=r.started_at,
+                last_seen=r.last_seen,
+                age=r.age,
+                alive=r.alive,
+                role="leader" if r.leader and r.alive else "follower",
+                self=r.id == cluster.broker.id,
+            )
+            for r in records
+        ], None
+
+
+def _transition(row: HistoryRow) -> Transition:
+    """A stored history row as its answer map."""
+    error = row.error
+    return Transition(
+        n=row.n,
+        at=row.at,
+        event=row.event,
+        state=row.state,
+        actor=row.actor,
+        worker=row.worker,
+        token=row.token,
+        error=None
+        if error is None
+        else TaskErrorMap(type=error.type, message=error.message, traceback=error.traceback),
+        run_at=row.run_at,
+        priority=row.priority,
+    )

@@ -16,7 +16,7 @@ clock; only the cluster's leader decides from those rows that a worker is
 lost and releases its leases. ``expire`` here then only forgets a worker this
 broker no longer hears from (it may heartbeat to another broker).
 
-Who sees what: ``visible(may_use)`` and ``to_dict(now, may_use)`` narrow the
+Who sees what: ``visible(may_use)`` and ``to_map(now, may_use)`` narrow the
 list to the workers serving a queue a key may use, and each worker's queues
 to those queues.
 """
@@ -27,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from tq.core.errors import Forbidden
+from tq.protocol.answers import WorkerMap
 from tq.store.base import WorkerBeat
 
 QueueFilter = Callable[[str], bool] | None  # a key's queue predicate; None: every queue
@@ -53,24 +56,43 @@ class WorkerInfo:
     def serves(self, may_use: QueueFilter) -> bool:
         return may_use is None or any(may_use(q) for q in self.queues)
 
-    def to_dict(self, now: float, may_use: QueueFilter = None) -> dict[str, Any]:
+    def to_map(
+        self, now: float, may_use: QueueFilter = None, listed: int | None = None
+    ) -> WorkerMap:
+        """The worker as an answer lists it: the queues ``may_use`` accepts; with
+        ``listed``, at most that many queues and types (``queues_total`` and
+        ``types_total`` then say how many there are)."""
         queues = [q for q in self.queues if may_use is None or may_use(q)]
-        return {
-            "id": self.id,
-            "name": self.name,
-            "host": self.host,
-            "pid": self.pid,
-            "queues": queues,
-            "types": None if self.types is None else list(self.types),
-            "concurrency": self.concurrency,
-            "running": self.running,
-            "cpu": self.cpu,
-            "memory": self.memory,
-            "connected": self.connections > 0,
-            "connected_at": self.connected_at,
-            "last_seen": self.last_seen,
-            "heartbeat_age": max(0.0, now - self.last_seen),
-        }
+        types = None if self.types is None else list(self.types)
+        queues_total = types_total = None
+        if listed is not None:
+            if len(queues) > listed:
+                queues_total, queues = len(queues), queues[:listed]
+            if types is not None and len(types) > listed:
+                types_total, types = len(types), types[:listed]
+        return WorkerMap(
+            id=self.id,
+            name=self.name,
+            host=self.host,
+            pid=self.pid,
+            queues=queues,
+            types=types,
+            concurrency=self.concurrency,
+            running=self.running,
+            cpu=self.cpu,
+            memory=self.memory,
+            connected=self.connections > 0,
+            connected_at=self.connected_at,
+            last_seen=self.last_seen,
+            heartbeat_age=max(0.0, now - self.last_seen),
+            queues_total=queues_total,
+            types_total=types_total,
+        )
+
+    def to_dict(self, now: float, may_use: QueueFilter = None) -> dict[str, Any]:
+        """``to_map`` as plain data (a ``workers`` event's map: every queue and type)."""
+        entry: dict[str, Any] = msgspec.to_builtins(self.to_map(now, may_use))
+        return entry
 
 
 def _beat(info: WorkerInfo) -> WorkerBeat:

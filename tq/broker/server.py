@@ -57,6 +57,7 @@ from tq.broker.loops import (
     retention_policy,
     scheduler_loop,
 )
+from tq.broker.operations import HISTORY_LIMIT
 from tq.broker.registry import WorkerInfo
 from tq.broker.service import MAX_WAIT, BrokerService, worker_info
 from tq.broker.wire import WireStream
@@ -82,7 +83,6 @@ from tq.protocol.answers import (
     ExplainAnswer,
     HealthAnswer,
     HeartbeatAnswer,
-    HelloAnswer,
     HistoryAnswer,
     ListAnswer,
     PurgeAnswer,
@@ -493,8 +493,7 @@ class Session:
             worker_id = None
             if msg.kind == "worker":
                 worker_id = msg.worker_id or secrets.token_hex(8)
-            key_id = None if principal is None else principal.key_id
-            body = self.service.hello(msg, worker_id, key_id)
+            answer = self.service.hello(msg, worker_id, principal)
         except (Unauthorized, Forbidden, Timeout) as exc:
             log.warning("%s: hello refused (%s): %s", self.peer, exc.code, exc)
             self.rules.close()
@@ -506,16 +505,13 @@ class Session:
         self.principal = principal
         self.worker_id = worker_id
         if worker_id is not None:
-            self.worker = worker_info(worker_id, msg, key_id)
+            self.worker = worker_info(worker_id, msg, answer.key_id)
         self.on_hello()
         self.conn.set_max_frame(self.settings.max_frame)
         if principal is not None and principal.role not in LARGE_FRAME_ROLES:
             self.conn.limit_incoming(SMALL_ROLE_MAX_FRAME)  # a reader asks in small frames
-        who: dict[str, str | None] = {"key_id": None, "role": None}
-        if principal is not None:
-            who = {"key_id": principal.key_id, "role": principal.role}
         self.rules.send({"t": "ack", "id": rid})  # the session is ready
-        await self._reply(build(HelloAnswer, rid, {**body, "worker_id": worker_id, **who}))
+        await self._reply(answer)
         return True
 
     async def _admit(self, msg: Request) -> bool:
@@ -615,25 +611,23 @@ class Session:
             tasks, cursor = await self.service.list_tasks(msg, self.principal)
             return ListAnswer(id=rid, tasks=[task_map(t) for t in tasks], next=cursor)
         if q == "stats":
-            return build(StatsAnswer, rid, {"stats": await self.service.stats(self.principal)})
+            return StatsAnswer(id=rid, stats=await self.service.stats(self.principal))
         if q == "workers":
-            workers = self.service.list_workers(self.principal)
-            return build(WorkersAnswer, rid, {"workers": workers})
+            return WorkersAnswer(id=rid, workers=self.service.list_workers(self.principal))
         if q == "depth":
-            depth = await self.service.queue_depth(self.principal)
-            return build(DepthAnswer, rid, {"depth": depth})
+            return DepthAnswer(id=rid, depth=await self.service.queue_depth(self.principal))
         if q == "health":
-            health = await self.service.cluster_status(self.principal)
-            return build(HealthAnswer, rid, {"health": health})
+            return HealthAnswer(id=rid, health=await self.service.cluster_status(self.principal))
         if q == "explain":
             explain = await self.service.explain(_task_id(msg), self.principal)
-            return build(ExplainAnswer, rid, {"explain": explain})
+            return ExplainAnswer(id=rid, explain=explain)
         if q == "workflow":
             workflow = await self.service.workflow(_task_id(msg), self.principal)
-            return build(WorkflowAnswer, rid, {"workflow": workflow})
+            return WorkflowAnswer(id=rid, workflow=workflow)
         if q == "history":
-            history = await self.service.history(_task_id(msg), self.principal)
-            return build(HistoryAnswer, rid, history)
+            task_id = _task_id(msg)
+            rows = await self.service.history(task_id, self.principal)
+            return HistoryAnswer(id=rid, task=task_id, history=rows, limit=HISTORY_LIMIT)
         raise InvalidRequest(f"unknown query {q!r}; known: {', '.join(get_args(QueryKind))}")
 
     async def _cancel(self, msg: Cancel) -> Answer:

@@ -67,7 +67,17 @@ from tq.core.task import (
     parse_priority,
 )
 from tq.core.when import due_at
-from tq.protocol.answers import LeaseMap, Reported, Submitted, SubmitWarning, lease_map
+from tq.protocol.answers import (
+    CapMap,
+    HelloAnswer,
+    LeaseMap,
+    Reported,
+    Stats,
+    Submitted,
+    SubmitWarning,
+    WorkerMap,
+    lease_map,
+)
 from tq.protocol.frames import pack
 from tq.protocol.parse import typed
 from tq.protocol.schema import Claim, Heartbeat, Hello, OutcomeIn, Query
@@ -365,8 +375,13 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             principal.authorize(action_of(msg))  # kind "worker" needs a worker (or admin) key
         return principal
 
-    def hello(self, msg: Hello, worker_id: str | None, key_id: str | None = None) -> dict[str, Any]:
+    def hello(
+        self, msg: Hello, worker_id: str | None, principal: Principal | None = None
+    ) -> HelloAnswer:
+        """The answer to a hello ``login`` accepted as ``principal``; a worker's hello
+        (``worker_id`` set) registers it."""
         _check_version(msg)
+        key_id = None if principal is None else principal.key_id
         if worker_id is not None:  # Forbidden if another key registered this worker id
             info = worker_info(worker_id, msg, key_id)
             if key_id is not None and info.id not in self.workers:
@@ -379,12 +394,16 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                     )
             info = self.workers.connect(info, self.clock(), self.auth.is_active)
             self.events.worker("joined", info, self.workers)
-        return {
-            "v": PROTOCOL_VERSION,
-            "server": f"tq/{__version__}",
-            "broker": self.name,
-            "lease_ttl": self.lease_ttl,
-        }
+        return HelloAnswer(
+            id=msg.id,
+            v=PROTOCOL_VERSION,
+            server=f"tq/{__version__}",
+            broker=self.name,
+            lease_ttl=self.lease_ttl,
+            worker_id=worker_id,
+            key_id=key_id,
+            role=None if principal is None else principal.role,
+        )
 
     async def submit(
         self,
@@ -729,7 +748,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             if waiter.count == 0:
                 del self._waiters[task_id]
 
-    async def stats(self, principal: Principal | None = None) -> dict[str, Any]:
+    async def stats(self, principal: Principal | None = None) -> Stats:
         """Broker-wide figures; a queue-limited key gets those of its queues only (no
         store file, no broker-wide counters)."""
         stats = await self._store_stats.get()  # one store read shared by concurrent callers
@@ -741,21 +760,30 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         if may_use is not None:
             counts = {q: c for q, c in counts.items() if may_use(q)}
             store, counters = None, queue_counters(self.activity, may_use)
-        return {
-            "broker": self.name,
-            "version": __version__,
-            "uptime": now - self.started_at,
-            "queues": counts,
-            "paused": sorted(q for q in await self.paused() if may_use is None or may_use(q)),
-            "caps": [cap.to_dict() for cap in await self.visible_caps(principal)],
-            "store": store,
-            "workers": len(self.workers.visible(may_use)),
-            "counters": counters,
-            "last_minute": self.activity.last_minute(now, may_use),
-            "history": self.activity.history(now, may_use),
-        }
+        return Stats(
+            broker=self.name,
+            version=__version__,
+            uptime=now - self.started_at,
+            queues=counts,
+            paused=sorted(q for q in await self.paused() if may_use is None or may_use(q)),
+            caps=[
+                CapMap(
+                    kind=cap.kind,
+                    name=cap.name,
+                    concurrency=cap.concurrency,
+                    rate=cap.rate,
+                    burst=cap.burst,
+                )
+                for cap in await self.visible_caps(principal)
+            ],
+            store=store,
+            workers=len(self.workers.visible(may_use)),
+            counters=counters,
+            last_minute=self.activity.last_minute(now, may_use),
+            history=self.activity.history(now, may_use),
+        )
 
-    def list_workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+    def list_workers(self, principal: Principal | None = None) -> list[WorkerMap]:
         """Known workers sorted by id (the MAX_LISTED_WORKERS most recently seen); for a
         queue-limited key only those serving its queues. Each lists at most
         LISTED_NAMES queues and types (``queues_total``/``types_total`` say how many
@@ -763,16 +791,10 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         now = self.clock()
         may_use = visible_queues(principal)
         known = sorted(self.workers.visible(may_use), key=lambda w: -w.last_seen)
-        out = []
-        for worker in sorted(known[:MAX_LISTED_WORKERS], key=lambda w: w.id):
-            entry = worker.to_dict(now, may_use)
-            for listing in ("queues", "types"):
-                names = entry[listing]
-                if names is not None and len(names) > LISTED_NAMES:
-                    entry[listing] = names[:LISTED_NAMES]
-                    entry[f"{listing}_total"] = len(names)
-            out.append(entry)
-        return out
+        return [
+            worker.to_map(now, may_use, LISTED_NAMES)
+            for worker in sorted(known[:MAX_LISTED_WORKERS], key=lambda w: w.id)
+        ]
 
     def worker_disconnected(self, worker_id: str) -> None:
         """A worker's connection closed (it stays registered until it expires)."""

@@ -62,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tq.broker.operations import HISTORY_LIMIT
 from tq.core.errors import Forbidden, InvalidRequest, PayloadTooLarge, TQError, Unauthorized
 from tq.core.limits import MAX_BODY, MAX_LIST
 from tq.core.states import State
@@ -374,12 +375,15 @@ async def submit_workflow(request: Request) -> Response:
 
 async def workflow_of(request: Request) -> Response:
     principal = await authenticate(request, "query:workflow")
-    return _json(_task(await _service(request).workflow(request.path_params["task_id"], principal)))
+    task_id = request.path_params["task_id"]
+    return _answer_json(await _service(request).workflow(task_id, principal))
 
 
 async def history_of(request: Request) -> Response:
     principal = await authenticate(request, "query:history")
-    return _json(await _service(request).history(request.path_params["task_id"], principal))
+    task_id = request.path_params["task_id"]
+    rows = await _service(request).history(task_id, principal)
+    return _answer_json({"task": task_id, "history": rows, "limit": HISTORY_LIMIT})
 
 
 async def list_tasks(request: Request) -> Response:
@@ -396,7 +400,7 @@ async def get_task(request: Request) -> Response:
 
 async def explain_task(request: Request) -> Response:
     principal = await authenticate(request, "query:explain")
-    return _json(await _service(request).explain(request.path_params["task_id"], principal))
+    return _answer_json(await _service(request).explain(request.path_params["task_id"], principal))
 
 
 async def cancel_task(request: Request) -> Response:
@@ -450,17 +454,17 @@ async def audit(request: Request) -> Response:
 
 async def stats(request: Request) -> Response:
     principal = await authenticate(request, "query:stats")
-    return _json(await _service(request).stats(principal))
+    return _answer_json(await _service(request).stats(principal))
 
 
 async def workers(request: Request) -> Response:
     principal = await authenticate(request, "query:workers")
-    return _json({"workers": _service(request).list_workers(principal)})
+    return _answer_json({"workers": _service(request).list_workers(principal)})
 
 
 async def queues(request: Request) -> Response:
     principal = await authenticate(request, "query:depth")
-    return _json(await _service(request).queue_depth(principal))
+    return _answer_json(await _service(request).queue_depth(principal))
 
 
 async def pause_queue(request: Request) -> Response:
@@ -517,7 +521,7 @@ async def delete_cap(request: Request) -> Response:
 
 async def cluster(request: Request) -> Response:
     principal = await authenticate(request, "query:health")
-    return _json(await _service(request).cluster_status(principal))
+    return _answer_json(await _service(request).cluster_status(principal))
 
 
 def _task(data: dict[str, Any]) -> dict[str, Any]:

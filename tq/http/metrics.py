@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from tq import __version__
 from tq.broker.activity import EVENTS, OTHER, Histogram
+from tq.protocol.answers import QueueDepth
 
 if TYPE_CHECKING:
     from tq.broker.service import BrokerService
@@ -103,16 +104,17 @@ def take_snapshot(
         return visible is None or (queue != OTHER and visible(queue))
 
     folded: dict[tuple[str, str], int] = {}
-    paused = sorted({labels.queue(e["queue"]) for e in gauges["queues"] if e.get("paused")})
+    depth: list[QueueDepth] = gauges["queues"]
+    paused = sorted({labels.queue(e.queue) for e in depth if e.paused})
     capped = sorted(  # a queue folded into OTHER has no cap of its own to show
-        (name, e["cap"]["concurrency"])
-        for e in gauges["queues"]
-        if e.get("cap") and e["cap"].get("concurrency") is not None
-        if (name := labels.queue(e["queue"])) != OTHER
+        (name, e.cap.concurrency)
+        for e in depth
+        if e.cap is not None and e.cap.concurrency is not None
+        if (name := labels.queue(e.queue)) != OTHER
     )
-    for entry in sorted(gauges["queues"], key=lambda e: str(e["queue"])):
-        queue = labels.queue(entry["queue"])
-        for state, n in entry["states"].items():
+    for entry in depth:  # sorted by queue
+        queue = labels.queue(entry.queue)
+        for state, n in entry.states.items():
             folded[queue, state] = folded.get((queue, state), 0) + n
     known = service.workers.visible(visible)  # a limited key: workers of its queues only
     return _Snapshot(

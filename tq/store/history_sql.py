@@ -276,26 +276,6 @@ class Transition:
     run_at: float | None = None
     priority: int | None = None
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "at": self.at,
-            "event": self.event,
-            "state": self.state,
-            "actor": self.actor,
-            "worker": self.worker,
-            "token": self.token,
-            "error": None
-            if self.error is None
-            else {
-                "type": self.error.type,
-                "message": self.error.message,
-                "traceback": self.error.traceback,
-            },
-            "run_at": self.run_at,
-            "priority": self.priority,
-        }
-
 
 _SEQ = "SELECT seq FROM tasks WHERE id = ?"
 _HISTORY = (
