@@ -22,6 +22,7 @@ from tq.broker.service import BrokerService
 from tq.core.errors import Forbidden, InvalidRequest
 from tq.core.schedule import GRACE, MAX_CATCH_UP, check_schedule, plan, upcoming
 from tq.core.task import ListFilter
+from tq.protocol.answers import ScheduleAddAnswer, ScheduleAnswer
 from tq.protocol.schema import Schedule as ScheduleRequest
 from tq.store.sqlite import open_sqlite_store
 from tq.testing import BrokerProcess, tq_command
@@ -133,7 +134,8 @@ async def test_the_scheduler_fires_every_tick_once(
                 id=0, op="add", name="minutely", cron="* * * * *", task={"type": "tick"}
             )
         )
-        assert added["created"] and added["schedule"]["next_runs"][0] == start + 30
+        assert isinstance(added, ScheduleAddAnswer)
+        assert added.created and added.schedule.next_runs[0] == start + 30
         with trio.move_on_after(5 * 60):  # five minutes of fake time: ticks at :01 .. :05
             await scheduler_loop(service)
         tasks = await store.list(ListFilter(limit=100))
@@ -141,10 +143,9 @@ async def test_the_scheduler_fires_every_tick_once(
         created = [t.created_at for t in tasks]
         # each at its tick, give or take the store's real milliseconds (x60 here)
         assert all(0 <= c - (start + 30 + 60 * i) < 15 for i, c in enumerate(created)), created
-        after = (await service.schedule_request(ScheduleRequest(id=0, op="get", name="minutely")))[
-            "schedule"
-        ]
-        assert after["fired"] == 5 and after["last_task"] == tasks[-1].id
+        got = await service.schedule_request(ScheduleRequest(id=0, op="get", name="minutely"))
+        assert isinstance(got, ScheduleAnswer)
+        assert got.schedule.fired == 5 and got.schedule.last_task == tasks[-1].id
 
         # a pause stops it; a resume carries on from the next tick, owing nothing
         await service.schedule_request(ScheduleRequest(id=0, op="pause", name="minutely"))

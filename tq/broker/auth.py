@@ -56,6 +56,14 @@ from tq.config import BrokerSettings, parse_address
 from tq.core.auth import ApiKey, AuditEntry, parse_queues
 from tq.core.errors import RateLimited, Timeout, TQError, Unauthorized
 from tq.core.limits import DEFAULT_AUDIT_PAGE
+from tq.protocol import answers
+from tq.protocol.answers import (
+    AuditAnswer,
+    KeyCreatedAnswer,
+    KeyInfo,
+    KeyListAnswer,
+    KeyRevokedAnswer,
+)
 from tq.protocol.schema import Audit, Keys, check_op, check_required
 from tq.security.keys import (
     is_legacy,
@@ -386,7 +394,9 @@ class Auth:
             self._remember(key)
         return keys
 
-    async def request(self, principal: Principal | None, msg: Keys) -> dict[str, Any]:
+    async def request(
+        self, principal: Principal | None, msg: Keys
+    ) -> KeyCreatedAnswer | KeyListAnswer | KeyRevokedAnswer:
         """A ``keys`` request: op create / list / revoke (the role was checked already;
         the fields' types and ranges are the declaration's, tq/protocol/schema.py)."""
         op, now = check_op(msg), self.clock()
@@ -400,11 +410,13 @@ class Auth:
                 queues=msg.queues,
                 expires_at=msg.expires_at,
             )
-            return {"key": text, "info": key.to_public(now)}
+            return KeyCreatedAnswer(id=msg.id, key=text, info=key_info(key, now))
         if op == "list":
-            return {"keys": [key.to_public(now) for key in await self.list_keys()]}
+            keys = [key_info(key, now) for key in await self.list_keys()]
+            return KeyListAnswer(id=msg.id, keys=keys)
         assert msg.key_id is not None  # revoke: required
-        return {"info": (await self.revoke_key(principal, msg.key_id)).to_public(now)}
+        revoked = await self.revoke_key(principal, msg.key_id)
+        return KeyRevokedAnswer(id=msg.id, info=key_info(revoked, now))
 
     # -- audit ------------------------------------------------------------------
     async def record(
@@ -417,14 +429,40 @@ class Auth:
         except TQError as exc:
             log.error("cannot record audit entry %s %s by %s: %s", action, target, actor, exc)
 
-    async def audit_page(self, msg: Audit) -> dict[str, Any]:
+    async def audit_page(self, msg: Audit) -> AuditAnswer:
         """An ``audit`` request: newest first, ``limit`` and a ``before`` cursor (their
         types and ranges are the declaration's, tq/protocol/schema.py)."""
         limit = DEFAULT_AUDIT_PAGE if msg.limit is None else msg.limit  # nil equals absent
         before = msg.before
         entries = await self.store.list_audit(limit, before)
         cursor = entries[-1].seq if len(entries) == limit else None
-        return {"entries": [e.to_dict() for e in entries], "next": cursor}
+        return AuditAnswer(id=msg.id, entries=[audit_entry(e) for e in entries], next=cursor)
+
+
+def key_info(key: ApiKey, now: float) -> KeyInfo:
+    """What an operator may see of a key: no salt, no hash."""
+    return KeyInfo(
+        id=key.id,
+        name=key.name,
+        role=key.role,
+        queues=None if key.queues is None else list(key.queues),
+        created_at=key.created_at,
+        expires_at=key.expires_at,
+        revoked_at=key.revoked_at,
+        state=key.state(now),
+    )
+
+
+def audit_entry(entry: AuditEntry) -> answers.AuditEntry:
+    """An audit log entry as its answer map."""
+    return answers.AuditEntry(
+        seq=entry.seq,
+        at=entry.at,
+        actor=entry.actor,
+        action=entry.action,
+        target=entry.target,
+        detail=dict(entry.detail),
+    )
 
 
 async def open_auth(store: Store, settings: BrokerSettings) -> tuple[Auth, bool]:

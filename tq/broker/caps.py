@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tq.core.errors import Forbidden, InvalidRequest
 from tq.core.limits import MAX_CAP_RATE as MAX_RATE
@@ -24,6 +24,13 @@ from tq.store.claimplan import QUEUE, Cap, default_burst
 
 if TYPE_CHECKING:  # tq.cli.caps imports this module: no protocol (msgpack) at its start
     from tq.broker.auth import Auth
+    from tq.protocol.answers import (
+        CapListAnswer,
+        CapListed,
+        CapMap,
+        CapRemoveAnswer,
+        CapSetAnswer,
+    )
     from tq.protocol.schema import CapOp
     from tq.security.roles import Principal
     from tq.store.base import Store
@@ -93,23 +100,25 @@ class CapOps:
     clock: Callable[[], float]
     notify_work: Callable[[], None]
 
-    async def cap_request(self, msg: CapOp, principal: Principal | None = None) -> dict[str, Any]:
+    async def cap_request(
+        self, msg: CapOp, principal: Principal | None = None
+    ) -> CapSetAnswer | CapRemoveAnswer | CapListAnswer:
         """One ``cap`` request (op: set, remove, list)."""
         from tq.broker.auth import actor_of
+        from tq.protocol.answers import CapListAnswer, CapRemoveAnswer, CapSetAnswer
         from tq.protocol.schema import check_op, check_required
 
         op = check_op(msg)
         check_required(msg)
         if op == "list":
-            caps = await self.list_caps(principal)
-            return {"caps": caps}
+            return CapListAnswer(id=msg.id, caps=await self.list_caps(principal))
         if op == "set":
             cap = check_cap(msg)
             _check_may_change(principal, cap.kind, cap.name)
             stored = await self.store.set_cap(cap, self.clock())
             self.notify_work()  # a raised cap lets waiting claims take more
             await self.auth.record(actor_of(principal), "cap.set", _target(cap), cap.to_dict())
-            return {"cap": stored.to_dict()}
+            return CapSetAnswer(id=msg.id, cap=cap_map(stored))
         kind, name = msg.kind, msg.name
         assert kind is not None and name is not None  # required for remove
         _check_may_change(principal, kind, name)
@@ -117,7 +126,7 @@ class CapOps:
         if removed:
             self.notify_work()
             await self.auth.record(actor_of(principal), "cap.remove", f"{kind}:{name}", {})
-        return {"kind": kind, "name": name, "removed": removed}
+        return CapRemoveAnswer(id=msg.id, kind=kind, name=name, removed=removed)
 
     async def visible_caps(self, principal: Principal | None = None) -> list[Cap]:
         """Every cap this principal may see (a queue-limited key: its queues' and the type
@@ -128,14 +137,30 @@ class CapOps:
             if principal is None or cap.kind != QUEUE or principal.may_use(cap.name)
         ]
 
-    async def list_caps(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+    async def list_caps(self, principal: Principal | None = None) -> list[CapListed]:
         """Every cap this principal may see, with its running count now."""
-        found = []
-        for cap in await self.visible_caps(principal):
-            entry = cap.to_dict()
-            entry["running"] = await self.store.running_count(cap.kind, cap.name, RUNNING_LIMIT)
-            found.append(entry)
-        return found
+        from tq.protocol.answers import CapListed
+
+        return [
+            CapListed(
+                kind=cap.kind,
+                name=cap.name,
+                concurrency=cap.concurrency,
+                rate=cap.rate,
+                burst=cap.burst,
+                running=await self.store.running_count(cap.kind, cap.name, RUNNING_LIMIT),
+            )
+            for cap in await self.visible_caps(principal)
+        ]
+
+
+def cap_map(cap: Cap) -> CapMap:
+    """A cap as its answer map (nil: that limit is not set)."""
+    from tq.protocol.answers import CapMap
+
+    return CapMap(
+        kind=cap.kind, name=cap.name, concurrency=cap.concurrency, rate=cap.rate, burst=cap.burst
+    )
 
 
 def _target(cap: Cap) -> str:

@@ -29,7 +29,7 @@ import trio
 
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
-from tq.core.errors import TQError, Unavailable
+from tq.core.errors import InvalidRequest, TQError, Unavailable
 from tq.core.limits import BULK_DEFAULT
 from tq.protocol.answers import (
     BrokerMap,
@@ -41,7 +41,10 @@ from tq.protocol.answers import (
     HealthChecks,
     Listen,
     PriorityCount,
+    PurgeAnswer,
+    QueueAnswer,
     QueueDepth,
+    RetryManyAnswer,
     StoreCheck,
     TaskErrorMap,
     Transition,
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
     from tq.broker.coalesce import Coalesced
     from tq.broker.events import EventBus
     from tq.broker.registry import WorkerRegistry
-    from tq.protocol.schema import Purge, RetryMany
+    from tq.protocol.schema import Purge, QueueOp, RetryMany
     from tq.security.roles import Principal
     from tq.store.base import ClusterState, Store, StoreStats
     from tq.store.base import QueueDepth as DepthRow
@@ -95,15 +98,16 @@ class OperatorOps:
     # set by the server once it listens: {"wire": "host:port", "http": "https://..."}
     addresses: Mapping[str, str | None] = MappingProxyType({})
 
-    async def pause_queue(
-        self, queue: object, paused: bool, principal: Principal | None = None
-    ) -> dict[str, Any]:
-        """Pause (``paused``) or resume a queue, durably and for every broker on the store:
+    async def pause_queue(self, msg: QueueOp, principal: Principal | None = None) -> QueueAnswer:
+        """Pause or resume (``op``) a queue, durably and for every broker on the store:
         a paused queue accepts submits and hands nothing out. Audited when it changed."""
         from tq.broker.auth import actor_of
         from tq.core.task import _name
 
-        name = _name({"queue": queue}, "queue", None)
+        if msg.op not in ("pause", "resume"):
+            raise InvalidRequest(f"unknown queue op {msg.op!r}; known: pause, resume")
+        paused = msg.op == "pause"
+        name = _name({"queue": msg.queue}, "queue", None)
         if principal is not None:
             principal.check_queue(name)
         changed = await self.store.set_paused(name, paused, self.clock())
@@ -113,7 +117,7 @@ class OperatorOps:
                 self.notify_work()  # claims waiting on other queues look again
             action = "queue.pause" if paused else "queue.resume"
             await self.auth.record(actor_of(principal), action, name, {})
-        return {"queue": name, "paused": paused, "changed": changed}
+        return QueueAnswer(id=msg.id, queue=name, paused=paused, changed=changed)
 
     async def explain(self, task_id: str, principal: Principal | None = None) -> Explanation:
         """Why the task is not running right now (tq/broker/explain.py): its reasons."""
@@ -218,7 +222,7 @@ class OperatorOps:
             )
         return Depth(queues=queues)
 
-    async def purge(self, msg: Purge, principal: Principal | None = None) -> dict[str, Any]:
+    async def purge(self, msg: Purge, principal: Principal | None = None) -> PurgeAnswer:
         """Delete (or with ``dry_run`` count) finished tasks older than ``older_than`` s.
 
         One chunk of at most ``limit`` rows per call; ``more`` says whether
@@ -230,16 +234,16 @@ class OperatorOps:
         now = self.clock()
         if msg.dry_run:
             matched = await self.store.count_purgeable(states, older_than, now)
-            return {"purged": 0, "matched": matched, "more": False}
+            return PurgeAnswer(id=msg.id, purged=0, matched=matched, more=False)
         purged = await self.store.purge(states, older_than, now, limit)
         if purged:
             self.events.removed(purged)
             await self._audit(principal, "task.purge", ",".join(sorted(states)), purged, older_than)
-        return {"purged": purged, "matched": purged, "more": purged == limit}
+        return PurgeAnswer(id=msg.id, purged=purged, matched=purged, more=purged == limit)
 
     async def retry_many(
         self, msg: RetryMany, principal: Principal | None = None
-    ) -> dict[str, Any]:
+    ) -> RetryManyAnswer:
         """Send up to ``limit`` tasks in ``state`` back to pending, oldest first."""
         state = msg.state
         limit = BULK_DEFAULT if msg.limit is None else msg.limit
@@ -253,7 +257,7 @@ class OperatorOps:
             self.fire(ids)
             self.events.promoted(len(ids))  # back to pending; from which state is not listed
             await self._audit(principal, "task.retry_many", state, len(ids), None)
-        return {"retried": ids, "more": len(ids) == limit}
+        return RetryManyAnswer(id=msg.id, retried=ids, more=len(ids) == limit)
 
     async def _audit(
         self, principal: Principal | None, action: str, target: str, n: int, age: float | None

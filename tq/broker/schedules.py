@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tq.core.errors import Forbidden
-from tq.core.schedule import Schedule, check_schedule
+from tq.core.schedule import Schedule, check_schedule, describe, upcoming
 from tq.core.task import TaskSpec
+from tq.protocol.answers import (
+    ScheduleAddAnswer,
+    ScheduleAnswer,
+    ScheduleChangeAnswer,
+    ScheduleListAnswer,
+    ScheduleMap,
+    ScheduleRemoveAnswer,
+    ScheduleRunAnswer,
+)
 from tq.protocol.schema import Schedule as ScheduleRequest
 from tq.protocol.schema import check_op, check_required
 from tq.store.base import SubmitResult
@@ -38,6 +47,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tq.broker")
 
+# what a ``schedule`` request answers, by op (tq/protocol/answers.py)
+ScheduleReply = (
+    ScheduleAddAnswer
+    | ScheduleListAnswer
+    | ScheduleAnswer
+    | ScheduleRemoveAnswer
+    | ScheduleChangeAnswer
+    | ScheduleRunAnswer
+)
 SCHEDULER_MAX_SLEEP = 1.0  # seconds between looks at the schedules when none is due sooner
 
 
@@ -60,15 +78,15 @@ class ScheduleOps:
 
     async def schedule_request(
         self, msg: ScheduleRequest, principal: Principal | None = None
-    ) -> dict[str, Any]:
+    ) -> ScheduleReply:
         """One ``schedule`` request (op: add, list, get, remove, pause, resume, run_now);
         its fields' types and ranges are the declaration's (tq/protocol/schema.py)."""
         op = check_op(msg)
         check_required(msg)
-        now = self.clock()
+        now, rid = self.clock(), msg.id
         if op == "list":
             found = [s for s in await self.store.list_schedules() if _sees(principal, s)]
-            return {"schedules": [s.to_dict(now) for s in found]}
+            return ScheduleListAnswer(id=rid, schedules=[schedule_map(s, now) for s in found])
         name = msg.name
         assert name is not None  # required by every op but list
         if op == "add":
@@ -78,28 +96,30 @@ class ScheduleOps:
             stored, created = await self.store.put_schedule(schedule)
             self.notify_schedules()
             await self._record(principal, "schedule.add", stored.name, {"cron": stored.cron})
-            return {"schedule": stored.to_dict(now), "created": created}
+            return ScheduleAddAnswer(id=rid, schedule=schedule_map(stored, now), created=created)
         current = await self.store.get_schedule(name)
         if not _sees(principal, current):
             raise Forbidden(f"this key may not use the queue of schedule {name!r}")
         if op == "get":
-            return {"schedule": current.to_dict(now)}
+            return ScheduleAnswer(id=rid, schedule=schedule_map(current, now))
         if op == "remove":
             removed = await self.store.remove_schedule(name)
             self.notify_schedules()
             if removed:
                 await self._record(principal, "schedule.remove", name, {})
-            return {"removed": removed}
+            return ScheduleRemoveAnswer(id=rid, removed=removed)
         if op in ("pause", "resume"):
             schedule, changed = await self.store.pause_schedule(name, op == "pause", now)
             self.notify_schedules()
             if changed:
                 await self._record(principal, f"schedule.{op}", name, {})
-            return {"schedule": schedule.to_dict(now), "changed": changed}
+            return ScheduleChangeAnswer(
+                id=rid, schedule=schedule_map(schedule, now), changed=changed
+            )
         schedule, task_id = await self.store.run_schedule(name, now)  # run_now
         self._submitted(schedule, [task_id])
         await self._record(principal, "schedule.run_now", name, {"task": task_id})
-        return {"schedule": schedule.to_dict(now), "task": task_id}
+        return ScheduleRunAnswer(id=rid, schedule=schedule_map(schedule, now), task=task_id)
 
     async def fire_due(self) -> int:
         """Fire every due schedule (in batches); the number of tasks submitted."""
@@ -134,6 +154,29 @@ class ScheduleOps:
         from tq.broker.auth import actor_of
 
         await self.auth.record(actor_of(principal), action, target, detail)
+
+
+def schedule_map(schedule: Schedule, now: float) -> ScheduleMap:
+    """A stored schedule as its answer map: ``next_runs``, the next PREVIEW ticks after
+    ``now`` (none while paused), and ``description``, the cron expression in words."""
+    paused = schedule.paused_at is not None
+    return ScheduleMap(
+        name=schedule.name,
+        cron=schedule.cron,
+        timezone=schedule.timezone,
+        task=schedule.task,
+        missed=schedule.missed,
+        paused=paused,
+        paused_at=schedule.paused_at,
+        next_at=None if paused else schedule.next_at,
+        last_fired_at=schedule.last_fired_at,
+        last_task=schedule.last_task,
+        fired=schedule.fired,
+        created_at=schedule.created_at,
+        updated_at=schedule.updated_at,
+        description=describe(schedule.cron),
+        next_runs=[] if paused else upcoming(schedule, max(now, schedule.next_at - 1e-6)),
+    )
 
 
 def _sees(principal: Principal | None, schedule: Schedule) -> bool:

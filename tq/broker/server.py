@@ -77,7 +77,6 @@ from tq.core.task import MAX_PAYLOAD_BYTES
 from tq.protocol import Connection
 from tq.protocol.answers import (
     Answer,
-    AuditAnswer,
     ClaimAnswer,
     DepthAnswer,
     ExplainAnswer,
@@ -85,10 +84,7 @@ from tq.protocol.answers import (
     HeartbeatAnswer,
     HistoryAnswer,
     ListAnswer,
-    PurgeAnswer,
-    QueueAnswer,
     ResultAnswer,
-    RetryManyAnswer,
     StatsAnswer,
     SubmitAnswer,
     SubscribeAnswer,
@@ -97,7 +93,6 @@ from tq.protocol.answers import (
     WaitAnswer,
     WorkersAnswer,
     WorkflowAnswer,
-    answer_type,
     as_wire,
     build,
     task_map,
@@ -656,33 +651,27 @@ class Session:
             raise
         return WaitAnswer(id=msg.id, task=task_map(task), timed_out=timed_out)
 
+    # operations: the service answers the typed request with its declared answer
     async def _queue(self, msg: QueueOp) -> Answer:
-        if msg.op not in ("pause", "resume"):
-            raise InvalidRequest(f"unknown queue op {msg.op!r}; known: pause, resume")
-        body = await self.service.pause_queue(msg.queue, msg.op == "pause", self.principal)
-        return build(QueueAnswer, msg.id, body)
+        return await self.service.pause_queue(msg, self.principal)
 
     async def _schedule(self, msg: Schedule) -> Answer:
-        body = await self.service.schedule_request(msg, self.principal)
-        return build(answer_type("schedule", msg.op), msg.id, body)
+        return await self.service.schedule_request(msg, self.principal)
 
     async def _cap(self, msg: CapOp) -> Answer:
-        body = await self.service.cap_request(msg, self.principal)
-        return build(answer_type("cap", msg.op), msg.id, body)
+        return await self.service.cap_request(msg, self.principal)
 
     async def _keys(self, msg: Keys) -> Answer:
-        body = await self.service.auth.request(self.principal, msg)
-        return build(answer_type("keys", msg.op), msg.id, body)
+        return await self.service.auth.request(self.principal, msg)
 
     async def _audit(self, msg: Audit) -> Answer:
-        return build(AuditAnswer, msg.id, await self.service.auth.audit_page(msg))
+        return await self.service.auth.audit_page(msg)
 
     async def _purge(self, msg: Purge) -> Answer:
-        return build(PurgeAnswer, msg.id, await self.service.purge(msg, self.principal))
+        return await self.service.purge(msg, self.principal)
 
     async def _retry_many(self, msg: RetryMany) -> Answer:
-        body = await self.service.retry_many(msg, self.principal)
-        return build(RetryManyAnswer, msg.id, body)
+        return await self.service.retry_many(msg, self.principal)
 
 
 class LargeSubmit(Submit, tag="submit"):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -50,6 +50,7 @@ def _store_settings(**flags: Any) -> Any:
 if TYPE_CHECKING:
     from tq.broker.auth import Auth
 
+T = TypeVar("T")
 keys_app = typer.Typer(help="API keys: create, list, revoke (admin).", no_args_is_help=True)
 ca_app = typer.Typer(help="The broker's CA: client certificates for mutual TLS.")
 token_app = typer.Typer(help="Join tokens: broker address, CA and a key in one string.")
@@ -114,20 +115,27 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
     from tq.security.roles import Principal
 
     local = Principal("local", "local CLI", "admin", None)  # audited as "local"
+    import msgspec
+
     from tq.protocol.parse import typed
 
+    answer: msgspec.Struct
     if msg["t"] == "audit":
         from tq.protocol.schema import Audit
 
         page = typed(Audit, {**msg, "id": 0}, "audit")
-        return _offline(data, lambda auth: auth.audit_page(page))
-    from tq.protocol.schema import Keys
+        answer = _offline(data, lambda auth: auth.audit_page(page))
+    else:
+        from tq.protocol.schema import Keys
 
-    keys = typed(Keys, {**msg, "id": 0})  # the wire's declaration, offline too
-    return _offline(data, lambda auth: auth.request(local, keys))
+        keys = typed(Keys, {**msg, "id": 0})  # the wire's declaration, offline too
+        answer = _offline(data, lambda auth: auth.request(local, keys))
+    # the declared answer as the map the wire's answer decodes to (bytes stay bytes)
+    reply: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(bytes,))
+    return reply
 
 
-def _offline(data: Path, fn: Callable[[Auth], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+def _offline(data: Path, fn: Callable[[Auth], Awaitable[T]]) -> T:
     """``fn(auth)`` on the broker's store, as the broker would run it: the store its
     settings name (``store``: TQ_STORE or the config file), else DATA/tq.db."""
     import trio
@@ -150,14 +158,13 @@ def _offline(data: Path, fn: Callable[[Auth], Awaitable[dict[str, Any]]]) -> dic
             exits.USAGE,
         )
 
-    async def main() -> dict[str, Any]:
+    async def main() -> T:
         async with open_store(url) as store:
             auth = Auth(store)
             await auth.load()
             return await fn(auth)
 
-    result: dict[str, Any] = trio.run(main)
-    return result
+    return trio.run(main)
 
 
 def _has_store(url: str) -> bool:

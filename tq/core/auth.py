@@ -64,19 +64,6 @@ class ApiKey:
             return "expired"
         return "active"
 
-    def to_public(self, now: float) -> dict[str, Any]:
-        """What may be shown to an operator: no salt, no hash."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "role": self.role,
-            "queues": None if self.queues is None else list(self.queues),
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "revoked_at": self.revoked_at,
-            "state": self.state(now),
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
@@ -88,13 +75,3 @@ class AuditEntry:
     target: str = ""  # e.g. the key id or task id acted upon
     detail: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "at": self.at,
-            "actor": self.actor,
-            "action": self.action,
-            "target": self.target,
-            "detail": dict(self.detail),
-        }

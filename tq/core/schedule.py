@@ -61,31 +61,6 @@ class Schedule:
     created_at: float = 0.0
     updated_at: float = 0.0
 
-    def to_dict(self, now: float | None = None) -> dict[str, Any]:
-        """The wire and JSON form; with ``now``, ``next_runs``: the next PREVIEW ticks
-        (none while paused) and ``description``: the cron expression in words."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "cron": self.cron,
-            "timezone": self.timezone,
-            "task": self.task,
-            "missed": self.missed,
-            "paused": self.paused_at is not None,
-            "paused_at": self.paused_at,
-            "next_at": None if self.paused_at is not None else self.next_at,
-            "last_fired_at": self.last_fired_at,
-            "last_task": self.last_task,
-            "fired": self.fired,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-        if now is not None:
-            out["description"] = describe(self.cron)
-            out["next_runs"] = (
-                [] if self.paused_at is not None else upcoming(self, max(now, self.next_at - 1e-6))
-            )
-        return out
-
 
 def check_name(name: object) -> str:
     """A schedule's name: the rules of queue and type names."""

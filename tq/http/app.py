@@ -71,7 +71,7 @@ from tq.core.typed import explain, type_name
 from tq.http import problems, web
 from tq.http.metrics import MetricsPage
 from tq.http.openapi import document
-from tq.protocol.answers import task_map
+from tq.protocol.answers import Answer, ScheduleAddAnswer, task_map
 from tq.protocol.frames import CONTAINER_BASE, INLINE_DECODE
 from tq.protocol.parse import typed
 from tq.protocol.schema import (
@@ -81,6 +81,7 @@ from tq.protocol.schema import (
     Keys,
     Purge,
     Query,
+    QueueOp,
     RetryMany,
     Schedule,
     SetPriority,
@@ -120,6 +121,13 @@ def _answer_json(data: Any, status: int = 200) -> Response:
     """Declared answer maps (tq/protocol/answers.py) as JSON, encoded by msgspec: bytes
     as base64 text and non-finite numbers as null, as ``_task`` renders them."""
     return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
+
+
+def _fields_json(answer: Answer, status: int = 200) -> Response:
+    """A wire answer's fields as JSON, its envelope (``t``, ``id``) left out: what the
+    operation routes answer (the same declaration, the same rendering as ``_answer_json``)."""
+    fields = {name: getattr(answer, name) for name in answer.__struct_fields__ if name != "id"}
+    return _answer_json(fields, status)
 
 
 def _service(request: Request) -> BrokerService:
@@ -426,18 +434,18 @@ async def set_priority(request: Request) -> Response:
 async def purge(request: Request) -> Response:
     principal = await authenticate(request, "purge")
     msg = _request(Purge, await _typed_body(request, PURGE_BODY))
-    return _json(await _service(request).purge(msg, principal))
+    return _fields_json(await _service(request).purge(msg, principal))
 
 
 async def retry_many(request: Request) -> Response:
     principal = await authenticate(request, "retry_many")
     msg = _request(RetryMany, await _typed_body(request, RETRY_MANY_BODY))
-    return _json(await _service(request).retry_many(msg, principal))
+    return _fields_json(await _service(request).retry_many(msg, principal))
 
 
 async def keys(request: Request) -> Response:
     await authenticate(request, "keys:list")
-    return _json(await _service(request).auth.request(None, Keys(id=0, op="list")))
+    return _fields_json(await _service(request).auth.request(None, Keys(id=0, op="list")))
 
 
 async def audit(request: Request) -> Response:
@@ -449,7 +457,8 @@ async def audit(request: Request) -> Response:
             if not (text.isascii() and text.isdigit()):
                 raise InvalidRequest(f"{name} must be a whole number, not {text!r}")
             msg[name] = int(text)
-    return _json(await _service(request).auth.audit_page(typed(Audit, {**msg, "id": 0}, "audit")))
+    page = typed(Audit, {**msg, "id": 0}, "audit")
+    return _fields_json(await _service(request).auth.audit_page(page))
 
 
 async def stats(request: Request) -> Response:
@@ -467,21 +476,19 @@ async def queues(request: Request) -> Response:
     return _answer_json(await _service(request).queue_depth(principal))
 
 
-async def pause_queue(request: Request) -> Response:
-    principal = await authenticate(request, "queue:pause")
-    return _json(await _service(request).pause_queue(request.path_params["queue"], True, principal))
+def _queue_op(op: str) -> Handler:
+    async def handler(request: Request) -> Response:
+        principal = await authenticate(request, f"queue:{op}")
+        msg = QueueOp(id=0, op=op, queue=request.path_params["queue"])  # checked by the service
+        return _fields_json(await _service(request).pause_queue(msg, principal))
 
-
-async def resume_queue(request: Request) -> Response:
-    principal = await authenticate(request, "queue:resume")
-    answer = await _service(request).pause_queue(request.path_params["queue"], False, principal)
-    return _json(answer)
+    return handler
 
 
 async def list_schedules(request: Request) -> Response:
     principal = await authenticate(request, "schedule:list")
     msg = Schedule(id=0, op="list")
-    return _json(_task(await _service(request).schedule_request(msg, principal)))
+    return _fields_json(await _service(request).schedule_request(msg, principal))
 
 
 async def put_schedule(request: Request) -> Response:
@@ -489,34 +496,35 @@ async def put_schedule(request: Request) -> Response:
     body = await _typed_body(request, SCHEDULE_BODY)
     msg = _request(Schedule, body, op="add", name=request.path_params["name"])
     answer = await _service(request).schedule_request(msg, principal)
-    return _json(_task(answer), status=201 if answer["created"] else 200)
+    assert isinstance(answer, ScheduleAddAnswer)
+    return _fields_json(answer, status=201 if answer.created else 200)
 
 
 def _schedule_op(op: str, action: str) -> Handler:
     async def handler(request: Request) -> Response:
         principal = await authenticate(request, action)
         msg = _request(Schedule, op=op, name=request.path_params["name"])
-        return _json(_task(await _service(request).schedule_request(msg, principal)))
+        return _fields_json(await _service(request).schedule_request(msg, principal))
 
     return handler
 
 
 async def list_caps(request: Request) -> Response:
     principal = await authenticate(request, "cap:list")
-    return _json(await _service(request).cap_request(CapOp(id=0, op="list"), principal))
+    return _fields_json(await _service(request).cap_request(CapOp(id=0, op="list"), principal))
 
 
 async def put_cap(request: Request) -> Response:
     principal = await authenticate(request, "cap:set")
     body = await _typed_body(request, CAP_BODY)
     msg = _request(CapOp, body, op="set", **request.path_params)
-    return _json(await _service(request).cap_request(msg, principal))
+    return _fields_json(await _service(request).cap_request(msg, principal))
 
 
 async def delete_cap(request: Request) -> Response:
     principal = await authenticate(request, "cap:remove")
     msg = _request(CapOp, op="remove", **request.path_params)
-    return _json(await _service(request).cap_request(msg, principal))
+    return _fields_json(await _service(request).cap_request(msg, principal))
 
 
 async def cluster(request: Request) -> Response:
@@ -609,7 +617,7 @@ def build_app(service: BrokerService) -> Starlette:
         Route(f"{API}/stats", stats, methods=["GET"]),
         Route(f"{API}/workers", workers, methods=["GET"]),
         Route(f"{API}/queues", queues, methods=["GET"]),
-        Route(f"{API}/queues/{{queue}}/pause", pause_queue, methods=["POST"]),
+        Route(f"{API}/queues/{{queue}}/pause", _queue_op("pause"), methods=["POST"]),
         Route(f"{API}/caps", list_caps, methods=["GET"]),
         _resource(f"{API}/caps/{{kind}}/{{name}}", PUT=put_cap, DELETE=delete_cap),
         Route(f"{API}/schedules", list_schedules, methods=["GET"]),
@@ -634,7 +642,7 @@ def build_app(service: BrokerService) -> Starlette:
             _schedule_op("run_now", "schedule:run_now"),
             methods=["POST"],
         ),
-        Route(f"{API}/queues/{{queue}}/resume", resume_queue, methods=["POST"]),
+        Route(f"{API}/queues/{{queue}}/resume", _queue_op("resume"), methods=["POST"]),
         Route(f"{API}/cluster", cluster, methods=["GET"]),
         Route(f"{API}/keys", keys, methods=["GET"]),
         Route(f"{API}/audit", audit, methods=["GET"]),
