@@ -259,3 +259,29 @@ def test_an_ack_is_decoded_straight_into_its_requests_declaration() -> None:
     assert isinstance(item, Answer)
     with pytest.raises(BadAnswer, match="code"):
         core.result(item)
+
+
+def test_an_event_is_decoded_straight_into_its_topics_declaration() -> None:
+    """An event of the subscription is decoded from its bytes into its topic's
+    declaration (``CheckedEvent``), read as the map path reads it; one that does not
+    fit, or of a topic this client does not know, takes the map path, and the
+    consumer's ``parse_event`` says what is wrong (the connection lives on)."""
+    core = ready_core()
+    sub, _ = core.send(api.subscribe(["counts"]).message)
+    core.receive_data(WIRE.send({"t": "ack", "id": sub, "topics": ["counts"]}))
+    assert isinstance(core.next_received(), Answer) and core.subscribed
+    envelope = {"t": "event", "id": sub, "seq": 1, "topic": "counts", "time": 2.5}
+    good = {**envelope, "queues": {"q": {"pending": 3}}}
+    core.receive_data(WIRE.send(good) + WIRE.send({**envelope, "queues": 7}))
+    item = core.next_received()
+    assert isinstance(item, EventReceived) and type(item.message) is api.CheckedEvent
+    assert api.parse_event(item.message) == api.parse_event(good)
+    assert api.parse_event(item.message).data == {"queues": {"q": {"pending": 3}}}
+    bad = core.next_received()
+    assert isinstance(bad, EventReceived) and type(bad.message) is dict
+    with pytest.raises(BadAnswer, match="queues"):
+        api.parse_event(bad.message)
+    newer = {**envelope, "topic": "weather", "sun": True}
+    core.receive_data(WIRE.send(newer))
+    item = core.next_received()
+    assert isinstance(item, EventReceived) and api.parse_event(item.message).data == {"sun": True}

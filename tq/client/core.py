@@ -93,7 +93,8 @@ class ClientCore:
         An ACK of an outstanding request (but hello's) is read no further than its
         envelope: its ``Answer`` carries the body, which ``result`` hands to the
         request's declaration as bytes (``api.AnswerBody``). A NACK is decoded straight
-        into its declaration. Anything else (hello's answer, an event, a frame over
+        into its declaration, an event of the subscription into its topic's
+        (``api.CheckedEvent``). Anything else (hello's answer, a frame over
         INLINE_DECODE bytes, one whose envelope does not fit) is decoded as a map and
         checked as before. Raises the TQError that breaks the connection (a malformed
         frame)."""
@@ -111,6 +112,10 @@ class ClientCore:
                 nack = _nack(body)
                 if nack is not None:
                     return self._received(msgspec.to_builtins(nack))
+            elif env.t == "event" and env.topic is not None and env.id == self.session.subscription:
+                event = api.checked_event(body, env.topic)
+                if event is not None:
+                    return self._received(event)
         try:
             msg = self.conn.parse(body)
         except MessageError as exc:
@@ -161,6 +166,7 @@ class _Envelope(msgspec.Struct):
 
     t: str
     id: Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
+    topic: str | None = None  # an event's
 
 
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
