@@ -433,9 +433,11 @@ class Schedule(Request, tag="schedule"):
         Annotated[ScheduleTaskIn, For("add")] | None,
         doc(
             "what each tick submits: `type` (required), `payload`, `queue`, `priority`, "
-            "`max_retries`, `timeout`, `retry_base`, `retry_cap`, with `submit`'s rules (no "
-            "`idempotency_key`: each tick's task gets `tq-schedule:NAME:TICK`, TICK its Unix "
-            "time, so a tick inserts at most one task)"
+            "`max_retries`, `timeout`, `retry_base`, `retry_cap`, with `submit`'s rules and "
+            "words (`schedule message: field 'task': task priority must be ...`); any other "
+            "field is refused as an unknown task field (no `idempotency_key`: each tick's task "
+            "gets `tq-schedule:NAME:TICK`, TICK its Unix time, so a tick inserts at most one "
+            "task)"
         ),
     ] = None
     missed: Annotated[
