@@ -14,6 +14,12 @@ A tick counts as *missed* when it is more than ``GRACE`` seconds old by the
 time a broker gets to it; a tick fired late within the grace (a busy broker,
 a restart of a few seconds) is simply late, not missed.
 
+A schedule is declared once (``ScheduleIn``: its task is ``ScheduleTaskIn``, the
+task spec's fields a schedule may carry); the wire's ``schedule`` request uses the
+same declarations and plain data (a file, a test) is converted into them
+(``parse_schedule``), so ``check_schedule`` checks only what no declaration can
+say: the cron grammar, a known time zone, the rules joining a task's fields.
+
 ``plan`` decides, for one due schedule, which ticks to fire now and when the
 next one is: the store calls it inside the transaction that inserts the
 tasks and moves ``next_at``, so a tick fires exactly once however many

@@ -26,6 +26,14 @@ the list of the group's results. It becomes the task's payload, or, if the
 task has a map payload of its own, that map's key ``"input"``. The first
 tasks of the document receive nothing (their own payload).
 
+The document is declared once, ``WorkflowNodeIn`` (a node's kinds and a task
+spec's fields, with the task spec's declarations): REST decodes its body straight
+into it, the CLI and the clients convert their plain data into it
+(``parse_workflow``), so a bad node or field is refused in the same words
+everywhere ("workflow chain[1].max_retries must be an integer ..."); the rules
+that join fields (one kind per node, a chord's callback, no depends_on or input)
+are ``compile_nodes``'s, which gives typed task specs (``compile_workflow``: maps).
+
 Failure: a workflow step's ``on_dependency_failure`` defaults to ``"wait"``: when a
 step ends dead (or is cancelled), the steps after it stay blocked, and
 ``tq retry`` of that step resumes the workflow when it succeeds. A step may say
@@ -52,7 +60,9 @@ _NODES = Meta(
     extra={"rule": "a non-empty array of nodes (tasks, chains, groups or chords)"},
 )
 
-_NODE_LIST: Any = list["WorkflowNodeIn"]  # (itself: below)
+# a node's children and a chord's callback: nodes (the declaration below names itself,
+# resolved when a decoder is made; typed Any so that mypy does not look it up)
+_NODE_LIST: Any = list["WorkflowNodeIn"]
 _NODE_OR_NIL: Any = "WorkflowNodeIn | None"
 
 # One node of a document, declared once for REST, the CLI and the clients: the kinds of
