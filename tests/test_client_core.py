@@ -27,11 +27,21 @@ from tq.core.errors import (
     ConnectionFailed,
     NotFound,
     ProtocolError,
+    RateLimited,
     TLSFailure,
     Unavailable,
 )
 from tq.protocol import Connection
-from tq.protocol.session import Answer, EventReceived, Farewell, LocalProtocolError, State
+from tq.protocol.answers import BadAnswer
+from tq.protocol.frames import INLINE_DECODE
+from tq.protocol.session import (
+    Answer,
+    EventReceived,
+    Farewell,
+    Ignored,
+    LocalProtocolError,
+    State,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WIRE = Connection()
@@ -96,7 +106,10 @@ def test_answers_reach_their_request_and_nacks_raise() -> None:
     core.receive_data(answers[5:])
     stats = core.next_received()
     assert isinstance(stats, Answer) and stats.rid == second and stats.request == "query"
-    assert core.result(stats) == {"t": "ack", "id": second, "stats": {}}
+    # an ACK is read no further than its envelope; the request's declaration reads it
+    reply = core.result(stats)
+    assert reply == api.AnswerBody(answers[4 : 4 + len(reply.body)])  # type: ignore[union-attr]
+    assert api.reply_map(reply) == {"t": "ack", "id": second, "stats": {}}
     missing = core.next_received()
     assert isinstance(missing, Answer) and missing.rid == first
     with pytest.raises(NotFound, match="no task with id a"):
@@ -198,5 +211,77 @@ def test_answers_in_any_order_and_any_pieces_reach_their_requests(
             assert isinstance(item, Answer)
             got.append(item)
     assert [a.rid for a in got] == list(order)
-    assert all(core.result(a)["for"] == sent[a.rid] for a in got)
+    assert all(api.reply_map(core.result(a))["for"] == sent[a.rid] for a in got)
     assert not core.session.outstanding
+
+
+def test_an_ack_is_decoded_straight_into_its_requests_declaration() -> None:
+    """The core reads an ACK's envelope only; ``Call.parse`` decodes its bytes into the
+    declared answer: what fits is read, what does not is BadAnswer naming the field, a
+    frame over INLINE_DECODE bytes and a stray id take the map path, and a NACK is
+    decoded into its declaration and raised."""
+    core = ready_core()
+    call = api.get("a")
+    rid, _ = core.send(call.message)
+    core.receive_data(WIRE.send({"t": "ack", "id": rid, "task": {"id": "a"}}))
+    item = core.next_received()
+    assert isinstance(item, Answer) and item.body is not None
+    with pytest.raises(BadAnswer, match=r"malformed answer to query get .*\$\.task"):
+        call.parse(core.result(item))
+    many = api.retry_many("dead")
+    ok = {"retried": ["a"], "more": False}
+    rid, _ = core.send(many.message)
+    core.receive_data(WIRE.send({"t": "ack", "id": rid, **ok}))
+    item = core.next_received()
+    assert isinstance(item, Answer) and many.parse(core.result(item)) == ok
+    # a large answer: decoded as a map, with its containers counted, then converted
+    rid, _ = core.send(many.message)
+    big = {"t": "ack", "id": rid, **ok, "pad": "x" * (INLINE_DECODE + 1)}
+    core.receive_data(WIRE.send(big))
+    item = core.next_received()
+    assert isinstance(item, Answer) and item.body is None
+    assert many.parse(core.result(item)) == ok
+    # an ACK of no outstanding request is ignored, whatever it holds
+    core.receive_data(WIRE.send({"t": "ack", "id": 999, "retried": 5}))
+    assert isinstance(core.next_received(), Ignored)
+    # a NACK: decoded into its declaration; one that does not fit is BadAnswer
+    rid, _ = core.send(many.message)
+    core.receive_data(
+        WIRE.send({"t": "nack", "id": rid, "code": "rate_limited", "message": "slow down"})
+        + WIRE.send({"t": "nack", "id": rid + 1, "code": 5, "message": "?"})
+    )
+    item = core.next_received()
+    assert isinstance(item, Answer) and item.body is None
+    with pytest.raises(RateLimited, match="slow down"):
+        core.result(item)
+    core.send(many.message)
+    item = core.next_received()
+    assert isinstance(item, Answer)
+    with pytest.raises(BadAnswer, match="code"):
+        core.result(item)
+
+
+def test_an_event_is_decoded_straight_into_its_topics_declaration() -> None:
+    """An event of the subscription is decoded from its bytes into its topic's
+    declaration (``CheckedEvent``), read as the map path reads it; one that does not
+    fit, or of a topic this client does not know, takes the map path, and the
+    consumer's ``parse_event`` says what is wrong (the connection lives on)."""
+    core = ready_core()
+    sub, _ = core.send(api.subscribe(["counts"]).message)
+    core.receive_data(WIRE.send({"t": "ack", "id": sub, "topics": ["counts"]}))
+    assert isinstance(core.next_received(), Answer) and core.subscribed
+    envelope = {"t": "event", "id": sub, "seq": 1, "topic": "counts", "time": 2.5}
+    good = {**envelope, "queues": {"q": {"pending": 3}}}
+    core.receive_data(WIRE.send(good) + WIRE.send({**envelope, "queues": 7}))
+    item = core.next_received()
+    assert isinstance(item, EventReceived) and type(item.message) is api.CheckedEvent
+    assert api.parse_event(item.message) == api.parse_event(good)
+    assert api.parse_event(item.message).data == {"queues": {"q": {"pending": 3}}}
+    bad = core.next_received()
+    assert isinstance(bad, EventReceived) and type(bad.message) is dict
+    with pytest.raises(BadAnswer, match="queues"):
+        api.parse_event(bad.message)
+    newer = {**envelope, "topic": "weather", "sun": True}
+    core.receive_data(WIRE.send(newer))
+    item = core.next_received()
+    assert isinstance(item, EventReceived) and api.parse_event(item.message).data == {"sun": True}

@@ -217,9 +217,9 @@ async def test_a_new_session_renews_the_leases_it_holds_at_once(
     sent: list[tuple[float, list[Any]]] = []
 
     class Session:  # records what the heartbeater sends; the broker keeps every lease
-        async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        async def request_answer(self, message: dict[str, Any], kind: type[Any]) -> Any:
             sent.append((trio.current_time() - start, message["leases"]))
-            return {"t": "ack", "id": 1, "lost": []}  # a heartbeat ACK keeping every lease
+            return kind(id=1, lost=[])  # a heartbeat ACK keeping every lease
 
     worker = Worker(Settings(data=tmp_path, lease_ttl=30.0), HandlerRegistry())
     start = trio.current_time()

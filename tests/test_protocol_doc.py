@@ -71,7 +71,7 @@ def doc_type(text: str) -> tuple[type, ...] | None:
     text = text.removesuffix(" or nil")  # an answer's field that may be nil
     if text.startswith("array"):
         return (list,)
-    if text.startswith("map"):  # "map", "map of str"
+    if text.startswith("map") or text.endswith(" map"):  # "map of str", "task-spec map"
         return (dict,)
     return DOC_TYPES[text]
 

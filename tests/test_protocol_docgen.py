@@ -120,8 +120,9 @@ def test_openapi_bodies_are_the_wire_requests_without_envelope_and_path() -> Non
     from tq.http.openapi import SCHEMAS
 
     for name, body in schemas.BODIES.items():
-        _, found = msgspec.json.schema_components([body.request])
-        wire = found[body.request.__name__]
+        _, found = msgspec.json.schema_components([body.request], ref_template=schemas.REF)
+        names = {struct.__name__: name for name, struct in schemas.SAME.items()}
+        wire = schemas._renamed(found[body.request.__name__], names)
         dropped = {"t", "id", *body.path}
         documented = SCHEMAS[name]
         assert documented["properties"] == {
@@ -161,10 +162,31 @@ def test_every_request_body_with_a_wire_twin_is_generated() -> None:
             if isinstance(op, dict) and "requestBody" in op:
                 bodies |= _refs(op["requestBody"])
     generated = set(schemas.components())
-    assert {*schemas.BODIES, "TaskSpec"} <= bodies
-    # the only hand-written body schema: a workflow document (compiled by tq.core)
-    assert bodies - generated == {"Workflow"}
+    assert {*schemas.BODIES, *schemas.DOCUMENTS, "TaskSpec"} <= bodies
+    # no hand-written body schema: a workflow document is declared too (tq.core.workflow)
+    assert bodies - generated == set()
     assert set(generated) <= set(doc["components"]["schemas"])
+
+
+def test_openapi_workflow_is_the_documents_declaration() -> None:
+    """The Workflow body is WorkflowNodeIn: the node kinds, then a task spec's fields
+    with the task spec's descriptions; its nodes refer to itself."""
+    from tq.core.task import TaskSpecIn
+    from tq.core.workflow import WorkflowNodeIn
+    from tq.http.openapi import SCHEMAS
+
+    workflow = SCHEMAS["Workflow"]
+    assert list(workflow["properties"]) == list(WorkflowNodeIn.__struct_fields__)
+    assert list(workflow["properties"])[4:] == list(TaskSpecIn.__struct_fields__)
+    assert workflow["additionalProperties"] is False and not workflow.get("required")
+    chain = workflow["properties"]["chain"]["anyOf"][0]
+    assert chain == {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/Workflow"},
+        "minItems": 1,
+    }
+    texts = {f.name: f.text for f in docgen.fields_of(TaskSpecIn)}
+    assert workflow["properties"]["max_retries"]["description"] == texts["max_retries"]
 
 
 def test_openapi_answer_maps_are_the_declared_answers() -> None:

@@ -36,7 +36,7 @@ from tq.core.errors import (
     Unavailable,
 )
 from tq.core.retry import RetryPolicy
-from tq.core.schedule import Schedule, check_schedule
+from tq.core.schedule import Schedule, check_schedule, parse_schedule
 from tq.core.states import State
 from tq.core.task import MAX_PAYLOAD_BYTES, Lease, ListFilter, Outcome, TaskError, TaskSpec
 from tq.store import schema, sqlite
@@ -968,7 +968,8 @@ async def test_pausing_a_queue_is_stored_and_says_whether_it_changed(store: Any)
 
 
 def _schedule(cron: str = "0 * * * *", missed: str = "skip", **task: Any) -> Schedule:
-    return check_schedule("hourly", cron, "UTC", {"type": "report", **task}, missed, NOW)
+    fields = {"name": "hourly", "cron": cron, "timezone": "UTC", "missed": missed}
+    return check_schedule(parse_schedule({**fields, "task": {"type": "report", **task}}), NOW)
 
 
 async def test_a_schedule_fires_each_tick_once_with_its_task(store: Any) -> None:

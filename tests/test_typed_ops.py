@@ -26,6 +26,7 @@ LONG = "x" * (limits.MAX_WORKER_TEXT + 1)
 RATE = f"field 'rate' must be {schema.RATE_RULE}"
 CAP_N = f"field 'concurrency' must be an integer 1..{limits.MAX_CAP_CONCURRENCY}"
 SCHEDULE = {"op": "add", "name": "s", "cron": "* * * * *", "task": {"type": "t"}}
+TASK = "field 'task': task "
 CAP = {"op": "set", "kind": "queue", "name": "q"}
 
 HELLO_CASES: list[tuple[dict[str, Any], str]] = [
@@ -74,6 +75,22 @@ SCHEDULE_CASES: list[tuple[dict[str, Any], str]] = [
     ({**SCHEDULE, "timezone": ""}, "field 'timezone' must be a string of 1..64 characters"),
     ({**SCHEDULE, "cron": "*" * 201}, "field 'cron' must be a string of 1..200 characters, got"),
     ({**SCHEDULE, "op": "explode"}, "field 'op' must be one of add, list, get, remove, pause"),
+    # the task: declared like a submit's task spec, named like a submit's task
+    ({**SCHEDULE, "task": {"type": "t", "priority": math.nan}}, f"{TASK}priority must be an"),
+    ({**SCHEDULE, "task": {"type": "t", "priority": True}}, "or a string, got bool True"),
+    (
+        {**SCHEDULE, "task": {"type": "t", "max_retries": True}},
+        f"{TASK}max_retries must be an integer 0..{limits.MAX_RETRIES}, got bool True",
+    ),
+    ({**SCHEDULE, "task": {"type": "t", "timeout": math.inf}}, f"{TASK}timeout must be a finite"),
+    ({**SCHEDULE, "task": {"type": "t", "retry_cap": -1}}, f"{TASK}retry_cap must be a finite"),
+    ({**SCHEDULE, "task": {}}, f"{TASK}type must be a non-empty string of at most 200"),
+    ({**SCHEDULE, "task": {"type": "a b"}}, "no spaces or commas, got str 'a b'"),
+    (
+        {**SCHEDULE, "task": {"type": "t", "idempotency_key": "k"}},
+        "field 'task': unknown task field idempotency_key; known: max_retries, payload, ",
+    ),
+    ({**SCHEDULE, "task": {"type": "t", "colour": 1}}, "field 'task': unknown task field colour"),
 ]
 CAP_CASES: list[tuple[dict[str, Any], str]] = [
     ({**CAP, "concurrency": True}, f"{CAP_N}, got bool True"),
@@ -209,6 +226,13 @@ async def test_a_reader_is_forbidden_an_admin_op_before_its_fields_are_read(
         await admin.aclose()
 
 
+def _nan(value: Any) -> bool:
+    """Whether plain data holds NaN or an infinity (JSON has neither)."""
+    if isinstance(value, dict):
+        return any(_nan(v) for v in value.values())
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def problem_detail(response: Any) -> str:
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -252,7 +276,7 @@ async def test_rest_bodies_are_refused_in_the_wires_words(tmp_path: Path) -> Non
         await expect("PUT", "/caps/queue/q", b'{"rate": 1e400}', "a number too large")
         await expect("PUT", "/caps/queue/q", [1], "the body must be a JSON object, got array")
         for fields, words in SCHEDULE_CASES:
-            if fields.get("op") != "add" or fields.get("name") != "s":
+            if fields.get("op") != "add" or fields.get("name") != "s" or _nan(fields):
                 continue
             body = {k: v for k, v in fields.items() if k not in ("op", "name")}
             await expect("PUT", "/schedules/s", body, words)
@@ -320,3 +344,45 @@ async def test_a_rest_submit_is_refused_in_the_wires_words(tmp_path: Path) -> No
             response = await http.post(f"{API}/tasks", content=content, headers=headers)
             assert words in problem_detail(response), response.text
         assert (await http.get(f"{API}/tasks")).json()["tasks"] == []
+
+
+@pytest.mark.trio
+async def test_a_schedules_task_is_refused_as_a_submits_task_is(tmp_path: Path) -> None:
+    """A schedule's task is a task spec (fewer fields): the same bad task gets the same
+    sentence in a submit and in a schedule add, over the wire and over REST, and nothing
+    is stored; its priority's text forms are a submit's too."""
+    bad_tasks: list[dict[str, Any]] = [
+        {"type": "t", "max_retries": True},
+        {"type": "t", "priority": 1.5},
+        {"type": "t", "timeout": 0},
+        {"queue": "q"},
+        {"type": "t", "priority": 256},
+        {"type": "t", "priority": "urgent"},
+        {"type": "t", "priority": "1_0"},
+    ]
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        raw = await raw_session(broker)
+        for rid, task in enumerate(bad_tasks, start=2):
+            submit = await raw.ask({"t": "submit", "id": rid, "tasks": [task]})
+            add = await raw.ask({"t": "schedule", "id": rid, **SCHEDULE, "task": task})
+            assert submit is not None and add is not None
+            assert (submit["t"], add["t"], add.get("code")) == ("nack", "nack", "invalid"), add
+            said = (
+                submit["message"].removeprefix("task 0: ").removesuffix("; nothing was submitted")
+            )
+            assert add["message"] in (said, f"schedule message: field 'task': {said}"), (
+                task,
+                add,
+                submit,
+            )
+            rest = await http.put(f"{API}/schedules/s", json={"cron": "0 3 * * *", "task": task})
+            assert problem_detail(rest) == add["message"], (task, rest.text)
+        listed = await raw.ask({"t": "schedule", "id": 99, "op": "list"})
+        assert listed is not None and listed["schedules"] == []
+        # the well-formed one, with a named priority: stored with the submit's defaults
+        added = await raw.ask(
+            {"t": "schedule", "id": 100, **SCHEDULE, "task": {"type": "t", "priority": "high"}}
+        )
+        assert added is not None and added["t"] == "ack", added
+        assert added["schedule"]["task"] == {"type": "t", "queue": "default", "priority": 200}
+        await raw.aclose()

@@ -42,12 +42,15 @@ def test_compile_chain_group_chord() -> None:
     ("document", "says"),
     [
         ([], "must be a map"),
-        ({"chain": []}, "non-empty list"),
+        ({"chain": []}, "workflow chain must be a non-empty array of nodes"),
         ({"group": [{"type": "a"}], "chain": [{"type": "b"}]}, "not several"),
         ({"chord": [{"type": "a"}]}, "needs a callback"),
         ({"chain": [{"type": "a"}, {"type": "b", "depends_on": ["x"]}]}, "chain[1]: depends_on"),
         ({"group": [{"payload": 1}]}, "group[0] must be a task"),
-        ({"chain": [{"type": "a"}], "x": 1}, "unknown field"),
+        ({"chain": [{"type": "a"}], "x": 1}, "unknown workflow field x; known: callback, chain"),
+        ({"chain": [{"type": "a", "max_retries": True}]}, "workflow chain[0].max_retries must be"),
+        ({"chain": [{"type": "a"}], "queue": "q"}, "['queue'] in a chain"),
+        ({"type": "a", "callback": {"type": "b"}}, "a callback belongs to a chord"),
     ],
 )
 def test_compile_refuses_naming_the_node(document: Any, says: str) -> None:
@@ -210,6 +213,51 @@ async def test_rest_workflow_submit_and_graph(tmp_path: Path) -> None:
         assert bad.status_code == 400 and "non-empty" in bad.text
         missing = await http.get("/api/v1/tasks/nope/workflow")
         assert missing.status_code == 404
+
+
+@pytest.mark.trio
+async def test_rest_workflow_bad_bodies_name_the_field_and_store_nothing(tmp_path: Path) -> None:
+    """POST /workflows decodes its body into the document's declaration: a bad node or
+    task field is refused with the sentence the CLI and the clients get for the same
+    document (they compile it with the same declaration), and nothing is stored."""
+    bad: list[tuple[Any, str]] = [
+        (
+            {"chain": [{"type": "a"}, {"type": "b", "max_retries": True}]},
+            "workflow chain[1].max_retries must be an integer 0..1000000, got bool True",
+        ),
+        (
+            {"group": [{"type": "a"}, {"chain": [{"type": "b", "priority": 1.5}]}]},
+            "workflow group[1].chain[0].priority must be an integer or a string, got float 1.5",
+        ),
+        ({"chain": [{"type": "a", "colour": 1}]}, "unknown workflow field chain[0].colour"),
+        ({"chain": [{"type": "a b"}]}, "workflow chain[0].type must be a non-empty string"),
+        ({"chord": [{"type": "a"}]}, "workflow: a chord needs a callback"),
+        ({"chain": []}, "workflow chain must be a non-empty array of nodes"),
+        ({"group": [{"payload": 1}]}, "workflow group[0] must be a task (with a type)"),
+        (
+            {"chain": [{"type": "a"}, {"type": "b", "input": "result"}]},
+            "workflow chain[1]: input come(s) from the workflow's shape",
+        ),
+        ([{"type": "a"}], "a workflow must be a map, got array"),
+    ]
+    async with running_broker(tmp_path) as broker, broker.http_client() as http:
+        for document, says in bad:
+            response = await http.post("/api/v1/workflows", json=document)
+            assert response.status_code == 400, (document, response.text)
+            detail = response.json()["detail"]
+            assert says in detail, (document, detail)
+            with pytest.raises(InvalidRequest) as compiled:
+                compile_workflow(document)
+            assert compiled.value.message == detail  # the CLI's and the clients' words
+        # checked by the submit (after decoding): still all or nothing
+        late = {"chain": [{"type": "a"}, {"type": "b", "priority": 999}]}
+        response = await http.post("/api/v1/workflows", json=late)
+        assert response.status_code == 400 and "task 1: priority 999" in response.text
+        headers = {"content-type": "application/json"}
+        nan = b'{"chain": [{"type": "a", "timeout": NaN}]}'
+        response = await http.post("/api/v1/workflows", content=nan, headers=headers)
+        assert response.status_code == 400 and "not valid JSON" in response.text
+        assert (await http.get("/api/v1/tasks")).json()["tasks"] == []
 
 
 def test_stdin_lines_cannot_use_batch_references() -> None:

@@ -46,14 +46,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from tq.config import BrokerSettings, parse_address
-from tq.core.auth import ApiKey, AuditEntry, parse_queues
+from tq.core.auth import ApiKey, AuditEntry
 from tq.core.errors import RateLimited, Timeout, TQError, Unauthorized
 from tq.core.limits import DEFAULT_AUDIT_PAGE
 from tq.protocol import answers
@@ -365,11 +365,13 @@ class Auth:
         *,
         name: str = "",
         role: str,
-        queues: object = None,
+        queues: Sequence[str] | None = None,
         expires_at: float | None = None,
     ) -> tuple[str, ApiKey]:
-        """A new key: (its text, shown once; the stored record)."""
-        text, key = await self._mint(name, role, queues=parse_queues(queues), expires_at=expires_at)
+        """A new key: (its text, shown once; the stored record). ``new_key`` checks the
+        fields a plain caller may get wrong (the wire's declaration guarantees them)."""
+        listed = None if queues is None else tuple(queues)
+        text, key = await self._mint(name, role, queues=listed, expires_at=expires_at)
         await self._create(key, actor_of(actor), {"name": key.name, "role": key.role})
         return text, key
 

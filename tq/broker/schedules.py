@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tq.core.errors import Forbidden
-from tq.core.schedule import Schedule, check_schedule, describe, upcoming
+from tq.core.schedule import Schedule, ScheduleIn, check_schedule, describe, upcoming
 from tq.core.task import TaskSpec
 from tq.protocol.answers import (
     ScheduleAddAnswer,
@@ -90,7 +90,11 @@ class ScheduleOps:
         name = msg.name
         assert name is not None  # required by every op but list
         if op == "add":
-            schedule = check_schedule(name, msg.cron, msg.timezone, msg.task, msg.missed, now)
+            assert msg.cron is not None and msg.task is not None  # required by add
+            spec = ScheduleIn(
+                name=name, cron=msg.cron, task=msg.task, timezone=msg.timezone, missed=msg.missed
+            )
+            schedule = check_schedule(spec, now)
             if principal is not None:
                 principal.check_queue(str(schedule.task["queue"]))
             stored, created = await self.store.put_schedule(schedule)

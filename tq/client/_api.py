@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
@@ -26,6 +26,7 @@ from tq.core.states import State
 from tq.core.task import Task, TaskError
 from tq.core.units import seconds
 from tq.protocol import answers
+from tq.protocol.frames import unpack
 from tq.tracing import current_carrier
 
 T = TypeVar("T")
@@ -40,15 +41,50 @@ class Call(Generic[T]):
     message: dict[str, Any]
     read: Callable[[Any], T]
 
-    def parse(self, reply: Mapping[str, Any]) -> T:
+    def parse(self, reply: Reply) -> T:
         """The ACK's fields, checked against the request's declared answer, as ``read``
-        gives them; BadAnswer if the ACK does not fit."""
+        gives them; BadAnswer if the ACK does not fit. An ``AnswerBody`` is decoded
+        straight into that declaration; a map (a large frame, a resent submit's
+        rewritten answer) is converted."""
         t = str(self.message["t"])
         sub = self.message.get(answers.SUB_FIELD.get(t, ""))
         kind = answers.ANSWERS.get(answers.answer_key(t, sub))
         if kind is None:
             raise answers.BadAnswer(f"no answer is declared for {t} {sub!r}")
-        return self.read(answers.convert_answer(reply, kind))
+        return self.read(read_reply(reply, kind))
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def read_reply(reply: Reply, kind: type[S]) -> S:
+    """An ACK as its declared answer ``kind``: an ``AnswerBody`` decoded straight into
+    it, a map converted; BadAnswer naming the field if it does not fit."""
+    if type(reply) is AnswerBody:
+        return answers.decode_answer(reply.body, kind)
+    return answers.convert_answer(reply, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerBody:
+    """An ACK's msgpack body, read no further than its envelope (``t``, ``id``): the
+    request it answers knows its declaration, and ``Call.parse`` decodes the bytes
+    straight into it (no map in between)."""
+
+    body: bytes
+
+
+Reply = dict[str, Any] | AnswerBody  # what a shell's exchange gives ``Call.parse``
+
+
+def reply_map(reply: Reply) -> dict[str, Any]:
+    """A reply as a plain map (what ``request`` returns; a resent submit's rewriting)."""
+    if type(reply) is not AnswerBody:
+        return reply  # type: ignore[return-value]
+    obj = unpack(reply.body)
+    if not isinstance(obj, dict):  # the envelope was read from it: never
+        raise answers.BadAnswer("malformed answer from the broker: not a map")
+    return obj
 
 
 def plain(value: Any) -> Any:
@@ -101,9 +137,13 @@ class TaskPage:
 def raise_for_nack(reply: dict[str, Any]) -> dict[str, Any]:
     """The ACK; a NACK (checked against its declaration) raised as its TQError."""
     if reply.get("t") == "nack":
-        nack = answers.convert_answer(reply, answers.Nack)
-        raise error_from_code(nack.code, nack.message, nack.retry_after)
+        raise_nack(answers.convert_answer(reply, answers.Nack))
     return reply
+
+
+def raise_nack(nack: answers.Nack) -> NoReturn:
+    """A NACK as its TQError."""
+    raise error_from_code(nack.code, nack.message, nack.retry_after)
 
 
 def hello(kind: str, name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -373,11 +413,32 @@ class Event:
     data: dict[str, Any]
 
 
+class CheckedEvent(dict[str, Any]):
+    """An event map the client core decoded from its bytes through its topic's
+    declaration (``checked_event``): ``parse_event`` takes it as it is."""
+
+
+def checked_event(body: bytes, topic: str) -> CheckedEvent | None:
+    """An event's body decoded straight into its topic's declaration, as the map
+    ``parse_event`` reads; None for a topic not declared here (a newer broker's) or a
+    body that does not fit (``parse_event`` then says what is wrong, to the consumer)."""
+    kind = answers.EVENTS.get(topic)
+    if kind is None:
+        return None
+    try:
+        typed = answers.decode_answer(body, kind)
+    except answers.BadAnswer:
+        return None
+    out = CheckedEvent(_fields(typed))
+    out["t"], out["id"] = "event", typed.id
+    return out
+
+
 def parse_event(msg: Mapping[str, Any]) -> Event:
     """An event, checked against its topic's declaration (an unknown topic, from a
     newer broker, passes as it is; BadAnswer for a malformed one)."""
     kind = answers.EVENTS.get(str(msg.get("topic")))
-    if kind is not None and "local" not in msg:
+    if kind is not None and "local" not in msg and type(msg) is not CheckedEvent:
         msg = _fields(answers.convert_answer(msg, kind))
         msg["t"] = "event"
     seq, when = msg.get("seq"), msg.get("time")

@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import trio
 
 from tq.client import _api as api
@@ -47,6 +48,7 @@ from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 CONNECT_TIMEOUT = 10.0
 
 
@@ -274,6 +276,15 @@ class Client(AsyncMethods):
 
         With failover on, a lost connection reconnects and sends the request again
         if that is safe (tq.client.failover); else ``OutcomeUnknown``."""
+        return api.reply_map(await self._ask(message))
+
+    async def request_answer(self, message: Mapping[str, Any], kind: type[S]) -> S:
+        """``request``, its ACK decoded straight into its declared answer ``kind``
+        (tq/protocol/answers.py); BadAnswer naming the field if it does not fit."""
+        return api.read_reply(await self._ask(message), kind)
+
+    async def _ask(self, message: Mapping[str, Any]) -> api.Reply:
+        """``request``, its answer as the core gives it (``Call.parse`` reads it)."""
         if self._window <= 0:
             return await self._exchange_once(*self._core.send(message))
         message = fo.with_idempotency_keys(dict(message))  # a resent submit never duplicates
@@ -282,7 +293,9 @@ class Client(AsyncMethods):
             seen = self._generation
             try:
                 reply = await self._exchange(*self._core.send(message))
-                return reply if deadline is None else fo.resent_answer(message, reply)
+                if deadline is None:
+                    return reply
+                return fo.resent_answer(message, api.reply_map(reply))
             except fo.Unanswered as lost:
                 if not fo.resend_safe(message):
                     raise fo.outcome_unknown(self.address, message) from None
@@ -302,14 +315,14 @@ class Client(AsyncMethods):
         """The id and frame of a request (rules checked); ``_exchange`` sends it."""
         return self._core.send(message)
 
-    async def _exchange_once(self, rid: int, frame: bytes) -> dict[str, Any]:
+    async def _exchange_once(self, rid: int, frame: bytes) -> api.Reply:
         """``_exchange`` without failover: a lost answer raises the connection's error."""
         try:
             return await self._exchange(rid, frame)
         except fo.Unanswered as lost:
             raise lost.error from None
 
-    async def _exchange(self, rid: int, frame: bytes) -> dict[str, Any]:
+    async def _exchange(self, rid: int, frame: bytes) -> api.Reply:
         """Send a frame from ``_start`` and wait for its answer; ``Unanswered`` if the
         connection broke after it was handed to the writer (its outcome is unknown),
         TQError if it was never sent."""
@@ -330,7 +343,7 @@ class Client(AsyncMethods):
         return self._core.result(answer)
 
     async def _call(self, call: api.Call[T]) -> T:
-        return call.parse(await self.request(call.message))
+        return call.parse(await self._ask(call.message))
 
     def _clock(self) -> float:
         return trio.current_time()

@@ -207,9 +207,9 @@ class AsyncioClient(AsyncMethods):
     # -- requests ------------------------------------------------------
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
-        return await self._exchange(*self._core.send(message))
+        return api.reply_map(await self._exchange(*self._core.send(message)))
 
-    async def _exchange(self, rid: int, frame: bytes) -> dict[str, Any]:
+    async def _exchange(self, rid: int, frame: bytes) -> api.Reply:
         future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
@@ -227,7 +227,7 @@ class AsyncioClient(AsyncMethods):
         return self._core.result(answer)
 
     async def _call(self, call: api.Call[T]) -> T:
-        return call.parse(await self.request(call.message))
+        return call.parse(await self._exchange(*self._core.send(call.message)))
 
     def _clock(self) -> float:
         return asyncio.get_running_loop().time()

@@ -33,15 +33,20 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from tq.client import _api as api
 from tq.client.options import split_addresses
 from tq.config import parse_address
 from tq.core.errors import TLSFailure, TQError
-from tq.protocol import Connection
+from tq.core.limits import MAX_REQUEST_ID
+from tq.protocol import Connection, answers
 from tq.protocol.answers import HelloAnswer, convert_answer
 from tq.protocol.connection import MessageError
+from tq.protocol.frames import INLINE_DECODE
 from tq.protocol.session import Answer, Farewell, Received, Session, State, session_for
 from tq.security.tls import describe_tls_error
 
@@ -85,13 +90,39 @@ class ClientCore:
     def next_received(self) -> Received | None:
         """The next message, as the session sees it; None until more bytes arrive.
 
-        Raises the TQError that breaks the connection (a malformed frame)."""
+        An ACK of an outstanding request (but hello's) is read no further than its
+        envelope: its ``Answer`` carries the body, which ``result`` hands to the
+        request's declaration as bytes (``api.AnswerBody``). A NACK is decoded straight
+        into its declaration, an event of the subscription into its topic's
+        (``api.CheckedEvent``). Anything else (hello's answer, a frame over
+        INLINE_DECODE bytes, one whose envelope does not fit) is decoded as a map and
+        checked as before. Raises the TQError that breaks the connection (a malformed
+        frame)."""
+        body = self.conn.next_body()
+        if body is None:
+            return None
+        env = _envelope(body)
+        if env is not None:
+            if env.t == "ack":
+                request = self.session.outstanding.get(env.id)
+                if request is not None and request != "hello" and self.session.is_open:
+                    item = self.session.receive({"t": "ack", "id": env.id})
+                    return Answer(item.rid, item.request, item.reply, body)
+            elif env.t == "nack":
+                nack = _nack(body)
+                if nack is not None:
+                    return self._received(msgspec.to_builtins(nack))
+            elif env.t == "event" and env.topic is not None and env.id == self.session.subscription:
+                event = api.checked_event(body, env.topic)
+                if event is not None:
+                    return self._received(event)
         try:
-            msg = self.conn.next_message()
+            msg = self.conn.parse(body)
         except MessageError as exc:
             raise exc.cause from None
-        if msg is None:
-            return None
+        return self._received(msg)
+
+    def _received(self, msg: dict[str, Any]) -> Received:
         item = self.session.receive(msg)
         if isinstance(item, Answer) and item.request == "hello" and msg.get("t") == "ack":
             convert_answer(msg, HelloAnswer)  # checked: BadAnswer breaks the connection
@@ -99,8 +130,11 @@ class ClientCore:
             self.error = item.error
         return item
 
-    def result(self, answer: Answer) -> dict[str, Any]:
-        """The ACK's fields, or the NACK raised as its TQError."""
+    def result(self, answer: Answer) -> api.Reply:
+        """The ACK (its body, for ``Call.parse`` to decode, or its map), or the NACK
+        raised as its TQError."""
+        if answer.body is not None:
+            return api.AnswerBody(answer.body)
         return api.raise_for_nack(answer.reply)
 
     def fail(self, exc: TQError) -> tuple[int, ...]:
@@ -125,6 +159,36 @@ class ClientCore:
                 return api.connection_lost(self.address)  # an EOF after the hello: lost
             return TLSFailure(describe_tls_error(cause, self.address, None))
         return api.connection_lost(self.address)
+
+
+class _Envelope(msgspec.Struct):
+    """What the core reads of an answer before it knows its declaration."""
+
+    t: str
+    id: Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
+    topic: str | None = None  # an event's
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_nack_decoder = msgspec.msgpack.Decoder(answers.Nack)
+
+
+def _envelope(body: bytes) -> _Envelope | None:
+    """The envelope of a body small enough to decode inline; None when it is larger or
+    does not fit (then the body is decoded as a map, whose checks say what is wrong)."""
+    if len(body) > INLINE_DECODE:
+        return None
+    try:
+        return _envelope_decoder.decode(body)
+    except msgspec.DecodeError:  # ValidationError too
+        return None
+
+
+def _nack(body: bytes) -> answers.Nack | None:
+    try:
+        return _nack_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None  # the map path says what is wrong with it
 
 
 def connect_targets(address: str) -> list[tuple[str, int, str]]:

@@ -171,7 +171,7 @@ class BlockingClient(SyncMethods):
     ) -> None:
         self.close()
 
-    def _request(self, message: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def _request(self, message: Mapping[str, Any], timeout: float | None = None) -> api.Reply:
         """Send one request and wait for its answer, with failover if it is on (events
         meanwhile are dropped: a subscribed blocking client only sends ``unsubscribe``)."""
         if self._subscription is not None and message.get("t") != "unsubscribe":
@@ -186,7 +186,9 @@ class BlockingClient(SyncMethods):
             while True:
                 try:
                     reply = self._exchange(message, timeout)
-                    return reply if deadline is None else fo.resent_answer(message, reply)
+                    if deadline is None:
+                        return reply
+                    return fo.resent_answer(message, api.reply_map(reply))
                 except fo.Unanswered as lost:
                     if not fo.resend_safe(message):
                         raise fo.outcome_unknown(self.address, message) from None
@@ -205,14 +207,14 @@ class BlockingClient(SyncMethods):
                 except TQError as exc:
                     raise exc from error
 
-    def _exchange_once(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+    def _exchange_once(self, message: Mapping[str, Any], timeout: float | None) -> api.Reply:
         """``_exchange`` without failover: a lost answer raises the connection's error."""
         try:
             return self._exchange(message, timeout)
         except fo.Unanswered as lost:
             raise lost.error from None
 
-    def _exchange(self, message: Mapping[str, Any], timeout: float | None) -> dict[str, Any]:
+    def _exchange(self, message: Mapping[str, Any], timeout: float | None) -> api.Reply:
         """One request and its answer (the caller holds the lock). A TQError if it was
         not sent (the core refused it, or the write failed); ``Unanswered`` if the
         connection broke after it was sent (the core names it among the requests
@@ -270,7 +272,7 @@ class BlockingClient(SyncMethods):
 
     def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
-        return self._request(message)
+        return api.reply_map(self._request(message))
 
     def _call(self, call: api.Call[T], timeout: float | None = None) -> T:
         return call.parse(self._request(call.message, timeout))

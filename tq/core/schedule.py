@@ -14,6 +14,12 @@ A tick counts as *missed* when it is more than ``GRACE`` seconds old by the
 time a broker gets to it; a tick fired late within the grace (a busy broker,
 a restart of a few seconds) is simply late, not missed.
 
+A schedule is declared once (``ScheduleIn``: its task is ``ScheduleTaskIn``, the
+task spec's fields a schedule may carry); the wire's ``schedule`` request uses the
+same declarations and plain data (a file, a test) is converted into them
+(``parse_schedule``), so ``check_schedule`` checks only what no declaration can
+say: the cron grammar, a known time zone, the rules joining a task's fields.
+
 ``plan`` decides, for one due schedule, which ticks to fire now and when the
 next one is: the store calls it inside the transaction that inserts the
 tasks and moves ``next_at``, so a tick fires exactly once however many
@@ -22,26 +28,42 @@ brokers look.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 from cronsim import CronSim, CronSimError
+from msgspec import Meta
 
 from tq.core.errors import InvalidRequest
 from tq.core.limits import MAX_CRON_LENGTH, MAX_TIMEZONE
-from tq.core.task import TaskSpec, _name
+from tq.core.task import Name, ScheduleTaskIn, TaskSpec, TaskSpecIn
+from tq.core.typed import explain
 
-MISSED_POLICIES = ("skip", "once", "all")
 GRACE = 60.0  # seconds: a tick older than this when fired counts as missed
 MAX_CATCH_UP = 100  # ticks fired at most for one schedule at once (policy "all")
 MAX_TICKS_WALKED = 10_000  # past ticks walked at most before jumping to the present
 PREVIEW = 5  # next runs shown by list/show
-SCHEDULE_TASK_FIELDS = frozenset(
-    {"type", "payload", "queue", "priority", "max_retries", "timeout", "retry_base", "retry_cap"}
-)
+SCHEDULE_TASK_FIELDS = frozenset(ScheduleTaskIn.__struct_fields__)
+
+# what a schedule is declared with (the wire's ``schedule`` request uses these too)
+Cron = Annotated[str, Meta(min_length=1, max_length=MAX_CRON_LENGTH)]  # five fields: check_cron
+Zone = Annotated[str, Meta(min_length=1, max_length=MAX_TIMEZONE)]  # an IANA name: check_cron
+Missed = Literal["skip", "once", "all"]
+MISSED_POLICIES: tuple[str, ...] = get_args(Missed)
+
+
+class ScheduleIn(msgspec.Struct, kw_only=True):
+    """A schedule as declared: the fields of the wire's ``schedule`` add (whose
+    declaration guarantees these types), or plain data decoded by ``parse_schedule``."""
+
+    name: Name
+    cron: Cron
+    task: ScheduleTaskIn
+    timezone: Zone | None = None
+    missed: Missed | None = None
 
 
 @dataclass(frozen=True)
@@ -62,21 +84,18 @@ class Schedule:
     updated_at: float = 0.0
 
 
-def check_name(name: object) -> str:
-    """A schedule's name: the rules of queue and type names."""
+def parse_schedule(fields: object) -> ScheduleIn:
+    """A schedule given as plain data (a file, a test) as its declaration; InvalidRequest
+    naming the field and its rule otherwise. ``check_schedule`` does the rest."""
     try:
-        return _name({"name": name}, "name", None)
-    except InvalidRequest as exc:
-        raise InvalidRequest(str(exc.message).replace("task name", "schedule name")) from None
+        return msgspec.convert(fields, ScheduleIn, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(explain(exc, ScheduleIn, fields, what="schedule")) from None
 
 
-def check_cron(cron: object, timezone: object = None) -> tuple[str, str]:
-    """The cron expression and time zone, checked: InvalidRequest says what is wrong."""
-    if not isinstance(cron, str) or not cron.strip() or len(cron) > MAX_CRON_LENGTH:
-        raise InvalidRequest(
-            f"cron must be a cron expression (five fields, e.g. '*/5 * * * *'), "
-            f"at most {MAX_CRON_LENGTH} characters"
-        )
+def check_cron(cron: str, timezone: str | None = None) -> tuple[str, str]:
+    """The cron expression (its grammar) and time zone (a known one); their types and
+    lengths are the declaration's. InvalidRequest says what is wrong."""
     cron = " ".join(cron.split())
     if len(cron.split()) != 5:
         raise InvalidRequest(
@@ -84,8 +103,6 @@ def check_cron(cron: object, timezone: object = None) -> tuple[str, str]:
             "day-of-week (e.g. '0 9 * * MON-FRI')"
         )
     zone = "UTC" if timezone is None else timezone
-    if not isinstance(zone, str) or not zone or len(zone) > MAX_TIMEZONE:
-        raise InvalidRequest("timezone must be an IANA time zone name such as Europe/Berlin")
     try:
         tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -100,35 +117,18 @@ def check_cron(cron: object, timezone: object = None) -> tuple[str, str]:
     return cron, zone
 
 
-def check_schedule(
-    name: object,
-    cron: object,
-    timezone: object,
-    task: object,
-    missed: object,
-    now: float,
-) -> Schedule:
-    """A new or redeclared schedule from a request's fields, checked; ``next_at`` is the
-    first tick after ``now``."""
-    checked_name = check_name(name)
-    expr, zone = check_cron(cron, timezone)
-    policy = "skip" if missed is None else missed
-    if policy not in MISSED_POLICIES:
-        raise InvalidRequest(f"missed must be one of {', '.join(MISSED_POLICIES)}, not {policy!r}")
-    if not isinstance(task, Mapping):
-        raise InvalidRequest(
-            "a schedule needs 'task': a map like a submit's task (type, payload...)"
-        )
-    unknown = sorted(set(task) - SCHEDULE_TASK_FIELDS)
-    if unknown:
-        raise InvalidRequest(
-            f"a schedule's task cannot carry {', '.join(map(repr, unknown))}; it may have "
-            f"{', '.join(sorted(SCHEDULE_TASK_FIELDS))}"
-        )
-    spec = TaskSpec.from_mapping(task)  # the same rules as a submit
-    kept = {key: value for key, value in task.items() if value is not None}
-    kept["type"], kept["queue"], kept["priority"] = spec.type, spec.queue, spec.priority
-    base = Schedule(checked_name, expr, zone, kept, str(policy), created_at=now, updated_at=now)
+def check_schedule(spec: ScheduleIn, now: float) -> Schedule:
+    """A new or redeclared schedule, checked beyond its declaration (the cron grammar,
+    the zone, the task with a submit's rules); ``next_at`` is the first tick after
+    ``now``."""
+    expr, zone = check_cron(spec.cron, spec.timezone)
+    task = spec.task
+    fields = msgspec.structs.asdict(task)
+    checked = TaskSpec.of(TaskSpecIn(**fields))  # the same rules as a submit
+    kept = {key: value for key, value in fields.items() if value is not None}
+    kept["type"], kept["queue"], kept["priority"] = checked.type, checked.queue, checked.priority
+    policy = spec.missed or "skip"
+    base = Schedule(spec.name, expr, zone, kept, policy, created_at=now, updated_at=now)
     return replace(base, next_at=next_after(base, now))
 
 

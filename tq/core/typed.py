@@ -38,7 +38,25 @@ def explain(exc: Exception, struct: type, obj: Any, *, what: str | None = None) 
         task = _value_at(obj, path[:2])
         text = _say(core, path[2:], bool(missing), bool(unknown), TASK_SPEC_STRUCT[0], task, "task")
         return f"task {path[1]}: {text}; nothing was submitted"
+    nested = _task_field(struct, path)
+    if nested is not None:  # a request's one task (a schedule's): named like a lone task
+        task = _value_at(obj, path[:1])
+        text = _say(core, path[1:], bool(missing), bool(unknown), nested, task, "task")
+        tag = struct.__struct_config__.tag  # type: ignore[attr-defined]
+        where = f"{tag} message: field '{path[0]}'" if what is None else f"{what} {path[0]}"
+        return f"{where}: {text}"
     return _say(core, path, bool(missing), bool(unknown), struct, obj, what)
+
+
+def _task_field(struct: type, path: list[str | int]) -> type | None:
+    """The task declaration (``TASK_SPEC_STRUCT``) a request's field ``path[0]`` holds,
+    when the error is inside it."""
+    if len(path) < 2 or not isinstance(path[0], str):
+        return None
+    info = _strip(_field_info(struct, path[:1]))
+    if isinstance(info, inspect.StructType) and info.cls in TASK_SPEC_STRUCT:
+        return info.cls
+    return None
 
 
 def _say(
@@ -71,7 +89,8 @@ def _say(
     return f"{where} must be {rule}, got {describe(value)}"
 
 
-TASK_SPEC_STRUCT: list[type] = []  # set by tq.core.task (which imports this module)
+# the task declarations, submit's first (set by tq.core.task, which imports this module)
+TASK_SPEC_STRUCT: list[type] = []
 
 
 def _join(path: list[str | int], first: bool = True) -> str:

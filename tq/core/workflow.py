@@ -26,6 +26,14 @@ the list of the group's results. It becomes the task's payload, or, if the
 task has a map payload of its own, that map's key ``"input"``. The first
 tasks of the document receive nothing (their own payload).
 
+The document is declared once, ``WorkflowNodeIn`` (a node's kinds and a task
+spec's fields, with the task spec's declarations): REST decodes its body straight
+into it, the CLI and the clients convert their plain data into it
+(``parse_workflow``), so a bad node or field is refused in the same words
+everywhere ("workflow chain[1].max_retries must be an integer ..."); the rules
+that join fields (one kind per node, a chord's callback, no depends_on or input)
+are ``compile_nodes``'s, which gives typed task specs (``compile_workflow``: maps).
+
 Failure: a workflow step's ``on_dependency_failure`` defaults to ``"wait"``: when a
 step ends dead (or is cancelled), the steps after it stay blocked, and
 ``tq retry`` of that step resumes the workflow when it succeeds. A step may say
@@ -35,79 +43,177 @@ step ends dead (or is cancelled), the steps after it stay blocked, and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from tq.core.errors import InvalidRequest
-from tq.core.task import MAX_SUBMIT
+from tq.core.task import MAX_SUBMIT, TaskSpecIn
+from tq.core.typed import doc, explain
 
 WORKFLOW_POLICY = "wait"
 _KINDS = ("chain", "group", "chord")
 _FROM_DOCUMENT = ("depends_on", "input")
+_NODES = Meta(
+    min_length=1,
+    extra={"rule": "a non-empty array of nodes (tasks, chains, groups or chords)"},
+)
+
+# a node's children and a chord's callback: nodes (the declaration below names itself,
+# resolved when a decoder is made; typed Any so that mypy does not look it up)
+_NODE_LIST: Any = list["WorkflowNodeIn"]
+_NODE_OR_NIL: Any = "WorkflowNodeIn | None"
+
+# One node of a document, declared once for REST, the CLI and the clients: the kinds of
+# node, then every field of a task spec (``TaskSpecIn``'s declarations, so a task is
+# refused in a submit's words; ``type`` optional here, as a chain has none). The rules
+# joining them (one kind per node, a chord's callback, no depends_on or input: the
+# document's shape says them) are ``compile_nodes``'s.
+WorkflowNodeIn: Any = msgspec.defstruct(
+    "WorkflowNodeIn",
+    [
+        (
+            "chain",
+            Annotated[
+                Annotated[_NODE_LIST, _NODES] | None,
+                doc("in sequence: each node receives what the one before produced"),
+            ],
+            None,
+        ),
+        (
+            "group",
+            Annotated[
+                Annotated[_NODE_LIST, _NODES] | None,
+                doc("in parallel: together they produce the list of their results"),
+            ],
+            None,
+        ),
+        (
+            "chord",
+            Annotated[
+                Annotated[_NODE_LIST, _NODES] | None,
+                doc("a group whose results, as a list, the `callback` receives"),
+            ],
+            None,
+        ),
+        (
+            "callback",
+            Annotated[_NODE_OR_NIL, doc("with `chord`: the node run after it")],
+            None,
+        ),
+        *(
+            (f.name, f.type | None if f.required else f.type, None)
+            for f in msgspec.structs.fields(TaskSpecIn)
+        ),
+    ],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+WorkflowNodeIn.__doc__ = (
+    "A workflow node: a task (a task spec's fields but depends_on and input, which the "
+    'document\'s shape gives), {"chain": [node, ...]}, {"group": [node, ...]} or '
+    '{"chord": [node, ...], "callback": node}; nested freely, at most 10,000 tasks.'
+)
+_TASK_FIELDS = tuple(TaskSpecIn.__struct_fields__)
 
 # What a node passes on: the indexes of the tasks whose results it produces, and
 # whether it produces one result ("one") or a list of results ("many").
 _Output = tuple[list[int], str]
 
 
-def compile_workflow(document: object) -> list[dict[str, Any]]:
-    """The document's tasks as submit task maps (InvalidRequest naming the bad node)."""
-    out: list[dict[str, Any]] = []
-    _node(document, None, out, "workflow")
+def parse_workflow(document: object) -> Any:
+    """A document given as plain data (a file, a client's map) as its declaration
+    (``WorkflowNodeIn``); InvalidRequest naming the field and its rule otherwise."""
+    if isinstance(document, WorkflowNodeIn):
+        return document
+    try:
+        return msgspec.convert(document, WorkflowNodeIn, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(explain(exc, WorkflowNodeIn, document, what="workflow")) from None
+    except RecursionError:
+        raise InvalidRequest("the workflow is nested too deeply to decode") from None
+
+
+def compile_nodes(document: Any) -> list[TaskSpecIn]:
+    """A decoded document's tasks as submit task specs, in an order where each comes
+    after the tasks it depends on (InvalidRequest naming the bad node)."""
+    out: list[TaskSpecIn] = []
+    _node(document, None, out, "")
     return out
 
 
-def _node(node: object, up: _Output | None, out: list[dict[str, Any]], path: str) -> _Output:
-    if not isinstance(node, Mapping):
-        raise InvalidRequest(f"{path} must be a map (a task, chain, group or chord)")
-    kinds = [kind for kind in _KINDS if kind in node]
-    if len(kinds) > 1 or (kinds and "type" in node):
-        raise InvalidRequest(f"{path} must be one of a task, chain, group or chord, not several")
+def compile_workflow(document: object) -> list[dict[str, Any]]:
+    """A document (plain data or decoded) as submit task maps, nil fields left out."""
+    return [
+        {k: v for k, v in msgspec.structs.asdict(task).items() if v is not None}
+        for task in compile_nodes(parse_workflow(document))
+    ]
+
+
+def _where(path: str) -> str:
+    return f"workflow {path}" if path else "workflow"
+
+
+def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+    kinds = [kind for kind in _KINDS if getattr(node, kind) is not None]
+    if len(kinds) > 1 or (kinds and node.type is not None):
+        raise InvalidRequest(
+            f"{_where(path)} must be one of a task, chain, group or chord, not several"
+        )
     if not kinds:
+        if node.callback is not None:
+            raise InvalidRequest(f"{_where(path)}: a callback belongs to a chord")
         return _task(node, up, out, path)
     kind = kinds[0]
-    children = node[kind]
-    extra = set(node) - {kind, "callback"} if kind == "chord" else set(node) - {kind}
+    fields = msgspec.structs.asdict(node)
+    extra = sorted(k for k in _TASK_FIELDS if fields[k] is not None)
+    if kind != "chord" and node.callback is not None:
+        extra.insert(0, "callback")
     if extra:
-        raise InvalidRequest(f"{path}: unknown field(s) {sorted(map(str, extra))} in a {kind}")
-    if not isinstance(children, list) or not children:
-        raise InvalidRequest(f"{path}.{kind} must be a non-empty list of nodes")
+        raise InvalidRequest(f"{_where(path)}: task field(s) {extra} in a {kind}")
+    children = fields[kind]
+    prefix = f"{path}." if path else ""
     if kind == "chain":
         for i, child in enumerate(children):
-            up = _node(child, up, out, f"{path}.chain[{i}]")
+            up = _node(child, up, out, f"{prefix}chain[{i}]")
         assert up is not None
         return up
     outputs: list[int] = []
     for i, child in enumerate(children):
-        produced, _ = _node(child, up, out, f"{path}.{kind}[{i}]")
+        produced, _ = _node(child, up, out, f"{prefix}{kind}[{i}]")
         outputs += produced
     if kind == "group":
         return outputs, "many"
-    if "callback" not in node:
-        raise InvalidRequest(f"{path}: a chord needs a callback (the node run after its group)")
-    return _node(node["callback"], (outputs, "many"), out, f"{path}.callback")
-
-
-def _task(
-    node: Mapping[str, Any], up: _Output | None, out: list[dict[str, Any]], path: str
-) -> _Output:
-    if "type" not in node:
+    if node.callback is None:
         raise InvalidRequest(
-            f"{path} must be a task (with a type) or a chain, group or chord: it has none"
+            f"{_where(path)}: a chord needs a callback (the node run after its group)"
         )
-    given = [field for field in _FROM_DOCUMENT if field in node]
+    return _node(node.callback, (outputs, "many"), out, f"{prefix}callback")
+
+
+def _task(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+    if node.type is None:
+        raise InvalidRequest(
+            f"{_where(path)} must be a task (with a type) or a chain, group or chord: it has none"
+        )
+    given = [field for field in _FROM_DOCUMENT if getattr(node, field) is not None]
     if given:
         raise InvalidRequest(
-            f"{path}: {', '.join(given)} come(s) from the workflow's shape; remove it from the task"
+            f"{_where(path)}: {', '.join(given)} come(s) from the workflow's shape; remove it "
+            "from the task"
         )
     if len(out) >= MAX_SUBMIT:
         raise InvalidRequest(f"a workflow holds at most {MAX_SUBMIT} tasks")
-    task = dict(node)
+    task = {k: getattr(node, k) for k in _TASK_FIELDS}
     if up is not None:
         produced, kind = up
         task["depends_on"] = [f"#{i}" for i in produced]
         task["input"] = "result" if kind == "one" else "results"
-        task.setdefault("on_dependency_failure", WORKFLOW_POLICY)
-    out.append(task)
+        if task["on_dependency_failure"] is None:
+            task["on_dependency_failure"] = WORKFLOW_POLICY
+    out.append(TaskSpecIn(**task))
     return [len(out) - 1], "one"
 
 

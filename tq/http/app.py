@@ -32,7 +32,8 @@ Bodies: a JSON body is decoded straight into the wire's declaration
 of them), the others into ``schema.body_of`` the request they amount to, and
 the route calls the service with the same typed request the wire's handler
 passes; errors are the wire's NACK sentences (field, rule, value sent).
-Workflow documents are compiled from plain JSON (tq.core.workflow).
+A workflow document is decoded into its own declaration (tq.core.workflow), which
+the CLI and the clients use too, then compiled into typed task specs.
 
 Authentication: ``Authorization: Bearer <API key>``, checked by
 ``authenticate`` through ``BrokerService.authorize`` against the same key
@@ -188,18 +189,6 @@ async def _bytes_of(request: Request) -> bytes:
     return data
 
 
-async def _body(request: Request) -> Any:
-    """The request's JSON body as plain data (a submit's tasks, a workflow document)."""
-    data = await _bytes_of(request)
-    try:
-        if len(data) <= INLINE_DECODE:
-            return _parse_json(data)
-        limiter = _service(request).decode_limiter  # off the event loop, one at a time
-        return await trio.to_thread.run_sync(_parse_json, data, limiter=limiter)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-
-
 async def _typed_body(request: Request, body: type[B]) -> B:
     """The request's JSON body decoded straight into its declaration (``schema.body_of``);
     InvalidRequest naming the field, the rule and the value sent, in the wire's words."""
@@ -220,6 +209,21 @@ def _decode_body(data: bytes, body: type[B]) -> B:
             raise InvalidRequest(f"the body must be a JSON object, got {what}") from None
         raise InvalidRequest(explain(exc, BODY_OF[body], plain)) from None
     except (msgspec.DecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _decode_workflow(data: bytes) -> Any:
+    """A workflow body as its declaration (tq.core.workflow.WorkflowNodeIn)."""
+    from tq.core.workflow import WorkflowNodeIn
+
+    try:
+        return msgspec.json.decode(data, type=WorkflowNodeIn, strict=True)
+    except msgspec.ValidationError as exc:
+        plain = _plain_json(data, exc)
+        raise InvalidRequest(explain(exc, WorkflowNodeIn, plain, what="workflow")) from None
+    except RecursionError:
+        raise InvalidRequest("the workflow is nested too deeply to decode") from None
+    except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 
 
@@ -246,32 +250,6 @@ def _request(struct: type[R], body: msgspec.Struct | None = None, **fields: Any)
     names (checked by the same declaration: ``schedule message: field 'name' ...``)."""
     data = msgspec.structs.asdict(body) if body is not None else {}
     return typed(struct, {**data, **fields, "id": 0})
-
-
-def _parse_json(data: bytes) -> Any:
-    # the Python hook per object hands the interpreter to the event loop between objects
-    text = data.decode(json.detect_encoding(data), "surrogatepass")  # as json.loads does
-    value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_object)
-    if _SURROGATE.search(text):  # a \uD800-\uDFFF escape (or raw UTF-16) can make a lone one
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                "a string holds a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
-                "which is not text"
-            ) from None
-    return value
-
-
-_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _query(request: Request) -> Query:
@@ -371,11 +349,20 @@ def _task_fault(plain: Any) -> str:
 
 
 async def submit_workflow(request: Request) -> Response:
-    """A workflow document (tq.core.workflow) as one submit: every task or none."""
-    from tq.core.workflow import compile_workflow
+    """A workflow document (tq.core.workflow) as one submit: every task or none. The
+    body is decoded straight into the document's declaration (``WorkflowNodeIn``, the
+    one the CLI and the clients use), so a bad node or task field is named as they name
+    it: "workflow chain[1].max_retries must be ..."."""
+    from tq.core.workflow import compile_nodes
 
     principal = await authenticate(request, "submit")
-    tasks = compile_workflow(await _body(request))
+    data = await _bytes_of(request)
+    if len(data) <= INLINE_DECODE:
+        document = _decode_workflow(data)
+    else:
+        limiter = _service(request).decode_limiter  # off the event loop, one at a time
+        document = await trio.to_thread.run_sync(_decode_workflow, data, limiter=limiter)
+    tasks = compile_nodes(document)
     answer = await _service(request).submit(tasks, principal)
     ids = [t["id"] for t in answer["tasks"]]
     return _json({"id": ids[-1], **answer}, 201, {"Location": f"{API}/tasks/{ids[-1]}/workflow"})

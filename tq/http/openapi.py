@@ -78,13 +78,6 @@ _QUEUE = {
 }
 
 _WRITTEN: dict[str, Any] = {  # REST's own shapes; the others are generated (tq.http.schemas)
-    "Workflow": {
-        "type": "object",
-        "description": "A workflow node: a task (TaskSpec without depends_on and input), "
-        '{"chain": [node, ...]}, {"group": [node, ...]} or {"chord": [node, ...], '
-        '"callback": node}; nested freely, at most 10,000 tasks (docs/CLI.md).',
-        "additionalProperties": True,
-    },
     "SubmitResult": {
         "type": "object",
         "required": ["id", "created"],

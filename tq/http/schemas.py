@@ -11,7 +11,8 @@ Bodies: REST takes JSON, the wire msgpack, and most bodies are the wire request
 itself without its envelope (``t``, ``id``) and without the fields the route
 takes from its path or sets itself (``op``; a task id, a schedule's or cap's
 name): ``BODIES`` says which, and fields ``required_for`` the route's op become
-required. A task spec is ``TaskSpecIn`` unchanged (named ``TaskSpec``). A body
+required. A task spec is ``TaskSpecIn`` unchanged (named ``TaskSpec``), a workflow
+document ``WorkflowNodeIn`` (named ``Workflow``, ``DOCUMENTS``). A body
 whose JSON shape has no wire counterpart (the dashboard login) stays in the
 document (tq.http.openapi).
 
@@ -31,6 +32,7 @@ from typing import Any
 import msgspec
 
 from tq.core.task import TaskSpec, TaskSpecIn
+from tq.core.workflow import WorkflowNodeIn
 from tq.protocol import answers
 from tq.protocol.docgen import fields_of
 from tq.protocol.schema import CapOp, Purge, Request, RetryMany, Schedule, SetPriority
@@ -74,13 +76,19 @@ SAME: dict[str, type[msgspec.Struct]] = {
 }
 
 
+# component name -> a REST body that is its own declaration (no wire request): the
+# workflow document the CLI and the clients compile too (tq.core.workflow)
+DOCUMENTS: dict[str, Any] = {"Workflow": WorkflowNodeIn}
+
+
 def components() -> dict[str, Any]:
     """Every generated component schema, by name, in a stable order."""
-    structs = [*SAME.values(), *(b.request for b in BODIES.values())]
+    structs = [*SAME.values(), *DOCUMENTS.values(), *(b.request for b in BODIES.values())]
     _, found = msgspec.json.schema_components(structs, ref_template=REF)
-    names = {struct.__name__: name for name, struct in SAME.items()}
+    named = {**SAME, **DOCUMENTS}
+    names = {struct.__name__: name for name, struct in named.items()}
     out: dict[str, Any] = {}
-    for name, struct in SAME.items():
+    for name, struct in named.items():
         out[name] = {**found[struct.__name__], "title": name}
         out[name].pop("$ref", None)
     for name, body in BODIES.items():

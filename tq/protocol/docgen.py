@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 from msgspec import inspect
 
-from tq.core.task import TaskSpec, TaskSpecIn
+from tq.core.task import ScheduleTaskIn, TaskSpec, TaskSpecIn
 from tq.protocol import answers
 from tq.protocol.schema import REQUESTS, OutcomeIn
 
@@ -260,7 +260,11 @@ def type_text(info: Any, plural: bool = False, nil: bool = False) -> str:
     return simple.get(type(info), type(info).__name__)  # type: ignore[call-overload]
 
 
-NESTED: dict[type, str] = {TaskSpecIn: "task-spec map", OutcomeIn: "outcome map"}
+NESTED: dict[type, str] = {
+    TaskSpecIn: "task-spec map",
+    ScheduleTaskIn: "task-spec map",  # a task spec without the fields a schedule sets
+    OutcomeIn: "outcome map",
+}
 
 
 def number(x: float) -> str:

@@ -54,7 +54,8 @@ from msgspec import Meta
 
 from tq.core import limits
 from tq.core.errors import InvalidRequest
-from tq.core.task import Name, Priority, TaskSpecIn
+from tq.core.schedule import Cron, Missed, Zone
+from tq.core.task import Name, Priority, ScheduleTaskIn, TaskSpecIn
 from tq.core.typed import describe, doc, rule_of
 
 # -- building blocks --------------------------------------------------------------------
@@ -415,7 +416,7 @@ class Schedule(Request, tag="schedule"):
         doc("the schedule's name (the rules of a queue name)"),
     ] = None
     cron: Annotated[
-        Annotated[str, Meta(min_length=1, max_length=limits.MAX_CRON_LENGTH), For("add")] | None,
+        Annotated[Cron, For("add")] | None,
         doc(
             "five fields: minute hour day-of-month month day-of-week (`*/5 * * * *`, "
             "`0 9 * * MON-FRI`), read as Debian's cron does (cronsim), DST transitions "
@@ -423,22 +424,24 @@ class Schedule(Request, tag="schedule"):
         ),
     ] = None  # five fields and their values are checked by tq.core.schedule
     timezone: Annotated[
-        Annotated[str, Meta(min_length=1, max_length=limits.MAX_TIMEZONE)] | None,
+        Zone | None,
         doc("an IANA zone the expression is read in", default="`UTC`"),
     ] = None
-    # the task each tick submits: a submit's task map, checked with its rules by
-    # tq.core.schedule (which fields a schedule's task may carry)
+    # the task each tick submits: the fields of a submit's task spec a schedule may carry,
+    # declared with its rules (the rules joining fields: tq.core.schedule, as a submit's)
     task: Annotated[
-        Annotated[dict[str, Any], For("add")] | None,
+        Annotated[ScheduleTaskIn, For("add")] | None,
         doc(
             "what each tick submits: `type` (required), `payload`, `queue`, `priority`, "
-            "`max_retries`, `timeout`, `retry_base`, `retry_cap`, with `submit`'s rules (no "
-            "`idempotency_key`: each tick's task gets `tq-schedule:NAME:TICK`, TICK its Unix "
-            "time, so a tick inserts at most one task)"
+            "`max_retries`, `timeout`, `retry_base`, `retry_cap`, with `submit`'s rules and "
+            "words (`schedule message: field 'task': task priority must be ...`); any other "
+            "field is refused as an unknown task field (no `idempotency_key`: each tick's task "
+            "gets `tq-schedule:NAME:TICK`, TICK its Unix time, so a tick inserts at most one "
+            "task)"
         ),
     ] = None
     missed: Annotated[
-        Literal["skip", "once", "all"] | None,
+        Missed | None,
         doc(
             "ticks missed while no broker ran (older than 60 s when a broker gets to them): "
             "`skip` (dropped), `once` (one task for them all) or `all` (one per tick, at "

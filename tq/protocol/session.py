@@ -103,6 +103,9 @@ class Answer:
     rid: int
     request: str
     reply: Message
+    # the ACK's msgpack body when ``reply`` holds only its envelope (the client core reads
+    # no further: the request's declared answer is decoded from it, tq.client._api)
+    body: bytes | None = None
 
     @property
     def ok(self) -> bool:

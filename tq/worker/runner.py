@@ -380,16 +380,17 @@ class Worker:
             # answered here, so that its tasks can be released.
             self._claiming = True
             try:
-                reply = await client.request(
+                claimed = await client.request_answer(
                     {
                         "t": "claim",
                         "n": free,
                         "queues": list(self.settings.queues),
                         "types": self.types,
                         "wait": CLAIM_WAIT,
-                    }
+                    },
+                    answers.ClaimAnswer,
                 )
-                for item in answers.convert_answer(reply, answers.ClaimAnswer).tasks:
+                for item in claimed.tasks:
                     self.accept(_lease(item), tasks)
             finally:
                 self._claiming = False
@@ -404,12 +405,14 @@ class Worker:
             batch = self.outbox[:REPORT_BATCH]
             self._sending = len(batch)
             try:
-                reply = await client.request({"t": "result", "results": batch})
+                reply = await client.request_answer(
+                    {"t": "result", "results": batch}, answers.ResultAnswer
+                )
             finally:
                 self._sending = 0
             del self.outbox[: len(batch)]
             self._notify()
-            for item in answers.convert_answer(reply, answers.ResultAnswer).results:
+            for item in reply.results:
                 if not item.accepted:
                     log.warning("broker refused the result of %s: %s", item.id, item.reason)
 
@@ -428,9 +431,9 @@ class Worker:
             progress = self._progress_items(sent, everything)
             if progress:
                 msg["progress"] = progress
-            reply = await client.request(msg)
+            beat = await client.request_answer(msg, answers.HeartbeatAnswer)
             everything = False
-            self.lost(sent, answers.convert_answer(reply, answers.HeartbeatAnswer).lost)
+            self.lost(sent, beat.lost)
             await self._pause()
 
     def stats(self) -> dict[str, Any]:
