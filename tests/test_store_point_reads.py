@@ -1,7 +1,8 @@
 """Small reads on the event loop's own SQLite connection (``SQLiteStore._read_here``):
 ``get``, ``depth``, caps and paused queues run there while they stay within
 POINT_STEPS VM steps; a read that runs over is interrupted and answered, exactly,
-by the reader thread, and that read goes straight to the thread for a while."""
+by the reader thread, and that read goes straight to the thread for a while. A claim
+looks at the pending heads there first: nothing pending, no write transaction."""
 
 from __future__ import annotations
 
@@ -94,3 +95,53 @@ async def test_a_read_over_its_budget_tries_the_event_loop_again_later(
         await trio.sleep(sqlite_module.OVER_BUDGET_PAUSE)
         assert _rows(await store.queue_depth()) == [("default", 5, "pending", 1200)]
         assert hops == [], "the pause over, the read ran on the event loop again"
+
+
+@pytest.mark.trio
+async def test_a_claim_that_finds_nothing_pending_writes_nothing(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        commits, ops = store.commits, store.committed_ops
+        assert await store.claim("w", ["default"], None, 10, NOW, 30.0) == []
+        assert await store.claim("w", ["default"], ["t"], 10, NOW, 30.0) == []
+        assert (store.commits, store.committed_ops) == (commits, ops)
+        [other] = await store.submit([TaskSpec(type="u")], NOW)  # another type, pending
+        ops = store.committed_ops
+        assert await store.claim("w", ["default"], ["t"], 10, NOW, 30.0) == []
+        assert store.committed_ops == ops
+        [lease] = await store.claim("w", ["default"], None, 10, NOW, 30.0)
+        assert lease.id == other.id
+
+
+@pytest.mark.trio
+async def test_claims_racing_for_one_task_make_one_write(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        [task] = await store.submit([TaskSpec(type="t")], NOW)
+        ops = store.committed_ops
+        got: list[list[Any]] = []
+
+        async def claim(worker: str) -> None:
+            got.append(await store.claim(worker, ["default"], ["t"], 64, NOW, 30.0))
+
+        async with trio.open_nursery() as nursery:  # every long-polling worker woken at once
+            for worker in ("w1", "w2", "w3"):
+                nursery.start_soon(claim, worker)
+        assert sorted(len(leases) for leases in got) == [0, 0, 1]
+        assert [lease.id for leases in got for lease in leases] == [task.id]
+        assert store.committed_ops == ops + 1, "the others looked after it committed"
+
+
+@pytest.mark.trio
+async def test_claims_with_enough_pending_for_each_share_the_writer(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        await store.submit([TaskSpec(type="t") for _ in range(30)], NOW)
+        got: list[int] = []
+
+        async def claim(worker: str) -> None:
+            got.append(len(await store.claim(worker, ["default"], None, 10, NOW, 30.0)))
+
+        commits = store.commits
+        async with trio.open_nursery() as nursery:
+            for worker in ("w1", "w2", "w3"):
+                nursery.start_soon(claim, worker)
+        assert got == [10, 10, 10]
+        assert store.commits - commits <= 2, "none waited for another's commit to look"

@@ -280,6 +280,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         self._pointer = pointer  # used only by the event loop's thread (see _read_here)
         self._over_budget: dict[Callable[..., Any], float] = {}  # read -> trio time to retry
         self._grains_left = 0  # of the read running on the pointer connection
+        self._claims_pending = 0  # tasks asked for by claims queued or running (see claim)
+        self._claims_done = trio.Event()  # set as each such claim ends
         # every read of the event loop's connection is bounded (see _read_here)
         pointer.set_progress_handler(self._count_grain, POINT_STEP_GRAIN)
         self._probe_limiter = trio.CapacityLimiter(1)
@@ -348,19 +350,44 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return []
         queues = list(dict.fromkeys(queues))
         types = None if types is None else list(dict.fromkeys(types))
-        return await self._write(
-            schema_caps.claim,
-            worker,
-            queues,
-            types,
-            n,
-            now,
-            lease_ttl,
-            aging,
-            note,
-            weight=n,
-            note=(now, None),
-        )
+        # Look before writing. A new task wakes every long-polling worker, and each
+        # claims; all but one find nothing, yet each such claim costs a write
+        # transaction. So the pending heads are read first, on the event loop's
+        # connection; if no more are there than the claims already on their way to
+        # the writer ask for, this claim waits for those to end and looks again.
+        # Nothing there: nothing to claim as of the latest commit (what commits later
+        # is announced to the caller, as it always was).
+        while True:
+            await trio.lowlevel.checkpoint()
+            if self._closing:
+                raise Unavailable("the task store is closed")
+            # no await from here until this claim is counted in _claims_pending
+            ahead = self._claims_pending
+            found = self._peek(schema.claimable, queues, types, n + ahead)
+            if found is None or found > ahead:
+                break  # some left for this claim too, or unknown: claim
+            if not ahead:
+                return []  # nothing pending
+            await self._claims_done.wait()
+        self._claims_pending += n
+        try:
+            return await self._write(
+                schema_caps.claim,
+                worker,
+                queues,
+                types,
+                n,
+                now,
+                lease_ttl,
+                aging,
+                note,
+                weight=n,
+                note=(now, None),
+            )
+        finally:
+            self._claims_pending -= n
+            self._claims_done.set()
+            self._claims_done = trio.Event()
 
     async def set_cap(self, cap: Cap, now: float) -> Cap:
         return await self._write(schema_caps.set_cap, cap, now)
@@ -847,6 +874,16 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return await self._read(fn, *args)
         except apsw.Error as exc:
             raise _store_error(exc, "read from", self.path) from exc
+
+    def _peek(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(connection, *args)`` on the event loop's connection when it is cheap
+        (as ``_read_here``, without yielding); None when it is not (over its budget,
+        busy): a hint for a write that does not need it, never worth a thread hop."""
+        self._grains_left = POINT_STEPS // POINT_STEP_GRAIN
+        try:
+            return fn(self._pointer, *args)
+        except apsw.Error:
+            return None
 
     def _count_grain(self) -> bool:
         """The pointer connection's progress handler: True (interrupt the statement,
