@@ -280,7 +280,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         self._pointer = pointer  # used only by the event loop's thread (see _read_here)
         self._over_budget: dict[Callable[..., Any], float] = {}  # read -> trio time to retry
         self._grains_left = 0  # of the read running on the pointer connection
-        self._claims_pending = 0  # tasks asked for by claims queued or running (see claim)
+        # tasks asked for by claims queued or running, by (queues, types) (see claim)
+        self._claims_pending: dict[tuple[Any, ...], int] = {}
         self._claims_done = trio.Event()  # set as each such claim ends
         # every read of the event loop's connection is bounded (see _read_here)
         pointer.set_progress_handler(self._count_grain, POINT_STEP_GRAIN)
@@ -353,23 +354,27 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         # Look before writing. A new task wakes every long-polling worker, and each
         # claims; all but one find nothing, yet each such claim costs a write
         # transaction. So the pending heads are read first, on the event loop's
-        # connection; if no more are there than the claims already on their way to
-        # the writer ask for, this claim waits for those to end and looks again.
-        # Nothing there: nothing to claim as of the latest commit (what commits later
-        # is announced to the caller, as it always was).
+        # connection; if no more are there than the claims of the same queues and
+        # types already on their way to the writer ask for, this claim waits for
+        # those to end (once: a claim never waits longer than one of theirs) and
+        # looks again. Nothing there: nothing to claim as of the latest commit (what
+        # commits later is announced to the caller, as it always was).
+        same = (tuple(queues), None if types is None else tuple(types))
+        waited = False
         while True:
             await trio.lowlevel.checkpoint()
             if self._closing:
                 raise Unavailable("the task store is closed")
             # no await from here until this claim is counted in _claims_pending
-            ahead = self._claims_pending
+            ahead = self._claims_pending.get(same, 0)
             found = self._peek(schema.claimable, queues, types, n + ahead)
-            if found is None or found > ahead:
-                break  # some left for this claim too, or unknown: claim
-            if not ahead:
+            if found == 0:
                 return []  # nothing pending
+            if found is None or found > ahead or waited:
+                break  # some left for this claim too, or unknown: claim
+            waited = True
             await self._claims_done.wait()
-        self._claims_pending += n
+        self._claims_pending[same] = self._claims_pending.get(same, 0) + n
         try:
             return await self._write(
                 schema_caps.claim,
@@ -385,7 +390,9 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
                 note=(now, None),
             )
         finally:
-            self._claims_pending -= n
+            left = self._claims_pending.pop(same) - n
+            if left:
+                self._claims_pending[same] = left
             self._claims_done.set()
             self._claims_done = trio.Event()
 
