@@ -354,11 +354,12 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         # Look before writing. A new task wakes every long-polling worker, and each
         # claims; all but one find nothing, yet each such claim costs a write
         # transaction. So the pending heads are read first, on the event loop's
-        # connection; if no more are there than the claims of the same queues and
-        # types already on their way to the writer ask for, this claim waits for
-        # those to end (once: a claim never waits longer than one of theirs) and
-        # looks again. Nothing there: nothing to claim as of the latest commit (what
-        # commits later is announced to the caller, as it always was).
+        # connection; if a few are there (SMALL_WEIGHT at most: a backlog is claimed
+        # at once), no more than the claims of the same queues and types already on
+        # their way to the writer ask for, this claim waits for those to end (once: a
+        # claim never waits longer than one of theirs) and looks again. Nothing
+        # there: nothing to claim as of the latest commit (what commits later is
+        # announced to the caller, as it always was).
         same = (tuple(queues), None if types is None else tuple(types))
         waited = False
         while True:
@@ -370,8 +371,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             found = self._peek(schema.claimable, queues, types, n + ahead)
             if found == 0:
                 return []  # nothing pending
-            if found is None or found > ahead or waited:
-                break  # some left for this claim too, or unknown: claim
+            if found is None or found > ahead or found > SMALL_WEIGHT or waited:
+                break  # some left for this claim too, a backlog, or unknown: claim
             waited = True
             await self._claims_done.wait()
         self._claims_pending[same] = self._claims_pending.get(same, 0) + n
