@@ -204,3 +204,18 @@ def test_submit_of_a_type_no_worker_handles_warns_but_stores(served: BrokerProce
     )
     assert piped.returncode == 0 and piped.stderr.count("warning:") == 1
     assert len(piped.stdout.splitlines()) == 3
+
+
+def test_processes_started_by_tq_ignore_modules_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a scratch script named like a module the broker imports late (prometheus_client,
+    # for /metrics, imports timeit): `python -m` would import it from the working directory
+    (tmp_path / "timeit.py").write_text(
+        "raise SystemExit('timeit.py of the working directory was imported')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with BrokerProcess(tmp_path / "data") as broker, broker.http_client() as http:
+        page = http.get("/metrics")
+        assert page.status_code == 200
+        assert "tq_broker_info" in page.text

@@ -109,6 +109,42 @@ async def test_each_broker_has_its_own_registry(tmp_path: Path) -> None:
         assert samples(await scrape(http_b))[key] == 1
 
 
+@pytest.mark.trio
+async def test_the_store_commit_counters_move_with_writes(tmp_path: Path) -> None:
+    names = ("commits", "committed_operations", "grouped_submits")
+    keys = [(f"tq_store_{name}_total", ()) for name in names]
+
+    async def counters(http: Any) -> list[float]:
+        got = samples(await scrape(http))
+        return [got[key] for key in keys]
+
+    async with (
+        running_broker(tmp_path) as broker,
+        broker.http_client() as http,
+        broker.client() as client,
+    ):
+        commits, ops, grouped = await counters(http)
+        for n in range(5):  # one at a time: each its own committed operation
+            await client.submit("echo", n)
+        now_commits, now_ops, now_grouped = await counters(http)
+        assert now_ops >= ops + 5
+        assert commits < now_commits <= commits + (now_ops - ops)
+        assert now_grouped == grouped  # nothing ran concurrently
+
+        async def submit_at_once() -> None:  # pipelined on one connection
+            async with trio.open_nursery() as nursery:
+                for n in range(40):
+                    nursery.start_soon(client.submit, "echo", n)
+
+        with trio.fail_after(30):  # submits that arrive during a batch share the next one
+            while (await counters(http))[2] == now_grouped:
+                await submit_at_once()
+        last_commits, last_ops, last_grouped = await counters(http)
+        assert last_ops >= now_ops + 40
+        assert last_commits < now_commits + (last_ops - now_ops)  # some shared a commit
+        assert last_grouped > now_grouped
+
+
 def promtool_or_skip() -> str:
     promtool = shutil.which("promtool")
     if promtool is None:

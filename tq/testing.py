@@ -139,11 +139,18 @@ def _http_client(
 
 
 def tq_command(*args: str) -> list[str]:
-    """The command line that runs this tq: ``python -m tq``, or the frozen executable
-    itself when this code runs inside it (PyInstaller's sys.executable is the tq binary)."""
+    """The command line that runs this tq: ``python -P -m tq``, or the frozen executable
+    itself when this code runs inside it (PyInstaller's sys.executable is the tq binary).
+
+    ``-P``: ``python -m`` would put the working directory first on ``sys.path``, so a
+    stray script there named like a module tq imports would replace that module in
+    every broker, worker and probe ``tq bench`` starts (a ``timeit.py`` calling
+    ``trio.run`` at import: the broker failed with "run() inside run()" as it
+    started its HTTP side, whose prometheus_client imports timeit). PYTHONPATH
+    still applies."""
     if getattr(sys, "frozen", False):
         return [sys.executable, *args]
-    return [sys.executable, "-m", "tq", *args]
+    return [sys.executable, "-P", "-m", "tq", *args]
 
 
 class BrokerProcess:

@@ -21,6 +21,10 @@ counts the history.
     tq_task_run_seconds{queue,type}   histogram: claim -> report
     tq_submit_latency_seconds         histogram: submit received -> durable ack
     tq_store_size_bytes, tq_store_wal_bytes, tq_broker_uptime_seconds, tq_broker_info
+    tq_store_commits_total            write transactions the store committed (group commit)
+    tq_store_committed_operations_total  write operations in them (mean batch: ratio of the two)
+    tq_store_grouped_submits_total    single submits inserted with others by one statement
+                                      (the store counters a store keeps; SQLite keeps all three)
 
 Label values are bounded: queues and types beyond the caps of
 tq.broker.activity (``MAX_QUEUES``, ``MAX_TYPES``, ``MAX_SERIES``) are
@@ -65,6 +69,27 @@ _EVENT_HELP = {
 }
 
 
+# the store's own counters (attributes of the store object, where it keeps them):
+# attribute -> (metric family, help)
+STORE_COUNTERS = {
+    "commits": (
+        "tq_store_commits",
+        "Write transactions the store committed: one per group-commit batch (one fsync each "
+        "with synchronous=full).",
+    ),
+    "committed_ops": (
+        "tq_store_committed_operations",
+        "Write operations (a submit request, a claim, a report, ...) in the committed "
+        "transactions; over tq_store_commits_total, the mean batch.",
+    ),
+    "grouped_ops": (
+        "tq_store_grouped_submits",
+        "Single submits inserted together with others by one statement (concurrent "
+        "one-task submits sharing a transaction).",
+    ),
+}
+
+
 @dataclass
 class _Snapshot:
     """Everything one page shows, copied on the event loop (cheap: bounded by the label
@@ -84,6 +109,7 @@ class _Snapshot:
     retention_deleted: dict[str, int] = field(default_factory=dict)
     size: int = 0
     wal: int = 0
+    store_counters: dict[str, int] = field(default_factory=dict)  # see STORE_COUNTERS
     uptime: float = 0.0
     broker: str = ""
     limited: bool = False  # a queue-limited key: no broker-wide families
@@ -131,6 +157,11 @@ def take_snapshot(
         retention_deleted=dict(service.retention_deleted),
         size=gauges["store"]["size"],
         wal=gauges["store"]["wal"],
+        store_counters={
+            name: int(value)
+            for name in STORE_COUNTERS
+            if isinstance(value := getattr(service.store, name, None), int)
+        },
         uptime=service.clock() - service.started_at,
         broker=service.name,
         limited=visible is not None,
@@ -223,6 +254,9 @@ class _TQCollector(Collector):
         yield GaugeMetricFamily(
             "tq_store_wal_bytes", "Size of the task database's write-ahead log.", value=snap.wal
         )
+        for name, value in snap.store_counters.items():
+            metric, documentation = STORE_COUNTERS[name]
+            yield CounterMetricFamily(metric, documentation, value=value)
         yield from self._common(snap)
 
     @staticmethod

@@ -732,6 +732,21 @@ def _id_for_key(conn: apsw.Connection, key: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def claimable(conn: apsw.Connection, queues: list[str], types: list[str] | None, n: int) -> int:
+    """How many tasks ``claim`` would find to choose from, at most n: the same index
+    heads it reads, without taking them (a read: no transaction, no lease)."""
+    found = 0
+    for queue in queues:
+        for task_type in [None] if types is None else types:
+            if task_type is None:
+                found += len(_rows(conn, CLAIM_PICK, (queue, n - found)))
+            else:
+                found += len(_rows(conn, CLAIM_PICK_TYPE, (queue, task_type, n - found)))
+            if found >= n:
+                return n
+    return found
+
+
 def claim(
     conn: apsw.Connection,
     worker: str,

@@ -22,7 +22,10 @@ Connections and threads: APSW connections raise rather than wait when used
 from two threads at once, so each connection has one owner, serialised by
 its own ``trio.CapacityLimiter(1)``:
     writer        every write, in batches (below); wal_autocheckpoint=0
-    reader        get / list / stats / next_due, one short statement each
+    reader        list / stats / next_due, one short statement each
+    pointer       small reads on the event loop's own thread, no limiter: get,
+                  depth, caps, paused queues; every read bounded to
+                  POINT_STEPS VM steps, beyond which it runs on the reader
     checkpointer  ``PRAGMA wal_checkpoint(PASSIVE)`` at most ~1 s after a commit
                   (sooner after many commits), so no commit pays for a
                   checkpoint; when the WAL has grown long under steady writes,
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -152,6 +156,16 @@ PREPARE_CHUNK = 250  # submitted rows built (ids, encoding) between event-loop c
 BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_BUSY_TIMEOUT_MS = 100  # never stall the writer for long behind a TRUNCATE
 POINT_BUSY_TIMEOUT_MS = 0  # point reads on the event loop never wait: busy -> reader thread
+# SQLite VM steps a read may take on the event loop's thread before it is interrupted
+# and run on the reader thread instead (_read_here): ~4-5 ns a step here, so at most
+# ~0.1 ms of stall and of wasted work, less than one thread hop costs (~0.15-0.3 ms).
+# Counted in grains by the progress handler: SQLite calls it when a statement's
+# lifetime step count crosses a multiple of the grain, and a cached statement's
+# count carries over from its earlier runs, so one read is counted by the calls
+# it gets (the first may come early: the budget is exact to one grain).
+POINT_STEP_GRAIN = 1000
+POINT_STEPS = 25_000
+OVER_BUDGET_PAUSE = 1.0  # seconds a read that ran over POINT_STEPS goes straight to the thread
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 CACHE_SIZE_KIB = 32 * 1024  # writer page cache: keeps the claim index hot, bounds RSS
 CHECKPOINT_INTERVAL = 1.0  # seconds from a commit to the next PASSIVE checkpoint
@@ -263,7 +277,14 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         self._reader = reader
         self._checkpointer = checkpointer
         self._prober = prober
-        self._pointer = pointer  # used only by the event loop's thread (see get)
+        self._pointer = pointer  # used only by the event loop's thread (see _read_here)
+        self._over_budget: dict[Callable[..., Any], float] = {}  # read -> trio time to retry
+        self._grains_left = 0  # of the read running on the pointer connection
+        # tasks asked for by claims queued or running, by (queues, types) (see claim)
+        self._claims_pending: dict[tuple[Any, ...], int] = {}
+        self._claims_done = trio.Event()  # set as each such claim ends
+        # every read of the event loop's connection is bounded (see _read_here)
+        pointer.set_progress_handler(self._count_grain, POINT_STEP_GRAIN)
         self._probe_limiter = trio.CapacityLimiter(1)
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
@@ -330,19 +351,51 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             return []
         queues = list(dict.fromkeys(queues))
         types = None if types is None else list(dict.fromkeys(types))
-        return await self._write(
-            schema_caps.claim,
-            worker,
-            queues,
-            types,
-            n,
-            now,
-            lease_ttl,
-            aging,
-            note,
-            weight=n,
-            note=(now, None),
-        )
+        # Look before writing. A new task wakes every long-polling worker, and each
+        # claims; all but one find nothing, yet each such claim costs a write
+        # transaction. So the pending heads are read first, on the event loop's
+        # connection; if a few are there (SMALL_WEIGHT at most: a backlog is claimed
+        # at once), no more than the claims of the same queues and types already on
+        # their way to the writer ask for, this claim waits for those to end (once: a
+        # claim never waits longer than one of theirs) and looks again. Nothing
+        # there: nothing to claim as of the latest commit (what commits later is
+        # announced to the caller, as it always was).
+        same = (tuple(queues), None if types is None else tuple(types))
+        waited = False
+        while True:
+            await trio.lowlevel.checkpoint()
+            if self._closing:
+                raise Unavailable("the task store is closed")
+            # no await from here until this claim is counted in _claims_pending
+            ahead = self._claims_pending.get(same, 0)
+            found = self._peek(schema.claimable, queues, types, n + ahead)
+            if found == 0:
+                return []  # nothing pending
+            if found is None or found > ahead or found > SMALL_WEIGHT or waited:
+                break  # some left for this claim too, a backlog, or unknown: claim
+            waited = True
+            await self._claims_done.wait()
+        self._claims_pending[same] = self._claims_pending.get(same, 0) + n
+        try:
+            return await self._write(
+                schema_caps.claim,
+                worker,
+                queues,
+                types,
+                n,
+                now,
+                lease_ttl,
+                aging,
+                note,
+                weight=n,
+                note=(now, None),
+            )
+        finally:
+            left = self._claims_pending.pop(same) - n
+            if left:
+                self._claims_pending[same] = left
+            self._claims_done.set()
+            self._claims_done = trio.Event()
 
     async def set_cap(self, cap: Cap, now: float) -> Cap:
         return await self._write(schema_caps.set_cap, cap, now)
@@ -351,7 +404,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         return await self._write(schema_caps.remove_cap, kind, name)
 
     async def list_caps(self) -> list[Cap]:
-        return await self._read(schema_caps.list_caps)
+        return await self._read_here(schema_caps.list_caps)
 
     async def running_count(self, kind: str, name: str, limit: int) -> int:
         return await self._read(schema_caps.running, kind, name, limit)
@@ -420,22 +473,8 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     # -- reads ------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task:
-        """One task by its primary key, read on the event loop's own thread.
-
-        A B-tree lookup of a few cached pages costs ~10-20 us; the hop to the
-        reader thread and back cost ~150-300 us and most of a ``get``'s broker
-        time. WAL readers do not wait for the writer; a rare busy answer (a
-        checkpoint resetting the WAL) falls back to the reader thread.
-        """
-        if self._closing:
-            raise Unavailable("the task store is closed")
-        await trio.lowlevel.checkpoint()
-        try:
-            return schema.get(self._pointer, task_id)
-        except apsw.BusyError:
-            return await self._read(schema.get, task_id)
-        except apsw.Error as exc:
-            raise _store_error(exc, "read from", self.path) from exc
+        """One task by its primary key, read on the event loop's own thread."""
+        return await self._read_here(schema.get, task_id)
 
     async def list(self, flt: ListFilter) -> list[Task]:
         """Tasks in insertion (seq) order, after the cursor task ``flt.after``."""
@@ -512,13 +551,15 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
     # -- operator surface (SQL in tq.store.schema_ops) ---------------------------------
 
     async def queue_depth(self) -> builtins.list[QueueDepth]:
-        return await self._read(schema_ops.queue_depth)
+        # index-only counts of the unfinished tasks: a small backlog costs less to count
+        # than a thread hop; a large one runs over POINT_STEPS and goes to the reader
+        return await self._read_here(schema_ops.queue_depth)
 
     async def set_paused(self, queue: str, paused: bool, now: float) -> bool:
         return await self._write(schema_ops.set_paused, queue, paused, now)
 
     async def paused_queues(self) -> dict[str, float]:
-        return await self._read(schema_ops.paused_queues)
+        return await self._read_here(schema_ops.paused_queues)
 
     async def ahead(self, task_id: str, limit: int) -> tuple[int, int] | None:
         return await self._read(schema_ops.ahead, task_id, limit)
@@ -810,6 +851,53 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         if self._closing:
             raise Unavailable("the task store is closed")
         return await trio.to_thread.run_sync(self._run_read, fn, args, limiter=self._read_limiter)
+
+    async def _read_here(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` run on the event loop's own thread, on its own
+        connection (``pointer``), when that is cheap; on the reader thread otherwise.
+
+        The hop to the reader thread and back costs ~150-300 us of broker CPU, most
+        of a small read's cost (a point ``get`` is ~10-20 us of B-tree lookups, a
+        ``depth`` of a backlog of a thousand tasks ~60 us). A read on this
+        connection is interrupted after POINT_STEPS VM steps in all (~0.1 ms), and the
+        read then runs again, whole, on the reader thread; for OVER_BUDGET_PAUSE
+        seconds after that, the same read goes to the thread at once, so a
+        large backlog costs at most one wasted budget a second. The answer is the
+        same either way: both connections read the committed database (WAL readers
+        do not wait for the writer); a busy answer (a checkpoint resetting the
+        WAL: this connection never waits) also falls back to the reader thread.
+        """
+        if self._closing:
+            raise Unavailable("the task store is closed")
+        await trio.lowlevel.checkpoint()
+        if self._over_budget and trio.current_time() < self._over_budget.get(fn, -math.inf):
+            return await self._read(fn, *args)
+        self._grains_left = POINT_STEPS // POINT_STEP_GRAIN
+        try:
+            return fn(self._pointer, *args)
+        except apsw.InterruptError:
+            self._over_budget[fn] = trio.current_time() + OVER_BUDGET_PAUSE
+            return await self._read(fn, *args)
+        except apsw.BusyError:
+            return await self._read(fn, *args)
+        except apsw.Error as exc:
+            raise _store_error(exc, "read from", self.path) from exc
+
+    def _peek(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(connection, *args)`` on the event loop's connection when it is cheap
+        (as ``_read_here``, without yielding); None when it is not (over its budget,
+        busy): a hint for a write that does not need it, never worth a thread hop."""
+        self._grains_left = POINT_STEPS // POINT_STEP_GRAIN
+        try:
+            return fn(self._pointer, *args)
+        except apsw.Error:
+            return None
+
+    def _count_grain(self) -> bool:
+        """The pointer connection's progress handler: True (interrupt the statement,
+        apsw.InterruptError) once the read has run its POINT_STEPS."""
+        self._grains_left -= 1
+        return self._grains_left < 0
 
     def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         if not self._reader_open:
