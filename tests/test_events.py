@@ -10,10 +10,11 @@ import pytest
 import trio
 
 from tq.broker import events as bus_module
-from tq.broker.events import DETAIL_LIMIT, SUBSCRIBER_BUFFER, EventBus
+from tq.broker.events import DETAIL_LIMIT, SUBSCRIBER_BUFFER, EventBus, event_fields
 from tq.client import Client
 from tq.client._api import Event
 from tq.core.errors import ConnectionFailed, InvalidRequest, InvalidTransition, Unavailable
+from tq.protocol import answers
 from tq.testing import running_broker, running_worker
 
 pytestmark = pytest.mark.trio
@@ -243,11 +244,22 @@ async def test_closing_a_blocking_client_wakes_its_reader(tmp_path: Path) -> Non
 # -- the bus itself: back-pressure never reaches publishers ------------------------------
 
 
-def drain(channel: trio.MemoryReceiveChannel[dict[str, Any]]) -> list[dict[str, Any]]:
+def workers_event(i: int) -> answers.WorkersEvent:
+    return answers.WorkersEvent(
+        id=0, seq=0, topic="workers", time=1.0, kind="heartbeat", worker_id=f"w{i}", worker=None
+    )
+
+
+def tasks_event(i: int) -> answers.TasksEvent:
+    return answers.TasksEvent(id=0, seq=0, topic="tasks", time=1.0, changes=[], more=i, totals=[])
+
+
+def drain(channel: trio.MemoryReceiveChannel[answers.Event]) -> list[dict[str, Any]]:
+    """The queued events as plain data (``event_fields``: no ``t``/``id``/``seq``)."""
     items = []
     while True:
         try:
-            items.append(channel.receive_nowait())
+            items.append(event_fields(channel.receive_nowait()))
         except trio.WouldBlock:
             return items
 
@@ -257,16 +269,17 @@ async def test_a_slow_subscriber_is_dropped_for_and_told_it_lagged() -> None:
     slow = bus.subscribe(1, ["workers"])
     fast = bus.subscribe(2, ["workers"])
     for i in range(SUBSCRIBER_BUFFER + 10):
-        bus._offer("workers", {"topic": "workers", "n": i})  # never blocks
+        bus._offer("workers", workers_event(i))  # never blocks
         fast.receive.receive_nowait()  # the fast one keeps up
     assert fast.dropped_total == 0 and slow.dropped_total == 10
     for _ in range(5):  # the slow one catches up a little
         slow.receive.receive_nowait()
-    bus._offer("workers", {"topic": "workers", "n": -1})
+    bus._offer("workers", workers_event(-1))
     queued = drain(slow.receive)
     assert len(queued) == SUBSCRIBER_BUFFER - 5 + 2
     assert queued[-2] == {"topic": "lagged", "time": 1.0, "dropped": 10}
-    assert queued[-1]["n"] == -1 and queued[-3]["n"] == SUBSCRIBER_BUFFER - 1
+    assert queued[-1]["worker_id"] == "w-1"
+    assert queued[-3]["worker_id"] == f"w{SUBSCRIBER_BUFFER - 1}"
     assert slow.dropped == 0
 
 
@@ -279,7 +292,7 @@ async def test_the_marker_is_retried_without_new_events(autojump_clock: trio.abc
     bus = EventBus()
     sub = bus.subscribe(1, ["tasks"])
     for i in range(SUBSCRIBER_BUFFER + 1):
-        bus._offer("tasks", {"n": i})
+        bus._offer("tasks", tasks_event(i))
     sub.receive.receive_nowait()  # room again, but nothing new is published
     async with trio.open_nursery() as nursery:
         nursery.start_soon(bus._counts_loop, stats)
@@ -295,3 +308,22 @@ async def test_publishing_without_subscribers_does_nothing() -> None:
     bus.submitted(None, None)  # type: ignore[arg-type]
     bus.worker("joined", "w", None)  # type: ignore[arg-type]
     assert bus._count == 0 and not bus._totals and bus.events_sent == 0
+
+
+async def test_another_brokers_event_is_checked_before_it_is_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus(clock=lambda: 1.0)
+    sub = bus.subscribe(7, ["tasks"])
+    good = event_fields(tasks_event(3))
+    good["changes"] = [{"id": "t1", "type": "x", "queue": "q", "from": None, "to": "pending"}]
+    bus.from_other_broker(good)
+    event = sub.receive.receive_nowait()
+    assert isinstance(event, answers.TasksEvent) and event.changes[0].to == "pending"
+    assert event_fields(event) == good
+    # a malformed one (another version's bug, or a forged notification) is not sent
+    bus.from_other_broker({**good, "more": "many"})
+    bus.from_other_broker({**good, "changes": [{"id": 1}]})
+    with pytest.raises(trio.WouldBlock):
+        sub.receive.receive_nowait()
+    assert caplog.text.count("a tasks event from another broker is malformed") == 2

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.test_events import next_event
-from tq.broker.events import EventBus
+from tq.broker.events import EventBus, event_fields
 from tq.core.errors import InvalidRequest
 from tq.core.progress import clean, parse
 from tq.testing import BrokerProcess, running_broker, running_worker, tq_command
@@ -109,7 +109,7 @@ async def test_progress_events_are_coalesced_per_task() -> None:
     for i in range(1000):
         bus.progressed({"t1": (i / 1000, f"step {i}"), "t2": (0.5, None)})
     bus.flush_progress()
-    event = sub.receive.receive_nowait()
+    event = event_fields(sub.receive.receive_nowait())
     assert event["topic"] == "progress" and event["more"] == 0
     assert event["tasks"] == [
         {"id": "t1", "progress": 0.999, "message": "step 999"},
@@ -120,7 +120,7 @@ async def test_progress_events_are_coalesced_per_task() -> None:
     many = {f"t{i}": (0.1, None) for i in range(150)}
     bus.progressed(many)
     bus.flush_progress()
-    event = sub.receive.receive_nowait()
+    event = event_fields(sub.receive.receive_nowait())
     assert len(event["tasks"]) == 100 and event["more"] == 50  # bounded; the rest counted
 
 

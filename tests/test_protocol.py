@@ -123,13 +123,17 @@ def test_a_map_without_a_valid_id_breaks_the_stream() -> None:
 def test_nack_carries_code_and_retry_after() -> None:
     err = InvalidRequest("bad")
     err.retry_after = 2.0
-    assert Connection.nack(3, err) == {
+    nack = Connection.nack(3, err)
+    assert msgpack.unpackb(Connection().send(nack)[4:]) == {
         "t": "nack",
         "id": 3,
         "code": "invalid",
         "message": "bad",
         "retry_after": 2.0,
     }
+    # retry_after is sent with rate_limited only: absent, not nil, when unset
+    plain = Connection().send(Connection.nack(0, InvalidRequest("bad")))
+    assert msgpack.unpackb(plain[4:]) == {"t": "nack", "id": 0, "code": "invalid", "message": "bad"}
 
 
 def test_request_types_are_documented() -> None:

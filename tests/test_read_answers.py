@@ -2,10 +2,9 @@
 
 The service methods behind ``hello`` and the ``query`` reads (stats, workers,
 depth, health, explain, workflow, history) return the answers' entries as
-Structs, and the wire's handlers wrap them in their answer without
-``answers.build`` (the map-to-Struct conversion): a live broker is driven
-through every one of them, over the wire and over REST, with each service
-method's return values recorded and ``build`` watched.
+Structs, and the wire's handlers wrap them in their answer: a live broker is
+driven through every one of them, over the wire and over REST, with each
+service method's return values and every message the sessions send recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tq.broker import server
@@ -96,14 +96,14 @@ async def test_read_handlers_return_their_declared_structs(
     returned: dict[str, list[Any]] = {}
     for name in READS:
         _spy(monkeypatch, name, returned)
-    built: list[type[answers.Answer]] = []
-    real_build = server.build
+    sent: list[type] = []
+    real_reply = server.Session._reply
 
-    def watched_build(kind: type[answers.Answer], rid: int, body: dict[str, Any]) -> Any:
-        built.append(kind)
-        return real_build(kind, rid, body)
+    async def watched_reply(self: server.Session, message: Any, *args: Any) -> None:
+        sent.append(type(message))
+        await real_reply(self, message, *args)
 
-    monkeypatch.setattr(server, "build", watched_build)
+    monkeypatch.setattr(server.Session, "_reply", watched_reply)
     hello = {"worker_id": "w1", "queues": [f"q{i}" for i in range(12)] + ["default"]}
     async with (
         running_broker(tmp_path) as broker,
@@ -131,4 +131,6 @@ async def test_read_handlers_return_their_declared_structs(
     for name, values in returned.items():
         bad = [type(v).__name__ for v in values if not READS[name](v)]
         assert not bad, f"BrokerService.{name} returned {bad}, not its declared Struct"
-    assert READ_ANSWERS.isdisjoint(built), f"read answers built from maps: {built}"
+    assert set(sent) >= READ_ANSWERS, f"answers sent: {sent}"
+    maps = [kind.__name__ for kind in sent if not issubclass(kind, msgspec.Struct)]
+    assert not maps, f"the broker sent maps, not declared Structs: {maps}"

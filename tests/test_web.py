@@ -252,9 +252,16 @@ async def test_the_event_stream_delivers_a_submit(tmp_path: Path) -> None:
                     data,
                     b"\n\n",
                 )
+                # the counts follow the change (a stream holds at most one counts event
+                # queued, filled with the newest counts when its turn comes)
+                data = await read_until(sse, data, b'"queues": {"sse"')
+                data = await read_until(sse, data, b"\n\n")
         tasks = [e for topic, e in sse_events(data) if topic == "tasks"]
         assert tasks[0]["changes"][0]["type"] == "web-test"
         assert tasks[0]["changes"][0]["to"] == "pending"
+        assert set(tasks[0]) == {"topic", "time", "changes", "more", "totals"}
+        counts = [e for topic, e in sse_events(data) if topic == "counts"]
+        assert counts[-1]["queues"]["sse"] == {"pending": 1}
         bad = await http.get(f"{API}/events", params={"topics": "gossip"})
         assert bad.status_code == 400 and "gossip" in bad.json()["detail"]
         async with browser(broker) as anonymous:

@@ -50,7 +50,11 @@ not know it without an extra read (retry promotion); reaped leases and
 operator cancel/retry read the task (only while someone subscribes to
 ``tasks``; these are rare paths, never the submit/claim/report hot path).
 
-May import: trio, tq.core, tq.broker.registry, tq.store.base.
+Events are built as their declared Structs (tq/protocol/answers.py) once, with
+``id`` and ``seq`` 0; each subscriber's forwarder stamps its own (a shallow
+copy). The REST stream and the cluster forwarding take ``event_fields``.
+
+May import: trio, msgspec, tq.core, tq.protocol, tq.broker.registry, tq.store.base.
 """
 
 from __future__ import annotations
@@ -61,10 +65,25 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 
 from tq.core.errors import InvalidRequest, NotFound, TQError, Unavailable
 from tq.core.when import due_at
+from tq.protocol.answers import (
+    CountsEvent,
+    Event,
+    LaggedEvent,
+    Nack,
+    ProgressEvent,
+    ProgressItem,
+    SubscribeAnswer,
+    TaskChange,
+    TasksEvent,
+    TaskTotal,
+    UnsubscribeAnswer,
+    WorkersEvent,
+)
 from tq.protocol.schema import Subscribe, Unsubscribe
 
 if TYPE_CHECKING:
@@ -83,11 +102,11 @@ COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
 COUNTS_REFRESH = 10.0  # seconds: ... and at least this often (changes no hook saw)
 PROGRESS_INTERVAL = 1.0  # seconds: at most one progress event per interval
 
-COUNTS_SLOT: dict[str, Any] = {"topic": "counts"}  # queued in place of a counts event
+# queued in place of a counts event (compared by identity, never sent)
+COUNTS_SLOT = CountsEvent(id=0, seq=0, topic="counts", time=0.0, queues={})
 
 # (task id, type, queue, from state, to state); None where unknown
 Change = tuple[str, str | None, str | None, str | None, str | None]
-Event = dict[str, Any]
 
 
 class Subscriber:
@@ -109,7 +128,7 @@ class Subscriber:
 
         Counts events coalesce: only the newest matters, so a subscriber holds at most
         one (a slot in the queue, filled when its turn comes) however slowly it reads."""
-        if event.get("topic") == "counts":
+        if event.topic == "counts":
             self.latest_counts = event
             if self.counts_queued:
                 return
@@ -140,7 +159,7 @@ class Subscriber:
 
     def queue_marker(self) -> bool:
         """Queue the lagged marker for the events dropped so far; False if still full."""
-        marker = {"topic": "lagged", "time": self.clock(), "dropped": self.dropped}
+        marker = LaggedEvent(id=0, seq=0, topic="lagged", time=self.clock(), dropped=self.dropped)
         try:
             self.send.send_nowait(marker)
         except trio.WouldBlock:
@@ -177,7 +196,7 @@ class EventBus:
         # several brokers on one store: each tasks event is also handed to ``forward``
         # while other brokers want this one's changes (``set_remote``), and theirs
         # arrive through ``from_other_broker``
-        self.forward: Callable[[Event], None] | None = None
+        self.forward: Callable[[dict[str, Any]], None] | None = None
         self._remote = False
         self._local_tasks = False
 
@@ -230,12 +249,19 @@ class EventBus:
             self._remote = wanted
             self._recompute()
 
-    def from_other_broker(self, event: Event) -> None:
-        """A tasks event another broker of the cluster sent (``forward`` there): offered
-        to the subscribers of ``tasks`` as it is, and the counts are read again."""
+    def from_other_broker(self, fields: dict[str, Any]) -> None:
+        """A tasks event another broker of the cluster sent (``forward`` there, as
+        ``event_fields``): offered to the subscribers of ``tasks`` as it is, and the
+        counts are read again. One that does not fit ``TasksEvent`` is logged, not sent."""
         self._counts_dirty = True
-        if self._local_tasks and event.get("topic") == "tasks":
-            self._offer("tasks", event)
+        if not self._local_tasks or fields.get("topic") != "tasks":
+            return
+        try:
+            event = msgspec.convert({**fields, "id": 0, "seq": 0}, TasksEvent, strict=True)
+        except msgspec.ValidationError as exc:
+            log.warning("a tasks event from another broker is malformed, not sent: %s", exc)
+            return
+        self._offer("tasks", event)
 
     @property
     def dropped_total(self) -> int:
@@ -346,13 +372,15 @@ class EventBus:
         else:
             info = worker
         now = self.clock()
-        event = {
-            "topic": "workers",
-            "time": now,
-            "kind": kind,
-            "worker_id": worker_id,
-            "worker": None if info is None or kind == "lost" else info.to_dict(now),
-        }
+        event = WorkersEvent(
+            id=0,
+            seq=0,
+            topic="workers",
+            time=now,
+            kind=kind,
+            worker_id=worker_id,
+            worker=None if info is None or kind == "lost" else info.to_map(now),
+        )
         self._offer("workers", event)
 
     def _add(self, changes: Iterable[Change]) -> None:
@@ -397,15 +425,17 @@ class EventBus:
         """Send the latest progress per task as one ``progress`` event."""
         if not (self._progress or self._progress_more):
             return
-        event = {
-            "topic": "progress",
-            "time": self.clock(),
-            "tasks": [
-                {"id": task_id, "progress": value[0], "message": value[1]}
+        event = ProgressEvent(
+            id=0,
+            seq=0,
+            topic="progress",
+            time=self.clock(),
+            tasks=[
+                ProgressItem(id=task_id, progress=value[0], message=value[1])
                 for task_id, value in self._progress.items()
             ],
-            "more": self._progress_more,
-        }
+            more=self._progress_more,
+        )
         self._progress, self._progress_more = {}, 0
         self._offer("progress", event)
 
@@ -415,23 +445,25 @@ class EventBus:
         if not count:
             return
         complete = not self._incomplete and count <= DETAIL_LIMIT
-        event = {
-            "topic": "tasks",
-            "time": self.clock(),
-            "changes": [
-                {"id": c[0], "type": c[1], "queue": c[2], "from": c[3], "to": c[4]}
+        event = TasksEvent(
+            id=0,
+            seq=0,
+            topic="tasks",
+            time=self.clock(),
+            changes=[
+                TaskChange(id=c[0], type=c[1], queue=c[2], from_=c[3], to=c[4])
                 for c in (listed if complete else ())
             ],
-            "more": 0 if complete else count,
-            "totals": [
-                {"queue": queue, "from": old, "to": new, "n": n}
+            more=0 if complete else count,
+            totals=[
+                TaskTotal(queue=queue, from_=old, to=new, n=n)
                 for (queue, old, new), n in totals.items()
             ],
-        }
+        )
         self._changes, self._totals, self._count = [], Counter(), 0
         self._incomplete = False
         if self._remote and self.forward is not None:
-            self.forward(event)
+            self.forward(event_fields(event))
         if self._local_tasks:
             self._offer("tasks", event)
 
@@ -463,7 +495,9 @@ class EventBus:
             counts = (await stats()).counts
             changed = counts != self._last_counts
             self._last_counts = counts
-        event = {"topic": "counts", "time": self.clock(), "queues": self._last_counts}
+        event = CountsEvent(
+            id=0, seq=0, topic="counts", time=self.clock(), queues=self._last_counts or {}
+        )
         self.events_sent += 1
         for sub in subs:
             if changed or sub.needs_counts:
@@ -475,6 +509,15 @@ class EventBus:
         for sub in list(self.subscribers):
             if topic in sub.topics:
                 sub.offer(event)
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """An event's own fields as plain data, without the envelope (``t``, ``id``,
+    ``seq``): what the REST event stream and the forwarding between brokers carry."""
+    fields: dict[str, Any] = msgspec.to_builtins(event)
+    for key in ("t", "id", "seq"):
+        fields.pop(key, None)
+    return fields
 
 
 def parse_topics(topics: object) -> frozenset[str]:
@@ -505,8 +548,8 @@ class SessionEvents:
     def __init__(
         self,
         bus: EventBus,
-        reply: Callable[[dict[str, Any]], Awaitable[None]],
-        nack: Callable[[int, TQError], dict[str, Any]],
+        reply: Callable[[SubscribeAnswer | UnsubscribeAnswer | Event | Nack], Awaitable[None]],
+        nack: Callable[[int, TQError], Nack],
     ) -> None:
         self.bus = bus
         self._reply = reply
@@ -518,29 +561,27 @@ class SessionEvents:
         self, msg: Subscribe | Unsubscribe, nursery: trio.Nursery, closing: bool
     ) -> None:
         rid = msg.id
+        answer: SubscribeAnswer | UnsubscribeAnswer
         try:
             if isinstance(msg, Subscribe):
-                body = self._subscribe(rid, msg, closing)
+                answer = SubscribeAnswer(id=rid, topics=self._subscribe(rid, msg, closing))
             else:
-                body = self._unsubscribe()
+                self.close()
+                answer = UnsubscribeAnswer(id=rid)
         except TQError as exc:
             await self._reply(self._nack(rid, exc))
             return
-        await self._reply({"t": "ack", "id": rid, **body})
+        await self._reply(answer)
         if isinstance(msg, Subscribe) and self.subscriber is not None:
             nursery.start_soon(self._forward, self.subscriber)
 
-    def _subscribe(self, rid: int, msg: Subscribe, closing: bool) -> dict[str, Any]:
+    def _subscribe(self, rid: int, msg: Subscribe, closing: bool) -> list[str]:
         if closing:
             raise Unavailable("the broker is shutting down; subscribe again once it is back")
         # a second subscribe never gets here: the session's rules refuse it
         # (tq/protocol/session.py); the bus refuses bad topics
         self.subscriber = self.bus.subscribe(rid, msg.topics)
-        return {"topics": sorted(self.subscriber.topics)}
-
-    def _unsubscribe(self) -> dict[str, Any]:
-        self.close()
-        return {}
+        return sorted(self.subscriber.topics)
 
     async def _forward(self, sub: Subscriber) -> None:
         seq = 0
@@ -552,7 +593,7 @@ class SessionEvents:
                     if event is None:
                         continue
                     seq += 1
-                    await self._reply({**event, "t": "event", "id": sub.id, "seq": seq})
+                    await self._reply(msgspec.structs.replace(event, id=sub.id, seq=seq))
             finally:
                 self.bus.unsubscribe(sub)
 

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from tq.core.errors import Forbidden
 from tq.protocol.answers import WorkerMap
 from tq.store.base import WorkerBeat
@@ -88,11 +86,6 @@ class WorkerInfo:
             queues_total=queues_total,
             types_total=types_total,
         )
-
-    def to_dict(self, now: float, may_use: QueueFilter = None) -> dict[str, Any]:
-        """``to_map`` as plain data (a ``workers`` event's map: every queue and type)."""
-        entry: dict[str, Any] = msgspec.to_builtins(self.to_map(now, may_use))
-        return entry
 
 
 def _beat(info: WorkerInfo) -> WorkerBeat:

@@ -79,11 +79,13 @@ from tq.protocol.answers import (
     Answer,
     ClaimAnswer,
     DepthAnswer,
+    Event,
     ExplainAnswer,
     HealthAnswer,
     HeartbeatAnswer,
     HistoryAnswer,
     ListAnswer,
+    Nack,
     ResultAnswer,
     StatsAnswer,
     SubmitAnswer,
@@ -93,8 +95,6 @@ from tq.protocol.answers import (
     WaitAnswer,
     WorkersAnswer,
     WorkflowAnswer,
-    as_wire,
-    build,
     task_map,
 )
 from tq.protocol.connection import MessageError
@@ -324,36 +324,23 @@ class Session:
         while self.stream.pending and not self._writer_done:
             await self._written.wait()
 
-    async def _reply_subscription(self, message: dict[str, Any]) -> None:
-        """The answers to subscribe/unsubscribe (which change the session), and events."""
-        answer: Any = message
-        if message["t"] != "event":
-            self.rules.send(message)
-            if message["t"] == "ack":
-                kind = SubscribeAnswer if "topics" in message else UnsubscribeAnswer
-                fields = {k: v for k, v in message.items() if k not in ("t", "id")}
-                answer = build(kind, message["id"], fields)
-        await self._reply_event(answer)
-
-    async def _reply_event(self, message: Any) -> None:
-        """An event for this subscriber: it waits once EVENT_OUTBOX_BYTES are queued, so
-        the bus's bounded queue for it fills and drops (with a ``lagged`` marker)."""
-        try:
-            message = as_wire(message)
-        except ValueError:  # msgspec.ValidationError: a broker bug, or another broker's
-            log.error("event does not fit its declaration, sent as it is: %r", message)
+    async def _reply_subscription(
+        self, message: SubscribeAnswer | UnsubscribeAnswer | Event | Nack
+    ) -> None:
+        """The answers to subscribe/unsubscribe (which change the session), and events:
+        once EVENT_OUTBOX_BYTES are queued an event waits, so the bus's bounded queue
+        for this subscriber fills and drops (with a ``lagged`` marker)."""
+        if not isinstance(message, Event):
+            self.rules.broker_sends(message)
         await self._reply(message, EVENT_OUTBOX_BYTES)
 
-    async def _reply(self, message: Any, budget: int = OUTBOX_BYTES) -> None:
-        """Send an answer: its declared Struct (tq/protocol/answers.py), or a map the
-        declarations encode (a NACK; events are converted by ``_reply_event``)."""
-        if type(message) is dict and message.get("t") == "nack":
-            message = as_wire(message)
+    async def _reply(self, message: Answer | Event | Nack, budget: int = OUTBOX_BYTES) -> None:
+        """Send an answer, a NACK or an event: its declared Struct
+        (tq/protocol/answers.py), which encodes itself."""
         try:
             frame = self.conn.send(message)
         except TQError as exc:  # e.g. an answer larger than the frame limit
-            rid = message.get("id", 0) if type(message) is dict else message.id
-            frame = self.conn.send(as_wire(Connection.nack(rid, exc)))
+            frame = self.conn.send(Connection.nack(message.id, exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
         pending = self.stream.pending
@@ -495,7 +482,9 @@ class Session:
             await self._reply(Connection.nack(rid, exc))
             return False
         except TQError as exc:
-            await self._reply(self.rules.send(Connection.nack(rid, exc)))
+            nack = Connection.nack(rid, exc)
+            self.rules.broker_sends(nack)
+            await self._reply(nack)
             return True
         self.principal = principal
         self.worker_id = worker_id
@@ -505,7 +494,7 @@ class Session:
         self.conn.set_max_frame(self.settings.max_frame)
         if principal is not None and principal.role not in LARGE_FRAME_ROLES:
             self.conn.limit_incoming(SMALL_ROLE_MAX_FRAME)  # a reader asks in small frames
-        self.rules.send({"t": "ack", "id": rid})  # the session is ready
+        self.rules.broker_sends(answer)  # the session is ready
         await self._reply(answer)
         return True
 
@@ -545,7 +534,7 @@ class Session:
                     async with self._heavy:
                         await self._reply(await handler(msg))
                         return
-                reply: Answer | dict[str, Any] = await handler(msg)
+                reply: Answer | Nack = await handler(msg)
                 if isinstance(reply, WaitAnswer):  # the handler took the lock for its answer
                     try:
                         await self._reply(reply)

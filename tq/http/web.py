@@ -58,7 +58,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tq.broker.events import TOPICS, EventBus, Subscriber
+from tq.broker.events import TOPICS, EventBus, Subscriber, event_fields
 from tq.core.errors import Forbidden, InvalidRequest, Unauthorized, Unavailable
 from tq.security.roles import allowed
 
@@ -394,15 +394,18 @@ class EventStream(Response):
         while True:
             with trio.move_on_after(KEEPALIVE) as idle:
                 try:
-                    event = await self.sub.receive.receive()
+                    queued = await self.sub.receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     break  # unsubscribed
             if idle.cancelled_caught:
                 await self._chunk(send, ": keepalive\n\n")
                 continue
+            event = self.sub.take(queued)  # a counts slot: the newest counts
+            if event is None:
+                continue
             seq += 1
-            data = json.dumps(event, ensure_ascii=False, default=repr)
-            await self._chunk(send, f"id: {seq}\nevent: {event['topic']}\ndata: {data}\n\n")
+            data = json.dumps(event_fields(event), ensure_ascii=False, default=repr)
+            await self._chunk(send, f"id: {seq}\nevent: {event.topic}\ndata: {data}\n\n")
         scope.cancel()
 
 

@@ -30,7 +30,7 @@ Structs, so the wire follows.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -58,9 +58,6 @@ class Answer(msgspec.Struct, tag_field="t", tag="ack", kw_only=True):
     """What every ``ack`` carries: ``t`` "ack" (the tag) and the request's ``id``."""
 
     id: RequestId
-
-
-AnyAnswer = TypeVar("AnyAnswer", bound=Answer)
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -788,46 +785,6 @@ def lease_map(lease: Lease) -> LeaseMap:
         expires_at=lease.expires_at,
         trace=lease.trace,
     )
-
-
-def build(kind: type[AnyAnswer], rid: int, body: dict[str, Any]) -> AnyAnswer:
-    """An answer from the fields a handler gathered as a map: checked against its
-    declaration (a missing or mistyped field, or one the declaration lacks, is a broker
-    bug: ValueError), so what goes on the wire is the declared shape."""
-    undeclared = body.keys() - kind.__struct_fields__
-    if undeclared:
-        raise ValueError(
-            f"{kind.__name__} has no field {', '.join(sorted(undeclared))}: declare it "
-            "in tq/protocol/answers.py"
-        )
-    try:
-        return msgspec.convert({**body, "id": rid}, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"{kind.__name__} does not fit its declaration: {exc}") from None
-
-
-def nack(rid: int, code: str, message: str, retry_after: float | None = None) -> Nack:
-    return Nack(id=rid, code=code, message=message, retry_after=retry_after)
-
-
-def as_wire(message: Any) -> Any:
-    """What the broker encodes for ``message``: a Struct as it is; a map built by hand
-    (a NACK, an event) as its declared Struct."""
-    if type(message) is not dict:
-        return message
-    kind = message.get("t")
-    if kind == "nack":
-        return Nack(
-            id=message["id"],
-            code=message["code"],
-            message=message["message"],
-            retry_after=message.get("retry_after"),
-        )
-    if kind == "event":
-        topic = EVENTS.get(message.get("topic"))  # type: ignore[arg-type]
-        if topic is not None:
-            return msgspec.convert(message, topic, strict=True)
-    return message
 
 
 class BadAnswer(ProtocolError):

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from tq.core.errors import ProtocolError, TQError
+from tq.protocol.answers import Nack
 from tq.protocol.answers import encode as encode_answer
 from tq.protocol.frames import (
     DEFAULT_MAX_FRAME,
@@ -119,8 +120,6 @@ class Connection:
         return encode_frame(message, self.max_frame)
 
     @staticmethod
-    def nack(rid: int, exc: TQError) -> dict[str, Any]:
-        msg: dict[str, Any] = {"t": "nack", "id": rid, "code": exc.code, "message": exc.message}
-        if exc.retry_after is not None:
-            msg["retry_after"] = exc.retry_after
-        return msg
+    def nack(rid: int, exc: TQError) -> Nack:
+        """The NACK that answers request ``rid`` (0: the connection) with ``exc``."""
+        return Nack(id=rid, code=exc.code, message=exc.message, retry_after=exc.retry_after)

@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import msgspec
+
 from tq.core.errors import (
     Forbidden,
     InvalidRequest,
@@ -304,6 +306,12 @@ class Session:
         if isinstance(rid, int):
             self._outstanding[rid] = str(kind)
         return message
+
+    def broker_sends(self, answer: msgspec.Struct) -> None:
+        """Check an answer or event the broker is about to send (a declared Struct of
+        tq/protocol/answers.py) and move the session's state; LocalProtocolError if
+        the session does not allow it now."""
+        self._broker_send({"t": type(answer).__struct_config__.tag, "id": answer.id})  # type: ignore[attr-defined]
 
     def _broker_send(self, message: Message) -> Message:
         kind, rid = message.get("t"), message.get("id")
