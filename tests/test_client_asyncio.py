@@ -187,3 +187,36 @@ def test_closing_without_waiting_leaves_no_socket_behind(broker_proc: BrokerProc
 
     asyncio.run(main())
     gc.collect()  # an unclosed socket would warn here, and warnings are errors
+
+
+def test_request_answer_decodes_into_the_declared_answer(broker_proc: BrokerProcess) -> None:
+    """``request_answer`` on the asyncio and the blocking client, as on the trio one: the
+    ACK comes back as its Struct; a NACK raises; an answer of another shape is refused
+    naming the field."""
+    from tq.client import BlockingClient
+    from tq.protocol import answers
+
+    get = {"t": "query", "q": "get"}
+
+    async def main() -> str:
+        async with connect(broker_proc) as client:
+            task_id = await client.submit("echo", {"n": 1}, queue="nobody-takes")
+            got = await client.request_answer({**get, "task": task_id}, answers.TaskAnswer)
+            assert type(got) is answers.TaskAnswer and got.task.id == task_id
+            assert got.task.state == "pending" and got.task.queue == "nobody-takes"
+            with pytest.raises(NotFound, match="no task with id nope"):
+                await client.request_answer({**get, "task": "nope"}, answers.TaskAnswer)
+            with pytest.raises(
+                answers.BadAnswer, match=r"answer to query depth.*missing required field `depth`"
+            ):
+                await client.request_answer({**get, "task": task_id}, answers.DepthAnswer)
+            return task_id
+
+    task_id = asyncio.run(main())
+    with BlockingClient(broker_proc.address, ca=broker_proc.ca, **broker_proc.client_kwargs()) as c:
+        got = c.request_answer({**get, "task": task_id}, answers.TaskAnswer)
+        assert type(got) is answers.TaskAnswer and got.task.id == task_id
+        with pytest.raises(NotFound, match="no task with id nope"):
+            c.request_answer({**get, "task": "nope"}, answers.TaskAnswer)
+        stats = c.request_answer({"t": "query", "q": "stats"}, answers.StatsAnswer)
+        assert stats.stats.queues["nobody-takes"]["pending"] >= 1

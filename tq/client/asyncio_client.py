@@ -32,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import msgspec
+
 from tq.client import _api as api
 from tq.client._methods import AsyncMethods
 from tq.client.core import RECEIVE_SIZE, ClientCore, connect_targets
@@ -43,6 +45,7 @@ from tq.protocol.session import Answer, EventReceived, Farewell
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 CONNECT_TIMEOUT = 10.0
 DEFAULT_BUFFER = 1024  # events buffered before dropping (and saying lagged), as the trio client
 UNSUBSCRIBE_TIMEOUT = 5.0
@@ -208,6 +211,11 @@ class AsyncioClient(AsyncMethods):
     async def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
         return api.reply_map(await self._exchange(*self._core.send(message)))
+
+    async def request_answer(self, message: Mapping[str, Any], kind: type[S]) -> S:
+        """``request``, its ACK decoded straight into its declared answer ``kind``
+        (tq/protocol/answers.py); BadAnswer naming the field if it does not fit."""
+        return api.read_reply(await self._exchange(*self._core.send(message)), kind)
 
     async def _exchange(self, rid: int, frame: bytes) -> api.Reply:
         future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()

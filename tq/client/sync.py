@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import msgspec
+
 from tq.client import _api as api
 from tq.client import failover as fo
 from tq.client._methods_sync import SyncMethods
@@ -39,6 +41,7 @@ from tq.protocol.session import Answer, EventReceived, Farewell, Received
 from tq.security.tls import describe_tls_error
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class BlockingClient(SyncMethods):
@@ -273,6 +276,11 @@ class BlockingClient(SyncMethods):
     def request(self, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and wait for its answer (NACKs raise)."""
         return api.reply_map(self._request(message))
+
+    def request_answer(self, message: Mapping[str, Any], kind: type[S]) -> S:
+        """``request``, its ACK decoded straight into its declared answer ``kind``
+        (tq/protocol/answers.py); BadAnswer naming the field if it does not fit."""
+        return api.read_reply(self._request(message), kind)
 
     def _call(self, call: api.Call[T], timeout: float | None = None) -> T:
         return call.parse(self._request(call.message, timeout))
