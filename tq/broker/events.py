@@ -34,7 +34,8 @@ Invariants:
   store (``ClusterState``); the others then hand each ``tasks`` event they
   flush to ``forward`` (coalesced as above: at most one per FLUSH_INTERVAL per
   broker), and it reaches this broker's subscribers through
-  ``from_other_broker`` as the other broker built it. So a subscriber sees
+  ``from_other_broker`` as the other broker built it (checked against
+  ``TasksEvent`` first: a malformed one is logged and dropped). So a subscriber sees
   the whole cluster's changes, each broker's in events of its own.
 * **Counts are recounted, not dead-reckoned.** ``counts`` events carry the
   store's per-queue, per-state counts (the same query as ``query stats``),
