@@ -66,15 +66,21 @@ def paths(
 
     def maps() -> Any:
         old_core.session._outstanding[RID] = request
-        conn = old_core.conn
-        conn.receive_data(frame)
-        body = conn.next_body()
-        assert body is not None
-        item = old_core.session.receive(conn.parse(body))
+        item = _received_as_map(old_core, frame)
         assert isinstance(item, Answer)
         return answers.convert_answer(api.raise_for_nack(item.reply), kind)
 
     return declared, maps
+
+
+def _received_as_map(core: ClientCore, frame: bytes) -> Any:
+    """``frame`` as the session received it before the core read envelopes: the whole
+    body decoded as a map."""
+    conn = core.conn
+    conn.receive_data(frame)
+    body = conn.next_body()
+    assert body is not None
+    return core.session.receive(conn.parse(body))
 
 
 def _tasks_event(n: int) -> bytes:
@@ -106,11 +112,7 @@ def event_paths(frame: bytes) -> tuple[Callable[[], Any], Callable[[], Any]]:
         return api.parse_event(item.message)
 
     def maps() -> Any:
-        conn = old_core.conn
-        conn.receive_data(frame)
-        body = conn.next_body()
-        assert body is not None
-        item = old_core.session.receive(conn.parse(body))
+        item = _received_as_map(old_core, frame)
         assert isinstance(item, EventReceived)
         return api.parse_event(item.message)
 

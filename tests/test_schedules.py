@@ -125,6 +125,7 @@ def test_catching_up_is_bounded() -> None:
         ({"task": {"type": "t", "payload": {"a": math.nan}}}, "task payload"),
         ({"task": None}, "schedule task must be a map; it is required"),
         ({"name": "two words"}, "schedule name must be a non-empty string of at most 200"),
+        ({"timezon": "Europe/Berlin"}, "unknown schedule field timezon; known: cron, missed,"),
     ],
 )
 def test_bad_schedules_are_refused_with_the_reason(fields: dict[str, Any], said: str) -> None:

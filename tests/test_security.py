@@ -173,6 +173,17 @@ async def test_an_expired_key_is_refused(tmp_path: Path) -> None:
             await auth.authenticate(text)  # and at hello
 
 
+@pytest.mark.trio
+async def test_create_key_reads_queues_as_parse_queues_does(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        auth = Auth(store, clock=lambda: NOW)
+        _, listed = await auth.create_key(None, role="producer", queues=["a", "b", "a"])
+        _, text = await auth.create_key(None, role="producer", queues="a, b")
+        assert listed.queues == text.queues == ("a", "b")  # a string is not its characters
+        with pytest.raises(InvalidRequest, match="queues"):
+            await auth.create_key(None, role="producer", queues=[])
+
+
 @pytest.mark.slow
 @pytest.mark.trio
 async def test_a_reload_racing_a_revocation_keeps_the_key_revoked(tmp_path: Path) -> None:

@@ -50,7 +50,11 @@ def test_compile_chain_group_chord() -> None:
         ({"chain": [{"type": "a"}], "x": 1}, "unknown workflow field x; known: callback, chain"),
         ({"chain": [{"type": "a", "max_retries": True}]}, "workflow chain[0].max_retries must be"),
         ({"chain": [{"type": "a"}], "queue": "q"}, "['queue'] in a chain"),
-        ({"type": "a", "callback": {"type": "b"}}, "a callback belongs to a chord"),
+        ({"type": "a", "callback": {"type": "b"}}, "a callback belongs to a chord, not a task"),
+        (  # not a task field: named as what it is
+            {"group": [{"type": "a"}], "callback": {"type": "b"}, "queue": "q"},
+            "workflow: a callback belongs to a chord, not a group",
+        ),
     ],
 )
 def test_compile_refuses_naming_the_node(document: Any, says: str) -> None:

@@ -369,9 +369,9 @@ class Auth:
         expires_at: float | None = None,
     ) -> tuple[str, ApiKey]:
         """A new key: (its text, shown once; the stored record). ``new_key`` checks the
-        fields a plain caller may get wrong (the wire's declaration guarantees them)."""
-        listed = None if queues is None else tuple(queues)
-        text, key = await self._mint(name, role, queues=listed, expires_at=expires_at)
+        fields a plain caller may get wrong (the wire's declaration guarantees them), and
+        reads ``queues`` as ``parse_queues`` does (a comma-separated string too)."""
+        text, key = await self._mint(name, role, queues=queues, expires_at=expires_at)
         await self._create(key, actor_of(actor), {"name": key.name, "role": key.role})
         return text, key
 

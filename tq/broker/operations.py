@@ -344,9 +344,9 @@ class OperatorOps:
         )
 
     async def _brokers(self, now: float) -> tuple[list[BrokerMap] | None, str | None]:
-        """``brokers``: every broker of the cluster, this one marked ``self``, and
-        ``brokers_error`` None; on a store error, None and the error (cluster_status
-        never raises)."""
+        """(``brokers``, ``brokers_error``): every broker of the cluster, this one marked
+        ``self``, and None; on a store error, None and the error (cluster_status never
+        raises)."""
         cluster = self.cluster
         if cluster is None:
             one = BrokerMap(

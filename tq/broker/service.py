@@ -30,7 +30,7 @@ import trio
 from tq import PROTOCOL_VERSION, __version__
 from tq.broker.activity import Activity
 from tq.broker.auth import Auth, actor_of, history_actor
-from tq.broker.caps import CapOps
+from tq.broker.caps import CapOps, cap_map
 from tq.broker.coalesce import ByteBudget, Coalesced
 from tq.broker.events import EventBus
 from tq.broker.operations import OperatorOps
@@ -68,7 +68,6 @@ from tq.core.task import (
 )
 from tq.core.when import due_at
 from tq.protocol.answers import (
-    CapMap,
     HelloAnswer,
     LeaseMap,
     Reported,
@@ -766,16 +765,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
             uptime=now - self.started_at,
             queues=counts,
             paused=sorted(q for q in await self.paused() if may_use is None or may_use(q)),
-            caps=[
-                CapMap(
-                    kind=cap.kind,
-                    name=cap.name,
-                    concurrency=cap.concurrency,
-                    rate=cap.rate,
-                    burst=cap.burst,
-                )
-                for cap in await self.visible_caps(principal)
-            ],
+            caps=[cap_map(cap) for cap in await self.visible_caps(principal)],
             store=store,
             workers=len(self.workers.visible(may_use)),
             counters=counters,

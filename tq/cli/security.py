@@ -112,9 +112,6 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
 
         with BlockingClient.from_settings(settings(**conn)) as client:
             return client.request(msg)
-    from tq.security.roles import Principal
-
-    local = Principal("local", "local CLI", "admin", None)  # audited as "local"
     import msgspec
 
     from tq.protocol.parse import typed
@@ -127,7 +124,9 @@ def _call(conn: dict[str, Any], data: Path | None, msg: dict[str, Any]) -> dict[
         answer = _offline(data, lambda auth: auth.audit_page(page))
     else:
         from tq.protocol.schema import Keys
+        from tq.security.roles import Principal
 
+        local = Principal("local", "local CLI", "admin", None)  # audited as "local"
         keys = typed(Keys, {**msg, "id": 0})  # the wire's declaration, offline too
         answer = _offline(data, lambda auth: auth.request(local, keys))
     # the declared answer as the map the wire's answer decodes to (bytes stay bytes)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -46,16 +46,14 @@ GRACE = 60.0  # seconds: a tick older than this when fired counts as missed
 MAX_CATCH_UP = 100  # ticks fired at most for one schedule at once (policy "all")
 MAX_TICKS_WALKED = 10_000  # past ticks walked at most before jumping to the present
 PREVIEW = 5  # next runs shown by list/show
-SCHEDULE_TASK_FIELDS = frozenset(ScheduleTaskIn.__struct_fields__)
 
 # what a schedule is declared with (the wire's ``schedule`` request uses these too)
 Cron = Annotated[str, Meta(min_length=1, max_length=MAX_CRON_LENGTH)]  # five fields: check_cron
 Zone = Annotated[str, Meta(min_length=1, max_length=MAX_TIMEZONE)]  # an IANA name: check_cron
 Missed = Literal["skip", "once", "all"]
-MISSED_POLICIES: tuple[str, ...] = get_args(Missed)
 
 
-class ScheduleIn(msgspec.Struct, kw_only=True):
+class ScheduleIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A schedule as declared: the fields of the wire's ``schedule`` add (whose
     declaration guarantees these types), or plain data decoded by ``parse_schedule``."""
 

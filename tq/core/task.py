@@ -72,65 +72,51 @@ Priority = int | str  # 0..255 or a name; parse_priority reads both
 TaskId = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 
-# the fields a schedule's task shares with a submit's (ScheduleTaskIn, TaskSpecIn)
-TypeField = Annotated[Name, doc("the handler's name: no whitespace, no `,`")]
-QueueField = Annotated[Name | None, doc("same rule as `type`")]
-PayloadField = Annotated[
-    Any, doc("plain data (below); msgpack-encoded size ≤ 10 MiB (10 485 760 bytes)")
-]
-PriorityField = Annotated[
-    Priority | None,
-    doc(
-        '0..255 (255 highest), or `"high"`=200, `"normal"`=100, `"low"`=50 '
-        "(case-insensitive), or a decimal string",
-        bounds="0..255",
-    ),
-]
-MaxRetriesField = Annotated[
-    Annotated[int, Meta(ge=0, le=MAX_RETRIES)] | None,
-    doc("retries after the first attempt before the task is `dead`"),
-]
-TimeoutField = Annotated[
-    Annotated[float, Meta(ge=0.001, le=MAX_NUMBER)] | None,
-    doc("seconds; enforced by the worker, not the broker"),
-]
-RetryBaseField = Annotated[
-    Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff base (s)")
-]
-RetryCapField = Annotated[
-    Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff cap (s)")
-]
+class _TaskFieldsIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The fields a schedule's task shares with a submit's, declared once for both
+    (``ScheduleTaskIn``, ``TaskSpecIn``): the same value is refused in the same words."""
+
+    type: Annotated[Name, doc("the handler's name: no whitespace, no `,`")]
+    queue: Annotated[Name | None, doc("same rule as `type`")] = None
+    payload: Annotated[
+        Any, doc("plain data (below); msgpack-encoded size ≤ 10 MiB (10 485 760 bytes)")
+    ] = None
+    priority: Annotated[
+        Priority | None,
+        doc(
+            '0..255 (255 highest), or `"high"`=200, `"normal"`=100, `"low"`=50 '
+            "(case-insensitive), or a decimal string",
+            bounds="0..255",
+        ),
+    ] = None
+    max_retries: Annotated[
+        Annotated[int, Meta(ge=0, le=MAX_RETRIES)] | None,
+        doc("retries after the first attempt before the task is `dead`"),
+    ] = None
+    timeout: Annotated[
+        Annotated[float, Meta(ge=0.001, le=MAX_NUMBER)] | None,
+        doc("seconds; enforced by the worker, not the broker"),
+    ] = None
+    retry_base: Annotated[
+        Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff base (s)")
+    ] = None
+    retry_cap: Annotated[
+        Annotated[float, Meta(ge=0.0, le=MAX_NUMBER)] | None, doc("backoff cap (s)")
+    ] = None
 
 
-class ScheduleTaskIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ScheduleTaskIn(_TaskFieldsIn, kw_only=True, forbid_unknown_fields=True):
     """The task a schedule submits at each tick: the fields of a task spec a schedule
     may carry (no ``idempotency_key``: each tick's task gets its own), with the same
     declarations, so the same value is refused in the same words. Declared once for the
     wire's ``schedule`` request, REST and plain callers (tq.core.schedule)."""
 
-    type: TypeField
-    queue: QueueField = None
-    payload: PayloadField = None
-    priority: PriorityField = None
-    max_retries: MaxRetriesField = None
-    timeout: TimeoutField = None
-    retry_base: RetryBaseField = None
-    retry_cap: RetryCapField = None
 
-
-class TaskSpecIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class TaskSpecIn(_TaskFieldsIn, kw_only=True, forbid_unknown_fields=True):
     """One task as submitted: every field a producer chooses, nil equal to absent.
     The checks that join several fields (and the payload's) are in ``TaskSpec.of``.
     Declared once for the wire (tq/protocol/schema.py), REST, files and the CLI."""
 
-    type: TypeField
-    queue: QueueField = None
-    payload: PayloadField = None
-    priority: PriorityField = None
-    max_retries: MaxRetriesField = None
-    timeout: TimeoutField = None
-    retry_base: RetryBaseField = None
-    retry_cap: RetryCapField = None
     idempotency_key: Annotated[TaskId | None, doc("see below")] = None
     trace: Annotated[
         dict[str, str] | None,

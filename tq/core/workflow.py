@@ -164,13 +164,13 @@ def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
         )
     if not kinds:
         if node.callback is not None:
-            raise InvalidRequest(f"{_where(path)}: a callback belongs to a chord")
+            raise InvalidRequest(f"{_where(path)}: a callback belongs to a chord, not a task")
         return _task(node, up, out, path)
     kind = kinds[0]
+    if kind != "chord" and node.callback is not None:
+        raise InvalidRequest(f"{_where(path)}: a callback belongs to a chord, not a {kind}")
     fields = msgspec.structs.asdict(node)
     extra = sorted(k for k in _TASK_FIELDS if fields[k] is not None)
-    if kind != "chord" and node.callback is not None:
-        extra.insert(0, "callback")
     if extra:
         raise InvalidRequest(f"{_where(path)}: task field(s) {extra} in a {kind}")
     children = fields[kind]

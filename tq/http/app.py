@@ -48,9 +48,7 @@ without that header may use the dashboard's session cookie instead
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -120,7 +118,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _answer_json(data: Any, status: int = 200) -> Response:
     """Declared answer maps (tq/protocol/answers.py) as JSON, encoded by msgspec: bytes
-    as base64 text and non-finite numbers as null, as ``_task`` renders them."""
+    as base64 text and non-finite numbers as null."""
     return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
 
 
@@ -517,22 +515,6 @@ async def delete_cap(request: Request) -> Response:
 async def cluster(request: Request) -> Response:
     principal = await authenticate(request, "query:health")
     return _answer_json(await _service(request).cluster_status(principal))
-
-
-def _task(data: dict[str, Any]) -> dict[str, Any]:
-    """A Task map (or any answer with payloads) as JSON can carry it: bytes (msgpack
-    bin) become base64 text."""
-    return json.loads(json.dumps(data, default=_bytes))
-
-
-def _bytes(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        import base64
-
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 # -- errors as problem documents -----------------------------------------------------

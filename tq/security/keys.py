@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from tq.core.auth import ApiKey, parse_queues, parse_role
@@ -50,10 +51,11 @@ def new_key(
     role: str,
     *,
     now: float,
-    queues: tuple[str, ...] | None = None,
+    queues: Sequence[str] | None = None,
     expires_at: float | None = None,
 ) -> tuple[str, ApiKey]:
-    """A fresh key: (the full key text to show once, the record to store)."""
+    """A fresh key: (the full key text to show once, the record to store); ``queues``
+    as ``parse_queues`` reads them."""
     role = parse_role(role)
     queues = parse_queues(queues)
     if not isinstance(name, str) or len(name) > 200:
