@@ -46,10 +46,10 @@ from tq.protocol.answers import (
     QueueDepth,
     RetryManyAnswer,
     StoreCheck,
-    TaskErrorMap,
     Transition,
     WorkerCount,
     Workflow,
+    task_error_map,
     task_map,
 )
 from tq.store.history_sql import MAX_HISTORY
@@ -385,7 +385,6 @@ class OperatorOps:
 
 def _transition(row: HistoryRow) -> Transition:
     """A stored history row as its answer map."""
-    error = row.error
     return Transition(
         n=row.n,
         at=row.at,
@@ -394,9 +393,7 @@ def _transition(row: HistoryRow) -> Transition:
         actor=row.actor,
         worker=row.worker,
         token=row.token,
-        error=None
-        if error is None
-        else TaskErrorMap(type=error.type, message=error.message, traceback=error.traceback),
+        error=task_error_map(row.error),
         run_at=row.run_at,
         priority=row.priority,
     )

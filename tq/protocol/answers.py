@@ -37,7 +37,7 @@ from msgspec import Meta
 
 from tq.core import limits
 from tq.core.errors import ProtocolError
-from tq.core.task import Lease, Task
+from tq.core.task import Lease, Task, TaskError
 
 # -- building blocks --------------------------------------------------------------------
 RequestId = Annotated[
@@ -741,7 +741,6 @@ def answer_type(tag: str, sub: str | None = None) -> type[Answer]:
 # -- building answers (the broker) ------------------------------------------------------
 def task_map(task: Task) -> TaskMap:
     """A stored task as its answer map."""
-    error = task.error
     return TaskMap(
         id=task.id,
         type=task.type,
@@ -760,14 +759,19 @@ def task_map(task: Task) -> TaskMap:
         run_at=task.run_at,
         worker=task.worker,
         result=task.result,
-        error=None
-        if error is None
-        else TaskErrorMap(type=error.type, message=error.message, traceback=error.traceback),
+        error=task_error_map(task.error),
         idempotency_key=task.idempotency_key,
         trace=task.trace,
         progress=task.progress,
         progress_message=task.progress_message,
     )
+
+
+def task_error_map(error: TaskError | None) -> TaskErrorMap | None:
+    """A task's (or a history row's) last error as its answer map."""
+    if error is None:
+        return None
+    return TaskErrorMap(type=error.type, message=error.message, traceback=error.traceback)
 
 
 def lease_map(lease: Lease) -> LeaseMap:

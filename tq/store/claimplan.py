@@ -67,10 +67,6 @@ class Cap:
             "burst": self.burst,
         }
 
-    def limits(self) -> dict[str, object]:
-        """``concurrency``, ``rate``, ``burst`` (None: not set)."""
-        return {"concurrency": self.concurrency, "rate": self.rate, "burst": self.burst}
-
     def refilled(self, now: float) -> float:
         """The bucket's tokens at ``now`` (rate caps only)."""
         if self.rate is None:
