@@ -44,6 +44,7 @@ the bound one delete, all in pages the same transaction already writes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,21 +239,22 @@ PG_NOTE = "SELECT set_config('tq.history_at', %s, true), set_config('tq.history_
 PG_UNNOTE = "SELECT set_config('tq.history_at', '', true), set_config('tq.history_actor', '', true)"
 
 
-_notes_taken = 0  # calls of ``note`` so far, in any thread (see ``notes_taken``)
+_this_thread = threading.local()  # .notes: calls of ``note`` in this thread so far
 
 
 def notes_taken() -> int:
-    """A count that moves whenever ``note`` runs: the SQLite writer keeps the note it
-    last set and sets it again only for an operation that needs another; a change
-    of this count across an operation says the operation noted changes itself."""
-    return _notes_taken
+    """A count that moves whenever ``note`` runs in this thread: the SQLite writer
+    keeps the note it last set and sets it again only for an operation that needs
+    another; a change of this count across an operation (run in the writer's
+    thread) says the operation noted changes itself."""
+    notes: int = getattr(_this_thread, "notes", 0)
+    return notes
 
 
 def note(conn: Any, backend: str, now: float | None, actor: str | None) -> None:
     """Record who (``actor``) and when (``now``) for the changes that follow in this
     transaction, until ``unnote``."""
-    global _notes_taken
-    _notes_taken += 1
+    _this_thread.notes = notes_taken() + 1
     if backend == "postgresql":
         at = "" if now is None else repr(float(now))
         conn.execute(PG_NOTE, (at, actor or "")).fetchall()
