@@ -5,9 +5,14 @@ and deleted with the task."""
 # ruff: noqa: F811  (the store fixtures come from tests/test_store.py)
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from tests.test_store import (  # noqa: F401  (fixtures)
     NOW,
@@ -19,7 +24,7 @@ from tests.test_store import (  # noqa: F401  (fixtures)
     submit,
 )
 from tq.core.errors import NotFound
-from tq.core.task import TaskError, TaskSpec
+from tq.core.task import ListFilter, TaskError, TaskSpec
 from tq.store.history_sql import MAX_HISTORY
 
 pytestmark = pytest.mark.trio
@@ -119,6 +124,81 @@ async def test_dependencies_name_the_cause(store: Any) -> None:
     rows = await store.history(c.id)
     assert [(h.event, h.actor) for h in rows][-1] == ("cancelled", f"dependency:{b.id}")
     assert rows[-1].error is not None and b.id in rows[-1].error.message
+
+
+async def test_each_change_carries_its_own_operations_note(store: Any) -> None:
+    """Whatever ran before (an operation that failed and was undone, a dependency's
+    note set inside a report, an operation with the same time, one without a note),
+    each row carries the time and actor of the operation that made it."""
+    [a, b] = await store.submit(
+        [TaskSpec(type="a"), TaskSpec.from_mapping({"type": "b", "depends_on": ["#0"]})],
+        NOW,
+        actor="key:s",
+    )
+    spare = await submit(store)
+    waiting = await submit(store, type="w")
+    lease = await claim_one(store, now=NOW + 1, types=["a"])
+    await store.complete([report(lease)], NOW + 2)  # notes dependency:a for b's release
+    b_lease = await claim_one(store, now=NOW + 2)  # the same time, no actor
+    assert b_lease.id == b.id
+    with pytest.raises(NotFound):  # fails after its note was set: undone with it
+        await store.cancel("no-such-task", NOW + 5, actor="key:x")
+    await store.cancel(spare, NOW + 5, actor="key:x")
+    before = time.time()
+    await store.set_priority(waiting, 3)  # no time, no actor: the database's clock
+    after = time.time()
+    assert [(h.event, h.at, h.actor) for h in await store.history(b.id)] == [
+        ("submitted", NOW, "key:s"),
+        ("blocked", NOW, "key:s"),
+        ("unblocked", NOW + 2, f"dependency:{a.id}"),
+        ("leased", NOW + 2, None),
+    ]
+    assert [(h.event, h.at, h.actor) for h in await store.history(spare)] == [
+        ("submitted", NOW, None),
+        ("cancelled", NOW + 5, "key:x"),
+    ]
+    *_, done = await store.history(a.id)
+    assert (done.event, done.at, done.actor) == ("succeeded", NOW + 2, None)
+    *_, changed = await store.history(waiting)
+    assert (changed.event, changed.actor) == ("priority", None)
+    assert before - 1 <= changed.at <= after + 1
+
+
+async def test_sqlite_notes_of_operations_sharing_a_transaction(tmp_path: Any) -> None:
+    """Writes queued together commit in one transaction, one after another: one
+    that fails takes back its own note only, and the next carries its own."""
+    from tq.store.sqlite import open_sqlite_store
+
+    async with open_sqlite_store(tmp_path / "tq.db") as store:
+        ids = [await submit(store) for _ in range(3)]
+
+        async def cancel(task_id: str, at: float, actor: str) -> None:
+            with contextlib.suppress(NotFound):
+                await store.cancel(task_id, at, actor=actor)
+
+        commits = store.commits
+        await store._write_limiter.acquire()  # the writer cannot run a batch meanwhile
+        async with trio.open_nursery() as nursery:
+            for i, task_id in enumerate(ids):  # queued in this order
+                nursery.start_soon(cancel, "no-such-task", NOW + 10 + i, f"key:x{i}")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(cancel, task_id, NOW + 10 + i, f"key:x{i}")
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(
+                functools.partial(store.submit, [TaskSpec(type="s")], NOW + 20, actor="key:s")
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            store._write_limiter.release()
+        assert store.commits == commits + 1  # the first alone (rolled back), the rest together
+        for i, task_id in enumerate(ids):
+            *_, cancelled = await store.history(task_id)
+            assert (cancelled.event, cancelled.at, cancelled.actor) == (
+                "cancelled",
+                NOW + 10 + i,
+                f"key:x{i}",
+            )
+        [last] = await store.list(ListFilter(type="s"))
+        assert await events(store, last.id) == [(1, NOW + 20, "submitted", "pending", "key:s")]
 
 
 async def test_bounded_keeps_the_first_and_the_latest(store: Any) -> None:

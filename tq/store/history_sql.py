@@ -22,12 +22,16 @@ any verb added later) can change a task without leaving its row:
 
 Who and when: the row carries what the task row knows (worker, token, error,
 run_at, priority). What it does not know, the store notes before each of its
-write operations (``NOTE``/``UNNOTE`` around the operation, inside its
-transaction or savepoint): the operation's ``now`` and its actor (``key:ID``
-for a request made with an API key, ``anonymous`` without authentication,
-``dependency:ID`` for a change a dependency's end caused, ``schedule:NAME``).
+write operations (inside its transaction or savepoint): the operation's ``now``
+and its actor (``key:ID`` for a request made with an API key, ``anonymous``
+without authentication, ``dependency:ID`` for a change a dependency's end
+caused, ``schedule:NAME``).
 SQLite keeps the note in the one-row TEMP table ``history_note`` of the writer
-connection, whose TEMP triggers write the rows (see SQLITE_WRITER_SETUP);
+connection, whose TEMP triggers write the rows (see SQLITE_WRITER_SETUP); the
+writer sets it before each operation to the operation's note (no time, no actor
+for an operation without one), and only when it holds another (a TEMP table
+change is undone with the transaction or savepoint that made it, so the writer
+knows what it holds; ``tq.store.sqlite._set_note``);
 PostgreSQL in two transaction-local settings (``set_config(..., true)``). A change made outside
 any noted operation is recorded at the database's clock with no actor.
 
@@ -40,6 +44,7 @@ the bound one delete, all in pages the same transaction already writes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,9 +239,22 @@ PG_NOTE = "SELECT set_config('tq.history_at', %s, true), set_config('tq.history_
 PG_UNNOTE = "SELECT set_config('tq.history_at', '', true), set_config('tq.history_actor', '', true)"
 
 
+_this_thread = threading.local()  # .notes: calls of ``note`` in this thread so far
+
+
+def notes_taken() -> int:
+    """A count that moves whenever ``note`` runs in this thread: the SQLite writer
+    keeps the note it last set and sets it again only for an operation that needs
+    another; a change of this count across an operation (run in the writer's
+    thread) says the operation noted changes itself."""
+    notes: int = getattr(_this_thread, "notes", 0)
+    return notes
+
+
 def note(conn: Any, backend: str, now: float | None, actor: str | None) -> None:
     """Record who (``actor``) and when (``now``) for the changes that follow in this
     transaction, until ``unnote``."""
+    _this_thread.notes = notes_taken() + 1
     if backend == "postgresql":
         at = "" if now is None else repr(float(now))
         conn.execute(PG_NOTE, (at, actor or "")).fetchall()

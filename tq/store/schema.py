@@ -415,6 +415,15 @@ FINISH_OK_MANY = (  # rows as JSON: [seq, state, result as hex]
     "finished_at = ?, lease_token = NULL, lease_expires_at = NULL "
     "FROM json_each(?) AS r WHERE tasks.seq = r.value ->> 0"
 )
+# One success report (complete_one_ok): the fence of _fence and the write of FINISH_OK
+# in one statement, returning what the report's answer needs and whether any task
+# depends on this one (if none, there is nothing for tq.store.deps_sql to settle).
+FINISH_OK_LEASED = (
+    "UPDATE tasks SET state = ?, result = ?, error = NULL, finished_at = ?, lease_token = NULL, "
+    f"lease_expires_at = NULL WHERE id = ? AND {LEASED} AND lease_token = ? "
+    "AND lease_expires_at >= ? RETURNING queue, type, started_at, "
+    "EXISTS (SELECT 1 FROM task_deps WHERE depends_on = tasks.id)"
+)
 GIVE_BACK = (
     "UPDATE tasks SET state = ?, attempts = attempts - 1, started_at = NULL, "
     "lease_token = NULL, lease_expires_at = NULL WHERE seq = ?"
@@ -613,6 +622,9 @@ def _target(event: Event) -> State:
 _CLAIMED = _target(Event.CLAIM)
 _DUE_TARGET = _target(Event.DUE)
 _LEASED_STATES = sources(Event.LEASE_EXPIRED_RETRY)
+_SUCCEEDED = _target(Event.SUCCEED).value  # from every leased state (FINISH_OK_LEASED)
+if not sources(Event.SUCCEED) >= _LEASED_STATES:
+    raise AssertionError("a leased state cannot succeed: split FINISH_OK_LEASED")
 _EXPIRED_RETRY = _target(Event.LEASE_EXPIRED_RETRY)
 _EXPIRED_FINAL = _target(Event.LEASE_EXPIRED_FINAL)
 
@@ -836,6 +848,29 @@ def complete(conn: apsw.Connection, outcomes: list[Outcome], now: float) -> list
         else:
             _rows_many(conn, statement, params)
     return results
+
+
+def complete_one_ok(
+    conn: apsw.Connection, outcome: Outcome, now: float
+) -> tuple[OutcomeResult, bool] | None:
+    """One "ok" report holding its task's live lease, applied by one statement (a lone
+    report's common case; ``complete`` reads the row first, then writes it): the
+    result and whether any task depends on this one. None, with nothing changed,
+    when it is anything else (another status, a result the task cannot keep, a
+    refused or unknown lease): ``complete`` then judges it as it always does."""
+    if outcome.status != "ok":
+        return None
+    try:
+        event, _, result = _judge(outcome, 0, 0)  # "ok" does not read the attempts
+    except Exception:  # raised again by complete, if the task is there to judge
+        return None
+    if event is not Event.SUCCEED:
+        return None
+    rows = _rows(conn, FINISH_OK_LEASED, (_SUCCEEDED, result, now, outcome.id, outcome.token, now))
+    if not rows:
+        return None
+    queue, type_, started, dependents = rows[0]
+    return OutcomeResult(outcome.id, True, _SUCCEEDED, "", queue, type_, started), bool(dependents)
 
 
 def _apply_outcome(

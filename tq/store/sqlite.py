@@ -125,6 +125,13 @@ def _insert_any(conn: Any, d: Any, specs: Sequence[TaskSpec], now: float) -> lis
 
 # Writes that may finish a task settle its dependents in the same transaction.
 def _complete(conn: Any, outcomes: list[Outcome], now: float) -> list[OutcomeResult]:
+    if len(outcomes) == 1:  # a lone success: one statement, and none to settle if no dependents
+        done = schema.complete_one_ok(conn, outcomes[0], now)
+        if done is not None:
+            result, dependents = done
+            if not dependents:
+                return [result]
+            return deps_sql.after_complete(conn, _DIALECT, [result], now)
     return deps_sql.after_complete(conn, _DIALECT, schema.complete(conn, outcomes, now), now)
 
 
@@ -274,6 +281,7 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         self.grouped_ops = 0  # submits inserted together with others by one statement
         self.checkpoints = dict.fromkeys(_CHECKPOINTS, 0)  # completed, by mode
         self._writer = writer
+        self._noted = _Noted()  # the writer's history note (see _run_op)
         self._reader = reader
         self._checkpointer = checkpointer
         self._prober = prober
@@ -759,31 +767,37 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
         Returns whether the committed transaction changed any row.
         """
         conn = self._writer
+        noted = self._noted
+        held = noted.held  # what a rollback takes the history note back to
         changes = conn.total_changes()
-        unchanged = 0  # history notes of operations that changed nothing, undone
+        unchanged = 0  # changes of the history note (in memory)
         grouped = 0  # submits inserted together with others
         doing = "start a write transaction on"
         try:
             conn.execute("BEGIN IMMEDIATE")
             doing = "write to"
             if len(batch) == 1:  # the transaction is the operation's own: no savepoint
-                unchanged += _run_op(conn, batch[0], "ROLLBACK", self.path)
+                unchanged += _run_op(conn, batch[0], "ROLLBACK", self.path, noted)
                 if not conn.in_transaction:
                     return False
             else:
                 for group in _groups(batch):
-                    if len(group) > 1 and _run_grouped(conn, group):
-                        unchanged += 0 if group[0].note is None else 2  # its one note
-                        grouped += len(group)
-                        continue
+                    if len(group) > 1:
+                        noting = _run_grouped(conn, group, noted)
+                        if noting is not None:
+                            unchanged += noting
+                            grouped += len(group)
+                            continue
                     for op in group:
                         conn.execute("SAVEPOINT op")
-                        unchanged += _run_op(conn, op, "ROLLBACK TO op", self.path)
+                        unchanged += _run_op(conn, op, "ROLLBACK TO op", self.path, noted)
                         conn.execute("RELEASE op")
             doing = "commit to"
             conn.execute("COMMIT")
         except apsw.Error as exc:
             _rollback(conn)
+            # rolled back, the note holds what it held before the batch; else unknown
+            noted.held = None if conn.in_transaction else held
             for op in batch:
                 op.result = None
                 op.error = _store_error(exc, doing, self.path)
@@ -908,26 +922,53 @@ class SQLiteStore(schedule_sql.ScheduleVerbs):  # schedules: schedule_sql.py
             raise _store_error(exc, "read from", self.path) from exc
 
 
-def _run_op(conn: apsw.Connection, op: _Op, undo: str, path: str) -> int:
+class _Noted:
+    """What the writer connection's history note (tq.store.history_sql: a one-row TEMP
+    table) holds, as far as the writer knows; None when it does not know."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: Note | None = _NO_NOTE  # as SQLITE_WRITER_SETUP leaves it
+
+
+_NO_NOTE: Note = (None, None)  # an operation without a note: the database's clock, no actor
+
+
+def _set_note(conn: apsw.Connection, noted: _Noted, note: Note) -> int:
+    """Make the history note hold ``note``: one statement, none if it holds it already
+    (consecutive submits of one producer, say). The changes made (0 or 1)."""
+    if noted.held == note:
+        return 0
+    noted.held = None  # until the statement has run
+    conn.execute(history_sql.SQLITE_NOTE, note).fetchall()
+    noted.held = note
+    return 1
+
+
+def _run_op(conn: apsw.Connection, op: _Op, undo: str, path: str, noted: _Noted) -> int:
     """Run one operation; if it raises, ``undo`` its changes and keep its exception.
 
     An apsw.Error after which SQLite rolled back the whole transaction (disk
     full, I/O error) is re-raised instead: the batch as a whole has failed.
-    With a history note (tq.store.history_sql), the note (a TEMP table, in
-    memory) is set before and cleared after. Returns the changes the note made
-    (they count in ``total_changes`` but leave the database file untouched).
+    The history note (tq.store.history_sql: a TEMP table, in memory) is set to
+    the operation's (no time and no actor for an operation without one) before
+    it runs, if it holds another; it is left as it is after (the next operation
+    sets its own), and ``undo`` takes it back to what it held before. Returns
+    the changes the note made (they count in ``total_changes`` but leave the
+    database file untouched).
     """
+    held = noted.held
     try:
-        if op.note is None:
-            op.result = op.fn(conn, *op.args)
-            op.error = None
-            return 0
-        conn.execute(history_sql.SQLITE_NOTE, op.note).fetchall()
+        changes = _set_note(conn, noted, op.note or _NO_NOTE)
+        taken = history_sql.notes_taken()
         op.result = op.fn(conn, *op.args)
-        conn.execute(history_sql.SQLITE_UNNOTE).fetchall()
+        if history_sql.notes_taken() != taken:  # the operation noted its own changes
+            noted.held = None
         op.error = None
-        return 2
+        return changes
     except Exception as exc:
+        noted.held = held  # the note's change is undone with the operation's
         if isinstance(exc, apsw.Error) and not conn.in_transaction:
             raise
         op.result = None
@@ -954,31 +995,31 @@ def _groups(batch: _Batch) -> list[_Batch]:
     return groups
 
 
-def _run_grouped(conn: apsw.Connection, group: _Batch) -> bool:
+def _run_grouped(conn: apsw.Connection, group: _Batch, noted: _Noted) -> int | None:
     """Insert the rows of several plain submits with one statement, under one
     savepoint and one history note (concurrent single submits: one statement per
-    transaction instead of five per submit, each giving up and taking back the GIL).
-    False, with nothing changed, if it failed: the caller then runs them one by one,
+    transaction instead of three or four per submit, each giving up and taking back the GIL).
+    None, with nothing changed, if it failed: the caller then runs them one by one,
     so a failure stays the failing submit's own. An error after which SQLite rolled
-    back the whole transaction is raised (the batch has failed)."""
+    back the whole transaction is raised (the batch has failed). Otherwise the
+    changes the note made (as ``_run_op``)."""
+    held = noted.held
     conn.execute("SAVEPOINT op")
     try:
-        if group[0].note is not None:
-            conn.execute(history_sql.SQLITE_NOTE, group[0].note).fetchall()
+        changes = _set_note(conn, noted, group[0].note or _NO_NOTE)
         schema.insert_grouped(conn, [op.args[0] for op in group])
-        if group[0].note is not None:
-            conn.execute(history_sql.SQLITE_UNNOTE).fetchall()
     except Exception as exc:
+        noted.held = held
         if isinstance(exc, apsw.Error) and not conn.in_transaction:
             raise
         conn.execute("ROLLBACK TO op")
         conn.execute("RELEASE op")
-        return False
+        return None
     conn.execute("RELEASE op")
     for op in group:
         op.result = [SubmitResult(row[0], created=True) for row in op.args[0].rows]
         op.error = None
-    return True
+    return changes
 
 
 def _rollback(conn: apsw.Connection) -> None:
