@@ -574,7 +574,10 @@ class SessionEvents:
             return
         await self._reply(answer)
         if isinstance(msg, Subscribe) and self.subscriber is not None:
-            nursery.start_soon(self._forward, self.subscriber)
+            # the scope belongs to this subscription from now on, so an unsubscribe
+            # cancels this forwarder even before it starts (or after a newer one did)
+            self._scope = trio.CancelScope()
+            nursery.start_soon(self._forward, self.subscriber, self._scope)
 
     def _subscribe(self, rid: int, msg: Subscribe, closing: bool) -> list[str]:
         if closing:
@@ -584,10 +587,9 @@ class SessionEvents:
         self.subscriber = self.bus.subscribe(rid, msg.topics)
         return sorted(self.subscriber.topics)
 
-    async def _forward(self, sub: Subscriber) -> None:
+    async def _forward(self, sub: Subscriber, scope: trio.CancelScope) -> None:
         seq = 0
-        with trio.CancelScope() as scope:
-            self._scope = scope
+        with scope:
             try:
                 async for queued in sub.receive:
                     event = sub.take(queued)

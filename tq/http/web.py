@@ -75,6 +75,10 @@ MAX_ENDED = 100_000  # logged-out sessions remembered until they expire
 MAX_LOGIN_BODY = 8 * 1024
 KEEPALIVE = 15.0  # seconds between SSE keepalive comments
 MAX_STREAMS = 200  # event streams served over HTTP at once (each holds a bounded queue)
+# ... of which over HTTP/1.x, where each holds one of the port's connections (server.py's
+# MAX_CONNECTIONS, 64) for as long as it lasts: the rest stay free for the API, the page
+# and health probes. HTTP/2 (what browsers speak over HTTPS) carries streams on one.
+MAX_HTTP1_STREAMS = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -334,9 +338,18 @@ async def events(request: Request) -> Response:
             f"this broker already serves {MAX_STREAMS} event streams over HTTP: close one "
             "(another tab?) or subscribe over the wire"
         )
+    held: set[Subscriber] | None = None
+    if request.scope.get("http_version") != "2":
+        held = request.app.state.http1_streams
+        if len(held) >= MAX_HTTP1_STREAMS:
+            raise Unavailable(
+                f"this broker already serves {MAX_HTTP1_STREAMS} event streams over HTTP/1.1, "
+                "each holding one of its HTTP connections: close one, or connect with HTTP/2 "
+                "(browsers do over HTTPS), which carries every stream on one connection"
+            )
     sub = service.events.subscribe(0, topics)  # raises InvalidRequest for a bad topic
     shutdown: trio.Event | None = getattr(request.app.state, "shutdown", None)
-    return EventStream(service.events, sub, shutdown, streams)
+    return EventStream(service.events, sub, shutdown, streams, held)
 
 
 class EventStream(Response):
@@ -348,6 +361,7 @@ class EventStream(Response):
         sub: Subscriber,
         shutdown: trio.Event | None,
         streams: set[Subscriber],
+        held: set[Subscriber] | None = None,
     ) -> None:
         super().__init__(
             media_type="text/event-stream",
@@ -355,7 +369,10 @@ class EventStream(Response):
         )
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.bus, self.sub, self.shutdown, self.streams = bus, sub, shutdown, streams
+        self.held = held  # the HTTP/1.x streams, each holding a connection (None: HTTP/2)
         streams.add(sub)
+        if held is not None:
+            held.add(sub)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -372,6 +389,8 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.streams.discard(self.sub)
+            if self.held is not None:
+                self.held.discard(self.sub)
             self.bus.unsubscribe(self.sub)
 
     @staticmethod
@@ -413,6 +432,7 @@ def install(app: Starlette) -> None:
     """What the routes keep per app: the session signer (a fresh secret) and the streams."""
     app.state.sessions = Sessions(app.state.service.clock)
     app.state.streams = set()
+    app.state.http1_streams = set()
 
 
 def routes() -> list[Route]:
