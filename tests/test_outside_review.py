@@ -216,3 +216,61 @@ def test_event_streams_over_http2_are_not_held_to_the_http1_cap(broker: BrokerPr
         for _ in range(40):
             response = streams.enter_context(http.stream("GET", "/api/v1/events"))
             assert (response.http_version, response.status_code) == ("HTTP/2", 200)
+
+
+# -- workflows and dependencies ---------------------------------------------------------
+
+
+def _timed_submits(broker: BrokerProcess, stop: threading.Event, took: list[float]) -> None:
+    """One-task submits on a connection of their own until ``stop``: how long each took."""
+    sock = _hello(broker)
+    rid = 100
+    while not stop.is_set():
+        rid += 1
+        started = time.monotonic()
+        answer = _ask(sock, {"t": "submit", "tasks": [{"type": "p", "queue": "other"}]}, rid)
+        assert answer["t"] == "ack", answer
+        took.append(time.monotonic() - started)
+        time.sleep(0.05)
+
+
+def test_a_workflow_cannot_name_a_quadratic_number_of_dependencies(
+    broker: BrokerProcess,
+) -> None:
+    """A 150 KB document, a group of 5,000 after a group of 5,000, named 25 million
+    dependencies: compiled into 25 million strings on the event loop, then written as
+    25 million edges in one transaction. Measured with 1,000 after 1,000 (30 KB, a
+    million edges): 10-16 s during which every other submit of the broker waited."""
+    task = {"type": "t"}
+    document = {"chain": [{"group": [task] * 5000}, {"group": [task] * 5000}]}
+    stop, took = threading.Event(), []
+    other = threading.Thread(target=_timed_submits, args=(broker, stop, took), daemon=True)
+    other.start()
+    try:
+        with broker.http_client() as http:
+            response = http.post("/api/v1/workflows", json=document)
+    finally:
+        stop.set()
+        other.join(60)
+    assert response.status_code == 400, response.text[:300]
+    detail = response.json()["detail"]
+    assert "100000 dependencies" in detail and "chain[1].group[20]" in detail, detail
+    with broker.client() as client:  # nothing was stored
+        assert client.stats()["queues"].get("default") is None
+    assert took and max(took) < 5, max(took)
+    _no_traceback(broker)
+
+
+def test_a_submit_names_at_most_so_many_dependencies_in_all(broker: BrokerProcess) -> None:
+    """The same limit on the wire, where the clients send a compiled workflow: 400
+    tasks each waiting for the same 400 earlier ones (160,000 edges, a 1 MB frame)."""
+    first = [{"type": "a"} for _ in range(400)]
+    refs = [f"#{i}" for i in range(400)]
+    second = [{"type": "b", "depends_on": refs} for _ in range(400)]
+    sock = _hello(broker)
+    answer = _ask(sock, {"t": "submit", "tasks": first + second})
+    assert answer["t"] == "nack" and answer["code"] == "invalid", answer
+    assert "at most 100000 dependencies in all, this one 160000" in answer["message"]
+    fits = [{"type": "b", "depends_on": refs} for _ in range(200)]  # 80,000: stored
+    assert _ask(sock, {"t": "submit", "tasks": first + fits}, rid=8)["t"] == "ack"
+    _no_traceback(broker)

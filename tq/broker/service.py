@@ -47,6 +47,7 @@ from tq.core.errors import (
 from tq.core.limits import (  # noqa: F401  (MAX_CLAIM, MAX_LIST: re-exported)
     DEFAULT_LIST,
     MAX_CLAIM,
+    MAX_LINKS,
     MAX_LIST,
     MAX_SCAN,
     MAX_WAIT,
@@ -207,6 +208,25 @@ def _specs_of(raw_tasks: Sequence[TaskSpecIn | Any], first: int = 0) -> list[Tas
             prefix = f"task {index}: " if len(raw_tasks) > 1 or first else ""
             raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
     return specs
+
+
+def _check_links(raw_tasks: Sequence[TaskSpecIn | Any]) -> None:
+    """InvalidRequest when a submit's tasks name more than MAX_LINKS dependencies in all
+    (each one an edge written in the submit's one transaction)."""
+    links = 0
+    for raw in raw_tasks:
+        deps = raw.depends_on if type(raw) is TaskSpecIn else _deps_of(raw)
+        links += len(deps) if isinstance(deps, list | tuple) else 0
+    if links > MAX_LINKS:
+        raise InvalidRequest(
+            f"a submit names at most {MAX_LINKS} dependencies in all, this one {links}: "
+            "split it, or let fewer tasks wait for many (a task between two large groups "
+            "of a workflow turns N x M links into N + M); nothing was submitted"
+        )
+
+
+def _deps_of(raw: Any) -> Any:
+    return raw.get("depends_on") if isinstance(raw, dict) else None
 
 
 def _check_due(specs: Sequence[TaskSpec], now: float) -> bool:
@@ -448,6 +468,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 "tasks per request; nothing was submitted"
             )
         self.auth.take_submit(principal, len(raw_tasks))
+        _check_links(raw_tasks)
         if large:  # a long walk over big payloads: in a thread, which yields the GIL
             specs = await trio.to_thread.run_sync(_specs_of, raw_tasks, limiter=self.decode_limiter)
         else:

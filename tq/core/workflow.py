@@ -49,6 +49,7 @@ import msgspec
 from msgspec import Meta
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_LINKS
 from tq.core.task import MAX_SUBMIT, TaskSpecIn
 from tq.core.typed import doc, explain
 
@@ -123,6 +124,12 @@ _TASK_FIELDS = tuple(TaskSpecIn.__struct_fields__)
 _Output = tuple[list[int], str]
 
 
+class _Tasks(list[TaskSpecIn]):
+    """The compiled tasks, and how many dependencies they name in all so far."""
+
+    links = 0
+
+
 def parse_workflow(document: object) -> Any:
     """A document given as plain data (a file, a client's map) as its declaration
     (``WorkflowNodeIn``); InvalidRequest naming the field and its rule otherwise."""
@@ -139,7 +146,7 @@ def parse_workflow(document: object) -> Any:
 def compile_nodes(document: Any) -> list[TaskSpecIn]:
     """A decoded document's tasks as submit task specs, in an order where each comes
     after the tasks it depends on (InvalidRequest naming the bad node)."""
-    out: list[TaskSpecIn] = []
+    out = _Tasks()
     _node(document, None, out, "")
     return out
 
@@ -156,7 +163,7 @@ def _where(path: str) -> str:
     return f"workflow {path}" if path else "workflow"
 
 
-def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+def _node(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
     kinds = [kind for kind in _KINDS if getattr(node, kind) is not None]
     if len(kinds) > 1 or (kinds and node.type is not None):
         raise InvalidRequest(
@@ -193,7 +200,7 @@ def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
     return _node(node.callback, (outputs, "many"), out, f"{prefix}callback")
 
 
-def _task(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+def _task(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
     if node.type is None:
         raise InvalidRequest(
             f"{_where(path)} must be a task (with a type) or a chain, group or chord: it has none"
@@ -209,6 +216,14 @@ def _task(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
     task = {k: getattr(node, k) for k in _TASK_FIELDS}
     if up is not None:
         produced, kind = up
+        out.links += len(produced)
+        if out.links > MAX_LINKS:
+            raise InvalidRequest(
+                f"a workflow names at most {MAX_LINKS} dependencies in all ({_where(path)} "
+                f"waits for {len(produced)} tasks, and more come before it): a group after a "
+                "group of N makes N links per task; put one task between them, which waits "
+                "for the first group and which the second group waits for"
+            )
         task["depends_on"] = [f"#{i}" for i in produced]
         task["input"] = "result" if kind == "one" else "results"
         if task["on_dependency_failure"] is None:
