@@ -18,7 +18,8 @@ Invariants:
   spell goes out at once). An event lists its changes one by one only while
   there are at most DETAIL_LIMIT of them; past that it lists none and says
   how many (``more``). ``totals`` (queue, from, to, n) always summarise every
-  change, so a submit of 1000 tasks is one event with one totals row.
+  change, so a submit of 1000 tasks is one event with one totals row; past
+  TOTALS_LIMIT rows, further queues' changes are summed with queue nil.
 * **A slow subscriber never slows the broker.** Each subscriber has a bounded
   queue (SUBSCRIBER_BUFFER events). When it is full the event is dropped for
   that subscriber only, and once there is room again a ``lagged`` marker
@@ -97,6 +98,7 @@ log = logging.getLogger("tq.broker")
 TOPICS = ("tasks", "workers", "counts", "progress")
 SUBSCRIPTION_REQUESTS = frozenset({"subscribe", "unsubscribe"})
 DETAIL_LIMIT = 100  # changes listed one by one in a tasks event; beyond: totals only
+TOTALS_LIMIT = 100  # totals rows with a queue in a tasks event; beyond: summed with queue nil
 SUBSCRIBER_BUFFER = 256  # events queued per subscriber before it is lagging
 FLUSH_INTERVAL = 0.1  # seconds: at most one tasks event per interval
 COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
@@ -306,7 +308,7 @@ class EventBus:
             return
         self._counts_dirty = True
         if self._want_tasks:
-            self._totals[(None, None, "pending")] += count
+            _total(self._totals, (None, None, "pending"), count)
             self._count += count
             self._incomplete = True  # these changes cannot be listed one by one
             self._flush_wake.set()
@@ -317,7 +319,7 @@ class EventBus:
             return
         self._counts_dirty = True
         if self._want_tasks:
-            self._totals[(queue, None, None)] += count
+            _total(self._totals, (queue, None, None), count)
             self._count += count
             self._incomplete = True
             self._flush_wake.set()
@@ -393,7 +395,7 @@ class EventBus:
         n = 0
         for change in changes:
             n += 1
-            totals[(change[2], change[3], change[4])] += 1
+            _total(totals, (change[2], change[3], change[4]))
             if len(listed) <= DETAIL_LIMIT:
                 listed.append(change)
         if n:
@@ -608,6 +610,19 @@ class SessionEvents:
         if self.subscriber is not None:
             self.bus.unsubscribe(self.subscriber)
             self.subscriber = None
+
+
+def _total(
+    totals: Counter[tuple[str | None, str | None, str | None]],
+    key: tuple[str | None, str | None, str | None],
+    n: int = 1,
+) -> None:
+    """Count ``n`` changes in their totals row; a queue beyond TOTALS_LIMIT rows is
+    summed with queue nil, so a tasks event stays small however many queues changed
+    (a subscriber that does not read holds SUBSCRIBER_BUFFER of them)."""
+    if key not in totals and len(totals) >= TOTALS_LIMIT and key[0] is not None:
+        key = (None, key[1], key[2])
+    totals[key] += n
 
 
 def _first_state(spec: TaskSpec, now: float) -> str:
