@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import msgpack
 import psutil
 import pytest
 
-from tq.testing import BrokerProcess
+from tq.testing import BrokerProcess, tq_command
 
 MiB = 1024 * 1024
 _OPEN: list[socket.socket] = []  # every socket a test opened, closed after it
@@ -317,3 +318,33 @@ def test_tasks_events_stay_small_for_a_subscriber_that_does_not_read(tmp_path: P
         held = _queue_spread_growth(watched, subscribers=1, submits=60)
         _no_traceback(watched)
     assert held - alone < 40 * MiB, f"{held / MiB:.0f} MiB with, {alone / MiB:.0f} without"
+
+
+# -- tq watch ----------------------------------------------------------------------------
+
+
+def test_watch_says_a_purge_deleted_tasks(broker: BrokerProcess) -> None:
+    """A purge's tasks event sums its deletions as ``{"queue": null, "from": null,
+    "to": null}`` (PROTOCOL.md said purge published none): `tq watch` on a terminal
+    printed it as "2 [?] new -> None", a new task going nowhere."""
+    with broker.client() as client:
+        ids = [client.submit("t", {}) for _ in range(3)]
+        for task_id in ids:
+            client.cancel(task_id)
+    with subprocess.Popen(
+        [*tq_command(), "watch", "--count", "1", "--output", "table", *broker.client_args()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as watcher:
+        try:
+            assert watcher.stderr is not None and watcher.stdout is not None
+            assert watcher.stderr.readline().startswith(b"tq: watching ")
+            sock = _hello(broker)
+            answer = _ask(sock, {"t": "purge", "states": ["cancelled"], "older_than": 0})
+            assert answer["t"] == "ack" and answer["purged"] == 2, answer  # the newest stays
+            line = watcher.stdout.readline().decode()
+            assert watcher.wait(30) == 0
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+    assert line.rstrip().endswith("2 changes: 2 [?] ? -> deleted"), line
