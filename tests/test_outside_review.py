@@ -348,3 +348,18 @@ def test_watch_says_a_purge_deleted_tasks(broker: BrokerProcess) -> None:
             if watcher.poll() is None:
                 watcher.kill()
     assert line.rstrip().endswith("2 changes: 2 [?] ? -> deleted"), line
+
+
+def test_unknown_topics_are_named_briefly(broker: BrokerProcess) -> None:
+    """Every unknown topic was echoed whole in the NACK (and the 400 of the REST
+    stream): 5,000 of them, or one of 60,000 characters, came back as they were sent."""
+    sock = _hello(broker)
+    flood = [f"topic-{i}" for i in range(5000)]
+    answer = _ask(sock, {"t": "subscribe", "topics": ["tasks", *flood]})
+    assert answer["t"] == "nack" and answer["code"] == "invalid", answer
+    assert len(answer["message"]) < 300, answer["message"][:300]
+    assert "'topic-0', 'topic-1', 'topic-10' and 4997 more" in answer["message"]
+    assert "known topics: tasks, workers, counts, progress" in answer["message"]
+    with broker.http_client() as http:
+        response = http.get("/api/v1/events", params={"topics": "x" * 60000})
+    assert response.status_code == 400 and len(response.json()["detail"]) < 300, response.text[:300]
