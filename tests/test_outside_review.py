@@ -363,3 +363,36 @@ def test_unknown_topics_are_named_briefly(broker: BrokerProcess) -> None:
     with broker.http_client() as http:
         response = http.get("/api/v1/events", params={"topics": "x" * 60000})
     assert response.status_code == 400 and len(response.json()["detail"]) < 300, response.text[:300]
+
+
+# -- the CLI as a new operator types it ---------------------------------------------------
+
+BIG = "99999999999999999999"  # beyond 2**64
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["submit", "t", "--max-retries", BIG], "field 'tasks'[0].max_retries"),
+        (
+            ["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--max-retries", BIG],
+            "field 'task'.max_retries",
+        ),
+        (
+            ["cap", "set", "type", "x", "--concurrency", "99999999999999999999"],
+            "field 'concurrency'",
+        ),
+    ],
+)
+def test_a_number_beyond_64_bits_is_a_usage_error_naming_its_field(
+    broker: BrokerProcess, args: list[str], field: str
+) -> None:
+    """An integer option beyond 64 bits failed in the client's encoder: "message cannot
+    be encoded as msgpack: Integer value out of range", exit 1 (an error, not usage),
+    naming no field."""
+    done = subprocess.run(
+        [*tq_command(), *args, *broker.client_args()], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done
+    assert f"{field} is {BIG}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
