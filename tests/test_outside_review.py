@@ -439,3 +439,36 @@ def test_schedule_list_answers_whatever_the_schedules_payloads(broker: BrokerPro
         assert _ask(sock, add, rid)["t"] == "ack"
     answer = _ask(sock, {"t": "schedule", "op": "list"}, rid=10)
     assert answer["t"] == "ack", answer
+
+
+def test_a_cancel_publishes_the_dependents_it_moved(broker: BrokerProcess) -> None:
+    """Cancelling a task cancels (or releases) its blocked dependents in the same
+    transaction, but the tasks event listed the cancelled task alone, with ``more``
+    0: a console applying ``changes`` showed the dependents blocked for ever."""
+    sock = _hello(broker)
+    chain = [
+        {"type": "a", "queue": "wf"},
+        {"type": "b", "queue": "wf", "depends_on": ["#0"]},  # cancelled with it
+        {"type": "c", "queue": "wf", "depends_on": ["#1"], "on_dependency_failure": "run"},
+    ]
+    ids = [t["id"] for t in _ask(sock, {"t": "submit", "tasks": chain}, rid=3)["tasks"]]
+    assert _ask(sock, {"t": "subscribe", "topics": ["tasks"]}, rid=5)["t"] == "ack"
+    sock.sendall(_frame({"t": "cancel", "id": 6, "task": ids[0]}))
+    moves: dict[str, tuple[str | None, str | None]] = {}
+    incomplete = False
+    deadline = time.monotonic() + 10
+    sock.settimeout(3)
+    while len(moves) < 3 and not incomplete and time.monotonic() < deadline:
+        try:
+            message = _read(sock)
+        except TimeoutError:
+            break  # no more events
+        if message["t"] == "event":
+            moves |= {c["id"]: (c["from"], c["to"]) for c in message["changes"]}
+            incomplete = message["more"] > 0
+    assert not incomplete
+    assert moves == {
+        ids[0]: ("pending", "cancelled"),
+        ids[1]: ("blocked", "cancelled"),
+        ids[2]: ("blocked", "pending"),
+    }, moves

@@ -49,8 +49,9 @@ Invariants:
 
 What a change knows: ``from`` is nil for a new task and where the broker does
 not know it without an extra read (retry promotion); reaped leases and
-operator cancel/retry read the task (only while someone subscribes to
-``tasks``; these are rare paths, never the submit/claim/report hot path).
+operator cancel/retry read the task, and a cancel the dependents it moved
+(``cascaded``; only while someone subscribes to ``tasks``; these are rare
+paths, never the submit/claim/report hot path).
 
 Events are built as their declared Structs (tq/protocol/answers.py) once, with
 ``id`` and ``seq`` 0; each subscriber's forwarder stamps its own (a shallow
@@ -301,6 +302,16 @@ class EventBus:
         if not (self._want_tasks or self._want_counts):
             return
         self._add([(task.id, task.type, task.queue, before, task.state.value)])
+
+    def cascaded(self, tasks: Sequence[Task], *, complete: bool = True) -> None:
+        """Blocked dependents a cancel released or cancelled with it (``tasks``, read
+        after it); ``complete`` False: there may be more (the workflow was cut)."""
+        if not self._want_tasks:
+            return
+        self._add((t.id, t.type, t.queue, "blocked", t.state.value) for t in tasks)
+        if not complete:
+            self._incomplete = True  # the event lists none: subscribers re-read
+            self._flush_wake.set()
 
     def promoted(self, count: int) -> None:
         """``count`` failed (or scheduled) tasks became pending; which ones is not known."""

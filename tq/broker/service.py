@@ -682,11 +682,34 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         before = await self.events.state_before(self.store, task_id)
         task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
+        if self.events.watching_tasks:
+            await self._publish_cascade(task_id)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
         self.notify_due()  # ... or scheduled, when it has a delay of its own
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
+
+    async def _publish_cascade(self, task_id: str) -> None:
+        """The dependents a cancel moved (the store cancels or releases them in the
+        cancel's transaction): read from the task's workflow, only while someone
+        watches tasks (operator cancels are rare, never the hot path). Each of them
+        was blocked, as the cancelled task had not finished."""
+        try:
+            tasks, edges, cut = await self.store.graph(task_id)
+        except TQError:
+            return
+        waiting: dict[str, list[str]] = {}
+        for task, dependency in edges:
+            waiting.setdefault(dependency, []).append(task)
+        down, todo = set(), [task_id]
+        while todo:
+            for dependent in waiting.get(todo.pop(), ()):
+                if dependent not in down:
+                    down.add(dependent)
+                    todo.append(dependent)
+        moved = [t for t in tasks if t.id in down and t.state.value != "blocked"]
+        self.events.cascaded(moved, complete=not cut)
 
     async def retry(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)
