@@ -472,3 +472,27 @@ def test_a_cancel_publishes_the_dependents_it_moved(broker: BrokerProcess) -> No
         ids[1]: ("blocked", "cancelled"),
         ids[2]: ("blocked", "pending"),
     }, moves
+
+
+# -- API keys ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["keys", "create", "--role", "producer"], ["token", "create"]])
+def test_an_empty_queues_option_is_refused_not_a_key_of_every_queue(
+    broker: BrokerProcess, command: list[str]
+) -> None:
+    """`tq keys create --role producer --queues "$QUEUES"` with QUEUES unset made a key
+    of every queue, silently (while `--queues ,` was refused): an operator limiting a
+    key got one that is not."""
+    with broker.client() as client:
+        before = len(client.request({"t": "keys", "op": "list"})["keys"])
+    done = subprocess.run(
+        [*tq_command(), *command, "--queues", "", *broker.client_args()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert "--queues '' names no queue" in done.stderr, done.stderr
+    with broker.client() as client:
+        assert len(client.request({"t": "keys", "op": "list"})["keys"]) == before
