@@ -496,3 +496,42 @@ def test_an_empty_queues_option_is_refused_not_a_key_of_every_queue(
     assert "--queues '' names no queue" in done.stderr, done.stderr
     with broker.client() as client:
         assert len(client.request({"t": "keys", "op": "list"})["keys"]) == before
+
+
+def _until_closed(sock: ssl.SSLSocket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (or ``timeout`` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        data += b"<still open>"
+    return data
+
+
+def test_a_revoked_key_stops_receiving_events(broker: BrokerProcess) -> None:
+    """Revocation is checked before every request, but a subscription makes none: a
+    reader key revoked after it subscribed (on the wire, or on the REST event stream)
+    went on receiving every task change, indefinitely."""
+    admin = _hello(broker)
+    created = _ask(admin, {"t": "keys", "op": "create", "role": "reader", "name": "leaked"})
+    key, key_id = created["key"], created["info"]["id"]
+    wire = _hello(broker, key)
+    assert _ask(wire, {"t": "subscribe", "topics": ["tasks"]}, rid=5)["t"] == "ack"
+    with broker.http_client() as http:
+        login = http.post("/ui/login", json={"key": key})
+        assert login.status_code == 200, login.text
+        cookie = str(login.cookies["tq_session"])
+    stream = _event_stream(broker, cookie)
+    assert stream.startswith(b"HTTP/1.1 200"), stream
+    revoked = _ask(admin, {"t": "keys", "op": "revoke", "key_id": key_id}, rid=9)
+    assert revoked["t"] == "ack", revoked
+    submitted = _ask(admin, {"t": "submit", "tasks": [{"type": "secret-after-revoke"}]}, rid=10)
+    assert submitted["t"] == "ack", submitted
+    message = _read(wire)
+    assert message["t"] == "nack" and message["id"] == 0, message
+    assert message["code"] == "unauthorized" and "revoked" in message["message"], message
+    assert _until_closed(wire) == b""  # nothing more, and closed
+    rest = _until_closed(_OPEN[-1])  # type: ignore[arg-type]  # the stream's TLS socket
+    assert b"secret-after-revoke" not in rest and rest.endswith(b"0\r\n\r\n"), rest

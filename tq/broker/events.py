@@ -564,10 +564,12 @@ class SessionEvents:
         bus: EventBus,
         reply: Callable[[SubscribeAnswer | UnsubscribeAnswer | Event | Nack], Awaitable[None]],
         nack: Callable[[int, TQError], Nack],
+        allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.bus = bus
         self._reply = reply
         self._nack = nack
+        self._allowed = allowed  # the key is still good (False: it ended the connection)
         self.subscriber: Subscriber | None = None
         self._scope: trio.CancelScope | None = None
 
@@ -608,6 +610,8 @@ class SessionEvents:
                     event = sub.take(queued)
                     if event is None:
                         continue
+                    if not self._allowed():
+                        return  # a revoked or expired key: no more events
                     seq += 1
                     await self._reply(msgspec.structs.replace(event, id=sub.id, seq=seq))
             finally:

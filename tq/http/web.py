@@ -47,7 +47,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -326,7 +326,7 @@ async def session_info(request: Request) -> Response:
 async def events(request: Request) -> Response:
     from tq.http.app import authenticate  # app.py imports this module
 
-    await authenticate(request, "subscribe")
+    principal = await authenticate(request, "subscribe")
     text = request.query_params.get("topics")
     topics = list(TOPICS) if text is None else [t for t in text.split(",") if t]
     service = _service(request)
@@ -349,7 +349,10 @@ async def events(request: Request) -> Response:
             )
     sub = service.events.subscribe(0, topics)  # raises InvalidRequest for a bad topic
     shutdown: trio.Event | None = getattr(request.app.state, "shutdown", None)
-    return EventStream(service.events, sub, shutdown, streams, held)
+    stream = EventStream(service.events, sub, shutdown, streams, held)
+    if principal is not None:  # a key revoked or expired since ends the stream
+        stream.still_good = partial(service.auth.check, principal)
+    return stream
 
 
 class EventStream(Response):
@@ -370,6 +373,7 @@ class EventStream(Response):
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.bus, self.sub, self.shutdown, self.streams = bus, sub, shutdown, streams
         self.held = held  # the HTTP/1.x streams, each holding a connection (None: HTTP/2)
+        self.still_good: Callable[[], None] = lambda: None  # Unauthorized once the key is not
         streams.add(sub)
         if held is not None:
             held.add(sub)
@@ -416,6 +420,10 @@ class EventStream(Response):
                     queued = await self.sub.receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     break  # unsubscribed
+            try:
+                self.still_good()
+            except Unauthorized:
+                break  # the key was revoked or expired: no more events (a reconnect gets 401)
             if idle.cancelled_caught:
                 await self._chunk(send, ": keepalive\n\n")
                 continue
