@@ -250,8 +250,13 @@ def test_a_workflow_cannot_name_a_quadratic_number_of_dependencies(
     other = threading.Thread(target=_timed_submits, args=(broker, stop, took), daemon=True)
     other.start()
     try:
+        while not took and other.is_alive():  # the other connection is submitting
+            time.sleep(0.05)
         with broker.http_client() as http:
             response = http.post("/api/v1/workflows", json=document)
+        seen = len(took)
+        while len(took) < seen + 2 and other.is_alive():  # ... and goes on
+            time.sleep(0.05)
     finally:
         stop.set()
         other.join(60)
