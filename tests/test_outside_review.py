@@ -540,3 +540,20 @@ def test_a_revoked_key_stops_receiving_events(broker: BrokerProcess) -> None:
     assert _until_closed(wire) == b""  # nothing more, and closed
     rest = _until_closed(_OPEN[-1])  # type: ignore[arg-type]  # the stream's TLS socket
     assert b"secret-after-revoke" not in rest and rest.endswith(b"0\r\n\r\n"), rest
+
+
+def test_a_deeply_nested_workflow_is_refused_not_an_internal_error(
+    broker: BrokerProcess,
+) -> None:
+    """A chord whose callback is a chord, 900 deep (a 40 KB body), decoded but then
+    overflowed the compiler's recursion: 500 "internal broker error" and a traceback
+    in the log (the CLI's tq submit --workflow died the same way)."""
+    depth = 900
+    body = '{"chord": [{"type": "t"}], "callback": ' * depth + '{"type": "t"}' + "}" * depth
+    with broker.http_client() as http:
+        response = http.post(
+            "/api/v1/workflows", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 400, response.text[:300]
+    assert "nest at most 100 deep" in response.json()["detail"], response.text[:300]
+    _no_traceback(broker)

@@ -54,6 +54,7 @@ from tq.core.task import MAX_SUBMIT, TaskSpecIn
 from tq.core.typed import doc, explain
 
 WORKFLOW_POLICY = "wait"
+MAX_DEPTH = 100  # nodes within nodes (a chord's callback counts as one level down)
 _KINDS = ("chain", "group", "chord")
 _FROM_DOCUMENT = ("depends_on", "input")
 _NODES = Meta(
@@ -115,7 +116,7 @@ WorkflowNodeIn: Any = msgspec.defstruct(
 WorkflowNodeIn.__doc__ = (
     "A workflow node: a task (a task spec's fields but depends_on and input, which the "
     'document\'s shape gives), {"chain": [node, ...]}, {"group": [node, ...]} or '
-    '{"chord": [node, ...], "callback": node}; nested freely, at most 10,000 tasks.'
+    '{"chord": [node, ...], "callback": node}; nested up to 100 deep, at most 10,000 tasks.'
 )
 _TASK_FIELDS = tuple(TaskSpecIn.__struct_fields__)
 
@@ -147,7 +148,7 @@ def compile_nodes(document: Any) -> list[TaskSpecIn]:
     """A decoded document's tasks as submit task specs, in an order where each comes
     after the tasks it depends on (InvalidRequest naming the bad node)."""
     out = _Tasks()
-    _node(document, None, out, "")
+    _node(document, None, out, "", 0)
     return out
 
 
@@ -163,7 +164,12 @@ def _where(path: str) -> str:
     return f"workflow {path}" if path else "workflow"
 
 
-def _node(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
+def _node(node: Any, up: _Output | None, out: _Tasks, path: str, depth: int) -> _Output:
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(
+            f"workflow nodes nest at most {MAX_DEPTH} deep; put steps one after "
+            "the other in a chain instead of each inside the one before"
+        )
     kinds = [kind for kind in _KINDS if getattr(node, kind) is not None]
     if len(kinds) > 1 or (kinds and node.type is not None):
         raise InvalidRequest(
@@ -184,12 +190,12 @@ def _node(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
     prefix = f"{path}." if path else ""
     if kind == "chain":
         for i, child in enumerate(children):
-            up = _node(child, up, out, f"{prefix}chain[{i}]")
+            up = _node(child, up, out, f"{prefix}chain[{i}]", depth + 1)
         assert up is not None
         return up
     outputs: list[int] = []
     for i, child in enumerate(children):
-        produced, _ = _node(child, up, out, f"{prefix}{kind}[{i}]")
+        produced, _ = _node(child, up, out, f"{prefix}{kind}[{i}]", depth + 1)
         outputs += produced
     if kind == "group":
         return outputs, "many"
@@ -197,7 +203,7 @@ def _node(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
         raise InvalidRequest(
             f"{_where(path)}: a chord needs a callback (the node run after its group)"
         )
-    return _node(node.callback, (outputs, "many"), out, f"{prefix}callback")
+    return _node(node.callback, (outputs, "many"), out, f"{prefix}callback", depth + 1)
 
 
 def _task(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
