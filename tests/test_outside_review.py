@@ -530,6 +530,7 @@ def test_a_revoked_key_stops_receiving_events(broker: BrokerProcess) -> None:
         cookie = str(login.cookies["tq_session"])
     stream = _event_stream(broker, cookie)
     assert stream.startswith(b"HTTP/1.1 200"), stream
+    stream_socket = _OPEN[-1]
     revoked = _ask(admin, {"t": "keys", "op": "revoke", "key_id": key_id}, rid=9)
     assert revoked["t"] == "ack", revoked
     submitted = _ask(admin, {"t": "submit", "tasks": [{"type": "secret-after-revoke"}]}, rid=10)
@@ -538,7 +539,7 @@ def test_a_revoked_key_stops_receiving_events(broker: BrokerProcess) -> None:
     assert message["t"] == "nack" and message["id"] == 0, message
     assert message["code"] == "unauthorized" and "revoked" in message["message"], message
     assert _until_closed(wire) == b""  # nothing more, and closed
-    rest = _until_closed(_OPEN[-1])  # type: ignore[arg-type]  # the stream's TLS socket
+    rest = _until_closed(stream_socket)  # type: ignore[arg-type]  # the stream's TLS socket
     assert b"secret-after-revoke" not in rest and rest.endswith(b"0\r\n\r\n"), rest
 
 
@@ -557,3 +558,21 @@ def test_a_deeply_nested_workflow_is_refused_not_an_internal_error(
     assert response.status_code == 400, response.text[:300]
     assert "nest at most 100 deep" in response.json()["detail"], response.text[:300]
     _no_traceback(broker)
+
+
+def test_a_logout_ends_the_sessions_event_stream(broker: BrokerProcess) -> None:
+    """A logout makes the session cookie stop working "even if someone kept a copy",
+    but the event stream opened with it went on."""
+    with broker.http_client() as http:
+        login = http.post("/ui/login", json={"key": broker.key})
+        cookie = str(login.cookies["tq_session"])
+        stream = _event_stream(broker, cookie)
+        assert stream.startswith(b"HTTP/1.1 200"), stream
+        stream_socket = _OPEN[-1]
+        http.cookies.set("tq_session", cookie)
+        del http.headers["Authorization"]  # as the page does it: the cookie alone
+        assert http.post("/ui/logout").status_code == 204
+    sock = _hello(broker)
+    assert _ask(sock, {"t": "submit", "tasks": [{"type": "after-logout"}]})["t"] == "ack"
+    rest = _until_closed(stream_socket)  # type: ignore[arg-type]  # the stream's TLS socket
+    assert b"after-logout" not in rest and rest.endswith(b"0\r\n\r\n"), rest

@@ -350,9 +350,20 @@ async def events(request: Request) -> Response:
     sub = service.events.subscribe(0, topics)  # raises InvalidRequest for a bad topic
     shutdown: trio.Event | None = getattr(request.app.state, "shutdown", None)
     stream = EventStream(service.events, sub, shutdown, streams, held)
-    if principal is not None:  # a key revoked or expired since ends the stream
-        stream.still_good = partial(service.auth.check, principal)
+    if principal is not None:  # a key revoked or expired since, or a logout, ends it
+        cookie = None if "authorization" in request.headers else request.cookies.get(SESSION_COOKIE)
+        stream.still_good = partial(_still_good, service, principal, _sessions(request), cookie)
     return stream
+
+
+def _still_good(
+    service: BrokerService, principal: Principal, sessions: Sessions, cookie: str | None
+) -> None:
+    """Unauthorized once the stream's key is revoked or expired, or the session it was
+    opened with (if any) has ended (logout)."""
+    service.auth.check(principal)
+    if cookie is not None and sessions.read(cookie) is None:
+        raise Unauthorized("the session ended (logged out or expired): log in again")
 
 
 class EventStream(Response):
