@@ -18,7 +18,8 @@ Invariants:
   spell goes out at once). An event lists its changes one by one only while
   there are at most DETAIL_LIMIT of them; past that it lists none and says
   how many (``more``). ``totals`` (queue, from, to, n) always summarise every
-  change, so a submit of 1000 tasks is one event with one totals row.
+  change, so a submit of 1000 tasks is one event with one totals row; past
+  TOTALS_LIMIT rows, further queues' changes are summed with queue nil.
 * **A slow subscriber never slows the broker.** Each subscriber has a bounded
   queue (SUBSCRIBER_BUFFER events). When it is full the event is dropped for
   that subscriber only, and once there is room again a ``lagged`` marker
@@ -48,8 +49,9 @@ Invariants:
 
 What a change knows: ``from`` is nil for a new task and where the broker does
 not know it without an extra read (retry promotion); reaped leases and
-operator cancel/retry read the task (only while someone subscribes to
-``tasks``; these are rare paths, never the submit/claim/report hot path).
+operator cancel/retry read the task, and a cancel the dependents it moved
+(``cascaded``; only while someone subscribes to ``tasks``; these are rare
+paths, never the submit/claim/report hot path).
 
 Events are built as their declared Structs (tq/protocol/answers.py) once, with
 ``id`` and ``seq`` 0; each subscriber's forwarder stamps its own (a shallow
@@ -97,6 +99,7 @@ log = logging.getLogger("tq.broker")
 TOPICS = ("tasks", "workers", "counts", "progress")
 SUBSCRIPTION_REQUESTS = frozenset({"subscribe", "unsubscribe"})
 DETAIL_LIMIT = 100  # changes listed one by one in a tasks event; beyond: totals only
+TOTALS_LIMIT = 100  # totals rows with a queue in a tasks event; beyond: summed with queue nil
 SUBSCRIBER_BUFFER = 256  # events queued per subscriber before it is lagging
 FLUSH_INTERVAL = 0.1  # seconds: at most one tasks event per interval
 COUNTS_INTERVAL = 1.0  # seconds: counts are re-read at most this often
@@ -300,13 +303,23 @@ class EventBus:
             return
         self._add([(task.id, task.type, task.queue, before, task.state.value)])
 
+    def cascaded(self, tasks: Sequence[Task], *, complete: bool = True) -> None:
+        """Blocked dependents a cancel released or cancelled with it (``tasks``, read
+        after it); ``complete`` False: there may be more (the workflow was cut)."""
+        if not self._want_tasks:
+            return
+        self._add((t.id, t.type, t.queue, "blocked", t.state.value) for t in tasks)
+        if not complete:
+            self._incomplete = True  # the event lists none: subscribers re-read
+            self._flush_wake.set()
+
     def promoted(self, count: int) -> None:
         """``count`` failed (or scheduled) tasks became pending; which ones is not known."""
         if not (self._want_tasks or self._want_counts) or not count:
             return
         self._counts_dirty = True
         if self._want_tasks:
-            self._totals[(None, None, "pending")] += count
+            _total(self._totals, (None, None, "pending"), count)
             self._count += count
             self._incomplete = True  # these changes cannot be listed one by one
             self._flush_wake.set()
@@ -317,7 +330,7 @@ class EventBus:
             return
         self._counts_dirty = True
         if self._want_tasks:
-            self._totals[(queue, None, None)] += count
+            _total(self._totals, (queue, None, None), count)
             self._count += count
             self._incomplete = True
             self._flush_wake.set()
@@ -393,7 +406,7 @@ class EventBus:
         n = 0
         for change in changes:
             n += 1
-            totals[(change[2], change[3], change[4])] += 1
+            _total(totals, (change[2], change[3], change[4]))
             if len(listed) <= DETAIL_LIMIT:
                 listed.append(change)
         if n:
@@ -529,10 +542,10 @@ def parse_topics(topics: object) -> frozenset[str]:
     ):
         raise InvalidRequest(f"subscribe topics must be a non-empty list of: {', '.join(TOPICS)}")
     unknown = sorted(set(topics) - set(TOPICS))
-    if unknown:
-        raise InvalidRequest(
-            f"unknown topic(s) {', '.join(unknown)}; known topics: {', '.join(TOPICS)}"
-        )
+    if unknown:  # named as sent, but a few and short: the request may be a flood of them
+        named = ", ".join(repr(t) if len(t) <= 40 else repr(t[:40]) + "..." for t in unknown[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise InvalidRequest(f"unknown topic(s) {named}{more}; known topics: {', '.join(TOPICS)}")
     return frozenset(topics)
 
 
@@ -551,10 +564,12 @@ class SessionEvents:
         bus: EventBus,
         reply: Callable[[SubscribeAnswer | UnsubscribeAnswer | Event | Nack], Awaitable[None]],
         nack: Callable[[int, TQError], Nack],
+        allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.bus = bus
         self._reply = reply
         self._nack = nack
+        self._allowed = allowed  # the key is still good (False: it ended the connection)
         self.subscriber: Subscriber | None = None
         self._scope: trio.CancelScope | None = None
 
@@ -574,7 +589,10 @@ class SessionEvents:
             return
         await self._reply(answer)
         if isinstance(msg, Subscribe) and self.subscriber is not None:
-            nursery.start_soon(self._forward, self.subscriber)
+            # the scope belongs to this subscription from now on, so an unsubscribe
+            # cancels this forwarder even before it starts (or after a newer one did)
+            self._scope = trio.CancelScope()
+            nursery.start_soon(self._forward, self.subscriber, self._scope)
 
     def _subscribe(self, rid: int, msg: Subscribe, closing: bool) -> list[str]:
         if closing:
@@ -584,15 +602,16 @@ class SessionEvents:
         self.subscriber = self.bus.subscribe(rid, msg.topics)
         return sorted(self.subscriber.topics)
 
-    async def _forward(self, sub: Subscriber) -> None:
+    async def _forward(self, sub: Subscriber, scope: trio.CancelScope) -> None:
         seq = 0
-        with trio.CancelScope() as scope:
-            self._scope = scope
+        with scope:
             try:
                 async for queued in sub.receive:
                     event = sub.take(queued)
                     if event is None:
                         continue
+                    if not self._allowed():
+                        return  # a revoked or expired key: no more events
                     seq += 1
                     await self._reply(msgspec.structs.replace(event, id=sub.id, seq=seq))
             finally:
@@ -606,6 +625,19 @@ class SessionEvents:
         if self.subscriber is not None:
             self.bus.unsubscribe(self.subscriber)
             self.subscriber = None
+
+
+def _total(
+    totals: Counter[tuple[str | None, str | None, str | None]],
+    key: tuple[str | None, str | None, str | None],
+    n: int = 1,
+) -> None:
+    """Count ``n`` changes in their totals row; a queue beyond TOTALS_LIMIT rows is
+    summed with queue nil, so a tasks event stays small however many queues changed
+    (a subscriber that does not read holds SUBSCRIBER_BUFFER of them)."""
+    if key not in totals and len(totals) >= TOTALS_LIMIT and key[0] is not None:
+        key = (None, key[1], key[2])
+    totals[key] += n
 
 
 def _first_state(spec: TaskSpec, now: float) -> str:

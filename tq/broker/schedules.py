@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tq.core.errors import Forbidden
+from tq.core.errors import Forbidden, PayloadTooLarge
 from tq.core.schedule import Schedule, ScheduleIn, check_schedule, describe, upcoming
-from tq.core.task import TaskSpec
+from tq.core.task import MAX_PAYLOAD_BYTES, TaskSpec
 from tq.protocol.answers import (
     ScheduleAddAnswer,
     ScheduleAnswer,
@@ -66,6 +66,7 @@ class ScheduleOps:
     clock: Callable[[], float]
     counters: dict[str, int]
     events: EventBus
+    max_payload: int
     notify_work: Callable[[], None]
     _schedules_changed: trio.Event
 
@@ -95,6 +96,7 @@ class ScheduleOps:
                 name=name, cron=msg.cron, task=msg.task, timezone=msg.timezone, missed=msg.missed
             )
             schedule = check_schedule(spec, now)
+            self._check_payload(schedule)
             if principal is not None:
                 principal.check_queue(str(schedule.task["queue"]))
             stored, created = await self.store.put_schedule(schedule)
@@ -124,6 +126,21 @@ class ScheduleOps:
         self._submitted(schedule, [task_id])
         await self._record(principal, "schedule.run_now", name, {"task": task_id})
         return ScheduleRunAnswer(id=rid, schedule=schedule_map(schedule, now), task=task_id)
+
+    def _check_payload(self, schedule: Schedule) -> None:
+        """Each tick submits the schedule's task: its payload must fit a submit (this
+        broker's limit and the store's), else every tick would fail, and with it the
+        firing of the schedules due with it."""
+        from tq.protocol.frames import pack
+
+        limit = min(self.max_payload, MAX_PAYLOAD_BYTES)
+        size = len(pack(schedule.task.get("payload")))
+        if size > limit:
+            raise PayloadTooLarge(
+                f"schedule {schedule.name!r}: its task's payload is {size} bytes once encoded; "
+                f"each tick submits it, and this broker's limit is {limit} bytes (store large "
+                "data elsewhere and pass a reference)"
+            )
 
     async def fire_due(self) -> int:
         """Fire every due schedule (in batches); the number of tasks submitted."""

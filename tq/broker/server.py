@@ -272,7 +272,10 @@ class Session:
             "retry_many": self._retry_many,
         }
         # subscribe/unsubscribe: handled in reading order, like hello (tq/broker/events.py)
-        self.events = SessionEvents(service.events, self._reply_subscription, Connection.nack)
+        self.events = SessionEvents(
+            service.events, self._reply_subscription, Connection.nack, self._key_still_good
+        )
+        self._receiving: trio.CancelScope | None = None  # the reader's wait for bytes
 
     @property
     def hello_done(self) -> bool:
@@ -358,18 +361,22 @@ class Session:
         return self._active_at + idle
 
     async def _receive(self) -> bytes | None:
-        """The next bytes (b"" at EOF), or None once the hello or idle deadline passed.
+        """The next bytes (b"" at EOF), or None once the hello or idle deadline passed
+        or the key went bad while a subscription's events were all that flowed.
 
         Only complete requests count as activity, so a peer trickling a frame
         byte by byte (slow loris) is dropped as well.
         """
-        while True:
-            with trio.move_on_at(self._deadline()):
+        while self._refused is None:
+            with trio.move_on_at(self._deadline()) as self._receiving:
                 return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            if self._refused is not None:
+                break  # the key died while the connection only received events
             if self.hello_done and (self._busy or self.events.subscriber is not None):
                 self._active_at = trio.current_time()  # a long wait or a subscription: not idle
                 continue
             return None
+        return None
 
     def _timed_out(self) -> bytes:
         if self.hello_done:
@@ -384,6 +391,8 @@ class Session:
         """Read and dispatch until EOF; a final NACK frame if the stream broke."""
         while True:
             data = await self._receive()
+            if data is None and self._refused is not None:
+                return self.conn.send(Connection.nack(0, self._refused))
             if data is None:
                 return self._timed_out()
             if not data:
@@ -496,6 +505,22 @@ class Session:
             self.conn.limit_incoming(SMALL_ROLE_MAX_FRAME)  # a reader asks in small frames
         self.rules.broker_sends(answer)  # the session is ready
         await self._reply(answer)
+        return True
+
+    def _key_still_good(self) -> bool:
+        """Before each event: a key revoked or expired since the subscribe ends the
+        subscription and the connection (as its next request would), since events
+        need no request."""
+        if self.principal is None:
+            return True
+        try:
+            self.service.auth.check(self.principal)
+        except Unauthorized as exc:
+            log.warning("%s: subscription ended (%s): %s", self.peer, exc.code, exc)
+            self._refused = exc
+            if self._receiving is not None:
+                self._receiving.cancel()  # the reader says so and closes
+            return False
         return True
 
     async def _admit(self, msg: Request) -> bool:

@@ -47,6 +47,7 @@ from tq.core.errors import (
 from tq.core.limits import (  # noqa: F401  (MAX_CLAIM, MAX_LIST: re-exported)
     DEFAULT_LIST,
     MAX_CLAIM,
+    MAX_LINKS,
     MAX_LIST,
     MAX_SCAN,
     MAX_WAIT,
@@ -207,6 +208,25 @@ def _specs_of(raw_tasks: Sequence[TaskSpecIn | Any], first: int = 0) -> list[Tas
             prefix = f"task {index}: " if len(raw_tasks) > 1 or first else ""
             raise type(exc)(f"{prefix}{exc.message}; nothing was submitted") from None
     return specs
+
+
+def _check_links(raw_tasks: Sequence[TaskSpecIn | Any]) -> None:
+    """InvalidRequest when a submit's tasks name more than MAX_LINKS dependencies in all
+    (each one an edge written in the submit's one transaction)."""
+    links = 0
+    for raw in raw_tasks:
+        deps = raw.depends_on if type(raw) is TaskSpecIn else _deps_of(raw)
+        links += len(deps) if isinstance(deps, list | tuple) else 0
+    if links > MAX_LINKS:
+        raise InvalidRequest(
+            f"a submit names at most {MAX_LINKS} dependencies in all, this one {links}: "
+            "split it, or let fewer tasks wait for many (a task between two large groups "
+            "of a workflow turns N x M links into N + M); nothing was submitted"
+        )
+
+
+def _deps_of(raw: Any) -> Any:
+    return raw.get("depends_on") if isinstance(raw, dict) else None
 
 
 def _check_due(specs: Sequence[TaskSpec], now: float) -> bool:
@@ -448,6 +468,7 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
                 "tasks per request; nothing was submitted"
             )
         self.auth.take_submit(principal, len(raw_tasks))
+        _check_links(raw_tasks)
         if large:  # a long walk over big payloads: in a thread, which yields the GIL
             specs = await trio.to_thread.run_sync(_specs_of, raw_tasks, limiter=self.decode_limiter)
         else:
@@ -661,11 +682,34 @@ class BrokerService(OperatorOps, ScheduleOps, CapOps):  # operations.py, schedul
         before = await self.events.state_before(self.store, task_id)
         task = await self.store.cancel(task_id, self.clock(), actor=history_actor(principal))
         self.events.changed(task, before)
+        if self.events.watching_tasks:
+            await self._publish_cascade(task_id)
         self.notify_work()  # a dependent that runs whatever its dependencies' end may be free
         self.notify_due()  # ... or scheduled, when it has a delay of its own
         self.fire([task_id])
         await self.auth.record(actor_of(principal), "task.cancel", task_id, {"queue": task.queue})
         return task
+
+    async def _publish_cascade(self, task_id: str) -> None:
+        """The dependents a cancel moved (the store cancels or releases them in the
+        cancel's transaction): read from the task's workflow, only while someone
+        watches tasks (operator cancels are rare, never the hot path). Each of them
+        was blocked, as the cancelled task had not finished."""
+        try:
+            tasks, edges, cut = await self.store.graph(task_id)
+        except TQError:
+            return
+        waiting: dict[str, list[str]] = {}
+        for task, dependency in edges:
+            waiting.setdefault(dependency, []).append(task)
+        down, todo = set(), [task_id]
+        while todo:
+            for dependent in waiting.get(todo.pop(), ()):
+                if dependent not in down:
+                    down.add(dependent)
+                    todo.append(dependent)
+        moved = [t for t in tasks if t.id in down and t.state.value != "blocked"]
+        self.events.cascaded(moved, complete=not cut)
 
     async def retry(self, task_id: str, principal: Principal | None = None) -> Task:
         await self._check_task_queue(task_id, principal)

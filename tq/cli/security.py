@@ -191,6 +191,23 @@ def _create(conn: dict[str, Any], data: Path | None, **fields: Any) -> dict[str,
     return _call(conn, data, msg)
 
 
+def _queues_of(queues: str | None) -> list[str] | None:
+    """--queues as a list; None (every queue) only when it was left out: an empty
+    value (an unset shell variable) is a usage error, not a key of every queue."""
+    from tq.core.auth import parse_queues
+    from tq.core.errors import InvalidRequest
+
+    try:
+        parsed = parse_queues(queues)
+    except InvalidRequest:
+        fail(
+            f"--queues {queues!r} names no queue: name one or more (a,b), or leave "
+            "--queues out for a key of every queue",
+            exits.USAGE,
+        )
+    return None if parsed is None else list(parsed)
+
+
 @keys_app.command("create")
 def keys_create(
     role: RoleOpt,
@@ -206,7 +223,7 @@ def keys_create(
     output: OutputOpt = None,
 ) -> None:
     """Create a key and print it. It is shown this once: only a hash is stored."""
-    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    queue_list = _queues_of(queues)
     expires_at = parse_expiry(expires, time.time())
 
     def body() -> None:
@@ -370,7 +387,7 @@ def token_create(
         ca_file = conf.ca_file()
         if ca_file is None:
             fail("a join token needs the broker's CA: pass --ca with its ca.pem", exits.USAGE)
-        queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+        queue_list = _queues_of(queues)
         reply = _create(
             conn,
             data,

@@ -117,7 +117,7 @@ def _parse(number: int, raw: bytes, listed: bool) -> Any:
     """A line's task map, or a string saying why the line cannot be one: what JSON or
     msgpack cannot carry (a lone surrogate, 5000 digits or levels, an int beyond 64
     bits) fails that line only, never the batch."""
-    from tq.core.errors import ProtocolError
+    from tq.core.errors import InvalidRequest, ProtocolError
     from tq.protocol.frames import pack
 
     try:
@@ -129,7 +129,7 @@ def _parse(number: int, raw: bytes, listed: bool) -> Any:
         return f"line {number} is not valid JSON: {reason}"
     except (ValueError, RecursionError) as exc:
         return f"line {number} is not valid JSON: {exc}"
-    except ProtocolError as exc:
+    except (ProtocolError, InvalidRequest) as exc:  # InvalidRequest: an int beyond 64 bits
         return f"line {number}: {exc}"
     return item
 

@@ -130,11 +130,7 @@ def text(line: Mapping[str, Any]) -> str:
         was = line["from"] or "new"
         what = f"{line['id']}  {line['type']}  [{line['queue']}]  {was} -> {line['to']}"
     elif topic == "tasks":
-        moves = ", ".join(
-            f"{row.get('n')} [{row.get('queue') or '?'}] {row.get('from') or 'new'} -> "
-            f"{row.get('to')}"
-            for row in line["totals"]
-        )
+        moves = ", ".join(f"{row.get('n')} {_move(row)}" for row in line["totals"])
         what = f"{line['more']} changes: {moves}"
     elif topic == "worker":
         what = f"worker {line['worker_id']} {line['kind']}"
@@ -151,6 +147,15 @@ def text(line: Mapping[str, Any]) -> str:
     else:
         what = "reconnected to the broker (events while it was away are not replayed)"
     return inert(f"{clock}  {what}")
+
+
+def _move(row: Mapping[str, Any]) -> str:
+    """A totals row's move in words: a nil ``to`` is a purge (the tasks are gone); a
+    nil ``from`` is a new task, unless the broker did not know it (a bulk operation,
+    which names no queue, or a purge)."""
+    queue, old, new = row.get("queue"), row.get("from"), row.get("to")
+    was = old or ("?" if queue is None or new is None else "new")
+    return f"[{queue or '?'}] {was} -> {new or 'deleted'}"
 
 
 def _topics(wanted: Sequence[str]) -> list[str]:

@@ -29,6 +29,9 @@ MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, the latest time a request ma
 # -- tasks --------------------------------------------------------------------------------
 MAX_SUBMIT = 10_000  # tasks per submit request (all or nothing, one transaction)
 MAX_DEPENDENCIES = MAX_SUBMIT  # dependencies one task may name
+# dependencies (depends_on entries) of one submit in all: each is a row written in the
+# submit's transaction, and a workflow's group after a group of N names N per task
+MAX_LINKS = 100_000
 MAX_NAME_LENGTH = 200  # a type, queue, idempotency key, schedule or key name
 MAX_RETRIES = 1_000_000  # bounds what the store's 64-bit integers must hold
 MAX_PRIORITY = 255

@@ -49,10 +49,12 @@ import msgspec
 from msgspec import Meta
 
 from tq.core.errors import InvalidRequest
+from tq.core.limits import MAX_LINKS
 from tq.core.task import MAX_SUBMIT, TaskSpecIn
 from tq.core.typed import doc, explain
 
 WORKFLOW_POLICY = "wait"
+MAX_DEPTH = 100  # nodes within nodes (a chord's callback counts as one level down)
 _KINDS = ("chain", "group", "chord")
 _FROM_DOCUMENT = ("depends_on", "input")
 _NODES = Meta(
@@ -114,13 +116,19 @@ WorkflowNodeIn: Any = msgspec.defstruct(
 WorkflowNodeIn.__doc__ = (
     "A workflow node: a task (a task spec's fields but depends_on and input, which the "
     'document\'s shape gives), {"chain": [node, ...]}, {"group": [node, ...]} or '
-    '{"chord": [node, ...], "callback": node}; nested freely, at most 10,000 tasks.'
+    '{"chord": [node, ...], "callback": node}; nested up to 100 deep, at most 10,000 tasks.'
 )
 _TASK_FIELDS = tuple(TaskSpecIn.__struct_fields__)
 
 # What a node passes on: the indexes of the tasks whose results it produces, and
 # whether it produces one result ("one") or a list of results ("many").
 _Output = tuple[list[int], str]
+
+
+class _Tasks(list[TaskSpecIn]):
+    """The compiled tasks, and how many dependencies they name in all so far."""
+
+    links = 0
 
 
 def parse_workflow(document: object) -> Any:
@@ -139,8 +147,8 @@ def parse_workflow(document: object) -> Any:
 def compile_nodes(document: Any) -> list[TaskSpecIn]:
     """A decoded document's tasks as submit task specs, in an order where each comes
     after the tasks it depends on (InvalidRequest naming the bad node)."""
-    out: list[TaskSpecIn] = []
-    _node(document, None, out, "")
+    out = _Tasks()
+    _node(document, None, out, "", 0)
     return out
 
 
@@ -156,7 +164,12 @@ def _where(path: str) -> str:
     return f"workflow {path}" if path else "workflow"
 
 
-def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+def _node(node: Any, up: _Output | None, out: _Tasks, path: str, depth: int) -> _Output:
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(
+            f"workflow nodes nest at most {MAX_DEPTH} deep; put steps one after "
+            "the other in a chain instead of each inside the one before"
+        )
     kinds = [kind for kind in _KINDS if getattr(node, kind) is not None]
     if len(kinds) > 1 or (kinds and node.type is not None):
         raise InvalidRequest(
@@ -177,12 +190,12 @@ def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
     prefix = f"{path}." if path else ""
     if kind == "chain":
         for i, child in enumerate(children):
-            up = _node(child, up, out, f"{prefix}chain[{i}]")
+            up = _node(child, up, out, f"{prefix}chain[{i}]", depth + 1)
         assert up is not None
         return up
     outputs: list[int] = []
     for i, child in enumerate(children):
-        produced, _ = _node(child, up, out, f"{prefix}{kind}[{i}]")
+        produced, _ = _node(child, up, out, f"{prefix}{kind}[{i}]", depth + 1)
         outputs += produced
     if kind == "group":
         return outputs, "many"
@@ -190,10 +203,10 @@ def _node(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
         raise InvalidRequest(
             f"{_where(path)}: a chord needs a callback (the node run after its group)"
         )
-    return _node(node.callback, (outputs, "many"), out, f"{prefix}callback")
+    return _node(node.callback, (outputs, "many"), out, f"{prefix}callback", depth + 1)
 
 
-def _task(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _Output:
+def _task(node: Any, up: _Output | None, out: _Tasks, path: str) -> _Output:
     if node.type is None:
         raise InvalidRequest(
             f"{_where(path)} must be a task (with a type) or a chain, group or chord: it has none"
@@ -209,6 +222,14 @@ def _task(node: Any, up: _Output | None, out: list[TaskSpecIn], path: str) -> _O
     task = {k: getattr(node, k) for k in _TASK_FIELDS}
     if up is not None:
         produced, kind = up
+        out.links += len(produced)
+        if out.links > MAX_LINKS:
+            raise InvalidRequest(
+                f"a workflow names at most {MAX_LINKS} dependencies in all ({_where(path)} "
+                f"waits for {len(produced)} tasks, and more come before it): a group after a "
+                "group of N makes N links per task; put one task between them, which waits "
+                "for the first group and which the second group waits for"
+            )
         task["depends_on"] = [f"#{i}" for i in produced]
         task["input"] = "result" if kind == "one" else "results"
         if task["on_dependency_failure"] is None:

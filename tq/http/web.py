@@ -47,7 +47,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -75,6 +75,10 @@ MAX_ENDED = 100_000  # logged-out sessions remembered until they expire
 MAX_LOGIN_BODY = 8 * 1024
 KEEPALIVE = 15.0  # seconds between SSE keepalive comments
 MAX_STREAMS = 200  # event streams served over HTTP at once (each holds a bounded queue)
+# ... of which over HTTP/1.x, where each holds one of the port's connections (server.py's
+# MAX_CONNECTIONS, 64) for as long as it lasts: the rest stay free for the API, the page
+# and health probes. HTTP/2 (what browsers speak over HTTPS) carries streams on one.
+MAX_HTTP1_STREAMS = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -322,7 +326,7 @@ async def session_info(request: Request) -> Response:
 async def events(request: Request) -> Response:
     from tq.http.app import authenticate  # app.py imports this module
 
-    await authenticate(request, "subscribe")
+    principal = await authenticate(request, "subscribe")
     text = request.query_params.get("topics")
     topics = list(TOPICS) if text is None else [t for t in text.split(",") if t]
     service = _service(request)
@@ -334,9 +338,32 @@ async def events(request: Request) -> Response:
             f"this broker already serves {MAX_STREAMS} event streams over HTTP: close one "
             "(another tab?) or subscribe over the wire"
         )
+    held: set[Subscriber] | None = None
+    if request.scope.get("http_version") != "2":
+        held = request.app.state.http1_streams
+        if len(held) >= MAX_HTTP1_STREAMS:
+            raise Unavailable(
+                f"this broker already serves {MAX_HTTP1_STREAMS} event streams over HTTP/1.1, "
+                "each holding one of its HTTP connections: close one, or connect with HTTP/2 "
+                "(browsers do over HTTPS), which carries every stream on one connection"
+            )
     sub = service.events.subscribe(0, topics)  # raises InvalidRequest for a bad topic
     shutdown: trio.Event | None = getattr(request.app.state, "shutdown", None)
-    return EventStream(service.events, sub, shutdown, streams)
+    stream = EventStream(service.events, sub, shutdown, streams, held)
+    if principal is not None:  # a key revoked or expired since, or a logout, ends it
+        cookie = None if "authorization" in request.headers else request.cookies.get(SESSION_COOKIE)
+        stream.still_good = partial(_still_good, service, principal, _sessions(request), cookie)
+    return stream
+
+
+def _still_good(
+    service: BrokerService, principal: Principal, sessions: Sessions, cookie: str | None
+) -> None:
+    """Unauthorized once the stream's key is revoked or expired, or the session it was
+    opened with (if any) has ended (logout)."""
+    service.auth.check(principal)
+    if cookie is not None and sessions.read(cookie) is None:
+        raise Unauthorized("the session ended (logged out or expired): log in again")
 
 
 class EventStream(Response):
@@ -348,6 +375,7 @@ class EventStream(Response):
         sub: Subscriber,
         shutdown: trio.Event | None,
         streams: set[Subscriber],
+        held: set[Subscriber] | None = None,
     ) -> None:
         super().__init__(
             media_type="text/event-stream",
@@ -355,7 +383,11 @@ class EventStream(Response):
         )
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.bus, self.sub, self.shutdown, self.streams = bus, sub, shutdown, streams
+        self.held = held  # the HTTP/1.x streams, each holding a connection (None: HTTP/2)
+        self.still_good: Callable[[], None] = lambda: None  # Unauthorized once the key is not
         streams.add(sub)
+        if held is not None:
+            held.add(sub)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -372,6 +404,8 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.streams.discard(self.sub)
+            if self.held is not None:
+                self.held.discard(self.sub)
             self.bus.unsubscribe(self.sub)
 
     @staticmethod
@@ -397,6 +431,10 @@ class EventStream(Response):
                     queued = await self.sub.receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     break  # unsubscribed
+            try:
+                self.still_good()
+            except Unauthorized:
+                break  # the key was revoked or expired: no more events (a reconnect gets 401)
             if idle.cancelled_caught:
                 await self._chunk(send, ": keepalive\n\n")
                 continue
@@ -413,6 +451,7 @@ def install(app: Starlette) -> None:
     """What the routes keep per app: the session signer (a fresh secret) and the streams."""
     app.state.sessions = Sessions(app.state.service.clock)
     app.state.streams = set()
+    app.state.http1_streams = set()
 
 
 def routes() -> list[Route]:

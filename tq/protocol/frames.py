@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from tq.core.errors import FrameTooLarge, ProtocolError
+from tq.core.errors import FrameTooLarge, InvalidRequest, ProtocolError
 from tq.core.limits import MAX_FRAME as DEFAULT_MAX_FRAME
 
 HEADER = struct.Struct(">I")
@@ -35,8 +35,34 @@ _packer_opts = {"use_bin_type": True, "datetime": False}
 def pack(obj: Any) -> bytes:
     try:
         return msgpack.packb(obj, **_packer_opts)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except OverflowError as exc:
+        where = _too_large(obj, "")
+        if where is None:
+            raise ProtocolError(f"message cannot be encoded as msgpack: {exc}") from None
+        path, value = where
+        raise InvalidRequest(
+            f"{path or 'the message'} is {value}, beyond any 64-bit integer the protocol "
+            "carries: send a value in the range the field names"
+        ) from None
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"message cannot be encoded as msgpack: {exc}") from None
+
+
+def _too_large(obj: Any, path: str) -> tuple[str, int] | None:
+    """The path (``field 'max_retries'``, ``field 'tasks'[0].timeout``) and value of the
+    first integer msgpack cannot hold, if any."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return (path, obj) if not -(2**63) <= obj < 2**64 else None
+    items: Any = ()
+    if isinstance(obj, dict):
+        items = ((f"field '{k}'" if not path else f"{path}.{k}", v) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    for where, value in items:
+        found = _too_large(value, where)
+        if found is not None:
+            return found
+    return None
 
 
 def encode_frame(obj: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
