@@ -310,6 +310,8 @@ async def test_an_answer_over_the_frame_limit_is_a_nack_for_that_request(tmp_pat
             await _submit(raw, 2 + i, payload="x" * 6000)
         answer = await raw.ask({"t": "query", "id": 9, "q": "list"})
         assert answer is not None and (answer["id"], answer["code"]) == (9, "frame_too_large")
+        assert "the answer is larger than this connection's frame limit" in answer["message"]
+        assert "ask for less at once" in answer["message"] and "tasks" not in answer["message"]
         answer = await raw.ask({"t": "query", "id": 10, "q": "list", "limit": 1})
         assert answer is not None and answer["t"] == "ack", "the connection stays usable"
         await raw.aclose()

@@ -65,6 +65,7 @@ from tq.config import BrokerSettings, parse_address
 from tq.core.errors import (
     ConfigError,
     Forbidden,
+    FrameTooLarge,
     InvalidRequest,
     ProtocolError,
     Timeout,
@@ -342,7 +343,16 @@ class Session:
         (tq/protocol/answers.py), which encodes itself."""
         try:
             frame = self.conn.send(message)
-        except TQError as exc:  # e.g. an answer larger than the frame limit
+        except FrameTooLarge:  # an answer larger than the frame limit: say what to ask for
+            why = FrameTooLarge(
+                f"the answer is larger than this connection's frame limit of "
+                f"{self.conn.max_frame} bytes: ask for less at once (a smaller limit, a "
+                "narrower filter, fewer ids)"
+                if isinstance(message, Answer)
+                else f"an event is larger than the frame limit of {self.conn.max_frame} bytes"
+            )
+            frame = self.conn.send(Connection.nack(message.id, why))
+        except TQError as exc:  # a value that is not msgpack data
             frame = self.conn.send(Connection.nack(message.id, exc))
         # a peer that does not read its answers holds at most OUTBOX_BYTES (plus one
         # answer) of them here: the next answer waits, and so does the request behind it
