@@ -88,6 +88,10 @@ def test_usage_errors_name_the_problem(served: BrokerProcess) -> None:
     assert bad_state.returncode == 2 and "unknown state 'zombie'" in bad_state.stderr
     bad_field = tq(served, "submit", "echo", "--priority", "urgent")
     assert bad_field.returncode == 2 and "priority" in bad_field.stderr
+    # a payload file that never ends (or is far too large) is refused, not read for ever
+    endless = tq(served, "submit", "echo", "--payload-file", "/dev/zero")
+    assert endless.returncode == 2 and "payload file /dev/zero is over 40 MiB" in endless.stderr
+    assert "Traceback" not in endless.stderr
 
 
 def test_connection_errors_exit_4(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from tq.cli.common import (
     task_rows,
     text_mode,
 )
+from tq.core.limits import MAX_PAYLOAD_BYTES
 
 # the states a task can be in
 LISTED_STATES = (
@@ -399,9 +400,26 @@ def _submit_workflow(
     emit_text(data, text_mode(output, as_json), text)
 
 
+# JSON text read at most for a payload: a payload is at most MAX_PAYLOAD_BYTES once
+# encoded, and its JSON text (escapes, spaces) a few times that at most
+PAYLOAD_FILE_LIMIT = 4 * MAX_PAYLOAD_BYTES
+
+
 def _read_payload_file(path: Path) -> Any:
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(PAYLOAD_FILE_LIMIT + 1)
+        else:
+            with path.open("rb") as file:  # bounded: /dev/zero or a huge file never ends
+                data = file.read(PAYLOAD_FILE_LIMIT + 1)
+        if len(data) > PAYLOAD_FILE_LIMIT:
+            fail(
+                f"payload file {path} is over {PAYLOAD_FILE_LIMIT // (1024 * 1024)} MiB; a "
+                f"payload is at most {MAX_PAYLOAD_BYTES // (1024 * 1024)} MiB once encoded: "
+                "store large data elsewhere and pass a reference",
+                exits.USAGE,
+            )
+        text = data.decode("utf-8")
     except OSError as exc:
         fail(f"cannot read payload file {path}: {exc.strerror}", exits.USAGE)
     except UnicodeDecodeError:
