@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -20,59 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgpack
 import psutil
 import pytest
 
+from tests.test_attack_findings import _OPEN, _frame, _hello, _read
 from tq.testing import BrokerProcess, tq_command
 
 MiB = 1024 * 1024
-_OPEN: list[socket.socket] = []  # every socket a test opened, closed after it
 
 
-# -- raw wire helpers (blocking sockets: the broker runs in its own process) ----------
-
-
-def _connect(broker: BrokerProcess, timeout: float = 30.0) -> ssl.SSLSocket:
-    host, port = broker.address.rsplit(":", 1)
-    context = ssl.create_default_context(cafile=str(broker.ca))
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
-    _OPEN.append(sock)
-    wrapped = context.wrap_socket(sock, server_hostname=host)
-    _OPEN.append(wrapped)
-    return wrapped
-
-
-def _frame(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
-
-
-def _exactly(sock: ssl.SSLSocket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def _read(sock: ssl.SSLSocket) -> dict[str, Any]:
-    (length,) = struct.unpack(">I", _exactly(sock, 4))
-    answer: dict[str, Any] = msgpack.unpackb(
-        _exactly(sock, length), raw=False, strict_map_key=False
-    )
-    return answer
-
-
-def _hello(broker: BrokerProcess, key: str | None = None) -> ssl.SSLSocket:
-    sock = _connect(broker)
-    hello = {"t": "hello", "id": 1, "v": 1, "kind": "client", "key": key or broker.key}
-    sock.sendall(_frame(hello))
-    answer = _read(sock)
-    assert answer["t"] == "ack", answer
-    return sock
+# -- raw wire helpers (blocking sockets: the broker runs in its own process); sockets
+# they open are kept in that module's _OPEN, closed after each test here too ----------
 
 
 def _ask(sock: ssl.SSLSocket, message: dict[str, Any], rid: int = 7) -> dict[str, Any]:
