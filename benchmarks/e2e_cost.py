@@ -43,34 +43,33 @@ def _cpu(process: psutil.Process) -> float:
 
 
 def one_round(tasks: int, workers: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="tq-e2e-") as tmp:
-        broker = BrokerProcess(Path(tmp) / "data").start()
-        try:
-            started = [broker.start_worker("--concurrency", "64") for _ in range(workers)]
-            broker.wait_for_workers(workers)
-            broker_proc = psutil.Process(broker.proc.pid)
-            worker_procs = [psutil.Process(w.pid) for w in started]
-            with BlockingClient(broker.address, ca=broker.ca, key=broker.key) as client:
-                for n in range(WARM_UP):
-                    client.submit("echo", n)
-                time.sleep(1.0)
-                commits = _metric(broker, "tq_store_commits_total")
-                broker_cpu = _cpu(broker_proc)
-                workers_cpu = sum(map(_cpu, worker_procs))
-                began = time.perf_counter()
-                for n in range(tasks):
-                    client.submit("echo", n)
-                while client.stats()["queues"]["default"].get("succeeded", 0) < tasks + WARM_UP:
-                    time.sleep(POLL)
-                took = time.perf_counter() - began
-                return {
-                    "per_s": tasks / took,
-                    "broker_us": 1e6 * (_cpu(broker_proc) - broker_cpu) / tasks,
-                    "workers_us": 1e6 * (sum(map(_cpu, worker_procs)) - workers_cpu) / tasks,
-                    "commits": (_metric(broker, "tq_store_commits_total") - commits) / tasks,
-                }
-        finally:
-            broker.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="tq-e2e-") as tmp,
+        BrokerProcess(Path(tmp) / "data") as broker,  # leaving stops its workers too
+    ):
+        started = [broker.start_worker("--concurrency", "64") for _ in range(workers)]
+        broker.wait_for_workers(workers)
+        broker_proc = psutil.Process(broker.proc.pid)
+        worker_procs = [psutil.Process(w.pid) for w in started]
+        with BlockingClient(broker.address, ca=broker.ca, key=broker.key) as client:
+            for n in range(WARM_UP):
+                client.submit("echo", n)
+            time.sleep(1.0)
+            commits = _metric(broker, "tq_store_commits_total")
+            broker_cpu = _cpu(broker_proc)
+            workers_cpu = sum(map(_cpu, worker_procs))
+            began = time.perf_counter()
+            for n in range(tasks):
+                client.submit("echo", n)
+            while client.stats()["queues"]["default"].get("succeeded", 0) < tasks + WARM_UP:
+                time.sleep(POLL)
+            took = time.perf_counter() - began
+            return {
+                "per_s": tasks / took,
+                "broker_us": 1e6 * (_cpu(broker_proc) - broker_cpu) / tasks,
+                "workers_us": 1e6 * (sum(map(_cpu, worker_procs)) - workers_cpu) / tasks,
+                "commits": (_metric(broker, "tq_store_commits_total") - commits) / tasks,
+            }
 
 
 def main() -> None:
