@@ -41,6 +41,16 @@ def _wait_running(client: BlockingClient, ids: list[str], timeout: float = 30) -
         time.sleep(0.05)
 
 
+def _wait_leased_in(worker_log: Path, ids: list[str], timeout: float = 30) -> None:
+    """Until the worker (``--log-level debug``) logged each task as leased: its claim's
+    answer arrived. A claim the broker committed whose answer a kill -9 cut off
+    leaves a lease nobody holds, which only its expiry ends (a second attempt)."""
+    deadline = time.monotonic() + timeout
+    while not all(f"task {i} " in worker_log.read_text() for i in ids):
+        assert time.monotonic() < deadline, "the worker did not receive every lease"
+        time.sleep(0.05)
+
+
 def test_a_worker_carries_on_across_a_kill_and_restart_of_its_only_broker(
     tmp_path: Path,
 ) -> None:
@@ -48,11 +58,12 @@ def test_a_worker_carries_on_across_a_kill_and_restart_of_its_only_broker(
     the same address, the worker reconnects and reports what finished meanwhile; every
     task succeeds on its first attempt, and new work runs."""
     with BrokerProcess(tmp_path / "broker", "--lease-ttl", "6", "--http", "off") as broker:
-        broker.start_worker("--concurrency", "4")
+        broker.start_worker("--concurrency", "4", "--log-level", "debug")
         broker.wait_for_workers()
         with broker.client() as client:
             ids = [client.submit("sleep", 1.5) for _ in range(4)]
             _wait_running(client, ids)
+        _wait_leased_in(tmp_path / "broker" / "worker0.log", ids)
         broker.kill()
         time.sleep(0.5)
         broker.start(broker.address)  # the same address; the tasks finish meanwhile

@@ -273,6 +273,7 @@ class Worker:
                 log.info("task %s was leased again before its outcome was sent", lease.id)
                 outcome["token"] = lease.token
                 return
+        log.debug("task %s (%s) leased, attempt %d", lease.id, lease.type, lease.attempt)
         entry = Running(lease)  # take the slot now, so the next round counts it
         self.running[entry.key] = entry
         self._by_task[lease.id] = entry
